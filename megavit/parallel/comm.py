@@ -1,0 +1,111 @@
+"""The one thin layer every collective goes through.
+
+A `Group` wraps a torch.distributed process group with its name ("tp", "dp", ...), size
+and rank, and records every call (operation, bytes) in a `CommStats` shared by all groups
+of one `ParallelState`. Tests and benchmarks read those counts to assert communication
+volume against theory. A group of size 1 never calls torch.distributed, so the same model
+code runs in a single process without a process group.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# torch >= 2.13 renames the flat-tensor collectives; older builds (e.g. NGC) have the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class CommStats:
+    """Calls and bytes per (group name, operation). `bytes` counts the input tensor of
+    all_reduce / broadcast / send, and the full (gathered / pre-scatter) tensor of
+    all_gather / reduce_scatter."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    enabled: bool = True
+
+    def record(self, group: str, op: str, nbytes: int) -> None:
+        if self.enabled:
+            self.calls[(group, op)] += 1
+            self.bytes[(group, op)] += nbytes
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+    def count(self, group: str, op: str) -> int:
+        return self.calls[(group, op)]
+
+    def snapshot(self) -> dict[str, int]:
+        """{"tp.all_reduce": calls, ...} — a plain dict, easy to send between processes."""
+        return {f"{g}.{op}": n for (g, op), n in sorted(self.calls.items())}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class Group:
+    """A named process group. `ranks` are global ranks in group order; `rank` is this
+    process's index within the group. `pg` is None for a size-1 group."""
+
+    name: str
+    ranks: tuple[int, ...]
+    rank: int
+    pg: dist.ProcessGroup | None
+    stats: CommStats
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce of `t` over this group; returns `t`."""
+        if self.size > 1:
+            self.stats.record(self.name, "all_reduce", _nbytes(t))
+            dist.all_reduce(t, op=op, group=self.pg)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate `t` from every rank along dim 0: [n, ...] -> [size * n, ...]."""
+        if self.size == 1:
+            return t
+        t = t.contiguous()
+        out = torch.empty((self.size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype,
+                          device=t.device)
+        self.stats.record(self.name, "all_gather", _nbytes(out))
+        _all_gather_flat(out, t, group=self.pg)
+        return out
+
+    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks and keep this rank's dim-0 chunk: [size * n, ...] -> [n, ...]."""
+        if self.size == 1:
+            return t
+        if t.shape[0] % self.size:
+            raise ValueError(f"reduce_scatter over {self.name}: dim 0 of size {t.shape[0]} "
+                             f"does not split into {self.size} chunks")
+        t = t.contiguous()
+        out = torch.empty((t.shape[0] // self.size,) + tuple(t.shape[1:]), dtype=t.dtype,
+                          device=t.device)
+        self.stats.record(self.name, "reduce_scatter", _nbytes(t))
+        _reduce_scatter_flat(out, t, group=self.pg)
+        return out
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In-place broadcast from group rank `src`; returns `t`."""
+        if self.size > 1:
+            self.stats.record(self.name, "broadcast", _nbytes(t))
+            dist.broadcast(t, src=self.ranks[src], group=self.pg)
+        return t
+
+    @classmethod
+    def single(cls, name: str, stats: CommStats, global_rank: int = 0) -> "Group":
+        """A group of one process: every collective is the identity."""
+        return cls(name=name, ranks=(global_rank,), rank=0, pg=None, stats=stats)

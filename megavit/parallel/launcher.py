@@ -1,0 +1,138 @@
+"""Read rank, world size and local rank from whichever launcher started this process, and
+start the default process group.
+
+Supported launchers, in the order they are recognised:
+
+- torchrun (or torch.distributed.run): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
+- mpirun / mpiexec (Open MPI: OMPI_COMM_WORLD_*; MPICH / Intel MPI: PMI_RANK, PMI_SIZE,
+  MPI_LOCALRANKID) and Slurm's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). These set
+  no MASTER_ADDR: rank 0 starts the TCP store on a free port and shares its address and
+  port with the others through mpi4py. MASTER_ADDR, when set, overrides the address.
+- nothing: a single process; no process group is started.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The launcher's environment cannot start a process group; the message says why."""
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun", "mpi", "slurm" or "single"
+
+
+_MPI_VARS = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+)
+
+
+def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    value = env.get(key)
+    if value is None:
+        if default is None:
+            raise LaunchError(f"environment variable {key} is missing")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """Which launcher started us, and our rank, world size and local rank."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(_int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                          _int(env, "LOCAL_RANK", 0), "torchrun")
+    for rank_key, size_key, local_key in _MPI_VARS:
+        if rank_key in env and size_key in env:
+            return LaunchInfo(_int(env, rank_key), _int(env, size_key),
+                              _int(env, local_key, 0), "mpi")
+    if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_NPROCS" in env):
+        size_key = "SLURM_NTASKS" if "SLURM_NTASKS" in env else "SLURM_NPROCS"
+        return LaunchInfo(_int(env, "SLURM_PROCID"), _int(env, size_key),
+                          _int(env, "SLURM_LOCALID", 0), "slurm")
+    return LaunchInfo(0, 1, 0, "single")
+
+
+def _rank0_address(env: Mapping[str, str]) -> str:
+    if env.get("MASTER_ADDR"):
+        return env["MASTER_ADDR"]
+    host = socket.gethostname()
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+def _mpi_store(info: LaunchInfo, timeout: timedelta, env: Mapping[str, str]) -> dist.TCPStore:
+    """A TCPStore whose server runs on rank 0, its address and port shared over MPI."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise LaunchError(
+            f"started by {info.launcher} without torchrun: mpi4py is needed to share rank "
+            f"0's address (pip install mpi4py), or launch with torchrun ({e})"
+        ) from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != info.world_size or comm.Get_rank() != info.rank:
+        raise LaunchError(
+            f"the {info.launcher} environment says rank {info.rank} of {info.world_size}, but "
+            f"MPI says rank {comm.Get_rank()} of {comm.Get_size()}; is mpi4py built against "
+            "the MPI that launched this job?"
+        )
+    hosts = comm.allgather(socket.gethostname())
+    store = None
+    if info.rank == 0:
+        addr = _rank0_address(env)
+        if addr.startswith("127.") and len(set(hosts)) > 1:
+            comm.bcast(None, root=0)
+            raise LaunchError(
+                f"rank 0's host name resolves to {addr}, which other nodes cannot reach; "
+                "export MASTER_ADDR=<rank 0's routable address>"
+            )
+        store = dist.TCPStore("0.0.0.0", int(env.get("MASTER_PORT", 0)), info.world_size,
+                              is_master=True, timeout=timeout, wait_for_workers=False)
+        comm.bcast((addr, store.port), root=0)
+    else:
+        where = comm.bcast(None, root=0)
+        if where is None:
+            raise LaunchError("rank 0 could not start the rendezvous (see its error)")
+        store = dist.TCPStore(where[0], where[1], info.world_size, is_master=False,
+                              timeout=timeout)
+    return store
+
+
+def init_process_group(backend: str, timeout: timedelta,
+                       env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """Start the default process group from the launcher's environment (no-op for a
+    single process or when one is already running). Returns the launch info."""
+    env = os.environ if env is None else env
+    info = detect_launch(env)
+    if dist.is_initialized():
+        return LaunchInfo(dist.get_rank(), dist.get_world_size(), info.local_rank,
+                          info.launcher)
+    if info.world_size == 1:
+        return info
+    if info.launcher == "torchrun":
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        store = _mpi_store(info, timeout, env)
+        dist.init_process_group(backend, store=store, rank=info.rank,
+                                world_size=info.world_size, timeout=timeout)
+    return info

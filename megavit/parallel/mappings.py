@@ -1,0 +1,105 @@
+"""Collectives as autograd functions, each paired with its conjugate.
+
+Every function takes the `Group` it communicates over (never a global) and states its
+forward and backward. On a group of size 1 each is the identity.
+
+Tensor-parallel region (activations replicated outside, sharded on the last dim inside):
+
+    copy_to_tp      forward: identity          backward: all-reduce over the group
+    reduce_from_tp  forward: all-reduce        backward: identity
+    scatter_to_tp   forward: keep own chunk    backward: all-gather        (last dim)
+    gather_from_tp  forward: all-gather        backward: keep own chunk    (last dim)
+
+The in-place all-reduces below only touch tensors that their caller produced fresh (the
+output of a matmul forward, the input-gradient of a matmul backward); use these functions
+directly around a linear layer, as `megavit.parallel.layers` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megavit.parallel.comm import Group
+
+
+def _split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    size = x.shape[-1]
+    if size % group.size:
+        raise ValueError(f"last dim {size} does not split over {group.size} {group.name} ranks")
+    chunk = size // group.size
+    return x.narrow(-1, group.rank * chunk, chunk).contiguous()
+
+
+def _gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    # all_gather concatenates along dim 0: move the last dim to the front and back.
+    moved = x.movedim(-1, 0).contiguous()
+    return group.all_gather(moved).movedim(0, -1).contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.group.all_reduce(grad.contiguous()), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        x = x.contiguous()
+        group.all_reduce(x)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _split_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather_last_dim(grad, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _gather_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _split_last_dim(grad, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Enter a TP region. Forward: identity. Backward: all-reduce over `group`."""
+    return x if group.size == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Leave a TP region by summing partial results. Forward: all-reduce over `group`.
+    Backward: identity."""
+    return x if group.size == 1 else _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Keep this rank's chunk of the last dim: [..., n] -> [..., n / size].
+    Backward: all-gather over `group` along the last dim."""
+    return x if group.size == 1 else _ScatterToTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """All-gather over `group` along the last dim: [..., n / size] -> [..., n].
+    Backward: keep this rank's chunk."""
+    return x if group.size == 1 else _GatherFromTP.apply(x, group)

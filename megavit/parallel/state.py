@@ -1,0 +1,112 @@
+"""`ParallelState`: the process-group layout of one run, built once and passed explicitly.
+
+The world is a 3-D mesh with dims (pp, dp, tp), tp innermost so the ranks of one
+tensor-parallel group are neighbours (the same node under torchrun's numbering):
+
+    global rank = (pp_rank * dp_size + dp_rank) * tp_size + tp_rank
+
+Groups are built with `torch.distributed.device_mesh.init_device_mesh`. Pipeline
+parallelism is not implemented yet, so pp has size 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megavit.parallel.comm import CommStats, Group
+from megavit.parallel.launcher import LaunchInfo, init_process_group
+
+
+@dataclass
+class ParallelState:
+    """This process's place in the (pp, dp, tp) mesh and its named groups."""
+
+    rank: int
+    world_size: int
+    tp: Group
+    dp: Group
+    device: torch.device
+    stats: CommStats
+    launch: LaunchInfo
+    mesh: object | None = None  # the DeviceMesh, when distributed
+
+    @property
+    def is_main(self) -> bool:
+        """The one rank that prints logs and writes metrics."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = tp {self.tp.size} x dp {self.dp.size} "
+                f"(launcher: {self.launch.launcher}, device: {self.device.type})")
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is available, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def serial_state(device: torch.device | str = "cpu") -> ParallelState:
+    """One process, no process group: every collective is the identity."""
+    stats = CommStats()
+    return ParallelState(
+        rank=0, world_size=1, tp=Group.single("tp", stats), dp=Group.single("dp", stats),
+        device=torch.device(device), stats=stats, launch=LaunchInfo(0, 1, 0, "single"),
+    )
+
+
+def build_parallel_state(tp_size: int, device: torch.device,
+                         launch: LaunchInfo | None = None) -> ParallelState:
+    """Carve the running default process group into the (pp, dp, tp) mesh."""
+    if not dist.is_initialized():
+        if tp_size != 1:
+            raise ValueError(f"tensor-parallel size {tp_size} needs a process group")
+        return serial_state(device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tp_size:
+        raise ValueError(f"world size {world} is not divisible by tensor-parallel size {tp_size}")
+    mesh = init_device_mesh(device.type, (1, world // tp_size, tp_size),
+                            mesh_dim_names=("pp", "dp", "tp"))
+    stats = CommStats()
+
+    def group(name: str) -> Group:
+        sub = mesh[name]
+        pg = sub.get_group()
+        ranks = tuple(dist.get_process_group_ranks(pg))
+        return Group(name=name, ranks=ranks, rank=sub.get_local_rank(),
+                     pg=pg if len(ranks) > 1 else None, stats=stats)
+
+    launch = launch or LaunchInfo(rank, world, 0, "external")
+    return ParallelState(rank=rank, world_size=world, tp=group("tp"), dp=group("dp"),
+                         device=device, stats=stats, launch=launch, mesh=mesh)
+
+
+def init_parallel_state(tp_size: int, backend: str = "auto", device: str = "auto",
+                        timeout_minutes: float = 10.0) -> ParallelState:
+    """Start the process group from the launcher's environment (torchrun, mpirun, srun, or
+    none) and build the mesh. Backend 'auto' is nccl on GPU, gloo on CPU."""
+    from megavit.parallel.launcher import detect_launch
+
+    info = detect_launch()
+    dev = resolve_device(device, info.local_rank)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    info = init_process_group(backend, timedelta(minutes=timeout_minutes))
+    return build_parallel_state(tp_size, dev, info)
+
+
+def destroy_parallel_state() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,60 @@
+"""Entry point: `python -m megavit.pretrain [flags]` (or `megavit-pretrain`).
+
+One process:   python -m megavit.pretrain --preset vit-s --dataset digits ...
+torchrun:      torchrun --nproc-per-node 4 -m megavit.pretrain --tensor-model-parallel-size 2 ...
+mpirun/srun:   mpirun -n 4 python -m megavit.pretrain ...   (no MASTER_ADDR needed)
+
+`--help` lists every flag. A configuration mistake prints one message naming the flag and
+the fix, and exits with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from megavit.config import ConfigError, parse_args, validate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    prog = "python -m megavit.pretrain"
+    try:
+        cfg = parse_args(argv)
+        from megavit.parallel.launcher import LaunchError, detect_launch
+
+        info = detect_launch()
+        validate(cfg, world_size=info.world_size)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+    import torch
+
+    from megavit.data.datasets import DataError
+    from megavit.parallel.state import destroy_parallel_state, init_parallel_state
+    from megavit.training.trainer import pretrain
+
+    try:
+        pstate = init_parallel_state(cfg.parallel.tensor_model_parallel_size,
+                                     cfg.parallel.distributed_backend, cfg.parallel.device,
+                                     cfg.parallel.distributed_timeout_minutes)
+    except (LaunchError, RuntimeError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    if pstate.device.type == "cpu" and info.world_size > 1:
+        # Processes share the host's cores; oversubscribed threads slow everything down.
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, info.world_size)))
+    try:
+        pretrain(cfg, pstate)
+    except (ConfigError, DataError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel_state()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Run a function in N real torch.distributed (gloo) processes and collect the results.
+
+Workers are forked (cheap after `import torch`), each with one intra-op thread, a
+FileStore rendezvous in a temporary directory, and a `ParallelState` for the asked
+tensor-parallel size. `run_distributed` runs several jobs in one process group, so a
+layout's group starts once for many checks:
+
+    results = run_distributed(world_size=4, tp=2, jobs={"equiv": (fn, args), ...})
+    results["equiv"][rank]   # what fn(pstate, *args) returned on that rank
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megavit.parallel.state import build_parallel_state
+
+Job = tuple[Callable[..., Any], tuple]
+
+
+def _worker(rank: int, world_size: int, tp: int, store_path: str, jobs: dict[str, Job],
+            conn) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=120))
+        pstate = build_parallel_state(tp, torch.device("cpu"))
+        out = {}
+        for name, (fn, args) in jobs.items():
+            pstate.stats.reset()
+            out[name] = fn(pstate, *args)
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        conn.send(("ok", buf.getvalue()))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 — report any failure to the parent
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_distributed(world_size: int, tp: int, jobs: dict[str, Job],
+                    timeout: float = 300.0) -> dict[str, list[Any]]:
+    """Run every job in `world_size` gloo processes; returns {job: [result per rank]}."""
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        pipes, procs = [], []
+        for rank in range(world_size):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker, args=(rank, world_size, tp, store, jobs, child))
+            p.start()
+            child.close()
+            pipes.append(parent)
+            procs.append(p)
+        results, errors = {}, []
+        waiting = dict(enumerate(pipes))
+        deadline = time.monotonic() + timeout
+        while waiting and not errors:
+            ready = wait(list(waiting.values()), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                errors.append(f"ranks {sorted(waiting)} gave no result within {timeout:.0f} s")
+                break
+            for rank in [r for r, c in waiting.items() if c in ready]:
+                try:
+                    status, payload = waiting.pop(rank).recv()
+                except EOFError:
+                    status, payload = "error", "the process died without a result"
+                if status == "ok":
+                    results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
+                else:
+                    errors.append(f"--- rank {rank} ---\n{payload}")
+        for p in procs:  # after a failure the others may be stuck in a collective
+            p.join(timeout=0 if errors else 30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if errors:
+            raise RuntimeError("distributed workers failed:\n" + "\n".join(errors))
+    return {name: [results[r][name] for r in range(world_size)] for name in jobs}

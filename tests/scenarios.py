@@ -1,0 +1,90 @@
+"""What the equivalence tests run, identically in one process and in gloo workers.
+
+Every scenario takes a `ParallelState` first, so the harness can call it in a worker and
+the tests can call it with `serial_state()` for the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config
+from megavit.models.vit import ParallelBlock, SequentialBlock
+from megavit.parallel.sharding import full_state, initialize_parameters
+from megavit.parallel.state import ParallelState, serial_state
+from megavit.training.step import optimizer_step
+from megavit.training.trainer import TrainingRun
+
+# Model variants the layouts are checked with: the ViT-22B recipe, and a classic ViT with
+# every bias, a class token and fixed position embeddings.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "vit22b": {},
+    "classic": dict(block_type="sequential", pooling="cls", qk_layernorm=False,
+                    add_qkv_bias=True, add_proj_bias=True, norm_bias=True,
+                    position_embedding_type="sincos2d"),
+    "gap": dict(pooling="gap", add_mlp_bias=False),
+}
+
+
+def debug_config(variant: str = "vit22b", tp: int = 1, **training: Any) -> Config:
+    """vit-debug on digits (16x16, 1 channel), global batch 8 in micro-batches of 2, with
+    augmentation, clipping and weight decay all active."""
+    model = preset_model_config("vit-debug", num_channels=1, **VARIANTS[variant])
+    train = dict(micro_batch_size=2, global_batch_size=8, train_iters=2, lr=5e-3,
+                 lr_decay_style="constant", weight_decay=0.1, clip_grad=0.5, seed=7,
+                 adam_eps=1e-6)
+    train.update(training)
+    cfg = Config(model=model, training=TrainingConfig(**train),
+                 data=DataConfig(dataset="digits", augment="affine"))
+    cfg.parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp)
+    return cfg
+
+
+def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2) -> dict[str, Any]:
+    """Losses, grad norms and full-shape gradients of each step, and the full-shape
+    weights after the last, through the real training step."""
+    run = TrainingRun.build(cfg, pstate)
+    out: dict[str, Any] = {"loss": [], "grad_norm": [], "grads": [],
+                           "initial": full_state(run.model, pstate.tp)}
+    for it, micro in enumerate(run.batches(0, steps)):
+        result = run.step(it, micro, on_gradients=lambda m: out["grads"].append(
+            full_state(m, pstate.tp, grads=True)))
+        out["loss"].append(result.loss.item())
+        out["grad_norm"].append(result.grad_norm.item())
+    out["weights"] = full_state(run.model, pstate.tp)
+    out["comm"] = pstate.stats.snapshot()
+    return out
+
+
+def replay_optimizer(cfg: Config, initial: dict[str, torch.Tensor],
+                     grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The serial optimizer, fed given full-shape gradients step after step from given
+    initial weights: what a layout's sharded optimizer must reproduce."""
+    run = TrainingRun.build(cfg, serial_state())
+    run.model.load_state_dict(initial)
+    for it, step_grads in enumerate(grads):
+        for name, p in run.model.named_parameters():
+            p.grad = step_grads[name].clone()
+        optimizer_step(run.model, run.optimizer, run.schedule.lr_at(it), run.pstate,
+                       cfg.training.clip_grad)
+    return full_state(run.model, run.pstate.tp)
+
+
+def block_collectives(pstate: ParallelState, block_type: str) -> dict[str, Any]:
+    """TP collectives of one block: counts and bytes in forward, then in backward."""
+    cfg = preset_model_config("vit-debug", block_type=block_type)
+    with torch.device("meta"):
+        block = (ParallelBlock if block_type == "parallel" else SequentialBlock)(cfg, pstate.tp)
+    initialize_parameters(block, seed=0, device="cpu", prefix="blocks.0.")
+    s, b, h = cfg.seq_length, 3, cfg.hidden_size
+    x = torch.randn(s, b, h, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    pstate.stats.reset()
+    y = block(x)
+    forward = dict(pstate.stats.calls), dict(pstate.stats.bytes)
+    pstate.stats.reset()
+    y.square().sum().backward()
+    backward = dict(pstate.stats.calls), dict(pstate.stats.bytes)
+    return {"forward": forward, "backward": backward, "activation_bytes": s * b * h * 4}
