@@ -505,6 +505,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
             f"{m.num_attention_heads}; pick a head count that divides the width"
         )
+    if m.position_embedding_type == "sincos2d" and m.hidden_size % 4:
+        problems.append(
+            f"--position-embedding-type sincos2d needs --hidden-size divisible by 4 "
+            f"(got {m.hidden_size}); use learned position embeddings or another width"
+        )
     if m.img_h % m.patch_dim or m.img_w % m.patch_dim:
         problems.append(
             f"image {m.img_h}x{m.img_w} (--img-h x --img-w) is not divisible by "

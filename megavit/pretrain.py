@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        destroy_parallel_state()
+        destroy_parallel_state(pstate)
     return 0
 
 

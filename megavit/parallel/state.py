@@ -11,6 +11,7 @@ parallelism is not implemented yet, so pp has size 1.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -107,6 +108,17 @@ def init_parallel_state(tp_size: int, backend: str = "auto", device: str = "auto
     return build_parallel_state(tp_size, dev, info)
 
 
-def destroy_parallel_state() -> None:
+def destroy_parallel_state(pstate: ParallelState | None = None) -> None:
+    """Tear down every process group while Python is fully alive.
+
+    Drops this state's references to its groups and mesh first: a gloo group destroyed
+    only at interpreter exit can have a worker thread release a tensor after Python has
+    begun finalising, which aborts the process (seen under mpirun)."""
+    if pstate is not None:
+        for group in (pstate.tp, pstate.dp):
+            group.pg = None
+        pstate.mesh = None
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    gc.collect()

@@ -1,0 +1,125 @@
+"""Configuration: presets, flags generated from the dataclasses, and validation messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from megavit.config import (PRESETS, Config, ConfigError, ModelConfig, flag_names, parse_args,
+                            validate)
+from megavit.pretrain import main
+
+# width / depth / heads / MLP / patch, as the issue lists them
+EXPECTED = {
+    "vit-ti": (192, 12, 3, 768, 16), "vit-s": (384, 12, 6, 1536, 16),
+    "vit-b": (768, 12, 12, 3072, 16), "vit-l": (1024, 24, 16, 4096, 16),
+    "vit-h": (1280, 32, 16, 5120, 14), "vit-g": (1408, 40, 16, 6144, 14),
+    "vit-G": (1664, 48, 16, 8192, 14), "vit-e": (1792, 56, 16, 15360, 14),
+    "vit-22b": (6144, 48, 48, 24576, 14), "vit-debug": (32, 2, 4, 128, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_preset_dimensions(name):
+    m = parse_args(["--preset", name]).model
+    assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.ffn_hidden_size,
+            m.patch_dim) == EXPECTED[name]
+    assert set(PRESETS) == set(EXPECTED)
+
+
+def test_vit22b_preset_is_the_paper_recipe():
+    m = parse_args(["--preset", "vit-22b"]).model
+    assert (m.img_h, m.img_w, m.seq_length) == (224, 224, 256)
+    assert m.block_type == "parallel" and m.qk_layernorm and m.pooling == "map"
+    assert not m.add_qkv_bias and not m.norm_bias and m.add_mlp_bias
+
+
+def test_flags_override_the_preset():
+    m = parse_args(["--preset", "vit-b", "--num-layers", "4", "--img-h", "32", "--img-w", "48",
+                    "--patch-dim", "8", "--num-channels", "1", "--num-classes", "7",
+                    "--no-qk-layernorm", "--block-type", "sequential"]).model
+    assert (m.num_layers, m.hidden_size, m.img_h, m.img_w, m.patch_dim) == (4, 768, 32, 48, 8)
+    assert (m.num_channels, m.num_classes, m.qk_layernorm, m.block_type) == (1, 7, False, "sequential")
+
+
+def test_every_section_has_megatron_flag_names():
+    flags = set(flag_names())
+    for f in ["--tensor-model-parallel-size", "--micro-batch-size", "--global-batch-size",
+              "--clip-grad", "--lr", "--min-lr", "--lr-decay-style", "--lr-warmup-iters",
+              "--train-iters", "--log-interval", "--eval-interval", "--img-h", "--img-w",
+              "--patch-dim", "--num-channels", "--num-layers", "--hidden-size",
+              "--num-attention-heads", "--ffn-hidden-size", "--num-classes", "--preset",
+              "--dataset", "--data-path", "--seed", "--metrics-file"]:
+        assert f in flags, f
+
+
+def test_help_explains_every_flag(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in flag_names():
+        assert flag in text, f"{flag} missing from --help"
+    assert "(default:" in text
+
+
+def ok(**kw) -> Config:
+    cfg = parse_args(["--preset", "vit-debug"])
+    for section, values in kw.items():
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
+    return cfg
+
+
+BAD = [
+    (dict(parallel={"tensor_model_parallel_size": 3}), 3,
+     "--tensor-model-parallel-size 3 does not divide --num-attention-heads 4"),
+    (dict(model={"ffn_hidden_size": 130}, parallel={"tensor_model_parallel_size": 4}), 4,
+     "--tensor-model-parallel-size 4 does not divide --ffn-hidden-size 130"),
+    (dict(parallel={"tensor_model_parallel_size": 2}), 3,
+     "world size 3 is not divisible by --tensor-model-parallel-size 2"),
+    (dict(training={"global_batch_size": 12, "micro_batch_size": 4}), 2,
+     "--global-batch-size 12 is not divisible by --micro-batch-size 4 x data-parallel size 2"),
+    (dict(model={"img_h": 18}), 1, "image 18x16 (--img-h x --img-w) is not divisible by --patch-dim 4"),
+    (dict(model={"hidden_size": 30}), 1, "--hidden-size 30 is not divisible by --num-attention-heads 4"),
+    (dict(data={"dataset": "image-folder"}), 1, "--dataset image-folder needs --data-path"),
+    (dict(data={"data_path": "/x"}), 1, "--data-path is only read by --dataset image-folder"),
+    (dict(training={"micro_batch_size": 0}), 1, "--micro-batch-size must be at least 1"),
+    (dict(training={"lr": -1.0}), 1, "--lr must be 0 or more"),
+    (dict(training={"min_lr": 1.0}), 1, "--min-lr 1.0 is above --lr"),
+    (dict(model={"position_embedding_type": "sincos2d", "hidden_size": 30,
+                 "num_attention_heads": 5}), 1, "sincos2d needs --hidden-size divisible by 4"),
+]
+
+
+@pytest.mark.parametrize("changes,world,message", BAD, ids=[b[2][:40] for b in BAD])
+def test_validation_names_the_flag_and_fix(changes, world, message):
+    with pytest.raises(ConfigError) as e:
+        validate(ok(**changes), world_size=world)
+    assert message in str(e.value)
+
+
+def test_several_problems_are_reported_together():
+    cfg = ok(parallel={"tensor_model_parallel_size": 3}, model={"img_h": 18})
+    with pytest.raises(ConfigError, match="3 problems"):
+        validate(cfg, world_size=3)
+
+
+def test_valid_layouts_pass():
+    validate(ok(parallel={"tensor_model_parallel_size": 2},
+                training={"global_batch_size": 16, "micro_batch_size": 4}), world_size=4)
+    validate(Config(model=ModelConfig()), world_size=1)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "vit-b", "--tensor-model-parallel-size", "5"], "does not divide"),
+    (["--preset", "vit-xxl"], "invalid choice: 'vit-xxl'"),
+    (["--num-layers", "two"], "invalid int value: 'two'"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+])
+def test_cli_mistakes_exit_2_without_traceback(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

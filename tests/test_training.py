@@ -1,0 +1,95 @@
+"""Training pieces on one process: schedule, optimizer groups, clipping, logging."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megavit.config import TrainingConfig, preset_model_config
+from megavit.models.vit import build_vit
+from megavit.parallel.state import serial_state
+from megavit.training.grad_norm import clip_grad_norm
+from megavit.training.lr_schedule import LRSchedule
+from megavit.training.metrics import GpuMonitor, MetricsLogger, format_fields
+from megavit.training.optimizer import build_optimizer
+from megavit.config import LoggingConfig
+
+
+def test_lr_warmup_then_cosine_to_min():
+    s = LRSchedule(lr=1.0, min_lr=0.1, warmup_iters=4, decay_iters=14, style="cosine")
+    assert [s.lr_at(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert s.lr_at(4) == pytest.approx(1.0)
+    assert s.lr_at(9) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert s.lr_at(14) == pytest.approx(0.1) and s.lr_at(100) == pytest.approx(0.1)
+
+
+def test_lr_linear_and_constant():
+    lin = LRSchedule(lr=1.0, min_lr=0.0, warmup_iters=0, decay_iters=10, style="linear")
+    assert [lin.lr_at(i) for i in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    const = LRSchedule(lr=0.3, min_lr=0.0, warmup_iters=2, decay_iters=10, style="constant")
+    assert [const.lr_at(i) for i in (0, 1, 2, 50)] == pytest.approx([0.15, 0.3, 0.3, 0.3])
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    cfg = preset_model_config("vit-debug", num_classes=10, pooling="cls")
+    model = build_vit(cfg, serial_state().tp, seed=0)
+    opt = build_optimizer(model, TrainingConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
+    assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2} - {"pos_embed.weight"}
+    assert {"pos_embed.weight", "cls_token", "blocks.0.norm.weight",
+            "blocks.0.q_norm.weight", "head.bias"} <= plain
+
+
+def test_clipping_matches_torch_on_one_process():
+    model = build_vit(preset_model_config("vit-debug", num_classes=10), serial_state().tp, 0)
+    model(torch.randn(4, 3, 16, 16)).square().sum().backward()
+    params = list(model.parameters())
+    ref = [p.grad.clone() for p in params]
+    expected = torch.sqrt(sum(g.pow(2).sum() for g in ref))
+    max_norm = expected.item() / 4                     # clipping is active
+    norm = clip_grad_norm(params, max_norm, serial_state().tp)
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    for p, g in zip(params, ref):
+        torch.testing.assert_close(p.grad, g * (max_norm / (expected + 1e-6)))
+    unclipped = [p.grad.clone() for p in params]
+    clip_grad_norm(params, 10 * max_norm, serial_state().tp)   # under the limit: untouched
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, unclipped))
+
+
+def test_metrics_file_and_log_line(tmp_path, capsys):
+    path = tmp_path / "m" / "metrics.jsonl"
+    log = MetricsLogger(LoggingConfig(metrics_file=str(path), progress_bar="off"), True, 10)
+    log.train({"iteration": 5, "loss": 0.5, "lr": 1e-3, "grad_norm": 1.25,
+               "images_per_second": 1234.5, "mfu": 0.123})
+    log.eval({"iteration": 5, "eval_loss": 0.4, "eval_accuracy": 0.9})
+    log.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("[megavit] iteration 5/10 | loss 0.5000 | lr 1.000e-03 | grad_norm 1.2500 "
+                      "| images_per_second 1234.5 | mfu 12.30%")
+    assert out[1] == "[megavit] eval iteration 5 | eval_loss 0.4000 | eval_accuracy 0.9000"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0]["kind"] == "train" and lines[0]["loss"] == 0.5 and lines[0]["iteration"] == 5
+    assert lines[1] == {"kind": "eval", "iteration": 5, "eval_loss": 0.4, "eval_accuracy": 0.9}
+
+
+def test_non_main_ranks_log_nothing(tmp_path, capsys):
+    log = MetricsLogger(LoggingConfig(metrics_file=str(tmp_path / "x.jsonl")), False, 10)
+    log.train({"iteration": 1, "loss": 1.0})
+    log.info("hello")
+    assert capsys.readouterr().out == "" and not (tmp_path / "x.jsonl").exists()
+
+
+def test_gpu_metrics_absent_on_cpu():
+    assert GpuMonitor(torch.device("cpu")).read() == {}
+
+
+def test_format_fields_stable():
+    assert format_fields({"a": 1, "lr": 0.5, "x": 123.456, "s": "ok"}) == \
+        "a 1 | lr 5.000e-01 | x 123.5 | s ok"
+    assert not math.isnan(0.0)
