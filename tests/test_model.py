@@ -24,10 +24,16 @@ def _sdpa_backward_flops(grad_shape, q_shape, k_shape, *args, **kwargs) -> int:
     return 2 * _sdpa_flops(q_shape, k_shape, None)  # dQ, dK, dV: twice the forward
 
 
-# FlopCounterMode does not know the CPU flash-attention kernels; count them like the others.
+def _addmm_inplace_flops(self_shape, mat1_shape, mat2_shape, *args, **kwargs) -> int:
+    return 2 * mat1_shape[0] * mat1_shape[1] * mat2_shape[1]
+
+
+# FlopCounterMode does not know the CPU flash-attention kernels, nor the in-place addmm_
+# that accumulates a row-parallel layer's partial products; count them like the others.
 SDPA_CPU = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+    torch.ops.aten.addmm_: _addmm_inplace_flops,
 }
 
 

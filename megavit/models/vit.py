@@ -48,6 +48,10 @@ class ParallelBlock(nn.Module):
     row-parallel projection maps [attention | MLP] back: one TP all-reduce forward
     (out_proj) and one backward (in_proj's input gradient).
 
+    Each fused projection has one weight (one TP split) but runs as one matmul per output
+    group, so the MLP activation is contiguous and nothing is concatenated (see
+    `forward_groups`); the FLOPs are those of the fused matmul.
+
     Per-rank shapes with TP size t: q, k, v [s, b, h/t] (this rank's heads), u [s, b, f/t].
     """
 
@@ -55,7 +59,6 @@ class ParallelBlock(nn.Module):
         super().__init__()
         h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
         self.head_dim = cfg.head_dim
-        self.local_split = [h // tp.size] * 3 + [f // tp.size]
         self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias)
         qkv_bias, mlp_bias = cfg.add_qkv_bias, cfg.add_mlp_bias
         self.in_proj = ColumnParallelLinear(h, (h, h, h, f), tp, init_std=std,
@@ -65,11 +68,11 @@ class ParallelBlock(nn.Module):
                                           bias=mlp_bias or cfg.add_proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:       # x: [s, b, h]
-        y = self.in_proj(self.norm(x))                          # [s, b, (3h + f)/t]
-        q, k, v, u = y.split(self.local_split, dim=-1)
+        qkv, u = self.in_proj.forward_groups(self.norm(x), [3, 1])  # [s,b,3h/t], [s,b,f/t]
+        q, k, v = qkv.chunk(3, dim=-1)                          # this rank's heads
         a = multi_head_attention(q, k, v, self.head_dim, self.q_norm, self.k_norm)
-        y = torch.cat([a, F.gelu(u)], dim=-1)                   # [s, b, (h + f)/t]
-        return x + self.out_proj(y)                             # the block's one all-reduce
+        y = self.out_proj.forward_groups([a, F.gelu(u)])        # the block's one all-reduce
+        return x + y                                            # [s, b, h]
 
 
 class SequentialBlock(nn.Module):

@@ -73,6 +73,14 @@ class Group:
             dist.all_reduce(t, op=op, group=self.pg)
         return t
 
+    def all_reduce_async(self, t: torch.Tensor) -> dist.Work | None:
+        """Start an in-place sum all-reduce of `t`; returns the handle to `wait()` on
+        (None for a group of one)."""
+        if self.size == 1:
+            return None
+        self.stats.record(self.name, "all_reduce", _nbytes(t))
+        return dist.all_reduce(t, group=self.pg, async_op=True)
+
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate `t` from every rank along dim 0: [n, ...] -> [size * n, ...]."""
         if self.size == 1:

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavit.parallel.comm import Group
-from megavit.parallel.mappings import copy_to_tp, reduce_from_tp
+from megavit.parallel.mappings import reduce_from_tp
 from megavit.parallel.sharding import TPShard, constant, set_init, set_tp_shard, trunc_normal
+from megavit.parallel.tp_linear import column_linear, row_linear
 
 
 def _segments(n: int | Sequence[int]) -> tuple[int, ...]:
@@ -68,20 +69,36 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _local_bias(self) -> torch.Tensor | None:
-        if self.bias is None or all(self.bias_flags):
-            return self.bias
-        pieces, offset = [], 0
-        for n, has_bias in zip(self.local_segments, self.bias_flags):
-            if has_bias:
-                pieces.append(self.bias[offset:offset + n])
-                offset += n
-            else:
-                pieces.append(self.bias.new_zeros(n))
-        return torch.cat(pieces)
+    def _group_bias(self, first: int, count: int) -> torch.Tensor | None:
+        """This rank's bias for segments [first, first + count): a view of the bias
+        parameter, zeros where a segment has none, or None when none has one."""
+        flags = self.bias_flags[first:first + count]
+        if not any(flags):
+            return None
+        offset = sum(n for n, f in zip(self.local_segments[:first], self.bias_flags) if f)
+        pieces = []
+        for n, has_bias in zip(self.local_segments[first:first + count], flags):
+            pieces.append(self.bias[offset:offset + n] if has_bias else self.bias.new_zeros(n))
+            offset += n if has_bias else 0
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight, self._local_bias())
+        """[..., in] -> [..., sum(segments) / t]."""
+        return self.forward_groups(x, [len(self.segments)])[0]
+
+    def forward_groups(self, x: torch.Tensor, groups: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """The same projection as separate outputs, one matmul per group of consecutive
+        segments (`groups` gives how many segments each takes, e.g. [3, 1] for [q|k|v]
+        and [mlp]). Each output is contiguous; nothing is split or concatenated, forward
+        or backward. One all-reduce backward, whatever the number of groups."""
+        if sum(groups) != len(self.segments):
+            raise ValueError(f"groups {list(groups)} do not cover {len(self.segments)} segments")
+        rows, biases, first = [], [], 0
+        for n in groups:
+            rows.append(sum(self.local_segments[first:first + n]))
+            biases.append(self._group_bias(first, n))
+            first += n
+        return column_linear(x, self.weight, self.group, rows, biases)
 
     def extra_repr(self) -> str:
         return (f"in={self.weight.shape[1]}, out_segments={self.segments}, "
@@ -121,9 +138,21 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.group.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        """[..., sum(segments) / t] -> [..., out]."""
+        return self.forward_groups([x])
+
+    def forward_groups(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The projection of the concatenation of `inputs` (one per group of input
+        segments, each [..., its width / t]) without concatenating them: the partial
+        products accumulate into one output, which is all-reduced once."""
+        t = self.group.size
+        cols = [x.shape[-1] for x in inputs]
+        if sum(cols) != self.weight.shape[1]:
+            raise ValueError(f"inputs of widths {cols} do not match the local weight "
+                             f"{tuple(self.weight.shape)}")
+        if t == 1:
+            return row_linear(inputs, self.weight, cols, self.bias)
+        y = reduce_from_tp(row_linear(inputs, self.weight, cols), self.group)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

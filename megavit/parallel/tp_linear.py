@@ -1,0 +1,131 @@
+"""Autograd functions behind the tensor-parallel linear layers.
+
+A fused projection has one weight but several outputs (column-parallel, e.g. [q|k|v] and
+[mlp] from one [q|k|v|mlp] weight) or several inputs (row-parallel, e.g. [attention] and
+[mlp] into one [attention|mlp] weight). Running one matmul per group keeps every
+activation contiguous and avoids concatenating activations or gradients; these functions
+also write each group's weight gradient straight into one full-size buffer (slicing a
+parameter in autograd would allocate and zero a full-size gradient per slice).
+
+    column_linear   forward: y_g = x W_g^T + b_g for each row block W_g of W
+                    backward: dx = sum_g dy_g W_g, all-reduced over the TP group while the
+                              weight gradients dW_g = dy_g^T x are computed (overlap);
+                              this is `copy_to_tp` fused with the matmuls
+    row_linear      forward: y = sum_g x_g W_g^T (+ b) for each column block W_g of W
+                    backward: dx_g = dy W_g, dW_g = dy^T x_g; no communication (the
+                              all-reduce of y is `reduce_from_tp`, applied by the caller)
+
+Shapes: x [..., in]; activations keep their leading dims; weights are [out, in] as in
+`F.linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from megavit.parallel.comm import Group
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _ColumnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, group, rows, *biases):
+        ctx.group, ctx.rows = group, rows
+        ctx.save_for_backward(x, weight)
+        x2, lead = _flat(x), x.shape[:-1]
+        outs, r = [], 0
+        for n, b in zip(rows, biases):
+            w = weight[r:r + n]
+            y = x.new_empty(*lead, n)  # not a view: callers may modify it in place
+            if b is not None:
+                torch.addmm(b, x2, w.t(), out=y.view(-1, n))
+            else:
+                torch.mm(x2, w.t(), out=y.view(-1, n))
+            outs.append(y)
+            r += n
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight = ctx.saved_tensors
+        x2 = _flat(x)
+        grads = [_flat(g) if g is not None else None for g in grads]
+        dx = work = None
+        if ctx.needs_input_grad[0]:
+            r = 0
+            for n, g in zip(ctx.rows, grads):
+                if g is not None:
+                    w = weight[r:r + n]
+                    dx = g @ w if dx is None else dx.addmm_(g, w)
+                r += n
+            if dx is None:
+                dx = torch.zeros_like(x2)
+            work = ctx.group.all_reduce_async(dx)   # overlaps the weight gradients below
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = torch.empty_like(weight)
+            r = 0
+            for n, g in zip(ctx.rows, grads):
+                if g is None:
+                    dweight[r:r + n].zero_()
+                else:
+                    torch.mm(g.t(), x2, out=dweight[r:r + n])
+                r += n
+        dbiases = [g.sum(0) if (g is not None and ctx.needs_input_grad[4 + i]) else None
+                   for i, g in enumerate(grads)]
+        if work is not None:
+            work.wait()
+        return (dx.view(x.shape) if dx is not None else None, dweight, None, None, *dbiases)
+
+
+class _RowLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, bias, cols, *inputs):
+        ctx.cols = cols
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight, *inputs)
+        out = inputs[0].new_empty(*inputs[0].shape[:-1], weight.shape[0])
+        y, c = out.view(-1, weight.shape[0]), 0  # `out` is returned, not a view
+        for i, (n, x) in enumerate(zip(cols, inputs)):
+            w = weight[:, c:c + n]
+            if i > 0:
+                y.addmm_(_flat(x), w.t())
+            elif bias is not None:
+                torch.addmm(bias, _flat(x), w.t(), out=y)
+            else:
+                torch.mm(_flat(x), w.t(), out=y)
+            c += n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *inputs = ctx.saved_tensors
+        g = _flat(grad)
+        dweight = torch.empty_like(weight) if ctx.needs_input_grad[0] else None
+        dinputs, c = [], 0
+        for i, (n, x) in enumerate(zip(ctx.cols, inputs)):
+            w = weight[:, c:c + n]
+            dinputs.append((g @ w).view(x.shape) if ctx.needs_input_grad[3 + i] else None)
+            if dweight is not None:
+                torch.mm(g.t(), _flat(x), out=dweight[:, c:c + n])
+            c += n
+        dbias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return (dweight, dbias, None, *dinputs)
+
+
+def column_linear(x: torch.Tensor, weight: torch.Tensor, group: Group, rows: Sequence[int],
+                  biases: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+    """Outputs [..., rows[g]] for each consecutive row block of `weight` [sum(rows), in];
+    backward all-reduces the input gradient over `group`."""
+    return _ColumnLinear.apply(x, weight, group, tuple(rows), *biases)
+
+
+def row_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, cols: Sequence[int],
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_g inputs[g] @ weight[:, block g]^T (+ bias): [..., out]. No communication."""
+    return _RowLinear.apply(weight, bias, tuple(cols), *inputs)

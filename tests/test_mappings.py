@@ -1,0 +1,109 @@
+"""Each collective's forward and its conjugate backward, in 2 real gloo processes, and the
+grouped (fused-weight) projections against plain F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megavit.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megavit.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from megavit.parallel.sharding import initialize_parameters
+from megavit.parallel.state import ParallelState, serial_state
+from tests.harness import run_distributed
+
+
+def _rank_tensor(pstate: ParallelState, *shape: int) -> torch.Tensor:
+    """Different values on each rank: rank * 100 + arange."""
+    return (torch.arange(float(torch.Size(shape).numel())).reshape(shape)
+            + 100 * pstate.tp.rank).requires_grad_()
+
+
+def conjugates(pstate: ParallelState) -> dict:
+    tp, out = pstate.tp, {}
+    for name, fn in [("copy", copy_to_tp), ("reduce", reduce_from_tp),
+                     ("scatter", scatter_to_tp), ("gather", gather_from_tp)]:
+        x = _rank_tensor(pstate, 2, 4)
+        y = fn(x * 1.0, tp)                       # * 1.0: reduce's in-place all-reduce
+        grad = torch.ones_like(y) * (tp.rank + 1)
+        y.backward(grad)
+        out[name] = (y.detach(), x.grad)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2():
+    return run_distributed(2, 2, {"conjugates": (conjugates, ())})["conjugates"]
+
+
+def test_copy_is_identity_forward_and_all_reduce_backward(tp2):
+    for rank, got in enumerate(tp2):
+        y, g = got["copy"]
+        assert torch.equal(y, torch.arange(8.0).reshape(2, 4) + 100 * rank)
+        assert torch.equal(g, torch.full((2, 4), 3.0))          # 1 + 2
+
+
+def test_reduce_is_all_reduce_forward_and_identity_backward(tp2):
+    for rank, got in enumerate(tp2):
+        y, g = got["reduce"]
+        assert torch.equal(y, 2 * torch.arange(8.0).reshape(2, 4) + 100)
+        assert torch.equal(g, torch.full((2, 4), rank + 1.0))
+
+
+def test_scatter_keeps_own_chunk_and_gathers_backward(tp2):
+    for rank, got in enumerate(tp2):
+        y, g = got["scatter"]
+        assert torch.equal(y, (torch.arange(8.0).reshape(2, 4) + 100 * rank)[:, 2 * rank:2 * rank + 2])
+        assert torch.equal(g, torch.tensor([[1.0, 1, 2, 2], [1, 1, 2, 2]]))
+
+
+def test_gather_concatenates_last_dim_and_splits_backward(tp2):
+    expected = torch.cat([torch.arange(8.0).reshape(2, 4), torch.arange(8.0).reshape(2, 4) + 100], 1)
+    for rank, got in enumerate(tp2):
+        y, g = got["gather"]
+        assert torch.equal(y, expected)
+        assert torch.equal(g, torch.full((2, 4), rank + 1.0))
+
+
+@pytest.mark.parametrize("bias", [(False, False, False, True), True, False])
+def test_column_groups_equal_one_linear(bias):
+    tp = serial_state().tp
+    with torch.device("meta"):
+        layer = ColumnParallelLinear(8, (4, 4, 4, 12), tp, bias=bias)
+    initialize_parameters(layer, seed=0, device="cpu")
+    if layer.bias is not None:
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(3, 2, 8, requires_grad=True)
+    full_bias = layer._group_bias(0, 4)
+    ref = F.linear(x, layer.weight, full_bias)
+    qkv, u = layer.forward_groups(x, [3, 1])
+    torch.testing.assert_close(torch.cat([qkv, u], -1), ref)
+    assert qkv.is_contiguous() and u.is_contiguous()
+    g = torch.randn_like(ref)
+    (torch.cat([qkv, u], -1) * g).sum().backward()
+    grads = (x.grad.clone(), layer.weight.grad.clone())
+    x.grad = None
+    layer.weight.grad = None
+    (F.linear(x, layer.weight, layer._group_bias(0, 4)) * g).sum().backward()
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], layer.weight.grad)
+
+
+def test_row_groups_equal_one_linear():
+    tp = serial_state().tp
+    with torch.device("meta"):
+        layer = RowParallelLinear((4, 12), 8, tp, bias=True)
+    initialize_parameters(layer, seed=0, device="cpu")
+    torch.nn.init.normal_(layer.bias)
+    a = torch.randn(3, 2, 4, requires_grad=True)
+    m = torch.randn(3, 2, 12, requires_grad=True)
+    y = layer.forward_groups([a, m])
+    torch.testing.assert_close(y, F.linear(torch.cat([a, m], -1), layer.weight, layer.bias))
+    y.square().sum().backward()
+    got = (a.grad.clone(), m.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone())
+    for t in (a, m, layer.weight, layer.bias):
+        t.grad = None
+    F.linear(torch.cat([a, m], -1), layer.weight, layer.bias).square().sum().backward()
+    for g, t in zip(got, (a, m, layer.weight, layer.bias)):
+        torch.testing.assert_close(g, t.grad)
