@@ -433,8 +433,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
 
 
-def flag_names() -> list[str]:
-    """Every flag the parser accepts (for tests and docs)."""
+def flag_names(section: str | None = None) -> list[str]:
+    """Every flag the parser accepts, or those of one section ("model", "parallel", ...)."""
+    if section is not None:
+        return [_flag(f) for name, cls in _SECTIONS if name == section
+                for f in dataclasses.fields(cls)]
     return ["--preset"] + [_flag(f) for _, cls in _SECTIONS for f in dataclasses.fields(cls)]
 
 

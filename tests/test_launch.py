@@ -99,3 +99,18 @@ def test_torchrun_two_ranks_dp2_matches_serial(tmp_path, serial_losses):
     out = _check_run([_tool("torchrun"), "--nproc-per-node", "2", "-m", "megavit.pretrain",
                       *FLAGS, "--metrics-file", str(metrics)], metrics, serial_losses)
     assert "world 2 = tp 1 x dp 2 (launcher: torchrun" in out
+
+
+def test_vit22b_script_smoke_switch_runs_on_cpu(tmp_path):
+    """SMOKE=1 examples/pretrain_vit22b.sh: the same torchrun launch, shrunk to vit-debug
+    on 4 CPU processes (TP=2 x DP=2)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**_clean_env(), "SMOKE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    metrics = tmp_path / "m.jsonl"
+    proc = subprocess.run(["bash", str(root / "examples" / "pretrain_vit22b.sh"),
+                           "--metrics-file", str(metrics), "--train-iters", "4",
+                           "--log-interval", "2"],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "world 4 = tp 2 x dp 2 (launcher: torchrun" in proc.stdout
+    assert len(_losses(metrics)) == 2

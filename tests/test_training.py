@@ -90,6 +90,43 @@ def test_gpu_metrics_absent_on_cpu():
 
 
 def test_format_fields_stable():
-    assert format_fields({"a": 1, "lr": 0.5, "x": 123.456, "s": "ok"}) == \
-        "a 1 | lr 5.000e-01 | x 123.5 | s ok"
+    assert format_fields({"a": 1, "lr": 0.5, "loss": 0.123456, "images_per_second": 12.34,
+                          "s": "ok"}) == "a 1 | lr 5.000e-01 | loss 0.1235 | images_per_second 12.3 | s ok"
     assert not math.isnan(0.0)
+
+
+def test_tensorboard_scalars_written(tmp_path):
+    log = MetricsLogger(LoggingConfig(tensorboard_dir=str(tmp_path / "tb"), progress_bar="off"),
+                        True, 10)
+    log.train({"iteration": 1, "loss": 1.5, "lr": 0.1})
+    log.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/loss")] == [1.5]
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(RuntimeError, match="--tensorboard-dir needs the tensorboard package"):
+        MetricsLogger(LoggingConfig(tensorboard_dir=str(tmp_path)), True, 10)
+
+
+def test_progress_bar_on_goes_to_stderr(capsys):
+    log = MetricsLogger(LoggingConfig(progress_bar="on"), True, 4)
+    for i in range(1, 5):
+        log.progress(i)
+    log.summary({"iteration": 4, "loss": 0.1})
+    captured = capsys.readouterr()
+    assert "4/4" in captured.err
+    assert captured.out.strip() == "[megavit] done | iteration 4 | loss 0.1000"

@@ -23,15 +23,17 @@ from megavit.config import LoggingConfig
 PREFIX = "[megavit]"
 
 
+_DECIMALS = {"images_per_second": 1, "step_time_ms": 1, "train_seconds": 1,
+             "tflops_per_device": 3, "gpu_mem_gib": 2, "gpu_util_percent": 0, "gpu_power_w": 0}
+
+
 def _format_value(key: str, value: Any) -> str:
     if isinstance(value, float):
         if key == "lr":
             return f"{value:.3e}"
         if key == "mfu":
             return f"{value * 100:.2f}%"
-        if abs(value) >= 100:
-            return f"{value:.1f}"
-        return f"{value:.4f}"
+        return f"{value:.{_DECIMALS.get(key, 4)}f}"
     return str(value)
 
 

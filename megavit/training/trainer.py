@@ -133,7 +133,9 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
         p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
         for p in model.parameters())
     flops_per_step = model.estimate_flops(t.global_batch_size, training=True)
-    peak, peak_source = device_peak_flops(pstate.device, torch.float32, lg.peak_tflops)
+    # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
+    peak, peak_source = (device_peak_flops(pstate.device, torch.float32, lg.peak_tflops)
+                         if pstate.is_main else (float("inf"), ""))
     gpu = GpuMonitor(pstate.device)
 
     log.info(f"layout: {pstate.describe()}")
