@@ -71,7 +71,10 @@ class ModelConfig:
     )
     add_proj_bias: bool = field(
         default=False,
-        metadata=_opt("Bias in the attention output projection (sequential block only)."),
+        metadata=_opt(
+            "Bias in the attention output projection. The parallel block's fused output "
+            "projection has one bias, present when this or --add-mlp-bias is set."
+        ),
     )
     norm_bias: bool = field(
         default=False, metadata=_opt("Bias (beta) in LayerNorms (ViT-22B: none).")

@@ -50,9 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pretrain(cfg, pstate)
     except (ConfigError, DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        destroy_parallel_state(pstate, barrier=False)
         return 2
-    finally:
-        destroy_parallel_state(pstate)
+    except BaseException:
+        destroy_parallel_state(pstate, barrier=False)
+        raise
+    destroy_parallel_state(pstate)
     return 0
 
 

@@ -10,9 +10,10 @@ Tensor-parallel region (activations replicated outside, sharded on the last dim 
     scatter_to_tp   forward: keep own chunk    backward: all-gather        (last dim)
     gather_from_tp  forward: all-gather        backward: keep own chunk    (last dim)
 
-The in-place all-reduces below only touch tensors that their caller produced fresh (the
-output of a matmul forward, the input-gradient of a matmul backward); use these functions
-directly around a linear layer, as `megavit.parallel.layers` does.
+The linear layers fuse `copy_to_tp` into their matmuls (`megavit.parallel.tp_linear`, so the
+backward all-reduce can overlap the weight gradients) and apply `reduce_from_tp` to their
+output; the other pairs are for activations that cross a TP boundary without a matmul.
+`reduce_from_tp` all-reduces in place: give it a tensor nothing else holds (a matmul output).
 """
 
 from __future__ import annotations

@@ -108,17 +108,19 @@ def init_parallel_state(tp_size: int, backend: str = "auto", device: str = "auto
     return build_parallel_state(tp_size, dev, info)
 
 
-def destroy_parallel_state(pstate: ParallelState | None = None) -> None:
+def destroy_parallel_state(pstate: ParallelState | None = None, barrier: bool = True) -> None:
     """Tear down every process group while Python is fully alive.
 
     Drops this state's references to its groups and mesh first: a gloo group destroyed
     only at interpreter exit can have a worker thread release a tensor after Python has
-    begun finalising, which aborts the process (seen under mpirun)."""
+    begun finalising, which aborts the process (seen under mpirun). `barrier=False` on an
+    error path, where the other ranks may never reach a barrier."""
     if pstate is not None:
         for group in (pstate.tp, pstate.dp):
             group.pg = None
         pstate.mesh = None
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
     gc.collect()
