@@ -217,6 +217,21 @@ class TrainingConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """Number formats. Training is fp32 (weights, gradients, optimizer state, activations);
+    bf16/fp16 mixed precision is not implemented yet."""
+
+    tf32: bool = field(
+        default=True,
+        metadata=_opt(
+            "Let fp32 matmuls and convolutions use TF32 tensor cores on Ampere and newer "
+            "GPUs (10-bit mantissa inputs, fp32 accumulation; ~8x the fp32 peak). No effect "
+            "on CPUs. The MFU estimate uses the TF32 peak when on, the fp32 peak when off."
+        ),
+    )
+
+
+@dataclass
 class DataConfig:
     """Which images and how they are read."""
 
@@ -294,6 +309,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     preset: str | None = None
@@ -349,6 +365,7 @@ _SECTIONS: tuple[tuple[str, type], ...] = (
     ("model", ModelConfig),
     ("parallel", ParallelConfig),
     ("training", TrainingConfig),
+    ("precision", PrecisionConfig),
     ("data", DataConfig),
     ("logging", LoggingConfig),
 )
@@ -430,6 +447,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         model=model,
         parallel=ParallelConfig(**sections["parallel"]),
         training=TrainingConfig(**sections["training"]),
+        precision=PrecisionConfig(**sections["precision"]),
         data=DataConfig(**sections["data"]),
         logging=LoggingConfig(**sections["logging"]),
         preset=preset,

@@ -130,3 +130,20 @@ def test_progress_bar_on_goes_to_stderr(capsys):
     captured = capsys.readouterr()
     assert "4/4" in captured.err
     assert captured.out.strip() == "[megavit] done | iteration 4 | loss 0.1000"
+
+
+def test_tf32_switch_and_the_peak_it_implies(monkeypatch):
+    from megavit.training.peak_flops import configure_tf32, device_peak_flops
+
+    configure_tf32(False)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    configure_tf32(True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert device_peak_flops(cuda, torch.float32, tf32=True)[0] == pytest.approx(494.7e12)
+    assert device_peak_flops(cuda, torch.float32, tf32=False)[0] == pytest.approx(66.9e12)
+    assert device_peak_flops(cuda, torch.bfloat16)[0] == pytest.approx(989.0e12)
+    assert device_peak_flops(torch.device("cpu"), override_tflops=2.0) == (2e12, "--peak-tflops")
+    cpu_peak, source = device_peak_flops(torch.device("cpu"))
+    assert cpu_peak > 1e9 and source.startswith("measured float32")

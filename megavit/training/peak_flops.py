@@ -1,4 +1,4 @@
-"""Peak FLOP/s of one device, the denominator of the MFU estimate.
+"""Peak FLOP/s of one device (the denominator of the MFU estimate), and the TF32 switch.
 
 Known GPUs come from a table of dense datasheet figures for the training dtype; on a CPU
 (or an unknown GPU) the peak is measured: the best of a few large square matmuls.
@@ -10,12 +10,12 @@ import time
 
 import torch
 
-# Dense peak TFLOP/s by (substring of the device name, dtype).
-_GPU_PEAKS: tuple[tuple[str, torch.dtype, float], ...] = (
-    ("H200", torch.bfloat16, 989.0), ("H200", torch.float32, 494.7),  # fp32 via TF32
-    ("H100", torch.bfloat16, 989.0), ("H100", torch.float32, 494.7),
-    ("A100", torch.bfloat16, 312.0), ("A100", torch.float32, 156.0),
-    ("L40S", torch.bfloat16, 362.0), ("L40S", torch.float32, 183.0),
+# Dense datasheet peak TFLOP/s by substring of the device name: (bf16, tf32, plain fp32).
+_GPU_PEAKS: tuple[tuple[str, float, float, float], ...] = (
+    ("H200", 989.0, 494.7, 66.9),
+    ("H100", 989.0, 494.7, 66.9),   # SXM
+    ("A100", 312.0, 156.0, 19.5),
+    ("L40S", 362.0, 183.0, 91.6),
 )
 
 
@@ -37,14 +37,28 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
+                      tf32: bool = True,
                       override_tflops: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s, where the figure comes from)."""
+    """(peak FLOP/s, where the figure comes from). fp32 on a GPU counts the TF32 tensor-core
+    peak when `tf32` is on (see configure_tf32), the plain fp32 peak otherwise."""
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, dt, tflops in _GPU_PEAKS:
-            if key in name and dt == dtype:
-                return tflops * 1e12, f"datasheet for {name}"
+        for key, bf16, tf32_peak, fp32 in _GPU_PEAKS:
+            if key in name:
+                if dtype == torch.bfloat16:
+                    return bf16 * 1e12, f"datasheet bf16 for {name}"
+                if dtype == torch.float32:
+                    kind = "tf32" if tf32 else "fp32"
+                    return (tf32_peak if tf32 else fp32) * 1e12, f"datasheet {kind} for {name}"
     flops = measured_matmul_flops(device, dtype)
     return flops, f"measured {str(dtype).replace('torch.', '')} 1024^3 matmul on {device.type}"
+
+
+def configure_tf32(enabled: bool) -> None:
+    """Allow (or forbid) TF32 tensor cores for fp32 matmuls and convolutions on CUDA.
+    Only the CUDA flags are touched: `torch.set_float32_matmul_precision` would also let
+    some CPUs compute fp32 matmuls in reduced precision."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

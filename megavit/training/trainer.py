@@ -22,7 +22,7 @@ from megavit.parallel.state import ParallelState
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, Stopwatch, format_eta
 from megavit.training.optimizer import build_optimizer
-from megavit.training.peak_flops import device_peak_flops
+from megavit.training.peak_flops import configure_tf32, device_peak_flops
 from megavit.training.step import StepResult, classification_loss, train_step
 
 
@@ -86,6 +86,7 @@ class TrainingRun:
     @classmethod
     def build(cls, cfg: Config, pstate: ParallelState) -> "TrainingRun":
         t = cfg.training
+        configure_tf32(cfg.precision.tf32)
         train_set, heldout = build_datasets(cfg.data, cfg.model, t.seed)
         cfg = _resolve_num_classes(cfg, train_set)
         model = build_vit(cfg.model, pstate.tp, t.seed, pstate.device)
@@ -134,7 +135,8 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
         for p in model.parameters())
     flops_per_step = model.estimate_flops(t.global_batch_size, training=True)
     # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
-    peak, peak_source = (device_peak_flops(pstate.device, torch.float32, lg.peak_tflops)
+    peak, peak_source = (device_peak_flops(pstate.device, torch.float32, cfg.precision.tf32,
+                                           lg.peak_tflops)
                          if pstate.is_main else (float("inf"), ""))
     gpu = GpuMonitor(pstate.device)
 
