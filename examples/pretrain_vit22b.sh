@@ -12,8 +12,9 @@
 # layout megavit supports today (TP + DP, fp32 master weights and activations); pipeline
 # parallelism, sequence parallelism, activation recomputation, the distributed optimizer
 # and bf16 are open issues, and their flags join this script as they land. Until then a
-# 22B model at TP=8 needs about 21.7e9 * 16 bytes / 8 = 43 GB of weights, gradients and
-# Adam state per GPU before activations: use a small micro-batch.
+# 22B model at TP=8 needs about 22.2e9 * 16 bytes / 8 = 44 GB of fp32 weights, gradients
+# and Adam state per GPU, plus an 11 GB flat copy of the gradients while they are averaged
+# over DP (until bucketed reduction lands), before activations: use a small micro-batch.
 #
 # SMOKE=1 shrinks the same launch to a CPU run that finishes in seconds: vit-debug on the
 # embedded digits, 4 processes as TP=2 x DP=2 through the same torchrun command.

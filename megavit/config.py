@@ -279,7 +279,10 @@ class LoggingConfig:
     )
     eval_iters: int | None = field(
         default=None,
-        metadata=_opt("Held-out global batches per evaluation (default: the whole split)."),
+        metadata=_opt(
+            "Held-out batches of --global-batch-size images per evaluation (default: the "
+            "whole split); the same images in every layout."
+        ),
     )
     metrics_file: str | None = field(
         default=None,
@@ -526,6 +529,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append(
             f"--distributed-timeout-minutes must be positive (got {p.distributed_timeout_minutes})"
         )
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        problems.append(f"--peak-tflops must be positive (got {lg.peak_tflops})")
     if lg.eval_iters is not None and lg.eval_iters < 1:
         problems.append(f"--eval-iters must be at least 1 (got {lg.eval_iters})")
     if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
@@ -579,6 +584,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             )
 
     # Data.
+    if d.dataset == "image-folder" and m.num_channels not in (1, 3):
+        problems.append(f"--dataset image-folder reads grey or RGB images: --num-channels must "
+                        f"be 1 or 3 (got {m.num_channels})")
     if d.dataset == "image-folder" and not d.data_path:
         problems.append("--dataset image-folder needs --data-path DIR (with train/ and val/)")
     if d.data_path and d.dataset != "image-folder":

@@ -18,13 +18,16 @@ from megavit.config import ConfigError, parse_args, validate
 
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m megavit.pretrain"
+    from megavit.parallel.launcher import LaunchError, detect_launch
+
     try:
         cfg = parse_args(argv)
-        from megavit.parallel.launcher import LaunchError, detect_launch
-
         info = detect_launch()
         validate(cfg, world_size=info.world_size)
-    except ConfigError as e:
+        if cfg.model.num_classes == 0:
+            raise ConfigError("--num-classes 0 builds a feature extractor; pretraining needs a "
+                              "classifier (leave --num-classes unset to use the dataset's)")
+    except (ConfigError, LaunchError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
@@ -43,9 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LaunchError, RuntimeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    if pstate.device.type == "cpu" and info.world_size > 1:
-        # Processes share the host's cores; oversubscribed threads slow everything down.
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, info.world_size)))
+    if pstate.device.type == "cpu" and info.local_world_size > 1:
+        # Processes on one host share its cores; oversubscribed threads slow everything down.
+        torch.set_num_threads(max(1, torch.get_num_threads() // info.local_world_size))
     try:
         pretrain(cfg, pstate)
     except (ConfigError, DataError) as e:

@@ -12,20 +12,21 @@ from typing import Any
 import torch
 
 from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config
-from megavit.models.vit import ParallelBlock, SequentialBlock
+from megavit.models.vit import MAPHead, ParallelBlock, SequentialBlock
 from megavit.parallel.sharding import full_state, initialize_parameters
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.training.step import optimizer_step
 from megavit.training.trainer import TrainingRun
 
-# Model variants the layouts are checked with: the ViT-22B recipe, and a classic ViT with
-# every bias, a class token and fixed position embeddings.
+# Model variants the layouts are checked with: the ViT-22B recipe; a classic ViT with every
+# bias, a class token and fixed position embeddings; and a GAP head over parallel blocks
+# whose fused input projection has a QKV bias but no MLP bias.
 VARIANTS: dict[str, dict[str, Any]] = {
     "vit22b": {},
     "classic": dict(block_type="sequential", pooling="cls", qk_layernorm=False,
                     add_qkv_bias=True, add_proj_bias=True, norm_bias=True,
                     position_embedding_type="sincos2d"),
-    "gap": dict(pooling="gap", add_mlp_bias=False),
+    "gap": dict(pooling="gap", add_mlp_bias=False, add_qkv_bias=True),  # mixed bias flags
 }
 
 
@@ -74,10 +75,13 @@ def replay_optimizer(cfg: Config, initial: dict[str, torch.Tensor],
 
 
 def block_collectives(pstate: ParallelState, block_type: str) -> dict[str, Any]:
-    """TP collectives of one block: counts and bytes in forward, then in backward."""
-    cfg = preset_model_config("vit-debug", block_type=block_type)
+    """TP collectives of one block ("parallel", "sequential") or of the MAP head ("map"):
+    counts and bytes in forward, then in backward, for s=16 tokens, b=3 images."""
+    cfg = preset_model_config("vit-debug", block_type=block_type if block_type != "map" else
+                              "parallel")
+    kind = {"parallel": ParallelBlock, "sequential": SequentialBlock, "map": MAPHead}[block_type]
     with torch.device("meta"):
-        block = (ParallelBlock if block_type == "parallel" else SequentialBlock)(cfg, pstate.tp)
+        block = kind(cfg, pstate.tp)
     initialize_parameters(block, seed=0, device="cpu", prefix="blocks.0.")
     s, b, h = cfg.seq_length, 3, cfg.hidden_size
     x = torch.randn(s, b, h, generator=torch.Generator().manual_seed(0), requires_grad=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -85,6 +86,9 @@ BAD = [
     (dict(data={"dataset": "image-folder"}), 1, "--dataset image-folder needs --data-path"),
     (dict(data={"data_path": "/x"}), 1, "--data-path is only read by --dataset image-folder"),
     (dict(training={"micro_batch_size": 0}), 1, "--micro-batch-size must be at least 1"),
+    (dict(data={"dataset": "image-folder", "data_path": "/x"}, model={"num_channels": 2}), 1,
+     "--num-channels must be 1 or 3 (got 2)"),
+    (dict(logging={"peak_tflops": 0.0}), 1, "--peak-tflops must be positive"),
     (dict(training={"lr": -1.0}), 1, "--lr must be 0 or more"),
     (dict(training={"min_lr": 1.0}), 1, "--min-lr 1.0 is above --lr"),
     (dict(model={"position_embedding_type": "sincos2d", "hidden_size": 30,
@@ -116,10 +120,22 @@ def test_valid_layouts_pass():
     (["--preset", "vit-xxl"], "invalid choice: 'vit-xxl'"),
     (["--num-layers", "two"], "invalid int value: 'two'"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--preset", "vit-debug", "--num-classes", "0"], "pretraining needs a classifier"),
+    (["--preset", "vit-debug", "--train-iters", "1", "--metrics-file", "/proc/nope/m.jsonl"],
+     "--metrics-file /proc/nope/m.jsonl: cannot write"),
 ])
 def test_cli_mistakes_exit_2_without_traceback(argv, message):
     proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", *argv],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_malformed_launcher_environment_exits_2():
+    env = {**os.environ, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "two"}
+    proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "OMPI_COMM_WORLD_SIZE='two' is not an integer" in proc.stderr
     assert "Traceback" not in proc.stderr

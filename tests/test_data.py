@@ -128,7 +128,20 @@ def test_image_folder_errors_name_the_problem(tmp_path):
         train.get(torch.tensor([0]))
 
 
-def test_eval_batches_cover_the_split_once_across_dp():
-    _, held = build_datasets(DataConfig(dataset="digits"), MODEL, seed=0)
-    seen = [lab for r in range(3) for _, lab in eval_batches(held, 64, r, 3)]
-    assert sum(len(x) for x in seen) == len(held)
+def test_eval_batches_are_the_same_images_in_every_layout():
+    from megavit.data.datasets import TensorDataset
+
+    n = 150
+    indexed = TensorDataset("idx", torch.zeros(n, 1, 2, 2), torch.arange(n), n)  # label = index
+    def seen(dp, micro, max_batches):
+        return [torch.cat([lab for _, lab in eval_batches(indexed, 64, r, dp, micro, max_batches)])
+                for r in range(dp)]
+    serial = seen(1, 64, 2)[0]
+    assert torch.equal(serial, torch.arange(128))             # two global batches of 64
+    for dp, micro in [(3, 5), (2, 32), (4, 1)]:
+        shares = seen(dp, micro, 2)
+        assert torch.equal(torch.sort(torch.cat(shares)).values, serial), (dp, micro)
+    everything = seen(3, 8, None)
+    assert torch.equal(torch.sort(torch.cat(everything)).values, torch.arange(n))
+    assert all(len(lab) <= 8 for r in range(3)
+               for _, lab in eval_batches(indexed, 64, r, 3, 8))

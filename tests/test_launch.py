@@ -28,20 +28,26 @@ FLAGS = ["--preset", "vit-debug", "--num-channels", "1", "--dataset", "digits",
 
 
 @pytest.mark.parametrize("env,expected", [
-    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h"}, (3, 8, 1, "torchrun")),
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h"},
+     (3, 8, 1, "torchrun", 1)),
     ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
-      "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, (2, 4, 0, "mpi")),
-    ({"PMI_RANK": "5", "PMI_SIZE": "6", "MPI_LOCALRANKID": "1"}, (5, 6, 1, "mpi")),
-    ({"SLURM_PROCID": "7", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3"}, (7, 16, 3, "slurm")),
+      "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, (2, 4, 0, "mpi", 1)),
+    ({"PMI_RANK": "5", "PMI_SIZE": "6", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "3"},
+     (5, 6, 1, "mpi", 3)),
+    ({"SLURM_PROCID": "7", "SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "16",
+      "SLURM_LOCALID": "3", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}, (7, 16, 3, "slurm", 8)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "16"}, (0, 1, 0, "single", 1)),  # sbatch script
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "OMPI_COMM_WORLD_RANK": "1",
-      "OMPI_COMM_WORLD_SIZE": "2"}, (1, 2, 0, "mpi")),          # mpirun inside an allocation
-    ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
-     (1, 2, 0, "torchrun")),                                     # torchrun inside an allocation
-    ({}, (0, 1, 0, "single")),
+      "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+     (1, 2, 0, "mpi", 2)),                                       # mpirun inside an allocation
+    ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1",
+      "LOCAL_WORLD_SIZE": "2"}, (1, 2, 0, "torchrun", 2)),      # torchrun inside a step
+    ({}, (0, 1, 0, "single", 1)),
 ])
 def test_detect_launch(env, expected):
     info = detect_launch(env)
-    assert (info.rank, info.world_size, info.local_rank, info.launcher) == expected
+    assert (info.rank, info.world_size, info.local_rank, info.launcher,
+            info.local_world_size) == expected
 
 
 def test_malformed_launcher_variable_is_named():
@@ -54,13 +60,16 @@ def _losses(path: Path) -> list[float]:
             if r["kind"] == "train"]
 
 
+def _eval(path: Path) -> dict:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"][-1]
+
+
 @pytest.fixture(scope="module")
-def serial_losses(tmp_path_factory):
+def serial_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("serial") / "m.jsonl"
     pretrain(parse_args(FLAGS + ["--metrics-file", str(path)]), serial_state())
-    losses = _losses(path)
-    assert len(losses) == 3
-    return losses
+    assert len(_losses(path)) == 3 and _eval(path)["eval_images"] == 16   # 2 batches of 8
+    return path
 
 
 def _clean_env() -> dict[str, str]:
@@ -79,25 +88,30 @@ def _tool(name: str) -> str:
     return found
 
 
-def _check_run(cmd: list[str], metrics: Path, serial_losses: list[float]) -> str:
+def _check_run(cmd: list[str], metrics: Path, serial_run: Path) -> str:
+    """The launched run's losses and final evaluation equal the serial run's."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_clean_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _losses(metrics) == pytest.approx(serial_losses, rel=1e-5)
+    assert _losses(metrics) == pytest.approx(_losses(serial_run), rel=1e-5)
+    got, ref = _eval(metrics), _eval(serial_run)
+    assert got["eval_images"] == ref["eval_images"]
+    assert got["eval_accuracy"] == ref["eval_accuracy"]
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
     return proc.stdout
 
 
-def test_mpiexec_two_ranks_tp2_matches_serial(tmp_path, serial_losses):
+def test_mpiexec_two_ranks_tp2_matches_serial(tmp_path, serial_run):
     metrics = tmp_path / "m.jsonl"
     out = _check_run([_tool("mpiexec"), "--oversubscribe", "-n", "2", sys.executable, "-m",
                       "megavit.pretrain", *FLAGS, "--tensor-model-parallel-size", "2",
-                      "--metrics-file", str(metrics)], metrics, serial_losses)
+                      "--metrics-file", str(metrics)], metrics, serial_run)
     assert "world 2 = tp 2 x dp 1 (launcher: mpi" in out
 
 
-def test_torchrun_two_ranks_dp2_matches_serial(tmp_path, serial_losses):
+def test_torchrun_two_ranks_dp2_matches_serial(tmp_path, serial_run):
     metrics = tmp_path / "m.jsonl"
     out = _check_run([_tool("torchrun"), "--nproc-per-node", "2", "-m", "megavit.pretrain",
-                      *FLAGS, "--metrics-file", str(metrics)], metrics, serial_losses)
+                      *FLAGS, "--metrics-file", str(metrics)], metrics, serial_run)
     assert "world 2 = tp 1 x dp 2 (launcher: torchrun" in out
 
 

@@ -32,9 +32,27 @@ def conjugates(pstate: ParallelState) -> dict:
     return out
 
 
+def copy_beside_a_branch(pstate: ParallelState) -> tuple:
+    """y = b + copy_to_tp(a): the backward all-reduce must not touch b's gradient, which
+    autograd may pass as the very same tensor."""
+    a = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    b = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    (b * 1.0 + copy_to_tp(a * 1.0, pstate.tp)).backward(torch.tensor([1.0, 2.0, 3.0]))
+    return a.grad, b.grad
+
+
 @pytest.fixture(scope="module")
 def tp2():
-    return run_distributed(2, 2, {"conjugates": (conjugates, ())})["conjugates"]
+    jobs = {"conjugates": (conjugates, ()), "branch": (copy_beside_a_branch, ())}
+    results = run_distributed(2, 2, jobs)
+    return [dict(r, branch=b) for r, b in zip(results["conjugates"], results["branch"])]
+
+
+def test_copy_backward_leaves_sibling_gradients_alone(tp2):
+    for got in tp2:
+        a_grad, b_grad = got["branch"]
+        assert torch.equal(a_grad, torch.tensor([2.0, 4.0, 6.0]))   # summed over 2 ranks
+        assert torch.equal(b_grad, torch.tensor([1.0, 2.0, 3.0]))   # untouched
 
 
 def test_copy_is_identity_forward_and_all_reduce_backward(tp2):
@@ -66,28 +84,34 @@ def test_gather_concatenates_last_dim_and_splits_backward(tp2):
         assert torch.equal(g, torch.full((2, 4), rank + 1.0))
 
 
-@pytest.mark.parametrize("bias", [(False, False, False, True), True, False])
+@pytest.mark.parametrize("bias", [(False, False, False, True), (True, True, True, False),
+                                  True, False])
 def test_column_groups_equal_one_linear(bias):
     tp = serial_state().tp
     with torch.device("meta"):
         layer = ColumnParallelLinear(8, (4, 4, 4, 12), tp, bias=bias)
     initialize_parameters(layer, seed=0, device="cpu")
+    flags = [bias] * 4 if isinstance(bias, bool) else list(bias)
+    full_bias = torch.zeros(24)
     if layer.bias is not None:
         torch.nn.init.normal_(layer.bias)
+        mask = torch.cat([torch.full((n,), f) for n, f in zip((4, 4, 4, 12), flags)])
+        full_bias[mask] = layer.bias.detach()                  # the serial bias, by hand
+    weight = layer.weight.detach().clone().requires_grad_()
+    ref_bias = full_bias.clone().requires_grad_()
     x = torch.randn(3, 2, 8, requires_grad=True)
-    full_bias = layer._group_bias(0, 4)
-    ref = F.linear(x, layer.weight, full_bias)
+    x_ref = x.detach().clone().requires_grad_()
     qkv, u = layer.forward_groups(x, [3, 1])
+    ref = F.linear(x_ref, weight, ref_bias)
     torch.testing.assert_close(torch.cat([qkv, u], -1), ref)
     assert qkv.is_contiguous() and u.is_contiguous()
     g = torch.randn_like(ref)
     (torch.cat([qkv, u], -1) * g).sum().backward()
-    grads = (x.grad.clone(), layer.weight.grad.clone())
-    x.grad = None
-    layer.weight.grad = None
-    (F.linear(x, layer.weight, layer._group_bias(0, 4)) * g).sum().backward()
-    torch.testing.assert_close(grads[0], x.grad)
-    torch.testing.assert_close(grads[1], layer.weight.grad)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.weight.grad, weight.grad)
+    if layer.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, ref_bias.grad[mask])
 
 
 def test_row_groups_equal_one_linear():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_script_trains_digits(tmp_path):
     metrics = tmp_path / "quickstart.jsonl"
-    env = {**os.environ, "ITERS": "1000"}
+    env = {**os.environ, "ITERS": "1000",   # the script runs `python`: this interpreter
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart_digits.sh"),
                            "--metrics-file", str(metrics), "--progress-bar", "off"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)

@@ -15,7 +15,7 @@ from megavit.training.grad_norm import clip_grad_norm
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, format_fields
 from megavit.training.optimizer import build_optimizer
-from megavit.config import LoggingConfig
+from megavit.config import ConfigError, LoggingConfig
 
 
 def test_lr_warmup_then_cosine_to_min():
@@ -118,7 +118,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    with pytest.raises(RuntimeError, match="--tensorboard-dir needs the tensorboard package"):
+    with pytest.raises(ConfigError, match="--tensorboard-dir needs the tensorboard package"):
         MetricsLogger(LoggingConfig(tensorboard_dir=str(tmp_path)), True, 10)
 
 
@@ -144,6 +144,8 @@ def test_tf32_switch_and_the_peak_it_implies(monkeypatch):
     assert device_peak_flops(cuda, torch.float32, tf32=True)[0] == pytest.approx(494.7e12)
     assert device_peak_flops(cuda, torch.float32, tf32=False)[0] == pytest.approx(66.9e12)
     assert device_peak_flops(cuda, torch.bfloat16)[0] == pytest.approx(989.0e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 PCIe")
+    assert device_peak_flops(cuda, torch.bfloat16)[0] == pytest.approx(756.0e12)
     assert device_peak_flops(torch.device("cpu"), override_tflops=2.0) == (2e12, "--peak-tflops")
     cpu_peak, source = device_peak_flops(torch.device("cpu"))
     assert cpu_peak > 1e9 and source.startswith("measured float32")

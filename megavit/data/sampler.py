@@ -110,13 +110,16 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
         yield list(zip(images.split(micro_batch_size), labels.split(micro_batch_size)))
 
 
-def eval_batches(dataset: Dataset, batch_size: int, dp_rank: int, dp_size: int,
-                 max_batches: int | None = None) -> Iterator[MicroBatch]:
-    """The held-out split in order, in global batches of `batch_size`; this rank's
-    contiguous share of each (the last batch may leave some ranks fewer or none)."""
+def eval_batches(dataset: Dataset, global_batch_size: int, dp_rank: int, dp_size: int,
+                 micro_batch_size: int, max_batches: int | None = None) -> Iterator[MicroBatch]:
+    """The held-out split in order, in global batches of `global_batch_size` images (the
+    first `max_batches` of them); yields this rank's contiguous share of each, in
+    micro-batches of at most `micro_batch_size`. Which images are evaluated depends only
+    on the split and the global batch size, not on the layout."""
     n = len(dataset)
-    for b, start in enumerate(range(0, n, batch_size)):
+    for b, start in enumerate(range(0, n, global_batch_size)):
         if max_batches is not None and b >= max_batches:
             return
-        idx = torch.arange(start, min(start + batch_size, n))
-        yield dataset.get(idx.tensor_split(dp_size)[dp_rank])
+        share = torch.arange(start, min(start + global_batch_size, n)).tensor_split(dp_size)[dp_rank]
+        for idx in share.split(micro_batch_size):
+            yield dataset.get(idx)

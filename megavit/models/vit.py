@@ -212,6 +212,9 @@ class VisionTransformer(nn.Module):
             self.patch_embed = PatchEmbedding(cfg)
             self.pos_embed = (LearnedPositionEmbedding(cfg.grid, h, cfg.init_method_std)
                               if cfg.position_embedding_type == "learned" else None)
+            if self.pos_embed is None:  # fixed sin-cos table, filled by init_buffers
+                self.register_buffer("pos_sincos", torch.empty(cfg.grid[0] * cfg.grid[1], h),
+                                     persistent=False)
             if cfg.pooling == "cls":
                 self.cls_token = nn.Parameter(torch.empty(h))
                 set_init(self.cls_token, trunc_normal(cfg.init_method_std))
@@ -226,13 +229,18 @@ class VisionTransformer(nn.Module):
                 set_init(self.head.weight, trunc_normal(cfg.init_method_std))
                 set_init(self.head.bias, constant(0.0))
 
+    def init_buffers(self) -> None:
+        """Fill non-learned buffers (called by initialize_parameters after materialising)."""
+        if self.pre_process and self.pos_embed is None:
+            self.pos_sincos.copy_(sincos_2d(self.cfg.grid, self.cfg.hidden_size))
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[b, c, H, W] -> [s, b, h]."""
         x = self.patch_embed(images)
         if self.pos_embed is not None:
             x = self.pos_embed(x)
         else:
-            x = x + sincos_2d(self.cfg.grid, x.shape[-1]).to(x).unsqueeze(1)
+            x = x + self.pos_sincos.unsqueeze(1)
         if self.cfg.pooling == "cls":
             x = torch.cat([self.cls_token.view(1, 1, -1).expand(1, x.shape[1], -1), x], dim=0)
         return x

@@ -5,9 +5,11 @@ Supported launchers, in the order they are recognised:
 
 - torchrun (or torch.distributed.run): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
 - mpirun / mpiexec (Open MPI: OMPI_COMM_WORLD_*; MPICH / Intel MPI: PMI_RANK, PMI_SIZE,
-  MPI_LOCALRANKID) and Slurm's srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). These set
-  no MASTER_ADDR: rank 0 starts the TCP store on a free port and shares its address and
-  port with the others through mpi4py. MASTER_ADDR, when set, overrides the address.
+  MPI_LOCALRANKID) and Slurm's srun (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID;
+  the batch script itself is one process). These set no MASTER_ADDR: rank 0 starts the TCP
+  store on a free port and shares its address and port with the others through mpi4py
+  (under srun this needs an MPI with PMI/PMIx support, e.g. `srun --mpi=pmix`).
+  MASTER_ADDR, when set, overrides the address.
 - nothing: a single process; no process group is started.
 """
 
@@ -32,12 +34,15 @@ class LaunchInfo:
     world_size: int
     local_rank: int
     launcher: str  # "torchrun", "mpi", "slurm" or "single"
+    local_world_size: int = 1  # processes on this node
 
 
+# (rank, world size, local rank, local world size) variables of each MPI flavour
 _MPI_VARS = (
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),
 )
 
 
@@ -58,16 +63,28 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchInfo(_int(env, "RANK"), _int(env, "WORLD_SIZE"),
-                          _int(env, "LOCAL_RANK", 0), "torchrun")
-    for rank_key, size_key, local_key in _MPI_VARS:
+                          _int(env, "LOCAL_RANK", 0), "torchrun",
+                          _int(env, "LOCAL_WORLD_SIZE", 1))
+    for rank_key, size_key, local_key, local_size_key in _MPI_VARS:
         if rank_key in env and size_key in env:
             return LaunchInfo(_int(env, rank_key), _int(env, size_key),
-                              _int(env, local_key, 0), "mpi")
-    if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_NPROCS" in env):
-        size_key = "SLURM_NTASKS" if "SLURM_NTASKS" in env else "SLURM_NPROCS"
-        return LaunchInfo(_int(env, "SLURM_PROCID"), _int(env, size_key),
-                          _int(env, "SLURM_LOCALID", 0), "slurm")
+                              _int(env, local_key, 0), "mpi", _int(env, local_size_key, 1))
+    # Only a job *step* (srun) counts: an sbatch script itself also sees SLURM_PROCID and
+    # the allocation's SLURM_NTASKS, but runs as one process.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return LaunchInfo(_int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS"),
+                          _int(env, "SLURM_LOCALID", 0), "slurm",
+                          _slurm_local_tasks(env))
     return LaunchInfo(0, 1, 0, "single")
+
+
+def _slurm_local_tasks(env: Mapping[str, str]) -> int:
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE is like '4(x2),3'."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    try:
+        return max(int(part.split("(")[0]) for part in spec.split(","))
+    except ValueError:
+        return 1
 
 
 def _rank0_address(env: Mapping[str, str]) -> str:
@@ -126,7 +143,7 @@ def init_process_group(backend: str, timeout: timedelta,
     info = detect_launch(env)
     if dist.is_initialized():
         return LaunchInfo(dist.get_rank(), dist.get_world_size(), info.local_rank,
-                          info.launcher)
+                          info.launcher, info.local_world_size)
     if info.world_size == 1:
         return info
     if info.launcher == "torchrun":

@@ -45,7 +45,8 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.group.all_reduce(grad.contiguous()), None
+        # A copy: autograd may hand the same gradient tensor to another branch.
+        return ctx.group.all_reduce(grad.clone(memory_format=torch.contiguous_format)), None
 
 
 class _ReduceFromTP(torch.autograd.Function):

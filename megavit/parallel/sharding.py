@@ -8,9 +8,10 @@ projection has four, [q | k | v | mlp], so each rank holds its heads' q, k, v an
 of the MLP: local rows [q_r | k_r | v_r | mlp_r]. Parameters without a `TPShard` are
 replicated on every TP rank.
 
-Every parameter also carries an init function. `initialize_parameters` generates each full
-tensor from a generator seeded by (seed, global parameter name) alone and keeps this rank's
-piece, so TP=4 starts from exactly the TP=1 weights.
+Every parameter also carries an init (`TruncNormal`, `LecunNormal`, `Constant`).
+`initialize_parameters` draws each element from a counter-based generator keyed by (seed,
+global parameter name) and the element's index in the full tensor, so TP=4 starts from
+exactly the TP=1 weights, and each rank computes only its own piece.
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from megavit.parallel.comm import Group
-
-InitFn = Callable[[torch.Tensor, torch.Generator], None]
-
 
 @dataclass(frozen=True)
 class TPShard:
@@ -94,49 +92,123 @@ def gather_tp(local: torch.Tensor, shard: TPShard | None, group: Group) -> torch
 # ---------------------------------------------------------------------------------------
 # Seeded initialisation
 # ---------------------------------------------------------------------------------------
+#
+# Every element of every full (serial) parameter gets a uniform number from a counter-based
+# generator: a hash of (seed, parameter name) and the element's index in the full tensor.
+# A rank computes only the elements of its own shard, on its own device, and gets exactly
+# the numbers the serial model has there; no rank ever holds a full 22B-model tensor.
 
 
-def set_init(param: torch.Tensor, init: InitFn) -> None:
-    param.init_fn = init  # type: ignore[attr-defined]
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (16-bit limbs)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & 0xFFFFFFFF
 
 
-def trunc_normal(std: float) -> InitFn:
-    """Truncated normal with the given std, cut at two std."""
-
-    def init(t: torch.Tensor, g: torch.Generator) -> None:
-        nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std, generator=g)
-
-    return init
-
-
-def constant(value: float) -> InitFn:
-    def init(t: torch.Tensor, g: torch.Generator) -> None:
-        t.fill_(value)
-
-    return init
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: full avalanche of the input bits."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
 
 
-def lecun_normal() -> InitFn:
-    """Truncated normal with std sqrt(1 / fan_in) (fan_in: product of all dims but the
-    first), as used for patch embeddings."""
+def counter_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in (0, 1), float64, one per int64 `index` (>= 0), determined by
+    (key, index) alone: the same on every device and for every way of slicing `index`."""
+    k1, k2 = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
+    lo, hi = index & 0xFFFFFFFF, index >> 32
+    a = _fmix32(lo ^ k1)
+    a = _fmix32(a ^ _mul32(hi ^ k2, 0x9E3779B1))
+    b = _fmix32(a ^ k2 ^ 0x632BE5AB)           # a second word for 53-bit resolution
+    return ((a.double() * 2.0**21 + (b >> 11).double()) + 0.5) / 2.0**53
 
-    def init(t: torch.Tensor, g: torch.Generator) -> None:
-        fan_in = t[0].numel() if t.dim() > 1 else t.numel()
+
+def _global_flat_index(local_shape: torch.Size, full_shape: torch.Size,
+                       shard: TPShard | None, device: torch.device) -> torch.Tensor:
+    """The index in the flattened full tensor of every element of this rank's piece."""
+    strides = [1] * len(full_shape)
+    for i in range(len(full_shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * full_shape[i + 1]
+    flat = torch.zeros((), dtype=torch.long, device=device)
+    for dim, size in enumerate(local_shape):
+        pos = torch.arange(size, dtype=torch.long, device=device)
+        if shard is not None and dim == shard.dim:   # local position -> global position
+            pieces, full_off = [], 0
+            for n, local_n in zip(shard.segments, shard.local_segments):
+                pieces.append(torch.arange(local_n, device=device) + full_off + shard.rank * local_n)
+                full_off += n
+            pos = torch.cat(pieces)
+        view = [1] * len(local_shape)
+        view[dim] = size
+        flat = flat + (pos * strides[dim]).view(view)
+    return flat.expand(local_shape)
+
+
+def _normal_icdf(p: torch.Tensor) -> torch.Tensor:
+    return torch.erfinv(2 * p - 1) * math.sqrt(2.0)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2.0)))
+
+
+@dataclass(frozen=True)
+class TruncNormal:
+    """Normal(0, std) truncated to [-2 std, 2 std], by inverting the CDF."""
+
+    std: float
+
+    def sample(self, u: torch.Tensor, full_shape: torch.Size) -> torch.Tensor:
+        lo, hi = _normal_cdf(-2.0), _normal_cdf(2.0)
+        return _normal_icdf(lo + u * (hi - lo)) * self.std
+
+
+@dataclass(frozen=True)
+class LecunNormal:
+    """Truncated normal with std sqrt(1 / fan_in) after truncation (fan_in: the full
+    tensor's elements per output row), as used for patch embeddings."""
+
+    def sample(self, u: torch.Tensor, full_shape: torch.Size) -> torch.Tensor:
+        fan_in = math.prod(full_shape[1:]) if len(full_shape) > 1 else full_shape[0]
         std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # undo truncation's std loss
-        nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std, generator=g)
+        return TruncNormal(std).sample(u, full_shape)
 
-    return init
+
+@dataclass(frozen=True)
+class Constant:
+    value: float
+
+
+Init = TruncNormal | LecunNormal | Constant
+
+
+def set_init(param: torch.Tensor, init: Init) -> None:
+    param.init = init  # type: ignore[attr-defined]
+
+
+def trunc_normal(std: float) -> Init:
+    return TruncNormal(std)
+
+
+def constant(value: float) -> Init:
+    return Constant(value)
+
+
+def lecun_normal() -> Init:
+    return LecunNormal()
 
 
 def param_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from (run seed, global parameter name), stable across processes."""
+    """A 63-bit key from (run seed, global parameter name), stable across processes."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _materialize(module: nn.Module, device: torch.device) -> None:
     """Replace meta-device parameters by uninitialised ones on `device`, keeping their
-    attributes (`tp_shard`, `init_fn`, ...), which `Module.to_empty` would drop."""
+    attributes (`tp_shard`, `init`, ...), which `Module.to_empty` would drop."""
     for mod in module.modules():
         for pname, p in mod._parameters.items():
             if p is not None and p.is_meta:
@@ -151,23 +223,27 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
 @torch.no_grad()
 def initialize_parameters(module: nn.Module, seed: int, device: torch.device | str | None = None,
                           prefix: str = "") -> None:
-    """Initialise every parameter of `module` from (seed, prefix + its name).
-
-    The full tensor is generated on the CPU (the same stream on every device), then this
-    rank's piece is copied in. A module on the meta device is first materialised on
-    `device` (one full parameter in host memory at a time).
-    """
+    """Initialise every parameter of `module` from (seed, prefix + its name): each element
+    from `counter_uniform` at its index in the full tensor, computed on the parameter's
+    device for this rank's piece only. A module on the meta device is first materialised on
+    `device`; afterwards, modules with an `init_buffers()` method fill their buffers."""
     if device is not None:
         _materialize(module, torch.device(device))
     for name, param in module.named_parameters():
-        init = getattr(param, "init_fn", None)
+        init = getattr(param, "init", None)
         if init is None:
-            raise RuntimeError(f"parameter {prefix}{name} has no init function (set_init)")
+            raise RuntimeError(f"parameter {prefix}{name} has no init (set_init)")
+        if isinstance(init, Constant):
+            param.fill_(init.value)
+            continue
         shard = get_tp_shard(param)
         full_shape = shard.full_shape(param.shape) if shard else param.shape
-        full = torch.empty(full_shape, dtype=torch.float32)
-        init(full, torch.Generator().manual_seed(param_seed(seed, prefix + name)))
-        param.copy_(shard.shard(full) if shard else full)
+        index = _global_flat_index(param.shape, full_shape, shard, param.device)
+        u = counter_uniform(param_seed(seed, prefix + name), index)
+        param.copy_(init.sample(u, full_shape))
+    for mod in module.modules():
+        if hasattr(mod, "init_buffers"):
+            mod.init_buffers()
 
 
 @torch.no_grad()

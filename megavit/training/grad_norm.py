@@ -19,12 +19,14 @@ from megavit.parallel.sharding import is_replicated
 
 def global_grad_norm(params: Iterable[torch.Tensor], tp: Group) -> torch.Tensor:
     """sqrt(sum of squares of every gradient of the serial model), a 0-d fp32 tensor."""
+    params = list(params)
     squares = []
     for p in params:
         if p.grad is None or (is_replicated(p) and tp.rank != 0):
             continue
         squares.append(p.grad.detach().float().pow(2).sum())
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     return tp.all_reduce(total.reshape(1)).sqrt()[0]
 
 

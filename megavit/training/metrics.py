@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megavit.config import LoggingConfig
+from megavit.config import ConfigError, LoggingConfig
 
 PREFIX = "[megavit]"
 
@@ -94,15 +94,22 @@ class MetricsLogger:
             return
         if cfg.metrics_file:
             path = Path(cfg.metrics_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.metrics = open(path, "w", buffering=1)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.metrics = open(path, "w", buffering=1)
+            except OSError as e:
+                raise ConfigError(f"--metrics-file {path}: cannot write ({e.strerror})") from None
         if cfg.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise RuntimeError("--tensorboard-dir needs the tensorboard package: "
-                                   "pip install 'megavit[tensorboard]'") from None
-            self.tb = SummaryWriter(cfg.tensorboard_dir)
+                raise ConfigError("--tensorboard-dir needs the tensorboard package: "
+                                  "pip install 'megavit[tensorboard]'") from None
+            try:
+                self.tb = SummaryWriter(cfg.tensorboard_dir)
+            except OSError as e:
+                raise ConfigError(f"--tensorboard-dir {cfg.tensorboard_dir}: cannot write "
+                                  f"({e.strerror})") from None
         show_bar = cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and sys.stderr.isatty())
         if show_bar:
             from tqdm import tqdm

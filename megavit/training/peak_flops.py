@@ -11,8 +11,11 @@ import time
 import torch
 
 # Dense datasheet peak TFLOP/s by substring of the device name: (bf16, tf32, plain fp32).
+# The first match wins, so specific variants come before the family name.
 _GPU_PEAKS: tuple[tuple[str, float, float, float], ...] = (
     ("H200", 989.0, 494.7, 66.9),
+    ("H100 PCIe", 756.0, 378.0, 51.2),
+    ("H100 NVL", 835.0, 417.5, 60.0),
     ("H100", 989.0, 494.7, 66.9),   # SXM
     ("A100", 312.0, 156.0, 19.5),
     ("L40S", 362.0, 183.0, 91.6),

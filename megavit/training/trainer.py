@@ -27,14 +27,15 @@ from megavit.training.step import StepResult, classification_loss, train_step
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, pstate: ParallelState, batch_size: int,
+def evaluate(model: nn.Module, dataset: Dataset, pstate: ParallelState,
+             global_batch_size: int, micro_batch_size: int,
              max_batches: int | None = None) -> dict[str, float]:
     """Mean loss and top-1 accuracy over the held-out split (or its first `max_batches`
-    global batches), summed over DP ranks."""
+    global batches), summed over DP ranks: the same images in every layout."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=pstate.device)  # loss, correct, count
-    for images, labels in eval_batches(dataset, batch_size, pstate.dp.rank, pstate.dp.size,
-                                       max_batches):
+    for images, labels in eval_batches(dataset, global_batch_size, pstate.dp.rank,
+                                       pstate.dp.size, micro_batch_size, max_batches):
         if labels.numel() == 0:
             continue
         images, labels = images.to(pstate.device), labels.to(pstate.device)
@@ -111,16 +112,15 @@ class TrainingRun:
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.training
-        return evaluate(self.model, self.heldout, self.pstate,
-                        t.micro_batch_size * self.pstate.dp.size, self.cfg.logging.eval_iters)
+        return evaluate(self.model, self.heldout, self.pstate, t.global_batch_size,
+                        t.micro_batch_size, self.cfg.logging.eval_iters)
 
 
 def pretrain(cfg: Config, pstate: ParallelState) -> dict[str, Any]:
     """Train for --train-iters steps and evaluate; returns the summary metrics."""
-    run = TrainingRun.build(cfg, pstate)
     log = MetricsLogger(cfg.logging, pstate.is_main, cfg.training.train_iters)
     try:
-        return _train(run, log)
+        return _train(TrainingRun.build(cfg, pstate), log)
     finally:
         log.close()
 
