@@ -99,6 +99,28 @@ class ModelConfig:
     init_method_std: float = field(
         default=0.02, metadata=_opt("Std of the truncated-normal init of weight matrices.")
     )
+    hidden_dropout: float = field(
+        default=0.0,
+        metadata=_opt(
+            "Dropout on each block's output before the residual add (drawn per TP rank "
+            "under sequence parallelism, identically on every TP rank otherwise)."
+        ),
+    )
+    attention_dropout: float = field(
+        default=0.0,
+        metadata=_opt(
+            "Dropout on the attention probabilities (each TP rank draws its own heads' "
+            "masks). On CPU this selects SDPA's math kernel, which keeps s x s tensors."
+        ),
+    )
+    drop_path_rate: float = field(
+        default=0.0,
+        metadata=_opt(
+            "Stochastic depth: block l's branch is dropped per image with probability "
+            "rate * l / (layers - 1). Masks depend on (seed, image, layer) only, so they are "
+            "the same in every parallel layout."
+        ),
+    )
 
     @property
     def head_dim(self) -> int:
@@ -118,7 +140,8 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world is split: tensor parallel (TP) inside, data parallel (DP) outside."""
+    """How the world is split (tensor parallel inside, data parallel outside) and what each
+    rank keeps for backward (sequence parallelism, recomputation)."""
 
     tensor_model_parallel_size: int = field(
         default=1,
@@ -126,6 +149,46 @@ class ParallelConfig:
             "Tensor-parallel size t: heads and MLP width are split over t ranks "
             "(keep it within a node)."
         ),
+    )
+    sequence_parallel: bool = field(
+        default=False,
+        metadata=_opt(
+            "Split activations outside the tensor-parallel region (LayerNorms, residuals, "
+            "dropout) along the sequence over the TP group: all-gather entering each "
+            "column-parallel projection, reduce-scatter leaving each row-parallel one. "
+            "Token counts not divisible by TP are padded and masked. No effect at TP=1."
+        ),
+    )
+    sequence_parallel_regather: bool = field(
+        default=False,
+        metadata=_opt(
+            "With --sequence-parallel: keep only the sequence shard of each column-parallel "
+            "input and all-gather it again in backward (overlapped), instead of keeping the "
+            "gathered input. Saves s*b*h activation bytes per projection, costs one more "
+            "all-gather in backward (Megatron-LM's behaviour)."
+        ),
+    )
+    recompute_granularity: str | None = field(
+        default=None,
+        metadata=_opt(
+            "Recompute activations in backward instead of keeping them: 'selective' (the "
+            "attention core of every block: QK-norms and softmax(QK^T)V) or 'full' (whole "
+            "blocks, see --recompute-method).",
+            choices=("selective", "full"),
+        ),
+    )
+    recompute_method: str | None = field(
+        default=None,
+        metadata=_opt(
+            "With --recompute-granularity full: 'uniform' (chunks of --recompute-num-layers "
+            "blocks, only each chunk's input kept) or 'block' (the first "
+            "--recompute-num-layers blocks, each on its own; the rest keep everything).",
+            choices=("uniform", "block"),
+        ),
+    )
+    recompute_num_layers: int | None = field(
+        default=None,
+        metadata=_opt("Blocks per recomputed chunk (uniform) or blocks recomputed (block)."),
     )
     distributed_backend: str = field(
         default="auto",
@@ -529,6 +592,26 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append(
             f"--distributed-timeout-minutes must be positive (got {p.distributed_timeout_minutes})"
         )
+    for flag, value in {"--hidden-dropout": m.hidden_dropout,
+                        "--attention-dropout": m.attention_dropout,
+                        "--drop-path-rate": m.drop_path_rate}.items():
+        if not 0.0 <= value < 1.0:
+            problems.append(f"{flag} must be in [0, 1) (got {value})")
+    if p.recompute_granularity == "full":
+        if p.recompute_method is None:
+            problems.append("--recompute-granularity full needs --recompute-method uniform "
+                            "or block")
+        if p.recompute_num_layers is None or p.recompute_num_layers < 1:
+            problems.append("--recompute-granularity full needs --recompute-num-layers N "
+                            "(N >= 1)")
+        elif p.recompute_num_layers > m.num_layers:
+            problems.append(f"--recompute-num-layers {p.recompute_num_layers} is more than "
+                            f"--num-layers {m.num_layers}")
+    elif p.recompute_method is not None or p.recompute_num_layers is not None:
+        problems.append("--recompute-method and --recompute-num-layers apply to "
+                        "--recompute-granularity full only")
+    if p.sequence_parallel_regather and not p.sequence_parallel:
+        problems.append("--sequence-parallel-regather needs --sequence-parallel")
     if lg.peak_tflops is not None and lg.peak_tflops <= 0:
         problems.append(f"--peak-tflops must be positive (got {lg.peak_tflops})")
     if lg.eval_iters is not None and lg.eval_iters < 1:

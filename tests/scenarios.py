@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config
-from megavit.models.vit import MAPHead, ParallelBlock, SequentialBlock
+from megavit.models.vit import (ForwardContext, MAPHead, ParallelBlock, Runtime,
+                                SequentialBlock)
 from megavit.parallel.sharding import full_state, initialize_parameters
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.training.step import optimizer_step
@@ -22,7 +23,7 @@ from megavit.training.trainer import TrainingRun
 # bias, a class token and fixed position embeddings; and a GAP head over parallel blocks
 # whose fused input projection has a QKV bias but no MLP bias.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "vit22b": {},
+    "vit22b": dict(drop_path_rate=0.3),  # drop-path masks are keyed by image: layout-free
     "classic": dict(block_type="sequential", pooling="cls", qk_layernorm=False,
                     add_qkv_bias=True, add_proj_bias=True, norm_bias=True,
                     position_embedding_type="sincos2d"),
@@ -30,17 +31,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def debug_config(variant: str = "vit22b", tp: int = 1, **training: Any) -> Config:
+def debug_config(variant: str = "vit22b", tp: int = 1, parallel: dict | None = None,
+                 model: dict | None = None, **training: Any) -> Config:
     """vit-debug on digits (16x16, 1 channel), global batch 8 in micro-batches of 2, with
-    augmentation, clipping and weight decay all active."""
-    model = preset_model_config("vit-debug", num_channels=1, **VARIANTS[variant])
+    augmentation, clipping and weight decay all active. `parallel` and `model` override
+    ParallelConfig / ModelConfig fields."""
+    model_cfg = preset_model_config("vit-debug", num_channels=1,
+                                    **{**VARIANTS[variant], **(model or {})})
     train = dict(micro_batch_size=2, global_batch_size=8, train_iters=2, lr=5e-3,
                  lr_decay_style="constant", weight_decay=0.1, clip_grad=0.5, seed=7,
                  adam_eps=1e-6)
     train.update(training)
-    cfg = Config(model=model, training=TrainingConfig(**train),
+    cfg = Config(model=model_cfg, training=TrainingConfig(**train),
                  data=DataConfig(dataset="digits", augment="affine"))
-    cfg.parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp)
+    cfg.parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp,
+                                       **(parallel or {}))
     return cfg
 
 
@@ -49,15 +54,25 @@ def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2) -> dict[str,
     weights after the last, through the real training step."""
     run = TrainingRun.build(cfg, pstate)
     out: dict[str, Any] = {"loss": [], "grad_norm": [], "grads": [],
-                           "initial": full_state(run.model, pstate.tp)}
+                           "initial": uncounted(pstate, full_state, run.model, pstate.tp)}
+    pstate.stats.reset()
     for it, micro in enumerate(run.batches(0, steps)):
         result = run.step(it, micro, on_gradients=lambda m: out["grads"].append(
-            full_state(m, pstate.tp, grads=True)))
+            uncounted(pstate, full_state, m, pstate.tp, grads=True)))
         out["loss"].append(result.loss.item())
         out["grad_norm"].append(result.grad_norm.item())
-    out["weights"] = full_state(run.model, pstate.tp)
-    out["comm"] = pstate.stats.snapshot()
+    out["comm"] = pstate.stats.snapshot()   # the training steps' collectives only
+    out["weights"] = uncounted(pstate, full_state, run.model, pstate.tp)
     return out
+
+
+def uncounted(pstate: ParallelState, fn, *args, **kwargs):
+    """fn(...) with the collective counters off (the tests' own gathers)."""
+    pstate.stats.enabled = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        pstate.stats.enabled = True
 
 
 def replay_optimizer(cfg: Config, initial: dict[str, torch.Tensor],
@@ -74,21 +89,31 @@ def replay_optimizer(cfg: Config, initial: dict[str, torch.Tensor],
     return full_state(run.model, run.pstate.tp)
 
 
-def block_collectives(pstate: ParallelState, block_type: str) -> dict[str, Any]:
+def block_collectives(pstate: ParallelState, block_type: str,
+                      sequence_parallel: str | None = None) -> dict[str, Any]:
     """TP collectives of one block ("parallel", "sequential") or of the MAP head ("map"):
-    counts and bytes in forward, then in backward, for s=16 tokens, b=3 images."""
+    counts and bytes in forward, then in backward, for s=16 tokens, b=3 images (with
+    sequence parallelism the block's input is this rank's [16/t, 3, h] shard)."""
     cfg = preset_model_config("vit-debug", block_type=block_type if block_type != "map" else
                               "parallel")
-    kind = {"parallel": ParallelBlock, "sequential": SequentialBlock, "map": MAPHead}[block_type]
     with torch.device("meta"):
-        block = kind(cfg, pstate.tp)
+        if block_type == "map":
+            block, call = MAPHead(cfg, pstate.tp), (lambda m, x: m(x))
+        else:
+            kind = ParallelBlock if block_type == "parallel" else SequentialBlock
+            block = kind(cfg, Runtime(pstate.tp, sequence_parallel=sequence_parallel), 0)
+            call = lambda m, x: m(x, ForwardContext(None, None))  # noqa: E731
     initialize_parameters(block, seed=0, device="cpu", prefix="blocks.0.")
     s, b, h = cfg.seq_length, 3, cfg.hidden_size
-    x = torch.randn(s, b, h, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    if sequence_parallel:
+        s //= pstate.tp.size
+    x = torch.randn(s, b, h, generator=torch.Generator().manual_seed(pstate.tp.rank),
+                    requires_grad=True)
     pstate.stats.reset()
-    y = block(x)
+    y = call(block, x)
     forward = dict(pstate.stats.calls), dict(pstate.stats.bytes)
     pstate.stats.reset()
     y.square().sum().backward()
     backward = dict(pstate.stats.calls), dict(pstate.stats.bytes)
-    return {"forward": forward, "backward": backward, "activation_bytes": s * b * h * 4}
+    return {"forward": forward, "backward": backward,
+            "activation_bytes": cfg.seq_length * b * h * 4}

@@ -45,8 +45,9 @@ def test_micro_batches_of_every_dp_rank_rebuild_the_global_batch():
     pieces = [mb for r in range(2)
               for mb in next(train_batches(train, sampler, 3, 4, r, 2, 2, augment="affine"))]
     assert len(pieces) == 4
-    assert torch.equal(torch.cat([p[0] for p in pieces]), full[0])
-    assert torch.equal(torch.cat([p[1] for p in pieces]), full[1])
+    for field in range(3):  # images, labels, global sample ids
+        assert torch.equal(torch.cat([p[field] for p in pieces]), full[field])
+    assert torch.equal(full.sample_ids, torch.arange(24, 32))   # iteration 3 x 8 + position
 
 
 def test_affine_augmentation_moves_pixels_but_keeps_shape():
@@ -110,7 +111,8 @@ def test_image_folder_reads_resizes_and_labels(tmp_path):
     loaded = list(train_batches(train, sampler, 0, 2, 0, 1, 2, num_workers=2))
     direct = list(train_batches(train, sampler, 0, 2, 0, 1, 2, num_workers=0))
     for a, b in zip(loaded, direct):
-        assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+        assert all(torch.equal(p.images, q.images) and torch.equal(p.labels, q.labels)
+                   for p, q in zip(a, b))
 
 
 def test_image_folder_errors_name_the_problem(tmp_path):
@@ -134,7 +136,7 @@ def test_eval_batches_are_the_same_images_in_every_layout():
     n = 150
     indexed = TensorDataset("idx", torch.zeros(n, 1, 2, 2), torch.arange(n), n)  # label = index
     def seen(dp, micro, max_batches):
-        return [torch.cat([lab for _, lab in eval_batches(indexed, 64, r, dp, micro, max_batches)])
+        return [torch.cat([mb.labels for mb in eval_batches(indexed, 64, r, dp, micro, max_batches)])
                 for r in range(dp)]
     serial = seen(1, 64, 2)[0]
     assert torch.equal(serial, torch.arange(128))             # two global batches of 64
@@ -143,5 +145,5 @@ def test_eval_batches_are_the_same_images_in_every_layout():
         assert torch.equal(torch.sort(torch.cat(shares)).values, serial), (dp, micro)
     everything = seen(3, 8, None)
     assert torch.equal(torch.sort(torch.cat(everything)).values, torch.arange(n))
-    assert all(len(lab) <= 8 for r in range(3)
-               for _, lab in eval_batches(indexed, 64, r, 3, 8))
+    assert all(len(mb.labels) <= 8 for r in range(3)
+               for mb in eval_batches(indexed, 64, r, 3, 8))

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megavit.config import preset_model_config
-from megavit.models.vit import (VisionTransformer, build_vit, resize_pos_embed, sincos_2d,
-                                vit_flops)
+from megavit.models.vit import (Runtime, VisionTransformer, build_vit, resize_pos_embed,
+                                sincos_2d, vit_flops)
 from megavit.parallel.comm import CommStats, Group
 from megavit.parallel.state import serial_state
 
@@ -59,7 +59,7 @@ def test_vit22b_block_weights_match_the_paper():
     """(6144 * 43008 + 30720 * 6144) * 48 weights in the blocks (21.74 B), on the meta device."""
     cfg = preset_model_config("vit-22b", num_classes=1000)
     with torch.device("meta"):
-        model = VisionTransformer(cfg, TP1)
+        model = VisionTransformer(cfg, Runtime(TP1))
     matrices = sum(p.numel() for n, p in model.named_parameters()
                    if n.startswith("blocks.") and p.dim() == 2)
     assert matrices == (6144 * 43008 + 30720 * 6144) * 48
@@ -72,11 +72,11 @@ def test_tp_shards_of_vit22b_on_meta_sum_to_the_serial_count():
     cfg = preset_model_config("vit-22b", num_classes=1000)
     stats = CommStats()
     with torch.device("meta"):
-        serial = sum(p.numel() for p in VisionTransformer(cfg, TP1).parameters())
+        serial = sum(p.numel() for p in VisionTransformer(cfg, Runtime(TP1)).parameters())
         per_rank = []
         for rank in range(8):
             tp = Group("tp", tuple(range(8)), rank, None, stats)
-            model = VisionTransformer(cfg, tp)
+            model = VisionTransformer(cfg, Runtime(tp))
             per_rank.append(sum(p.numel() * (8 if getattr(p, "tp_shard", None) else 1)
                                 for p in model.parameters()))
     assert per_rank == [serial] * 8
@@ -133,11 +133,11 @@ def test_sincos_2d_shape_and_values():
 def test_pipeline_stage_parts_keep_global_names():
     cfg = preset_model_config("vit-debug", num_layers=4, num_classes=10)
     with torch.device("meta"):
-        first = VisionTransformer(cfg, TP1, layers=range(0, 2), post_process=False)
-        last = VisionTransformer(cfg, TP1, layers=range(2, 4), pre_process=False)
+        first = VisionTransformer(cfg, Runtime(TP1), layers=range(0, 2), post_process=False)
+        last = VisionTransformer(cfg, Runtime(TP1), layers=range(2, 4), pre_process=False)
     names = {n for n, _ in first.named_parameters()} | {n for n, _ in last.named_parameters()}
     with torch.device("meta"):
-        full = {n for n, _ in VisionTransformer(cfg, TP1).named_parameters()}
+        full = {n for n, _ in VisionTransformer(cfg, Runtime(TP1)).named_parameters()}
     assert names == full
     assert any(n.startswith("blocks.3.") for n, _ in last.named_parameters())
 

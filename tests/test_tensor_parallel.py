@@ -1,8 +1,8 @@
 """The invariant: a parallel run computes the same function as the serial run.
 
-For each layout (TP=2, TP=4, DP=2, TP=2 x DP=2) one group of real gloo processes trains
-every model variant for two steps; the serial run of the same seed and global batch is the
-reference. Compared: the loss of each step, the gradient norm, every gradient gathered to
+For each layout (TP=2, TP=4, DP=2, TP=2 x DP=2, and with sequence parallelism and
+recomputation: see LAYOUTS) one group of real gloo processes trains every model variant for
+two steps; the serial run of the same seed and global batch is the reference. Compared: the loss of each step, the gradient norm, every gradient gathered to
 full shape (after DP averaging, before clipping), and every weight after two AdamW steps.
 
 Tolerances (fp32 on CPU):
@@ -31,7 +31,25 @@ from tests.harness import run_distributed
 from tests.scenarios import (VARIANTS, block_collectives, debug_config, replay_optimizer,
                              train_steps)
 
-LAYOUTS = {"tp2": (2, 2), "tp4": (4, 4), "dp2": (2, 1), "tp2_dp2": (4, 2)}  # world, tp
+SP = {"sequence_parallel": True}
+# name: (world size, TP size, ParallelConfig overrides). The "classic" variant has a class
+# token (17 tokens), so every SP layout also covers a sequence not divisible by TP (padded).
+LAYOUTS = {
+    "tp2": (2, 2, {}),
+    "tp4": (4, 4, {}),
+    "dp2": (2, 1, {}),
+    "tp2_dp2": (4, 2, {}),
+    "tp2_sp": (2, 2, SP),
+    "tp4_sp": (4, 4, SP),
+    "tp2_sp_regather": (2, 2, {**SP, "sequence_parallel_regather": True}),
+    "tp2_sp_selective": (2, 2, {**SP, "recompute_granularity": "selective"}),
+    "tp2_full_uniform": (2, 2, {"recompute_granularity": "full", "recompute_method": "uniform",
+                                "recompute_num_layers": 2}),
+    "tp2_sp_full_block": (2, 2, {**SP, "recompute_granularity": "full",
+                                 "recompute_method": "block", "recompute_num_layers": 1}),
+    "tp2_dp2_sp_selective": (4, 2, {**SP, "recompute_granularity": "selective"}),
+}
+PLAIN = [name for name, (_, _, extra) in LAYOUTS.items() if not extra]
 RTOL = 1e-5
 LR = debug_config().training.lr
 EPS = debug_config().training.adam_eps
@@ -44,8 +62,8 @@ def serial(variant: str):
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout(request):
-    world, tp = LAYOUTS[request.param]
-    jobs = {v: (train_steps, (debug_config(v, tp=tp),)) for v in VARIANTS}
+    world, tp, extra = LAYOUTS[request.param]
+    jobs = {v: (train_steps, (debug_config(v, tp=tp, parallel=extra),)) for v in VARIANTS}
     return request.param, tp, run_distributed(world, tp, jobs)
 
 
@@ -196,6 +214,7 @@ def test_map_head_communication(tp2_collectives):
                                    {("tp", "all_reduce"): (h + s * b * h + b * h) * 4})
 
 
+@pytest.mark.parametrize("layout", PLAIN, indirect=True)
 def test_training_step_communication(layout):
     """Per step on TP: one all-reduce per block each way per micro-batch, one for the
     QK-norm partial gradients and one for the grad norm (the GAP head adds none); on DP:
@@ -203,8 +222,7 @@ def test_training_step_communication(layout):
     name, tp, results = layout
     gap = results["gap"][0]["comm"]        # GAP head: no TP collectives outside the blocks
     mapped = results["vit22b"][0]["comm"]  # MAP head: 2 forward + 3 backward per micro-batch
-    world = LAYOUTS[name][0]
-    dp = world // tp
+    dp = LAYOUTS[name][0] // tp
     micro = 8 // (2 * dp)
     layers = 2
     if tp > 1:
@@ -217,3 +235,25 @@ def test_training_step_communication(layout):
         assert got["dp.all_reduce"] == 2 * 2  # gradients + loss, per step
     else:
         assert "dp.all_reduce" not in got
+
+
+SP_PLAIN = [n for n, (_, _, extra) in LAYOUTS.items() if extra.get("sequence_parallel")
+            and "recompute_granularity" not in extra]
+
+
+@pytest.mark.parametrize("layout", SP_PLAIN, indirect=True)
+def test_sequence_parallel_training_step_communication(layout):
+    """GAP variant, per micro-batch: each block all-gathers once and reduce-scatters once
+    forward, and the same backward (plus one all-gather to re-gather each column-parallel
+    input under --sequence-parallel-regather); the embedding's scatter all-gathers its
+    gradient and the gather before the head all-gathers forward. No all-reduce but the two
+    per step (partial gradients, grad norm)."""
+    name, tp, results = layout
+    regather = LAYOUTS[name][2].get("sequence_parallel_regather", False)
+    got = results["gap"][0]["comm"]
+    micro = 8 // (2 * (LAYOUTS[name][0] // tp))
+    layers = 2
+    per_micro_gathers = layers * (2 + regather) + 2
+    assert got["tp.all_gather"] == 2 * micro * per_micro_gathers
+    assert got["tp.reduce_scatter"] == 2 * micro * layers * 2
+    assert got["tp.all_reduce"] == 2 * 2

@@ -43,7 +43,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
     assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2} - {"pos_embed.weight"}
     assert {"pos_embed.weight", "cls_token", "blocks.0.norm.weight",
-            "blocks.0.q_norm.weight", "head.bias"} <= plain
+            "blocks.0.attention.q_norm.weight", "head.bias"} <= plain
 
 
 def test_clipping_matches_torch_on_one_process():

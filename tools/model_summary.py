@@ -17,14 +17,14 @@ import sys
 import torch
 
 from megavit.config import PRESETS, ConfigError, flag_names, parse_args, validate
-from megavit.models.vit import VisionTransformer, vit_flops
+from megavit.models.vit import Runtime, VisionTransformer, vit_flops
 from megavit.parallel.comm import CommStats, Group
 
 
 def summarize(model_cfg, tp: int, rank: int = 0) -> dict:
     group = Group("tp", tuple(range(tp)), rank, None, CommStats())
     with torch.device("meta"):
-        model = VisionTransformer(model_cfg, group)
+        model = VisionTransformer(model_cfg, Runtime(group))
     local = sum(p.numel() for p in model.parameters())
     full = sum(p.numel() * (tp if getattr(p, "tp_shard", None) else 1) for p in model.parameters())
     return {"params": full, "params_per_rank": local,

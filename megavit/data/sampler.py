@@ -10,7 +10,7 @@ shuffled by a generator seeded from (seed, e)). Iteration i's global batch is it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -52,7 +52,10 @@ class GlobalBatchSampler:
         return self.global_indices(iteration)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
 
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]  # images [m, c, H, W], labels [m]
+class MicroBatch(NamedTuple):
+    images: torch.Tensor      # [m, c, H, W]
+    labels: torch.Tensor      # [m]
+    sample_ids: torch.Tensor  # [m] global ids: iteration * G + position in the global batch
 
 
 class _IterationBatches(torch.utils.data.Sampler):
@@ -75,24 +78,26 @@ class _ByIndexList(torch.utils.data.Dataset):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
-    def __getitems__(self, indices: list[int]) -> MicroBatch:
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dataset.get(torch.tensor(indices, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
 
-def _as_is(batch: MicroBatch) -> MicroBatch:
+def _as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch
 
 
 def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, stop: int,
                   dp_rank: int, dp_size: int, micro_batch_size: int,
                   num_workers: int = 0, augment: str = "none") -> Iterator[list[MicroBatch]]:
-    """For each iteration in [start, stop): this rank's micro-batches, in order.
-    In-memory datasets are indexed directly; others are read by a DataLoader with
-    `num_workers` processes prefetching ahead. `augment` ('none' or 'affine') draws its
-    randomness per global-batch position (see megavit.data.augment)."""
+    """For each iteration in [start, stop): this rank's micro-batches, in order, each with
+    the global ids of its images (iteration * G + position in the global batch, which key
+    per-image randomness such as drop-path). In-memory datasets are indexed directly;
+    others are read by a DataLoader with `num_workers` processes prefetching ahead.
+    `augment` ('none' or 'affine') draws its randomness per global-batch position (see
+    megavit.data.augment)."""
     if dataset.in_memory or num_workers == 0:
         local = (dataset.get(sampler.local_indices(it, dp_rank, dp_size))
                  for it in range(start, stop))
@@ -102,12 +107,16 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
                                                                    dp_rank, dp_size),
             num_workers=num_workers, collate_fn=_as_is,
         ))
-    per_rank = sampler.global_batch_size // dp_size
+    g = sampler.global_batch_size
+    per_rank = g // dp_size
     for iteration, (images, labels) in enumerate(local, start):
         if augment == "affine":
-            theta = affine_params(sampler.global_batch_size, sampler.seed, iteration)
+            theta = affine_params(g, sampler.seed, iteration)
             images = apply_affine(images, theta[dp_rank * per_rank:(dp_rank + 1) * per_rank])
-        yield list(zip(images.split(micro_batch_size), labels.split(micro_batch_size)))
+        ids = iteration * g + dp_rank * per_rank + torch.arange(per_rank)
+        yield [MicroBatch(*parts) for parts in zip(images.split(micro_batch_size),
+                                                   labels.split(micro_batch_size),
+                                                   ids.split(micro_batch_size))]
 
 
 def eval_batches(dataset: Dataset, global_batch_size: int, dp_rank: int, dp_size: int,
@@ -122,4 +131,4 @@ def eval_batches(dataset: Dataset, global_batch_size: int, dp_rank: int, dp_size
             return
         share = torch.arange(start, min(start + global_batch_size, n)).tensor_split(dp_size)[dp_rank]
         for idx in share.split(micro_batch_size):
-            yield dataset.get(idx)
+            yield MicroBatch(*dataset.get(idx), idx)

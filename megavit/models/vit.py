@@ -1,11 +1,14 @@
-"""The Vision Transformer, written once for every tensor-parallel size.
+"""The Vision Transformer, written once for every parallel layout.
 
 Activations are [s, b, h]: s tokens, b images, width h. Model code only says which layer
-is column- or row-parallel; the group and its size come from the `Group` passed in.
+is column- or row-parallel; the group, sequence parallelism, recomputation and RNG streams
+come from the `Runtime` passed in.
 
     images [b, c, H, W]
       └─ PatchEmbedding ─► [s, b, h] (+ position embedding, + class token when pooling=cls)
+      └─ (SP: pad to a multiple of t, keep this rank's [s/t, b, h])
       └─ blocks.0 ... blocks.L-1     (ParallelBlock = ViT-22B, or SequentialBlock)
+      └─ (SP: all-gather, drop the padding)
       └─ norm ─► pool (MAP / GAP / CLS) ─► [b, h] ─► classifier ─► [b, classes]
 
 Block names are global (`blocks.17` is block 17 in every layout), so a model built for a
@@ -14,13 +17,16 @@ range of layers (one pipeline stage) has the same parameter names as the serial 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavit.config import ModelConfig
+from megavit.config import ModelConfig, ParallelConfig
 from megavit.parallel.comm import Group
 from megavit.parallel.grad_sync import mark_partial_grad
 from megavit.parallel.layers import (
@@ -29,7 +35,88 @@ from megavit.parallel.layers import (
     layer_norm,
     multi_head_attention,
 )
-from megavit.parallel.sharding import constant, lecun_normal, set_init, trunc_normal
+from megavit.parallel.mappings import (gather_from_sequence_parallel,
+                                       scatter_to_sequence_parallel)
+from megavit.parallel.random import MODEL_PARALLEL, RNGTracker, counter_uniform
+from megavit.parallel.recompute import recompute
+from megavit.parallel.sharding import (constant, lecun_normal, param_seed, set_init,
+                                       trunc_normal)
+
+
+@dataclass
+class Runtime:
+    """How this rank runs the model, besides its weights.
+
+    `sequence_parallel`: None, "keep" or "regather" (see `column_linear`).
+    `recompute_granularity`: None, "selective" or "full" (with `recompute_method` "uniform"
+    or "block" and `recompute_num_layers`). `rng`: the dropout streams (needed when dropout
+    is on). `seed`: keys the drop-path masks."""
+
+    tp: Group
+    sequence_parallel: str | None = None
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int = 1
+    rng: RNGTracker | None = None
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, parallel: ParallelConfig, tp: Group, seed: int,
+                    rng: RNGTracker | None = None) -> "Runtime":
+        sp = None
+        if parallel.sequence_parallel and tp.size > 1:
+            sp = "regather" if parallel.sequence_parallel_regather else "keep"
+        return cls(tp=tp, sequence_parallel=sp,
+                   recompute_granularity=parallel.recompute_granularity,
+                   recompute_method=parallel.recompute_method,
+                   recompute_num_layers=parallel.recompute_num_layers or 1, rng=rng, seed=seed)
+
+
+class ForwardContext(NamedTuple):
+    """Per-forward inputs every block sees: the additive attention mask for padded tokens
+    (or None) and the global ids of the images (for drop-path; None when not training)."""
+
+    attn_mask: torch.Tensor | None
+    sample_ids: torch.Tensor | None
+
+
+def drop_path(y: torch.Tensor, sample_ids: torch.Tensor | None, rate: float, key: int) -> torch.Tensor:
+    """Zero image i's branch [s, b, h] with probability `rate`, from (key, sample id) alone,
+    and scale the kept ones by 1 / (1 - rate)."""
+    if sample_ids is None:
+        raise ValueError("drop-path needs the images' global ids (forward(..., sample_ids))")
+    keep = (counter_uniform(key, sample_ids.to(y.device)) >= rate).to(y.dtype) / (1 - rate)
+    return y * keep.view(1, -1, 1)
+
+
+class BranchRegularizer(nn.Module):
+    """What happens to a block's branch output before the residual add in training: hidden
+    dropout (on the tracker's model-parallel stream when the activations are sequence
+    shards, else the default stream, identical on every TP rank), then drop-path."""
+
+    def __init__(self, dropout: float, drop_path_rate: float, key: int, rt: Runtime) -> None:
+        super().__init__()
+        self.dropout, self.drop_path_rate, self.key, self.rt = dropout, drop_path_rate, key, rt
+
+    def forward(self, y: torch.Tensor, sample_ids: torch.Tensor | None) -> torch.Tensor:
+        if not self.training:
+            return y
+        if self.dropout > 0:
+            if self.rt.rng is None:
+                raise ValueError("hidden dropout needs an RNG tracker (Runtime.rng)")
+            stream = (self.rt.rng.fork(MODEL_PARALLEL) if self.rt.sequence_parallel
+                      else contextlib.nullcontext())
+            with stream:
+                y = F.dropout(y, self.dropout)
+        if self.drop_path_rate > 0:
+            y = drop_path(y, sample_ids, self.drop_path_rate, self.key)
+        return y
+
+
+def _regularizer(cfg: ModelConfig, rt: Runtime, layer: int, branch: str) -> BranchRegularizer:
+    rate = cfg.drop_path_rate * layer / max(cfg.num_layers - 1, 1)
+    return BranchRegularizer(cfg.hidden_dropout, rate,
+                             param_seed(rt.seed, f"drop-path.{layer}.{branch}"), rt)
 
 
 def qk_norms(cfg: ModelConfig) -> tuple[nn.Module | None, nn.Module | None]:
@@ -38,63 +125,95 @@ def qk_norms(cfg: ModelConfig) -> tuple[nn.Module | None, nn.Module | None]:
     gradient is partial and summed over TP after backward."""
     if not cfg.qk_layernorm:
         return None, None
-    return tuple(mark_partial_grad(layer_norm(cfg.head_dim, cfg.norm_epsilon, cfg.norm_bias))
+    return tuple(layer_norm(cfg.head_dim, cfg.norm_epsilon, cfg.norm_bias, partial_grad=True)
                  for _ in range(2))
+
+
+class _Attention(nn.Module):
+    """The attention core of a block over this rank's heads — QK-norms, softmax(QK^T)V and
+    attention dropout — recomputed in backward under --recompute-granularity selective."""
+
+    def __init__(self, cfg: ModelConfig, rt: Runtime) -> None:
+        super().__init__()
+        self.head_dim, self.rt = cfg.head_dim, rt
+        self.q_norm, self.k_norm = qk_norms(cfg)
+        self.dropout = cfg.attention_dropout
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: torch.Tensor | None) -> torch.Tensor:
+        return multi_head_attention(q, k, v, self.head_dim, self.q_norm, self.k_norm, mask,
+                                    self.dropout if self.training else 0.0, self.rt.rng)
+
+    def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = qkv.chunk(3, dim=-1)                          # this rank's heads
+        if self.rt.recompute_granularity == "selective" and torch.is_grad_enabled():
+            return recompute(self.core, q, k, v, mask, rng=self.rt.rng)
+        return self.core(q, k, v, mask)
 
 
 class ParallelBlock(nn.Module):
     """ViT-22B block: y = x + out_proj([attention(q, k, v) | gelu(u)]), where one
     LayerNorm feeds one fused column-parallel projection to [q | k | v | u] and one fused
     row-parallel projection maps [attention | MLP] back: one TP all-reduce forward
-    (out_proj) and one backward (in_proj's input gradient).
+    (out_proj) and one backward (in_proj's input gradient); with sequence parallelism an
+    all-gather and a reduce-scatter instead.
 
     Each fused projection has one weight (one TP split) but runs as one matmul per output
     group, so the MLP activation is contiguous and nothing is concatenated (see
     `forward_groups`); the FLOPs are those of the fused matmul.
 
-    Per-rank shapes with TP size t: q, k, v [s, b, h/t] (this rank's heads), u [s, b, f/t].
+    Per-rank shapes with TP size t: x [s, b, h] ([s/t, b, h] with SP); q, k, v [s, b, h/t]
+    (this rank's heads), u [s, b, f/t].
     """
 
-    def __init__(self, cfg: ModelConfig, tp: Group) -> None:
+    def __init__(self, cfg: ModelConfig, rt: Runtime, layer: int) -> None:
         super().__init__()
         h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
-        self.head_dim = cfg.head_dim
-        self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias)
+        sp = rt.sequence_parallel
+        self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias, partial_grad=sp is not None)
         qkv_bias, mlp_bias = cfg.add_qkv_bias, cfg.add_mlp_bias
-        self.in_proj = ColumnParallelLinear(h, (h, h, h, f), tp, init_std=std,
-                                            bias=(qkv_bias, qkv_bias, qkv_bias, mlp_bias))
-        self.q_norm, self.k_norm = qk_norms(cfg)
-        self.out_proj = RowParallelLinear((h, f), h, tp, init_std=std,
-                                          bias=mlp_bias or cfg.add_proj_bias)
+        self.in_proj = ColumnParallelLinear(h, (h, h, h, f), rt.tp, init_std=std,
+                                            bias=(qkv_bias, qkv_bias, qkv_bias, mlp_bias),
+                                            sequence_parallel=sp)
+        self.attention = _Attention(cfg, rt)
+        self.out_proj = RowParallelLinear((h, f), h, rt.tp, init_std=std,
+                                          bias=mlp_bias or cfg.add_proj_bias,
+                                          sequence_parallel=sp is not None)
+        self.branch = _regularizer(cfg, rt, layer, "parallel")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:       # x: [s, b, h]
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv, u = self.in_proj.forward_groups(self.norm(x), [3, 1])  # [s,b,3h/t], [s,b,f/t]
-        q, k, v = qkv.chunk(3, dim=-1)                          # this rank's heads
-        a = multi_head_attention(q, k, v, self.head_dim, self.q_norm, self.k_norm)
+        a = self.attention(qkv, ctx.attn_mask)                  # [s, b, h/t]
         y = self.out_proj.forward_groups([a, F.gelu(u)])        # the block's one all-reduce
-        return x + y                                            # [s, b, h]
+        return x + self.branch(y, ctx.sample_ids)               # [s, b, h]
 
 
 class SequentialBlock(nn.Module):
     """Classic pre-LN ViT block: x + attn(LN(x)), then + MLP(LN(x)). Two TP all-reduces
     each way (attention-out and MLP-out)."""
 
-    def __init__(self, cfg: ModelConfig, tp: Group) -> None:
+    def __init__(self, cfg: ModelConfig, rt: Runtime, layer: int) -> None:
         super().__init__()
         h, f, std, eps = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std, cfg.norm_epsilon
-        self.head_dim = cfg.head_dim
-        self.norm1 = layer_norm(h, eps, cfg.norm_bias)
-        self.qkv = ColumnParallelLinear(h, (h, h, h), tp, bias=cfg.add_qkv_bias, init_std=std)
-        self.q_norm, self.k_norm = qk_norms(cfg)
-        self.proj = RowParallelLinear(h, h, tp, bias=cfg.add_proj_bias, init_std=std)
-        self.norm2 = layer_norm(h, eps, cfg.norm_bias)
-        self.fc1 = ColumnParallelLinear(h, f, tp, bias=cfg.add_mlp_bias, init_std=std)
-        self.fc2 = RowParallelLinear(f, h, tp, bias=cfg.add_mlp_bias, init_std=std)
+        sp = rt.sequence_parallel
+        self.norm1 = layer_norm(h, eps, cfg.norm_bias, partial_grad=sp is not None)
+        self.qkv = ColumnParallelLinear(h, (h, h, h), rt.tp, bias=cfg.add_qkv_bias, init_std=std,
+                                        sequence_parallel=sp)
+        self.attention = _Attention(cfg, rt)
+        self.proj = RowParallelLinear(h, h, rt.tp, bias=cfg.add_proj_bias, init_std=std,
+                                      sequence_parallel=sp is not None)
+        self.branch1 = _regularizer(cfg, rt, layer, "attention")
+        self.norm2 = layer_norm(h, eps, cfg.norm_bias, partial_grad=sp is not None)
+        self.fc1 = ColumnParallelLinear(h, f, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
+                                        sequence_parallel=sp)
+        self.fc2 = RowParallelLinear(f, h, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
+                                     sequence_parallel=sp is not None)
+        self.branch2 = _regularizer(cfg, rt, layer, "mlp")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:       # x: [s, b, h]
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)      # each [s, b, h/t]
-        x = x + self.proj(multi_head_attention(q, k, v, self.head_dim, self.q_norm, self.k_norm))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        a = self.attention(self.qkv(self.norm1(x)), ctx.attn_mask)   # [s, b, h/t]
+        x = x + self.branch1(self.proj(a), ctx.sample_ids)
+        return x + self.branch2(self.fc2(F.gelu(self.fc1(self.norm2(x)))), ctx.sample_ids)
 
 
 class PatchEmbedding(nn.Module):
@@ -168,7 +287,7 @@ class LearnedPositionEmbedding(nn.Module):
 class MAPHead(nn.Module):
     """Multihead attention pooling: a learned probe attends over the tokens, then a
     residual MLP. Tensor-parallel like a block (heads and MLP split over TP).
-    Input [s, b, h] -> [b, h]."""
+    Input [s, b, h] (all tokens, replicated) -> [b, h]."""
 
     def __init__(self, cfg: ModelConfig, tp: Group) -> None:
         super().__init__()
@@ -197,17 +316,24 @@ class VisionTransformer(nn.Module):
 
     `layers`: the global indices of the blocks built here (default: all). `pre_process`:
     this part embeds images; `post_process`: it pools and classifies. Input: images
-    [b, c, H, W] when pre_process, else hidden states [s, b, h]. Output: logits
-    [b, classes] (features [b, h] when num_classes is 0) when post_process, else [s, b, h].
+    [b, c, H, W] when pre_process, else hidden states. Output: logits [b, classes]
+    (features [b, h] when num_classes is 0) when post_process, else hidden states.
+    Hidden states are [s, b, h], or with sequence parallelism this rank's [s_p/t, b, h] of
+    the sequence padded to s_p, a multiple of t (padded keys are masked in attention).
+    `sample_ids` ([b] global image ids) key the drop-path masks in training.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: Group, layers: range | None = None,
+    def __init__(self, cfg: ModelConfig, rt: Runtime, layers: range | None = None,
                  pre_process: bool = True, post_process: bool = True) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.tp = tp
+        self.cfg, self.rt = cfg, rt
         self.pre_process, self.post_process = pre_process, post_process
-        h = cfg.hidden_size
+        h, t = cfg.hidden_size, rt.tp.size
+        s = cfg.seq_length
+        self.padded_length = -(-s // t) * t if rt.sequence_parallel else s
+        if self.padded_length != s:  # keys past s are padding: additive mask, filled later
+            self.register_buffer("pad_mask", torch.empty(self.padded_length, self.padded_length),
+                                 persistent=False)
         if pre_process:
             self.patch_embed = PatchEmbedding(cfg)
             self.pos_embed = (LearnedPositionEmbedding(cfg.grid, h, cfg.init_method_std)
@@ -220,10 +346,10 @@ class VisionTransformer(nn.Module):
                 set_init(self.cls_token, trunc_normal(cfg.init_method_std))
         block = ParallelBlock if cfg.block_type == "parallel" else SequentialBlock
         layers = range(cfg.num_layers) if layers is None else layers
-        self.blocks = nn.ModuleDict({str(i): block(cfg, tp) for i in layers})
+        self.blocks = nn.ModuleDict({str(i): block(cfg, rt, i) for i in layers})
         if post_process:
             self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias)
-            self.map_head = MAPHead(cfg, tp) if cfg.pooling == "map" else None
+            self.map_head = MAPHead(cfg, rt.tp) if cfg.pooling == "map" else None
             self.head = nn.Linear(h, cfg.num_classes) if cfg.num_classes else None
             if self.head is not None:
                 set_init(self.head.weight, trunc_normal(cfg.init_method_std))
@@ -233,6 +359,9 @@ class VisionTransformer(nn.Module):
         """Fill non-learned buffers (called by initialize_parameters after materialising)."""
         if self.pre_process and self.pos_embed is None:
             self.pos_sincos.copy_(sincos_2d(self.cfg.grid, self.cfg.hidden_size))
+        if self.padded_length != self.cfg.seq_length:
+            self.pad_mask.zero_()
+            self.pad_mask[:, self.cfg.seq_length:] = float("-inf")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[b, c, H, W] -> [s, b, h]."""
@@ -245,6 +374,21 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.view(1, 1, -1).expand(1, x.shape[1], -1), x], dim=0)
         return x
 
+    def scatter_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """With SP: [s, b, h] -> this rank's [s_p/t, b, h] (zero-padded to s_p)."""
+        if not self.rt.sequence_parallel:
+            return x
+        pad = self.padded_length - x.shape[0]
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        return scatter_to_sequence_parallel(x, self.rt.tp)
+
+    def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """With SP: this rank's [s_p/t, b, h] -> all [s, b, h] (padding dropped)."""
+        if not self.rt.sequence_parallel:
+            return x
+        return gather_from_sequence_parallel(x, self.rt.tp)[:self.cfg.seq_length]
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, h] -> [b, h]."""
         x = self.norm(x)
@@ -254,20 +398,45 @@ class VisionTransformer(nn.Module):
             return x.mean(dim=0)
         return x[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None,
+                    sample_ids: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+        ctx = ForwardContext(mask, sample_ids)
+        for block in list(self.blocks.values())[start:stop]:
+            x = block(x, ctx)
+        return x
+
+    def run_blocks(self, x: torch.Tensor, sample_ids: torch.Tensor | None) -> torch.Tensor:
+        """The blocks of this part, with --recompute-granularity full applied: 'uniform'
+        keeps only the input of each chunk of N blocks, 'block' only the inputs of the
+        first N blocks, each recomputed on its own."""
+        mask = getattr(self, "pad_mask", None)
+        rt, n_blocks = self.rt, len(self.blocks)
+        if rt.recompute_granularity != "full" or not torch.is_grad_enabled():
+            return self._run_blocks(x, mask, sample_ids, 0, n_blocks)
+        n = rt.recompute_num_layers
+        if rt.recompute_method == "uniform":
+            for start in range(0, n_blocks, n):
+                x = recompute(self._run_blocks, x, mask, sample_ids, start, start + n, rng=rt.rng)
+            return x
+        for i in range(n_blocks):
+            x = (recompute(self._run_blocks, x, mask, sample_ids, i, i + 1, rng=rt.rng)
+                 if i < n else self._run_blocks(x, mask, sample_ids, i, i + 1))
+        return x
+
+    def forward(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_process:
-            x = self.embed(x)
-        for block in self.blocks.values():
-            x = block(x)
+            x = self.scatter_sequence(self.embed(x))
+        x = self.run_blocks(x, sample_ids)
         if self.post_process:
-            x = self.pool(x)
+            x = self.pool(self.gather_sequence(x))
             if self.head is not None:
                 x = self.head(x)
         return x
 
     def estimate_flops(self, batch_size: int, training: bool = True) -> int:
         """Matmul FLOPs of the whole model (all layers, all ranks) for `batch_size` images:
-        the forward pass, or forward + backward (3x) when `training`."""
+        the forward pass, or forward + backward (3x) when `training` (recomputation and
+        sequence padding not counted: model FLOPs, as MFU uses)."""
         return vit_flops(self.cfg, batch_size, training)
 
 
@@ -295,14 +464,17 @@ def vit_flops(cfg: ModelConfig, batch_size: int, training: bool = True) -> int:
     return 3 * forward if training else forward
 
 
-def build_vit(cfg: ModelConfig, tp: Group, seed: int, device: torch.device | str = "cpu",
-              layers: range | None = None, pre_process: bool = True,
-              post_process: bool = True) -> VisionTransformer:
+def build_vit(cfg: ModelConfig, rt: Runtime | Group, seed: int,
+              device: torch.device | str = "cpu", layers: range | None = None,
+              pre_process: bool = True, post_process: bool = True) -> VisionTransformer:
     """Build on the meta device, then materialise on `device` with the seeded init:
-    the weights depend only on (seed, parameter name), whatever the TP size."""
+    the weights depend only on (seed, parameter name), whatever the layout. `rt` may be a
+    bare TP group (no sequence parallelism, recomputation or dropout streams)."""
     from megavit.parallel.sharding import initialize_parameters
 
+    if isinstance(rt, Group):
+        rt = Runtime(tp=rt, seed=seed)
     with torch.device("meta"):
-        model = VisionTransformer(cfg, tp, layers, pre_process, post_process)
+        model = VisionTransformer(cfg, rt, layers, pre_process, post_process)
     initialize_parameters(model, seed, device=device)
     return model

@@ -83,19 +83,32 @@ class Group:
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate `t` from every rank along dim 0: [n, ...] -> [size * n, ...]."""
+        out, work = self.all_gather_async(t)
+        if work is not None:
+            work.wait()
+        return out
+
+    def all_gather_async(self, t: torch.Tensor) -> tuple[torch.Tensor, dist.Work | None]:
+        """Start `all_gather`; returns (output, handle to `wait()` on before reading it)."""
         if self.size == 1:
-            return t
+            return t, None
         t = t.contiguous()
         out = torch.empty((self.size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype,
                           device=t.device)
         self.stats.record(self.name, "all_gather", _nbytes(out))
-        _all_gather_flat(out, t, group=self.pg)
-        return out
+        return out, _all_gather_flat(out, t, group=self.pg, async_op=True)
 
     def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over ranks and keep this rank's dim-0 chunk: [size * n, ...] -> [n, ...]."""
+        out, work = self.reduce_scatter_async(t)
+        if work is not None:
+            work.wait()
+        return out
+
+    def reduce_scatter_async(self, t: torch.Tensor) -> tuple[torch.Tensor, dist.Work | None]:
+        """Start `reduce_scatter`; returns (output, handle to `wait()` on before reading it)."""
         if self.size == 1:
-            return t
+            return t, None
         if t.shape[0] % self.size:
             raise ValueError(f"reduce_scatter over {self.name}: dim 0 of size {t.shape[0]} "
                              f"does not split into {self.size} chunks")
@@ -103,8 +116,7 @@ class Group:
         out = torch.empty((t.shape[0] // self.size,) + tuple(t.shape[1:]), dtype=t.dtype,
                           device=t.device)
         self.stats.record(self.name, "reduce_scatter", _nbytes(t))
-        _reduce_scatter_flat(out, t, group=self.pg)
-        return out
+        return out, _reduce_scatter_flat(out, t, group=self.pg, async_op=True)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In-place broadcast from group rank `src`; returns `t`."""

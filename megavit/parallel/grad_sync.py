@@ -1,7 +1,8 @@
 """Gradient synchronisation after backward, before clipping and the optimizer step.
 
 - Over TP: a replicated parameter used only on this rank's part of the work (the per-head
-  QK-LayerNorm weights, which each rank applies to its own heads) ends backward with a
+  QK-LayerNorm weights, which each rank applies to its own heads; with sequence parallelism
+  also every LayerNorm and bias applied to this rank's sequence shard) ends backward with a
   partial gradient; the sum over the TP group is the serial gradient. Such parameters are
   marked with `mark_partial_grad`; their gradients are summed in one all-reduce.
 - Over DP: every gradient is averaged over the replicas (one all-reduce per dtype), so each
@@ -22,12 +23,13 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megavit.parallel.comm import Group
 
 
-def mark_partial_grad(module: nn.Module) -> nn.Module:
-    """Mark every parameter of `module` as replicated over TP with a per-rank partial
-    gradient (summed over TP after backward). Returns `module`."""
-    for p in module.parameters():
+def mark_partial_grad(target: nn.Module | torch.Tensor) -> nn.Module | torch.Tensor:
+    """Mark a parameter (or every parameter of a module) as replicated over TP with a
+    per-rank partial gradient, summed over TP after backward. Returns `target`."""
+    params = [target] if isinstance(target, torch.Tensor) else list(target.parameters())
+    for p in params:
         p.tp_partial_grad = True  # type: ignore[attr-defined]
-    return module
+    return target
 
 
 def has_partial_grad(param: torch.Tensor) -> bool:

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavit.parallel.comm import Group
-from megavit.parallel.mappings import reduce_from_tp
+from megavit.parallel.grad_sync import mark_partial_grad
+from megavit.parallel.mappings import reduce_from_tp, reduce_scatter_to_sequence_parallel
+from megavit.parallel.random import MODEL_PARALLEL, RNGTracker
 from megavit.parallel.sharding import TPShard, constant, set_init, set_tp_shard, trunc_normal
 from megavit.parallel.tp_linear import column_linear, row_linear
 
@@ -38,7 +40,9 @@ class ColumnParallelLinear(nn.Module):
     bias gets zeros; the bias add stays fused in the matmul).
 
     Input [..., in], replicated. Output [..., sum(segments) / t], this rank's columns.
-    Collectives: backward all-reduces the input gradient over `group`.
+    Collectives: backward all-reduces the input gradient over `group`. With
+    `sequence_parallel` ("keep" or "regather", see `column_linear`) the input is this rank's
+    sequence shard [s/t, b, in], all-gathered in forward; backward reduce-scatters.
     """
 
     def __init__(
@@ -48,9 +52,11 @@ class ColumnParallelLinear(nn.Module):
         group: Group,
         bias: bool | Sequence[bool] = True,
         init_std: float = 0.02,
+        sequence_parallel: str | None = None,
     ) -> None:
         super().__init__()
         self.group = group
+        self.sequence_parallel = sequence_parallel if group.size > 1 else None
         self.segments = _segments(out_features)
         t = group.size
         self.local_segments = tuple(s // t for s in self.segments)
@@ -98,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
             rows.append(sum(self.local_segments[first:first + n]))
             biases.append(self._group_bias(first, n))
             first += n
-        return column_linear(x, self.weight, self.group, rows, biases)
+        return column_linear(x, self.weight, self.group, rows, biases, self.sequence_parallel)
 
     def extra_repr(self) -> str:
         return (f"in={self.weight.shape[1]}, out_segments={self.segments}, "
@@ -113,7 +119,9 @@ class RowParallelLinear(nn.Module):
 
     Input [..., sum(segments) / t], this rank's slice. Output [..., out], replicated.
     Collectives: forward all-reduces the output over `group`; the bias (replicated) is
-    added after the reduction.
+    added after the reduction. With `sequence_parallel` the output is reduce-scattered to
+    this rank's sequence shard [s/t, b, out] instead (all-gather backward), and the bias
+    gradient, from this rank's tokens only, is summed over TP after backward.
     """
 
     def __init__(
@@ -123,9 +131,11 @@ class RowParallelLinear(nn.Module):
         group: Group,
         bias: bool = True,
         init_std: float = 0.02,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         self.group = group
+        self.sequence_parallel = sequence_parallel and group.size > 1
         self.segments = _segments(in_features)
         t = group.size
         self.weight = nn.Parameter(torch.empty(out_features, sum(s // t for s in self.segments)))
@@ -134,6 +144,8 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
             set_init(self.bias, constant(0.0))
+            if self.sequence_parallel:   # added to this rank's tokens only
+                mark_partial_grad(self.bias)
         else:
             self.register_parameter("bias", None)
 
@@ -152,7 +164,11 @@ class RowParallelLinear(nn.Module):
                              f"{tuple(self.weight.shape)}")
         if t == 1:
             return row_linear(inputs, self.weight, cols, self.bias)
-        y = reduce_from_tp(row_linear(inputs, self.weight, cols), self.group)
+        y = row_linear(inputs, self.weight, cols)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel(y, self.group)
+        else:
+            y = reduce_from_tp(y, self.group)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -160,13 +176,15 @@ class RowParallelLinear(nn.Module):
                 f"tp={self.group.size}, bias={self.bias is not None}")
 
 
-def layer_norm(size: int, eps: float, bias: bool) -> nn.LayerNorm:
-    """A LayerNorm (replicated over TP) with weight 1 and, if present, bias 0."""
+def layer_norm(size: int, eps: float, bias: bool, partial_grad: bool = False) -> nn.LayerNorm:
+    """A LayerNorm (replicated over TP) with weight 1 and, if present, bias 0.
+    `partial_grad`: it sees only this rank's part of the work (a sequence shard, or its own
+    heads), so its gradients are summed over TP after backward."""
     norm = nn.LayerNorm(size, eps=eps, bias=bias)
     set_init(norm.weight, constant(1.0))
     if norm.bias is not None:
         set_init(norm.bias, constant(0.0))
-    return norm
+    return mark_partial_grad(norm) if partial_grad else norm
 
 
 def to_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -188,11 +206,16 @@ def multi_head_attention(
     head_dim: int,
     q_norm: nn.Module | None = None,
     k_norm: nn.Module | None = None,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    rng: RNGTracker | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over this rank's heads, bidirectional.
+    """softmax(q k^T / sqrt(d) + mask) v over this rank's heads, bidirectional.
 
     q [sq, b, n*d], k and v [sk, b, n*d] -> [sq, b, n*d]. `q_norm` / `k_norm` normalise
-    each head's d-vector (ViT-22B's QK LayerNorm). No communication.
+    each head's d-vector (ViT-22B's QK LayerNorm). `attn_mask`: additive [sq, sk] (0 or
+    -inf, e.g. for padded keys). Dropout on the probabilities draws from the tracker's
+    model-parallel stream: each TP rank's heads get their own masks. No communication.
     """
     s, b, _ = q.shape
     q = q.view(s, b, -1, head_dim)
@@ -201,7 +224,12 @@ def multi_head_attention(
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
-    out = F.scaled_dot_product_attention(
-        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), to_heads(v, head_dim)
-    )
+    args = (q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), to_heads(v, head_dim))
+    if dropout_p > 0:
+        if rng is None:
+            raise ValueError("attention dropout needs an RNG tracker")
+        with rng.fork(MODEL_PARALLEL):
+            out = F.scaled_dot_product_attention(*args, attn_mask=attn_mask, dropout_p=dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(*args, attn_mask=attn_mask)
     return from_heads(out)

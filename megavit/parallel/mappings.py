@@ -10,6 +10,17 @@ Tensor-parallel region (activations replicated outside, sharded on the last dim 
     scatter_to_tp   forward: keep own chunk    backward: all-gather        (last dim)
     gather_from_tp  forward: all-gather        backward: keep own chunk    (last dim)
 
+Sequence parallelism (activations outside the TP region split along the sequence, dim 0 of
+[s, b, h], over the same group):
+
+    scatter_to_sequence_parallel       forward: keep own chunk    backward: all-gather
+    gather_from_sequence_parallel      forward: all-gather        backward: keep own chunk
+    reduce_scatter_to_sequence_parallel forward: reduce-scatter   backward: all-gather
+
+(`gather_from_sequence_parallel` assumes what follows is computed identically on every TP
+rank, so each rank's gradient is already the full one; entering a column-parallel matmul
+the gather is fused into the matmul instead, with a reduce-scatter backward.)
+
 The linear layers fuse `copy_to_tp` into their matmuls (`megavit.parallel.tp_linear`, so the
 backward all-reduce can overlap the weight gradients) and apply `reduce_from_tp` to their
 output; the other pairs are for activations that cross a TP boundary without a matmul.
@@ -105,3 +116,61 @@ def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All-gather over `group` along the last dim: [..., n / size] -> [..., n].
     Backward: keep this rank's chunk."""
     return x if group.size == 1 else _GatherFromTP.apply(x, group)
+
+
+def _split_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
+    if x.shape[0] % group.size:
+        raise ValueError(f"sequence of {x.shape[0]} tokens does not split over {group.size} "
+                         f"{group.name} ranks")
+    chunk = x.shape[0] // group.size
+    return x[group.rank * chunk:(group.rank + 1) * chunk].contiguous()
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _split_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.group.all_gather(grad), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return group.all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _split_dim0(grad, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return group.reduce_scatter(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.group.all_gather(grad), None
+
+
+def scatter_to_sequence_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[s, ...] -> this rank's [s / size, ...]. Backward: all-gather over `group`."""
+    return x if group.size == 1 else _ScatterToSP.apply(x, group)
+
+
+def gather_from_sequence_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """All-gather over `group` along dim 0: [s / size, ...] -> [s, ...].
+    Backward: keep this rank's chunk of the (identical on every rank) gradient."""
+    return x if group.size == 1 else _GatherFromSP.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Sum partial [s, ...] results over `group`, keep this rank's [s / size, ...].
+    Backward: all-gather over `group`."""
+    return x if group.size == 1 else _ReduceScatterToSP.apply(x, group)

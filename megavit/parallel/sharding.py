@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from megavit.parallel.comm import Group
+from megavit.parallel.random import counter_uniform
 
 @dataclass(frozen=True)
 class TPShard:
@@ -97,32 +98,6 @@ def gather_tp(local: torch.Tensor, shard: TPShard | None, group: Group) -> torch
 # generator: a hash of (seed, parameter name) and the element's index in the full tensor.
 # A rank computes only the elements of its own shard, on its own device, and gets exactly
 # the numbers the serial model has there; no rank ever holds a full 22B-model tensor.
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (16-bit limbs)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & 0xFFFFFFFF
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser: full avalanche of the input bits."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def counter_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform numbers in (0, 1), float64, one per int64 `index` (>= 0), determined by
-    (key, index) alone: the same on every device and for every way of slicing `index`."""
-    k1, k2 = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
-    lo, hi = index & 0xFFFFFFFF, index >> 32
-    a = _fmix32(lo ^ k1)
-    a = _fmix32(a ^ _mul32(hi ^ k2, 0x9E3779B1))
-    b = _fmix32(a ^ k2 ^ 0x632BE5AB)           # a second word for 53-bit resolution
-    return ((a.double() * 2.0**21 + (b >> 11).double()) + 0.5) / 2.0**53
 
 
 def _global_flat_index(local_shape: torch.Size, full_shape: torch.Size,

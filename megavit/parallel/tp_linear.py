@@ -10,7 +10,8 @@ parameter in autograd would allocate and zero a full-size gradient per slice).
     column_linear   forward: y_g = x W_g^T + b_g for each row block W_g of W
                     backward: dx = sum_g dy_g W_g, all-reduced over the TP group while the
                               weight gradients dW_g = dy_g^T x are computed (overlap);
-                              this is `copy_to_tp` fused with the matmuls
+                              this is `copy_to_tp` fused with the matmuls. With sequence
+                              parallelism: all-gather x first; backward reduce-scatters dx
     row_linear      forward: y = sum_g x_g W_g^T (+ b) for each column block W_g of W
                     backward: dx_g = dy W_g, dW_g = dy^T x_g; no communication (the
                               all-reduce of y is `reduce_from_tp`, applied by the caller)
@@ -34,14 +35,15 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 class _ColumnLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, group, rows, *biases):
-        ctx.group, ctx.rows = group, rows
-        ctx.save_for_backward(x, weight)
-        x2, lead = _flat(x), x.shape[:-1]
+    def forward(ctx, x, weight, group, rows, sp_mode, *biases):
+        ctx.group, ctx.rows, ctx.sp_mode = group, rows, sp_mode
+        full = group.all_gather(x) if sp_mode else x          # [s/t, b, h] -> [s, b, h]
+        ctx.save_for_backward(x if sp_mode == "regather" else full, weight)
+        x2, lead = _flat(full), full.shape[:-1]
         outs, r = [], 0
         for n, b in zip(rows, biases):
             w = weight[r:r + n]
-            y = x.new_empty(*lead, n)  # not a view: callers may modify it in place
+            y = full.new_empty(*lead, n)  # not a view: callers may modify it in place
             if b is not None:
                 torch.addmm(b, x2, w.t(), out=y.view(-1, n))
             else:
@@ -52,8 +54,13 @@ class _ColumnLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x, weight = ctx.saved_tensors
-        x2 = _flat(x)
+        saved, weight = ctx.saved_tensors
+        group, sp_mode = ctx.group, ctx.sp_mode
+        gather = None
+        if sp_mode == "regather":   # bring the full input back while dx is computed
+            full, gather = group.all_gather_async(saved)
+        else:
+            full = saved
         grads = [_flat(g) if g is not None else None for g in grads]
         dx = work = None
         if ctx.needs_input_grad[0]:
@@ -64,10 +71,16 @@ class _ColumnLinear(torch.autograd.Function):
                     dx = g @ w if dx is None else dx.addmm_(g, w)
                 r += n
             if dx is None:
-                dx = torch.zeros_like(x2)
-            work = ctx.group.all_reduce_async(dx)   # overlaps the weight gradients below
+                dx = torch.zeros(full.shape[:-1].numel(), full.shape[-1], dtype=full.dtype,
+                                 device=full.device)
+            dx = dx.view(full.shape)
+            # overlaps the weight gradients below
+            dx, work = group.reduce_scatter_async(dx) if sp_mode else (dx, group.all_reduce_async(dx))
+        if gather is not None:
+            gather.wait()
         dweight = None
         if ctx.needs_input_grad[1]:
+            x2 = _flat(full)
             dweight = torch.empty_like(weight)
             r = 0
             for n, g in zip(ctx.rows, grads):
@@ -76,11 +89,11 @@ class _ColumnLinear(torch.autograd.Function):
                 else:
                     torch.mm(g.t(), x2, out=dweight[r:r + n])
                 r += n
-        dbiases = [g.sum(0) if (g is not None and ctx.needs_input_grad[4 + i]) else None
+        dbiases = [g.sum(0) if (g is not None and ctx.needs_input_grad[5 + i]) else None
                    for i, g in enumerate(grads)]
         if work is not None:
             work.wait()
-        return (dx.view(x.shape) if dx is not None else None, dweight, None, None, *dbiases)
+        return (dx, dweight, None, None, None, *dbiases)
 
 
 class _RowLinear(torch.autograd.Function):
@@ -119,10 +132,20 @@ class _RowLinear(torch.autograd.Function):
 
 
 def column_linear(x: torch.Tensor, weight: torch.Tensor, group: Group, rows: Sequence[int],
-                  biases: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
-    """Outputs [..., rows[g]] for each consecutive row block of `weight` [sum(rows), in];
-    backward all-reduces the input gradient over `group`."""
-    return _ColumnLinear.apply(x, weight, group, tuple(rows), *biases)
+                  biases: Sequence[torch.Tensor | None],
+                  sequence_parallel: str | None = None) -> tuple[torch.Tensor, ...]:
+    """Outputs [..., rows[g]] for each consecutive row block of `weight` [sum(rows), in].
+
+    `sequence_parallel` None: x [s, b, in] replicated; backward all-reduces dx over `group`.
+    "keep" or "regather": x [s/t, b, in] is this rank's sequence shard, all-gathered in
+    forward; backward reduce-scatters dx. "keep" saves the gathered input for the weight
+    gradient (one all-gather each way); "regather" saves only the shard and all-gathers it
+    again in backward, overlapped with the input gradient (activation memory / t)."""
+    if sequence_parallel not in (None, "keep", "regather"):
+        raise ValueError(f"unknown sequence-parallel mode {sequence_parallel!r}")
+    if group.size == 1:
+        sequence_parallel = None
+    return _ColumnLinear.apply(x, weight, group, tuple(rows), sequence_parallel, *biases)
 
 
 def row_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, cols: Sequence[int],

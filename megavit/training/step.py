@@ -48,10 +48,10 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch],
     """Accumulate into .grad the gradient of this rank's mean loss over its micro-batches
     (all of equal size). Returns that mean loss, detached."""
     total = torch.zeros((), device=device)
-    for images, labels in micro_batches:
+    for images, labels, sample_ids in micro_batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        loss = loss_fn(model(images), labels) / len(micro_batches)
+        loss = loss_fn(model(images, sample_ids), labels) / len(micro_batches)
         loss.backward()
         total += loss.detach()
     return total

@@ -17,7 +17,8 @@ from torch import nn
 from megavit.config import Config, ConfigError
 from megavit.data.datasets import Dataset, build_datasets
 from megavit.data.sampler import GlobalBatchSampler, MicroBatch, eval_batches, train_batches
-from megavit.models.vit import build_vit
+from megavit.models.vit import Runtime, build_vit
+from megavit.parallel.random import RNGTracker
 from megavit.parallel.state import ParallelState
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, Stopwatch, format_eta
@@ -34,8 +35,8 @@ def evaluate(model: nn.Module, dataset: Dataset, pstate: ParallelState,
     global batches), summed over DP ranks: the same images in every layout."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=pstate.device)  # loss, correct, count
-    for images, labels in eval_batches(dataset, global_batch_size, pstate.dp.rank,
-                                       pstate.dp.size, micro_batch_size, max_batches):
+    for images, labels, _ in eval_batches(dataset, global_batch_size, pstate.dp.rank,
+                                          pstate.dp.size, micro_batch_size, max_batches):
         if labels.numel() == 0:
             continue
         images, labels = images.to(pstate.device), labels.to(pstate.device)
@@ -90,7 +91,9 @@ class TrainingRun:
         configure_tf32(cfg.precision.tf32)
         train_set, heldout = build_datasets(cfg.data, cfg.model, t.seed)
         cfg = _resolve_num_classes(cfg, train_set)
-        model = build_vit(cfg.model, pstate.tp, t.seed, pstate.device)
+        rng = RNGTracker(t.seed, pstate.tp.rank, pstate.device)
+        runtime = Runtime.from_config(cfg.parallel, pstate.tp, t.seed, rng)
+        model = build_vit(cfg.model, runtime, t.seed, pstate.device)
         return cls(
             cfg=cfg, pstate=pstate, model=model, optimizer=build_optimizer(model, t),
             schedule=LRSchedule(t.lr, t.min_lr, t.lr_warmup_iters,
