@@ -329,6 +329,9 @@ class VisionTransformer(nn.Module):
         self.cfg, self.rt = cfg, rt
         self.pre_process, self.post_process = pre_process, post_process
         h, t = cfg.hidden_size, rt.tp.size
+        if cfg.num_attention_heads % t or cfg.ffn_hidden_size % t:
+            raise ValueError(f"tensor-parallel size {t} must divide the {cfg.num_attention_heads} "
+                             f"heads and the MLP width {cfg.ffn_hidden_size}")
         s = cfg.seq_length
         self.padded_length = -(-s // t) * t if rt.sequence_parallel else s
         if self.padded_length != s:  # keys past s are padding: additive mask, filled later
