@@ -127,4 +127,5 @@ def test_vit22b_script_smoke_switch_runs_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "world 4 = tp 2 x dp 2 (launcher: torchrun" in proc.stdout
+    assert "sequence parallel keep | recompute selective" in proc.stdout
     assert len(_losses(metrics)) == 2

@@ -143,7 +143,14 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
                          if pstate.is_main else (float("inf"), ""))
     gpu = GpuMonitor(pstate.device)
 
-    log.info(f"layout: {pstate.describe()}")
+    rt = model.rt
+    recompute = rt.recompute_granularity or "none"
+    if rt.recompute_granularity == "full":
+        recompute += f" ({rt.recompute_method}, {rt.recompute_num_layers} layers)"
+    sp = rt.sequence_parallel or "off"
+    if cfg.parallel.sequence_parallel and pstate.tp.size == 1:
+        sp = "off (--sequence-parallel has no effect at TP=1)"
+    log.info(f"layout: {pstate.describe()} | sequence parallel {sp} | recompute {recompute}")
     log.info(f"model: {cfg.preset or 'custom'} | block {m.block_type} | layers {m.num_layers} "
              f"| hidden {m.hidden_size} | heads {m.num_attention_heads} | ffn {m.ffn_hidden_size} "
              f"| patch {m.patch_dim} | image {m.img_h}x{m.img_w}x{m.num_channels} "
