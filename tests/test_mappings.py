@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from megavit.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megavit.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from megavit.parallel.mappings import (copy_to_tp, gather_from_sequence_parallel, gather_from_tp,
+                                       reduce_from_tp, reduce_scatter_to_sequence_parallel,
+                                       scatter_to_sequence_parallel, scatter_to_tp)
 from megavit.parallel.sharding import initialize_parameters
 from megavit.parallel.state import ParallelState, serial_state
 from tests.harness import run_distributed
@@ -23,7 +25,10 @@ def _rank_tensor(pstate: ParallelState, *shape: int) -> torch.Tensor:
 def conjugates(pstate: ParallelState) -> dict:
     tp, out = pstate.tp, {}
     for name, fn in [("copy", copy_to_tp), ("reduce", reduce_from_tp),
-                     ("scatter", scatter_to_tp), ("gather", gather_from_tp)]:
+                     ("scatter", scatter_to_tp), ("gather", gather_from_tp),
+                     ("sp_scatter", scatter_to_sequence_parallel),
+                     ("sp_gather", gather_from_sequence_parallel),
+                     ("sp_reduce_scatter", reduce_scatter_to_sequence_parallel)]:
         x = _rank_tensor(pstate, 2, 4)
         y = fn(x * 1.0, tp)                       # * 1.0: reduce's in-place all-reduce
         grad = torch.ones_like(y) * (tp.rank + 1)
@@ -82,6 +87,29 @@ def test_gather_concatenates_last_dim_and_splits_backward(tp2):
         y, g = got["gather"]
         assert torch.equal(y, expected)
         assert torch.equal(g, torch.full((2, 4), rank + 1.0))
+
+
+def test_sequence_scatter_keeps_own_rows_and_gathers_backward(tp2):
+    for rank, got in enumerate(tp2):
+        y, g = got["sp_scatter"]
+        assert torch.equal(y, (torch.arange(8.0).reshape(2, 4) + 100 * rank)[rank:rank + 1])
+        assert torch.equal(g, torch.tensor([[1.0] * 4, [2.0] * 4]))
+
+
+def test_sequence_gather_concatenates_rows_and_splits_backward(tp2):
+    expected = torch.cat([torch.arange(8.0).reshape(2, 4), torch.arange(8.0).reshape(2, 4) + 100])
+    for rank, got in enumerate(tp2):
+        y, g = got["sp_gather"]
+        assert torch.equal(y, expected)
+        assert torch.equal(g, torch.full((2, 4), rank + 1.0))
+
+
+def test_sequence_reduce_scatter_sums_own_rows_and_gathers_backward(tp2):
+    for rank, got in enumerate(tp2):
+        y, g = got["sp_reduce_scatter"]
+        total = 2 * torch.arange(8.0).reshape(2, 4) + 100
+        assert torch.equal(y, total[rank:rank + 1])
+        assert torch.equal(g, torch.tensor([[1.0] * 4, [2.0] * 4]))
 
 
 @pytest.mark.parametrize("bias", [(False, False, False, True), (True, True, True, False),

@@ -34,18 +34,21 @@ import torch
 from megavit.parallel.comm import Group
 
 
-def _split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
-    size = x.shape[-1]
+def _split(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """This rank's chunk of `x` along `dim`."""
+    size = x.shape[dim]
     if size % group.size:
-        raise ValueError(f"last dim {size} does not split over {group.size} {group.name} ranks")
+        raise ValueError(f"dim {dim} of size {size} does not split over {group.size} "
+                         f"{group.name} ranks")
     chunk = size // group.size
-    return x.narrow(-1, group.rank * chunk, chunk).contiguous()
+    return x.narrow(dim, group.rank * chunk, chunk).contiguous()
 
 
-def _gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
-    # all_gather concatenates along dim 0: move the last dim to the front and back.
-    moved = x.movedim(-1, 0).contiguous()
-    return group.all_gather(moved).movedim(0, -1).contiguous()
+def _gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+    """Every rank's `x` concatenated along `dim` (all_gather concatenates dim 0)."""
+    if dim == 0:
+        return group.all_gather(x)
+    return group.all_gather(x.movedim(dim, 0).contiguous()).movedim(0, dim).contiguous()
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -73,26 +76,26 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToTP(torch.autograd.Function):
+class _Split(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _split_last_dim(x, group)
+    def forward(ctx, x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _gather_last_dim(grad, ctx.group), None
+        return _gather(grad, ctx.group, ctx.dim), None, None
 
 
-class _GatherFromTP(torch.autograd.Function):
+class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _gather_last_dim(x, group)
+    def forward(ctx, x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _split_last_dim(grad, ctx.group), None
+        return _split(grad, ctx.group, ctx.dim), None, None
 
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -109,43 +112,13 @@ def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
 def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Keep this rank's chunk of the last dim: [..., n] -> [..., n / size].
     Backward: all-gather over `group` along the last dim."""
-    return x if group.size == 1 else _ScatterToTP.apply(x, group)
+    return x if group.size == 1 else _Split.apply(x, group, -1)
 
 
 def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All-gather over `group` along the last dim: [..., n / size] -> [..., n].
     Backward: keep this rank's chunk."""
-    return x if group.size == 1 else _GatherFromTP.apply(x, group)
-
-
-def _split_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
-    if x.shape[0] % group.size:
-        raise ValueError(f"sequence of {x.shape[0]} tokens does not split over {group.size} "
-                         f"{group.name} ranks")
-    chunk = x.shape[0] // group.size
-    return x[group.rank * chunk:(group.rank + 1) * chunk].contiguous()
-
-
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _split_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.group.all_gather(grad), None
-
-
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return group.all_gather(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _split_dim0(grad, ctx.group), None
+    return x if group.size == 1 else _Gather.apply(x, group, -1)
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
@@ -161,13 +134,13 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
 def scatter_to_sequence_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[s, ...] -> this rank's [s / size, ...]. Backward: all-gather over `group`."""
-    return x if group.size == 1 else _ScatterToSP.apply(x, group)
+    return x if group.size == 1 else _Split.apply(x, group, 0)
 
 
 def gather_from_sequence_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All-gather over `group` along dim 0: [s / size, ...] -> [s, ...].
     Backward: keep this rank's chunk of the (identical on every rank) gradient."""
-    return x if group.size == 1 else _GatherFromSP.apply(x, group)
+    return x if group.size == 1 else _Gather.apply(x, group, 0)
 
 
 def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
