@@ -5,20 +5,24 @@
 
 The same ViT — parallel (ViT-22B) blocks with LayerNorms without bias, MLP biases, GAP
 pooling, fp32, [s, b, h] activations — at TP=2 with sequence parallelism on 2 gloo processes
-with one thread each, once as megavit's model and once as a plain PyTorch model
-parallelized with `parallelize_module`:
+with one thread each, as megavit's model and as a plain PyTorch model parallelized with
+`parallelize_module` in two plans, "simple" (local tensors between modules, the plan one
+writes first) and "tuned" (DTensors from the norm to the projections, fewer collectives):
 
-    norm            SequenceParallel(sequence_dim=0)
-    proj_in         PrepareModuleInput(Shard(0) -> Replicate): one all-gather per block
+    norm            SequenceParallel(sequence_dim=0)            (DTensor out)
+    proj_in         PrepareModuleInput(Shard(0) -> Replicate): one all-gather per block,
+                    and one reduce-scatter of the four projections' input gradients
     proj_in.q/k/v/fc1  ColwiseParallel()
     attn_out, mlp_out  RowwiseParallel(output_layouts=Shard(0))
     blocks.0 input  Replicate -> Shard(0);   final norm input  Shard(0) -> Replicate
 
 (QK-LayerNorm is left out of both models: DTensor has no plan for a norm shared by heads
 that are split over ranks.) One step is forward + backward + AdamW (the same optimizer
-kernel for both), timed alternately, median of the timed steps. Bytes are counted per step:
-megavit's through its own counting layer, DTensor's from the functional collectives it
-dispatches; megavit's are also compared with the theory of docs/tensor_parallelism.md.
+kernel for both), timed alternately, median of the timed steps. Collectives are counted per
+step — megavit's through its own counting layer, DTensor's from the functional collectives
+it dispatches — and reported both as collective sizes (megavit's against the theory of
+docs/tensor_parallelism.md) and as bytes each rank sends in a ring (all-reduce counts
+twice), the comparable figure.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from megavit.config import preset_model_config  # noqa: E402
 from megavit.models.vit import Runtime, build_vit  # noqa: E402
+from megavit.parallel.grad_sync import sum_partial_gradients  # noqa: E402
 from megavit.training.optimizer import build_optimizer  # noqa: E402
 from megavit.config import TrainingConfig  # noqa: E402
 
@@ -95,7 +100,11 @@ class RefViT(nn.Module):
         return self.head(self.final_norm(x).mean(0))
 
 
-def parallelize_reference(model: RefViT, mesh) -> RefViT:
+def parallelize_reference(model: RefViT, mesh, tuned: bool = True) -> RefViT:
+    """`tuned`: keep DTensors between the norm and the projections, so the four input
+    gradients add up as one Partial tensor and are reduce-scattered once. Otherwise (the
+    plan one writes first, with local tensors between modules) each ColwiseParallel
+    all-reduces its own input gradient."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, SequenceParallel,
@@ -109,10 +118,12 @@ def parallelize_reference(model: RefViT, mesh) -> RefViT:
                                              use_local_output=True)}
     for i in range(len(model.blocks)):
         plan.update({
-            f"blocks.{i}.norm": SequenceParallel(sequence_dim=0, use_local_output=True),
+            # DTensors (not local tensors) between the norm and the four projections: their
+            # input gradients then add up as one Partial tensor, reduce-scattered once.
+            f"blocks.{i}.norm": SequenceParallel(sequence_dim=0, use_local_output=not tuned),
             f"blocks.{i}.proj_in": PrepareModuleInput(input_layouts=(Shard(0),),
                                                       desired_input_layouts=(Replicate(),),
-                                                      use_local_output=True),
+                                                      use_local_output=not tuned),
             **{f"blocks.{i}.proj_in.{n}": ColwiseParallel() for n in ("q", "k", "v", "fc1")},
             f"blocks.{i}.attn_out": RowwiseParallel(output_layouts=Shard(0)),
             f"blocks.{i}.mlp_out": RowwiseParallel(output_layouts=Shard(0)),
@@ -125,8 +136,10 @@ _COLLECTIVES = {"all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce",
 
 
 class FunctionalCollectiveBytes(TorchDispatchMode):
-    """Counts the bytes of the functional collectives DTensor dispatches (same convention as
-    megavit's counter: the gathered size for all-gather, the input for the others)."""
+    """Counts the functional collectives DTensor issues, including those it issues while
+    dispatching an operator (returning NotImplemented for DTensor arguments lets DTensor
+    desugar first, as torch's CommDebugMode does). Sizes follow megavit's counter: the
+    gathered size for all-gather, the input for reduce-scatter and all-reduce."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,23 +147,34 @@ class FunctionalCollectiveBytes(TorchDispatchMode):
         self.bytes: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(t is DTensor for t in types):
+            return NotImplemented
         name = func.__name__.split(".")[0]
         if func.namespace == "_c10d_functional" and name in _COLLECTIVES:
             t = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
             n = t.numel() * t.element_size() * (args[1] if "all_gather" in name else 1)
-            key = name.replace("_into_tensor", "").replace("_tensor", "")
+            key = name.replace("_into_tensor", "").replace("_tensor", "").rstrip("_")
             self.calls[key] = self.calls.get(key, 0) + 1
             self.bytes[key] = self.bytes.get(key, 0) + n
         return func(*args, **(kwargs or {}))
+
+
+def ring_bytes_sent(bytes_by_op: dict[str, int], t: int) -> float:
+    """Bytes each rank sends for these collectives in a ring: (t-1)/t of the full size for
+    all-gather and reduce-scatter, twice that for all-reduce."""
+    factor = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2}
+    return sum(factor[op.split(".")[-1]] * n * (t - 1) / t for op, n in bytes_by_op.items())
 
 
 def theory_bytes(cfg, b: int) -> int:
     """megavit's bytes per step, GAP pooling, SP at TP=2 (docs/tensor_parallelism.md): per
     block an all-gather and a reduce-scatter of s*b*h each way; the embedding's scatter
     gathers its gradient and the head gathers its input; per step one all-reduce of the
-    partial gradients (each block's LayerNorm weight and out_proj bias) and one of the norm."""
+    partial gradients (each block's LayerNorm weight and out_proj bias)."""
     s, h, layers = cfg.seq_length, cfg.hidden_size, cfg.num_layers
-    return (4 * layers + 2) * s * b * h * 4 + 2 * layers * h * 4 + 4
+    return (4 * layers + 2) * s * b * h * 4 + 2 * layers * h * 4
 
 
 def run(pstate, args) -> dict:
@@ -162,55 +186,63 @@ def run(pstate, args) -> dict:
     hp = TrainingConfig(lr=1e-4, adam_impl=args.adam)
     ours = build_vit(cfg, Runtime(pstate.tp, sequence_parallel="keep"), seed=0)
     ours_opt = build_optimizer(ours, hp)
-    ref = parallelize_reference(RefViT(cfg), init_device_mesh("cpu", (pstate.tp.size,)))
     from torch.distributed.tensor import DTensor
 
+    mesh = init_device_mesh("cpu", (pstate.tp.size,))
     kernel = {"fused": True} if args.adam == "fused" else {"foreach": args.adam == "foreach"}
-    # DTensor's foreach/fused kernels take DTensors only: one AdamW for the sharded and
-    # replicated DTensor parameters, one for the plain ones (embedding, head).
-    ref_opts = [torch.optim.AdamW(group, lr=hp.lr, betas=(hp.adam_beta1, hp.adam_beta2),
+
+    def reference(tuned: bool):
+        ref = parallelize_reference(RefViT(cfg), mesh, tuned)
+        # DTensor's foreach/fused kernels take DTensors only: one AdamW for the sharded
+        # and replicated DTensor parameters, one for the plain ones (embedding, head).
+        opts = [torch.optim.AdamW(group, lr=hp.lr, betas=(hp.adam_beta1, hp.adam_beta2),
                                   eps=hp.adam_eps, weight_decay=hp.weight_decay, **kernel)
                 for group in ([q for q in ref.parameters() if isinstance(q, DTensor)],
                               [q for q in ref.parameters() if not isinstance(q, DTensor)])]
+        return ref, opts
     images = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(args.batch) % 100
 
-    def step_ours():
+    params = list(ours.parameters())
+
+    def step_ours():   # only what correct gradients need, like the DTensor step (no norm)
         ours_opt.zero_grad(set_to_none=True)
         F.cross_entropy(ours(images), labels).backward()
-        from megavit.parallel.grad_sync import sum_partial_gradients
-        from megavit.training.grad_norm import clip_grad_norm
-        params = list(ours.parameters())
         sum_partial_gradients(params, pstate.tp)
-        clip_grad_norm(params, 0.0, pstate.tp)
         ours_opt.step()
 
-    def step_ref():
-        for opt in ref_opts:
+    def step_ref(ref, opts):
+        for opt in opts:
             opt.zero_grad(set_to_none=True)
         F.cross_entropy(ref(images), labels).backward()
-        for opt in ref_opts:
+        for opt in opts:
             opt.step()
 
-    counter = FunctionalCollectiveBytes()
+    steps = {"megavit": step_ours}
+    for plan in ("dtensor-simple", "dtensor-tuned"):
+        ref, opts = reference(tuned=plan.endswith("tuned"))
+        steps[plan] = lambda ref=ref, opts=opts: step_ref(ref, opts)
     pstate.stats.reset()
     step_ours()
-    with counter:
-        step_ref()
-    ours_bytes, ours_calls = dict(pstate.stats.bytes), dict(pstate.stats.calls)
-    times = {"megavit": [], "dtensor": []}
+    counted = {"megavit": ({f"tp.{op}": n for (_, op), n in pstate.stats.bytes.items()},
+                           {f"tp.{op}": n for (_, op), n in pstate.stats.calls.items()})}
+    for name in ("dtensor-simple", "dtensor-tuned"):
+        counter = FunctionalCollectiveBytes()
+        with counter:
+            steps[name]()
+        counted[name] = (counter.bytes, counter.calls)
+    times = {name: [] for name in steps}
     for _ in range(args.warmup):
-        step_ours(), step_ref()
+        for fn in steps.values():
+            fn()
     for _ in range(args.steps):
-        for name, fn in (("megavit", step_ours), ("dtensor", step_ref)):
+        for name, fn in steps.items():
             torch.distributed.barrier()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {"times": times, "ours_bytes": {f"{g}.{op}": n for (g, op), n in ours_bytes.items()},
-            "ref_bytes": counter.bytes, "ref_calls": counter.calls,
-            "ours_calls": {f"{g}.{op}": n for (g, op), n in ours_calls.items()},
-            "theory": theory_bytes(cfg, args.batch), "cfg": cfg.__dict__}
+    return {"times": times, "counted": counted, "theory": theory_bytes(cfg, args.batch),
+            "cfg": cfg.__dict__}
 
 
 def main(argv=None) -> int:
@@ -235,20 +267,25 @@ def main(argv=None) -> int:
           f"{args.batch}; step = fwd + bwd + AdamW ({args.adam})")
     print(f"# machine: {platform.processor() or platform.machine()}; torch {torch.__version__}; "
           f"command: python benchmarks/tp_vs_dtensor.py {' '.join(argv or sys.argv[1:])}")
-    ours_total, ref_total = sum(res["ours_bytes"].values()), sum(res["ref_bytes"].values())
-    print(f"| {'run':<8} | median step ms | min ms | MB / step | collectives per step |")
-    print(f"|{'-' * 10}|----------------|--------|-----------|----------------------|")
-    for name, total, calls in (("megavit", ours_total, res["ours_calls"]),
-                               ("dtensor", ref_total, res["ref_calls"])):
-        desc = ", ".join(f"{k} {v}" for k, v in sorted(calls.items()))
-        print(f"| {name:<8} | {med[name] * 1e3:14.1f} | {min(res['times'][name]) * 1e3:6.1f} | "
-              f"{total / 1e6:9.2f} | {desc} |")
-    ratio = med["megavit"] / med["dtensor"]
-    print(f"\nmegavit / DTensor step time: {ratio:.3f} (target <= 0.8): "
-          f"{'met' if ratio <= 0.8 else 'NOT met'}")
-    print(f"megavit bytes per step: {ours_total} measured, {res['theory']} theory: "
-          f"{'equal' if ours_total == res['theory'] else 'DIFFERENT'}; DTensor / megavit bytes: "
-          f"{ref_total / ours_total:.2f}")
+    print(f"| {'run':<14} | median step ms | min ms | MB collective size | MB sent per rank "
+          f"(ring) | collectives per step |")
+    print(f"|{'-' * 16}|----------------|--------|--------------------|------------------------|"
+          f"----------------------|")
+    sent = {}
+    for name, (by_op, calls) in res["counted"].items():
+        sent[name] = ring_bytes_sent(by_op, 2)
+        desc = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in sorted(calls.items()))
+        print(f"| {name:<14} | {med[name] * 1e3:14.1f} | {min(res['times'][name]) * 1e3:6.1f} | "
+              f"{sum(by_op.values()) / 1e6:18.2f} | {sent[name] / 1e6:22.2f} | {desc} |")
+    ours_total = sum(res["counted"]["megavit"][0].values())
+    print()
+    for plan in ("dtensor-simple", "dtensor-tuned"):
+        ratio = med["megavit"] / med[plan]
+        print(f"megavit / {plan} step time: {ratio:.3f} (target <= 0.8): "
+              f"{'met' if ratio <= 0.8 else 'NOT met'}; {plan} / megavit bytes sent: "
+              f"{sent[plan] / sent['megavit']:.2f}")
+    print(f"megavit collective bytes per step: {ours_total} measured, {res['theory']} theory: "
+          f"{'equal' if ours_total == res['theory'] else 'DIFFERENT'}")
     return 0
 
 

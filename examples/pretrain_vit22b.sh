@@ -15,7 +15,8 @@
 # gradients and Adam state per GPU, plus an 11 GB flat copy of the gradients while they are
 # averaged over DP (until bucketed reduction lands). Activations are small next to that:
 # docs/activation_memory.md gives 5.25 s*b*h bytes per block in 16-bit at TP=8 (SP,
-# selective), i.e. about 32 MB per block for a micro-batch of 4 (here fp32: twice that).
+# selective): about 8 MB per block per image (here fp32: twice that), so 48 blocks keep
+# under 1 GB for the micro-batch of 1 below, times the micro-batches in flight.
 #
 # SMOKE=1 shrinks the same launch to a CPU run that finishes in seconds: vit-debug on the
 # embedded digits, 4 processes as TP=2 x DP=2 with the same SP and recompute flags, through

@@ -597,6 +597,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                         "--drop-path-rate": m.drop_path_rate}.items():
         if not 0.0 <= value < 1.0:
             problems.append(f"{flag} must be in [0, 1) (got {value})")
+    if m.drop_path_rate > 0 and m.num_layers == 1:
+        problems.append("--drop-path-rate has no effect with --num-layers 1 (the rate grows "
+                        "from 0 at block 0); use more layers or leave it at 0")
     if p.recompute_granularity == "full":
         if p.recompute_method is None:
             problems.append("--recompute-granularity full needs --recompute-method uniform "

@@ -20,10 +20,12 @@ from megavit.training.step import optimizer_step
 from megavit.training.trainer import TrainingRun
 
 # Model variants the layouts are checked with: the ViT-22B recipe; a classic ViT with every
-# bias, a class token and fixed position embeddings; and a GAP head over parallel blocks
-# whose fused input projection has a QKV bias but no MLP bias.
+# bias, a class token (17 tokens) and fixed position embeddings; and a GAP head over
+# parallel blocks whose fused input projection has a QKV bias but no MLP bias.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "vit22b": dict(drop_path_rate=0.3),  # drop-path masks are keyed by image: layout-free
+    # 20 px images: 25 tokens, padded under SP (with the MAP head and QK-LayerNorm);
+    # drop-path masks are keyed by image, so they are the same in every layout
+    "vit22b": dict(drop_path_rate=0.3, img_h=20, img_w=20),
     "classic": dict(block_type="sequential", pooling="cls", qk_layernorm=False,
                     add_qkv_bias=True, add_proj_bias=True, norm_bias=True,
                     position_embedding_type="sincos2d"),

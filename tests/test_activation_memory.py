@@ -61,7 +61,12 @@ def test_recomputation_cuts_what_is_kept_as_predicted(tp2):
     none, selective, full_block = tp2[0][1], tp2[0][2], tp2[0][4]
     s, b, h, a = 16, 2, 64, 4
     assert none - selective == pytest.approx(4 * 2 * s * b * h / 2 + (16 + 4) * s * b * a / 2)
-    assert selective < none and full_block < none
+    # Block 0 of 3 keeps only its input shard and the shared image ids; blocks 1 and 2 keep
+    # everything. `none` averages over the 3 blocks a base plus drop-path masks (4 b bytes)
+    # in blocks 1 and 2 only, so each of blocks 1, 2 keeps none - 2/3 * 4b + 4b.
+    mask = 4 * b
+    block1_and_2 = 2 * (none - 2 / 3 * mask + mask)
+    assert full_block * 3 == pytest.approx(4 * (s // 2) * b * h + 8 * b + block1_and_2, rel=1e-12)
 
 
 def test_selective_sp_is_within_one_tp_share_plus_the_gathered_input(tp1, tp2):

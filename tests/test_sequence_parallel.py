@@ -94,9 +94,12 @@ RECOMPUTE = {
 
 
 def _dropout_runs(pstate, tp: int, sp: bool) -> dict:
-    return {name: train_steps(pstate, debug_config(
+    runs = {name: train_steps(pstate, debug_config(
         "vit22b", tp=tp, model=DROPOUT, parallel={**extra, "sequence_parallel": sp}))
         for name, extra in RECOMPUTE.items()}
+    runs_without = train_steps(pstate, debug_config("vit22b", tp=tp,
+                                                    parallel={"sequence_parallel": sp}))
+    return {"runs": runs, "no_dropout_loss": runs_without["loss"]}
 
 
 def _assert_identical(runs: dict) -> None:
@@ -109,18 +112,33 @@ def _assert_identical(runs: dict) -> None:
 
 
 def test_recomputed_dropout_draws_the_same_masks_serial():
-    runs = _dropout_runs(serial_state(), 1, False)
-    _assert_identical(runs)
-    plain = train_steps(serial_state(), debug_config("vit22b"))
-    assert runs["none"]["loss"][0] != plain["loss"][0]   # dropout really acted
+    got = _dropout_runs(serial_state(), 1, False)
+    _assert_identical(got["runs"])
+    assert got["runs"]["none"]["loss"][0] != got["no_dropout_loss"][0]   # dropout acted
 
 
 def test_recomputed_dropout_draws_the_same_masks_tp2_sp():
     """Under SP the hidden dropout is on sequence shards (model-parallel stream), the
     attention dropout on each rank's heads: recomputation must restore both streams."""
     results = run_distributed(2, 2, {"runs": (_dropout_runs, (2, True))})["runs"]
-    for runs in results:
-        _assert_identical(runs)
+    for got in results:
+        _assert_identical(got["runs"])
+        assert got["runs"]["none"]["loss"][0] != got["no_dropout_loss"][0]
+
+
+def _replicated_dropout(pstate) -> dict:
+    return train_steps(pstate, debug_config("vit22b", tp=2, model=DROPOUT))
+
+
+def test_dropout_on_replicated_activations_keeps_replicas_identical():
+    """Without SP the block outputs are replicated over TP: both ranks must draw the same
+    hidden-dropout masks (default stream), or the replicated weights would drift apart."""
+    ranks = run_distributed(2, 2, {"d": (_replicated_dropout, ())})["d"]
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+    for k, w in ranks[0]["weights"].items():
+        assert torch.equal(w, ranks[1]["weights"][k]), k
+    plain = train_steps(serial_state(), debug_config("vit22b"))
+    assert ranks[0]["loss"][0] != plain["loss"][0]
 
 
 def test_rng_streams_per_tp_rank():
@@ -142,3 +160,28 @@ def test_rng_streams_per_tp_rank():
     b.set_states(states)
     with b.fork(MODEL_PARALLEL):
         assert torch.equal(torch.rand(4), first)      # and restores
+
+
+def test_full_recompute_gives_gradients_even_when_no_input_needs_one():
+    """Frozen embeddings: the blocks' input needs no gradient, the blocks' weights do."""
+    cfg = preset_model_config("vit-debug", num_classes=10)
+    for rt in (Runtime(serial_state().tp), Runtime(serial_state().tp, recompute_granularity="full",
+                                                    recompute_method="uniform",
+                                                    recompute_num_layers=1)):
+        model = build_vit(cfg, rt, seed=0)
+        for p in model.patch_embed.parameters():
+            p.requires_grad_(False)
+        model.pos_embed.weight.requires_grad_(False)
+        model(torch.randn(2, 3, 16, 16)).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("blocks.")}
+        assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_recompute_passes_non_tensor_outputs_and_arguments():
+    from megavit.parallel.recompute import recompute
+
+    x = torch.randn(3, requires_grad=True)
+    y, label = recompute(lambda t, scale, tag: (t * scale, tag), x, 2.0, "ok")
+    assert label == "ok"
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))

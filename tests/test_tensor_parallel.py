@@ -32,8 +32,9 @@ from tests.scenarios import (VARIANTS, block_collectives, debug_config, replay_o
                              train_steps)
 
 SP = {"sequence_parallel": True}
-# name: (world size, TP size, ParallelConfig overrides). The "classic" variant has a class
-# token (17 tokens), so every SP layout also covers a sequence not divisible by TP (padded).
+# name: (world size, TP size, ParallelConfig overrides). The "vit22b" variant has 25 tokens
+# and the "classic" one 17, so every SP layout also covers sequences not divisible by TP
+# (padded and masked), through both block types and both the MAP and CLS heads.
 LAYOUTS = {
     "tp2": (2, 2, {}),
     "tp4": (4, 4, {}),
