@@ -150,6 +150,33 @@ class ParallelConfig:
             "(keep it within a node)."
         ),
     )
+    pipeline_model_parallel_size: int = field(
+        default=1,
+        metadata=_opt(
+            "Pipeline stages P: the blocks are split over P ranks in a row (the patch "
+            "embedding on the first, the head and loss on the last), micro-batches flow "
+            "through them with the 1F1B schedule."
+        ),
+    )
+    num_layers_per_virtual_pipeline_stage: int | None = field(
+        default=None,
+        metadata=_opt(
+            "Blocks per virtual stage: each stage then holds (layers / P) / this many "
+            "non-adjacent pieces of the model and runs the interleaved schedule (bubble "
+            "(P-1)/(v*m+P-1) instead of (P-1)/(m+P-1)); micro-batches must be a multiple of P."
+        ),
+    )
+    num_layers_in_first_pipeline_stage: int | None = field(
+        default=None,
+        metadata=_opt(
+            "Blocks on the first stage (it also runs the patch embedding); default: an "
+            "even split. The stages between the first and last share the rest evenly."
+        ),
+    )
+    num_layers_in_last_pipeline_stage: int | None = field(
+        default=None,
+        metadata=_opt("Blocks on the last stage (it also runs the head and the loss)."),
+    )
     sequence_parallel: bool = field(
         default=False,
         metadata=_opt(
@@ -172,9 +199,11 @@ class ParallelConfig:
         default=None,
         metadata=_opt(
             "Recompute activations in backward instead of keeping them: 'selective' (the "
-            "attention core of every block: QK-norms and softmax(QK^T)V) or 'full' (whole "
-            "blocks, see --recompute-method).",
-            choices=("selective", "full"),
+            "attention core of every block: QK-norms and softmax(QK^T)V), 'full' (whole "
+            "blocks, see --recompute-method), or 'auto': each pipeline stage recomputes the "
+            "fewest whole blocks (method block) that keep its predicted block activations, "
+            "times the micro-batches it holds at once, under --activation-memory-budget-gb.",
+            choices=("selective", "full", "auto"),
         ),
     )
     recompute_method: str | None = field(
@@ -189,6 +218,13 @@ class ParallelConfig:
     recompute_num_layers: int | None = field(
         default=None,
         metadata=_opt("Blocks per recomputed chunk (uniform) or blocks recomputed (block)."),
+    )
+    activation_memory_budget_gb: float | None = field(
+        default=None,
+        metadata=_opt(
+            "With --recompute-granularity auto: GB (2^30 bytes) of block activations each "
+            "pipeline stage may hold (see docs/activation_memory.md)."
+        ),
     )
     distributed_backend: str = field(
         default="auto",
@@ -550,6 +586,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "--img-w": m.img_w,
         "--num-channels": m.num_channels,
         "--tensor-model-parallel-size": tp,
+        "--pipeline-model-parallel-size": p.pipeline_model_parallel_size,
         "--micro-batch-size": t.micro_batch_size,
         "--global-batch-size": t.global_batch_size,
         "--train-iters": t.train_iters,
@@ -600,6 +637,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.drop_path_rate > 0 and m.num_layers == 1:
         problems.append("--drop-path-rate has no effect with --num-layers 1 (the rate grows "
                         "from 0 at block 0); use more layers or leave it at 0")
+    if p.recompute_granularity == "auto":
+        if p.activation_memory_budget_gb is None or p.activation_memory_budget_gb <= 0:
+            problems.append("--recompute-granularity auto needs a positive "
+                            "--activation-memory-budget-gb")
+        if p.recompute_method is not None or p.recompute_num_layers is not None:
+            problems.append("--recompute-granularity auto chooses the recomputed blocks itself; "
+                            "drop --recompute-method / --recompute-num-layers")
+    elif p.activation_memory_budget_gb is not None:
+        problems.append("--activation-memory-budget-gb applies to --recompute-granularity auto")
     if p.recompute_granularity == "full":
         if p.recompute_method is None:
             problems.append("--recompute-granularity full needs --recompute-method uniform "
@@ -610,7 +656,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         elif p.recompute_num_layers > m.num_layers:
             problems.append(f"--recompute-num-layers {p.recompute_num_layers} is more than "
                             f"--num-layers {m.num_layers}")
-    elif p.recompute_method is not None or p.recompute_num_layers is not None:
+        elif p.recompute_method == "block" and pp > 1:
+            pass  # checked against the blocks of each stage once the split is known
+    elif p.recompute_granularity != "auto" and (p.recompute_method is not None
+                                                or p.recompute_num_layers is not None):
         problems.append("--recompute-method and --recompute-num-layers apply to "
                         "--recompute-granularity full only")
     if p.sequence_parallel_regather and not p.sequence_parallel:
@@ -654,13 +703,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
 
     # World layout and batch arithmetic.
-    if world_size % tp:
+    pp = p.pipeline_model_parallel_size
+    if world_size % (tp * pp):
         problems.append(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
-            f"(x pipeline size 1); launch a multiple of {tp} processes"
+            f"x --pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes"
         )
     else:
-        dp = world_size // tp
+        dp = world_size // (tp * pp)
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
             problems.append(

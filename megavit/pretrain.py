@@ -39,10 +39,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megavit.parallel.state import destroy_parallel_state, init_parallel_state
     from megavit.training.trainer import pretrain
 
+    from megavit.training.trainer import check_schedule, pipeline_layout
+
+    p = cfg.parallel
+    try:   # the pipeline split and schedule, before any process group starts
+        dp = info.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        check_schedule(cfg, pipeline_layout(cfg), dp)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     try:
-        pstate = init_parallel_state(cfg.parallel.tensor_model_parallel_size,
-                                     cfg.parallel.distributed_backend, cfg.parallel.device,
-                                     cfg.parallel.distributed_timeout_minutes)
+        pstate = init_parallel_state(p.tensor_model_parallel_size, p.distributed_backend,
+                                     p.device, p.distributed_timeout_minutes,
+                                     p.pipeline_model_parallel_size)
     except (LaunchError, RuntimeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

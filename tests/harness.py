@@ -29,14 +29,14 @@ from megavit.parallel.state import build_parallel_state
 Job = tuple[Callable[..., Any], tuple]
 
 
-def _worker(rank: int, world_size: int, tp: int, store_path: str, jobs: dict[str, Job],
-            conn) -> None:
+def _worker(rank: int, world_size: int, tp: int, pp: int, store_path: str,
+            jobs: dict[str, Job], conn) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=120))
-        pstate = build_parallel_state(tp, torch.device("cpu"))
+        pstate = build_parallel_state(tp, torch.device("cpu"), pp_size=pp)
         out = {}
         for name, (fn, args) in jobs.items():
             pstate.stats.reset()
@@ -52,16 +52,17 @@ def _worker(rank: int, world_size: int, tp: int, store_path: str, jobs: dict[str
         conn.close()
 
 
-def run_distributed(world_size: int, tp: int, jobs: dict[str, Job],
-                    timeout: float = 300.0) -> dict[str, list[Any]]:
-    """Run every job in `world_size` gloo processes; returns {job: [result per rank]}."""
+def run_distributed(world_size: int, tp: int, jobs: dict[str, Job], timeout: float = 300.0,
+                    pp: int = 1) -> dict[str, list[Any]]:
+    """Run every job in `world_size` gloo processes laid out as (pp, dp, tp); returns
+    {job: [result per global rank]}."""
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         pipes, procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=(rank, world_size, tp, store, jobs, child))
+            p = ctx.Process(target=_worker, args=(rank, world_size, tp, pp, store, jobs, child))
             p.start()
             child.close()
             pipes.append(parent)

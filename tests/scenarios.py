@@ -34,11 +34,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def debug_config(variant: str = "vit22b", tp: int = 1, parallel: dict | None = None,
-                 model: dict | None = None, **training: Any) -> Config:
-    """vit-debug on digits (16x16, 1 channel), global batch 8 in micro-batches of 2, with
-    augmentation, clipping and weight decay all active. `parallel` and `model` override
-    ParallelConfig / ModelConfig fields."""
-    model_cfg = preset_model_config("vit-debug", num_channels=1,
+                 model: dict | None = None, layers: int = 2, **training: Any) -> Config:
+    """vit-debug (`layers` blocks) on digits (16x16, 1 channel), global batch 8 in
+    micro-batches of 2, with augmentation, clipping and weight decay all active. `parallel`
+    and `model` override ParallelConfig / ModelConfig fields."""
+    model_cfg = preset_model_config("vit-debug", num_channels=1, num_layers=layers,
                                     **{**VARIANTS[variant], **(model or {})})
     train = dict(micro_batch_size=2, global_batch_size=8, train_iters=2, lr=5e-3,
                  lr_decay_style="constant", weight_decay=0.1, clip_grad=0.5, seed=7,
@@ -64,6 +64,7 @@ def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2) -> dict[str,
         out["loss"].append(result.loss.item())
         out["grad_norm"].append(result.grad_norm.item())
     out["comm"] = pstate.stats.snapshot()   # the training steps' collectives only
+    out["comm_bytes"] = pstate.stats.bytes_snapshot()
     out["weights"] = uncounted(pstate, full_state, run.model, pstate.tp)
     return out
 
@@ -75,6 +76,20 @@ def uncounted(pstate: ParallelState, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         pstate.stats.enabled = True
+
+
+def merge_stages(results: list[dict], ranks: list[int]) -> dict[str, Any]:
+    """One full-model result from the pipeline stages' results at `ranks` (one rank per
+    stage, in stage order): their parameters together, the last stage's losses."""
+    merged: dict[str, Any] = {"initial": {}, "weights": {}, "grads": [{}, {}],
+                              "loss": results[ranks[-1]]["loss"],
+                              "grad_norm": results[ranks[-1]]["grad_norm"]}
+    for r in ranks:
+        merged["initial"].update(results[r]["initial"])
+        merged["weights"].update(results[r]["weights"])
+        for step, grads in enumerate(results[r]["grads"]):
+            merged["grads"][step].update(grads)
+    return merged
 
 
 def replay_optimizer(cfg: Config, initial: dict[str, torch.Tensor],

@@ -136,7 +136,8 @@ def test_eval_batches_are_the_same_images_in_every_layout():
     n = 150
     indexed = TensorDataset("idx", torch.zeros(n, 1, 2, 2), torch.arange(n), n)  # label = index
     def seen(dp, micro, max_batches):
-        return [torch.cat([mb.labels for mb in eval_batches(indexed, 64, r, dp, micro, max_batches)])
+        return [torch.cat([mb.labels for batch in eval_batches(indexed, 64, r, dp, micro, max_batches)
+                           for mb in batch])
                 for r in range(dp)]
     serial = seen(1, 64, 2)[0]
     assert torch.equal(serial, torch.arange(128))             # two global batches of 64
@@ -146,4 +147,4 @@ def test_eval_batches_are_the_same_images_in_every_layout():
     everything = seen(3, 8, None)
     assert torch.equal(torch.sort(torch.cat(everything)).values, torch.arange(n))
     assert all(len(mb.labels) <= 8 for r in range(3)
-               for mb in eval_batches(indexed, 64, r, 3, 8))
+               for batch in eval_batches(indexed, 64, r, 3, 8) for mb in batch)

@@ -28,44 +28,70 @@ import torch
 
 from megavit.parallel.state import serial_state
 from tests.harness import run_distributed
-from tests.scenarios import (VARIANTS, block_collectives, debug_config, replay_optimizer,
-                             train_steps)
+from tests.scenarios import (VARIANTS, block_collectives, debug_config, merge_stages,
+                             replay_optimizer, train_steps)
 
-SP = {"sequence_parallel": True}
-# name: (world size, TP size, ParallelConfig overrides). The "vit22b" variant has 25 tokens
-# and the "classic" one 17, so every SP layout also covers sequences not divisible by TP
-# (padded and masked), through both block types and both the MAP and CLS heads.
-LAYOUTS = {
-    "tp2": (2, 2, {}),
-    "tp4": (4, 4, {}),
-    "dp2": (2, 1, {}),
-    "tp2_dp2": (4, 2, {}),
-    "tp2_sp": (2, 2, SP),
-    "tp4_sp": (4, 4, SP),
-    "tp2_sp_regather": (2, 2, {**SP, "sequence_parallel_regather": True}),
-    "tp2_sp_selective": (2, 2, {**SP, "recompute_granularity": "selective"}),
-    "tp2_full_uniform": (2, 2, {"recompute_granularity": "full", "recompute_method": "uniform",
-                                "recompute_num_layers": 2}),
-    "tp2_sp_full_block": (2, 2, {**SP, "recompute_granularity": "full",
-                                 "recompute_method": "block", "recompute_num_layers": 1}),
-    "tp2_dp2_sp_selective": (4, 2, {**SP, "recompute_granularity": "selective"}),
-}
-PLAIN = [name for name, (_, _, extra) in LAYOUTS.items() if not extra]
 RTOL = 1e-5
 LR = debug_config().training.lr
 EPS = debug_config().training.adam_eps
+SP = {"sequence_parallel": True}
+PP2, PP4 = {"pipeline_model_parallel_size": 2}, {"pipeline_model_parallel_size": 4}
+# name: (world size, TP size, ParallelConfig overrides, blocks). The "vit22b" variant has 25
+# tokens and the "classic" one 17, so every SP layout also covers sequences not divisible by
+# TP (padded and masked), through both block types and both the MAP and CLS heads. Pipeline
+# layouts use 4 blocks (the serial reference too).
+LAYOUTS = {
+    "tp2": (2, 2, {}, 2),
+    "tp4": (4, 4, {}, 2),
+    "dp2": (2, 1, {}, 2),
+    "tp2_dp2": (4, 2, {}, 2),
+    "tp2_sp": (2, 2, SP, 2),
+    "tp4_sp": (4, 4, SP, 2),
+    "tp2_sp_regather": (2, 2, {**SP, "sequence_parallel_regather": True}, 2),
+    "tp2_sp_selective": (2, 2, {**SP, "recompute_granularity": "selective"}, 2),
+    "tp2_full_uniform": (2, 2, {"recompute_granularity": "full", "recompute_method": "uniform",
+                                "recompute_num_layers": 2}, 2),
+    "tp2_sp_full_block": (2, 2, {**SP, "recompute_granularity": "full",
+                                 "recompute_method": "block", "recompute_num_layers": 1}, 2),
+    "tp2_dp2_sp_selective": (4, 2, {**SP, "recompute_granularity": "selective"}, 2),
+    "pp2": (2, 1, PP2, 4),
+    "pp4": (4, 1, PP4, 4),
+    "pp2_interleaved": (2, 1, {**PP2, "num_layers_per_virtual_pipeline_stage": 1}, 4),
+    "pp2_tp2_sp": (4, 2, {**PP2, **SP}, 4),
+    "pp2_dp2": (4, 1, PP2, 4),
+    "pp2_full_uniform": (2, 1, {**PP2, "recompute_granularity": "full",
+                                "recompute_method": "uniform", "recompute_num_layers": 1}, 4),
+    "pp2_uneven": (2, 1, {**PP2, "num_layers_in_first_pipeline_stage": 1,
+                          "num_layers_in_last_pipeline_stage": 3}, 4),
+}
+PLAIN = [name for name, (_, _, extra, _) in LAYOUTS.items() if not extra]
+
+
+def stage_ranks(name: str) -> list[list[int]]:
+    """For each (dp, tp) position, the global ranks of its pipeline stages, in order."""
+    world, tp, extra, _ = LAYOUTS[name]
+    pp = extra.get("pipeline_model_parallel_size", 1)
+    column = world // pp
+    return [[k * column + c for k in range(pp)] for c in range(column)]
 
 
 @functools.lru_cache(maxsize=None)
-def serial(variant: str):
-    return train_steps(serial_state(), debug_config(variant))
+def serial(variant: str, layers: int = 2):
+    return train_steps(serial_state(), debug_config(variant, layers=layers))
+
+
+def merged_results(name: str, results: dict, variant: str) -> list[dict]:
+    """One full-model result per (dp, tp) position (stages merged)."""
+    return [merge_stages(results[variant], ranks) for ranks in stage_ranks(name)]
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout(request):
-    world, tp, extra = LAYOUTS[request.param]
-    jobs = {v: (train_steps, (debug_config(v, tp=tp, parallel=extra),)) for v in VARIANTS}
-    return request.param, tp, run_distributed(world, tp, jobs)
+    world, tp, extra, layers = LAYOUTS[request.param]
+    jobs = {v: (train_steps, (debug_config(v, tp=tp, parallel=extra, layers=layers),))
+            for v in VARIANTS}
+    pp = extra.get("pipeline_model_parallel_size", 1)
+    return request.param, tp, run_distributed(world, tp, jobs, pp=pp)
 
 
 def assert_tensors_close(actual: dict, expected: dict, what: str, rtol: float = RTOL,
@@ -85,29 +111,32 @@ def assert_tensors_close(actual: dict, expected: dict, what: str, rtol: float = 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_loss_and_grad_norm_match_serial(layout, variant):
     name, _, results = layout
-    ref = serial(variant)
-    for rank, got in enumerate(results[variant]):
-        assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), f"{name} rank {rank}"
+    ref = serial(variant, LAYOUTS[name][3])
+    for rank, got in enumerate(merged_results(name, results, variant)):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), f"{name} column {rank}"
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), f"{name} column {rank}"
+    for rank, got in enumerate(results[variant]):   # every stage knows the global norm
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), f"{name} rank {rank}"
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_gradient_matches_serial(layout, variant):
     name, _, results = layout
-    ref = serial(variant)
+    ref = serial(variant, LAYOUTS[name][3])
     assert any(g.abs().max() > 0 for g in ref["grads"][0].values())
-    for rank, got in enumerate(results[variant]):
+    for rank, got in enumerate(merged_results(name, results, variant)):
         for step in range(2):
             assert_tensors_close(got["grads"][step], ref["grads"][step],
-                                 f"{name} rank {rank} step {step} grad")
+                                 f"{name} column {rank} step {step} grad")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_sharded_optimizer_matches_serial_optimizer(layout, variant):
     """Given the same gradients, AdamW on this layout's shards equals AdamW on full tensors."""
     name, _, results = layout
-    got = results[variant][0]
-    expected = replay_optimizer(debug_config(variant), got["initial"], got["grads"])
+    got = merged_results(name, results, variant)[0]
+    expected = replay_optimizer(debug_config(variant, layers=LAYOUTS[name][3]), got["initial"],
+                                got["grads"])
     assert_tensors_close(got["weights"], expected, f"{name} optimizer", rtol=1e-6, atol=1e-8)
 
 
@@ -145,9 +174,9 @@ def adam_first_order_bound(ref: dict, got: dict, cfg) -> dict:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_weights_after_two_steps_match_serial(layout, variant):
     name, _, results = layout
-    ref = serial(variant)
-    cfg = debug_config(variant)
-    for rank, got in enumerate(results[variant]):
+    ref = serial(variant, LAYOUTS[name][3])
+    cfg = debug_config(variant, layers=LAYOUTS[name][3])
+    for rank, got in enumerate(merged_results(name, results, variant)):
         assert_tensors_close(got["initial"], ref["initial"], f"{name} rank {rank} init", rtol=0,
                              atol=0.0)
         bound = adam_first_order_bound(ref, got, cfg)
@@ -161,19 +190,34 @@ def test_weights_after_two_steps_match_serial(layout, variant):
 
 
 def test_replicas_hold_identical_weights(layout):
-    """Replicated parameters (norms, embeddings, heads) stay bit-identical on every rank."""
+    """Replicated parameters (norms, embeddings, heads) stay bit-identical on every rank of
+    a pipeline stage."""
     name, _, results = layout
+    columns = stage_ranks(name)
     for variant in VARIANTS:
-        first = results[variant][0]["weights"]
-        for rank, got in enumerate(results[variant][1:], 1):
-            for key, value in first.items():
-                assert torch.equal(got["weights"][key], value), f"{name} {variant} {key} rank {rank}"
+        for stage in range(len(columns[0])):
+            ranks = [column[stage] for column in columns]
+            first = results[variant][ranks[0]]["weights"]
+            for r in ranks[1:]:
+                for key, value in first.items():
+                    assert torch.equal(results[variant][r]["weights"][key], value), \
+                        f"{name} {variant} {key} rank {r}"
+
+
+@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n.startswith("pp")], indirect=True)
+def test_pipeline_stages_hold_disjoint_parts_of_the_model(layout):
+    name, _, results = layout
+    full = serial("vit22b", LAYOUTS[name][3])["weights"].keys()
+    for ranks in stage_ranks(name):
+        parts = [set(results["vit22b"][r]["weights"]) for r in ranks]
+        assert set().union(*parts) == set(full)
+        assert sum(len(p) for p in parts) == len(full)
 
 
 def test_serial_reference_really_trains():
     """Guard against a vacuous comparison: the reference's weights move and its two
     steps see different batches."""
-    ref = serial("vit22b")
+    ref = serial("vit22b", 2)
     initial = train_steps(serial_state(), debug_config("vit22b"), steps=0)["weights"]
     moved = [k for k in initial if not torch.equal(initial[k], ref["weights"][k])]
     assert len(moved) == len(initial)
@@ -238,8 +282,8 @@ def test_training_step_communication(layout):
         assert "dp.all_reduce" not in got
 
 
-SP_PLAIN = [n for n, (_, _, extra) in LAYOUTS.items() if extra.get("sequence_parallel")
-            and "recompute_granularity" not in extra]
+SP_PLAIN = [n for n, (_, _, extra, _) in LAYOUTS.items() if extra.get("sequence_parallel")
+            and "recompute_granularity" not in extra and "pipeline_model_parallel_size" not in extra]
 
 
 @pytest.mark.parametrize("layout", SP_PLAIN, indirect=True)
@@ -258,3 +302,24 @@ def test_sequence_parallel_training_step_communication(layout):
     assert got["tp.all_gather"] == 2 * micro * per_micro_gathers
     assert got["tp.reduce_scatter"] == 2 * micro * layers * 2
     assert got["tp.all_reduce"] == 2 * 2
+
+
+@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n.startswith("pp")], indirect=True)
+def test_pipeline_point_to_point_traffic(layout):
+    """Per step, each of the P*v - 1 boundaries between consecutive chunks carries one
+    activation forward and one gradient back per micro-batch, of [s(/t), m, h] fp32 each."""
+    name, tp, results = layout
+    world, _, extra, _ = LAYOUTS[name]
+    pp = extra["pipeline_model_parallel_size"]
+    v = 4 // pp // extra.get("num_layers_per_virtual_pipeline_stage", 4 // pp)
+    micro = 8 // (2 * (world // (tp * pp)))
+    cfg = debug_config("gap", layers=4)
+    tokens = cfg.model.seq_length // (tp if extra.get("sequence_parallel") else 1)
+    message = tokens * 2 * cfg.model.hidden_size * 4
+    for ranks in stage_ranks(name):
+        got = [results["gap"][r] for r in ranks]
+        sends = sum(g["comm"].get("pp.send", 0) for g in got)
+        assert sends == sum(g["comm"].get("pp.recv", 0) for g in got) == 2 * 2 * (pp * v - 1) * micro
+        for g in got:   # every message is one activation (or its gradient)
+            assert g["comm_bytes"].get("pp.send", 0) == g["comm"].get("pp.send", 0) * message
+            assert g["comm_bytes"].get("pp.recv", 0) == g["comm"].get("pp.recv", 0) * message

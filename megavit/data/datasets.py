@@ -43,6 +43,10 @@ class Dataset(Protocol):
         """Images [n, c, H, W] (float32, normalised) and labels [n] (int64)."""
         ...
 
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Labels [n] only (no image is read)."""
+        ...
+
 
 def _fit_images(x: torch.Tensor, height: int, width: int, channels: int) -> torch.Tensor:
     """[n, c0, h0, w0] float -> [n, channels, height, width]."""
@@ -75,6 +79,9 @@ class TensorDataset:
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[indices], self.labels[indices]
+
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.labels[indices]
 
 
 def _split(name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -128,7 +135,10 @@ class SyntheticDataset:
         return self.size
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pool[indices % self.pool.shape[0]], indices % self.num_classes
+        return self.pool[indices % self.pool.shape[0]], self.labels_of(indices)
+
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices % self.num_classes
 
 
 def synthetic(model: ModelConfig, size: int, seed: int, num_classes: int,
@@ -181,8 +191,10 @@ class ImageFolderDataset:
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([self.read(int(i)) for i in indices]) if len(indices) else \
             torch.empty(0, self.model.num_channels, self.model.img_h, self.model.img_w)
-        labels = torch.tensor([self.files[int(i)][1] for i in indices], dtype=torch.long)
-        return (images - 0.5) / 0.5, labels
+        return (images - 0.5) / 0.5, self.labels_of(indices)
+
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.files[int(i)][1] for i in indices], dtype=torch.long)
 
 
 def image_folder(root: str, model: ModelConfig) -> tuple[ImageFolderDataset, ImageFolderDataset]:

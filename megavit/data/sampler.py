@@ -53,7 +53,7 @@ class GlobalBatchSampler:
 
 
 class MicroBatch(NamedTuple):
-    images: torch.Tensor      # [m, c, H, W]
+    images: torch.Tensor | None   # [m, c, H, W]; None on pipeline stages that need none
     labels: torch.Tensor      # [m]
     sample_ids: torch.Tensor  # [m] global ids: iteration * G + position in the global batch
 
@@ -91,13 +91,24 @@ def _as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torc
 
 def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, stop: int,
                   dp_rank: int, dp_size: int, micro_batch_size: int,
-                  num_workers: int = 0, augment: str = "none") -> Iterator[list[MicroBatch]]:
+                  num_workers: int = 0, augment: str = "none",
+                  with_images: bool = True) -> Iterator[list[MicroBatch]]:
     """For each iteration in [start, stop): this rank's micro-batches, in order, each with
     the global ids of its images (iteration * G + position in the global batch, which key
     per-image randomness such as drop-path). In-memory datasets are indexed directly;
     others are read by a DataLoader with `num_workers` processes prefetching ahead.
     `augment` ('none' or 'affine') draws its randomness per global-batch position (see
-    megavit.data.augment)."""
+    megavit.data.augment). `with_images=False` (pipeline stages after the first) reads only
+    the labels."""
+    g = sampler.global_batch_size
+    per_rank = g // dp_size
+    if not with_images:
+        for iteration in range(start, stop):
+            idx = sampler.local_indices(iteration, dp_rank, dp_size)
+            ids = iteration * g + dp_rank * per_rank + torch.arange(per_rank)
+            yield [MicroBatch(None, labels, i) for labels, i in
+                   zip(dataset.labels_of(idx).split(micro_batch_size), ids.split(micro_batch_size))]
+        return
     if dataset.in_memory or num_workers == 0:
         local = (dataset.get(sampler.local_indices(it, dp_rank, dp_size))
                  for it in range(start, stop))
@@ -107,8 +118,6 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
                                                                    dp_rank, dp_size),
             num_workers=num_workers, collate_fn=_as_is,
         ))
-    g = sampler.global_batch_size
-    per_rank = g // dp_size
     for iteration, (images, labels) in enumerate(local, start):
         if augment == "affine":
             theta = affine_params(g, sampler.seed, iteration)
@@ -120,15 +129,17 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
 
 
 def eval_batches(dataset: Dataset, global_batch_size: int, dp_rank: int, dp_size: int,
-                 micro_batch_size: int, max_batches: int | None = None) -> Iterator[MicroBatch]:
+                 micro_batch_size: int, max_batches: int | None = None,
+                 with_images: bool = True) -> Iterator[list[MicroBatch]]:
     """The held-out split in order, in global batches of `global_batch_size` images (the
-    first `max_batches` of them); yields this rank's contiguous share of each, in
-    micro-batches of at most `micro_batch_size`. Which images are evaluated depends only
-    on the split and the global batch size, not on the layout."""
+    first `max_batches` of them); for each, this rank's contiguous share in micro-batches of
+    at most `micro_batch_size` (the last batch may leave a rank fewer or none). Which images
+    are evaluated depends only on the split and the global batch size, not on the layout."""
     n = len(dataset)
     for b, start in enumerate(range(0, n, global_batch_size)):
         if max_batches is not None and b >= max_batches:
             return
         share = torch.arange(start, min(start + global_batch_size, n)).tensor_split(dp_size)[dp_rank]
-        for idx in share.split(micro_batch_size):
-            yield MicroBatch(*dataset.get(idx), idx)
+        yield [MicroBatch(*dataset.get(idx), idx) if with_images else
+               MicroBatch(None, dataset.labels_of(idx), idx)
+               for idx in share.split(micro_batch_size)]

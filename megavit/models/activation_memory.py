@@ -2,8 +2,9 @@
 
 `block_activation_bytes` is the formula derived in docs/activation_memory.md: the bytes a
 block keeps for backward per micro-batch, on one TP rank, for both block types, with or
-without sequence parallelism and recomputation. `SavedTensorMeter` measures the same thing
-on a real forward pass (each saved storage counted once; parameters and buffers excluded).
+without sequence parallelism and recomputation. `measure_block_activations` measures the
+same thing on a real forward pass with `megavit.parallel.memory.SavedTensorMeter` (each
+saved storage counted once; parameters and buffers excluded).
 
 Notation: s tokens, b images per micro-batch, h width, f MLP width, a heads, t the TP size,
 p bytes per activation element (4 in fp32); statistics (LayerNorm mean/rstd, attention
@@ -13,12 +14,12 @@ log-sum-exp) are always fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
 from megavit.config import ModelConfig
 from megavit.parallel.comm import Group
+from megavit.parallel.memory import SavedTensorMeter
 
 
 @dataclass(frozen=True)
@@ -68,67 +69,60 @@ def _sequential_block(s: int, b: int, h: int, f: int, a: int, t: int, p: int,
     return kept
 
 
-def block_activation_bytes(cfg: ModelConfig, setup: ActivationSetup) -> float:
-    """Predicted bytes kept for backward per block per micro-batch on one TP rank, averaged
-    over the model's blocks (full recomputation keeps different amounts per block, and
-    drop-path is off in block 0). Attention dropout is not modelled (on CPU it switches
-    SDPA to its math kernel, which keeps s x s tensors)."""
+def _geometry(cfg: ModelConfig, setup: ActivationSetup) -> tuple:
     if cfg.attention_dropout > 0:
         raise ValueError("the activation formula does not model attention dropout")
     t, b, p = setup.tp, setup.micro_batch, setup.bytes_per_element
     sp = setup.sequence_parallel if t > 1 else None
     s = -(-cfg.seq_length // t) * t if sp else cfg.seq_length   # padded for SP
+    return t, b, p, sp, s, (s // t if sp else s)
+
+
+def layer_activation_bytes(cfg: ModelConfig, setup: ActivationSetup, layer: int) -> float:
+    """Bytes block `layer` (global index) keeps when it is not fully recomputed (selective
+    recomputation, if set up, applies). Drop-path keeps a mask from block 1 on."""
+    t, b, p, sp, s, n = _geometry(cfg, setup)
     h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
     one = _parallel_block if cfg.block_type == "parallel" else _sequential_block
-    base = one(s, b, h, f, a, t, p, sp, setup.recompute == "selective", cfg.qk_layernorm)
+    kept = one(s, b, h, f, a, t, p, sp, setup.recompute == "selective", cfg.qk_layernorm)
     branches = 1 if cfg.block_type == "parallel" else 2
-    n = s // t if sp else s
     if cfg.hidden_dropout > 0:
-        base += branches * p * n * b * h                 # dropout masks
+        kept += branches * p * n * b * h                 # dropout masks
+    if cfg.drop_path_rate > 0 and layer > 0 and cfg.num_layers > 1:
+        kept += branches * p * b                         # per-image masks
+    return kept
 
-    def layer(l: int) -> float:                          # drop-path is off in block 0
-        drop_path_on = cfg.drop_path_rate > 0 and l > 0 and cfg.num_layers > 1
-        return base + (branches * p * b if drop_path_on else 0)   # per-image masks
 
-    layers = cfg.num_layers
+def region_input_bytes(cfg: ModelConfig, setup: ActivationSetup) -> float:
+    """What a fully recomputed region keeps: its input (a sequence shard under SP)."""
+    t, b, p, sp, s, n = _geometry(cfg, setup)
+    return p * n * b * cfg.hidden_size
+
+
+def recomputed_stack_bytes(cfg: ModelConfig, setup: ActivationSetup, layers: range,
+                           recomputed: int) -> float:
+    """Bytes kept by the blocks `layers` when the first `recomputed` of them are each
+    recomputed on their own (full, block method); the recomputed regions also share one
+    tensor of the images' int64 ids (8 b bytes)."""
+    kept = sum(layer_activation_bytes(cfg, setup, l) for l in layers[recomputed:])
+    if recomputed:
+        kept += recomputed * region_input_bytes(cfg, setup) + 8 * setup.micro_batch
+    return kept
+
+
+def block_activation_bytes(cfg: ModelConfig, setup: ActivationSetup) -> float:
+    """Predicted bytes kept for backward per block per micro-batch on one TP rank, averaged
+    over the model's blocks (full recomputation keeps different amounts per block, and
+    drop-path is off in block 0). Attention dropout is not modelled (on CPU it switches
+    SDPA to its math kernel, which keeps s x s tensors)."""
+    layers = range(cfg.num_layers)
     if setup.recompute != "full":
-        return sum(layer(l) for l in range(layers)) / layers
-    # A recomputed region keeps its input; all regions share one tensor of the images'
-    # int64 ids (the drop-path keys), counted once.
-    region_input = p * n * b * h
+        return sum(layer_activation_bytes(cfg, setup, l) for l in layers) / len(layers)
     k = setup.recompute_num_layers
     if setup.recompute_method == "uniform":
-        return (region_input * -(-layers // k) + 8 * b) / layers
-    return (k * region_input + 8 * b + sum(layer(l) for l in range(k, layers))) / layers
-
-
-class SavedTensorMeter:
-    """Inside `with meter:`, every tensor autograd saves for backward is recorded by its
-    storage; `bytes` sums each storage once. Storages of `exclude` (parameters, buffers)
-    are not activations and are left out."""
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.storages: dict[int, int] = {}
-        self._hooks = None
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self.exclude:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    def __enter__(self) -> "SavedTensorMeter":
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.storages.values())
+        regions = -(-len(layers) // k)
+        return (regions * region_input_bytes(cfg, setup) + 8 * setup.micro_batch) / len(layers)
+    return recomputed_stack_bytes(cfg, setup, layers, k) / len(layers)
 
 
 def measure_block_activations(model: torch.nn.Module, hidden: torch.Tensor,

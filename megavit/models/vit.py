@@ -426,10 +426,14 @@ class VisionTransformer(nn.Module):
                  if i < n else self._run_blocks(x, mask, sample_ids, i, i + 1))
         return x
 
-    def forward(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None,
+                block_meter: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+        """`block_meter`, if given, is entered around the blocks only (e.g. a
+        SavedTensorMeter measuring their activations)."""
         if self.pre_process:
             x = self.scatter_sequence(self.embed(x))
-        x = self.run_blocks(x, sample_ids)
+        with block_meter if block_meter is not None else contextlib.nullcontext():
+            x = self.run_blocks(x, sample_ids)
         if self.post_process:
             x = self.pool(self.gather_sequence(x))
             if self.head is not None:
@@ -465,6 +469,62 @@ def vit_flops(cfg: ModelConfig, batch_size: int, training: bool = True) -> int:
         head += 2 * h * cfg.num_classes
     forward = batch_size * (embed + cfg.num_layers * block + head) + once
     return 3 * forward if training else forward
+
+
+class StageModel(nn.Module):
+    """The chunks of the model one pipeline stage holds (one, or v with the interleaved
+    schedule), in local chunk order. Its parameters carry the serial model's names
+    (`blocks.17...`), not the container's."""
+
+    def __init__(self, chunks: list[VisionTransformer]) -> None:
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True):
+        for chunk in self.chunks:
+            yield from chunk.named_parameters(prefix, recurse, remove_duplicate)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """This stage's tensors under the serial model's names."""
+        out: dict[str, torch.Tensor] = {}
+        for chunk in self.chunks:
+            out.update(chunk.state_dict(*args, **kwargs))
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Load the entries of `state` (serial names) that belong to this stage's chunks; with
+        `strict`, every chunk's tensors must be there and nothing else."""
+        used: set[str] = set()
+        for chunk in self.chunks:
+            own = {k: v for k, v in state.items() if k in chunk.state_dict()}
+            used |= own.keys()
+            chunk.load_state_dict(own, strict=strict, assign=assign)
+        extra = sorted(set(state) - used)
+        if strict and extra:
+            raise RuntimeError(f"unexpected keys for this pipeline stage: {extra}")
+
+    @property
+    def rt(self) -> Runtime:
+        return self.chunks[0].rt
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.chunks[0].cfg
+
+    def estimate_flops(self, batch_size: int, training: bool = True) -> int:
+        """Matmul FLOPs of the whole model (every stage) for `batch_size` images."""
+        return vit_flops(self.cfg, batch_size, training)
+
+
+def build_stage(cfg: ModelConfig, rt: Runtime, seed: int, layout, stage: int,
+                device: torch.device | str = "cpu") -> StageModel:
+    """This pipeline stage's chunks (`layout`: a PipelineLayout), initialised as the serial
+    model would be."""
+    return StageModel([
+        build_vit(cfg, rt, seed, device, layers=layout.chunk_layers(stage, c),
+                  pre_process=layout.is_first(stage, c), post_process=layout.is_last(stage, c))
+        for c in range(layout.chunks)])
 
 
 def build_vit(cfg: ModelConfig, rt: Runtime | Group, seed: int,

@@ -46,6 +46,10 @@ class CommStats:
         """{"tp.all_reduce": calls, ...} — a plain dict, easy to send between processes."""
         return {f"{g}.{op}": n for (g, op), n in sorted(self.calls.items())}
 
+    def bytes_snapshot(self) -> dict[str, int]:
+        """{"tp.all_reduce": bytes, ...}."""
+        return {f"{g}.{op}": n for (g, op), n in sorted(self.bytes.items())}
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -124,6 +128,18 @@ class Group:
             self.stats.record(self.name, "broadcast", _nbytes(t))
             dist.broadcast(t, src=self.ranks[src], group=self.pg)
         return t
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int, int]],
+                 recvs: list[tuple[torch.Tensor, int, int]]) -> list[dist.Work]:
+        """Post point-to-point sends and receives together (one batch_isend_irecv):
+        each entry is (tensor, peer's rank in this group, tag). Returns the handles, sends
+        first; a received tensor may be read after its handle's `wait()`."""
+        ops = []
+        for (t, peer, tag), fn, op in [(x, dist.isend, "send") for x in sends] + \
+                                      [(x, dist.irecv, "recv") for x in recvs]:
+            self.stats.record(self.name, op, _nbytes(t))
+            ops.append(dist.P2POp(fn, t, self.ranks[peer], group=self.pg, tag=tag))
+        return dist.batch_isend_irecv(ops) if ops else []
 
     @classmethod
     def single(cls, name: str, stats: CommStats, global_rank: int = 0) -> "Group":

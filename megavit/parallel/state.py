@@ -5,8 +5,8 @@ tensor-parallel group are neighbours (the same node under torchrun's numbering):
 
     global rank = (pp_rank * dp_size + dp_rank) * tp_size + tp_rank
 
-Groups are built with `torch.distributed.device_mesh.init_device_mesh`. Pipeline
-parallelism is not implemented yet, so pp has size 1.
+Groups are built with `torch.distributed.device_mesh.init_device_mesh`; the pp group links
+the stages that hold consecutive parts of the model for one (dp, tp) position.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class ParallelState:
     world_size: int
     tp: Group
     dp: Group
+    pp: Group
     device: torch.device
     stats: CommStats
     launch: LaunchInfo
@@ -37,11 +38,13 @@ class ParallelState:
 
     @property
     def is_main(self) -> bool:
-        """The one rank that prints logs and writes metrics."""
-        return self.rank == 0
+        """The one rank that prints logs and writes metrics: on the last pipeline stage
+        (where the loss is), data- and tensor-parallel rank 0."""
+        return self.pp.rank == self.pp.size - 1 and self.dp.rank == 0 and self.tp.rank == 0
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = tp {self.tp.size} x dp {self.dp.size} "
+        pp = f"pp {self.pp.size} x " if self.pp.size > 1 else ""
+        return (f"world {self.world_size} = {pp}tp {self.tp.size} x dp {self.dp.size} "
                 f"(launcher: {self.launch.launcher}, device: {self.device.type})")
 
 
@@ -62,23 +65,26 @@ def serial_state(device: torch.device | str = "cpu") -> ParallelState:
     stats = CommStats()
     return ParallelState(
         rank=0, world_size=1, tp=Group.single("tp", stats), dp=Group.single("dp", stats),
-        device=torch.device(device), stats=stats, launch=LaunchInfo(0, 1, 0, "single"),
+        pp=Group.single("pp", stats), device=torch.device(device), stats=stats,
+        launch=LaunchInfo(0, 1, 0, "single"),
     )
 
 
 def build_parallel_state(tp_size: int, device: torch.device,
-                         launch: LaunchInfo | None = None) -> ParallelState:
+                         launch: LaunchInfo | None = None, pp_size: int = 1) -> ParallelState:
     """Carve the running default process group into the (pp, dp, tp) mesh."""
     if not dist.is_initialized():
-        if tp_size != 1:
-            raise ValueError(f"tensor-parallel size {tp_size} needs a process group")
+        if tp_size != 1 or pp_size != 1:
+            raise ValueError(f"tensor-parallel size {tp_size} x pipeline size {pp_size} needs "
+                             "a process group")
         return serial_state(device)
     from torch.distributed.device_mesh import init_device_mesh
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world % tp_size:
-        raise ValueError(f"world size {world} is not divisible by tensor-parallel size {tp_size}")
-    mesh = init_device_mesh(device.type, (1, world // tp_size, tp_size),
+    if world % (tp_size * pp_size):
+        raise ValueError(f"world size {world} is not divisible by tensor-parallel size "
+                         f"{tp_size} x pipeline size {pp_size}")
+    mesh = init_device_mesh(device.type, (pp_size, world // (tp_size * pp_size), tp_size),
                             mesh_dim_names=("pp", "dp", "tp"))
     stats = CommStats()
 
@@ -91,11 +97,11 @@ def build_parallel_state(tp_size: int, device: torch.device,
 
     launch = launch or LaunchInfo(rank, world, 0, "external")
     return ParallelState(rank=rank, world_size=world, tp=group("tp"), dp=group("dp"),
-                         device=device, stats=stats, launch=launch, mesh=mesh)
+                         pp=group("pp"), device=device, stats=stats, launch=launch, mesh=mesh)
 
 
 def init_parallel_state(tp_size: int, backend: str = "auto", device: str = "auto",
-                        timeout_minutes: float = 10.0) -> ParallelState:
+                        timeout_minutes: float = 10.0, pp_size: int = 1) -> ParallelState:
     """Start the process group from the launcher's environment (torchrun, mpirun, srun, or
     none) and build the mesh. Backend 'auto' is nccl on GPU, gloo on CPU."""
     from megavit.parallel.launcher import detect_launch
@@ -105,7 +111,7 @@ def init_parallel_state(tp_size: int, backend: str = "auto", device: str = "auto
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     info = init_process_group(backend, timedelta(minutes=timeout_minutes))
-    return build_parallel_state(tp_size, dev, info)
+    return build_parallel_state(tp_size, dev, info, pp_size)
 
 
 def destroy_parallel_state(pstate: ParallelState | None = None, barrier: bool = True) -> None:
@@ -116,7 +122,7 @@ def destroy_parallel_state(pstate: ParallelState | None = None, barrier: bool = 
     begun finalising, which aborts the process (seen under mpirun). `barrier=False` on an
     error path, where the other ranks may never reach a barrier."""
     if pstate is not None:
-        for group in (pstate.tp, pstate.dp):
+        for group in (pstate.tp, pstate.dp, pstate.pp):
             group.pg = None
         pstate.mesh = None
     if dist.is_initialized():

@@ -17,38 +17,79 @@ from torch import nn
 from megavit.config import Config, ConfigError
 from megavit.data.datasets import Dataset, build_datasets
 from megavit.data.sampler import GlobalBatchSampler, MicroBatch, eval_batches, train_batches
-from megavit.models.vit import Runtime, build_vit
+from megavit.models.activation_memory import ActivationSetup
+from megavit.models.vit import Runtime, StageModel, build_stage
+from megavit.parallel.pipeline_executor import PipelineExecutor
+from megavit.parallel.pipeline_layout import PipelineLayout, PipelineLayoutError
 from megavit.parallel.random import RNGTracker
+from megavit.parallel.schedules import ScheduleError, build_schedule, theoretical_bubble
 from megavit.parallel.state import ParallelState
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, Stopwatch, format_eta
 from megavit.training.optimizer import build_optimizer
 from megavit.training.peak_flops import configure_tf32, device_peak_flops
-from megavit.training.step import StepResult, classification_loss, train_step
+from megavit.training.recompute_plan import GIB, StagePlan, plan_all_stages
+from megavit.training.step import StepResult, classification_loss, run_micro_batches, train_step
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, pstate: ParallelState,
-             global_batch_size: int, micro_batch_size: int,
-             max_batches: int | None = None) -> dict[str, float]:
-    """Mean loss and top-1 accuracy over the held-out split (or its first `max_batches`
-    global batches), summed over DP ranks: the same images in every layout."""
+def evaluate(run: "TrainingRun") -> dict[str, float]:
+    """Mean loss and top-1 accuracy over the held-out split (or its first --eval-iters
+    global batches): the same images in every layout, run forward through the pipeline,
+    summed over DP ranks. Valid on the last pipeline stage (zeros elsewhere)."""
+    pstate, model, t = run.pstate, run.model, run.cfg.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=pstate.device)  # loss, correct, count
-    for images, labels, _ in eval_batches(dataset, global_batch_size, pstate.dp.rank,
-                                          pstate.dp.size, micro_batch_size, max_batches):
-        if labels.numel() == 0:
-            continue
-        images, labels = images.to(pstate.device), labels.to(pstate.device)
-        logits = model(images).float()
+
+    def tally(mb: int, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums[1] += (logits.argmax(dim=-1) == labels).sum()
         sums[2] += labels.numel()
+        return logits.new_zeros(())
+
+    for micro_batches in eval_batches(run.heldout, t.global_batch_size, pstate.dp.rank,
+                                      pstate.dp.size, t.micro_batch_size,
+                                      run.cfg.logging.eval_iters, run.needs_images):
+        micro_batches = [mb for mb in micro_batches if mb.labels.numel()]
+        if micro_batches:
+            run_micro_batches(model, run.executor, micro_batches, pstate, tally,
+                              forward_only=True)
     pstate.dp.all_reduce(sums)
     model.train()
     count = max(sums[2].item(), 1.0)
     return {"eval_loss": sums[0].item() / count, "eval_accuracy": sums[1].item() / count,
             "eval_images": int(sums[2].item())}
+
+
+def pipeline_layout(cfg: Config) -> PipelineLayout:
+    """The split of the blocks over the pipeline stages; ConfigError when impossible."""
+    p = cfg.parallel
+    try:
+        return PipelineLayout.from_flags(cfg.model.num_layers, p.pipeline_model_parallel_size,
+                                         p.num_layers_per_virtual_pipeline_stage,
+                                         p.num_layers_in_first_pipeline_stage,
+                                         p.num_layers_in_last_pipeline_stage)
+    except PipelineLayoutError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_schedule(cfg: Config, layout: PipelineLayout, dp_size: int) -> int:
+    """The number of micro-batches per step, checked against the schedule; ConfigError
+    when the schedule cannot run it. Also checks block recomputation against the stages."""
+    t = cfg.training
+    m = t.global_batch_size // (t.micro_batch_size * dp_size)
+    try:
+        build_schedule(m, layout.stages, 0, layout.chunks)
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
+    p = cfg.parallel
+    if p.recompute_granularity == "full" and p.recompute_method == "block":
+        per_chunk = min(len(layout.chunk_layers(k, 0)) for k in range(layout.stages))
+        if p.recompute_num_layers > per_chunk:
+            raise ConfigError(f"--recompute-num-layers {p.recompute_num_layers} (method block) "
+                              f"is more than the {per_chunk} blocks of a pipeline stage's chunk")
+    return m
 
 
 def _resolve_num_classes(cfg: Config, train: Dataset) -> Config:
@@ -73,50 +114,74 @@ def _count(n: float) -> str:
 
 @dataclass
 class TrainingRun:
-    """Everything one training run holds, built the same way for `pretrain` and tests."""
+    """Everything one training run holds on this rank, built the same way for `pretrain`
+    and tests: this pipeline stage's part of the model, its optimizer and executor."""
 
     cfg: Config
     pstate: ParallelState
-    model: nn.Module
+    model: StageModel
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     train_set: Dataset
     heldout: Dataset
     sampler: GlobalBatchSampler
+    layout: PipelineLayout
+    executor: PipelineExecutor
+    plans: list[StagePlan] | None = None   # --recompute-granularity auto
 
     @classmethod
     def build(cls, cfg: Config, pstate: ParallelState) -> "TrainingRun":
-        t = cfg.training
+        t, p = cfg.training, cfg.parallel
         configure_tf32(cfg.precision.tf32)
         train_set, heldout = build_datasets(cfg.data, cfg.model, t.seed)
         cfg = _resolve_num_classes(cfg, train_set)
-        rng = RNGTracker(t.seed, pstate.tp.rank, pstate.device)
-        runtime = Runtime.from_config(cfg.parallel, pstate.tp, t.seed, rng)
-        model = build_vit(cfg.model, runtime, t.seed, pstate.device)
+        layout = pipeline_layout(cfg)
+        micro_batches = check_schedule(cfg, layout, pstate.dp.size)
+        stage = pstate.pp.rank
+        # Each stage seeds its dropout streams apart: its layers are different layers.
+        rng = RNGTracker(t.seed + 100 * stage, pstate.tp.rank, pstate.device)
+        runtime = Runtime.from_config(p, pstate.tp, t.seed, rng)
+        plans = None
+        if p.recompute_granularity == "auto":
+            setup = ActivationSetup(tp=pstate.tp.size, micro_batch=t.micro_batch_size,
+                                    sequence_parallel=runtime.sequence_parallel)
+            plans = plan_all_stages(cfg.model, layout, micro_batches, setup,
+                                    p.activation_memory_budget_gb * GIB)
+            n = plans[stage].recomputed
+            runtime = dataclasses.replace(runtime, recompute_granularity="full" if n else None,
+                                          recompute_method="block", recompute_num_layers=n or 1)
+        model = build_stage(cfg.model, runtime, t.seed, layout, stage, pstate.device)
         return cls(
             cfg=cfg, pstate=pstate, model=model, optimizer=build_optimizer(model, t),
             schedule=LRSchedule(t.lr, t.min_lr, t.lr_warmup_iters,
                                 t.lr_decay_iters or t.train_iters, t.lr_decay_style),
             loss_fn=classification_loss(t.label_smoothing), train_set=train_set,
             heldout=heldout, sampler=GlobalBatchSampler(len(train_set), t.global_batch_size, t.seed),
+            layout=layout, executor=PipelineExecutor(layout, stage, pstate.pp, pstate.device),
+            plans=plans,
         )
+
+    @property
+    def needs_images(self) -> bool:
+        """Only the stage holding the model's first chunk reads images."""
+        return any(self.layout.is_first(self.pstate.pp.rank, c) for c in range(self.layout.chunks))
 
     def batches(self, start: int, stop: int) -> Iterator[list[MicroBatch]]:
         """This rank's micro-batches for iterations [start, stop)."""
         t, d, dp = self.cfg.training, self.cfg.data, self.pstate.dp
         return train_batches(self.train_set, self.sampler, start, stop, dp.rank, dp.size,
-                             t.micro_batch_size, d.num_workers, d.augment)
+                             t.micro_batch_size, d.num_workers, d.augment, self.needs_images)
 
     def step(self, iteration: int, micro_batches: list[MicroBatch],
-             on_gradients: Callable[[nn.Module], None] | None = None) -> StepResult:
-        return train_step(self.model, self.optimizer, self.schedule, iteration, micro_batches,
-                          self.pstate, self.loss_fn, self.cfg.training.clip_grad, on_gradients)
+             on_gradients: Callable[[nn.Module], None] | None = None,
+             measure: bool = False) -> StepResult:
+        return train_step(self.model, self.optimizer, self.schedule.lr_at(iteration),
+                          micro_batches, self.pstate, self.executor, self.loss_fn,
+                          self.cfg.training.clip_grad, on_gradients, measure)
 
     def evaluate(self) -> dict[str, float]:
-        t = self.cfg.training
-        return evaluate(self.model, self.heldout, self.pstate, t.global_batch_size,
-                        t.micro_batch_size, self.cfg.logging.eval_iters)
+        return evaluate(self)
 
 
 def pretrain(cfg: Config, pstate: ParallelState) -> dict[str, Any]:
@@ -133,9 +198,9 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
     m, t, lg = cfg.model, cfg.training, cfg.logging
     dp = pstate.dp
     micro_per_step = t.global_batch_size // (t.micro_batch_size * dp.size)
-    total_params = sum(
-        p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
-        for p in model.parameters())
+    stage_params = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
+                       for p in model.parameters())
+    total_params = pstate.pp.all_reduce(torch.tensor([float(stage_params)])).item()
     flops_per_step = model.estimate_flops(t.global_batch_size, training=True)
     # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
     peak, peak_source = (device_peak_flops(pstate.device, torch.float32, cfg.precision.tf32,
@@ -151,6 +216,18 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
     if cfg.parallel.sequence_parallel and pstate.tp.size == 1:
         sp = "off (--sequence-parallel has no effect at TP=1)"
     log.info(f"layout: {pstate.describe()} | sequence parallel {sp} | recompute {recompute}")
+    layout = run.layout
+    if layout.stages > 1:
+        split = ", ".join(f"{k}: {'+'.join(str(len(layout.chunk_layers(k, c))) for c in range(layout.chunks))}"
+                          for k in range(layout.stages))
+        schedule = "interleaved" if layout.chunks > 1 else "1F1B"
+        log.info(f"pipeline: {layout.stages} stages, {schedule}, blocks per stage {{{split}}}, "
+                 f"{micro_per_step} micro-batches per step, bubble (P-1)/(v*m+P-1) = "
+                 f"{theoretical_bubble(micro_per_step, layout.stages, layout.chunks):.3f}")
+    if run.plans is not None:
+        budget = cfg.parallel.activation_memory_budget_gb * GIB
+        for plan in run.plans:
+            log.info(f"recompute plan: {plan.describe(budget)}")
     log.info(f"model: {cfg.preset or 'custom'} | block {m.block_type} | layers {m.num_layers} "
              f"| hidden {m.hidden_size} | heads {m.num_attention_heads} | ffn {m.ffn_hidden_size} "
              f"| patch {m.patch_dim} | image {m.img_h}x{m.img_w}x{m.num_channels} "

@@ -1,0 +1,177 @@
+"""Pipeline schedules as lists of actions, one list per stage, and their timing on paper.
+
+A schedule says, for one stage, in which order it runs the forward ("F") and backward ("B")
+passes of each (micro-batch, local chunk). Running it (p2p, autograd) is the executor's job
+(`megavit.parallel.pipeline_executor`); here the lists are plain data, so they can be
+printed, simulated and tested.
+
+    schedule_1f1b(m, P, k)              warm-up of P-k-1 forwards, then one forward and one
+                                        backward in turn, then the remaining backwards
+    schedule_interleaved(m, P, k, v)    Megatron's interleaved 1F1B over v chunks per stage
+    schedule_forward_only(m, P, k, v)   every forward, in the interleaved order (evaluation)
+
+With P = 1 the 1F1B list is F0 B0 F1 B1 ...: plain gradient accumulation.
+
+`simulate` times the lists with forward = 1/v and backward = 2/v units per chunk (a whole
+model's forward = 1), every stage equally fast and p2p free, and returns the makespan and
+each stage's idle fraction: the bubble, (P-1)/(m+P-1) for 1F1B and (P-1)/(v*m+P-1)
+interleaved (Narayanan et al. 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Action(NamedTuple):
+    kind: str         # "F" or "B"
+    micro_batch: int
+    chunk: int        # local chunk on this stage
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.micro_batch}" + (f".{self.chunk}" if self.chunk else "")
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run with these sizes; says which flag to change."""
+
+
+def schedule_1f1b(num_microbatches: int, stages: int, stage: int) -> list[Action]:
+    m = num_microbatches
+    warmup = min(stages - stage - 1, m)
+    actions = [Action("F", i, 0) for i in range(warmup)]
+    for i in range(m - warmup):
+        actions += [Action("F", warmup + i, 0), Action("B", i, 0)]
+    actions += [Action("B", i, 0) for i in range(m - warmup, m)]
+    return actions
+
+
+def _interleaved_slot(j: int, stages: int, chunks: int, forward: bool) -> tuple[int, int]:
+    """(micro-batch, local chunk) of the j-th forward (or backward) of a stage: micro-batches
+    go in groups of P through chunk 0, then the same group through chunk 1, ...; backward
+    visits the chunks in reverse."""
+    group, r = divmod(j, stages * chunks)
+    chunk = r // stages
+    return group * stages + r % stages, (chunk if forward else chunks - 1 - chunk)
+
+
+def schedule_interleaved(num_microbatches: int, stages: int, stage: int,
+                         chunks: int) -> list[Action]:
+    m, P, v = num_microbatches, stages, chunks
+    if m % P:
+        raise ScheduleError(f"the interleaved schedule needs the number of micro-batches ({m} = "
+                            f"--global-batch-size / (--micro-batch-size x data-parallel size)) "
+                            f"to be a multiple of --pipeline-model-parallel-size {P}")
+    total = m * v
+    warmup = total if m == P else min((P - stage - 1) * 2 + (v - 1) * P, total)
+    fwd = [Action("F", *_interleaved_slot(j, P, v, True)) for j in range(total)]
+    bwd = [Action("B", *_interleaved_slot(j, P, v, False)) for j in range(total)]
+    actions = fwd[:warmup]
+    for i in range(total - warmup):
+        actions += [fwd[warmup + i], bwd[i]]
+    return actions + bwd[total - warmup:]
+
+
+def schedule_forward_only(num_microbatches: int, stages: int, stage: int,
+                          chunks: int = 1) -> list[Action]:
+    m = num_microbatches
+    if chunks == 1:
+        return [Action("F", i, 0) for i in range(m)]
+    return [Action("F", *_interleaved_slot(j, stages, chunks, True)) for j in range(m * chunks)]
+
+
+def build_schedule(num_microbatches: int, stages: int, stage: int, chunks: int = 1,
+                   forward_only: bool = False) -> list[Action]:
+    """The schedule megavit runs for this stage."""
+    if forward_only:
+        return schedule_forward_only(num_microbatches, stages, stage, chunks)
+    if chunks > 1:
+        return schedule_interleaved(num_microbatches, stages, stage, chunks)
+    return schedule_1f1b(num_microbatches, stages, stage)
+
+
+def in_flight(actions: list[Action]) -> int:
+    """The most (micro-batch, chunk) forwards whose backward has not run yet: how many
+    chunk-activations this stage holds at its peak."""
+    live = peak = 0
+    for a in actions:
+        live += 1 if a.kind == "F" else -1
+        peak = max(peak, live)
+    return peak
+
+
+@dataclass
+class Timeline:
+    makespan: float
+    busy: list[float]                                  # per stage
+    slots: list[list[tuple[float, float, Action]]]     # per stage: (start, end, action)
+
+    @property
+    def bubble(self) -> list[float]:
+        """Idle fraction of each stage."""
+        return [1 - b / self.makespan for b in self.busy]
+
+
+def simulate(schedules: list[list[Action]], chunks: int = 1, forward_time: float = 1.0,
+             backward_time: float = 2.0) -> Timeline:
+    """Time the stages' action lists: an action starts when its stage is free and its input
+    exists (the previous chunk's forward of that micro-batch; the next chunk's backward).
+    Chunk g of the model is local chunk g // P of stage g % P."""
+    P = len(schedules)
+    f, b = forward_time / chunks, backward_time / chunks
+    done: dict[tuple[str, int, int], float] = {}          # (kind, micro-batch, global chunk)
+    clock, pos = [0.0] * P, [0] * P
+    slots: list[list[tuple[float, float, Action]]] = [[] for _ in range(P)]
+    total_chunks = P * chunks
+    remaining = sum(len(s) for s in schedules)
+    while remaining:
+        progressed = False
+        for k in range(P):
+            if pos[k] == len(schedules[k]):
+                continue
+            a = schedules[k][pos[k]]
+            g = a.chunk * P + k
+            if a.kind == "F":
+                dep = ("F", a.micro_batch, g - 1) if g > 0 else None
+            else:
+                dep = ("B", a.micro_batch, g + 1) if g < total_chunks - 1 else ("F", a.micro_batch, g)
+            if dep is not None and dep not in done:
+                continue
+            start = max(clock[k], done.get(dep, 0.0) if dep else 0.0)
+            end = start + (f if a.kind == "F" else b)
+            done[(a.kind, a.micro_batch, g)] = end
+            slots[k].append((start, end, a))
+            clock[k], pos[k] = end, pos[k] + 1
+            remaining -= 1
+            progressed = True
+        if not progressed:
+            raise ScheduleError("the schedules wait on each other (deadlock)")
+    makespan = max(clock)
+    busy = [sum(e - s for s, e, _ in stage_slots) for stage_slots in slots]
+    return Timeline(makespan, busy, slots)
+
+
+def theoretical_bubble(num_microbatches: int, stages: int, chunks: int = 1) -> float:
+    """(P-1) / (v*m + P-1): the idle fraction of every stage."""
+    return (stages - 1) / (chunks * num_microbatches + stages - 1)
+
+
+def format_schedule(schedules: list[list[Action]], chunks: int = 1) -> str:
+    """One line per stage: its actions in order with idle gaps ("." per forward-time unit
+    of chunk), and its bubble; then the theory."""
+    t = simulate(schedules, chunks)
+    unit = 1.0 / chunks
+    lines = []
+    for k, stage_slots in enumerate(t.slots):
+        cells, clock = [], 0.0
+        for start, end, a in stage_slots:
+            gap = round((start - clock) / unit)
+            cells += ["."] * gap + [str(a)]
+            clock = end
+        cells += ["."] * round((t.makespan - clock) / unit)
+        lines.append(f"stage {k}: {' '.join(cells)}   bubble {t.bubble[k]:.3f}")
+    m = sum(1 for a in schedules[0] if a.kind == "F") // chunks
+    lines.append(f"theory (P-1)/(v*m+P-1) = {theoretical_bubble(m, len(schedules), chunks):.3f}"
+                 f" (P={len(schedules)}, v={chunks}, m={m})")
+    return "\n".join(lines)
