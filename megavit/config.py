@@ -397,6 +397,11 @@ class LoggingConfig:
             choices=("auto", "on", "off"),
         ),
     )
+    print_schedule: bool = field(
+        default=False,
+        metadata=_opt("Print the pipeline schedule of this run (per stage, with its bubble) "
+                      "at start-up."),
+    )
     peak_tflops: float | None = field(
         default=None,
         metadata=_opt(

@@ -68,27 +68,32 @@ def run_distributed(world_size: int, tp: int, jobs: dict[str, Job], timeout: flo
             pipes.append(parent)
             procs.append(p)
         results, errors = {}, []
-        waiting = dict(enumerate(pipes))
-        deadline = time.monotonic() + timeout
-        while waiting and not errors:
-            ready = wait(list(waiting.values()), timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                errors.append(f"ranks {sorted(waiting)} gave no result within {timeout:.0f} s")
-                break
-            for rank in [r for r, c in waiting.items() if c in ready]:
-                try:
-                    status, payload = waiting.pop(rank).recv()
-                except EOFError:
-                    status, payload = "error", "the process died without a result"
-                if status == "ok":
-                    results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
-                else:
-                    errors.append(f"--- rank {rank} ---\n{payload}")
-        for p in procs:  # after a failure the others may be stuck in a collective
-            p.join(timeout=0 if errors else 30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        try:
+            waiting = dict(enumerate(pipes))
+            deadline = time.monotonic() + timeout
+            while waiting and not errors:
+                ready = wait(list(waiting.values()), timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    errors.append(f"ranks {sorted(waiting)} gave no result within {timeout:.0f} s")
+                    break
+                for rank in [r for r, c in waiting.items() if c in ready]:
+                    try:
+                        status, payload = waiting.pop(rank).recv()
+                    except EOFError:
+                        status, payload = "error", "the process died without a result"
+                    if status == "ok":
+                        try:
+                            results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
+                        except Exception as e:  # noqa: BLE001 — e.g. a type the loader refuses
+                            errors.append(f"--- rank {rank} --- its result cannot be loaded: {e}")
+                    else:
+                        errors.append(f"--- rank {rank} ---\n{payload}")
+        finally:
+            for p in procs:  # after a failure the others may be stuck in a collective
+                p.join(timeout=0 if errors else 30)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
         if errors:
             raise RuntimeError("distributed workers failed:\n" + "\n".join(errors))
     return {name: [results[r][name] for r in range(world_size)] for name in jobs}

@@ -79,6 +79,13 @@ BAD = [
      "--tensor-model-parallel-size 4 does not divide --ffn-hidden-size 130"),
     (dict(parallel={"tensor_model_parallel_size": 2}), 3,
      "world size 3 is not divisible by --tensor-model-parallel-size 2"),
+    (dict(parallel={"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}), 6,
+     "world size 6 is not divisible by --tensor-model-parallel-size 2 x "
+     "--pipeline-model-parallel-size 2"),
+    (dict(parallel={"recompute_granularity": "auto"}), 1,
+     "--recompute-granularity auto needs a positive --activation-memory-budget-gb"),
+    (dict(parallel={"activation_memory_budget_gb": 1.0}), 1,
+     "--activation-memory-budget-gb applies to --recompute-granularity auto"),
     (dict(training={"global_batch_size": 12, "micro_batch_size": 4}), 2,
      "--global-batch-size 12 is not divisible by --micro-batch-size 4 x data-parallel size 2"),
     (dict(model={"img_h": 18}), 1, "image 18x16 (--img-h x --img-w) is not divisible by --patch-dim 4"),
@@ -132,6 +139,12 @@ def test_valid_layouts_pass():
     (["--num-layers", "two"], "invalid int value: 'two'"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--preset", "vit-debug", "--num-classes", "0"], "pretraining needs a classifier"),
+    (["--preset", "vit-debug", "--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+     "world size 1 is not divisible"),
+    (["--preset", "vit-debug", "--num-layers-per-virtual-pipeline-stage", "1"],
+     "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size of 2 or more"),
+    (["--preset", "vit-debug", "--num-layers-in-first-pipeline-stage", "1"],
+     "need --pipeline-model-parallel-size of 2 or more"),
     (["--preset", "vit-debug", "--train-iters", "1", "--metrics-file", "/proc/nope/m.jsonl"],
      "--metrics-file /proc/nope/m.jsonl: cannot write"),
 ])
@@ -150,3 +163,22 @@ def test_malformed_launcher_environment_exits_2():
     assert proc.returncode == 2, proc.stderr
     assert "OMPI_COMM_WORLD_SIZE='two' is not an integer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pipeline_split_and_schedule_are_checked_before_launch():
+    """With the world size of a real launch, an impossible split or schedule is an error
+    before any process group starts."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}   # never reached
+    for argv, message in [
+        (["--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+         "--num-layers (3) do not split evenly over 2 pipeline stages"),
+        (["--num-layers", "8", "--pipeline-model-parallel-size", "4",
+          "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "6",
+          "--micro-batch-size", "1"],
+         "to be a multiple of --pipeline-model-parallel-size 4"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug",
+                               *argv], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr

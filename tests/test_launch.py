@@ -115,9 +115,20 @@ def test_torchrun_two_ranks_dp2_matches_serial(tmp_path, serial_run):
     assert "world 2 = tp 1 x dp 2 (launcher: torchrun" in out
 
 
+def test_torchrun_two_pipeline_stages_match_serial(tmp_path, serial_run):
+    """PP=2 (one block per stage): the loss and evaluation come from the last stage."""
+    metrics = tmp_path / "m.jsonl"
+    out = _check_run([_tool("torchrun"), "--nproc-per-node", "2", "-m", "megavit.pretrain",
+                      *FLAGS, "--pipeline-model-parallel-size", "2", "--print-schedule",
+                      "--metrics-file", str(metrics)], metrics, serial_run)
+    assert "world 2 = pp 2 x tp 1 x dp 1 (launcher: torchrun" in out
+    assert "pipeline: 2 stages, 1F1B, blocks per stage {0: 1, 1: 1}" in out
+    assert "theory (P-1)/(v*m+P-1) = 0.200 (P=2, v=1, m=4)" in out
+
+
 def test_vit22b_script_smoke_switch_runs_on_cpu(tmp_path):
     """SMOKE=1 examples/pretrain_vit22b.sh: the same torchrun launch, shrunk to vit-debug
-    on 4 CPU processes (TP=2 x DP=2)."""
+    on 4 CPU processes (TP=2 x PP=2)."""
     root = Path(__file__).resolve().parents[1]
     env = {**_clean_env(), "SMOKE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     metrics = tmp_path / "m.jsonl"
@@ -126,6 +137,6 @@ def test_vit22b_script_smoke_switch_runs_on_cpu(tmp_path):
                            "--log-interval", "2"],
                           capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "world 4 = tp 2 x dp 2 (launcher: torchrun" in proc.stdout
+    assert "world 4 = pp 2 x tp 2 x dp 1 (launcher: torchrun" in proc.stdout
     assert "sequence parallel keep | recompute selective" in proc.stdout
     assert len(_losses(metrics)) == 2

@@ -29,3 +29,38 @@ def test_model_summary_lists_every_preset_and_refuses_bad_tp():
     assert proc.returncode == 0 and proc.stdout.count("| vit-") == 10
     bad = _run("--preset", "vit-b", "--tensor-model-parallel-size", "5")
     assert bad.returncode == 2 and "does not divide --num-attention-heads 12" in bad.stderr
+
+
+def test_print_schedule_tool():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
+                           "--pipeline-model-parallel-size", "4", "--micro-batches", "8",
+                           "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5 and all("bubble 0.158" in line for line in lines[:4])
+    assert lines[-1] == "theory (P-1)/(v*m+P-1) = 0.158 (P=4, v=2, m=8)"
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
+                          "--pipeline-model-parallel-size", "4", "--micro-batches", "6",
+                          "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "multiple of --pipeline-model-parallel-size 4" in bad.stderr
+
+
+def test_vit22b_ranks_own_exactly_the_serial_parameters():
+    """ViT-22B on paper at TP=8 x PP=4 (32 ranks) and TP=8 x PP=6 with 2 virtual stages
+    (48 ranks): what the ranks own sums to the serial count (~22.2 B, 21.74 B in blocks)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from model_summary import rank_counts, serial_count
+
+    from megavit.config import preset_model_config
+    from megavit.parallel.pipeline_layout import PipelineLayout
+
+    cfg = preset_model_config("vit-22b", num_classes=1000)
+    total = serial_count(cfg)
+    assert 22.1e9 < total < 22.3e9
+    for layout in (PipelineLayout.from_flags(48, 4, None, None, None),
+                   PipelineLayout.from_flags(48, 6, 4, None, None)):
+        rows = rank_counts(cfg, layout, tp=8)
+        assert len(rows) == 8 * layout.stages
+        assert sum(r["owned"] for r in rows) == total
+        per_stage = {r["stage"]: r["held"] for r in rows}
+        assert max(per_stage.values()) < 1.2 * total / (8 * layout.stages)

@@ -1,12 +1,16 @@
-"""Parameters, FLOPs and optimizer memory of a model, per tensor-parallel rank, on paper.
+"""Parameters, FLOPs and optimizer memory of a model, per rank, on paper.
 
-    python tools/model_summary.py                          # every preset, TP=1
-    python tools/model_summary.py --preset vit-22b --tensor-model-parallel-size 8
-    python tools/model_summary.py --preset vit-b --num-layers 6 --img-h 384 --img-w 384
+    python tools/model_summary.py                          # every preset, one rank
+    python tools/model_summary.py --preset vit-22b --tensor-model-parallel-size 8 \
+        --pipeline-model-parallel-size 4
+    python tools/model_summary.py --preset vit-22b --tensor-model-parallel-size 8 \
+        --pipeline-model-parallel-size 6 --num-layers-per-virtual-pipeline-stage 4
 
-Takes the model flags of `megavit.pretrain` (and --tensor-model-parallel-size). Models are
+Takes the model flags of `megavit.pretrain` and its layout flags. Every rank's part is
 built on the meta device, so even ViT-22B costs no memory. "train state" is fp32 weights,
-gradients and two Adam moments: 16 bytes per parameter held by the rank.
+gradients and two Adam moments: 16 bytes per parameter held by the rank. A rank "owns" its
+shards, and the replicated parameters if it is TP rank 0: owned parameters summed over all
+ranks give the serial model's count.
 """
 
 from __future__ import annotations
@@ -17,47 +21,75 @@ import sys
 import torch
 
 from megavit.config import PRESETS, ConfigError, flag_names, parse_args, validate
-from megavit.models.vit import Runtime, VisionTransformer, vit_flops
+from megavit.models.vit import Runtime, StageModel, VisionTransformer, vit_flops
 from megavit.parallel.comm import CommStats, Group
 
 
-def summarize(model_cfg, tp: int, rank: int = 0) -> dict:
-    group = Group("tp", tuple(range(tp)), rank, None, CommStats())
+def stage_on_meta(model_cfg, layout, stage: int, tp: int, tp_rank: int) -> StageModel:
+    """The part of the model that (stage, tp_rank) holds, on the meta device."""
+    rt = Runtime(Group("tp", tuple(range(tp)), tp_rank, None, CommStats()))
     with torch.device("meta"):
-        model = VisionTransformer(model_cfg, Runtime(group))
-    local = sum(p.numel() for p in model.parameters())
-    full = sum(p.numel() * (tp if getattr(p, "tp_shard", None) else 1) for p in model.parameters())
-    return {"params": full, "params_per_rank": local,
-            "gflops_fwd": vit_flops(model_cfg, 1, training=False) / 1e9,
-            "train_state_gib_per_rank": local * 16 / 2**30}
+        return StageModel([VisionTransformer(model_cfg, rt, layout.chunk_layers(stage, c),
+                                             layout.is_first(stage, c), layout.is_last(stage, c))
+                           for c in range(layout.chunks)])
+
+
+def rank_counts(model_cfg, layout, tp: int) -> list[dict]:
+    """Per (stage, TP rank): blocks, parameters held, parameters owned."""
+    rows = []
+    for stage in range(layout.stages):
+        for tp_rank in range(tp):
+            params = list(stage_on_meta(model_cfg, layout, stage, tp, tp_rank).parameters())
+            held = sum(p.numel() for p in params)
+            owned = sum(p.numel() for p in params
+                        if getattr(p, "tp_shard", None) is not None or tp_rank == 0)
+            rows.append({"stage": stage, "tp_rank": tp_rank, "held": held, "owned": owned,
+                         "blocks": [len(layout.chunk_layers(stage, c))
+                                    for c in range(layout.chunks)]})
+    return rows
+
+
+def serial_count(model_cfg) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in VisionTransformer(model_cfg, Runtime(
+            Group.single("tp", CommStats()))).parameters())
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megavit.training.trainer import pipeline_layout
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_args(argv)
-        tp = cfg.parallel.tensor_model_parallel_size
-        validate(cfg, world_size=tp)
+        tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+        validate(cfg, world_size=tp * pp)
+        model_flags = set(flag_names("model")) | {"--preset"}
+        if any(a.split("=")[0] in model_flags for a in argv):
+            models = [(cfg.preset or "custom", cfg.model)]
+        else:  # no model chosen: every preset
+            models = [(name, parse_args(["--preset", name]).model) for name in PRESETS]
+        models = [(n, dataclasses.replace(m, num_classes=m.num_classes if m.num_classes
+                                          is not None else 1000)) for n, m in models]
+        layouts = [pipeline_layout(dataclasses.replace(cfg, model=m)) for _, m in models]
     except ConfigError as e:
         print(f"model_summary: error: {e}", file=sys.stderr)
         return 2
-    model_flags = set(flag_names("model")) | {"--preset"}
-    if any(a.split("=")[0] in model_flags for a in argv):
-        rows = [(cfg.preset or "custom", cfg.model)]
-    else:  # no model chosen: every preset
-        rows = [(name, parse_args(["--preset", name]).model) for name in PRESETS]
-    print(f"| model | tokens | parameters | params / rank (TP={tp}) | GFLOPs / image (fwd) "
-          f"| train state / rank |")
-    print("|---|---|---|---|---|---|")
-    for name, m in rows:
-        m = dataclasses.replace(m, num_classes=m.num_classes if m.num_classes is not None else 1000)
+    print(f"| model | tokens | parameters | stage: blocks | params / rank (TP={tp}) "
+          f"| GFLOPs / image (fwd) | train state / rank |")
+    print("|---|---|---|---|---|---|---|")
+    for (name, m), layout in zip(models, layouts):
         if m.num_attention_heads % tp or m.ffn_hidden_size % tp:
-            print(f"| {name} | - | - | TP={tp} does not divide its heads/MLP | - | - |")
+            print(f"| {name} | - | - | - | TP={tp} does not divide its heads/MLP | - | - |")
             continue
-        s = summarize(m, tp)
-        print(f"| {name} | {m.seq_length} | {s['params'] / 1e6:,.1f} M | "
-              f"{s['params_per_rank'] / 1e6:,.1f} M | {s['gflops_fwd']:,.1f} | "
-              f"{s['train_state_gib_per_rank']:,.1f} GiB |")
+        total = serial_count(m)
+        by_stage = {r["stage"]: r for r in rank_counts(m, layout, tp) if r["tp_rank"] == 0}
+        for stage, r in by_stage.items():
+            blocks = "+".join(str(n) for n in r["blocks"])
+            print(f"| {name if stage == 0 else ''} | {m.seq_length if stage == 0 else ''} | "
+                  f"{f'{total / 1e6:,.1f} M' if stage == 0 else ''} | {stage}: {blocks} | "
+                  f"{r['held'] / 1e6:,.1f} M | "
+                  f"{f'{vit_flops(m, 1, training=False) / 1e9:,.1f}' if stage == 0 else ''} | "
+                  f"{r['held'] * 16 / 2**30:,.1f} GiB |")
     return 0
 
 

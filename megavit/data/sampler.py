@@ -106,7 +106,7 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
         for iteration in range(start, stop):
             idx = sampler.local_indices(iteration, dp_rank, dp_size)
             ids = iteration * g + dp_rank * per_rank + torch.arange(per_rank)
-            yield [MicroBatch(None, labels, i) for labels, i in
+            yield [MicroBatch(None, labels, i.clone()) for labels, i in
                    zip(dataset.labels_of(idx).split(micro_batch_size), ids.split(micro_batch_size))]
         return
     if dataset.in_memory or num_workers == 0:
@@ -123,9 +123,10 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
             theta = affine_params(g, sampler.seed, iteration)
             images = apply_affine(images, theta[dp_rank * per_rank:(dp_rank + 1) * per_rank])
         ids = iteration * g + dp_rank * per_rank + torch.arange(per_rank)
-        yield [MicroBatch(*parts) for parts in zip(images.split(micro_batch_size),
-                                                   labels.split(micro_batch_size),
-                                                   ids.split(micro_batch_size))]
+        # each micro-batch's ids on their own (a view would keep the whole array alive)
+        yield [MicroBatch(x, y, i.clone()) for x, y, i in zip(images.split(micro_batch_size),
+                                                              labels.split(micro_batch_size),
+                                                              ids.split(micro_batch_size))]
 
 
 def eval_batches(dataset: Dataset, global_batch_size: int, dp_rank: int, dp_size: int,

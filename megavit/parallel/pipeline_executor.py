@@ -19,6 +19,7 @@ accumulation, so every layout runs the same code.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,10 +37,18 @@ LossFn = Callable[[int, torch.Tensor], torch.Tensor]                     # (mb, 
 
 @dataclass
 class StepStats:
-    """What a run measured: saved bytes per forward and the peak held at once."""
+    """What a run measured: saved bytes per forward and the peak held at once (when
+    metered), the run's wall time and the part of it spent waiting for messages."""
 
     saved_bytes: dict[tuple[int, int], int] = field(default_factory=dict)
     peak_saved_bytes: int = 0
+    started: float = 0.0       # time.monotonic(): comparable between processes of a host
+    ended: float = 0.0
+    idle_seconds: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
 
 
 class PipelineExecutor:
@@ -53,6 +62,7 @@ class PipelineExecutor:
         self.prev, self.next = (stage - 1) % P, (stage + 1) % P
         self._sends: list[tuple[torch.Tensor, int, int]] = []
         self._works: list = []
+        self._idle = 0.0
 
     def _tag(self, backward: bool, mb: int, g: int) -> int:
         """A message's tag: (direction, micro-batch, global chunk g). Forward: the input of
@@ -65,7 +75,9 @@ class PipelineExecutor:
         self._works += works[:len(self._sends)]
         self._sends = []
         if recv:
+            start = time.perf_counter()
             works[-1].wait()
+            self._idle += time.perf_counter() - start
 
     def run(self, actions: list[Action], forward: ForwardFn, input_shape: Callable[[int], tuple],
             loss: LossFn | None = None, forward_only: bool = False,
@@ -79,6 +91,7 @@ class PipelineExecutor:
         layout, stage = self.layout, self.stage
         stash: dict[tuple[int, int], tuple] = {}
         stats, live = StepStats(), 0
+        stats.started, self._idle = time.monotonic(), 0.0
         for a in actions:
             first, last = layout.is_first(stage, a.chunk), layout.is_last(stage, a.chunk)
             key, g = (a.micro_batch, a.chunk), layout.global_chunk(stage, a.chunk)
@@ -116,7 +129,10 @@ class PipelineExecutor:
                     self._sends.append((x.grad, self.prev, self._tag(True, a.micro_batch, g)))
                 live -= stats.saved_bytes.get(key, 0)
         self._post()
+        start = time.perf_counter()
         for w in self._works:
             w.wait()
+        self._idle += time.perf_counter() - start
         self._works = []
+        stats.ended, stats.idle_seconds = time.monotonic(), self._idle
         return stats

@@ -158,19 +158,22 @@ def theoretical_bubble(num_microbatches: int, stages: int, chunks: int = 1) -> f
 
 
 def format_schedule(schedules: list[list[Action]], chunks: int = 1) -> str:
-    """One line per stage: its actions in order with idle gaps ("." per forward-time unit
-    of chunk), and its bubble; then the theory."""
+    """One line per stage on a common time grid (a cell = one chunk's forward time): each
+    action spans its cells (a backward takes two, continued with "-"), "." is idle; then
+    the stage's bubble and the theory."""
     t = simulate(schedules, chunks)
     unit = 1.0 / chunks
+    width = max(len(str(a)) for stage in schedules for a in stage)
     lines = []
     for k, stage_slots in enumerate(t.slots):
         cells, clock = [], 0.0
         for start, end, a in stage_slots:
-            gap = round((start - clock) / unit)
-            cells += ["."] * gap + [str(a)]
+            cells += ["."] * round((start - clock) / unit)
+            cells += [str(a)] + ["-"] * (round((end - start) / unit) - 1)
             clock = end
         cells += ["."] * round((t.makespan - clock) / unit)
-        lines.append(f"stage {k}: {' '.join(cells)}   bubble {t.bubble[k]:.3f}")
+        row = " ".join(c.ljust(width) for c in cells)
+        lines.append(f"stage {k}: {row}   bubble {t.bubble[k]:.3f}")
     m = sum(1 for a in schedules[0] if a.kind == "F") // chunks
     lines.append(f"theory (P-1)/(v*m+P-1) = {theoretical_bubble(m, len(schedules), chunks):.3f}"
                  f" (P={len(schedules)}, v={chunks}, m={m})")

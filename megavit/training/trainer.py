@@ -22,7 +22,8 @@ from megavit.models.vit import Runtime, StageModel, build_stage
 from megavit.parallel.pipeline_executor import PipelineExecutor
 from megavit.parallel.pipeline_layout import PipelineLayout, PipelineLayoutError
 from megavit.parallel.random import RNGTracker
-from megavit.parallel.schedules import ScheduleError, build_schedule, theoretical_bubble
+from megavit.parallel.schedules import (ScheduleError, build_schedule, format_schedule,
+                                        theoretical_bubble)
 from megavit.parallel.state import ParallelState
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, Stopwatch, format_eta
@@ -224,6 +225,10 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
         log.info(f"pipeline: {layout.stages} stages, {schedule}, blocks per stage {{{split}}}, "
                  f"{micro_per_step} micro-batches per step, bubble (P-1)/(v*m+P-1) = "
                  f"{theoretical_bubble(micro_per_step, layout.stages, layout.chunks):.3f}")
+    if lg.print_schedule:
+        log.info("schedule:\n" + format_schedule(
+            [build_schedule(micro_per_step, layout.stages, k, layout.chunks)
+             for k in range(layout.stages)], layout.chunks))
     if run.plans is not None:
         budget = cfg.parallel.activation_memory_budget_gb * GIB
         for plan in run.plans:

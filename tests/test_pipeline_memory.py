@@ -1,0 +1,78 @@
+"""--recompute-granularity auto: each pipeline stage recomputes the fewest blocks that keep
+its block activations, times the micro-batches it holds at once, under the budget."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from megavit.models.activation_memory import ActivationSetup, layer_activation_bytes
+from megavit.parallel.state import ParallelState, serial_state
+from megavit.training.recompute_plan import GIB, StagePlan
+from megavit.training.trainer import TrainingRun
+from tests.harness import run_distributed
+from tests.scenarios import debug_config, train_steps
+
+LAYERS = 8   # PP=2: 4 blocks per stage; 4 micro-batches: 1F1B keeps 2 in flight on stage 0
+
+
+def budget_bytes() -> float:
+    """Exactly what stage 1 needs without recomputation (1 micro-batch of its 4 blocks):
+    stage 1 then recomputes nothing, stage 0 (2 micro-batches) must recompute."""
+    cfg = debug_config("vit22b", layers=LAYERS).model
+    setup = ActivationSetup(tp=1, micro_batch=2)
+    return sum(layer_activation_bytes(cfg, setup, l) for l in range(4, 8))
+
+
+def auto_cfg():
+    return debug_config("vit22b", layers=LAYERS, parallel={
+        "pipeline_model_parallel_size": 2, "recompute_granularity": "auto",
+        "activation_memory_budget_gb": budget_bytes() / GIB})
+
+
+def measured_step(pstate: ParallelState) -> dict:
+    run = TrainingRun.build(auto_cfg(), pstate)
+    micro = next(run.batches(0, 1))
+    result = run.step(0, micro, measure=True)
+    return {"plans": [dataclasses.astuple(p) for p in run.plans],
+            "peak": result.stats.peak_saved_bytes, "stage": pstate.pp.rank,
+            "loss": result.loss.item()}
+
+
+@pytest.fixture(scope="module")
+def pp2():
+    return run_distributed(2, 1, {"step": (measured_step, ()),
+                                  "train": (train_steps, (auto_cfg(),))}, pp=2)
+
+
+def test_earlier_stages_recompute_more(pp2):
+    plans = [StagePlan(*p) for p in pp2["step"][0]["plans"]]
+    assert [p.in_flight for p in plans] == [2, 1]
+    assert plans[0].recomputed > plans[1].recomputed == 0
+    assert pp2["step"][0]["plans"] == pp2["step"][1]["plans"]   # every rank plans the same
+
+
+def test_measured_saved_bytes_stay_under_the_budget(pp2):
+    budget = budget_bytes()
+    for got in pp2["step"]:
+        plan = StagePlan(*got["plans"][got["stage"]])
+        assert 0 < got["peak"] <= budget
+        assert got["peak"] == pytest.approx(plan.predicted_bytes, rel=1e-12)
+
+
+def test_auto_recomputation_computes_the_same_function(pp2):
+    ref = train_steps(serial_state(), debug_config("vit22b", layers=LAYERS))
+    last_stage = pp2["train"][1]
+    assert last_stage["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert last_stage["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+
+
+def test_a_budget_too_small_for_any_plan_is_a_clear_error():
+    from megavit.config import ConfigError
+    from megavit.parallel.pipeline_layout import PipelineLayout
+    from megavit.training.recompute_plan import plan_stage
+
+    cfg = debug_config("vit22b", layers=LAYERS).model
+    with pytest.raises(ConfigError, match="is too small for pipeline stage 0"):
+        plan_stage(cfg, PipelineLayout(LAYERS, 2), 0, 4, ActivationSetup(1, 2), 1024)
