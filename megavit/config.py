@@ -661,8 +661,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         elif p.recompute_num_layers > m.num_layers:
             problems.append(f"--recompute-num-layers {p.recompute_num_layers} is more than "
                             f"--num-layers {m.num_layers}")
-        elif p.recompute_method == "block" and pp > 1:
-            pass  # checked against the blocks of each stage once the split is known
     elif p.recompute_granularity != "auto" and (p.recompute_method is not None
                                                 or p.recompute_num_layers is not None):
         problems.append("--recompute-method and --recompute-num-layers apply to "
@@ -671,6 +669,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")
     if lg.peak_tflops is not None and lg.peak_tflops <= 0:
         problems.append(f"--peak-tflops must be positive (got {lg.peak_tflops})")
+    for flag, value in {
+        "--num-layers-per-virtual-pipeline-stage": p.num_layers_per_virtual_pipeline_stage,
+        "--num-layers-in-first-pipeline-stage": p.num_layers_in_first_pipeline_stage,
+        "--num-layers-in-last-pipeline-stage": p.num_layers_in_last_pipeline_stage,
+        "--recompute-num-layers": p.recompute_num_layers,
+    }.items():
+        if value is not None and value < 1:
+            problems.append(f"{flag} must be at least 1 (got {value})")
     if lg.eval_iters is not None and lg.eval_iters < 1:
         problems.append(f"--eval-iters must be at least 1 (got {lg.eval_iters})")
     if t.lr_decay_iters is not None and t.lr_decay_iters < 1:

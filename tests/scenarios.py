@@ -134,3 +134,8 @@ def block_collectives(pstate: ParallelState, block_type: str,
     backward = dict(pstate.stats.calls), dict(pstate.stats.bytes)
     return {"forward": forward, "backward": backward,
             "activation_bytes": cfg.seq_length * b * h * 4}
+
+
+def evaluate_run(pstate: ParallelState, cfg: Config) -> dict[str, float]:
+    """The held-out evaluation of a freshly initialised model."""
+    return TrainingRun.build(cfg, pstate).evaluate()

@@ -145,6 +145,10 @@ def test_valid_layouts_pass():
      "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size of 2 or more"),
     (["--preset", "vit-debug", "--num-layers-in-first-pipeline-stage", "1"],
      "need --pipeline-model-parallel-size of 2 or more"),
+    (["--preset", "vit-debug", "--num-layers-per-virtual-pipeline-stage", "0"],
+     "--num-layers-per-virtual-pipeline-stage must be at least 1 (got 0)"),
+    (["--preset", "vit-debug", "--recompute-granularity", "auto",
+      "--activation-memory-budget-gb", "1e-9"], "is too small for pipeline stage 0"),
     (["--preset", "vit-debug", "--train-iters", "1", "--metrics-file", "/proc/nope/m.jsonl"],
      "--metrics-file /proc/nope/m.jsonl: cannot write"),
 ])
@@ -182,3 +186,13 @@ def test_pipeline_split_and_schedule_are_checked_before_launch():
                                *argv], capture_output=True, text=True, timeout=60, env=env)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_full_block_recomputation_runs_from_the_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug",
+                           "--num-channels", "1", "--train-iters", "2", "--global-batch-size", "8",
+                           "--micro-batch-size", "4", "--recompute-granularity", "full",
+                           "--recompute-method", "block", "--recompute-num-layers", "1",
+                           "--progress-bar", "off"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "recompute full (block, 1 layers)" in proc.stdout

@@ -90,3 +90,96 @@ def test_printed_schedule_shows_bubbles_and_theory():
     assert lines[1].startswith("stage 1: .  F0 B0 -  F1 B1 -  F2 B2 -  F3 B3 -  .  .")
     assert "bubble 0.200" in lines[0] and "bubble 0.200" in lines[1]
     assert lines[-1] == "theory (P-1)/(v*m+P-1) = 0.200 (P=2, v=1, m=4)"
+
+
+# --- NCCL: can the message plan deadlock? -------------------------------------------------
+
+from megavit.parallel.pipeline_executor import messages  # noqa: E402
+from tests.nccl_model import deadlocks  # noqa: E402
+
+CHANNEL_PEER = {"act_send": +1, "act_recv": -1, "grad_send": -1, "grad_recv": +1}
+
+
+def executor_plan(actions, layout, stage):
+    """What PipelineExecutor posts, in order: each receive on its channel (then waits for
+    it) before the action, each send on its channel after. A channel is one communicator
+    per (direction, sender, receiver)."""
+    P, steps = layout.stages, []
+    for a in actions:
+        recv, send = messages(a, layout, stage)
+        for msg, kind in ((recv, "recv"), (send, "send")):
+            if msg is None:
+                continue
+            peer = (stage + CHANNEL_PEER[msg.channel]) % P
+            sender, receiver = (stage, peer) if kind == "send" else (peer, stage)
+            comm = (msg.channel.split("_")[0], sender, receiver)
+            steps.append(("post", comm, [(kind, peer, msg.key)]))
+            if kind == "recv":
+                steps.append(("wait", msg.key))
+    return steps
+
+
+CASES = [(P, v, m, fo) for P in (2, 3, 4, 5) for v in (1, 2, 3, 4)
+         for m in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16) for fo in (False, True)
+         if not (v > 1 and m % P and not fo)]
+
+
+def test_no_schedule_can_deadlock_under_nccl_rules():
+    for P, v, m, forward_only in CASES:
+        layout = PipelineLayout(P * v * 2, P, v)
+        plans = [executor_plan(build_schedule(m, P, k, v, forward_only), layout, k)
+                 for k in range(P)]
+        assert deadlocks(plans) is None, (P, v, m, forward_only)
+
+
+def test_the_model_catches_sends_grouped_on_one_communicator():
+    """The plan megavit used before: each action's sends held back and posted with the next
+    action's receive, all on one communicator. The model finds its interleaved deadlock."""
+    P, v, m = 2, 2, 4
+    layout = PipelineLayout(8, P, v)
+    plans = []
+    for k in range(P):
+        steps, pending = [], []
+        for a in build_schedule(m, P, k, v):
+            recv, send = messages(a, layout, k)
+            ops = pending + ([("recv", (k + CHANNEL_PEER[recv.channel]) % P, recv.key)] if recv else [])
+            if ops:
+                steps.append(("post", "pp", ops))
+                pending = []
+            if recv:
+                steps.append(("wait", recv.key))
+            if send:
+                pending.append(("send", (k + CHANNEL_PEER[send.channel]) % P, send.key))
+        steps.append(("post", "pp", pending))
+        plans.append(steps)
+    assert deadlocks(plans) is not None
+
+
+def test_interleaved_evaluation_with_a_partial_group_matches_serial():
+    """PP=2 with 2 virtual stages, micro-batches of 1 and a global batch of 4: the held-out
+    split's last batch (359 = 89 x 4 + 3) leaves 3 micro-batches, fewer than a multiple of
+    P, which evaluation runs through the interleaved order with a short last group."""
+    from megavit.parallel.state import serial_state
+    from tests.harness import run_distributed
+    from tests.scenarios import debug_config, evaluate_run
+
+    def cfg(pp: int):
+        extra = {"pipeline_model_parallel_size": pp}
+        if pp > 1:
+            extra["num_layers_per_virtual_pipeline_stage"] = 1
+        return debug_config("gap", layers=4, parallel=extra, micro_batch_size=1,
+                            global_batch_size=4)
+
+    assert build_schedule(3, 2, 0, 2, forward_only=True)[-2:] == [Action("F", 2, 0), Action("F", 2, 1)]
+    ref = evaluate_run(serial_state(), cfg(1))
+    ranks = run_distributed(2, 1, {"eval": (evaluate_run, (cfg(2),))}, pp=2)["eval"]
+    assert ref["eval_images"] == 359
+    for got in ranks:   # both stages report the last stage's result
+        assert got["eval_images"] == 359 and got["eval_accuracy"] == ref["eval_accuracy"]
+        assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
+
+
+def test_forward_only_with_fewer_micro_batches_than_stages():
+    assert build_schedule(1, 4, 2, 2, forward_only=True) == [Action("F", 0, 0), Action("F", 0, 1)]
+    assert [(a.micro_batch, a.chunk) for a in build_schedule(5, 2, 1, 2, forward_only=True)] == \
+        [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1), (4, 0), (4, 1)]

@@ -54,13 +54,26 @@ def test_vit22b_ranks_own_exactly_the_serial_parameters():
     from megavit.config import preset_model_config
     from megavit.parallel.pipeline_layout import PipelineLayout
 
+    import torch
+
+    from megavit.models.vit import Runtime, VisionTransformer
+    from megavit.parallel.comm import CommStats, Group
+
     cfg = preset_model_config("vit-22b", num_classes=1000)
     total = serial_count(cfg)
     assert 22.1e9 < total < 22.3e9
+    with torch.device("meta"):
+        serial_names = {n for n, _ in VisionTransformer(
+            cfg, Runtime(Group.single("tp", CommStats()))).named_parameters()}
     for layout in (PipelineLayout.from_flags(48, 4, None, None, None),
                    PipelineLayout.from_flags(48, 6, 4, None, None)):
         rows = rank_counts(cfg, layout, tp=8)
         assert len(rows) == 8 * layout.stages
         assert sum(r["owned"] for r in rows) == total
-        per_stage = {r["stage"]: r["held"] for r in rows}
-        assert max(per_stage.values()) < 1.2 * total / (8 * layout.stages)
+        stages = [[r["names"] for r in rows if r["stage"] == k] for k in range(layout.stages)]
+        assert all(names == ranks[0] for ranks in stages for names in ranks)   # same per TP rank
+        per_stage = [ranks[0] for ranks in stages]
+        assert sum(len(n) for n in per_stage) == len(serial_names)            # no block twice
+        assert set().union(*per_stage) == serial_names                        # none missing
+        held = {r["stage"]: r["held"] for r in rows}
+        assert max(held.values()) < 1.2 * total / (8 * layout.stages)

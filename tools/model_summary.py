@@ -39,11 +39,12 @@ def rank_counts(model_cfg, layout, tp: int) -> list[dict]:
     rows = []
     for stage in range(layout.stages):
         for tp_rank in range(tp):
-            params = list(stage_on_meta(model_cfg, layout, stage, tp, tp_rank).parameters())
-            held = sum(p.numel() for p in params)
-            owned = sum(p.numel() for p in params
+            named = list(stage_on_meta(model_cfg, layout, stage, tp, tp_rank).named_parameters())
+            held = sum(p.numel() for _, p in named)
+            owned = sum(p.numel() for _, p in named
                         if getattr(p, "tp_shard", None) is not None or tp_rank == 0)
             rows.append({"stage": stage, "tp_rank": tp_rank, "held": held, "owned": owned,
+                         "names": {n for n, _ in named},
                          "blocks": [len(layout.chunk_layers(stage, c))
                                     for c in range(layout.chunks)]})
     return rows

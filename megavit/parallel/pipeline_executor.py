@@ -1,17 +1,22 @@
 """Running a pipeline schedule: forward and backward passes of model chunks, connected by
-point-to-point messages on the pipeline group.
+point-to-point messages between neighbouring stages.
 
 The executor runs one stage's action list (`megavit.parallel.schedules`). A forward of
 chunk c receives its input from the previous stage (unless c is the model's first chunk,
-which reads the images), and sends its output to the next stage (unless c is the last
+which reads the images) and sends its output to the next stage (unless c is the last
 chunk, which computes the loss). A backward receives the output's gradient from the next
-stage (or starts from the loss) and sends its input's gradient back. Shapes are known in
-advance ([s/t or s, m, h] for a micro-batch of m images), so no shape is exchanged.
+stage (or starts from the loss) and sends its input's gradient back. `messages` says, for
+an action, what it receives and sends; shapes are known in advance ([s/t or s, m, h] for a
+micro-batch of m images), so no shape is exchanged.
 
-Messages are tagged with (direction, micro-batch, receiving chunk), so they match whatever
-order the stages post them in. The sends an action produces are posted together with the
-receive the next action needs, in one `batch_isend_irecv` (Megatron's send-forward-
-receive-backward), and waited for at the end of the step.
+Each direction between two neighbouring stages has its own communicator
+(`ParallelState.pp_channels`): a receive is posted right before its action runs and waited
+for; a send is posted (with `batch_isend_irecv`) right after, and waited for at the end of
+the step (handles are dropped once complete, so sent tensors are not kept longer). With
+NCCL a send occupies its communicator's stream until the peer receives it; because a
+channel carries one direction only, in the same order on both ends, this cannot deadlock
+(tests/nccl_model.py replays every schedule under those rules). Messages are also tagged by
+(direction, micro-batch, chunk) for gloo.
 
 With one stage (P = 1) the schedule is F0 B0 F1 B1 ...: this is also megavit's gradient
 accumulation, so every layout runs the same code.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -51,33 +56,50 @@ class StepStats:
         return self.ended - self.started
 
 
-class PipelineExecutor:
-    """Runs schedules for one pipeline stage (`stage` of `layout`, communicating on `pp`)."""
+class Message(NamedTuple):
+    channel: str   # "act_recv", "act_send", "grad_recv" or "grad_send"
+    key: tuple     # ("F", micro-batch, g): the input of global chunk g;
+                   # ("B", micro-batch, g): the gradient of global chunk g's input
 
-    def __init__(self, layout: PipelineLayout, stage: int, pp: Group,
+
+def messages(action: Action, layout: PipelineLayout, stage: int) -> tuple[Message | None,
+                                                                            Message | None]:
+    """(what `action` receives before it runs, what it sends after), or None for either."""
+    g = layout.global_chunk(stage, action.chunk)
+    first, last = layout.is_first(stage, action.chunk), layout.is_last(stage, action.chunk)
+    mb = action.micro_batch
+    if action.kind == "F":
+        return (None if first else Message("act_recv", ("F", mb, g)),
+                None if last else Message("act_send", ("F", mb, g + 1)))
+    return (None if last else Message("grad_recv", ("B", mb, g + 1)),
+            None if first else Message("grad_send", ("B", mb, g)))
+
+
+class PipelineExecutor:
+    """Runs schedules for one pipeline stage (`stage` of `layout`), exchanging messages on
+    `channels` (ParallelState.pp_channels; empty with one stage)."""
+
+    def __init__(self, layout: PipelineLayout, stage: int, channels: dict[str, Group],
                  device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-        self.layout, self.stage, self.pp = layout, stage, pp
+        self.layout, self.stage, self.channels = layout, stage, channels
         self.device, self.dtype = device, dtype
-        P = layout.stages
-        self.prev, self.next = (stage - 1) % P, (stage + 1) % P
-        self._sends: list[tuple[torch.Tensor, int, int]] = []
-        self._works: list = []
+        self._sends: list = []
         self._idle = 0.0
 
-    def _tag(self, backward: bool, mb: int, g: int) -> int:
-        """A message's tag: (direction, micro-batch, global chunk g). Forward: the input of
-        chunk g; backward: the gradient of chunk g's input."""
-        return (mb * self.layout.total_chunks + g) * 2 + int(backward)
+    def _tag(self, key: tuple) -> int:
+        kind, mb, g = key
+        return (mb * self.layout.total_chunks + g) * 2 + int(kind == "B")
 
-    def _post(self, recv: tuple[torch.Tensor, int, int] | None = None) -> None:
-        """Post the pending sends, and `recv` with them; wait for `recv` only."""
-        works = self.pp.exchange(self._sends, [recv] if recv else [])
-        self._works += works[:len(self._sends)]
-        self._sends = []
-        if recv:
-            start = time.perf_counter()
-            works[-1].wait()
-            self._idle += time.perf_counter() - start
+    def _receive(self, msg: Message, buffer: torch.Tensor) -> torch.Tensor:
+        (work,) = self.channels[msg.channel].exchange([], [(buffer, 0, self._tag(msg.key))])
+        start = time.perf_counter()
+        work.wait()
+        self._idle += time.perf_counter() - start
+        return buffer
+
+    def _send(self, msg: Message, tensor: torch.Tensor) -> None:
+        self._sends = [w for w in self._sends if not w.is_completed()]
+        self._sends += self.channels[msg.channel].exchange([(tensor, 1, self._tag(msg.key))], [])
 
     def run(self, actions: list[Action], forward: ForwardFn, input_shape: Callable[[int], tuple],
             loss: LossFn | None = None, forward_only: bool = False,
@@ -93,16 +115,15 @@ class PipelineExecutor:
         stats, live = StepStats(), 0
         stats.started, self._idle = time.monotonic(), 0.0
         for a in actions:
-            first, last = layout.is_first(stage, a.chunk), layout.is_last(stage, a.chunk)
-            key, g = (a.micro_batch, a.chunk), layout.global_chunk(stage, a.chunk)
+            recv, send = messages(a, layout, stage)
+            key = (a.micro_batch, a.chunk)
+            last = layout.is_last(stage, a.chunk)
             if a.kind == "F":
                 x = None
-                if not first:
-                    x = torch.empty(input_shape(a.micro_batch), dtype=self.dtype, device=self.device)
-                    self._post((x, self.prev, self._tag(False, a.micro_batch, g)))
+                if recv is not None:
+                    x = self._receive(recv, torch.empty(input_shape(a.micro_batch),
+                                                        dtype=self.dtype, device=self.device))
                     x.requires_grad_(not forward_only)
-                else:
-                    self._post()
                 meter = SavedTensorMeter(meter_exclude) if meter_exclude is not None else None
                 with torch.set_grad_enabled(not forward_only):
                     y = forward(a.chunk, a.micro_batch, x, meter)
@@ -112,27 +133,23 @@ class PipelineExecutor:
                     stats.saved_bytes[key] = meter.bytes
                     live += meter.bytes
                     stats.peak_saved_bytes = max(stats.peak_saved_bytes, live)
-                if not last:
-                    self._sends.append((y.detach(), self.next, self._tag(False, a.micro_batch, g + 1)))
+                if send is not None:
+                    self._send(send, y.detach())
                 if not forward_only:
                     stash[key] = (x, y)
             else:
                 x, y = stash.pop(key)
-                if last:
-                    self._post()
+                if recv is None:
                     torch.autograd.backward(y)
                 else:
-                    dy = torch.empty_like(y)
-                    self._post((dy, self.next, self._tag(True, a.micro_batch, g + 1)))
-                    torch.autograd.backward(y, dy)
-                if not first:
-                    self._sends.append((x.grad, self.prev, self._tag(True, a.micro_batch, g)))
+                    torch.autograd.backward(y, self._receive(recv, torch.empty_like(y)))
+                if send is not None:   # a chunk that ignores its input still answers
+                    self._send(send, x.grad if x.grad is not None else torch.zeros_like(x))
                 live -= stats.saved_bytes.get(key, 0)
-        self._post()
         start = time.perf_counter()
-        for w in self._works:
+        for w in self._sends:
             w.wait()
         self._idle += time.perf_counter() - start
-        self._works = []
+        self._sends = []
         stats.ended, stats.idle_seconds = time.monotonic(), self._idle
         return stats

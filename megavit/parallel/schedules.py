@@ -47,13 +47,18 @@ def schedule_1f1b(num_microbatches: int, stages: int, stage: int) -> list[Action
     return actions
 
 
-def _interleaved_slot(j: int, stages: int, chunks: int, forward: bool) -> tuple[int, int]:
-    """(micro-batch, local chunk) of the j-th forward (or backward) of a stage: micro-batches
-    go in groups of P through chunk 0, then the same group through chunk 1, ...; backward
-    visits the chunks in reverse."""
-    group, r = divmod(j, stages * chunks)
-    chunk = r // stages
-    return group * stages + r % stages, (chunk if forward else chunks - 1 - chunk)
+def _interleaved_order(num_microbatches: int, stages: int, chunks: int,
+                       forward: bool) -> list[tuple[int, int]]:
+    """(micro-batch, local chunk) of a stage's forwards (or backwards) in order:
+    micro-batches go in groups of P through chunk 0, then the same group through chunk 1,
+    ...; backward visits the chunks in reverse. A last group smaller than P (only in
+    evaluation: training needs m to be a multiple of P) goes through the chunks the same way."""
+    order = []
+    for start in range(0, num_microbatches, stages):
+        group = range(start, min(start + stages, num_microbatches))
+        for c in range(chunks):
+            order += [(mb, c if forward else chunks - 1 - c) for mb in group]
+    return order
 
 
 def schedule_interleaved(num_microbatches: int, stages: int, stage: int,
@@ -65,8 +70,8 @@ def schedule_interleaved(num_microbatches: int, stages: int, stage: int,
                             f"to be a multiple of --pipeline-model-parallel-size {P}")
     total = m * v
     warmup = total if m == P else min((P - stage - 1) * 2 + (v - 1) * P, total)
-    fwd = [Action("F", *_interleaved_slot(j, P, v, True)) for j in range(total)]
-    bwd = [Action("B", *_interleaved_slot(j, P, v, False)) for j in range(total)]
+    fwd = [Action("F", mb, c) for mb, c in _interleaved_order(m, P, v, True)]
+    bwd = [Action("B", mb, c) for mb, c in _interleaved_order(m, P, v, False)]
     actions = fwd[:warmup]
     for i in range(total - warmup):
         actions += [fwd[warmup + i], bwd[i]]
@@ -75,10 +80,8 @@ def schedule_interleaved(num_microbatches: int, stages: int, stage: int,
 
 def schedule_forward_only(num_microbatches: int, stages: int, stage: int,
                           chunks: int = 1) -> list[Action]:
-    m = num_microbatches
-    if chunks == 1:
-        return [Action("F", i, 0) for i in range(m)]
-    return [Action("F", *_interleaved_slot(j, stages, chunks, True)) for j in range(m * chunks)]
+    return [Action("F", mb, c) for mb, c in
+            _interleaved_order(num_microbatches, stages, chunks, True)]
 
 
 def build_schedule(num_microbatches: int, stages: int, stage: int, chunks: int = 1,

@@ -12,7 +12,7 @@ the stages that hold consecutive parts of the model for one (dp, tp) position.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -35,6 +35,10 @@ class ParallelState:
     stats: CommStats
     launch: LaunchInfo
     mesh: object | None = None  # the DeviceMesh, when distributed
+    # Point-to-point channels of this rank's pipeline, one 2-rank communicator each:
+    # "act_send" (to the next stage), "act_recv" (from the previous), "grad_send" (to the
+    # previous), "grad_recv" (from the next). Empty without pipelining.
+    pp_channels: dict[str, Group] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -96,8 +100,36 @@ def build_parallel_state(tp_size: int, device: torch.device,
                      pg=pg if len(ranks) > 1 else None, stats=stats)
 
     launch = launch or LaunchInfo(rank, world, 0, "external")
+    pp = group("pp")
     return ParallelState(rank=rank, world_size=world, tp=group("tp"), dp=group("dp"),
-                         pp=group("pp"), device=device, stats=stats, launch=launch, mesh=mesh)
+                         pp=pp, device=device, stats=stats, launch=launch, mesh=mesh,
+                         pp_channels=_pipeline_channels(mesh, pp, stats))
+
+
+def _pipeline_channels(mesh, pp: Group, stats: CommStats) -> dict[str, Group]:
+    """One communicator per directed channel between neighbouring stages (activations
+    k -> k+1, gradients k -> k-1, around the ring), for every pipeline of the mesh.
+
+    With NCCL a send blocks its communicator's stream until the peer receives it; with one
+    communicator per direction and pair, a channel's stream holds only its sends on one
+    side and the matching receives, in the same order, on the other, so only the
+    schedule's own (acyclic) data dependencies can make a stage wait — see
+    tests/nccl_model.py. Every rank creates every channel, in the same order."""
+    P = pp.size
+    if P == 1:
+        return {}
+    columns = mesh.mesh.reshape(P, -1).T.tolist()   # each: global ranks of stages 0..P-1
+    mine = {}
+    for column in columns:
+        for k in range(P):
+            for kind, peer in (("act", (k + 1) % P), ("grad", (k - 1) % P)):
+                ranks = [column[k], column[peer]]            # sender, receiver
+                pg = dist.new_group(sorted(ranks))
+                if dist.get_rank() in ranks:
+                    me = ranks.index(dist.get_rank())
+                    channel = Group(name="pp", ranks=tuple(ranks), rank=me, pg=pg, stats=stats)
+                    mine[f"{kind}_{'send' if me == 0 else 'recv'}"] = channel
+    return mine
 
 
 def init_parallel_state(tp_size: int, backend: str = "auto", device: str = "auto",
@@ -122,7 +154,7 @@ def destroy_parallel_state(pstate: ParallelState | None = None, barrier: bool = 
     begun finalising, which aborts the process (seen under mpirun). `barrier=False` on an
     error path, where the other ranks may never reach a barrier."""
     if pstate is not None:
-        for group in (pstate.tp, pstate.dp, pstate.pp):
+        for group in (pstate.tp, pstate.dp, pstate.pp, *pstate.pp_channels.values()):
             group.pg = None
         pstate.mesh = None
     if dist.is_initialized():

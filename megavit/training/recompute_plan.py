@@ -36,7 +36,7 @@ class StagePlan:
     def describe(self, budget: float) -> str:
         return (f"stage {self.stage}: {self.in_flight} micro-batch chunks in flight, recompute "
                 f"{self.recomputed} of {self.blocks} blocks per chunk, predicted "
-                f"{self.predicted_bytes / GIB:.4f} GiB of {budget / GIB:.4f} GiB")
+                f"{_size(self.predicted_bytes)} of {_size(budget)} for the blocks' activations")
 
 
 def plan_stage(cfg: ModelConfig, layout: PipelineLayout, stage: int, num_microbatches: int,
@@ -53,8 +53,16 @@ def plan_stage(cfg: ModelConfig, layout: PipelineLayout, stage: int, num_microba
     raise ConfigError(
         f"--activation-memory-budget-gb {budget_bytes / GIB:g} is too small for pipeline stage "
         f"{stage}: even recomputing all {blocks} blocks of each chunk it keeps "
-        f"{need / GIB:.4f} GiB ({flight} micro-batch chunks in flight); raise the budget or "
-        "lower --micro-batch-size")
+        f"{_size(need)} ({flight} micro-batch chunks in flight); raise the budget or lower "
+        "--micro-batch-size")
+
+
+def _size(n: float) -> str:
+    """Bytes with three significant digits in a readable unit."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} bytes"
 
 
 def plan_all_stages(cfg: ModelConfig, layout: PipelineLayout, num_microbatches: int,

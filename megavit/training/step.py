@@ -10,7 +10,7 @@ synchronisation, global-norm clipping, AdamW.
     AdamW step on this rank's shards
 
 The gradient is that of the mean loss over the global batch, whatever the layout. The
-loss is known on the last pipeline stage (it is 0 elsewhere).
+loss is computed on the last pipeline stage and broadcast to the others.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor       # 0-d: mean loss over the global batch (last pipeline stage)
+    loss: torch.Tensor       # 0-d: mean loss over the global batch
     grad_norm: torch.Tensor  # 0-d: global gradient norm before clipping
     lr: float
     stats: StepStats         # saved activation bytes, when measured
@@ -131,5 +131,7 @@ def train_step(
 
     stats = run_micro_batches(stage, executor, micro_batches, pstate, share, measure=measure)
     grad_norm = optimizer_step(stage, optimizer, lr, pstate, clip_grad, on_gradients)
-    loss = pstate.dp.all_reduce(total.reshape(1)).div_(pstate.dp.size)[0]
+    loss = pstate.dp.all_reduce(total.reshape(1)).div_(pstate.dp.size)
+    pstate.pp.broadcast(loss, src=pstate.pp.size - 1)   # the loss lives on the last stage
+    loss = loss[0]
     return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, stats=stats)

@@ -37,7 +37,7 @@ from megavit.training.step import StepResult, classification_loss, run_micro_bat
 def evaluate(run: "TrainingRun") -> dict[str, float]:
     """Mean loss and top-1 accuracy over the held-out split (or its first --eval-iters
     global batches): the same images in every layout, run forward through the pipeline,
-    summed over DP ranks. Valid on the last pipeline stage (zeros elsewhere)."""
+    summed over DP ranks and shared from the last stage with the others."""
     pstate, model, t = run.pstate, run.model, run.cfg.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=pstate.device)  # loss, correct, count
@@ -57,6 +57,7 @@ def evaluate(run: "TrainingRun") -> dict[str, float]:
             run_micro_batches(model, run.executor, micro_batches, pstate, tally,
                               forward_only=True)
     pstate.dp.all_reduce(sums)
+    pstate.pp.broadcast(sums, src=pstate.pp.size - 1)   # every stage reports the result
     model.train()
     count = max(sums[2].item(), 1.0)
     return {"eval_loss": sums[0].item() / count, "eval_accuracy": sums[1].item() / count,
@@ -75,9 +76,23 @@ def pipeline_layout(cfg: Config) -> PipelineLayout:
         raise ConfigError(str(e)) from None
 
 
+def recompute_plans(cfg: Config, layout: PipelineLayout, micro_batches: int,
+                    sequence_parallel: str | None) -> list[StagePlan] | None:
+    """Every stage's plan under --recompute-granularity auto (None otherwise); ConfigError
+    when the budget fits no plan."""
+    p, t = cfg.parallel, cfg.training
+    if p.recompute_granularity != "auto":
+        return None
+    setup = ActivationSetup(tp=p.tensor_model_parallel_size, micro_batch=t.micro_batch_size,
+                            sequence_parallel=sequence_parallel)
+    return plan_all_stages(cfg.model, layout, micro_batches, setup,
+                           p.activation_memory_budget_gb * GIB)
+
+
 def check_schedule(cfg: Config, layout: PipelineLayout, dp_size: int) -> int:
     """The number of micro-batches per step, checked against the schedule; ConfigError
-    when the schedule cannot run it. Also checks block recomputation against the stages."""
+    when the schedule cannot run it. Also checks block recomputation against the stages,
+    and that a --recompute-granularity auto budget fits a plan."""
     t = cfg.training
     m = t.global_batch_size // (t.micro_batch_size * dp_size)
     try:
@@ -90,6 +105,10 @@ def check_schedule(cfg: Config, layout: PipelineLayout, dp_size: int) -> int:
         if p.recompute_num_layers > per_chunk:
             raise ConfigError(f"--recompute-num-layers {p.recompute_num_layers} (method block) "
                               f"is more than the {per_chunk} blocks of a pipeline stage's chunk")
+    sp = None
+    if p.sequence_parallel and p.tensor_model_parallel_size > 1:
+        sp = "regather" if p.sequence_parallel_regather else "keep"
+    recompute_plans(cfg, layout, m, sp)
     return m
 
 
@@ -143,12 +162,8 @@ class TrainingRun:
         # Each stage seeds its dropout streams apart: its layers are different layers.
         rng = RNGTracker(t.seed + 100 * stage, pstate.tp.rank, pstate.device)
         runtime = Runtime.from_config(p, pstate.tp, t.seed, rng)
-        plans = None
-        if p.recompute_granularity == "auto":
-            setup = ActivationSetup(tp=pstate.tp.size, micro_batch=t.micro_batch_size,
-                                    sequence_parallel=runtime.sequence_parallel)
-            plans = plan_all_stages(cfg.model, layout, micro_batches, setup,
-                                    p.activation_memory_budget_gb * GIB)
+        plans = recompute_plans(cfg, layout, micro_batches, runtime.sequence_parallel)
+        if plans is not None:
             n = plans[stage].recomputed
             runtime = dataclasses.replace(runtime, recompute_granularity="full" if n else None,
                                           recompute_method="block", recompute_num_layers=n or 1)
@@ -159,7 +174,7 @@ class TrainingRun:
                                 t.lr_decay_iters or t.train_iters, t.lr_decay_style),
             loss_fn=classification_loss(t.label_smoothing), train_set=train_set,
             heldout=heldout, sampler=GlobalBatchSampler(len(train_set), t.global_batch_size, t.seed),
-            layout=layout, executor=PipelineExecutor(layout, stage, pstate.pp, pstate.device),
+            layout=layout, executor=PipelineExecutor(layout, stage, pstate.pp_channels, pstate.device),
             plans=plans,
         )
 
@@ -201,7 +216,8 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
     micro_per_step = t.global_batch_size // (t.micro_batch_size * dp.size)
     stage_params = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
                        for p in model.parameters())
-    total_params = pstate.pp.all_reduce(torch.tensor([float(stage_params)])).item()
+    total_params = pstate.pp.all_reduce(torch.tensor(
+        [stage_params], dtype=torch.float64, device=pstate.device)).item()
     flops_per_step = model.estimate_flops(t.global_batch_size, training=True)
     # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
     peak, peak_source = (device_peak_flops(pstate.device, torch.float32, cfg.precision.tf32,
@@ -211,7 +227,9 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
 
     rt = model.rt
     recompute = rt.recompute_granularity or "none"
-    if rt.recompute_granularity == "full":
+    if run.plans is not None:
+        recompute = "auto (per stage, see the plan below)"
+    elif rt.recompute_granularity == "full":
         recompute += f" ({rt.recompute_method}, {rt.recompute_num_layers} layers)"
     sp = rt.sequence_parallel or "off"
     if cfg.parallel.sequence_parallel and pstate.tp.size == 1:
