@@ -18,7 +18,8 @@ writes first) and "tuned" (DTensors from the norm to the projections, fewer coll
 
 (QK-LayerNorm is left out of both models: DTensor has no plan for a norm shared by heads
 that are split over ranks.) One step is forward + backward + AdamW (the same optimizer
-kernel for both), timed alternately, median of the timed steps. Collectives are counted per
+kernel for both; megavit's step also computes the global gradient norm, which it logs),
+timed alternately, median of the timed steps. Collectives are counted per
 step — megavit's through its own counting layer, DTensor's from the functional collectives
 it dispatches — and reported both as collective sizes (megavit's against the theory of
 docs/tensor_parallelism.md) and as bytes each rank sends in a ring (all-reduce counts
@@ -44,8 +45,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from megavit.config import preset_model_config  # noqa: E402
 from megavit.models.vit import Runtime, build_vit  # noqa: E402
-from megavit.parallel.grad_sync import sum_partial_gradients  # noqa: E402
-from megavit.training.optimizer import build_optimizer  # noqa: E402
+from megavit.parallel.partial_grad import sum_partial_gradients  # noqa: E402
+from megavit.training.optimizer import MixedPrecisionOptimizer  # noqa: E402
 from megavit.config import TrainingConfig  # noqa: E402
 
 
@@ -172,9 +173,10 @@ def theory_bytes(cfg, b: int) -> int:
     """megavit's bytes per step, GAP pooling, SP at TP=2 (docs/tensor_parallelism.md): per
     block an all-gather and a reduce-scatter of s*b*h each way; the embedding's scatter
     gathers its gradient and the head gathers its input; per step one all-reduce of the
-    partial gradients (each block's LayerNorm weight and out_proj bias)."""
+    partial gradients (each block's LayerNorm weight and out_proj bias) and one of the
+    squared gradient norm."""
     s, h, layers = cfg.seq_length, cfg.hidden_size, cfg.num_layers
-    return (4 * layers + 2) * s * b * h * 4 + 2 * layers * h * 4
+    return (4 * layers + 2) * s * b * h * 4 + 2 * layers * h * 4 + 8
 
 
 def run(pstate, args) -> dict:
@@ -185,7 +187,9 @@ def run(pstate, args) -> dict:
                               qk_layernorm=False, pooling="gap", img_h=args.img, img_w=args.img)
     hp = TrainingConfig(lr=1e-4, adam_impl=args.adam)
     ours = build_vit(cfg, Runtime(pstate.tp, sequence_parallel="keep"), seed=0)
-    ours_opt = build_optimizer(ours, hp)
+    buffers = DataParallelBuffers(list(ours.named_parameters()), pstate.dp, pstate.tp,
+                                  torch.float32, 40_000_000)
+    ours_opt = MixedPrecisionOptimizer(buffers, hp, pstate, master_weights=False)
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (pstate.tp.size,))
@@ -203,13 +207,11 @@ def run(pstate, args) -> dict:
     images = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(args.batch) % 100
 
-    params = list(ours.parameters())
-
-    def step_ours():   # only what correct gradients need, like the DTensor step (no norm)
-        ours_opt.zero_grad(set_to_none=True)
+    def step_ours():   # megavit's step: its gradient buffer and optimizer (with the norm)
+        buffers.start_step(1)
         F.cross_entropy(ours(images), labels).backward()
-        sum_partial_gradients(params, pstate.tp)
-        ours_opt.step()
+        buffers.finish()
+        ours_opt.step(hp.lr, 0.0, None)
 
     def step_ref(ref, opts):
         for opt in opts:

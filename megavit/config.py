@@ -226,6 +226,30 @@ class ParallelConfig:
             "pipeline stage may hold (see docs/activation_memory.md)."
         ),
     )
+    use_distributed_optimizer: bool = field(
+        default=False,
+        metadata=_opt(
+            "Shard the fp32 master weights and Adam moments over the data-parallel ranks "
+            "(ZeRO-1): gradients are reduce-scattered, each rank updates its 1/d, the "
+            "parameters are all-gathered. Optimizer state per parameter: 12/d bytes instead "
+            "of 12."
+        ),
+    )
+    overlap_grad_reduce: bool = field(
+        default=False,
+        metadata=_opt(
+            "Start each gradient bucket's data-parallel reduction as soon as backward has "
+            "produced all its gradients of the step's last micro-batch, instead of after "
+            "backward."
+        ),
+    )
+    ddp_bucket_size: int | None = field(
+        default=None,
+        metadata=_opt(
+            "Elements per gradient bucket (default: max(40M, 1M x data-parallel size), "
+            "Megatron-LM's)."
+        ),
+    )
     distributed_backend: str = field(
         default="auto",
         metadata=_opt(
@@ -292,8 +316,17 @@ class TrainingConfig:
             "AdamW kernel: 'fused' (one kernel for all tensors; ~10x faster than 'loop' on "
             "CPU, falls back to 'foreach' where the device has no fused kernel), 'foreach' "
             "(batched ops) or 'loop' (one tensor at a time). Same update, same results up "
-            "to rounding.",
-            choices=("fused", "foreach", "loop"),
+            "to rounding. 'apex': apex's FusedAdam where apex is importable (NGC), else "
+            "'fused'.",
+            choices=("fused", "foreach", "loop", "apex"),
+        ),
+    )
+    layernorm_impl: str = field(
+        default="torch",
+        metadata=_opt(
+            "LayerNorm kernel: 'torch', or 'apex' (apex's fused LayerNorm where apex is "
+            "importable, else torch's; the same function).",
+            choices=("torch", "apex"),
         ),
     )
     clip_grad: float = field(
@@ -317,8 +350,52 @@ class TrainingConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Number formats. Training is fp32 (weights, gradients, optimizer state, activations);
-    bf16/fp16 mixed precision is not implemented yet."""
+    """Number formats: fp32 by default; with --bf16 / --fp16 parameters and activations are
+    16-bit and the optimizer keeps fp32 master weights (fp16 with a loss scaler)."""
+
+    bf16: bool = field(
+        default=False,
+        metadata=_opt("Parameters and activations in bfloat16, fp32 master weights; no loss "
+                      "scaling unless --loss-scale is given."),
+    )
+    fp16: bool = field(
+        default=False,
+        metadata=_opt("Parameters and activations in float16, fp32 master weights, dynamic "
+                      "loss scaling (or static with --loss-scale)."),
+    )
+    loss_scale: float | None = field(
+        default=None,
+        metadata=_opt("A static loss scale (default: dynamic for fp16, none for bf16/fp32)."),
+    )
+    initial_loss_scale: float = field(
+        default=2.0**32, metadata=_opt("Dynamic loss scaling: the starting scale.")
+    )
+    min_loss_scale: float = field(
+        default=1.0, metadata=_opt("Dynamic loss scaling: the scale never goes below this.")
+    )
+    loss_scale_window: int = field(
+        default=1000,
+        metadata=_opt("Dynamic loss scaling: clean steps in a row after which the scale "
+                      "doubles."),
+    )
+    hysteresis: int = field(
+        default=2,
+        metadata=_opt("Dynamic loss scaling: overflowing steps tolerated before the scale "
+                      "halves (reset by a clean window)."),
+    )
+    accumulate_allreduce_grads_in_fp32: bool = field(
+        default=False,
+        metadata=_opt("With --bf16/--fp16: accumulate and reduce gradients in an fp32 "
+                      "buffer instead of the 16-bit one."),
+    )
+    check_for_nan_in_loss_and_grad: bool | None = field(
+        default=None,
+        metadata=_opt(
+            "Stop training, naming the iteration, the rank and the tensor, when the loss or "
+            "a gradient is NaN/inf before any communication (default: on for fp32 and bf16, "
+            "off for fp16, where the loss scaler handles overflows)."
+        ),
+    )
 
     tf32: bool = field(
         default=True,
@@ -667,6 +744,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                         "--recompute-granularity full only")
     if p.sequence_parallel_regather and not p.sequence_parallel:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")
+    pr = cfg.precision
+    if pr.bf16 and pr.fp16:
+        problems.append("--bf16 and --fp16 exclude each other; pick one")
+    if pr.loss_scale is not None and pr.loss_scale <= 0:
+        problems.append(f"--loss-scale must be positive (got {pr.loss_scale})")
+    if pr.initial_loss_scale <= 0 or pr.min_loss_scale <= 0:
+        problems.append("--initial-loss-scale and --min-loss-scale must be positive")
+    elif pr.min_loss_scale > pr.initial_loss_scale:
+        problems.append(f"--min-loss-scale {pr.min_loss_scale:g} is above --initial-loss-scale "
+                        f"{pr.initial_loss_scale:g}")
+    if pr.loss_scale_window < 1 or pr.hysteresis < 1:
+        problems.append("--loss-scale-window and --hysteresis must be at least 1")
+    if pr.accumulate_allreduce_grads_in_fp32 and not (pr.bf16 or pr.fp16):
+        problems.append("--accumulate-allreduce-grads-in-fp32 applies to --bf16 / --fp16 "
+                        "(fp32 gradients are already fp32)")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+        problems.append(f"--ddp-bucket-size must be at least 1 (got {p.ddp_bucket_size})")
     if lg.peak_tflops is not None and lg.peak_tflops <= 0:
         problems.append(f"--peak-tflops must be positive (got {lg.peak_tflops})")
     for flag, value in {

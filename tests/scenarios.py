@@ -16,7 +16,6 @@ from megavit.models.vit import (ForwardContext, MAPHead, ParallelBlock, Runtime,
                                 SequentialBlock)
 from megavit.parallel.sharding import full_state, initialize_parameters
 from megavit.parallel.state import ParallelState, serial_state
-from megavit.training.step import optimizer_step
 from megavit.training.trainer import TrainingRun
 
 # Model variants the layouts are checked with: the ViT-22B recipe; a classic ViT with every
@@ -60,7 +59,7 @@ def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2) -> dict[str,
     pstate.stats.reset()
     for it, micro in enumerate(run.batches(0, steps)):
         result = run.step(it, micro, on_gradients=lambda m: out["grads"].append(
-            uncounted(pstate, full_state, m, pstate.tp, grads=True)))
+            uncounted(pstate, lambda: full_state(m, pstate.tp, grads=run.buffers.full_grads()))))
         out["loss"].append(result.loss.item())
         out["grad_norm"].append(result.grad_norm.item())
     out["comm"] = pstate.stats.snapshot()   # the training steps' collectives only
@@ -100,9 +99,8 @@ def replay_optimizer(cfg: Config, initial: dict[str, torch.Tensor],
     run.model.load_state_dict(initial)
     for it, step_grads in enumerate(grads):
         for name, p in run.model.named_parameters():
-            p.grad = step_grads[name].clone()
-        optimizer_step(run.model, run.optimizer, run.schedule.lr_at(it), run.pstate,
-                       cfg.training.clip_grad)
+            p.main_grad.copy_(step_grads[name])
+        run.optimizer.step(run.schedule.lr_at(it), cfg.training.clip_grad, None)
     return full_state(run.model, run.pstate.tp)
 
 

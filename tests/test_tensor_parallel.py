@@ -263,7 +263,8 @@ def test_map_head_communication(tp2_collectives):
 def test_training_step_communication(layout):
     """Per step on TP: one all-reduce per block each way per micro-batch, one for the
     QK-norm partial gradients and one for the grad norm (the GAP head adds none); on DP:
-    one gradient all-reduce and one for the logged loss."""
+    one all-reduce per gradient bucket (here two: everything, and the QK-norm weights'
+    bucket) and one for the logged loss."""
     name, tp, results = layout
     gap = results["gap"][0]["comm"]        # GAP head: no TP collectives outside the blocks
     mapped = results["vit22b"][0]["comm"]  # MAP head: 2 forward + 3 backward per micro-batch
@@ -277,7 +278,7 @@ def test_training_step_communication(layout):
         assert "tp.all_reduce" not in gap and "tp.all_reduce" not in mapped
     got = gap
     if dp > 1:
-        assert got["dp.all_reduce"] == 2 * 2  # gradients + loss, per step
+        assert got["dp.all_reduce"] == 2 * 3  # 2 gradient buckets + the loss, per step
     else:
         assert "dp.all_reduce" not in got
 

@@ -11,10 +11,8 @@ import torch
 from megavit.config import TrainingConfig, preset_model_config
 from megavit.models.vit import build_vit
 from megavit.parallel.state import serial_state
-from megavit.training.grad_norm import clip_grad_norm
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, format_fields
-from megavit.training.optimizer import build_optimizer
 from megavit.config import ConfigError, LoggingConfig
 
 
@@ -33,33 +31,44 @@ def test_lr_linear_and_constant():
     assert [const.lr_at(i) for i in (0, 1, 2, 50)] == pytest.approx([0.15, 0.3, 0.3, 0.3])
 
 
+def _serial_optimizer(cfg=None, training=None):
+    from megavit.parallel.data_parallel import DataParallelBuffers
+    from megavit.training.optimizer import MixedPrecisionOptimizer
+
+    cfg = cfg or preset_model_config("vit-debug", num_classes=10, pooling="cls")
+    pstate = serial_state()
+    model = build_vit(cfg, pstate.tp, seed=0)
+    buffers = DataParallelBuffers(list(model.named_parameters()), pstate.dp, pstate.tp,
+                                  torch.float32, 10**9)
+    return model, buffers, MixedPrecisionOptimizer(buffers, training or TrainingConfig(
+        weight_decay=0.1), pstate, master_weights=False)
+
+
 def test_no_weight_decay_on_norms_biases_and_embeddings():
-    cfg = preset_model_config("vit-debug", num_classes=10, pooling="cls")
-    model = build_vit(cfg, serial_state().tp, seed=0)
-    opt = build_optimizer(model, TrainingConfig(weight_decay=0.1))
+    model, _, opt = _serial_optimizer()
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
-    plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
-    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
+    decayed = {names[id(p)] for p in opt.adamw.param_groups[0]["params"]}
+    plain = {names[id(p)] for p in opt.adamw.param_groups[1]["params"]}
+    assert opt.adamw.param_groups[0]["weight_decay"] == 0.1
+    assert opt.adamw.param_groups[1]["weight_decay"] == 0
     assert decayed == {n for n, p in model.named_parameters() if p.dim() == 2} - {"pos_embed.weight"}
     assert {"pos_embed.weight", "cls_token", "blocks.0.norm.weight",
             "blocks.0.attention.q_norm.weight", "head.bias"} <= plain
 
 
-def test_clipping_matches_torch_on_one_process():
-    model = build_vit(preset_model_config("vit-debug", num_classes=10), serial_state().tp, 0)
+def test_clipping_by_the_global_norm_on_one_process():
+    model, buffers, opt = _serial_optimizer(training=TrainingConfig(lr=0.0, weight_decay=0.0))
+    buffers.start_step(1)
     model(torch.randn(4, 3, 16, 16)).square().sum().backward()
-    params = list(model.parameters())
-    ref = [p.grad.clone() for p in params]
-    expected = torch.sqrt(sum(g.pow(2).sum() for g in ref))
-    max_norm = expected.item() / 4                     # clipping is active
-    norm = clip_grad_norm(params, max_norm, serial_state().tp)
-    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
-    for p, g in zip(params, ref):
-        torch.testing.assert_close(p.grad, g * (max_norm / (expected + 1e-6)))
-    unclipped = [p.grad.clone() for p in params]
-    clip_grad_norm(params, 10 * max_norm, serial_state().tp)   # under the limit: untouched
-    assert all(torch.equal(p.grad, g) for p, g in zip(params, unclipped))
+    buffers.finish()
+    ref = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+    expected = torch.sqrt(sum(g.double().pow(2).sum() for g in ref.values())).float()
+    max_norm = expected.item() / 4                      # clipping is active
+    outcome = opt.step(0.0, max_norm, None)
+    assert outcome.grad_norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.main_grad, ref[n] * (max_norm / (expected + 1e-6)))
+    assert not outcome.skipped
 
 
 def test_metrics_file_and_log_line(tmp_path, capsys):

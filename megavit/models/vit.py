@@ -28,7 +28,7 @@ from torch import nn
 
 from megavit.config import ModelConfig, ParallelConfig
 from megavit.parallel.comm import Group
-from megavit.parallel.grad_sync import mark_partial_grad
+from megavit.parallel.partial_grad import mark_partial_grad
 from megavit.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -59,17 +59,19 @@ class Runtime:
     recompute_num_layers: int = 1
     rng: RNGTracker | None = None
     seed: int = 0
+    layernorm_impl: str = "torch"
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, tp: Group, seed: int,
-                    rng: RNGTracker | None = None) -> "Runtime":
+                    rng: RNGTracker | None = None, layernorm_impl: str = "torch") -> "Runtime":
         sp = None
         if parallel.sequence_parallel and tp.size > 1:
             sp = "regather" if parallel.sequence_parallel_regather else "keep"
         return cls(tp=tp, sequence_parallel=sp,
                    recompute_granularity=parallel.recompute_granularity,
                    recompute_method=parallel.recompute_method,
-                   recompute_num_layers=parallel.recompute_num_layers or 1, rng=rng, seed=seed)
+                   recompute_num_layers=parallel.recompute_num_layers or 1, rng=rng, seed=seed,
+                   layernorm_impl=layernorm_impl)
 
 
 class ForwardContext(NamedTuple):
@@ -119,14 +121,14 @@ def _regularizer(cfg: ModelConfig, rt: Runtime, layer: int, branch: str) -> Bran
                              param_seed(rt.seed, f"drop-path.{layer}.{branch}"), rt)
 
 
-def qk_norms(cfg: ModelConfig) -> tuple[nn.Module | None, nn.Module | None]:
+def qk_norms(cfg: ModelConfig, rt: Runtime) -> tuple[nn.Module | None, nn.Module | None]:
     """Per-head LayerNorms over the head dim for queries and keys (or None, None). One set
     of weights is shared by all heads; each TP rank applies it to its own heads only, so its
     gradient is partial and summed over TP after backward."""
     if not cfg.qk_layernorm:
         return None, None
-    return tuple(layer_norm(cfg.head_dim, cfg.norm_epsilon, cfg.norm_bias, partial_grad=True)
-                 for _ in range(2))
+    return tuple(layer_norm(cfg.head_dim, cfg.norm_epsilon, cfg.norm_bias, partial_grad=True,
+                            impl=rt.layernorm_impl) for _ in range(2))
 
 
 class _Attention(nn.Module):
@@ -136,7 +138,7 @@ class _Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rt: Runtime) -> None:
         super().__init__()
         self.head_dim, self.rt = cfg.head_dim, rt
-        self.q_norm, self.k_norm = qk_norms(cfg)
+        self.q_norm, self.k_norm = qk_norms(cfg, rt)
         self.dropout = cfg.attention_dropout
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -170,7 +172,8 @@ class ParallelBlock(nn.Module):
         super().__init__()
         h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
         sp = rt.sequence_parallel
-        self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias, partial_grad=sp is not None)
+        self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias, partial_grad=sp is not None,
+                               impl=rt.layernorm_impl)
         qkv_bias, mlp_bias = cfg.add_qkv_bias, cfg.add_mlp_bias
         self.in_proj = ColumnParallelLinear(h, (h, h, h, f), rt.tp, init_std=std,
                                             bias=(qkv_bias, qkv_bias, qkv_bias, mlp_bias),
@@ -196,14 +199,16 @@ class SequentialBlock(nn.Module):
         super().__init__()
         h, f, std, eps = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std, cfg.norm_epsilon
         sp = rt.sequence_parallel
-        self.norm1 = layer_norm(h, eps, cfg.norm_bias, partial_grad=sp is not None)
+        self.norm1 = layer_norm(h, eps, cfg.norm_bias, partial_grad=sp is not None,
+                                impl=rt.layernorm_impl)
         self.qkv = ColumnParallelLinear(h, (h, h, h), rt.tp, bias=cfg.add_qkv_bias, init_std=std,
                                         sequence_parallel=sp)
         self.attention = _Attention(cfg, rt)
         self.proj = RowParallelLinear(h, h, rt.tp, bias=cfg.add_proj_bias, init_std=std,
                                       sequence_parallel=sp is not None)
         self.branch1 = _regularizer(cfg, rt, layer, "attention")
-        self.norm2 = layer_norm(h, eps, cfg.norm_bias, partial_grad=sp is not None)
+        self.norm2 = layer_norm(h, eps, cfg.norm_bias, partial_grad=sp is not None,
+                                impl=rt.layernorm_impl)
         self.fc1 = ColumnParallelLinear(h, f, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
                                         sequence_parallel=sp)
         self.fc2 = RowParallelLinear(f, h, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
@@ -289,7 +294,7 @@ class MAPHead(nn.Module):
     residual MLP. Tensor-parallel like a block (heads and MLP split over TP).
     Input [s, b, h] (all tokens, replicated) -> [b, h]."""
 
-    def __init__(self, cfg: ModelConfig, tp: Group) -> None:
+    def __init__(self, cfg: ModelConfig, tp: Group, layernorm_impl: str = "torch") -> None:
         super().__init__()
         h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
         self.head_dim = cfg.head_dim
@@ -298,7 +303,7 @@ class MAPHead(nn.Module):
         self.q = ColumnParallelLinear(h, h, tp, bias=True, init_std=std)
         self.kv = ColumnParallelLinear(h, (h, h), tp, bias=True, init_std=std)
         self.proj = RowParallelLinear(h, h, tp, bias=True, init_std=std)
-        self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias)
+        self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias, impl=layernorm_impl)
         self.fc1 = ColumnParallelLinear(h, f, tp, bias=True, init_std=std)
         self.fc2 = RowParallelLinear(f, h, tp, bias=True, init_std=std)
 
@@ -351,8 +356,9 @@ class VisionTransformer(nn.Module):
         layers = range(cfg.num_layers) if layers is None else layers
         self.blocks = nn.ModuleDict({str(i): block(cfg, rt, i) for i in layers})
         if post_process:
-            self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias)
-            self.map_head = MAPHead(cfg, rt.tp) if cfg.pooling == "map" else None
+            self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias, impl=rt.layernorm_impl)
+            self.map_head = (MAPHead(cfg, rt.tp, rt.layernorm_impl) if cfg.pooling == "map"
+                             else None)
             self.head = nn.Linear(h, cfg.num_classes) if cfg.num_classes else None
             if self.head is not None:
                 set_init(self.head.weight, trunc_normal(cfg.init_method_std))
@@ -518,18 +524,21 @@ class StageModel(nn.Module):
 
 
 def build_stage(cfg: ModelConfig, rt: Runtime, seed: int, layout, stage: int,
-                device: torch.device | str = "cpu") -> StageModel:
+                device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> StageModel:
     """This pipeline stage's chunks (`layout`: a PipelineLayout), initialised as the serial
-    model would be."""
+    model would be, with parameters (and buffers) in `dtype`."""
     return StageModel([
         build_vit(cfg, rt, seed, device, layers=layout.chunk_layers(stage, c),
-                  pre_process=layout.is_first(stage, c), post_process=layout.is_last(stage, c))
+                  pre_process=layout.is_first(stage, c), post_process=layout.is_last(stage, c),
+                  dtype=dtype)
         for c in range(layout.chunks)])
 
 
 def build_vit(cfg: ModelConfig, rt: Runtime | Group, seed: int,
               device: torch.device | str = "cpu", layers: range | None = None,
-              pre_process: bool = True, post_process: bool = True) -> VisionTransformer:
+              pre_process: bool = True, post_process: bool = True,
+              dtype: torch.dtype = torch.float32) -> VisionTransformer:
     """Build on the meta device, then materialise on `device` with the seeded init:
     the weights depend only on (seed, parameter name), whatever the layout. `rt` may be a
     bare TP group (no sequence parallelism, recomputation or dropout streams)."""
@@ -539,5 +548,5 @@ def build_vit(cfg: ModelConfig, rt: Runtime | Group, seed: int,
         rt = Runtime(tp=rt, seed=seed)
     with torch.device("meta"):
         model = VisionTransformer(cfg, rt, layers, pre_process, post_process)
-    initialize_parameters(model, seed, device=device)
-    return model
+    initialize_parameters(model, seed, device=device)   # fp32 values, then rounded
+    return model if dtype == torch.float32 else model.to(dtype)

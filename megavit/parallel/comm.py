@@ -92,13 +92,18 @@ class Group:
             work.wait()
         return out
 
-    def all_gather_async(self, t: torch.Tensor) -> tuple[torch.Tensor, dist.Work | None]:
-        """Start `all_gather`; returns (output, handle to `wait()` on before reading it)."""
+    def all_gather_async(self, t: torch.Tensor, out: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, dist.Work | None]:
+        """Start `all_gather` (into `out` if given: [size * n, ...], contiguous); returns
+        (output, handle to `wait()` on before reading it)."""
         if self.size == 1:
-            return t, None
+            if out is not None and out.data_ptr() != t.data_ptr():
+                out.copy_(t)
+            return (t if out is None else out), None
         t = t.contiguous()
-        out = torch.empty((self.size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype,
-                          device=t.device)
+        if out is None:
+            out = torch.empty((self.size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype,
+                              device=t.device)
         self.stats.record(self.name, "all_gather", _nbytes(out))
         return out, _all_gather_flat(out, t, group=self.pg, async_op=True)
 
@@ -109,16 +114,21 @@ class Group:
             work.wait()
         return out
 
-    def reduce_scatter_async(self, t: torch.Tensor) -> tuple[torch.Tensor, dist.Work | None]:
-        """Start `reduce_scatter`; returns (output, handle to `wait()` on before reading it)."""
+    def reduce_scatter_async(self, t: torch.Tensor, out: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, dist.Work | None]:
+        """Start `reduce_scatter` (into `out` if given: [n / size, ...], contiguous, which may
+        be this rank's chunk of `t` itself); returns (output, handle to `wait()` on)."""
         if self.size == 1:
-            return t, None
+            if out is not None and out.data_ptr() != t.data_ptr():
+                out.copy_(t)
+            return (t if out is None else out), None
         if t.shape[0] % self.size:
             raise ValueError(f"reduce_scatter over {self.name}: dim 0 of size {t.shape[0]} "
                              f"does not split into {self.size} chunks")
         t = t.contiguous()
-        out = torch.empty((t.shape[0] // self.size,) + tuple(t.shape[1:]), dtype=t.dtype,
-                          device=t.device)
+        if out is None:
+            out = torch.empty((t.shape[0] // self.size,) + tuple(t.shape[1:]), dtype=t.dtype,
+                              device=t.device)
         self.stats.record(self.name, "reduce_scatter", _nbytes(t))
         return out, _reduce_scatter_flat(out, t, group=self.pg, async_op=True)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavit.parallel.comm import Group
-from megavit.parallel.grad_sync import mark_partial_grad
+from megavit.parallel.partial_grad import mark_partial_grad
 from megavit.parallel.mappings import reduce_from_tp, reduce_scatter_to_sequence_parallel
 from megavit.parallel.random import MODEL_PARALLEL, RNGTracker
 from megavit.parallel.sharding import TPShard, constant, set_init, set_tp_shard, trunc_normal
@@ -176,11 +176,35 @@ class RowParallelLinear(nn.Module):
                 f"tp={self.group.size}, bias={self.bias is not None}")
 
 
-def layer_norm(size: int, eps: float, bias: bool, partial_grad: bool = False) -> nn.LayerNorm:
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, through apex's fused kernel when asked (`impl="apex"`), apex is
+    importable and the input is on a GPU; otherwise torch's. The same function either way
+    (a LayerNorm without bias passes zeros to apex's affine kernel)."""
+
+    def __init__(self, size: int, eps: float, bias: bool, impl: str = "torch") -> None:
+        super().__init__(size, eps=eps, bias=bias)
+        self.fused = None
+        if impl == "apex":
+            try:
+                from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+            except ImportError:
+                pass
+            else:
+                self.fused = fused_layer_norm_affine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is None or not x.is_cuda:
+            return super().forward(x)
+        bias = self.bias if self.bias is not None else torch.zeros_like(self.weight)
+        return self.fused(x, self.weight, bias, self.normalized_shape, self.eps)
+
+
+def layer_norm(size: int, eps: float, bias: bool, partial_grad: bool = False,
+               impl: str = "torch") -> nn.LayerNorm:
     """A LayerNorm (replicated over TP) with weight 1 and, if present, bias 0.
     `partial_grad`: it sees only this rank's part of the work (a sequence shard, or its own
     heads), so its gradients are summed over TP after backward."""
-    norm = nn.LayerNorm(size, eps=eps, bias=bias)
+    norm = LayerNorm(size, eps, bias, impl)
     set_init(norm.weight, constant(1.0))
     if norm.bias is not None:
         set_init(norm.bias, constant(0.0))

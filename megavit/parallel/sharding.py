@@ -222,11 +222,13 @@ def initialize_parameters(module: nn.Module, seed: int, device: torch.device | s
 
 
 @torch.no_grad()
-def full_state(module: nn.Module, tp: Group, grads: bool = False) -> dict[str, torch.Tensor]:
-    """Every parameter of `module` (or its gradient, zeros where it has none) at its full
-    serial shape, keyed by global name. A collective on `tp`: every TP rank must call it."""
+def full_state(module: nn.Module, tp: Group,
+               grads: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter of `module` at its full serial shape, keyed by global name — or,
+    given `grads` ({id(parameter): gradient}), every gradient (zeros where none). A
+    collective on `tp`: every TP rank must call it."""
     out = {}
     for name, p in module.named_parameters():
-        t = p.detach() if not grads else (p.grad if p.grad is not None else torch.zeros_like(p))
-        out[name] = gather_tp(t, get_tp_shard(p), tp).clone()
+        t = p.detach() if grads is None else grads.get(id(p), torch.zeros_like(p))
+        out[name] = gather_tp(t.to(p.dtype), get_tp_shard(p), tp).clone()
     return out

@@ -31,6 +31,7 @@ class ParallelState:
     tp: Group
     dp: Group
     pp: Group
+    world: Group   # every rank (agreements such as "a gradient overflowed somewhere")
     device: torch.device
     stats: CommStats
     launch: LaunchInfo
@@ -69,7 +70,8 @@ def serial_state(device: torch.device | str = "cpu") -> ParallelState:
     stats = CommStats()
     return ParallelState(
         rank=0, world_size=1, tp=Group.single("tp", stats), dp=Group.single("dp", stats),
-        pp=Group.single("pp", stats), device=torch.device(device), stats=stats,
+        pp=Group.single("pp", stats), world=Group.single("world", stats),
+        device=torch.device(device), stats=stats,
         launch=LaunchInfo(0, 1, 0, "single"),
     )
 
@@ -101,9 +103,11 @@ def build_parallel_state(tp_size: int, device: torch.device,
 
     launch = launch or LaunchInfo(rank, world, 0, "external")
     pp = group("pp")
+    everyone = Group(name="world", ranks=tuple(range(world)), rank=rank,
+                     pg=dist.group.WORLD if world > 1 else None, stats=stats)
     return ParallelState(rank=rank, world_size=world, tp=group("tp"), dp=group("dp"),
-                         pp=pp, device=device, stats=stats, launch=launch, mesh=mesh,
-                         pp_channels=_pipeline_channels(mesh, pp, stats))
+                         pp=pp, world=everyone, device=device, stats=stats, launch=launch,
+                         mesh=mesh, pp_channels=_pipeline_channels(mesh, pp, stats))
 
 
 def _pipeline_channels(mesh, pp: Group, stats: CommStats) -> dict[str, Group]:
@@ -154,7 +158,8 @@ def destroy_parallel_state(pstate: ParallelState | None = None, barrier: bool = 
     begun finalising, which aborts the process (seen under mpirun). `barrier=False` on an
     error path, where the other ranks may never reach a barrier."""
     if pstate is not None:
-        for group in (pstate.tp, pstate.dp, pstate.pp, *pstate.pp_channels.values()):
+        for group in (pstate.tp, pstate.dp, pstate.pp, pstate.world,
+                      *pstate.pp_channels.values()):
             group.pg = None
         pstate.mesh = None
     if dist.is_initialized():

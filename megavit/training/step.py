@@ -1,16 +1,16 @@
-"""One optimizer step: the micro-batches through the pipeline schedule, gradient
-synchronisation, global-norm clipping, AdamW.
+"""One optimizer step: the micro-batches through the pipeline schedule, data-parallel
+gradient reduction, the optimizer.
 
-    run the schedule over this rank's M micro-batches     (1F1B / interleaved; with one
-        each micro-batch's loss is divided by M              stage: F0 B0 F1 B1 ... =
-                                                              gradient accumulation)
-    sum partial gradients over TP (QK-norms; SP norms)    (one all-reduce on the tp group)
-    average gradients over DP                             (one all-reduce on the dp group)
-    clip to --clip-grad by the global norm                (all-reduces on tp, then pp)
-    AdamW step on this rank's shards
+    start the step: zero the gradient buffer                    (DataParallelBuffers)
+    run the schedule over this rank's M micro-batches           (1F1B / interleaved; one
+        each micro-batch's loss / M, times the loss scale        stage: F0 B0 F1 B1 ... =
+        gradients accumulate into the fp32 / 16-bit buffer        gradient accumulation)
+        buckets reduce over DP as they fill (--overlap-grad-reduce) or after backward
+    finish the reductions; NaN/inf before communication? stop, naming rank and tensor
+    optimizer: unscale, inf anywhere -> skip; clip by the global norm; AdamW on masters
 
-The gradient is that of the mean loss over the global batch, whatever the layout. The
-loss is computed on the last pipeline stage and broadcast to the others.
+The gradient is that of the mean loss over the global batch, whatever the layout. The loss
+is computed on the last pipeline stage and broadcast to the others.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavit.data.sampler import MicroBatch
-from megavit.parallel.grad_sync import average_gradients, sum_partial_gradients
+from megavit.parallel.data_parallel import DataParallelBuffers
 from megavit.parallel.pipeline_executor import PipelineExecutor, StepStats
 from megavit.parallel.schedules import build_schedule
 from megavit.parallel.state import ParallelState
-from megavit.training.grad_norm import clip_grad_norm
+from megavit.training.optimizer import MixedPrecisionOptimizer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,9 +35,16 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class StepResult:
     loss: torch.Tensor       # 0-d: mean loss over the global batch
-    grad_norm: torch.Tensor  # 0-d: global gradient norm before clipping
+    grad_norm: torch.Tensor  # 0-d: global gradient norm before clipping (nan if skipped)
     lr: float
-    stats: StepStats         # saved activation bytes, when measured
+    stats: StepStats         # saved activation bytes (when measured), idle time
+    skipped: bool = False    # an inf/NaN gradient with loss scaling: no update
+    loss_scale: float | None = None
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in the loss or a gradient, found before any communication; the message
+    names the iteration, the rank and the tensors."""
 
 
 def classification_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -69,9 +76,11 @@ def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
     actions = build_schedule(len(micro_batches), executor.layout.stages, executor.stage,
                              executor.layout.chunks, forward_only)
 
+    dtype = executor.dtype
+
     def forward(chunk: int, mb: int, x: torch.Tensor | None, meter) -> torch.Tensor:
         batch = micro_batches[mb]
-        inputs = batch.images.to(device, non_blocking=True) if x is None else x
+        inputs = batch.images.to(device, dtype, non_blocking=True) if x is None else x
         return stage.chunks[chunk](inputs, batch.sample_ids, block_meter=meter)
 
     def loss(mb: int, logits: torch.Tensor) -> torch.Tensor:
@@ -83,55 +92,65 @@ def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
                         loss, forward_only, exclude)
 
 
-def optimizer_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr: float,
-    pstate: ParallelState,
-    clip_grad: float,
-    on_gradients: Callable[[nn.Module], None] | None = None,
-) -> torch.Tensor:
-    """Synchronise the gradients in .grad (TP partial sums, DP mean), clip them by the
-    global norm and step the optimizer at `lr`. Returns the norm before clipping.
-    `on_gradients`, if given, sees the model after synchronisation and before clipping."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    sum_partial_gradients(params, pstate.tp)
-    average_gradients(params, pstate.dp)
-    if on_gradients is not None:
-        on_gradients(model)
-    grad_norm = clip_grad_norm(params, clip_grad, pstate.tp, pstate.pp)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    return grad_norm
+def check_finite(total_loss: torch.Tensor, buffers: DataParallelBuffers,
+                 pstate: ParallelState, iteration: int, last_stage: bool) -> None:
+    """Raise NonFiniteError on every rank if any rank saw a NaN/inf loss or gradient (one
+    all-reduce over all ranks); the rank that saw it names the tensors."""
+    bad = list(buffers.non_finite)
+    if last_stage and not bool(torch.isfinite(total_loss)):
+        bad.insert(0, "the loss")
+    flag = torch.tensor([pstate.rank + 1.0 if bad else 0.0], device=pstate.device)
+    first = int(pstate.world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
+    if first:
+        where = (f"on rank {pstate.rank} in {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
+                 if bad else f"on rank {first - 1} (this is rank {pstate.rank})")
+        raise NonFiniteError(f"iteration {iteration}: NaN or inf {where}, before any "
+                             "communication; stopping (--no-check-for-nan-in-loss-and-grad "
+                             "turns this check off)")
 
 
 def train_step(
     stage: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    buffers: DataParallelBuffers,
+    optimizer: MixedPrecisionOptimizer,
+    scaler,
     lr: float,
     micro_batches: list[MicroBatch],
     pstate: ParallelState,
     executor: PipelineExecutor,
     loss_fn: LossFn,
     clip_grad: float,
+    iteration: int = 0,
+    check_nan: bool = False,
     on_gradients: Callable[[nn.Module], None] | None = None,
     measure: bool = False,
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches (all of equal size)."""
-    optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=pstate.device)
+    """One optimizer step over this rank's micro-batches (all of equal size). `scaler`: a
+    loss scaler or None. `on_gradients`, if given, sees the model after the gradients are
+    reduced and before the optimizer."""
     n = len(micro_batches)
+    buffers.start_step(n)
+    scale = scaler.scale if scaler is not None else None
+    total = torch.zeros((), device=pstate.device)
 
     def share(mb: int, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         nonlocal total
         loss = loss_fn(logits, labels) / n
         total = total + loss.detach()
-        return loss
+        return loss * scale if scale is not None else loss
 
     stats = run_micro_batches(stage, executor, micro_batches, pstate, share, measure=measure)
-    grad_norm = optimizer_step(stage, optimizer, lr, pstate, clip_grad, on_gradients)
-    loss = pstate.dp.all_reduce(total.reshape(1)).div_(pstate.dp.size)
+    buffers.finish()
+    if check_nan:
+        check_finite(total, buffers, pstate, iteration,
+                     any(executor.layout.is_last(executor.stage, c)
+                         for c in range(executor.layout.chunks)))
+    if on_gradients is not None:
+        on_gradients(stage)
+    outcome = optimizer.step(lr, clip_grad, scale)
+    if scaler is not None:
+        scaler.update(outcome.skipped)
+    loss = pstate.dp.all_reduce(total.reshape(1).float()).div_(pstate.dp.size)
     pstate.pp.broadcast(loss, src=pstate.pp.size - 1)   # the loss lives on the last stage
-    loss = loss[0]
-    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, stats=stats)
+    return StepResult(loss=loss[0], grad_norm=outcome.grad_norm, lr=lr, stats=stats,
+                      skipped=outcome.skipped, loss_scale=scale)

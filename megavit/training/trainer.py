@@ -19,6 +19,7 @@ from megavit.data.datasets import Dataset, build_datasets
 from megavit.data.sampler import GlobalBatchSampler, MicroBatch, eval_batches, train_batches
 from megavit.models.activation_memory import ActivationSetup
 from megavit.models.vit import Runtime, StageModel, build_stage
+from megavit.parallel.data_parallel import DataParallelBuffers
 from megavit.parallel.pipeline_executor import PipelineExecutor
 from megavit.parallel.pipeline_layout import PipelineLayout, PipelineLayoutError
 from megavit.parallel.random import RNGTracker
@@ -27,7 +28,8 @@ from megavit.parallel.schedules import (ScheduleError, build_schedule, format_sc
 from megavit.parallel.state import ParallelState
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, Stopwatch, format_eta
-from megavit.training.optimizer import build_optimizer
+from megavit.training.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megavit.training.optimizer import MixedPrecisionOptimizer
 from megavit.training.peak_flops import configure_tf32, device_peak_flops
 from megavit.training.recompute_plan import GIB, StagePlan, plan_all_stages
 from megavit.training.step import StepResult, classification_loss, run_micro_batches, train_step
@@ -62,6 +64,29 @@ def evaluate(run: "TrainingRun") -> dict[str, float]:
     count = max(sums[2].item(), 1.0)
     return {"eval_loss": sums[0].item() / count, "eval_accuracy": sums[1].item() / count,
             "eval_images": int(sums[2].item())}
+
+
+def param_dtype(precision) -> torch.dtype:
+    """The parameters' and activations' dtype: --bf16, --fp16 or fp32."""
+    return torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
+
+
+def nan_check(precision) -> bool:
+    """--check-for-nan-in-loss-and-grad, defaulting to on except for fp16."""
+    if precision.check_for_nan_in_loss_and_grad is not None:
+        return precision.check_for_nan_in_loss_and_grad
+    return not precision.fp16
+
+
+def loss_scaler(precision) -> ConstantGradScaler | DynamicGradScaler | None:
+    """--loss-scale: static; fp16 without it: dynamic; otherwise none."""
+    if precision.loss_scale is not None:
+        return ConstantGradScaler(precision.loss_scale)
+    if precision.fp16:
+        return DynamicGradScaler(precision.initial_loss_scale, precision.min_loss_scale,
+                                 window=precision.loss_scale_window,
+                                 hysteresis=precision.hysteresis)
+    return None
 
 
 def pipeline_layout(cfg: Config) -> PipelineLayout:
@@ -140,7 +165,9 @@ class TrainingRun:
     cfg: Config
     pstate: ParallelState
     model: StageModel
-    optimizer: torch.optim.Optimizer
+    buffers: DataParallelBuffers
+    optimizer: MixedPrecisionOptimizer
+    scaler: ConstantGradScaler | DynamicGradScaler | None
     schedule: LRSchedule
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     train_set: Dataset
@@ -152,8 +179,8 @@ class TrainingRun:
 
     @classmethod
     def build(cls, cfg: Config, pstate: ParallelState) -> "TrainingRun":
-        t, p = cfg.training, cfg.parallel
-        configure_tf32(cfg.precision.tf32)
+        t, p, pr = cfg.training, cfg.parallel, cfg.precision
+        configure_tf32(pr.tf32)
         train_set, heldout = build_datasets(cfg.data, cfg.model, t.seed)
         cfg = _resolve_num_classes(cfg, train_set)
         layout = pipeline_layout(cfg)
@@ -161,20 +188,32 @@ class TrainingRun:
         stage = pstate.pp.rank
         # Each stage seeds its dropout streams apart: its layers are different layers.
         rng = RNGTracker(t.seed + 100 * stage, pstate.tp.rank, pstate.device)
-        runtime = Runtime.from_config(p, pstate.tp, t.seed, rng)
+        runtime = Runtime.from_config(p, pstate.tp, t.seed, rng, t.layernorm_impl)
         plans = recompute_plans(cfg, layout, micro_batches, runtime.sequence_parallel)
         if plans is not None:
             n = plans[stage].recomputed
             runtime = dataclasses.replace(runtime, recompute_granularity="full" if n else None,
                                           recompute_method="block", recompute_num_layers=n or 1)
-        model = build_stage(cfg.model, runtime, t.seed, layout, stage, pstate.device)
+        dtype = param_dtype(pr)
+        model = build_stage(cfg.model, runtime, t.seed, layout, stage, pstate.device, dtype)
+        grad_dtype = torch.float32 if (dtype == torch.float32 or
+                                       pr.accumulate_allreduce_grads_in_fp32) else dtype
+        buffers = DataParallelBuffers(
+            list(model.named_parameters()), pstate.dp, pstate.tp, grad_dtype,
+            p.ddp_bucket_size or max(40_000_000, 1_000_000 * pstate.dp.size),
+            shard=p.use_distributed_optimizer, overlap=p.overlap_grad_reduce,
+            check_finite=nan_check(pr))
         return cls(
-            cfg=cfg, pstate=pstate, model=model, optimizer=build_optimizer(model, t),
+            cfg=cfg, pstate=pstate, model=model, buffers=buffers,
+            optimizer=MixedPrecisionOptimizer(buffers, t, pstate,
+                                              master_weights=dtype != torch.float32),
+            scaler=loss_scaler(pr),
             schedule=LRSchedule(t.lr, t.min_lr, t.lr_warmup_iters,
                                 t.lr_decay_iters or t.train_iters, t.lr_decay_style),
             loss_fn=classification_loss(t.label_smoothing), train_set=train_set,
             heldout=heldout, sampler=GlobalBatchSampler(len(train_set), t.global_batch_size, t.seed),
-            layout=layout, executor=PipelineExecutor(layout, stage, pstate.pp_channels, pstate.device),
+            layout=layout,
+            executor=PipelineExecutor(layout, stage, pstate.pp_channels, pstate.device, dtype),
             plans=plans,
         )
 
@@ -192,9 +231,10 @@ class TrainingRun:
     def step(self, iteration: int, micro_batches: list[MicroBatch],
              on_gradients: Callable[[nn.Module], None] | None = None,
              measure: bool = False) -> StepResult:
-        return train_step(self.model, self.optimizer, self.schedule.lr_at(iteration),
-                          micro_batches, self.pstate, self.executor, self.loss_fn,
-                          self.cfg.training.clip_grad, on_gradients, measure)
+        return train_step(self.model, self.buffers, self.optimizer, self.scaler,
+                          self.schedule.lr_at(iteration), micro_batches, self.pstate,
+                          self.executor, self.loss_fn, self.cfg.training.clip_grad,
+                          iteration, nan_check(self.cfg.precision), on_gradients, measure)
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self)
@@ -220,8 +260,8 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
         [stage_params], dtype=torch.float64, device=pstate.device)).item()
     flops_per_step = model.estimate_flops(t.global_batch_size, training=True)
     # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
-    peak, peak_source = (device_peak_flops(pstate.device, torch.float32, cfg.precision.tf32,
-                                           lg.peak_tflops)
+    peak, peak_source = (device_peak_flops(pstate.device, param_dtype(cfg.precision),
+                                           cfg.precision.tf32, lg.peak_tflops)
                          if pstate.is_main else (float("inf"), ""))
     gpu = GpuMonitor(pstate.device)
 
@@ -260,16 +300,33 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
     log.info(f"data: {run.train_set.name} {len(run.train_set)} images | {run.heldout.name} "
              f"{len(run.heldout)} images | global batch {t.global_batch_size} = micro "
              f"{t.micro_batch_size} x {micro_per_step} micro-batches x dp {dp.size}")
+    pr, p = cfg.precision, cfg.parallel
+    precision = "bf16" if pr.bf16 else "fp16" if pr.fp16 else "fp32"
+    scaler = run.scaler
+    scaling = ("none" if scaler is None else f"static {scaler.scale:g}"
+               if isinstance(scaler, ConstantGradScaler) else f"dynamic from {scaler.scale:g}")
+    log.info(f"precision: {precision} parameters and activations | gradients in "
+             f"{str(run.buffers.grad_buffer.dtype).replace('torch.', '')} | loss scaling "
+             f"{scaling} | optimizer {run.optimizer.implementation}, "
+             f"{'sharded over ' + str(dp.size) + ' DP ranks' if p.use_distributed_optimizer else 'not sharded'}"
+             f" | gradient buckets {len(run.buffers.buckets)}"
+             f"{', reduced during backward' if p.overlap_grad_reduce else ''}")
     log.info(f"mfu peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_source})")
 
     watch = Stopwatch(pstate.device)
     loss_sum, steps_since_log = torch.zeros((), device=pstate.device), 0
     last: dict[str, Any] = {}
     eval_seconds = 0.0
+    skipped = 0
     model.train()
     for iteration, micro_batches in enumerate(run.batches(0, t.train_iters)):
         result = run.step(iteration, micro_batches)
+        if iteration == 0:   # the optimizer's state exists after its first step
+            mem = run.optimizer.bytes_per_parameter()
+            log.info("memory per trained parameter on this rank: " + " + ".join(
+                f"{k} {v:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()):.2f} bytes")
         loss_sum += result.loss
+        skipped += int(result.skipped)
         steps_since_log += 1
         done = iteration + 1
         log.progress(done)
@@ -287,6 +344,8 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
                 "tflops_per_device": achieved / 1e12,
                 "mfu": achieved / peak,
                 **gpu.read(),
+                **({"loss_scale": result.loss_scale, "skipped_steps": skipped}
+                   if result.loss_scale is not None else {}),
                 "eta": format_eta(step_time * (t.train_iters - done)),
             }
             log.train(last)
