@@ -1,7 +1,7 @@
 """The invariant: a parallel run computes the same function as the serial run.
 
-For each layout (TP=2, TP=4, DP=2, TP=2 x DP=2, and with sequence parallelism and
-recomputation: see LAYOUTS) one group of real gloo processes trains every model variant for
+For each layout (TP=2, TP=4, DP=2, TP=2 x DP=2, pipelines, and with sequence parallelism,
+recomputation, overlapped gradient reduction and the distributed optimizer: see LAYOUTS) one group of real gloo processes trains every model variant for
 two steps; the serial run of the same seed and global batch is the reference. Compared: the loss of each step, the gradient norm, every gradient gathered to
 full shape (after DP averaging, before clipping), and every weight after two AdamW steps.
 
@@ -36,6 +36,10 @@ LR = debug_config().training.lr
 EPS = debug_config().training.adam_eps
 SP = {"sequence_parallel": True}
 PP2, PP4 = {"pipeline_model_parallel_size": 2}, {"pipeline_model_parallel_size": 4}
+# Small buckets (~3,000 elements: 9 buckets, some padded to a multiple of DP) so overlapped
+# reduction really interleaves with backward and shards cut through parameters.
+OVERLAP = {"overlap_grad_reduce": True, "ddp_bucket_size": 3000}
+ZERO1 = {"use_distributed_optimizer": True, "ddp_bucket_size": 3000}
 # name: (world size, TP size, ParallelConfig overrides, blocks). The "vit22b" variant has 25
 # tokens and the "classic" one 17, so every SP layout also covers sequences not divisible by
 # TP (padded and masked), through both block types and both the MAP and CLS heads. Pipeline
@@ -63,6 +67,11 @@ LAYOUTS = {
                                 "recompute_method": "uniform", "recompute_num_layers": 1}, 4),
     "pp2_uneven": (2, 1, {**PP2, "num_layers_in_first_pipeline_stage": 1,
                           "num_layers_in_last_pipeline_stage": 3}, 4),
+    "dp2_overlap": (2, 1, OVERLAP, 2),
+    "dp2_distopt": (2, 1, ZERO1, 2),
+    "dp2_distopt_overlap": (2, 1, {**ZERO1, **OVERLAP}, 2),
+    "tp2_dp2_sp_distopt_overlap": (4, 2, {**SP, **ZERO1, **OVERLAP}, 2),
+    "pp2_dp2_distopt_overlap": (4, 1, {**PP2, **ZERO1, **OVERLAP}, 4),
 }
 PLAIN = [name for name, (_, _, extra, _) in LAYOUTS.items() if not extra]
 
