@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from megavit.config import TrainingConfig, preset_model_config
-from megavit.models.vit import build_vit
+from megavit.models.vit import Runtime, build_vit
+from megavit.parallel.data_parallel import DataParallelBuffers
 from megavit.parallel.state import serial_state
-from megavit.training.optimizer import build_optimizer
+from megavit.training.optimizer import MixedPrecisionOptimizer
 
 
 def cpu_name() -> str:
@@ -59,6 +60,23 @@ def build_timm(cfg):
         qkv_bias=False, qk_norm=True, block_fn=ParallelScalingBlock, global_pool="map",
         class_token=False, norm_layer=partial(LayerNorm, eps=1e-6, bias=False),
     )
+
+
+def make_megavit_step(model, hp, images, labels):
+    """megavit's own step on one process: gradients into its flat buffer, AdamW (the
+    default fused kernel) through MixedPrecisionOptimizer, which also computes the global
+    gradient norm it logs."""
+    pstate = serial_state()
+    buffers = DataParallelBuffers(list(model.named_parameters()), pstate.dp, pstate.tp,
+                                  torch.float32, 40_000_000)
+    optimizer = MixedPrecisionOptimizer(buffers, hp, pstate, master_weights=False)
+
+    def step():
+        buffers.start_step(1)
+        F.cross_entropy(model(images), labels).backward()
+        buffers.finish()
+        optimizer.step(hp.lr, 0.0, None)
+    return step
 
 
 def make_step(model, optimizer, images, labels):
@@ -126,7 +144,7 @@ def main(argv=None) -> int:
     labels = torch.randint(0, cfg.num_classes, (b,))
     hp = TrainingConfig(lr=1e-4, weight_decay=0.05)
 
-    ours = build_vit(cfg, serial_state().tp, seed=0)
+    ours = build_vit(cfg, Runtime(serial_state().tp), seed=0)
     theirs = build_timm(cfg)
     n_ours = sum(p.numel() for p in ours.parameters())
     n_theirs = sum(p.numel() for p in theirs.parameters())
@@ -135,7 +153,7 @@ def main(argv=None) -> int:
                                  betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps, **impl)
 
     steps = {
-        "megavit": make_step(ours, build_optimizer(ours, hp), images, labels),
+        "megavit": make_megavit_step(ours, hp, images, labels),
         "timm": make_step(theirs, timm_adamw(), images, labels),
         "timm+fusedAdamW": make_step(theirs, timm_adamw(fused=True), images, labels),
         "plain matmuls": make_matmul_step(cfg, b),

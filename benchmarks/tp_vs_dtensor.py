@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from megavit.config import preset_model_config  # noqa: E402
 from megavit.models.vit import Runtime, build_vit  # noqa: E402
-from megavit.parallel.partial_grad import sum_partial_gradients  # noqa: E402
+from megavit.parallel.data_parallel import DataParallelBuffers  # noqa: E402
 from megavit.training.optimizer import MixedPrecisionOptimizer  # noqa: E402
 from megavit.config import TrainingConfig  # noqa: E402
 

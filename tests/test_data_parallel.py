@@ -82,10 +82,10 @@ def overlap_events(pstate: ParallelState, overlap: bool) -> list:
     return [list(e) for e in run.buffers.events]
 
 
-def memory_per_parameter(pstate: ParallelState, shard: bool) -> dict:
-    cfg = with_precision(debug_config(parallel={"use_distributed_optimizer": shard},
-                                      train_iters=1),
-                         bf16=True, accumulate_allreduce_grads_in_fp32=True)
+def memory_per_parameter(pstate: ParallelState, shard: bool, bf16: bool = True) -> dict:
+    cfg = debug_config(parallel={"use_distributed_optimizer": shard}, train_iters=1)
+    if bf16:
+        cfg = with_precision(cfg, bf16=True, accumulate_allreduce_grads_in_fp32=True)
     run = TrainingRun.build(cfg, pstate)
     run.step(0, next(iter(run.batches(0, 1))))
     return run.optimizer.bytes_per_parameter()
@@ -137,6 +137,8 @@ def dp2_results():
     jobs = {"overlap": (overlap_events, (True,)), "no_overlap": (overlap_events, (False,)),
             "bytes_unsharded": (memory_per_parameter, (False,)),
             "bytes_sharded": (memory_per_parameter, (True,)),
+            "bytes_fp32": (memory_per_parameter, (False, False)),
+            "bytes_fp32_sharded": (memory_per_parameter, (True, False)),
             "fp16": (fp16_with_injected_overflow, (7, {0: 1, 1: 0})),
             "nan": (nan_in_backward, ())}
     return run_distributed(2, 1, jobs)
@@ -181,6 +183,14 @@ def test_optimizer_bytes_per_parameter_match_the_formula(dp2_results):
         assert got["optimizer"] == pytest.approx(6.0, rel=1e-3)
         totals.append(sum(got.values()))
     assert totals == pytest.approx([2 + 4 + 12 / 2] * 2, rel=1e-3)
+
+
+def test_fp32_needs_no_separate_master_copy(dp2_results):
+    """fp32: 4 + 4 + 8 (two moments) = 16 bytes; sharded over d=2: 4 + 4 + 8/d = 12."""
+    for got in dp2_results["bytes_fp32"]:
+        assert got == {"params": 4.0, "grads": 4.0, "optimizer": 8.0}
+    for got in dp2_results["bytes_fp32_sharded"]:
+        assert sum(got.values()) == pytest.approx(4 + 4 + 8 / 2, rel=1e-3)
 
 
 # ---- fp16 scaler across ranks ------------------------------------------------------------

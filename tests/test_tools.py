@@ -77,3 +77,21 @@ def test_vit22b_ranks_own_exactly_the_serial_parameters():
         assert set().union(*per_stage) == serial_names                        # none missing
         held = {r["stage"]: r["held"] for r in rows}
         assert max(held.values()) < 1.2 * total / (8 * layout.stages)
+
+
+def test_every_benchmark_imports_against_the_current_code():
+    """Benchmarks run by hand; importing each (in one fresh process) catches the names they
+    use from megavit going stale."""
+    code = ("import importlib.util, pathlib, sys\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            f"for f in sorted(pathlib.Path({str(ROOT / 'benchmarks')!r}).glob('*.py')):\n"
+            "    spec = importlib.util.spec_from_file_location('benchmarks.' + f.stem, f)\n"
+            "    module = importlib.util.module_from_spec(spec)\n"
+            "    sys.modules[spec.name] = module\n"
+            "    spec.loader.exec_module(module)\n"
+            "    assert callable(module.main), f\n"
+            "    print('ok', f.name)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ok ") == len(list((ROOT / "benchmarks").glob("*.py")))

@@ -16,8 +16,9 @@ AdamW -> copy back / all-gather. No weight decay on norms, biases, position embe
 the class token or the MAP probe.
 
 Bytes per parameter on a rank (bf16 parameters, fp32 gradients): 2 + 4 + 12 (master and two
-moments) = 18 unsharded, 2 + 4 + 12/d sharded; `bytes_per_parameter` reports the measured
-figures.
+moments) = 18 unsharded, 2 + 4 + 12/d sharded; fp32 parameters need no separate master (the
+sharded form steps this rank's shard of the parameter buffer in place): 4 + 4 + 8 = 16,
+and 4 + 4 + 8/d. `bytes_per_parameter` reports the measured figures.
 """
 
 from __future__ import annotations
@@ -74,9 +75,14 @@ class MixedPrecisionOptimizer:
         self.buffers, self.cfg, self.pstate = buffers, cfg, pstate
         self.segments = buffers.segments()
         self.own_params = not master_weights and not buffers.shard
+        # fp32 and sharded: the masters are this rank's shard of the parameter buffer itself
+        self.masters_are_views = not master_weights and buffers.shard
         self.masters: list[nn.Parameter] = []
         if self.own_params:
             self.masters = [s.param for s in self.segments]
+        elif self.masters_are_views:
+            self.masters = [nn.Parameter(buffers.param_buffer[s.buffer_range[0]:s.buffer_range[1]])
+                            for s in self.segments]
         else:
             for s in self.segments:
                 a, b = s.param_range
@@ -142,7 +148,7 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def _copy_back(self) -> None:
-        for s, m in zip(self.segments, self.masters):
+        for s, m in zip(self.segments, self.masters if not self.masters_are_views else []):
             a, b = s.param_range
             s.param.detach().view(-1)[a:b].copy_(m.detach())
         if self.buffers.shard:
@@ -155,7 +161,7 @@ class MixedPrecisionOptimizer:
             else sum(p.numel() for b in self.buffers.buckets for p in b.params)
         state = 0
         for m in self.masters:
-            if not self.own_params:
+            if not (self.own_params or self.masters_are_views):
                 state += m.numel() * m.element_size()
             for v in self.adamw.state.get(m, {}).values():
                 if torch.is_tensor(v) and v.dim() > 0:

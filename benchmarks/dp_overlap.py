@@ -1,0 +1,123 @@
+"""Data parallelism at DP=2 on gloo: gradient reduction after backward, overlapped with
+backward, and the distributed (ZeRO-1) optimizer.
+
+    .venv/bin/python benchmarks/dp_overlap.py                  # ViT-S width, 4 blocks
+    .venv/bin/python benchmarks/dp_overlap.py --layers 2 --steps 3
+
+Each configuration trains the same model (vit-s widths, parallel blocks, MAP head, fp32,
+synthetic 224x224 images) through megavit's real training step on 2 gloo processes with
+one thread each, global batch 16 in micro-batches of 4 (2 per rank and step), buckets of
+--bucket-size elements. Each configuration runs in its own process group, so its peak
+resident memory is its own: reported per rank as the growth of the peak RSS over the RSS
+before the model was built, next to the exact bytes of parameters, gradient buffer and
+optimizer state that megavit accounts for. Step time: median over the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config  # noqa: E402
+
+CONFIGS = {
+    "reduce after backward": {},
+    "overlap": {"overlap_grad_reduce": True},
+    "dist-opt": {"use_distributed_optimizer": True},
+    "dist-opt + overlap": {"use_distributed_optimizer": True, "overlap_grad_reduce": True},
+}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def build_config(args, parallel: dict) -> Config:
+    model = preset_model_config("vit-s", num_layers=args.layers, img_h=224, img_w=224,
+                                num_classes=100)
+    cfg = Config(model=model,
+                 training=TrainingConfig(micro_batch_size=4, global_batch_size=16,
+                                         train_iters=args.warmup + args.steps, lr=1e-4,
+                                         adam_impl="foreach"),
+                 data=DataConfig(dataset="synthetic", synthetic_size=64))
+    cfg.parallel = dataclasses.replace(cfg.parallel, ddp_bucket_size=args.bucket_size,
+                                       **parallel)
+    return cfg
+
+
+def run(pstate, args, parallel: dict) -> dict:
+    from megavit.training.trainer import TrainingRun
+
+    before = rss_mb()
+    run = TrainingRun.build(build_config(args, parallel), pstate)
+    times = []
+    for it, micro in enumerate(run.batches(0, args.warmup + args.steps)):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        run.step(it, micro)
+        if it >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    per_param = run.optimizer.bytes_per_parameter()
+    n = sum(p.numel() for p in run.model.parameters())
+    return {"times": times, "peak_growth_mb": peak_rss_mb() - before,
+            "state_mb": sum(per_param.values()) * n / 2**20, "per_param": per_param,
+            "buckets": len(run.buffers.buckets), "params": n}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=4, help="blocks (default 4)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps each (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps each (default 2)")
+    p.add_argument("--bucket-size", type=int, default=1_000_000,
+                   help="gradient bucket size in elements (default 1,000,000)")
+    args = p.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from tests.harness import run_distributed
+
+    results = {}
+    for name, parallel in CONFIGS.items():
+        print(f"running: {name} ...", file=sys.stderr, flush=True)
+        results[name] = run_distributed(2, 1, {"r": (run, (args, parallel))}, timeout=1800)["r"]
+    base = statistics.median(results["reduce after backward"][0]["times"])
+    base_mem = max(r["peak_growth_mb"] for r in results["reduce after backward"])
+    first = results["reduce after backward"][0]
+    print(f"# dp_overlap: DP=2, 2 gloo processes x 1 thread, fp32; vit-s widths, {args.layers} "
+          f"parallel blocks, {first['params']:,} parameters, 196 tokens; global batch 16 = "
+          f"2 ranks x 2 micro-batches x 4; buckets of {args.bucket_size:,} elements "
+          f"({first['buckets']} buckets)")
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"torch {torch.__version__}; command: python benchmarks/dp_overlap.py "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])}")
+    print("| configuration          | median step ms | vs after-backward | peak RSS growth MB "
+          "(rank 0 / 1) | vs after-backward | params+grads+optimizer MB | bytes/param |")
+    print("|------------------------|----------------|-------------------|-------------------"
+          "-------------|-------------------|---------------------------|-------------|")
+    for name, per_rank in results.items():
+        med = statistics.median(per_rank[0]["times"])
+        mem = [r["peak_growth_mb"] for r in per_rank]
+        bpp = sum(per_rank[0]["per_param"].values())
+        print(f"| {name:<22} | {med * 1e3:14.1f} | {med / base:17.3f} | "
+              f"{mem[0]:13.1f} / {mem[1]:13.1f} | {max(mem) / base_mem:17.3f} | "
+              f"{per_rank[0]['state_mb']:25.2f} | {bpp:11.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
