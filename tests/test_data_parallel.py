@@ -24,7 +24,7 @@ from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.training.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megavit.training.step import NonFiniteError
-from megavit.training.trainer import TrainingRun
+from megavit.training.trainer import TrainingRun, memory_per_parameter_line
 from tests.harness import run_distributed
 from tests.scenarios import debug_config, uncounted
 
@@ -88,7 +88,7 @@ def memory_per_parameter(pstate: ParallelState, shard: bool, bf16: bool = True) 
         cfg = with_precision(cfg, bf16=True, accumulate_allreduce_grads_in_fp32=True)
     run = TrainingRun.build(cfg, pstate)
     run.step(0, next(iter(run.batches(0, 1))))
-    return run.optimizer.bytes_per_parameter()
+    return {**run.optimizer.bytes_per_parameter(), "line": memory_per_parameter_line(run)}
 
 
 def fp16_with_injected_overflow(pstate: ParallelState, steps: int, bad: dict) -> dict:
@@ -175,9 +175,13 @@ def test_optimizer_bytes_per_parameter_match_the_formula(dp2_results):
     distributed optimizer over d=2, 2 + 4 + 12/d = 12 (each rank's shard of the padded
     buffer: up to a few elements more than half)."""
     for got in dp2_results["bytes_unsharded"]:
+        assert got.pop("line").endswith("= 18.00 bytes | formula 18.00 (unsharded) | "
+                                         "sharded over 2: 12.00")
         assert got == {"params": 2.0, "grads": 4.0, "optimizer": 12.0}
     totals = []
     for got in dp2_results["bytes_sharded"]:
+        assert got.pop("line").endswith("= 12.00 bytes | formula 12.00 (sharded over 2) | "
+                                         "unsharded: 18.00")
         assert got["params"] == 2.0
         assert got["grads"] == pytest.approx(4.0, rel=1e-3)    # padding to a multiple of d
         assert got["optimizer"] == pytest.approx(6.0, rel=1e-3)
@@ -188,8 +192,10 @@ def test_optimizer_bytes_per_parameter_match_the_formula(dp2_results):
 def test_fp32_needs_no_separate_master_copy(dp2_results):
     """fp32: 4 + 4 + 8 (two moments) = 16 bytes; sharded over d=2: 4 + 4 + 8/d = 12."""
     for got in dp2_results["bytes_fp32"]:
+        assert "formula 16.00 (unsharded) | sharded over 2: 12.00" in got.pop("line")
         assert got == {"params": 4.0, "grads": 4.0, "optimizer": 8.0}
     for got in dp2_results["bytes_fp32_sharded"]:
+        assert "formula 12.00 (sharded over 2) | unsharded: 16.00" in got.pop("line")
         assert sum(got.values()) == pytest.approx(4 + 4 + 8 / 2, rel=1e-3)
 
 

@@ -61,6 +61,14 @@ def _adamw(groups: list[dict], cfg: TrainingConfig) -> tuple[torch.optim.Optimiz
     return torch.optim.AdamW(groups, foreach=impl == "foreach", **kwargs), f"torch {impl} AdamW"
 
 
+def formula_bytes_per_parameter(param_bytes: int, grad_bytes: int, master_weights: bool,
+                                shards: int) -> float:
+    """Bytes per parameter on a rank by the formula: parameter + gradient + (fp32 master when
+    separate + two fp32 moments) / shards. bf16 with fp32 gradients: 18 unsharded, 6 + 12/d
+    sharded over d DP ranks (Megatron's table); fp32: 16, and 8 + 8/d."""
+    return param_bytes + grad_bytes + (12 if master_weights else 8) / shards
+
+
 @dataclass
 class StepOutcome:
     grad_norm: torch.Tensor   # 0-d, before clipping (nan when the step was skipped)

@@ -29,7 +29,7 @@ from megavit.parallel.state import ParallelState
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, Stopwatch, format_eta
 from megavit.training.grad_scaler import ConstantGradScaler, DynamicGradScaler
-from megavit.training.optimizer import MixedPrecisionOptimizer
+from megavit.training.optimizer import MixedPrecisionOptimizer, formula_bytes_per_parameter
 from megavit.training.peak_flops import configure_tf32, device_peak_flops
 from megavit.training.recompute_plan import GIB, StagePlan, plan_all_stages
 from megavit.training.step import StepResult, classification_loss, run_micro_batches, train_step
@@ -249,6 +249,23 @@ def pretrain(cfg: Config, pstate: ParallelState) -> dict[str, Any]:
         log.close()
 
 
+def memory_per_parameter_line(run: TrainingRun) -> str:
+    """The measured bytes per trained parameter on this rank, against the formula for this
+    setting and for the other optimizer form (sharded vs unsharded)."""
+    mem = run.optimizer.bytes_per_parameter()
+    p_bytes = next(run.model.parameters()).element_size()
+    g_bytes = run.buffers.grad_buffer.element_size()
+    master = next(run.model.parameters()).dtype != torch.float32
+    d = run.pstate.dp.size
+    shards = d if run.buffers.shard else 1
+    here = formula_bytes_per_parameter(p_bytes, g_bytes, master, shards)
+    other = formula_bytes_per_parameter(p_bytes, g_bytes, master, 1 if run.buffers.shard else d)
+    return ("memory per trained parameter on this rank: " + " + ".join(
+        f"{k} {v:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()):.2f} bytes | formula "
+        f"{here:.2f} ({'sharded over ' + str(d) if run.buffers.shard else 'unsharded'}) | "
+        f"{'unsharded' if run.buffers.shard else 'sharded over ' + str(d)}: {other:.2f}")
+
+
 def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
     cfg, pstate, model = run.cfg, run.pstate, run.model
     m, t, lg = cfg.model, cfg.training, cfg.logging
@@ -322,9 +339,7 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
     for iteration, micro_batches in enumerate(run.batches(0, t.train_iters)):
         result = run.step(iteration, micro_batches)
         if iteration == 0:   # the optimizer's state exists after its first step
-            mem = run.optimizer.bytes_per_parameter()
-            log.info("memory per trained parameter on this rank: " + " + ".join(
-                f"{k} {v:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()):.2f} bytes")
+            log.info(memory_per_parameter_line(run))
         loss_sum += result.loss
         skipped += int(result.skipped)
         steps_since_log += 1
