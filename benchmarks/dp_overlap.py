@@ -9,7 +9,8 @@ synthetic 224x224 images) through megavit's real training step on 2 gloo process
 one thread each, global batch 16 in micro-batches of 4 (2 per rank and step), buckets of
 --bucket-size elements. Each configuration runs in its own process group, so its peak
 resident memory is its own: reported per rank as the growth of the peak RSS over the RSS
-before the model was built, next to the exact bytes of parameters, gradient buffer and
+before the model was built (with glibc mapping every allocation over 64 KiB on its own, so
+RSS follows live tensors; see `rss_follows_tensors`), next to the exact bytes of parameters, gradient buffer and
 optimizer state that megavit accounts for. Step time: median over the timed steps.
 """
 
@@ -19,7 +20,7 @@ import argparse
 import dataclasses
 import os
 import platform
-import resource
+import re
 import statistics
 import sys
 import time
@@ -39,13 +40,38 @@ CONFIGS = {
 }
 
 
+def rss_follows_tensors() -> bool:
+    """Make this process's resident set follow its live tensors: glibc then serves every
+    allocation over 64 KiB by its own mmap and unmaps it when freed (no heap caching, no
+    fragmentation), so peak RSS measures peak live memory, the same way for every
+    configuration. False where glibc's mallopt is not available."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and \
+            bool(libc.mallopt(m_trim_threshold, 64 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+    """The peak resident set since the process started or since `reset_peak_rss()`."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start the peak over from the current resident set (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def build_config(args, parallel: dict) -> Config:
@@ -61,18 +87,27 @@ def build_config(args, parallel: dict) -> Config:
     return cfg
 
 
-def run(pstate, args, parallel: dict) -> dict:
-    from megavit.training.trainer import TrainingRun
-
-    before = rss_mb()
-    run = TrainingRun.build(build_config(args, parallel), pstate)
+def timed_steps(run, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` training steps after `warmup` untimed ones; the ranks
+    start each step together."""
     times = []
-    for it, micro in enumerate(run.batches(0, args.warmup + args.steps)):
+    for it, micro in enumerate(run.batches(0, warmup + steps)):
         torch.distributed.barrier()
         t0 = time.perf_counter()
         run.step(it, micro)
-        if it >= args.warmup:
+        if it >= warmup:
             times.append(time.perf_counter() - t0)
+    return times
+
+
+def run(pstate, args, parallel: dict) -> dict:
+    from megavit.training.trainer import TrainingRun
+
+    rss_follows_tensors()
+    reset_peak_rss()
+    before = rss_mb()
+    run = TrainingRun.build(build_config(args, parallel), pstate)
+    times = timed_steps(run, args.warmup, args.steps)
     per_param = run.optimizer.bytes_per_parameter()
     n = sum(p.numel() for p in run.model.parameters())
     return {"times": times, "peak_growth_mb": peak_rss_mb() - before,

@@ -11,6 +11,8 @@ images per step, on 2 gloo processes with one thread each:
 
     megavit TP=2 + SP + selective   both ranks see all 16 images, each holds half of every
                                     block (sequence parallel, attention core recomputed)
+    megavit TP=2 + SP + full        the same with every block recomputed (like-for-like with
+                                    FSDP + checkpointing; not part of the claim)
     megavit DP=2 + dist-opt         8 images per rank, Adam state sharded (ZeRO-1), the
                                     gradient reduction overlapped with backward
     FSDP2                           `fully_shard` on each block and the root (ZeRO-3), 8
@@ -19,9 +21,12 @@ images per step, on 2 gloo processes with one thread each:
 
 The FSDP model is plain PyTorch (benchmarks/tp_vs_dtensor.py's RefViT, the same
 architecture and parameter count). Every step is forward + backward + AdamW (foreach
-kernel everywhere). Each configuration runs in its own process group; peak memory is the
-growth of each rank's peak resident set over its RSS before the model was built. Step time:
-median of the timed steps.
+kernel everywhere). Each configuration runs in its own process group. Peak memory: each
+rank's peak resident set (VmHWM, reset just before) minus its RSS before the model was
+built, with glibc told to map every allocation over 64 KiB on its own and return it when
+freed, so resident memory follows live tensors; one-time costs of first use are paid
+before, by a step of a tiny model through both frameworks. Step time: median of the timed
+steps.
 """
 
 from __future__ import annotations
@@ -41,47 +46,47 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.dp_overlap import peak_rss_mb, rss_mb  # noqa: E402
+from benchmarks.dp_overlap import (peak_rss_mb, reset_peak_rss, rss_follows_tensors,  # noqa: E402
+                                   rss_mb, timed_steps)  # noqa: E402
 from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config  # noqa: E402
 
 GLOBAL_BATCH = 16
 MEGAVIT = {
     "megavit TP2+SP+selective": (2, {"sequence_parallel": True,
                                      "recompute_granularity": "selective"}),
+    "megavit TP2+SP+full": (2, {"sequence_parallel": True, "recompute_granularity": "full",
+                                "recompute_method": "uniform", "recompute_num_layers": 1}),
     "megavit DP2+dist-opt": (1, {"use_distributed_optimizer": True,
                                  "overlap_grad_reduce": True}),
 }
 FSDP = {"FSDP2": False, "FSDP2 + checkpointing": True}
 
 
-def model_config(layers: int):
+def model_config(layers: int, tiny: bool = False):
+    """The benchmark's model; `tiny`: a vit-debug-sized one of the same kind (warm-up)."""
+    if tiny:
+        return preset_model_config("vit-debug", num_layers=2, num_classes=100,
+                                   qk_layernorm=False, pooling="gap")
     return preset_model_config("vit-s", num_layers=layers, num_classes=100,
                                qk_layernorm=False, pooling="gap", img_h=224, img_w=224)
 
 
-def run_megavit(pstate, args, parallel: dict) -> dict:
+def megavit_steps(pstate, model_cfg, parallel: dict, warmup: int, steps: int) -> dict:
     from megavit.training.trainer import TrainingRun
 
     micro = GLOBAL_BATCH // pstate.dp.size
-    cfg = Config(model=model_config(args.layers),
+    cfg = Config(model=model_cfg,
                  training=TrainingConfig(micro_batch_size=micro, global_batch_size=GLOBAL_BATCH,
-                                         train_iters=args.warmup + args.steps, lr=1e-4,
+                                         train_iters=warmup + steps, lr=1e-4,
                                          clip_grad=0.0, adam_impl="foreach"),
                  data=DataConfig(dataset="synthetic", synthetic_size=GLOBAL_BATCH))
     cfg.parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=pstate.tp.size,
                                        **parallel)
-    before = rss_mb()
     run = TrainingRun.build(cfg, pstate)
-    times = []
-    for it, batch in enumerate(run.batches(0, args.warmup + args.steps)):
-        torch.distributed.barrier()
-        t0 = time.perf_counter()
-        run.step(it, batch)
-        if it >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    times = timed_steps(run, warmup, steps)
     params = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
                  for p in run.model.parameters())
-    return {"times": times, "peak_growth_mb": peak_rss_mb() - before, "params": params}
+    return {"times": times, "params": params}
 
 
 class Checkpointed(nn.Module):
@@ -93,15 +98,14 @@ class Checkpointed(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
 
 
-def run_fsdp(pstate, args, checkpointing: bool) -> dict:
+def fsdp_steps(pstate, model_cfg, checkpointing: bool, warmup: int, steps: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from benchmarks.tp_vs_dtensor import RefViT
 
-    before = rss_mb()
     torch.manual_seed(0)
-    model = RefViT(model_config(args.layers))
+    model = RefViT(model_cfg)
     params = sum(p.numel() for p in model.parameters())
     mesh = init_device_mesh("cpu", (pstate.world.size,))
     for i, block in enumerate(model.blocks):
@@ -112,18 +116,40 @@ def run_fsdp(pstate, args, checkpointing: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     local = GLOBAL_BATCH // pstate.world.size
     g = torch.Generator().manual_seed(pstate.rank)
-    images = torch.randn(local, 3, 224, 224, generator=g)
-    labels = torch.randint(0, 100, (local,), generator=g)
+    images = torch.randn(local, model_cfg.num_channels, model_cfg.img_h, model_cfg.img_w,
+                         generator=g)
+    labels = torch.randint(0, model_cfg.num_classes, (local,), generator=g)
     times = []
-    for it in range(args.warmup + args.steps):
+    for it in range(warmup + steps):
         torch.distributed.barrier()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
         opt.step()
-        if it >= args.warmup:
+        if it >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"times": times, "peak_growth_mb": peak_rss_mb() - before, "params": params}
+    return {"times": times, "params": params}
+
+
+def measured(pstate, args, kind: str, option) -> dict:
+    """One configuration's steps and peak memory. Both frameworks first run one step of a
+    tiny model in this same process, so one-time costs (libraries initialised on first use:
+    about 40 MB for megavit's first model build here) are in the baseline for everyone and
+    the growth is what this model and batch need."""
+    rss_follows_tensors()
+    tiny = model_config(0, tiny=True)
+    megavit_steps(pstate, tiny, MEGAVIT[next(iter(MEGAVIT))][1] if pstate.tp.size > 1 else {},
+                  0, 1)
+    if pstate.tp.size == 1:
+        fsdp_steps(pstate, tiny, True, 0, 1)
+    reset_peak_rss()
+    before = rss_mb()
+    cfg = model_config(args.layers)
+    if kind == "megavit":
+        out = megavit_steps(pstate, cfg, option, args.warmup, args.steps)
+    else:
+        out = fsdp_steps(pstate, cfg, option, args.warmup, args.steps)
+    return {**out, "peak_growth_mb": peak_rss_mb() - before}
 
 
 def main(argv=None) -> int:
@@ -138,18 +164,18 @@ def main(argv=None) -> int:
     results = {}
     for name, (tp, parallel) in MEGAVIT.items():
         print(f"running: {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_distributed(2, tp, {"r": (run_megavit, (args, parallel))},
+        results[name] = run_distributed(2, tp, {"r": (measured, (args, "megavit", parallel))},
                                         timeout=1800)["r"]
     for name, checkpointing in FSDP.items():
         print(f"running: {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_distributed(2, 1, {"r": (run_fsdp, (args, checkpointing))},
+        results[name] = run_distributed(2, 1, {"r": (measured, (args, "fsdp", checkpointing))},
                                         timeout=1800)["r"]
     med = {n: statistics.median(r[0]["times"]) for n, r in results.items()}
     mem = {n: max(x["peak_growth_mb"] for x in r) for n, r in results.items()}
     print(f"# vs_fsdp: 2 gloo processes x 1 thread, fp32; ViT-S widths, {args.layers} parallel "
           f"blocks, 196 tokens, GAP; global batch {GLOBAL_BATCH}; step = fwd + bwd + AdamW "
           f"(foreach); parameters: " + ", ".join(f"{n.split()[0]} {r[0]['params']:,}"
-                                                 for n, r in list(results.items())[1:3]))
+                                                 for n, r in list(results.items())[2:4]))
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"torch {torch.__version__}; command: python benchmarks/vs_fsdp.py "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")

@@ -260,10 +260,12 @@ def memory_per_parameter_line(run: TrainingRun) -> str:
     shards = d if run.buffers.shard else 1
     here = formula_bytes_per_parameter(p_bytes, g_bytes, master, shards)
     other = formula_bytes_per_parameter(p_bytes, g_bytes, master, 1 if run.buffers.shard else d)
-    return ("memory per trained parameter on this rank: " + " + ".join(
+    line = ("memory per trained parameter on this rank: " + " + ".join(
         f"{k} {v:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()):.2f} bytes | formula "
-        f"{here:.2f} ({'sharded over ' + str(d) if run.buffers.shard else 'unsharded'}) | "
-        f"{'unsharded' if run.buffers.shard else 'sharded over ' + str(d)}: {other:.2f}")
+        f"{here:.2f} ({'sharded over ' + str(d) if run.buffers.shard else 'unsharded'})")
+    if d > 1:
+        line += f" | {'unsharded' if run.buffers.shard else 'sharded over ' + str(d)}: {other:.2f}"
+    return line
 
 
 def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
