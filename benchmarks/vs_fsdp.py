@@ -21,8 +21,8 @@ images per step, on 2 gloo processes with one thread each:
 
 The FSDP model is plain PyTorch (benchmarks/tp_vs_dtensor.py's RefViT, the same
 architecture and parameter count). Every step is forward + backward + AdamW (foreach
-kernel everywhere). Each configuration runs in its own process group. Peak memory: each
-rank's peak resident set (VmHWM, reset just before) minus its RSS before the model was
+kernel everywhere). Each configuration runs in its own process groups: one pass for step
+time, then a pass of 2 steps for memory. Peak memory: each rank's peak resident set (VmHWM, reset just before) minus its RSS before the model was
 built, with glibc told to map every allocation over 64 KiB on its own and return it when
 freed, so resident memory follows live tensors; one-time costs of first use are paid
 before, by a step of a tiny model through both frameworks. Step time: median of the timed
@@ -131,12 +131,13 @@ def fsdp_steps(pstate, model_cfg, checkpointing: bool, warmup: int, steps: int) 
     return {"times": times, "params": params}
 
 
-def measured(pstate, args, kind: str, option) -> dict:
+def measured(pstate, args, kind: str, option, memory: bool) -> dict:
     """One configuration's steps and peak memory. Both frameworks first run one step of a
     tiny model in this same process, so one-time costs (libraries initialised on first use:
     about 40 MB for megavit's first model build here) are in the baseline for everyone and
     the growth is what this model and batch need."""
-    rss_follows_tensors()
+    if memory:
+        rss_follows_tensors()
     tiny = model_config(0, tiny=True)
     megavit_steps(pstate, tiny, MEGAVIT[next(iter(MEGAVIT))][1] if pstate.tp.size > 1 else {},
                   0, 1)
@@ -145,10 +146,11 @@ def measured(pstate, args, kind: str, option) -> dict:
     reset_peak_rss()
     before = rss_mb()
     cfg = model_config(args.layers)
+    warmup, steps = (0, 2) if memory else (args.warmup, args.steps)
     if kind == "megavit":
-        out = megavit_steps(pstate, cfg, option, args.warmup, args.steps)
+        out = megavit_steps(pstate, cfg, option, warmup, steps)
     else:
-        out = fsdp_steps(pstate, cfg, option, args.warmup, args.steps)
+        out = fsdp_steps(pstate, cfg, option, warmup, steps)
     return {**out, "peak_growth_mb": peak_rss_mb() - before}
 
 
@@ -161,15 +163,17 @@ def main(argv=None) -> int:
     os.environ["OMP_NUM_THREADS"] = "1"
     from tests.harness import run_distributed
 
+    runs = {**{n: (tp, "megavit", o) for n, (tp, o) in MEGAVIT.items()},
+            **{n: (1, "fsdp", o) for n, o in FSDP.items()}}
     results = {}
-    for name, (tp, parallel) in MEGAVIT.items():
+    for name, (tp, kind, option) in runs.items():
         print(f"running: {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_distributed(2, tp, {"r": (measured, (args, "megavit", parallel))},
+        results[name] = run_distributed(2, tp, {"r": (measured, (args, kind, option, False))},
                                         timeout=1800)["r"]
-    for name, checkpointing in FSDP.items():
-        print(f"running: {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_distributed(2, 1, {"r": (measured, (args, "fsdp", checkpointing))},
-                                        timeout=1800)["r"]
+        memory = run_distributed(2, tp, {"r": (measured, (args, kind, option, True))},
+                                 timeout=1800)["r"]
+        for timing, pass2 in zip(results[name], memory):
+            timing["peak_growth_mb"] = pass2["peak_growth_mb"]
     med = {n: statistics.median(r[0]["times"]) for n, r in results.items()}
     mem = {n: max(x["peak_growth_mb"] for x in r) for n, r in results.items()}
     print(f"# vs_fsdp: 2 gloo processes x 1 thread, fp32; ViT-S widths, {args.layers} parallel "
