@@ -49,7 +49,7 @@ else
         --num-workers 8 --augment none)
   # ViT-22B trained with a global batch of 65,536 images; start lower while tuning.
   BATCH=(--micro-batch-size 1 --global-batch-size "${GLOBAL_BATCH:-4096}" --train-iters 300000)
-  EXTRA=(--bf16 --accumulate-allreduce-grads-in-fp32 --use-distributed-optimizer
+  EXTRA=(--bf16 --use-distributed-optimizer
          --overlap-grad-reduce
          --sequence-parallel --num-layers-per-virtual-pipeline-stage 6
          --recompute-granularity auto --activation-memory-budget-gb "${ACTIVATION_GB:-20}"

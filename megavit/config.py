@@ -380,20 +380,22 @@ class PrecisionConfig:
     )
     hysteresis: int = field(
         default=2,
-        metadata=_opt("Dynamic loss scaling: overflowing steps tolerated before the scale "
-                      "halves (reset by a clean window)."),
+        metadata=_opt("Dynamic loss scaling: the scale halves at the N-th overflowing step "
+                      "since the last growth (the first N-1 are skipped without backing off) "
+                      "and at every further one; a window of clean steps resets it."),
     )
     accumulate_allreduce_grads_in_fp32: bool = field(
         default=False,
-        metadata=_opt("With --bf16/--fp16: accumulate and reduce gradients in an fp32 "
-                      "buffer instead of the 16-bit one."),
+        metadata=_opt("With --fp16: accumulate and reduce gradients in an fp32 buffer "
+                      "instead of the 16-bit one. --bf16 always does (as Megatron-LM: bf16's "
+                      "8-bit mantissa is too coarse to sum gradients in)."),
     )
     check_for_nan_in_loss_and_grad: bool | None = field(
         default=None,
         metadata=_opt(
             "Stop training, naming the iteration, the rank and the tensor, when the loss or "
-            "a gradient is NaN/inf before any communication (default: on for fp32 and bf16, "
-            "off for fp16, where the loss scaler handles overflows)."
+            "a gradient is NaN/inf, detected before it is communicated (default: on unless "
+            "a loss scaler is active — fp16 or --loss-scale — which skips such steps instead)."
         ),
     )
 

@@ -285,3 +285,50 @@ def test_precision_defaults():
     pr = PrecisionConfig()
     assert (pr.initial_loss_scale, pr.min_loss_scale, pr.loss_scale_window, pr.hysteresis) == \
         (2.0 ** 32, 1.0, 1000, 2)
+
+
+# ---- review fixes --------------------------------------------------------------------------
+
+def test_a_gradient_after_its_bucket_was_reduced_is_an_error():
+    """Overlap assumes one gradient per parameter per micro-batch; a second one (e.g. a
+    parameter used inside and outside a recomputed region) must not be lost silently."""
+    from megavit.parallel.data_parallel import DataParallelBuffers
+
+    pstate = serial_state()
+    layer = torch.nn.Linear(4, 4)
+    buffers = DataParallelBuffers(list(layer.named_parameters()), pstate.dp, pstate.tp,
+                                  torch.float32, 1000, overlap=True)
+    buffers.start_step(1)
+    layer(torch.randn(2, 4)).sum().backward()
+    assert buffers.events == [("reduce", 0)]
+    with pytest.raises(RuntimeError, match="received a gradient after its bucket was reduced"):
+        layer(torch.randn(2, 4)).sum().backward()
+
+
+@pytest.mark.parametrize("precision,grad_dtype,checks_nan", [
+    ({}, torch.float32, True),
+    ({"bf16": True}, torch.float32, True),             # bf16 gradients always fp32
+    ({"fp16": True}, torch.float16, False),
+    ({"fp16": True, "accumulate_allreduce_grads_in_fp32": True}, torch.float32, False),
+    ({"loss_scale": 1024.0}, torch.float32, False),    # a scaler skips instead of stopping
+])
+def test_gradient_dtype_and_nan_check_defaults(precision, grad_dtype, checks_nan):
+    run = TrainingRun.build(with_precision(debug_config(), **precision), serial_state())
+    assert run.buffers.grad_buffer.dtype == grad_dtype
+    assert run.buffers.check_finite is checks_nan
+
+
+def test_fp16_memory_line_waits_for_a_real_step():
+    """With the default initial scale 2**32 the first fp16 steps overflow and are skipped;
+    the bytes-per-parameter line comes after the first real step, with Adam's state."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug", "--dataset",
+         "digits", "--num-channels", "1", "--img-h", "16", "--img-w", "16", "--fp16",
+         "--train-iters", "40", "--micro-batch-size", "8", "--global-batch-size", "8",
+         "--log-interval", "40", "--progress-bar", "off"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "memory per trained parameter" in x)
+    assert "params 2.00 + grads 2.00 + optimizer 12.00 = 16.00 bytes | formula 16.00" in line
+    assert "skipped_steps" in proc.stdout

@@ -1,9 +1,8 @@
 """Gradients of data-parallel replicas: contiguous buffers, buckets, and their reduction,
 optionally overlapped with backward.
 
-Every trainable parameter gets a `main_grad`: a view into one flat gradient buffer (fp32
-with `--accumulate-allreduce-grads-in-fp32` or fp32 parameters, else the parameters'
-dtype). A hook after each gradient accumulation adds `param.grad` into `main_grad` and
+Every trainable parameter gets a `main_grad`: a view into one flat gradient buffer (fp32,
+or fp16 for --fp16 without `--accumulate-allreduce-grads-in-fp32`; bf16 always uses fp32). A hook after each gradient accumulation adds `param.grad` into `main_grad` and
 frees `param.grad`. The buffer is cut into buckets of about `bucket_size` elements, in the
 order gradients become ready in backward (the reverse of the model's order), each padded
 to a multiple of the DP size:
@@ -129,12 +128,18 @@ class DataParallelBuffers:
             bucket.handle, bucket.launched = None, False
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        bucket = self.bucket_of[id(p)]
+        if bucket.launched:
+            # e.g. a parameter used both inside and outside a recomputed region gets two
+            # gradients per micro-batch: its bucket would be reduced without the last one
+            raise RuntimeError(
+                f"{self.names[id(p)]} received a gradient after its bucket was reduced (more "
+                f"than one gradient per micro-batch?); train without --overlap-grad-reduce")
         p.main_grad.add_(p.grad)
         p.grad = None
         n = self.counts.get(id(p), 0) + 1
         self.counts[id(p)] = n
         if n == self.microbatches:
-            bucket = self.bucket_of[id(p)]
             bucket.pending.discard(id(p))
             if self.overlap and not bucket.pending and not bucket.partial:
                 self._launch(bucket)

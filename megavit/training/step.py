@@ -100,12 +100,12 @@ def check_finite(total_loss: torch.Tensor, buffers: DataParallelBuffers,
     if last_stage and not bool(torch.isfinite(total_loss)):
         bad.insert(0, "the loss")
     flag = torch.tensor([pstate.rank + 1.0 if bad else 0.0], device=pstate.device)
-    first = int(pstate.world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
-    if first:
+    highest = int(pstate.world.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
+    if highest:
         where = (f"on rank {pstate.rank} in {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
-                 if bad else f"on rank {first - 1} (this is rank {pstate.rank})")
-        raise NonFiniteError(f"iteration {iteration}: NaN or inf {where}, before any "
-                             "communication; stopping (--no-check-for-nan-in-loss-and-grad "
+                 if bad else f"on rank {highest - 1} (this is rank {pstate.rank})")
+        raise NonFiniteError(f"iteration {iteration}: NaN or inf {where}, detected before it "
+                             "was communicated; stopping (--no-check-for-nan-in-loss-and-grad "
                              "turns this check off)")
 
 
@@ -127,7 +127,9 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over this rank's micro-batches (all of equal size). `scaler`: a
     loss scaler or None. `on_gradients`, if given, sees the model after the gradients are
-    reduced and before the optimizer."""
+    reduced and before the optimizer: `p.main_grad` holds the reduced gradient — with the
+    distributed optimizer only inside this rank's shard of each bucket (elsewhere the local
+    gradient / d)."""
     n = len(micro_batches)
     buffers.start_step(n)
     scale = scaler.scale if scaler is not None else None

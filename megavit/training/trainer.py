@@ -72,10 +72,11 @@ def param_dtype(precision) -> torch.dtype:
 
 
 def nan_check(precision) -> bool:
-    """--check-for-nan-in-loss-and-grad, defaulting to on except for fp16."""
+    """--check-for-nan-in-loss-and-grad, defaulting to on unless a loss scaler (fp16 or
+    --loss-scale) handles overflows by skipping steps."""
     if precision.check_for_nan_in_loss_and_grad is not None:
         return precision.check_for_nan_in_loss_and_grad
-    return not precision.fp16
+    return not precision.fp16 and precision.loss_scale is None
 
 
 def loss_scaler(precision) -> ConstantGradScaler | DynamicGradScaler | None:
@@ -196,8 +197,8 @@ class TrainingRun:
                                           recompute_method="block", recompute_num_layers=n or 1)
         dtype = param_dtype(pr)
         model = build_stage(cfg.model, runtime, t.seed, layout, stage, pstate.device, dtype)
-        grad_dtype = torch.float32 if (dtype == torch.float32 or
-                                       pr.accumulate_allreduce_grads_in_fp32) else dtype
+        grad_dtype = torch.float16 if pr.fp16 and not pr.accumulate_allreduce_grads_in_fp32 \
+            else torch.float32                  # bf16 gradients always in fp32 (Megatron)
         buffers = DataParallelBuffers(
             list(model.named_parameters()), pstate.dp, pstate.tp, grad_dtype,
             p.ddp_bucket_size or max(40_000_000, 1_000_000 * pstate.dp.size),
@@ -337,11 +338,13 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
     last: dict[str, Any] = {}
     eval_seconds = 0.0
     skipped = 0
+    memory_logged = False
     model.train()
     for iteration, micro_batches in enumerate(run.batches(0, t.train_iters)):
         result = run.step(iteration, micro_batches)
-        if iteration == 0:   # the optimizer's state exists after its first step
+        if not memory_logged and not result.skipped:  # Adam's state exists after a real step
             log.info(memory_per_parameter_line(run))
+            memory_logged = True
         loss_sum += result.loss
         skipped += int(result.skipped)
         steps_since_log += 1
