@@ -117,9 +117,10 @@ def fp16_with_injected_overflow(pstate: ParallelState, steps: int, bad: dict) ->
     return out
 
 
-def nan_in_backward(pstate: ParallelState) -> str:
+def nan_in_backward(pstate: ParallelState, shard: bool = False) -> str:
     """A NaN gradient appears on rank 1 in backward: every rank must stop with an error."""
-    run = TrainingRun.build(debug_config(), pstate)
+    run = TrainingRun.build(debug_config(parallel={"use_distributed_optimizer": shard,
+                                                   "ddp_bucket_size": 3000}), pstate)
     if pstate.rank == 1:
         weight = dict(run.model.named_parameters())["blocks.1.out_proj.weight"]
         weight.register_hook(lambda g: g * float("nan"))
@@ -140,7 +141,7 @@ def dp2_results():
             "bytes_fp32": (memory_per_parameter, (False, False)),
             "bytes_fp32_sharded": (memory_per_parameter, (True, False)),
             "fp16": (fp16_with_injected_overflow, (7, {0: 1, 1: 0})),
-            "nan": (nan_in_backward, ())}
+            "nan": (nan_in_backward, ()), "nan_sharded": (nan_in_backward, (True,))}
     return run_distributed(2, 1, jobs)
 
 
@@ -214,11 +215,12 @@ def test_fp16_overflow_skips_the_step_on_every_rank(dp2_results):
 
 # ---- NaN check ---------------------------------------------------------------------------
 
-def test_nan_gradient_stops_every_rank_naming_rank_and_tensor(dp2_results):
-    on_rank1 = dp2_results["nan"][1]
-    assert "iteration 3" in on_rank1 and "on rank 1" in on_rank1
-    assert "blocks.1.out_proj.weight" in on_rank1
-    assert "on rank 1 (this is rank 0)" in dp2_results["nan"][0]
+@pytest.mark.parametrize("job", ["nan", "nan_sharded"])
+def test_nan_gradient_stops_every_rank_naming_rank_and_tensor(dp2_results, job):
+    """All-reduced or reduce-scattered (9 buckets), the names come from rank 1 only."""
+    on_rank1 = dp2_results[job][1]
+    assert "iteration 3" in on_rank1 and "on rank 1 in blocks.1.out_proj.weight," in on_rank1
+    assert "on rank 1 (this is rank 0)" in dp2_results[job][0]
 
 
 def test_diverging_run_exits_1_with_the_nan_message(tmp_path):

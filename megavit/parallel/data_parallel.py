@@ -111,7 +111,7 @@ class DataParallelBuffers:
         self.microbatches = 1
         self.counts: dict[int, int] = {}
         self.events: list[tuple[str, int]] = []
-        self.non_finite: list[str] = []
+        self._finite: list[tuple[Bucket, torch.Tensor]] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in params]
 
     # ---- the step ----------------------------------------------------------------------
@@ -121,7 +121,7 @@ class DataParallelBuffers:
         self.grad_buffer.zero_()
         self.microbatches = num_microbatches
         self.counts = {}
-        self.non_finite = []
+        self._finite = []
         self.events = []
         for bucket in self.buckets:
             bucket.pending = {id(p) for p in bucket.params}
@@ -146,9 +146,8 @@ class DataParallelBuffers:
 
     def _launch(self, bucket: Bucket) -> None:
         data = self.grad_buffer[bucket.start:bucket.end]
-        if self.check_finite and not bool(torch.isfinite(data).all()):
-            self.non_finite += [self.names[id(p)] for p in bucket.params
-                                if not bool(torch.isfinite(p.main_grad).all())]
+        if self.check_finite:   # a device flag, no host sync here
+            self._finite.append((bucket, torch.isfinite(data).all()))
         if bucket.partial:
             self.tp.all_reduce(data)
         if self.dp.size > 1:
@@ -169,6 +168,16 @@ class DataParallelBuffers:
             if bucket.handle is not None:
                 bucket.handle.wait()
                 bucket.handle = None
+
+    def non_finite(self) -> list[str]:
+        """After `finish()`: the parameters with NaN/inf gradients in the buckets that had
+        them on this rank before they were communicated (one host sync). A NaN stays where
+        it was through the elementwise reduction, and outside this rank's shard the buffer
+        keeps the local values, so the positions still name the parameters."""
+        if not self._finite or bool(torch.stack([f for _, f in self._finite]).all()):
+            return []
+        return [self.names[id(p)] for bucket, finite in self._finite if not bool(finite)
+                for p in bucket.params if not bool(torch.isfinite(p.main_grad).all())]
 
     # ---- shards (sharded optimizer) ---------------------------------------------------
 

@@ -117,11 +117,9 @@ class MixedPrecisionOptimizer:
             inv = 1.0 / loss_scale
             for g in grads:
                 g.mul_(inv)
-            local = torch.zeros(1, device=self.pstate.device)
-            for g in grads:
-                if not bool(torch.isfinite(g).all()):
-                    local.fill_(1.0)
-                    break
+            finite = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads
+                      else torch.ones((), dtype=torch.bool, device=self.pstate.device))
+            local = (~finite).float().reshape(1)       # no host sync until the all-reduce
             if self.pstate.world.all_reduce(local, op=torch.distributed.ReduceOp.MAX).item():
                 return StepOutcome(torch.tensor(float("nan")), skipped=True)
         norm = self.grad_norm(grads)

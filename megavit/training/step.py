@@ -96,7 +96,7 @@ def check_finite(total_loss: torch.Tensor, buffers: DataParallelBuffers,
                  pstate: ParallelState, iteration: int, last_stage: bool) -> None:
     """Raise NonFiniteError on every rank if any rank saw a NaN/inf loss or gradient (one
     all-reduce over all ranks); the rank that saw it names the tensors."""
-    bad = list(buffers.non_finite)
+    bad = buffers.non_finite()
     if last_stage and not bool(torch.isfinite(total_loss)):
         bad.insert(0, "the loss")
     flag = torch.tensor([pstate.rank + 1.0 if bad else 0.0], device=pstate.device)
