@@ -5,7 +5,9 @@ torchrun:      torchrun --nproc-per-node 4 -m megavit.pretrain --tensor-model-pa
 mpirun/srun:   mpirun -n 4 python -m megavit.pretrain ...   (no MASTER_ADDR needed)
 
 `--help` lists every flag. A configuration mistake prints one message naming the flag and
-the fix, and exits with status 2 (no traceback).
+the fix, and exits with status 2 (no traceback). A NaN/inf (with the NaN check on) or a
+failed collective (a peer died or hung past --distributed-timeout-minutes; the message names
+the group and its ranks) exits with status 1.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pstate.device.type == "cpu" and info.local_world_size > 1:
         # Processes on one host share its cores; oversubscribed threads slow everything down.
         torch.set_num_threads(max(1, torch.get_num_threads() // info.local_world_size))
+    from megavit.parallel.comm import CollectiveError
     from megavit.training.step import NonFiniteError
 
     try:
@@ -66,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         destroy_parallel_state(pstate, barrier=False)
         return 2
-    except NonFiniteError as e:
+    except (NonFiniteError, CollectiveError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         destroy_parallel_state(pstate, barrier=False)
         return 1
