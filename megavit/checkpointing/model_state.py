@@ -1,0 +1,75 @@
+"""Model weights through `torch.distributed.checkpoint` (DCP), readable at any layout.
+
+Each rank describes the parameters of its pipeline stage as pieces (`pieces.py`): serial
+names and shapes, this rank's block of each. In a process group every piece is a DTensor on
+the stage's (dp, tp) mesh — replicated over dp (DCP writes one copy), sharded over tp along
+its dimension — built on a *view* of the local parameter, so loading writes straight into
+the model. Pipeline stages own disjoint names. Written at one layout, the same files load at
+any TP / DP / PP / virtual-PP layout (and in one process): DCP reads, for each piece, the
+blocks that overlap what this rank now owns. Loading checks every name and shape against the
+checkpoint before any data is read, so a mismatch leaves the model untouched.
+
+(Work in progress for issue 7: optimizer state, the loss scaler, RNG and data position join
+this state, and the checkpoint directory (`directory.py`) wraps it.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from megavit.checkpointing.pieces import pieces_of
+from megavit.parallel.sharding import get_tp_shard
+from megavit.parallel.state import ParallelState
+
+
+def model_state_dict(model: nn.Module, pstate: ParallelState) -> dict[str, torch.Tensor]:
+    """{piece name: this rank's block of it}: DTensors on the stage's (dp, tp) mesh when
+    distributed, plain tensors (the whole serial tensors) in one process."""
+    out: dict[str, torch.Tensor] = {}
+    mesh = pstate.mesh["dp", "tp"] if pstate.mesh is not None else None
+    for name, param in model.named_parameters():
+        shard = get_tp_shard(param)
+        for piece in pieces_of(name, param.detach(), shard):
+            if mesh is None:
+                out[piece.name] = piece.local
+                continue
+            from torch.distributed.tensor import DTensor, Replicate, Shard
+
+            placements = [Replicate(), Shard(shard.dim) if shard is not None else Replicate()]
+            stride = torch.empty(piece.global_shape, device="meta").stride()
+            out[piece.name] = DTensor.from_local(piece.local, mesh, placements,
+                                                 run_check=False, shape=piece.global_shape,
+                                                 stride=stride)
+    return out
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that does not fit the model; nothing was loaded."""
+
+
+def save_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike) -> None:
+    """Write the model's weights to the directory `path` (every rank calls it)."""
+    dcp.save(model_state_dict(model, pstate), checkpoint_id=os.fspath(path),
+             no_dist=pstate.mesh is None)
+
+
+@torch.no_grad()
+def load_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike) -> None:
+    """Read weights written by `save_model` at any layout into `model`, in place. A
+    missing or extra-shaped piece raises `CheckpointLoadError` (on every rank) before any
+    data is read."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    try:
+        dcp.load(model_state_dict(model, pstate), checkpoint_id=os.fspath(path),
+                 no_dist=pstate.mesh is None)
+    except CheckpointException as e:
+        causes = sorted({str(f).strip().splitlines()[-1] for f in e.failures.values()})
+        raise CheckpointLoadError(f"{path}: does not fit this model, nothing was loaded: "
+                                  + "; ".join(causes)) from e
