@@ -26,14 +26,16 @@ from megavit.parallel.sharding import get_tp_shard
 from megavit.parallel.state import ParallelState
 
 
-def model_state_dict(model: nn.Module, pstate: ParallelState) -> dict[str, torch.Tensor]:
-    """{piece name: this rank's block of it}: DTensors on the stage's (dp, tp) mesh when
-    distributed, plain tensors (the whole serial tensors) in one process."""
+def pieces_state(tensors: list[tuple[str, torch.Tensor, torch.Tensor]],
+                 pstate: ParallelState) -> dict[str, torch.Tensor]:
+    """{piece name: this rank's block} for (parameter name, parameter, tensor shaped like
+    the parameter) triples: DTensors on the stage's (dp, tp) mesh over views of the tensors
+    when distributed, the tensors' pieces themselves in one process."""
     out: dict[str, torch.Tensor] = {}
     mesh = pstate.mesh["dp", "tp"] if pstate.mesh is not None else None
-    for name, param in model.named_parameters():
+    for name, param, tensor in tensors:
         shard = get_tp_shard(param)
-        for piece in pieces_of(name, param.detach(), shard):
+        for piece in pieces_of(name, tensor, shard):
             if mesh is None:
                 out[piece.name] = piece.local
                 continue
@@ -45,6 +47,11 @@ def model_state_dict(model: nn.Module, pstate: ParallelState) -> dict[str, torch
                                                  run_check=False, shape=piece.global_shape,
                                                  stride=stride)
     return out
+
+
+def model_state_dict(model: nn.Module, pstate: ParallelState) -> dict[str, torch.Tensor]:
+    """{piece name: this rank's block of it} for every parameter of this rank's stage."""
+    return pieces_state([(n, p, p.detach()) for n, p in model.named_parameters()], pstate)
 
 
 class CheckpointLoadError(RuntimeError):

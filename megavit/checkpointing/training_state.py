@@ -1,0 +1,149 @@
+"""The whole training state as one DCP checkpoint: weights, optimizer, scaler, iteration.
+
+    model/<piece>                 the parameters (`model_state.py`)
+    optimizer/<key>/<piece>       Adam's exp_avg and exp_avg_sq, and the fp32 master weights
+                                  when parameters are 16-bit — all shaped like the parameters
+    optimizer/step                Adam's step count (the same for every parameter)
+    scaler                        [scale, clean steps, allowances] (absent without a scaler)
+    iteration                     the next iteration to run; the data order and the lr follow
+                                  from it, so it is also the data position
+
+Optimizer state is stored shaped like the parameters, never as ZeRO-1 flat shards, so it
+loads under any layout and with or without the distributed optimizer. Sharded, each rank
+fills its ranges of one flat buffer per key and the buffer is all-gathered over dp (saving)
+or read whole and cut back to the rank's ranges (loading): a transient full copy of this
+rank's TP/PP part per key.
+
+(Work in progress for issue 7: RNG streams of dropout, `--save`/`--load`, the directory
+protocol of `directory.py` and the bad-input checks are still to come.)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from megavit.checkpointing.model_state import (CheckpointLoadError, model_state_dict,
+                                               pieces_state)
+
+if TYPE_CHECKING:
+    from megavit.training.trainer import TrainingRun
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _keys(run: "TrainingRun") -> tuple[str, ...]:
+    separate_masters = not (run.optimizer.own_params or run.optimizer.masters_are_views)
+    return MOMENTS + (("master",) if separate_masters else ())
+
+
+def _ensure_adam_state(run: "TrainingRun") -> None:
+    """Adam creates its state at the first step; a run about to load one needs it now."""
+    for m in run.optimizer.masters:
+        state = run.optimizer.adamw.state[m]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=m.device)
+            for key in MOMENTS:
+                state[key] = torch.zeros_like(m, memory_format=torch.preserve_format)
+
+
+def _segment_tensor(run: "TrainingRun", master: torch.Tensor, key: str) -> torch.Tensor:
+    t = master.detach() if key == "master" else run.optimizer.adamw.state[master][key]
+    return t.reshape(-1)
+
+
+def _flat_buffers(run: "TrainingRun", gather: bool) -> dict[str, torch.Tensor]:
+    """One flat buffer per key laid out like the gradient buffer; with `gather`, filled
+    with this rank's optimizer state (all-gathered over dp when sharded)."""
+    buffers = run.buffers
+    out = {}
+    for key in _keys(run):
+        flat = torch.zeros(buffers.numel, dtype=torch.float32, device=buffers.grad_buffer.device)
+        if gather:
+            for s, m in zip(run.optimizer.segments, run.optimizer.masters):
+                a, b = s.buffer_range
+                flat[a:b].copy_(_segment_tensor(run, m, key))
+            if buffers.shard and buffers.dp.size > 1:
+                for bucket in buffers.buckets:
+                    lo, hi = buffers.shard_range(bucket)
+                    _, h = buffers.dp.all_gather_async(flat[lo:hi],
+                                                       out=flat[bucket.start:bucket.end])
+                    h.wait()
+        out[key] = flat
+    return out
+
+
+def _optimizer_state_dict(run: "TrainingRun", flats: dict[str, torch.Tensor]) -> dict:
+    buffers, out = run.buffers, {}
+    for key, flat in flats.items():
+        shaped = []
+        for name, p in run.model.named_parameters():
+            if id(p) in buffers.offsets:
+                start = buffers.offsets[id(p)]
+                shaped.append((name, p, flat[start:start + p.numel()].view_as(p)))
+        out.update({f"optimizer/{key}/{k}": v
+                    for k, v in pieces_state(shaped, run.pstate).items()})
+    return out
+
+
+def _scalars(run: "TrainingRun", iteration: int) -> dict[str, torch.Tensor]:
+    device = run.pstate.device
+    first = run.optimizer.masters[0] if run.optimizer.masters else None
+    step = run.optimizer.adamw.state[first]["step"] if first is not None and \
+        run.optimizer.adamw.state[first] else torch.zeros(())
+    out = {"iteration": torch.tensor(float(iteration), device=device),
+           "optimizer/step": step.detach().clone().float().reshape(()).to(device)}
+    if run.scaler is not None:
+        st = run.scaler.state_dict()
+        out["scaler"] = torch.tensor([st["scale"], st.get("clean_steps", 0),
+                                      st.get("allowances", 0)], dtype=torch.float64,
+                                     device=device)
+    return out
+
+
+def save_training_state(run: "TrainingRun", path: str | os.PathLike, iteration: int) -> None:
+    """Everything needed to continue at `iteration`, into the directory `path` (every rank
+    calls it)."""
+    _ensure_adam_state(run)
+    state = {f"model/{k}": v for k, v in model_state_dict(run.model, run.pstate).items()}
+    state.update(_optimizer_state_dict(run, _flat_buffers(run, gather=True)))
+    state.update(_scalars(run, iteration))
+    dcp.save(state, checkpoint_id=os.fspath(path), no_dist=run.pstate.mesh is None)
+
+
+@torch.no_grad()
+def load_training_state(run: "TrainingRun", path: str | os.PathLike) -> int:
+    """Load a state written by `save_training_state` at any layout into `run`; returns the
+    iteration to continue at."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    _ensure_adam_state(run)
+    flats = _flat_buffers(run, gather=False)
+    state = {f"model/{k}": v for k, v in model_state_dict(run.model, run.pstate).items()}
+    state.update(_optimizer_state_dict(run, flats))
+    scalars = _scalars(run, 0)
+    state.update(scalars)
+    try:
+        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=run.pstate.mesh is None)
+    except CheckpointException as e:
+        causes = sorted({str(f).strip().splitlines()[-1] for f in e.failures.values()})
+        raise CheckpointLoadError(f"{path}: does not fit this run, nothing was loaded: "
+                                  + "; ".join(causes)) from e
+    for s, m in zip(run.optimizer.segments, run.optimizer.masters):
+        a, b = s.buffer_range
+        adam = run.optimizer.adamw.state[m]
+        adam["step"].copy_(scalars["optimizer/step"].to(adam["step"].dtype))
+        for key in _keys(run):
+            _segment_tensor(run, m, key).copy_(flats[key][a:b])
+    if "master" in flats:     # 16-bit parameters follow their loaded fp32 masters
+        run.optimizer._copy_back()
+    if run.scaler is not None:
+        scale, clean, allowances = scalars["scaler"].tolist()
+        run.scaler.load_state_dict({"scale": scale, "clean_steps": int(clean),
+                                    "allowances": int(allowances)})
+    return int(scalars["iteration"].item())
