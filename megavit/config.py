@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -491,6 +492,32 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Where training state is saved and resumed from (torch.distributed.checkpoint;
+    readable at any parallel layout)."""
+
+    save: str | None = field(
+        default=None,
+        metadata=_opt("Save checkpoints into this directory (iter_NNNNNNN/ folders and "
+                      "latest_checkpointed_iteration.txt)."),
+    )
+    save_interval: int = field(
+        default=0,
+        metadata=_opt("Save every this many iterations (0: only at the end of training)."),
+    )
+    load: str | None = field(
+        default=None,
+        metadata=_opt("Resume from the latest checkpoint in this directory (weights, "
+                      "optimizer, loss scaler, iteration); a directory without one starts "
+                      "from scratch."),
+    )
+    keep_last_checkpoints: int = field(
+        default=0,
+        metadata=_opt("Keep only this many newest checkpoints in --save (0: keep all)."),
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -498,6 +525,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preset: str | None = None
 
     def to_dict(self) -> dict:
@@ -554,6 +582,7 @@ _SECTIONS: tuple[tuple[str, type], ...] = (
     ("precision", PrecisionConfig),
     ("data", DataConfig),
     ("logging", LoggingConfig),
+    ("checkpoint", CheckpointConfig),
 )
 
 
@@ -636,6 +665,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         precision=PrecisionConfig(**sections["precision"]),
         data=DataConfig(**sections["data"]),
         logging=LoggingConfig(**sections["logging"]),
+        checkpoint=CheckpointConfig(**sections["checkpoint"]),
         preset=preset,
     )
 
@@ -747,6 +777,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.sequence_parallel_regather and not p.sequence_parallel:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")
     pr = cfg.precision
+    ck = cfg.checkpoint
+    if ck.save_interval < 0 or ck.keep_last_checkpoints < 0:
+        problems.append("--save-interval and --keep-last-checkpoints must be 0 or more")
+    if (ck.save_interval or ck.keep_last_checkpoints) and not ck.save:
+        problems.append("--save-interval / --keep-last-checkpoints need --save DIR")
+    if ck.load and not os.path.isdir(ck.load) and ck.load != ck.save:
+        problems.append(f"--load {ck.load}: no such directory")
     if pr.bf16 and pr.fp16:
         problems.append("--bf16 and --fp16 exclude each other; pick one")
     if pr.loss_scale is not None and pr.loss_scale <= 0:

@@ -29,6 +29,7 @@ from megavit.parallel.state import ParallelState
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import GpuMonitor, MetricsLogger, Stopwatch, format_eta
 from megavit.training.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megavit.checkpointing.checkpointer import resume, save_checkpoint
 from megavit.training.optimizer import MixedPrecisionOptimizer, formula_bytes_per_parameter
 from megavit.training.peak_flops import configure_tf32, device_peak_flops
 from megavit.training.recompute_plan import GIB, StagePlan, plan_all_stages
@@ -339,8 +340,11 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
     eval_seconds = 0.0
     skipped = 0
     memory_logged = False
+    ck = cfg.checkpoint
+    first = resume(run, ck.load, log.info)
     model.train()
-    for iteration, micro_batches in enumerate(run.batches(0, t.train_iters)):
+    for iteration, micro_batches in zip(range(first, t.train_iters),
+                                        run.batches(first, t.train_iters)):
         result = run.step(iteration, micro_batches)
         if not memory_logged and not result.skipped:  # Adam's state exists after a real step
             log.info(memory_per_parameter_line(run))
@@ -376,6 +380,12 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
             log.eval({"iteration": done, **run.evaluate()})
             eval_seconds += time.perf_counter() - eval_start
             watch.lap()  # keep evaluation out of the training throughput
+        if ck.save and ((ck.save_interval and done % ck.save_interval == 0)
+                        or done == t.train_iters):
+            save_start = time.perf_counter()
+            save_checkpoint(run, ck.save, done, ck.keep_last_checkpoints, log.info)
+            eval_seconds += time.perf_counter() - save_start
+            watch.lap()  # nor saving
     train_time = watch.total() - eval_seconds
     eval_record = {"iteration": t.train_iters, **run.evaluate()}
     log.eval(eval_record)
@@ -385,7 +395,8 @@ def _train(run: TrainingRun, log: MetricsLogger) -> dict[str, Any]:
         "loss": last.get("loss", float("nan")),
         "eval_loss": eval_record["eval_loss"],
         "eval_accuracy": eval_record["eval_accuracy"],
-        "images_per_second": t.global_batch_size * t.train_iters / train_time,
+        "images_per_second": (t.global_batch_size * (t.train_iters - first) / train_time
+                              if train_time > 0 else 0.0),
     }
     log.summary(summary)
     return summary

@@ -1,0 +1,71 @@
+"""`--save` / `--load` for the training loop: the directory protocol of `directory.py`
+around the training state of `training_state.py`.
+
+Saving (every rank calls `save_checkpoint`): rank 0 prepares `.staging-iter_N/`, every rank
+writes its part of the DCP checkpoint into it, then rank 0 syncs and renames it into place,
+moves the pointer and prunes (`--keep-last-checkpoints`); barriers (all-reduces on the world
+group) separate the phases, so no rank goes on before the checkpoint is complete.
+Resuming (`resume`): every rank reads the pointer of `--load` and loads the training state
+it names, at whatever layout this run has.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from megavit.checkpointing.directory import CheckpointDirectory
+from megavit.checkpointing.training_state import load_training_state, save_training_state
+
+if TYPE_CHECKING:
+    from megavit.training.trainer import TrainingRun
+
+
+def _barrier(run: "TrainingRun") -> None:
+    run.pstate.world.all_reduce(torch.zeros(1, device=run.pstate.device))
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def save_checkpoint(run: "TrainingRun", save_dir: str, iteration: int, keep: int,
+                    info: Callable[[str], None]) -> Path:
+    """Save the state to continue at `iteration` as SAVE/iter_<iteration>; returns it."""
+    start = time.perf_counter()
+    directory = CheckpointDirectory(save_dir)
+    main = run.pstate.rank == 0
+    staging = directory.root / f".staging-iter_{iteration:07d}"
+    if main:
+        staging = directory.staging(iteration)
+    _barrier(run)
+    save_training_state(run, staging, iteration)
+    _barrier(run)
+    final = directory.root / f"iter_{iteration:07d}"
+    if main:
+        final = directory.commit(iteration)
+        if keep:
+            directory.prune(keep)
+    _barrier(run)
+    info(f"saved checkpoint | iteration {iteration} | path {final} | size_mb "
+         f"{_size_mb(final):.1f} | seconds {time.perf_counter() - start:.2f}")
+    return final
+
+
+def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]) -> int:
+    """Load the latest checkpoint of `load_dir` into `run`; returns the iteration to
+    continue at (0 when there is nothing to load)."""
+    if not load_dir:
+        return 0
+    latest = CheckpointDirectory(load_dir).latest()
+    if latest is None:
+        info(f"no checkpoint in {load_dir}: starting from scratch")
+        return 0
+    start = time.perf_counter()
+    iteration = load_training_state(run, latest)
+    info(f"loaded checkpoint | iteration {iteration} | path {latest} | seconds "
+         f"{time.perf_counter() - start:.2f}")
+    return iteration
