@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed.checkpoint as dcp
 
+from megavit.checkpointing.safe_reader import SafeFileSystemReader
 from megavit.checkpointing.model_state import (CheckpointLoadError, model_state_dict,
                                                pieces_state)
 
@@ -122,6 +123,7 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike) -> int:
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    SafeFileSystemReader(os.fspath(path)).read_metadata()   # refuse unsafe files first
     _ensure_adam_state(run)
     flats = _flat_buffers(run, gather=False)
     state = {f"model/{k}": v for k, v in model_state_dict(run.model, run.pstate).items()}
@@ -129,7 +131,9 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike) -> int:
     scalars = _scalars(run, 0)
     state.update(scalars)
     try:
-        dcp.load(state, checkpoint_id=os.fspath(path), no_dist=run.pstate.mesh is None)
+        dcp.load(state, checkpoint_id=os.fspath(path),
+                 storage_reader=SafeFileSystemReader(os.fspath(path)),
+                 no_dist=run.pstate.mesh is None)
     except CheckpointException as e:
         causes = sorted({str(f).strip().splitlines()[-1] for f in e.failures.values()})
         raise CheckpointLoadError(f"{path}: does not fit this run, nothing was loaded: "
