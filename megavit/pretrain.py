@@ -60,12 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pstate.device.type == "cpu" and info.local_world_size > 1:
         # Processes on one host share its cores; oversubscribed threads slow everything down.
         torch.set_num_threads(max(1, torch.get_num_threads() // info.local_world_size))
+    from megavit.checkpointing.directory import CheckpointDirectoryError
+    from megavit.checkpointing.model_state import CheckpointLoadError
+    from megavit.checkpointing.safe_reader import UnsafeCheckpointError
     from megavit.parallel.comm import CollectiveError
     from megavit.training.step import NonFiniteError
 
     try:
         pretrain(cfg, pstate)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointLoadError, UnsafeCheckpointError,
+            CheckpointDirectoryError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         destroy_parallel_state(pstate, barrier=False)
         return 2

@@ -53,3 +53,18 @@ def test_checkpoint_flag_mistakes_exit_2(tmp_path):
         in proc.stderr
     proc = pretrain("--train-iters", "1", "--load", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_each_field(tmp_path):
+    save = tmp_path / "ckpt"
+    assert pretrain("--train-iters", "1", "--save", str(save)).returncode == 0
+    config = json.loads((save / "iter_0000001" / "megavit_config.json").read_text())
+    assert config["iteration"] == 1 and config["layout"]["tp"] == 1
+    assert config["model"]["hidden_size"] == 32
+    proc = pretrain("--train-iters", "2", "--load", str(save), "--hidden-size", "64",
+                    "--num-layers", "3", "--hidden-dropout", "0.1")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "a different model, not loaded" in proc.stderr
+    assert "--hidden-size 32 in the checkpoint, 64 here" in proc.stderr
+    assert "--num-layers 2 in the checkpoint, 3 here" in proc.stderr
+    assert "dropout" not in proc.stderr and "Traceback" not in proc.stderr

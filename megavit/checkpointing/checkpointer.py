@@ -11,6 +11,8 @@ it names, at whatever layout this run has.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -18,7 +20,39 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from megavit.checkpointing.directory import CheckpointDirectory
+from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.checkpointing.training_state import load_training_state, save_training_state
+
+CONFIG_FILE = "megavit_config.json"
+
+
+def _describe(run: "TrainingRun") -> dict:
+    """What `megavit_config.json` records: the model (after the dataset fixed the class
+    count), the layout it was saved at, and the iteration."""
+    p = run.pstate
+    return {"model": dataclasses.asdict(run.cfg.model),
+            "layout": {"tp": p.tp.size, "pp": p.pp.size, "dp": p.dp.size,
+                       "virtual_stages": run.layout.chunks,
+                       "distributed_optimizer": run.buffers.shard},
+            "precision": dataclasses.asdict(run.cfg.precision)}
+
+
+def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
+    """Refuse a checkpoint of another model, naming every field that differs (dropout and
+    drop-path rates may change between runs)."""
+    path = checkpoint / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointLoadError(f"{path}: missing; not a megavit checkpoint")
+    saved = json.loads(path.read_text())["model"]
+    current = dataclasses.asdict(run.cfg.model)
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
+              for k, v in current.items()
+              if saved.get(k) != v and "dropout" not in k and "drop_path" not in k]
+    differ += [f"{k} {saved[k]!r} in the checkpoint, unknown here"
+               for k in saved if k not in current]
+    if differ:
+        raise CheckpointLoadError(f"{checkpoint}: a different model, not loaded: "
+                                  + "; ".join(differ))
 
 if TYPE_CHECKING:
     from megavit.training.trainer import TrainingRun
@@ -41,6 +75,8 @@ def save_checkpoint(run: "TrainingRun", save_dir: str, iteration: int, keep: int
     staging = directory.root / f".staging-iter_{iteration:07d}"
     if main:
         staging = directory.staging(iteration)
+        (staging / CONFIG_FILE).write_text(json.dumps({**_describe(run), "iteration": iteration},
+                                                      indent=1, sort_keys=True) + "\n")
     _barrier(run)
     save_training_state(run, staging, iteration)
     _barrier(run)
@@ -65,6 +101,7 @@ def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]
         info(f"no checkpoint in {load_dir}: starting from scratch")
         return 0
     start = time.perf_counter()
+    check_model_config(latest, run)
     iteration = load_training_state(run, latest)
     info(f"loaded checkpoint | iteration {iteration} | path {latest} | seconds "
          f"{time.perf_counter() - start:.2f}")
