@@ -68,3 +68,19 @@ def test_a_checkpoint_of_another_model_is_refused_naming_each_field(tmp_path):
     assert "--hidden-size 32 in the checkpoint, 64 here" in proc.stderr
     assert "--num-layers 2 in the checkpoint, 3 here" in proc.stderr
     assert "dropout" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_inspect_reports_iteration_layout_and_tensors(tmp_path):
+    save = tmp_path / "ckpt"
+    assert pretrain("--train-iters", "2", "--save", str(save)).returncode == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "checkpoint_inspect.py"),
+                           str(save), "--tensors"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"checkpoint: {save / 'iter_0000002'}" in out and "iteration: 2" in out
+    assert "saved at: tp 1 x pp 1 x dp 1" in out and "--hidden-size 32" in out
+    assert "model/blocks.0.in_proj.weight/3" in out and "[128, 32]" in out
+    assert "optimizer/exp_avg_sq" in out
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "checkpoint_inspect.py"),
+                          str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "neither a checkpoint nor a --save directory" in bad.stderr
