@@ -18,8 +18,12 @@ from tests.scenarios import debug_config
 LAYERS = 4
 
 
-def _config(pstate, parallel):
-    return debug_config(parallel=parallel, layers=LAYERS, tp=pstate.tp.size, train_iters=4)
+DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
+
+
+def _config(pstate, parallel, model=None):
+    return debug_config(parallel=parallel, layers=LAYERS, tp=pstate.tp.size, train_iters=4,
+                        model=model)
 
 
 def _steps(run: TrainingRun, start: int, stop: int) -> list[float]:
@@ -27,28 +31,31 @@ def _steps(run: TrainingRun, start: int, stop: int) -> list[float]:
             for it, micro in zip(range(start, stop), run.batches(start, stop))]
 
 
-def interrupted_and_straight(pstate: ParallelState, path: str, parallel: dict) -> dict:
-    straight = TrainingRun.build(_config(pstate, parallel), pstate)
+def interrupted_and_straight(pstate: ParallelState, path: str, parallel: dict,
+                             model: dict | None = None) -> dict:
+    straight = TrainingRun.build(_config(pstate, parallel, model), pstate)
     losses = _steps(straight, 0, 4)
-    first = TrainingRun.build(_config(pstate, parallel), pstate)
+    first = TrainingRun.build(_config(pstate, parallel, model), pstate)
     resumed_losses = _steps(first, 0, 2)
     save_training_state(first, path, 2)
-    second = TrainingRun.build(_config(pstate, parallel), pstate)
-    start = load_training_state(second, path)
+    second = TrainingRun.build(_config(pstate, parallel, model), pstate)
+    start = load_training_state(second, path, same_layout=True)
     resumed_losses += _steps(second, start, 4)
     return {"start": start, "losses": losses, "resumed_losses": resumed_losses,
             "straight": full_state(straight.model, pstate.tp),
             "resumed": full_state(second.model, pstate.tp)}
 
 
-@pytest.mark.parametrize("world,tp,pp,parallel", [
-    (4, 2, 2, {"pipeline_model_parallel_size": 2}),
+@pytest.mark.parametrize("world,tp,pp,parallel,model", [
+    (4, 2, 2, {"pipeline_model_parallel_size": 2}, None),
     (2, 1, 1, {"use_distributed_optimizer": True, "overlap_grad_reduce": True,
-               "ddp_bucket_size": 3000}),
-], ids=["tp2_pp2", "dp2_distopt"])
-def test_resume_is_bitwise_exact(tmp_path, world, tp, pp, parallel):
+               "ddp_bucket_size": 3000}, None),
+    (2, 2, 1, {}, DROPOUT),          # dropout: the RNG streams are part of the state
+], ids=["tp2_pp2", "dp2_distopt", "tp2_dropout"])
+def test_resume_is_bitwise_exact(tmp_path, world, tp, pp, parallel, model):
     results = run_distributed(world, tp, {"r": (interrupted_and_straight,
-                                                (str(tmp_path / "state"), parallel))}, pp=pp)["r"]
+                                                (str(tmp_path / "state"), parallel, model))},
+                              pp=pp)["r"]
     for r in results:
         assert r["start"] == 2
         assert r["resumed_losses"] == r["losses"]

@@ -102,7 +102,12 @@ def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]
         return 0
     start = time.perf_counter()
     check_model_config(latest, run)
-    iteration = load_training_state(run, latest)
+    saved = json.loads((latest / CONFIG_FILE).read_text())["layout"]
+    same = saved == _describe(run)["layout"]
+    iteration = load_training_state(run, latest, same_layout=same)
+    if not same:
+        info(f"checkpoint saved at {saved}; this run's layout differs: weights and optimizer "
+             "state resharded, dropout RNG streams start afresh")
     info(f"loaded checkpoint | iteration {iteration} | path {latest} | seconds "
          f"{time.perf_counter() - start:.2f}")
     return iteration

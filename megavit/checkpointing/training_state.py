@@ -7,6 +7,9 @@
     scaler                        [scale, clean steps, allowances] (absent without a scaler)
     iteration                     the next iteration to run; the data order and the lr follow
                                   from it, so it is also the data position
+    rng/rank<r>/<stream>          rank r's dropout RNG streams (default and model-parallel):
+                                  loaded only at the layout they were saved at (elsewhere the
+                                  streams start afresh; drop-path needs none: it is keyed)
 
 Optimizer state is stored shaped like the parameters, never as ZeRO-1 flat shards, so it
 loads under any layout and with or without the distributed optimizer. Sharded, each rank
@@ -14,8 +17,7 @@ fills its ranges of one flat buffer per key and the buffer is all-gathered over 
 or read whole and cut back to the rank's ranges (loading): a transient full copy of this
 rank's TP/PP part per key.
 
-(Work in progress for issue 7: RNG streams of dropout, `--save`/`--load`, the directory
-protocol of `directory.py` and the bad-input checks are still to come.)
+`checkpointer.py` wraps this in the directory protocol of `directory.py`.
 """
 
 from __future__ import annotations
@@ -105,6 +107,14 @@ def _scalars(run: "TrainingRun", iteration: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _rng_states(run: "TrainingRun") -> dict[str, torch.Tensor]:
+    rng = run.model.rt.rng
+    if rng is None:
+        return {}
+    return {f"rng/rank{run.pstate.rank}/{name or 'default'}": state
+            for name, state in rng.get_states().items()}
+
+
 def save_training_state(run: "TrainingRun", path: str | os.PathLike, iteration: int) -> None:
     """Everything needed to continue at `iteration`, into the directory `path` (every rank
     calls it)."""
@@ -112,13 +122,16 @@ def save_training_state(run: "TrainingRun", path: str | os.PathLike, iteration: 
     state = {f"model/{k}": v for k, v in model_state_dict(run.model, run.pstate).items()}
     state.update(_optimizer_state_dict(run, _flat_buffers(run, gather=True)))
     state.update(_scalars(run, iteration))
+    state.update(_rng_states(run))
     dcp.save(state, checkpoint_id=os.fspath(path), no_dist=run.pstate.mesh is None)
 
 
 @torch.no_grad()
-def load_training_state(run: "TrainingRun", path: str | os.PathLike) -> int:
+def load_training_state(run: "TrainingRun", path: str | os.PathLike,
+                        same_layout: bool = False) -> int:
     """Load a state written by `save_training_state` at any layout into `run`; returns the
-    iteration to continue at."""
+    iteration to continue at. `same_layout`: it was saved at this run's layout, so the
+    dropout RNG streams are restored too."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     if not os.path.isdir(path):
@@ -130,6 +143,8 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike) -> int:
     state.update(_optimizer_state_dict(run, flats))
     scalars = _scalars(run, 0)
     state.update(scalars)
+    rng = _rng_states(run) if same_layout else {}
+    state.update(rng)
     try:
         dcp.load(state, checkpoint_id=os.fspath(path),
                  storage_reader=SafeFileSystemReader(os.fspath(path)),
@@ -146,6 +161,11 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike) -> int:
             _segment_tensor(run, m, key).copy_(flats[key][a:b])
     if "master" in flats:     # 16-bit parameters follow their loaded fp32 masters
         run.optimizer._copy_back()
+    if rng:
+        prefix = f"rng/rank{run.pstate.rank}/"
+        restored = {("" if k == prefix + "default" else k[len(prefix):]): v
+                    for k, v in rng.items()}
+        run.model.rt.rng.set_states(restored)
     if run.scaler is not None:
         scale, clean, allowances = scalars["scaler"].tolist()
         run.scaler.load_state_dict({"scale": scale, "clean_steps": int(clean),
