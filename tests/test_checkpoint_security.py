@@ -7,6 +7,7 @@ import os
 import pickle
 
 import pytest
+import torch
 from megavit.checkpointing.model_state import load_model, save_model
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError
 from megavit.parallel.state import serial_state
@@ -50,3 +51,19 @@ def test_a_valid_checkpoint_still_loads_through_the_allowlist(tmp_path):
     path = tmp_path / "ckpt"
     save_model(_model(), serial_state(), path)
     load_model(_model(), serial_state(), path)
+
+
+def test_truncated_or_missing_shard_is_named_before_anything_loads(tmp_path):
+    path = tmp_path / "ckpt"
+    save_model(_model(), serial_state(), path)
+    shard = next(path.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UnsafeCheckpointError, match=f"{shard.name}: truncated .* not loaded"):
+        load_model(model, serial_state(), path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    shard.unlink()
+    with pytest.raises(UnsafeCheckpointError, match=f"{shard.name}: missing"):
+        load_model(model, serial_state(), path)

@@ -22,7 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from megavit.checkpointing.pieces import pieces_of
-from megavit.checkpointing.safe_reader import SafeFileSystemReader
+from megavit.checkpointing.safe_reader import (SafeFileSystemReader, check_checkpoint,
+                                               failure_causes)
 from megavit.parallel.sharding import get_tp_shard
 from megavit.parallel.state import ParallelState
 
@@ -74,12 +75,11 @@ def load_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike)
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    SafeFileSystemReader(os.fspath(path)).read_metadata()   # refuse unsafe files first
+    check_checkpoint(path)   # refuse unsafe, incomplete or truncated files first
     try:
         dcp.load(model_state_dict(model, pstate), checkpoint_id=os.fspath(path),
                  storage_reader=SafeFileSystemReader(os.fspath(path)),
                  no_dist=pstate.mesh is None)
     except CheckpointException as e:
-        causes = sorted({str(f).strip().splitlines()[-1] for f in e.failures.values()})
         raise CheckpointLoadError(f"{path}: does not fit this model, nothing was loaded: "
-                                  + "; ".join(causes)) from e
+                                  + failure_causes(e)) from e

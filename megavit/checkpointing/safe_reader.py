@@ -48,6 +48,33 @@ class _MetadataUnpickler(pickle.Unpickler):
             "this file was made to run code; not loaded")
 
 
+def check_checkpoint(path: str | os.PathLike) -> Metadata:
+    """Before anything is loaded: the metadata is safe, and every data file it refers to is
+    there and long enough (a truncated or missing shard is named). Returns the metadata."""
+    metadata = SafeFileSystemReader(os.fspath(path)).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = os.fspath(info.relative_path)
+        needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = Path(os.fspath(path)) / name
+        if not file.is_file():
+            raise UnsafeCheckpointError(f"{file}: missing (the checkpoint is incomplete)")
+        if file.stat().st_size < size:
+            raise UnsafeCheckpointError(f"{file}: truncated ({file.stat().st_size:,} bytes, the "
+                                        f"metadata needs {size:,}); not loaded")
+    return metadata
+
+
+def failure_causes(error: Exception) -> str:
+    """One line per distinct cause of a DCP CheckpointException (its per-rank failures)."""
+    causes = set()
+    for failure in getattr(error, "failures", {}).values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        causes.add(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}")
+    return "; ".join(sorted(causes)) or str(error)
+
+
 class SafeFileSystemReader(FileSystemReader):
     """A `FileSystemReader` whose metadata is read through the allowlist above."""
 

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megavit.checkpointing.safe_reader import SafeFileSystemReader
+from megavit.checkpointing.safe_reader import (SafeFileSystemReader, check_checkpoint,
+                                               failure_causes)
 from megavit.checkpointing.model_state import (CheckpointLoadError, model_state_dict,
                                                pieces_state)
 
@@ -136,7 +137,7 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike,
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    SafeFileSystemReader(os.fspath(path)).read_metadata()   # refuse unsafe files first
+    check_checkpoint(path)   # refuse unsafe, incomplete or truncated files first
     _ensure_adam_state(run)
     flats = _flat_buffers(run, gather=False)
     state = {f"model/{k}": v for k, v in model_state_dict(run.model, run.pstate).items()}
@@ -150,9 +151,8 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike,
                  storage_reader=SafeFileSystemReader(os.fspath(path)),
                  no_dist=run.pstate.mesh is None)
     except CheckpointException as e:
-        causes = sorted({str(f).strip().splitlines()[-1] for f in e.failures.values()})
         raise CheckpointLoadError(f"{path}: does not fit this run, nothing was loaded: "
-                                  + "; ".join(causes)) from e
+                                  + failure_causes(e)) from e
     for s, m in zip(run.optimizer.segments, run.optimizer.masters):
         a, b = s.buffer_range
         adam = run.optimizer.adamw.state[m]
