@@ -62,11 +62,11 @@ def build_timm(cfg):
     )
 
 
-def make_megavit_step(model, hp, images, labels):
-    """megavit's own step on one process: gradients into its flat buffer, AdamW (the
-    default fused kernel) through MixedPrecisionOptimizer, which also computes the global
-    gradient norm it logs."""
-    pstate = serial_state()
+def make_megavit_step(model, hp, images, labels, pstate=None):
+    """megavit's own step (one process unless `pstate` says otherwise): gradients into its
+    flat buffer, AdamW (--adam-impl of `hp`) through MixedPrecisionOptimizer, which also
+    computes the global gradient norm it logs."""
+    pstate = pstate or serial_state()
     buffers = DataParallelBuffers(list(model.named_parameters()), pstate.dp, pstate.tp,
                                   torch.float32, 40_000_000)
     optimizer = MixedPrecisionOptimizer(buffers, hp, pstate, master_weights=False)

@@ -45,8 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from megavit.config import preset_model_config  # noqa: E402
 from megavit.models.vit import Runtime, build_vit  # noqa: E402
-from megavit.parallel.data_parallel import DataParallelBuffers  # noqa: E402
-from megavit.training.optimizer import MixedPrecisionOptimizer  # noqa: E402
+from benchmarks.step_vs_timm import make_megavit_step  # noqa: E402
 from megavit.config import TrainingConfig  # noqa: E402
 
 
@@ -187,9 +186,6 @@ def run(pstate, args) -> dict:
                               qk_layernorm=False, pooling="gap", img_h=args.img, img_w=args.img)
     hp = TrainingConfig(lr=1e-4, adam_impl=args.adam)
     ours = build_vit(cfg, Runtime(pstate.tp, sequence_parallel="keep"), seed=0)
-    buffers = DataParallelBuffers(list(ours.named_parameters()), pstate.dp, pstate.tp,
-                                  torch.float32, 40_000_000)
-    ours_opt = MixedPrecisionOptimizer(buffers, hp, pstate, master_weights=False)
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (pstate.tp.size,))
@@ -207,11 +203,8 @@ def run(pstate, args) -> dict:
     images = torch.randn(args.batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(args.batch) % 100
 
-    def step_ours():   # megavit's step: its gradient buffer and optimizer (with the norm)
-        buffers.start_step(1)
-        F.cross_entropy(ours(images), labels).backward()
-        buffers.finish()
-        ours_opt.step(hp.lr, 0.0, None)
+    # megavit's step: its gradient buffer and optimizer (with the norm)
+    step_ours = make_megavit_step(ours, hp, images, labels, pstate)
 
     def step_ref(ref, opts):
         for opt in opts:

@@ -72,7 +72,7 @@ def save_checkpoint(run: "TrainingRun", save_dir: str, iteration: int, keep: int
     start = time.perf_counter()
     directory = CheckpointDirectory(save_dir)
     main = run.pstate.rank == 0
-    staging = directory.root / f".staging-iter_{iteration:07d}"
+    staging = directory.staging_path(iteration)
     if main:
         staging = directory.staging(iteration)
         (staging / CONFIG_FILE).write_text(json.dumps({**_describe(run), "iteration": iteration},
@@ -80,7 +80,7 @@ def save_checkpoint(run: "TrainingRun", save_dir: str, iteration: int, keep: int
     _barrier(run)
     save_training_state(run, staging, iteration)
     _barrier(run)
-    final = directory.root / f"iter_{iteration:07d}"
+    final = directory.path_of(iteration)
     if main:
         final = directory.commit(iteration)
         if keep:

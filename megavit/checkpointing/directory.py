@@ -67,10 +67,18 @@ class CheckpointDirectory:
         if self.root.exists() and not self.root.is_dir():
             raise CheckpointDirectoryError(f"--save {self.root}: exists and is not a directory")
 
+    def path_of(self, iteration: int) -> Path:
+        """Where the complete checkpoint of `iteration` lives."""
+        return self.root / checkpoint_name(iteration)
+
+    def staging_path(self, iteration: int) -> Path:
+        """Where the checkpoint of `iteration` is written before it is committed."""
+        return self.root / f".staging-{checkpoint_name(iteration)}"
+
     def staging(self, iteration: int) -> Path:
         """An empty directory to write the checkpoint of `iteration` into (a leftover of a
         crashed save of the same iteration is removed first)."""
-        path = self.root / f".staging-{checkpoint_name(iteration)}"
+        path = self.staging_path(iteration)
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
@@ -79,8 +87,7 @@ class CheckpointDirectory:
     def commit(self, iteration: int) -> Path:
         """Make the staged checkpoint of `iteration` the latest: sync, rename into place,
         then move the pointer. Returns the final directory."""
-        staged = self.root / f".staging-{checkpoint_name(iteration)}"
-        final = self.root / checkpoint_name(iteration)
+        staged, final = self.staging_path(iteration), self.path_of(iteration)
         if not staged.is_dir():
             raise CheckpointDirectoryError(f"{staged}: nothing staged for iteration {iteration}")
         _fsync_tree(staged)
@@ -112,7 +119,7 @@ class CheckpointDirectory:
         if not text.isdigit():
             raise CheckpointDirectoryError(f"{tracker}: expected an iteration number, found "
                                            f"{text[:40]!r}")
-        path = self.root / checkpoint_name(int(text))
+        path = self.path_of(int(text))
         if not path.is_dir():
             raise CheckpointDirectoryError(f"{tracker} names iteration {text}, but {path} is "
                                            "missing")

@@ -66,20 +66,32 @@ def save_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike)
              no_dist=pstate.mesh is None)
 
 
-@torch.no_grad()
-def load_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike) -> None:
-    """Read weights written by `save_model` at any layout into `model`, in place. A
-    missing or extra-shaped piece raises `CheckpointLoadError` (on every rank) before any
-    data is read."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
+def check_loadable(path: str | os.PathLike) -> None:
+    """Before any state is prepared: the directory exists and its files are safe, complete
+    and not truncated."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    check_checkpoint(path)   # refuse unsafe, incomplete or truncated files first
+    check_checkpoint(path)
+
+
+@torch.no_grad()
+def load_state(state: dict[str, torch.Tensor], path: str | os.PathLike, pstate: ParallelState,
+               what: str) -> None:
+    """DCP-load `state` (tensors or DTensors over views, filled in place) from `path`
+    through the allowlisting reader; a missing or differently shaped piece raises
+    `CheckpointLoadError` on every rank before any data is read."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        dcp.load(model_state_dict(model, pstate), checkpoint_id=os.fspath(path),
+        dcp.load(state, checkpoint_id=os.fspath(path),
                  storage_reader=SafeFileSystemReader(os.fspath(path)),
                  no_dist=pstate.mesh is None)
     except CheckpointException as e:
-        raise CheckpointLoadError(f"{path}: does not fit this model, nothing was loaded: "
+        raise CheckpointLoadError(f"{path}: does not fit this {what}, nothing was loaded: "
                                   + failure_causes(e)) from e
+
+
+def load_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike) -> None:
+    """Read weights written by `save_model` at any layout into `model`, in place."""
+    check_loadable(path)
+    load_state(model_state_dict(model, pstate), path, pstate, "model")

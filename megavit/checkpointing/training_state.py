@@ -28,9 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megavit.checkpointing.safe_reader import (SafeFileSystemReader, check_checkpoint,
-                                               failure_causes)
-from megavit.checkpointing.model_state import (CheckpointLoadError, model_state_dict,
+from megavit.checkpointing.model_state import (check_loadable, load_state, model_state_dict,
                                                pieces_state)
 
 if TYPE_CHECKING:
@@ -40,8 +38,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _keys(run: "TrainingRun") -> tuple[str, ...]:
-    separate_masters = not (run.optimizer.own_params or run.optimizer.masters_are_views)
-    return MOMENTS + (("master",) if separate_masters else ())
+    return MOMENTS + (("master",) if run.optimizer.separate_masters else ())
 
 
 def _ensure_adam_state(run: "TrainingRun") -> None:
@@ -70,12 +67,8 @@ def _flat_buffers(run: "TrainingRun", gather: bool) -> dict[str, torch.Tensor]:
             for s, m in zip(run.optimizer.segments, run.optimizer.masters):
                 a, b = s.buffer_range
                 flat[a:b].copy_(_segment_tensor(run, m, key))
-            if buffers.shard and buffers.dp.size > 1:
-                for bucket in buffers.buckets:
-                    lo, hi = buffers.shard_range(bucket)
-                    _, h = buffers.dp.all_gather_async(flat[lo:hi],
-                                                       out=flat[bucket.start:bucket.end])
-                    h.wait()
+            if buffers.shard:
+                buffers.gather_shards(flat)
         out[key] = flat
     return out
 
@@ -133,11 +126,7 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike,
     """Load a state written by `save_training_state` at any layout into `run`; returns the
     iteration to continue at. `same_layout`: it was saved at this run's layout, so the
     dropout RNG streams are restored too."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    check_checkpoint(path)   # refuse unsafe, incomplete or truncated files first
+    check_loadable(path)
     _ensure_adam_state(run)
     flats = _flat_buffers(run, gather=False)
     state = {f"model/{k}": v for k, v in model_state_dict(run.model, run.pstate).items()}
@@ -146,13 +135,7 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike,
     state.update(scalars)
     rng = _rng_states(run) if same_layout else {}
     state.update(rng)
-    try:
-        dcp.load(state, checkpoint_id=os.fspath(path),
-                 storage_reader=SafeFileSystemReader(os.fspath(path)),
-                 no_dist=run.pstate.mesh is None)
-    except CheckpointException as e:
-        raise CheckpointLoadError(f"{path}: does not fit this run, nothing was loaded: "
-                                  + failure_causes(e)) from e
+    load_state(state, path, run.pstate, "run")
     for s, m in zip(run.optimizer.segments, run.optimizer.masters):
         a, b = s.buffer_range
         adam = run.optimizer.adamw.state[m]
@@ -160,7 +143,7 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike,
         for key in _keys(run):
             _segment_tensor(run, m, key).copy_(flats[key][a:b])
     if "master" in flats:     # 16-bit parameters follow their loaded fp32 masters
-        run.optimizer._copy_back()
+        run.optimizer.copy_masters_to_params()
     if rng:
         prefix = f"rng/rank{run.pstate.rank}/"
         restored = {("" if k == prefix + "default" else k[len(prefix):]): v

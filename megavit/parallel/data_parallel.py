@@ -205,18 +205,25 @@ class DataParallelBuffers:
                                        (a - start, b - start), (a, b)))
         return out
 
-    def all_gather_params(self) -> None:
-        """Every rank's updated parameter shard into every rank's parameter buffer."""
+    def gather_shards(self, flat: torch.Tensor, into: torch.Tensor | None = None) -> None:
+        """Every rank's shard of each bucket of `flat` (a tensor laid out like the buffers)
+        into `into` (default: `flat` itself, in place): one all-gather per bucket on dp."""
+        into = flat if into is None else into
         if self.dp.size == 1:
+            if into is not flat:
+                into.copy_(flat)
             return
         handles = []
         for bucket in self.buckets:
             lo, hi = self.shard_range(bucket)
-            _, h = self.dp.all_gather_async(self.param_buffer[lo:hi],
-                                            out=self.param_buffer[bucket.start:bucket.end])
+            _, h = self.dp.all_gather_async(flat[lo:hi], out=into[bucket.start:bucket.end])
             handles.append(h)
         for h in handles:
             h.wait()
+
+    def all_gather_params(self) -> None:
+        """Every rank's updated parameter shard into every rank's parameter buffer."""
+        self.gather_shards(self.param_buffer)
 
     def full_grads(self) -> dict[int, torch.Tensor]:
         """{id(parameter): its reduced gradient}, whole even when sharded (the shards are
@@ -224,11 +231,7 @@ class DataParallelBuffers:
         buffer = self.grad_buffer
         if self.shard and self.dp.size > 1:
             buffer = torch.empty_like(self.grad_buffer)
-            for bucket in self.buckets:
-                lo, hi = self.shard_range(bucket)
-                _, h = self.dp.all_gather_async(self.grad_buffer[lo:hi],
-                                                out=buffer[bucket.start:bucket.end])
-                h.wait()
+            self.gather_shards(self.grad_buffer, into=buffer)
         return {id(p): buffer[self.offsets[id(p)]:self.offsets[id(p)] + p.numel()].view_as(p)
                 for b in self.buckets for p in b.params}
 

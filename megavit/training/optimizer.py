@@ -135,7 +135,7 @@ class MixedPrecisionOptimizer:
         for m in self.masters:
             m.grad = None
         if not self.own_params:
-            self._copy_back()
+            self.copy_masters_to_params()
         return StepOutcome(norm, skipped=False)
 
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -152,9 +152,16 @@ class MixedPrecisionOptimizer:
             self.pstate.dp.all_reduce(total)
         return total.sqrt()[0].float()
 
+    @property
+    def separate_masters(self) -> bool:
+        """fp32 master copies apart from the parameters (16-bit parameters)."""
+        return not (self.own_params or self.masters_are_views)
+
     @torch.no_grad()
-    def _copy_back(self) -> None:
-        for s, m in zip(self.segments, self.masters if not self.masters_are_views else []):
+    def copy_masters_to_params(self) -> None:
+        """The masters into the (16-bit) parameters, and with the sharded optimizer every
+        rank's updated shard into every replica."""
+        for s, m in zip(self.segments, self.masters if self.separate_masters else []):
             a, b = s.param_range
             s.param.detach().view(-1)[a:b].copy_(m.detach())
         if self.buffers.shard:
@@ -167,7 +174,7 @@ class MixedPrecisionOptimizer:
             else sum(p.numel() for b in self.buffers.buckets for p in b.params)
         state = 0
         for m in self.masters:
-            if not (self.own_params or self.masters_are_views):
+            if self.separate_masters:
                 state += m.numel() * m.element_size()
             for v in self.adamw.state.get(m, {}).values():
                 if torch.is_tensor(v) and v.dim() > 0:

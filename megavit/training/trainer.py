@@ -257,7 +257,7 @@ def memory_per_parameter_line(run: TrainingRun) -> str:
     mem = run.optimizer.bytes_per_parameter()
     p_bytes = next(run.model.parameters()).element_size()
     g_bytes = run.buffers.grad_buffer.element_size()
-    master = next(run.model.parameters()).dtype != torch.float32
+    master = run.optimizer.separate_masters
     d = run.pstate.dp.size
     shards = d if run.buffers.shard else 1
     here = formula_bytes_per_parameter(p_bytes, g_bytes, master, shards)
