@@ -21,22 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megavit.checkpointing.checkpointer import CONFIG_FILE  # noqa: E402
-from megavit.checkpointing.directory import (CheckpointDirectory,  # noqa: E402
-                                             CheckpointDirectoryError)
+from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint  # noqa: E402
+from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
 from megavit.checkpointing.safe_reader import (SafeFileSystemReader,  # noqa: E402
                                                UnsafeCheckpointError)
-
-
-def resolve(path: Path) -> Path:
-    """A checkpoint directory itself, or the latest one of a --save directory."""
-    if (path / CONFIG_FILE).is_file():
-        return path
-    latest = CheckpointDirectory(path).latest()
-    if latest is None:
-        raise CheckpointDirectoryError(f"{path}: neither a checkpoint nor a --save directory "
-                                       "with one")
-    return latest
 
 
 def group_of(name: str) -> str:
@@ -50,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--tensors", action="store_true", help="list every stored tensor")
     args = p.parse_args(argv)
     try:
-        ckpt = resolve(Path(args.path))
+        ckpt = resolve_checkpoint(Path(args.path))
         info = json.loads((ckpt / CONFIG_FILE).read_text())
         metadata = SafeFileSystemReader(str(ckpt)).read_metadata()
     except (CheckpointDirectoryError, UnsafeCheckpointError, FileNotFoundError,
@@ -63,6 +51,10 @@ def main(argv=None) -> int:
     print(f"saved at: tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']}, virtual "
           f"stages {layout['virtual_stages']}, distributed optimizer "
           f"{'on' if layout['distributed_optimizer'] else 'off'} (loads at any layout)")
+    if "resharded_from" in layout:
+        src = layout["resharded_from"]
+        print(f"resharded offline from: tp {src['tp']} x pp {src['pp']} x dp {src['dp']} (stored "
+              f"blocks are tp {layout['tp']}'s; RNG streams dropped)")
     model = info["model"]
     print("model: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(model.items())))
     sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])

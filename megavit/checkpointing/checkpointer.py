@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from megavit.checkpointing.directory import CheckpointDirectory
+from megavit.checkpointing.directory import CheckpointDirectory, CheckpointDirectoryError
 from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.checkpointing.training_state import load_training_state, save_training_state
 
@@ -56,6 +56,17 @@ def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
 
 if TYPE_CHECKING:
     from megavit.training.trainer import TrainingRun
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or the latest one of a --save directory."""
+    if (path / CONFIG_FILE).is_file():
+        return path
+    latest = CheckpointDirectory(path).latest()
+    if latest is None:
+        raise CheckpointDirectoryError(f"{path}: neither a checkpoint nor a --save directory "
+                                       "with one")
+    return latest
 
 
 def _barrier(run: "TrainingRun") -> None:
