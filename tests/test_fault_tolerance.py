@@ -5,6 +5,10 @@ is lost) or hangs. Rank 0 must stop with a `CollectiveError` naming the operatio
 group and its global ranks: at once when the peer died (the connection resets), and after
 the collective timeout (here 5 s) when it hung. The harness in tests/harness.py stops at
 the first failing rank, so these tests run their own two processes.
+
+Under `torchrun --max-restarts 1` with `--load` = `--save`, a worker killed mid-run is
+restarted with its peer, the run resumes from the latest complete checkpoint and finishes
+with the same final checkpoint, bit for bit, as a run nobody killed.
 """
 
 from __future__ import annotations
@@ -13,17 +17,24 @@ import datetime
 import multiprocessing as mp
 import os
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from megavit.parallel.comm import CollectiveError
+from megavit.parallel.launcher import LaunchInfo, _torchrun_store
 from megavit.parallel.state import build_parallel_state
 from megavit.training.trainer import TrainingRun
 from tests.scenarios import debug_config
+from tests.test_checkpoint_cli import COMMON, ROOT
+from tests.test_checkpoint_convert import stored
 
 TIMEOUT_S = 5
 
@@ -68,3 +79,86 @@ def test_surviving_rank_stops_with_the_group_named(failure, within):
     assert "on the dp group (global ranks [0, 1]) failed on rank 0" in message, message
     assert "--distributed-timeout-minutes" in message
     assert seconds < within, f"rank 0 needed {seconds:.1f} s"
+
+
+def test_each_torchrun_attempt_meets_in_its_own_key_space():
+    """torchrun's agent keeps its store across restarts; keys of a killed attempt (gloo
+    addresses, NCCL ids) must not be read by the next one."""
+    master = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    info = LaunchInfo(0, 1, 0, "torchrun")
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    first = _torchrun_store(info, datetime.timedelta(seconds=5),
+                            {**env, "TORCHELASTIC_RESTART_COUNT": "0"})
+    first.set("rank0_address", "stale")
+    second = _torchrun_store(info, datetime.timedelta(seconds=5),
+                             {**env, "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert not second.check(["rank0_address"])
+    assert first.check(["rank0_address"])
+
+
+ITERS = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _torchrun_dp2(save: Path, kill_after: int | None) -> str:
+    """A DP=2 run of ITERS iterations saving every 50, under torchrun with one restart
+    allowed; with `kill_after`, one worker is SIGKILLed once that checkpoint exists."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "--max-restarts", "1", "-m", "megavit.pretrain",
+           *COMMON, "--train-iters", str(ITERS), "--lr-decay-iters", str(ITERS),
+           "--log-interval", "100", "--save", str(save), "--save-interval", "50",
+           "--keep-last-checkpoints", "2", "--load", str(save)]
+    with open(save.parent / f"{save.name}.log", "w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**env, "OMP_NUM_THREADS": "1"})
+        if kill_after is not None:
+            deadline = time.monotonic() + 120
+            while not (save / f"iter_{kill_after:07d}").is_dir():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            workers = _children(proc.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[-1], signal.SIGKILL)
+        assert proc.wait(timeout=120) == 0
+        log.seek(0)
+        return log.read()
+
+
+def test_torchrun_restarts_a_killed_rank_and_finishes_like_an_uninterrupted_run(tmp_path):
+    straight = _torchrun_dp2(tmp_path / "straight", kill_after=None)
+    killed = _torchrun_dp2(tmp_path / "killed", kill_after=50)
+    assert "loaded checkpoint" not in straight
+    assert "no checkpoint in" in killed                     # the first attempt
+    resumed = [line for line in killed.splitlines() if "loaded checkpoint | iteration" in line]
+    assert len(resumed) == 1, killed                        # the restarted attempt
+    assert int(resumed[0].split("iteration ")[1].split()[0]) < ITERS
+    final = f"iter_{ITERS:07d}"
+    a, b = stored(tmp_path / "straight" / final), stored(tmp_path / "killed" / final)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    done = [next(line for line in log.splitlines() if "] done | iteration" in line)
+            for log in (straight, killed)]
+    assert done[0].split("| train_seconds")[0] == done[1].split("| train_seconds")[0]
+    assert done[0].split("| loss")[1].split("| images_per_second")[0] == \
+        done[1].split("| loss")[1].split("| images_per_second")[0]

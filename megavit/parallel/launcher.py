@@ -97,6 +97,25 @@ def _rank0_address(env: Mapping[str, str]) -> str:
         return host
 
 
+def _torchrun_store(info: LaunchInfo, timeout: timedelta,
+                    env: Mapping[str, str]) -> dist.Store:
+    """The store torchrun's workers meet in, under a prefix per restart.
+
+    torchrun's agent hosts the store (static rendezvous, the default) and keeps it across
+    `--max-restarts`: keys written by the killed attempt's processes — gloo's listening
+    addresses, NCCL's unique ids, for the default group and every subgroup — would be read
+    by the restarted ones, which then connect to dead ports. Each attempt
+    (TORCHELASTIC_RESTART_COUNT) gets its own key space instead."""
+    host, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500))
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(host, port, info.world_size, is_master=False, timeout=timeout)
+    else:
+        store = dist.TCPStore(host, port, info.world_size, is_master=info.rank == 0,
+                              timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"megavit/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                            store)
+
+
 def _mpi_store(info: LaunchInfo, timeout: timedelta, env: Mapping[str, str]) -> dist.TCPStore:
     """A TCPStore whose server runs on rank 0, its address and port shared over MPI."""
     try:
@@ -146,10 +165,8 @@ def init_process_group(backend: str, timeout: timedelta,
                           info.launcher, info.local_world_size)
     if info.world_size == 1:
         return info
-    if info.launcher == "torchrun":
-        dist.init_process_group(backend, timeout=timeout)
-    else:
-        store = _mpi_store(info, timeout, env)
-        dist.init_process_group(backend, store=store, rank=info.rank,
-                                world_size=info.world_size, timeout=timeout)
+    store = _torchrun_store(info, timeout, env) if info.launcher == "torchrun" \
+        else _mpi_store(info, timeout, env)
+    dist.init_process_group(backend, store=store, rank=info.rank,
+                            world_size=info.world_size, timeout=timeout)
     return info
