@@ -84,3 +84,49 @@ def test_checkpoint_inspect_reports_iteration_layout_and_tensors(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "checkpoint_inspect.py"),
                           str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "neither a checkpoint nor a --save directory" in bad.stderr
+
+
+def _tampered(source: Path, target: Path, change) -> Path:
+    """A copy of checkpoint `source` (iteration 1) whose tensors `change` edited in place."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from megavit.checkpointing.convert import _read
+    from megavit.checkpointing.safe_reader import check_checkpoint
+
+    tensors = _read(source, check_checkpoint(source),
+                    list(check_checkpoint(source).state_dict_metadata))
+    change(tensors)
+    final = target / source.name
+    dcp.save(tensors, checkpoint_id=str(final), no_dist=True)
+    shutil.copy(source / "megavit_config.json", final)
+    (target / "latest_checkpointed_iteration.txt").write_text("1\n")
+    return target
+
+
+def test_missing_extra_or_reshaped_tensors_are_named_and_nothing_loads(tmp_path):
+    import warnings
+
+    import torch
+
+    save = tmp_path / "ckpt"
+    assert pretrain("--train-iters", "1", "--save", str(save)).returncode == 0
+    source = save / "iter_0000001"
+    cases = {
+        "extra": (lambda t: t.update({"model/blocks.7.norm.weight": torch.ones(32)}),
+                  "1 not in this model (model/blocks.7.norm.weight)"),
+        "missing": (lambda t: t.pop("model/blocks.1.norm.weight"),
+                    "1 missing (model/blocks.1.norm.weight)"),
+        "reshaped": (lambda t: t.update({"model/map_head.probe": torch.ones(2, 32)}),
+                     "1 shaped differently (model/map_head.probe [2, 32] (model: [32]))"),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for case, (change, message) in cases.items():
+            bad = _tampered(source, tmp_path / case, change)
+            proc = pretrain("--train-iters", "2", "--load", str(bad))
+            assert proc.returncode == 2, proc.stdout + proc.stderr
+            assert "tensors do not fit this model, nothing was loaded" in proc.stderr, case
+            assert message in proc.stderr, (case, proc.stderr)
+            assert "Traceback" not in proc.stderr

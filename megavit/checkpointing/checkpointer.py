@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from megavit.checkpointing.directory import CheckpointDirectory, CheckpointDirectoryError
-from megavit.checkpointing.model_state import CheckpointLoadError
+from megavit.checkpointing.model_state import CheckpointLoadError, check_loadable, check_pieces
 from megavit.checkpointing.training_state import load_training_state, save_training_state
 
 CONFIG_FILE = "megavit_config.json"
@@ -113,6 +113,8 @@ def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]
         return 0
     start = time.perf_counter()
     check_model_config(latest, run)
+    check_loadable(latest)
+    check_pieces(latest, run.cfg.model, prefix="model/")
     saved = json.loads((latest / CONFIG_FILE).read_text())["layout"]
     same = saved == _describe(run)["layout"]
     iteration = load_training_state(run, latest, same_layout=same)

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, Wri
 from megavit.checkpointing.checkpointer import CONFIG_FILE
 from megavit.checkpointing.directory import CheckpointDirectory
 from megavit.checkpointing.model_state import CheckpointLoadError
-from megavit.checkpointing.pieces import pieces_of
+from megavit.checkpointing.pieces import meta_model, piece_blocks, pieces_of
 from megavit.checkpointing.safe_reader import SafeFileSystemReader, check_checkpoint
 from megavit.config import ModelConfig
 
@@ -95,42 +95,6 @@ def _piece_of(fqn: str) -> str | None:
     if parts[0] == "optimizer" and len(parts) > 2:
         return "/".join(parts[2:])
     return None
-
-
-def _serial_model(cfg: ModelConfig, tp: int):
-    """The model on the meta device, as tensor-parallel rank 0 of `tp` builds it (only the
-    names, shapes and TP sharding of its parameters are used)."""
-    from megavit.models.vit import Runtime, VisionTransformer
-    from megavit.parallel.comm import CommStats, Group
-
-    group = Group("tp", tuple(range(tp)), 0, None, CommStats())
-    try:
-        with torch.device("meta"):
-            return VisionTransformer(cfg, Runtime(tp=group))
-    except ValueError as e:
-        raise ConvertError(f"--target-tensor-parallel-size {tp}: {e}") from e
-
-
-def target_chunks(cfg: ModelConfig, tp: int) -> dict[str, tuple[torch.Size, list[tuple]]]:
-    """{piece name: (serial shape, [(offsets, sizes) of TP rank 0..tp-1's block])};
-    a replicated piece has one block, the whole."""
-    from megavit.parallel.sharding import get_tp_shard
-
-    out = {}
-    for name, param in _serial_model(cfg, tp).named_parameters():
-        shard = get_tp_shard(param)
-        for piece in pieces_of(name, param, shard):
-            if shard is None:
-                out[piece.name] = (piece.global_shape, [(piece.offsets, piece.global_shape)])
-                continue
-            step = piece.local.shape[shard.dim]
-            blocks = []
-            for r in range(tp):
-                offsets = list(piece.offsets)
-                offsets[shard.dim] = r * step
-                blocks.append((tuple(offsets), tuple(piece.local.shape)))
-            out[piece.name] = (piece.global_shape, blocks)
-    return out
 
 
 def read_config(checkpoint: Path) -> tuple[dict, ModelConfig]:
@@ -196,7 +160,10 @@ def reshard(source: Path, output: str | os.PathLike, tp: int, buffer_bytes: int,
     the iteration of the same number in the --save directory `output`; returns its path."""
     info, cfg = read_config(source)
     metadata = check_checkpoint(source)
-    chunks = target_chunks(cfg, tp)
+    try:
+        chunks = piece_blocks(cfg, tp)
+    except ValueError as e:
+        raise ConvertError(f"--target-tensor-parallel-size {tp}: {e}") from e
     stored = {k: v for k, v in metadata.state_dict_metadata.items() if not k.startswith("rng/")}
     for name, md in stored.items():
         if not isinstance(md, TensorStorageMetadata):
@@ -287,7 +254,7 @@ def consolidate(source: Path, output: str | os.PathLike, dtype: torch.dtype | No
     metadata = check_checkpoint(source)
     stored = metadata.state_dict_metadata
     params = []      # (name, serial shape, its stored pieces, the dim they join along)
-    for name, param in _serial_model(cfg, 1).named_parameters():
+    for name, param in meta_model(cfg, 1).named_parameters():
         shard = get_tp_shard(param)
         pieces = [f"model/{p.name}" for p in pieces_of(name, param, shard)]
         missing = [p for p in pieces if p not in stored]

@@ -9,8 +9,7 @@ any TP / DP / PP / virtual-PP layout (and in one process): DCP reads, for each p
 blocks that overlap what this rank now owns. Loading checks every name and shape against the
 checkpoint before any data is read, so a mismatch leaves the model untouched.
 
-(Work in progress for issue 7: optimizer state, the loss scaler, RNG and data position join
-this state, and the checkpoint directory (`directory.py`) wraps it.)
+`training_state.py` adds the optimizer, the loss scaler, RNG and the iteration to this state.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from megavit.checkpointing.pieces import pieces_of
+from megavit.checkpointing.pieces import piece_blocks, pieces_of
 from megavit.checkpointing.safe_reader import (SafeFileSystemReader, check_checkpoint,
                                                failure_causes)
 from megavit.parallel.sharding import get_tp_shard
@@ -74,6 +73,30 @@ def check_loadable(path: str | os.PathLike) -> None:
     check_checkpoint(path)
 
 
+def check_pieces(path: str | os.PathLike, cfg, prefix: str = "") -> None:
+    """The checkpoint's entries under `prefix` are exactly the pieces of the model `cfg`
+    describes, with its shapes: anything missing, extra or differently shaped is named
+    (DCP alone would skip extra entries silently)."""
+    expected = {prefix + k: shape for k, (shape, _) in piece_blocks(cfg, 1).items()}
+    stored = {k: torch.Size(md.size) for k, md in check_checkpoint(path)
+              .state_dict_metadata.items() if k.startswith(prefix)}
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    problems = []
+    if missing := sorted(expected.keys() - stored.keys()):
+        problems.append(f"{len(missing)} missing ({some(missing)})")
+    if extra := sorted(stored.keys() - expected.keys()):
+        problems.append(f"{len(extra)} not in this model ({some(extra)})")
+    if shapes := sorted(f"{k} {list(stored[k])} (model: {list(v)})" for k, v in expected.items()
+                        if k in stored and stored[k] != v):
+        problems.append(f"{len(shapes)} shaped differently ({some(shapes)})")
+    if problems:
+        raise CheckpointLoadError(f"{path}: tensors do not fit this model, nothing was loaded: "
+                                  + "; ".join(problems))
+
+
 @torch.no_grad()
 def load_state(state: dict[str, torch.Tensor], path: str | os.PathLike, pstate: ParallelState,
                what: str) -> None:
@@ -94,4 +117,5 @@ def load_state(state: dict[str, torch.Tensor], path: str | os.PathLike, pstate: 
 def load_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike) -> None:
     """Read weights written by `save_model` at any layout into `model`, in place."""
     check_loadable(path)
+    check_pieces(path, model.cfg)
     load_state(model_state_dict(model, pstate), path, pstate, "model")

@@ -17,10 +17,15 @@ TP size reads at any other: each rank asks for the blocks it now owns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from megavit.parallel.sharding import get_tp_shard
+
+if TYPE_CHECKING:
+    from megavit.config import ModelConfig
 
 
 @dataclass
@@ -48,4 +53,35 @@ def pieces_of(name: str, local: torch.Tensor, shard=None) -> list[Piece]:
         out.append(Piece(f"{name}/{k}" if fused else name, torch.Size(shape), tuple(offsets),
                          local.narrow(shard.dim, start, part)))
         start += part
+    return out
+
+
+def meta_model(cfg: "ModelConfig", tp: int) -> nn.Module:
+    """The model on the meta device, as tensor-parallel rank 0 of `tp` builds it (only the
+    names, shapes and TP sharding of its parameters are used)."""
+    from megavit.models.vit import Runtime, VisionTransformer
+    from megavit.parallel.comm import CommStats, Group
+
+    group = Group("tp", tuple(range(tp)), 0, None, CommStats())
+    with torch.device("meta"):
+        return VisionTransformer(cfg, Runtime(tp=group))
+
+
+def piece_blocks(cfg: "ModelConfig", tp: int) -> dict[str, tuple[torch.Size, list[tuple]]]:
+    """{piece name: (serial shape, [(offsets, sizes) of TP rank 0..tp-1's block])};
+    a replicated piece has one block, the whole."""
+    out = {}
+    for name, param in meta_model(cfg, tp).named_parameters():
+        shard = get_tp_shard(param)
+        for piece in pieces_of(name, param, shard):
+            if shard is None:
+                out[piece.name] = (piece.global_shape, [(piece.offsets, piece.global_shape)])
+                continue
+            step = piece.local.shape[shard.dim]
+            blocks = []
+            for r in range(tp):
+                offsets = list(piece.offsets)
+                offsets[shard.dim] = r * step
+                blocks.append((tuple(offsets), tuple(piece.local.shape)))
+            out[piece.name] = (piece.global_shape, blocks)
     return out
