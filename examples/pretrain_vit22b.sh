@@ -22,6 +22,11 @@
 # under --activation-memory-budget-gb (the first stage holds the most micro-batches at
 # once); the plan is printed at start-up.
 #
+# Checkpoints go to RUN_DIR/ckpt every 1000 iterations (the last 3 kept) and the run resumes
+# from there: when a rank dies, torchrun restarts the workers (up to MAX_RESTARTS times) and
+# they continue from the latest complete checkpoint; relaunching the script does the same.
+# `python tools/checkpoint_inspect.py RUN_DIR/ckpt` shows what is saved.
+#
 # SMOKE=1 shrinks the same launch to a CPU run that finishes in seconds: vit-debug on the
 # embedded digits, 4 processes as TP=2 x PP=2 with sequence parallelism, selective
 # recomputation and the distributed optimizer's code path (DP=1: nothing to shard), fp32
@@ -40,7 +45,9 @@ if [[ "$SMOKE" == "1" ]]; then
          --sequence-parallel --recompute-granularity selective
          --use-distributed-optimizer --overlap-grad-reduce --ddp-bucket-size 20000)
   export OMP_NUM_THREADS=1
+  RESTARTS=${MAX_RESTARTS:-0}
 else
+  RESTARTS=${MAX_RESTARTS:-3}
   NPROC_PER_NODE=${NPROC_PER_NODE:-8}
   TP=8
   PP=4
@@ -56,12 +63,15 @@ else
          --lr 1e-3 --min-lr 1e-5 --lr-warmup-iters 10000 --lr-decay-style cosine
          --weight-decay 0.05 --clip-grad 1.0 --log-interval 10 --eval-interval 5000
          --eval-iters 20 --metrics-file "${RUN_DIR:-runs/vit22b}/metrics.jsonl"
-         --tensorboard-dir "${RUN_DIR:-runs/vit22b}/tb")
+         --tensorboard-dir "${RUN_DIR:-runs/vit22b}/tb"
+         --save "${RUN_DIR:-runs/vit22b}/ckpt" --load "${RUN_DIR:-runs/vit22b}/ckpt"
+         --save-interval 1000 --keep-last-checkpoints 3)
 fi
 
 exec torchrun \
   --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$NPROC_PER_NODE" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
+  --max-restarts "$RESTARTS" \
   -m megavit.pretrain \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   "${MODEL[@]}" "${DATA[@]}" "${BATCH[@]}" "${EXTRA[@]}" "$@"
