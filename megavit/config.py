@@ -444,6 +444,57 @@ class DataConfig:
 
 
 @dataclass
+class TextConfig:
+    """The text tower of contrastive training (megavit.pretrain_contrastive)."""
+
+    text_num_layers: int = field(default=12, metadata=_opt("Text transformer blocks."))
+    text_hidden_size: int = field(default=512, metadata=_opt("Text transformer width."))
+    text_num_attention_heads: int = field(default=8, metadata=_opt("Text attention heads."))
+    text_ffn_hidden_size: int = field(default=2048, metadata=_opt("Text MLP hidden width."))
+    text_block_type: str = field(
+        default="sequential",
+        metadata=_opt("Text block: 'sequential' (pre-LN, CLIP) or 'parallel' (ViT-22B style).",
+                      choices=("parallel", "sequential")))
+    text_qk_layernorm: bool = field(default=False,
+                                    metadata=_opt("LayerNorm on the text queries and keys."))
+    text_init_method_std: float = field(
+        default=0.02, metadata=_opt("Std of the text tower's weight and embedding init."))
+    context_length: int = field(
+        default=64, metadata=_opt("Tokens per caption, EOS included (padded / truncated)."))
+    make_vocab_size_divisible_by: int = field(
+        default=128,
+        metadata=_opt("Pad the embedding table to a multiple of this many rows (the same in "
+                      "every layout, so checkpoints reshard); the TP size must divide it."))
+    text_pooling: str = field(
+        default="eos",
+        metadata=_opt("Caption embedding: the 'eos' token (CLIP), the 'first' token, or "
+                      "'map' (attention pooling over the non-padded tokens).",
+                      choices=("eos", "first", "map")))
+    text_causal: bool = field(
+        default=True,
+        metadata=_opt("Causal attention (CLIP); --no-text-causal: bidirectional with padded "
+                      "tokens masked (SigLIP). Causal attention needs --text-pooling eos."))
+
+
+TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    # width / depth / heads / MLP, matched to the image presets' scale
+    "text-debug": dict(text_hidden_size=32, text_num_layers=2, text_num_attention_heads=4,
+                       text_ffn_hidden_size=128, context_length=16,
+                       make_vocab_size_divisible_by=8),
+    "text-s": dict(text_hidden_size=384, text_num_layers=12, text_num_attention_heads=6,
+                   text_ffn_hidden_size=1536),
+    "text-b": dict(text_hidden_size=512, text_num_layers=12, text_num_attention_heads=8,
+                   text_ffn_hidden_size=2048),
+    "text-l": dict(text_hidden_size=768, text_num_layers=12, text_num_attention_heads=12,
+                   text_ffn_hidden_size=3072),
+    "text-h": dict(text_hidden_size=1024, text_num_layers=24, text_num_attention_heads=16,
+                   text_ffn_hidden_size=4096),
+    "text-g": dict(text_hidden_size=1280, text_num_layers=32, text_num_attention_heads=20,
+                   text_ffn_hidden_size=5120),
+}
+
+
+@dataclass
 class LoggingConfig:
     """What is printed and written while training."""
 

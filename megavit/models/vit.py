@@ -307,11 +307,13 @@ class MAPHead(nn.Module):
         self.fc1 = ColumnParallelLinear(h, f, tp, bias=True, init_std=std)
         self.fc2 = RowParallelLinear(f, h, tp, bias=True, init_std=std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask`: additive [b, 1, 1, s] hiding padded tokens (text), or None."""
         b = x.shape[1]
         q = self.q(self.probe.view(1, 1, -1)).expand(1, b, -1)   # [1, b, h/t]
         k, v = self.kv(x).chunk(2, dim=-1)                        # [s, b, h/t] each
-        y = self.proj(multi_head_attention(q, k, v, self.head_dim))  # [1, b, h]
+        y = self.proj(multi_head_attention(q, k, v, self.head_dim,
+                                           attn_mask=key_mask))   # [1, b, h]
         y = y + self.fc2(F.gelu(self.fc1(self.norm(y))))
         return y[0]
 
