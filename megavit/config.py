@@ -656,15 +656,15 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def build_parser(prog: str = "python -m megavit.pretrain") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m megavit.pretrain",
+                 sections: Sequence[tuple[str, type]] = _SECTIONS,
+                 description: str = "Train a Vision Transformer with tensor and data "
+                 "parallelism. Launch with torchrun, mpirun or srun for more than one process.",
+                 ) -> argparse.ArgumentParser:
     """The argument parser, one group per config dataclass; defaults are left unset so
     that explicit flags can be told apart from preset values."""
-    parser = _ArgumentParser(
-        prog=prog,
-        description="Train a Vision Transformer with tensor and data parallelism. "
-        "Launch with torchrun, mpirun or srun for more than one process.",
-        argument_default=argparse.SUPPRESS,
-    )
+    parser = _ArgumentParser(prog=prog, description=description,
+                             argument_default=argparse.SUPPRESS)
     parser.add_argument(
         "--preset",
         choices=tuple(PRESETS),
@@ -672,7 +672,15 @@ def build_parser(prog: str = "python -m megavit.pretrain") -> argparse.ArgumentP
         "Sizes (width/depth/heads/MLP/patch): "
         + "; ".join(f"{n} {h}/{d}/{a}/{m}/{p}" for n, (h, d, a, m, p) in _SIZES.items()),
     )
-    for section, cls in _SECTIONS:
+    if any(name == "text" for name, _ in sections):
+        parser.add_argument(
+            "--text-preset", choices=tuple(TEXT_PRESETS),
+            help="Text tower size by name; fills the text flags, which still override it. "
+            "Sizes (width/depth/heads/MLP): " + "; ".join(
+                f"{n} {v['text_hidden_size']}/{v['text_num_layers']}/"
+                f"{v['text_num_attention_heads']}/{v['text_ffn_hidden_size']}"
+                for n, v in TEXT_PRESETS.items()))
+    for section, cls in sections:
         group = parser.add_argument_group(section, cls.__doc__)
         for f in dataclasses.fields(cls):
             typ = _field_type(f)
@@ -692,31 +700,40 @@ def build_parser(prog: str = "python -m megavit.pretrain") -> argparse.ArgumentP
     return parser
 
 
+def parse_sections(parser: argparse.ArgumentParser, sections: Sequence[tuple[str, type]],
+                   argv: Sequence[str] | None) -> tuple[dict[str, dict[str, Any]], dict]:
+    """({section: {field: value given}}, {"preset": ..., "text_preset": ...}) from argv."""
+    ns = vars(parser.parse_args(argv))
+    presets = {k: ns.pop(k, None) for k in ("preset", "text_preset")}
+    given: dict[str, dict[str, Any]] = {name: {} for name, _ in sections}
+    for key, value in ns.items():
+        section, name = key.split(".", 1)
+        given[section][name] = value
+    return given, presets
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     """Parse command-line flags into a Config (preset first, explicit flags on top).
 
     Raises ConfigError for unknown flags or malformed values; call `validate` afterwards
     for cross-field checks that need the world size.
     """
-    ns = vars(build_parser().parse_args(argv))
-    preset = ns.pop("preset", None)
-    sections: dict[str, dict[str, Any]] = {name: {} for name, _ in _SECTIONS}
-    for key, value in ns.items():
-        section, name = key.split(".", 1)
-        sections[section][name] = value
-    model = (
-        preset_model_config(preset, **sections["model"])
-        if preset
-        else ModelConfig(**sections["model"])
-    )
+    sections, presets = parse_sections(build_parser(), _SECTIONS, argv)
+    return config_from_sections(sections, presets["preset"])
+
+
+def config_from_sections(sections: dict[str, dict[str, Any]], preset: str | None) -> Config:
+    """A Config from parsed sections; a missing section takes its defaults."""
+    model = (preset_model_config(preset, **sections.get("model", {})) if preset
+             else ModelConfig(**sections.get("model", {})))
     return Config(
         model=model,
-        parallel=ParallelConfig(**sections["parallel"]),
-        training=TrainingConfig(**sections["training"]),
-        precision=PrecisionConfig(**sections["precision"]),
-        data=DataConfig(**sections["data"]),
-        logging=LoggingConfig(**sections["logging"]),
-        checkpoint=CheckpointConfig(**sections["checkpoint"]),
+        parallel=ParallelConfig(**sections.get("parallel", {})),
+        training=TrainingConfig(**sections.get("training", {})),
+        precision=PrecisionConfig(**sections.get("precision", {})),
+        data=DataConfig(**sections.get("data", {})),
+        logging=LoggingConfig(**sections.get("logging", {})),
+        checkpoint=CheckpointConfig(**sections.get("checkpoint", {})),
         preset=preset,
     )
 

@@ -1,0 +1,159 @@
+"""Peak memory of the contrastive losses per DP rank: megavit's against plain all-gather.
+
+    .venv/bin/python benchmarks/contrastive_memory.py                    # n=512, d=256, DP 1 2 4
+    .venv/bin/python benchmarks/contrastive_memory.py --rows 1024 --dp 1 2
+
+DP gloo processes (one thread each) each hold a fixed slice of n L2-normalised image and
+text features of width d (the global batch grows with DP: N = n * DP) and run one forward
+and backward of each loss:
+
+    megavit SigLIP   megavit.training.contrastive.siglip_loss: texts travel the DP ring,
+                     [n, n] logits recomputed in backward
+    plain SigLIP     texts all-gathered (summing backward), [n, N] logits, plain autograd
+    megavit CLIP     megavit.training.contrastive.clip_loss: local rows against gathered
+                     columns, [n, N] logits each way
+    plain CLIP       both sides all-gathered and the full [N, N] loss on every rank (what
+                     a CLIP trainer does without local-loss)
+
+Measured: the peak, over the loss's forward and backward, of the bytes of tensor storage
+that operations inside it allocated and that is still alive (a TorchDispatchMode sees every
+operation's outputs, forward and backward; outputs that are views or in-place results of
+existing tensors are not new storage; a storage counts until it is freed). The inputs, made
+before, are not counted; the gradients left in .grad are. The largest figure over ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import weakref
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+from megavit.training.contrastive import clip_loss, gather_with_grad, siglip_loss  # noqa: E402
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live storage allocated by operations run inside the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.bytes = 0
+        self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.bytes -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        for i, t in enumerate(tree_flatten(out)[0]):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if returns and returns[min(i, len(returns) - 1)].alias_info is not None:
+                continue                      # a view, or an in-place / out= result
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if storage.nbytes() == 0 or key in self.live:
+                continue
+            self.live[key] = storage.nbytes()
+            self.bytes += storage.nbytes()
+            self.peak = max(self.peak, self.bytes)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
+def plain_siglip(images, texts, t, b, group):
+    """This rank's rows against all N gathered texts: [n, N] logits through autograd."""
+    n = images.shape[0]
+    logits = t.exp() * images @ gather_with_grad(texts, group).t() + b
+    z = -torch.ones_like(logits)
+    z[:, group.rank * n:(group.rank + 1) * n] += 2 * torch.eye(n)
+    return -F.logsigmoid(z * logits).sum() / n
+
+
+def plain_clip(images, texts, t, group):
+    """Everything gathered, the full [N, N] CLIP loss on every rank."""
+    all_images, all_texts = gather_with_grad(images, group), gather_with_grad(texts, group)
+    logits = t.exp().clamp(max=100) * all_images @ all_texts.t()
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+LOSSES = {
+    "megavit SigLIP": lambda i, x, t, b, g: siglip_loss(i, x, t, b, g),
+    "plain SigLIP": plain_siglip,
+    "megavit CLIP": lambda i, x, t, b, g: clip_loss(i, x, t, g),
+    "plain CLIP": lambda i, x, t, b, g: plain_clip(i, x, t, g),
+}
+
+
+def measure(pstate, rows: int, dim: int) -> dict[str, int]:
+    group = pstate.dp
+    g = torch.Generator().manual_seed(group.rank)
+    features = [F.normalize(torch.randn(rows, dim, generator=g), dim=-1) for _ in range(2)]
+    peaks = {}
+    for name, fn in LOSSES.items():
+        args = [x.clone().requires_grad_() for x in features]
+        args += [torch.tensor(2.3, requires_grad=True), torch.tensor(-10.0, requires_grad=True)]
+        torch.distributed.barrier()
+        with LiveTensorBytes() as meter:
+            fn(*args, group).backward()
+        peaks[name] = meter.peak
+    return peaks
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=512, help="features per rank n (default 512)")
+    p.add_argument("--dim", type=int, default=256, help="feature width d (default 256)")
+    p.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4], help="DP sizes (default 1 2 4)")
+    args = p.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from tests.harness import run_distributed
+
+    peaks = {}
+    for dp in args.dp:
+        per_rank = run_distributed(world_size=dp, tp=1,
+                                   jobs={"m": (measure, (args.rows, args.dim))})["m"]
+        peaks[dp] = {name: max(r[name] for r in per_rank) for name in LOSSES}
+
+    print(f"# machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+          f"gloo, 1 thread per rank")
+    print(f"# command: {' '.join([Path(sys.executable).name] + sys.argv)}")
+    print(f"# per rank: n = {args.rows} pairs of width d = {args.dim}, fp32; global batch "
+          f"N = n * DP")
+    print("# figure: peak live bytes of storage allocated during one loss forward + backward "
+          "(inputs not counted, .grad counted), MiB, largest rank; (x) = / its DP="
+          f"{args.dp[0]} figure")
+    width = 16
+    print(f"{'loss':<16}" + "".join(f"{'DP=' + str(dp):>{width}}" for dp in args.dp))
+    for name in LOSSES:
+        base = peaks[args.dp[0]][name]
+        cells = [f"{peaks[dp][name] / 2**20:.2f} ({peaks[dp][name] / base:.2f}x)"
+                 for dp in args.dp]
+        print(f"{name:<16}" + "".join(f"{c:>{width}}" for c in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

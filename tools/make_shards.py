@@ -1,0 +1,155 @@
+"""Write webdataset .tar shards of (image, caption) samples, for --image-text-path.
+
+    python tools/make_shards.py --from digits --output runs/shards/digits-train
+    python tools/make_shards.py --from csv --csv data/pairs.csv --output data/shards \\
+        --samples-per-shard 10000
+
+Each sample is KEY.EXT (the image: a CSV row's file bytes as they are, .jpg/.jpeg/.png/.webp;
+digits as 8-bit grey PNG) plus KEY.txt (the caption); digits also get KEY.cls (the class).
+Shards are OUTPUT/000000.tar, OUTPUT/000001.tar, ..., each written as NAME.tar.tmp and
+renamed when complete; the last line prints the brace pattern that reads them all back.
+
+--from digits / mnist5k: the embedded split (--split train or heldout, as
+megavit.data.datasets splits it) at native size (8x8 / 28x28); its normalised pixels are
+mapped back to [0, 255] by the train split's min and max. Captions are those of iteration
+0 for --seed (megavit.data.captions), one fixed caption per image.
+--from csv: rows of a .csv / .tsv file read as CsvImageText reads them (same header names,
+relative paths against the file's folder); a row without a readable image file, with
+another image type, or without a caption is skipped with a warning.
+
+Exit status 2 with a message for a missing or malformed input or when no sample is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from megavit.config import preset_model_config  # noqa: E402
+from megavit.data.datasets import DataError, load_digits, load_mnist5k  # noqa: E402
+
+_RAW_IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
+
+
+def digit_samples(source: str, split: str, seed: int) -> Iterator[dict]:
+    from PIL import Image
+
+    from megavit.data.captions import digit_captions
+
+    side = 8 if source == "digits" else 28
+    model = preset_model_config("vit-debug", img_h=side, img_w=side, num_channels=1)
+    train, held = (load_digits if source == "digits" else load_mnist5k)(model)
+    lo, hi = train.images.min(), train.images.max()
+    ds = train if split == "train" else held
+    pixels = ((ds.images - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8)
+    captions = digit_captions(ds.labels, torch.arange(len(ds)), seed, iteration=0)
+    for i in range(len(ds)):
+        buf = io.BytesIO()
+        Image.fromarray(pixels[i, 0].numpy(), mode="L").save(buf, format="PNG")
+        yield {"__key__": f"{i:08d}", "png": buf.getvalue(), "txt": captions[i],
+               "cls": int(ds.labels[i])}
+
+
+def csv_samples(path: str) -> Iterator[dict]:
+    from megavit.data.image_text import CsvImageText
+
+    rows = CsvImageText(path, preset_model_config("vit-debug"))   # parses and checks the header
+    for i in range(len(rows)):
+        where = f"{rows.path} line {rows.lines[i]}"
+        image = rows.image_path(i)
+        ext = _RAW_IMAGE_EXTS.get(image.suffix.lower())
+        problem = ("missing caption" if not rows.captions[i] else
+                   "missing image path" if not rows.images[i] else
+                   f"{image}: not a .jpg/.jpeg/.png/.webp file" if ext is None else None)
+        if problem is None:
+            try:
+                data = image.read_bytes()
+            except OSError as e:
+                problem = f"cannot read image {image} ({e.strerror})"
+        if problem is not None:
+            warnings.warn(f"{where}: {problem}: skipped", stacklevel=2)
+            continue
+        yield {"__key__": f"{i:08d}", ext: data, "txt": rows.captions[i]}
+
+
+def write_shards(samples: Iterator[dict], output: Path, per_shard: int) -> tuple[int, int]:
+    """Write `samples` into OUTPUT/NNNNNN.tar, `per_shard` each (each staged as
+    NNNNNN.tar.tmp and renamed when complete). Returns (samples, shards)."""
+    import webdataset as wds
+
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    total = shards = nbytes = 0
+    samples = iter(samples)
+    while (first := next(samples, None)) is not None:
+        name = output / f"{shards:06d}.tar"
+        tmp = name.with_suffix(".tar.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                writer = wds.TarWriter(f, mtime=0)   # fixed mtime: reproducible shards
+                for sample in itertools.chain([first], itertools.islice(samples, per_shard - 1)):
+                    nbytes += writer.write(sample)
+                    total += 1
+                writer.close()
+            os.replace(tmp, name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)   # leave nothing half-written
+            raise
+        shards += 1
+        print(f"make_shards | shard {name.name} | samples {total} | MiB {nbytes / 2**20:.1f} | "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    return total, shards
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--from", dest="source", choices=("digits", "mnist5k", "csv"), required=True,
+                   help="the embedded captioned digits / MNIST-5k, or a --csv file")
+    p.add_argument("--csv", help="with --from csv: a .csv / .tsv file with a header naming the "
+                                 "image and caption columns (e.g. image,caption)")
+    p.add_argument("--output", required=True, help="folder for NNNNNN.tar shards")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples in each shard")
+    p.add_argument("--split", choices=("train", "heldout"), default="train",
+                   help="with --from digits / mnist5k: which split")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="with --from digits / mnist5k: the caption seed (as --seed)")
+    args = p.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"make_shards: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.samples_per_shard < 1:
+        return fail(f"--samples-per-shard {args.samples_per_shard}: must be at least 1")
+    if args.source == "csv" and not args.csv:
+        return fail("--from csv needs --csv FILE")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        return fail(f"--output {output}: exists and is not a folder")
+    try:
+        samples = (csv_samples(args.csv) if args.source == "csv"
+                   else digit_samples(args.source, args.split, args.seed))
+        total, shards = write_shards(samples, output, args.samples_per_shard)
+    except DataError as e:
+        return fail(str(e))
+    if total == 0:
+        return fail(f"no readable sample in {args.csv} (see the warnings above)")
+    print(f"make_shards | wrote {total} samples in {shards} shards | --image-text-data shards "
+          f"--image-text-path '{output}/{{000000..{shards - 1:06d}}}.tar'", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
