@@ -15,6 +15,7 @@ checkpoint before any data is read, so a mismatch leaves the model untouched.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -106,9 +107,11 @@ def load_state(state: dict[str, torch.Tensor], path: str | os.PathLike, pstate: 
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(state, checkpoint_id=os.fspath(path),
-                 storage_reader=SafeFileSystemReader(os.fspath(path)),
-                 no_dist=pstate.mesh is None)
+        with warnings.catch_warnings():   # no_dist: "assuming ... a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=os.fspath(path),
+                     storage_reader=SafeFileSystemReader(os.fspath(path)),
+                     no_dist=pstate.mesh is None)
     except CheckpointException as e:
         raise CheckpointLoadError(f"{path}: does not fit this {what}, nothing was loaded: "
                                   + failure_causes(e)) from e

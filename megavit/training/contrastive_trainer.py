@@ -117,7 +117,9 @@ class ContrastiveRun:
         images, captions = self.train_set.get(indices, iteration=iteration)
         return images, self.tokenizer.encode(captions)
 
-    def step(self, iteration: int) -> StepResult:
+    def step(self, iteration: int, on_gradients=None) -> StepResult:
+        """One optimizer step; `on_gradients(model)`, if given, runs after the gradient
+        reduction and before the optimizer (as in `train_step`)."""
         pstate, dtype = self.pstate, param_dtype(self.cfg.base.precision)
         lr = self.schedule.lr_at(iteration)
         images, ids = self.batch(iteration)
@@ -129,6 +131,8 @@ class ContrastiveRun:
         self.buffers.finish()
         if nan_check(self.cfg.base.precision):
             check_finite(loss.detach(), self.buffers, pstate, iteration, True)
+        if on_gradients is not None:
+            on_gradients(self.model)
         outcome = self.optimizer.step(lr, self.cfg.base.training.clip_grad, scale)
         if self.scaler is not None:
             self.scaler.update(outcome.skipped)
