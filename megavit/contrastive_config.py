@@ -9,7 +9,6 @@ without a classifier; its data flags are replaced by `--image-text-data`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -81,6 +80,15 @@ class ContrastiveRunConfig:
     @property
     def embed_dim(self) -> int:
         return self.contrastive.embed_dim or self.text.text_hidden_size
+
+    @property
+    def model(self) -> ModelConfig:
+        """The image tower's config (as `Config.model`, for the checkpoint code)."""
+        return self.base.model
+
+    @property
+    def precision(self) -> PrecisionConfig:
+        return self.base.precision
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (
@@ -185,9 +193,3 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
     if problems:
         raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems)
                           if len(problems) > 1 else problems[0])
-
-
-def describe(cfg: ContrastiveRunConfig) -> dict:
-    """What a checkpoint's config file records of the run."""
-    return {"model": dataclasses.asdict(cfg.base.model), "text": dataclasses.asdict(cfg.text),
-            "contrastive": dataclasses.asdict(cfg.contrastive)}

@@ -124,3 +124,64 @@ def test_lit_refuses_an_image_checkpoint_of_another_model(tmp_path):
                                   "--hidden-size", "64"))
     with pytest.raises(CheckpointLoadError, match="--hidden-size 32 in the checkpoint, 64 here"):
         ContrastiveRun.build(parse_contrastive_args(flags), serial_state())
+
+
+def _cli(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_checkpoint_cli import ROOT
+
+    return subprocess.run([sys.executable, "-m", "megavit.pretrain_contrastive",
+                           *_flags("siglip", 1, 1, ("--hidden-dropout", "0.1",
+                                                    "--log-interval", "1",
+                                                    "--progress-bar", "off")), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_contrastive_checkpoints_resume_exactly_and_convert(tmp_path):
+    """3 iterations + save + resume to 6 log the uninterrupted run's losses (dropout on: the
+    RNG streams are restored); the checkpoint consolidates into a safetensors file holding
+    both towers, and a ViT run refuses it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.test_checkpoint_cli import pretrain, records
+
+    save = tmp_path / "ckpt"
+    runs = {"straight": _cli("--train-iters", "6", "--metrics-file", str(tmp_path / "s.jsonl")),
+            "first": _cli("--train-iters", "3", "--save", str(save),
+                          "--metrics-file", str(tmp_path / "a.jsonl")),
+            "second": _cli("--train-iters", "6", "--load", str(save),
+                           "--metrics-file", str(tmp_path / "b.jsonl"))}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, (name, proc.stdout + proc.stderr)
+    assert f"loaded checkpoint | iteration 3 | path {save / 'iter_0000003'}" in \
+        runs["second"].stdout
+    straight = {r["iteration"]: r["loss"] for r in records(tmp_path / "s.jsonl", "train")}
+    resumed = {r["iteration"]: r["loss"] for name in ("a", "b")
+               for r in records(tmp_path / f"{name}.jsonl", "train")}
+    assert resumed == straight and sorted(straight) == list(range(1, 7))
+    info = json.loads((save / "iter_0000003" / "megavit_config.json").read_text())
+    assert info["text"]["vocab_size"] == 128 and info["contrastive"]["loss"] == "siglip"
+
+    from megavit.checkpointing.convert import _read
+    from megavit.checkpointing.safe_reader import check_checkpoint
+    from tests.test_checkpoint_convert import convert
+
+    file = tmp_path / "w.safetensors"
+    proc = convert(str(save), "--to-safetensors", str(file))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    weights = load_file(str(file))
+    stored = _read(save / "iter_0000003", check_checkpoint(save / "iter_0000003"),
+                   ["model/logit_bias", "model/text.embedding.weight"])
+    assert torch.equal(weights["logit_bias"], stored["model/logit_bias"])
+    assert torch.equal(weights["text.embedding.weight"], stored["model/text.embedding.weight"])
+    assert any(k.startswith("image.blocks.") for k in weights)
+
+    refused = pretrain("--train-iters", "4", "--load", str(save))
+    assert refused.returncode == 2 and "a two-tower checkpoint, a ViT run here" in refused.stderr
+

@@ -21,6 +21,7 @@ import torch
 
 from megavit.checkpointing.directory import CheckpointDirectory, CheckpointDirectoryError
 from megavit.checkpointing.model_state import CheckpointLoadError, check_loadable, check_pieces
+from megavit.checkpointing.pieces import serial_meta_model
 from megavit.checkpointing.training_state import load_training_state, save_training_state
 
 CONFIG_FILE = "megavit_config.json"
@@ -28,28 +29,44 @@ CONFIG_FILE = "megavit_config.json"
 
 def _describe(run: "TrainingRun") -> dict:
     """What `megavit_config.json` records: the model (after the dataset fixed the class
-    count), the layout it was saved at, and the iteration."""
+    count; a two-tower run adds "text" and "contrastive" from its `describe_towers()`), the
+    layout it was saved at, and the precision (the iteration is added when saving)."""
     p = run.pstate
-    return {"model": dataclasses.asdict(run.cfg.model),
+    towers = run.describe_towers() if hasattr(run, "describe_towers") else {}
+    return {"model": dataclasses.asdict(run.cfg.model), **towers,
             "layout": {"tp": p.tp.size, "pp": p.pp.size, "dp": p.dp.size,
                        "virtual_stages": run.layout.chunks,
                        "distributed_optimizer": run.buffers.shard},
             "precision": dataclasses.asdict(run.cfg.precision)}
 
 
+_MAY_CHANGE = ("dropout", "drop_path", "lock_image_tower", "image_checkpoint",
+               "contrastive_queue_size", "image_text", "fatal_data_errors", "tokenizer_model",
+               "zero_shot_transfer")
+
+
 def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
-    """Refuse a checkpoint of another model, naming every field that differs (dropout and
-    drop-path rates may change between runs)."""
+    """Refuse a checkpoint of another model, naming every field that differs (regularisation
+    and, for two towers, data and LiT settings may change between runs)."""
     path = checkpoint / CONFIG_FILE
     if not path.is_file():
         raise CheckpointLoadError(f"{path}: missing; not a megavit checkpoint")
-    saved = json.loads(path.read_text())["model"]
-    current = dataclasses.asdict(run.cfg.model)
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
-              for k, v in current.items()
-              if saved.get(k) != v and "dropout" not in k and "drop_path" not in k]
-    differ += [f"{k} {saved[k]!r} in the checkpoint, unknown here"
-               for k in saved if k not in current]
+    saved_info = json.loads(path.read_text())
+    current_info = _describe(run)
+    differ = []
+    for section in ("model", "text", "contrastive"):
+        saved, current = saved_info.get(section), current_info.get(section)
+        if saved is None and current is None:
+            continue
+        if saved is None or current is None:
+            differ.append(f"a {'two-tower' if saved is not None else 'ViT'} checkpoint, a "
+                          f"{'two-tower' if current is not None else 'ViT'} run here")
+            continue
+        differ += [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
+                   for k, v in current.items()
+                   if saved.get(k) != v and not any(m in k for m in _MAY_CHANGE)]
+        differ += [f"{k} {saved[k]!r} in the checkpoint, unknown here"
+                   for k in saved if k not in current]
     if differ:
         raise CheckpointLoadError(f"{checkpoint}: a different model, not loaded: "
                                   + "; ".join(differ))
@@ -114,7 +131,7 @@ def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]
     start = time.perf_counter()
     check_model_config(latest, run)
     check_loadable(latest)
-    check_pieces(latest, run.cfg.model, prefix="model/")
+    check_pieces(latest, serial_meta_model(_describe(run), 1), prefix="model/")
     saved = json.loads((latest / CONFIG_FILE).read_text())["layout"]
     same = saved == _describe(run)["layout"]
     iteration = load_training_state(run, latest, same_layout=same)

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, Wri
 from megavit.checkpointing.checkpointer import CONFIG_FILE
 from megavit.checkpointing.directory import CheckpointDirectory
 from megavit.checkpointing.model_state import CheckpointLoadError
-from megavit.checkpointing.pieces import meta_model, piece_blocks, pieces_of
+from megavit.checkpointing.pieces import piece_blocks, pieces_of, serial_meta_model
 from megavit.checkpointing.safe_reader import SafeFileSystemReader, check_checkpoint
 from megavit.config import ModelConfig
 
@@ -161,7 +161,7 @@ def reshard(source: Path, output: str | os.PathLike, tp: int, buffer_bytes: int,
     info, cfg = read_config(source)
     metadata = check_checkpoint(source)
     try:
-        chunks = piece_blocks(cfg, tp)
+        chunks = piece_blocks(serial_meta_model(info, tp), tp)
     except ValueError as e:
         raise ConvertError(f"--target-tensor-parallel-size {tp}: {e}") from e
     stored = {k: v for k, v in metadata.state_dict_metadata.items() if not k.startswith("rng/")}
@@ -254,7 +254,7 @@ def consolidate(source: Path, output: str | os.PathLike, dtype: torch.dtype | No
     metadata = check_checkpoint(source)
     stored = metadata.state_dict_metadata
     params = []      # (name, serial shape, its stored pieces, the dim they join along)
-    for name, param in meta_model(cfg, 1).named_parameters():
+    for name, param in serial_meta_model(info, 1).named_parameters():
         shard = get_tp_shard(param)
         pieces = [f"model/{p.name}" for p in pieces_of(name, param, shard)]
         missing = [p for p in pieces if p not in stored]
@@ -283,7 +283,8 @@ def consolidate(source: Path, output: str | os.PathLike, dtype: torch.dtype | No
                 tensors = _read(source, metadata, [p for n in batch for p in by_name[n][0]])
                 for name in batch:
                     pieces, dim = by_name[name]
-                    full = torch.cat([tensors.pop(p) for p in pieces], dim)
+                    parts = [tensors.pop(p) for p in pieces]
+                    full = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
                     full = full.to(out_dtype[name]).contiguous().reshape(-1)
                     f.write(memoryview(full.view(torch.uint8).numpy()))
                 progress.batch_done(len(batch), sum(sizes[n] for n in batch))

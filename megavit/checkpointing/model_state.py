@@ -21,7 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from megavit.checkpointing.pieces import piece_blocks, pieces_of
+from megavit.checkpointing.pieces import meta_model, piece_blocks, pieces_of
 from megavit.checkpointing.safe_reader import (SafeFileSystemReader, check_checkpoint,
                                                failure_causes)
 from megavit.parallel.sharding import get_tp_shard
@@ -74,11 +74,12 @@ def check_loadable(path: str | os.PathLike) -> None:
     check_checkpoint(path)
 
 
-def check_pieces(path: str | os.PathLike, cfg, prefix: str = "") -> None:
-    """The checkpoint's entries under `prefix` are exactly the pieces of the model `cfg`
-    describes, with its shapes: anything missing, extra or differently shaped is named
-    (DCP alone would skip extra entries silently)."""
-    expected = {prefix + k: shape for k, (shape, _) in piece_blocks(cfg, 1).items()}
+def check_pieces(path: str | os.PathLike, serial_model: nn.Module, prefix: str = "") -> None:
+    """The checkpoint's entries under `prefix` are exactly the pieces of `serial_model` (the
+    whole model as one process builds it, e.g. on the meta device), with its shapes:
+    anything missing, extra or differently shaped is named (DCP alone would skip extra
+    entries silently)."""
+    expected = {prefix + k: shape for k, (shape, _) in piece_blocks(serial_model, 1).items()}
     stored = {k: torch.Size(md.size) for k, md in check_checkpoint(path)
               .state_dict_metadata.items() if k.startswith(prefix)}
 
@@ -120,5 +121,5 @@ def load_state(state: dict[str, torch.Tensor], path: str | os.PathLike, pstate: 
 def load_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike) -> None:
     """Read weights written by `save_model` at any layout into `model`, in place."""
     check_loadable(path)
-    check_pieces(path, model.cfg)
+    check_pieces(path, meta_model(model.cfg, 1))
     load_state(model_state_dict(model, pstate), path, pstate, "model")

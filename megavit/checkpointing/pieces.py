@@ -67,11 +67,34 @@ def meta_model(cfg: "ModelConfig", tp: int) -> nn.Module:
         return VisionTransformer(cfg, Runtime(tp=group))
 
 
-def piece_blocks(cfg: "ModelConfig", tp: int) -> dict[str, tuple[torch.Size, list[tuple]]]:
-    """{piece name: (serial shape, [(offsets, sizes) of TP rank 0..tp-1's block])};
-    a replicated piece has one block, the whole."""
+def serial_meta_model(info: dict, tp: int) -> nn.Module:
+    """The model a checkpoint description (`megavit_config.json`: "model", and for a
+    two-tower run "text" and "contrastive") describes, on the meta device, as TP rank 0 of
+    `tp` builds it."""
+    from megavit.config import ModelConfig
+
+    if "text" not in info:
+        return meta_model(ModelConfig(**info["model"]), tp)
+    from megavit.config import TextConfig
+    from megavit.models.two_tower import TwoTowerModel
+    from megavit.models.vit import Runtime
+    from megavit.parallel.comm import CommStats, Group
+
+    text = dict(info["text"])
+    vocab, pad, eos = text.pop("vocab_size"), text.pop("pad_id"), text.pop("eos_id")
+    c = info["contrastive"]
+    rt = Runtime(tp=Group("tp", tuple(range(tp)), 0, None, CommStats()))
+    with torch.device("meta"):
+        return TwoTowerModel(ModelConfig(**info["model"]), TextConfig(**text), rt, rt, vocab,
+                             pad, eos, c["embed_dim"], c["loss"])
+
+
+def piece_blocks(model: nn.Module, tp: int) -> dict[str, tuple[torch.Size, list[tuple]]]:
+    """{piece name: (serial shape, [(offsets, sizes) of TP rank 0..tp-1's block])} of
+    `model` as built by TP rank 0 of `tp` (e.g. on the meta device); a replicated piece has
+    one block, the whole."""
     out = {}
-    for name, param in meta_model(cfg, tp).named_parameters():
+    for name, param in model.named_parameters():
         shard = get_tp_shard(param)
         for piece in pieces_of(name, param, shard):
             if shard is None:

@@ -57,6 +57,11 @@ class TwoTowerModel(nn.Module):
         else:
             self.register_parameter("logit_bias", None)
 
+    @property
+    def rt(self) -> Runtime:
+        """The image tower's runtime (its RNG tracker drives the text tower's dropout too)."""
+        return self.image.rt
+
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything the optimizer steps: all but a locked image
         tower."""

@@ -27,9 +27,11 @@ import torch
 
 from megavit.contrastive_config import ContrastiveRunConfig
 from megavit.data.sampler import GlobalBatchSampler
+from megavit.checkpointing.checkpointer import resume, save_checkpoint
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
 from megavit.models.vit import Runtime
 from megavit.parallel.data_parallel import DataParallelBuffers
+from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.random import RNGTracker
 from megavit.parallel.state import ParallelState
 from megavit.training.contrastive import ContrastiveQueue, clip_loss, siglip_loss
@@ -57,6 +59,7 @@ class ContrastiveRun:
     train_set: Any
     heldout: Any
     sampler: GlobalBatchSampler
+    layout: PipelineLayout | None = None    # one stage, one chunk (no pipelining yet)
     transfer: Any = None         # --zero-shot-transfer's held-out set
     queue: ContrastiveQueue | None = None   # --contrastive-queue-size (CLIP)
 
@@ -97,9 +100,19 @@ class ContrastiveRun:
                                        t.lr_decay_iters or t.train_iters, t.lr_decay_style),
                    tokenizer=tok, train_set=data.train, heldout=data.heldout,
                    sampler=GlobalBatchSampler(len(data.train), t.global_batch_size, t.seed),
+                   layout=PipelineLayout.from_flags(b.model.num_layers, 1, None, None, None),
                    transfer=data.transfer,
                    queue=ContrastiveQueue(c.contrastive_queue_size, cfg.embed_dim,
                                           pstate.device) if c.contrastive_queue_size else None)
+
+    def describe_towers(self) -> dict:
+        """The text tower, tokenizer ids and contrastive setup, for a checkpoint's
+        `megavit_config.json` (the image tower is its "model")."""
+        tok = self.tokenizer
+        return {"text": {**dataclasses.asdict(self.cfg.text), "vocab_size": tok.vocab_size,
+                         "pad_id": tok.pad_id, "eos_id": tok.eos_id},
+                "contrastive": {**dataclasses.asdict(self.cfg.contrastive),
+                                "embed_dim": self.cfg.embed_dim}}
 
     def loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """This rank's share of the contrastive loss over the DP group."""
@@ -241,8 +254,10 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
     watch = Stopwatch(pstate.device)
     loss_sum, steps, last = torch.zeros((), device=pstate.device), 0, {}
     eval_seconds = 0.0
+    ck = b.checkpoint
+    first = resume(run, ck.load, log.info)
     run.model.train()
-    for iteration in range(t.train_iters):
+    for iteration in range(first, t.train_iters):
         result = run.step(iteration)
         loss_sum += result.loss
         steps += 1
@@ -266,12 +281,19 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
             log.eval({"iteration": done, **run.evaluate()})
             eval_seconds += time.perf_counter() - start
             watch.lap()
+        if ck.save and ((ck.save_interval and done % ck.save_interval == 0)
+                        or done == t.train_iters):
+            start = time.perf_counter()
+            save_checkpoint(run, ck.save, done, ck.keep_last_checkpoints, log.info)
+            eval_seconds += time.perf_counter() - start
+            watch.lap()
     train_time = watch.total() - eval_seconds
     final = {"iteration": t.train_iters, **run.evaluate()}
     log.eval(final)
     summary = {"iteration": t.train_iters, "train_seconds": train_time,
                "loss": last.get("loss", float("nan")),
                **{k: v for k, v in final.items() if k != "iteration"},
-               "pairs_per_second": t.global_batch_size * t.train_iters / max(train_time, 1e-9)}
+               "pairs_per_second": t.global_batch_size * (t.train_iters - first)
+               / max(train_time, 1e-9)}
     log.summary(summary)
     return summary
