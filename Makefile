@@ -1,6 +1,7 @@
 # megavit — set-up and common tasks on a fresh CPU machine.
 #
 #   make quickstart   create .venv, install megavit, train a ViT on digits (CPU)
+#   make quickstart-clip   the same set-up, then a small CLIP on captioned digits (CPU)
 #   make test         create or reuse .venv, install test extras, run the whole suite
 #
 # Inside the NGC PyTorch container use `pip install -e .` instead (keeps its torch).
@@ -11,7 +12,7 @@ TORCH_CPU ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: quickstart test venv clean bench-timm
+.PHONY: quickstart quickstart-clip test venv clean bench-timm
 
 $(VENV)/.installed-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ venv: $(VENV)/.installed-base
 
 quickstart: $(VENV)/.installed-base
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/quickstart_digits.sh
+
+quickstart-clip: $(VENV)/.installed-base
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/quickstart_clip.sh
 
 test: $(VENV)/.installed-test
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests

@@ -105,6 +105,9 @@ def save_checkpoint(run: "TrainingRun", save_dir: str, iteration: int, keep: int
         staging = directory.staging(iteration)
         (staging / CONFIG_FILE).write_text(json.dumps({**_describe(run), "iteration": iteration},
                                                       indent=1, sort_keys=True) + "\n")
+        files = run.checkpoint_files() if hasattr(run, "checkpoint_files") else {}
+        for name, data in files.items():     # e.g. a two-tower run's tokenizer
+            (staging / name).write_bytes(data)
     _barrier(run)
     save_training_state(run, staging, iteration)
     _barrier(run)

@@ -132,6 +132,11 @@ class Tokenizer:
                 f"context_length={self.context_length}, {self.cleaner})")
 
     @property
+    def model_proto(self) -> bytes:
+        """The SentencePiece model file's bytes."""
+        return self._proto
+
+    @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 

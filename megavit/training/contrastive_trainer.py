@@ -44,6 +44,9 @@ from megavit.training.trainer import loss_scaler, nan_check, param_dtype
 from megavit.training.zero_shot import class_embeddings, retrieval_recall, zero_shot_correct
 
 
+TOKENIZER_FILE = "tokenizer.model"
+
+
 @dataclass
 class ContrastiveRun:
     """Everything one contrastive run holds on this rank."""
@@ -113,6 +116,11 @@ class ContrastiveRun:
                          "pad_id": tok.pad_id, "eos_id": tok.eos_id},
                 "contrastive": {**dataclasses.asdict(self.cfg.contrastive),
                                 "embed_dim": self.cfg.embed_dim}}
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """Files saved beside the tensors: the tokenizer, so a checkpoint is usable alone
+        (tools/zero_shot.py, export)."""
+        return {TOKENIZER_FILE: self.tokenizer.model_proto}
 
     def loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """This rank's share of the contrastive loss over the DP group."""
@@ -184,12 +192,16 @@ class ContrastiveRun:
         accuracy on --zero-shot-transfer's set)."""
         self.model.eval()
         out: dict[str, float] = {}
-        classes = class_embeddings(self.encode_texts, self.heldout.class_prompts())
-        emb, labels, captions = self._embed_split(self.heldout)
-        out["zero_shot_accuracy"] = zero_shot_correct(emb, labels, classes).item() / len(labels)
-        out.update(retrieval_recall(emb, self.encode_texts(captions)))
-        out["eval_images"] = len(labels)
+        classes = None
+        if self.heldout is not None:     # CSV / shards have no held-out split yet
+            classes = class_embeddings(self.encode_texts, self.heldout.class_prompts())
+            emb, labels, captions = self._embed_split(self.heldout)
+            out["zero_shot_accuracy"] = zero_shot_correct(emb, labels, classes).item() / len(labels)
+            out.update(retrieval_recall(emb, self.encode_texts(captions)))
+            out["eval_images"] = len(labels)
         if self.transfer is not None:
+            if classes is None:
+                classes = class_embeddings(self.encode_texts, self.transfer.class_prompts())
             emb, labels, _ = self._embed_split(self.transfer)
             out[f"zero_shot_accuracy_{self.transfer.name.split('-')[0]}"] = \
                 zero_shot_correct(emb, labels, classes).item() / len(labels)
@@ -278,7 +290,8 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
             steps = 0
         if lg.eval_interval and done % lg.eval_interval == 0 and done != t.train_iters:
             start = time.perf_counter()
-            log.eval({"iteration": done, **run.evaluate()})
+            if result := run.evaluate():
+                log.eval({"iteration": done, **result})
             eval_seconds += time.perf_counter() - start
             watch.lap()
         if ck.save and ((ck.save_interval and done % ck.save_interval == 0)
@@ -289,7 +302,8 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
             watch.lap()
     train_time = watch.total() - eval_seconds
     final = {"iteration": t.train_iters, **run.evaluate()}
-    log.eval(final)
+    if len(final) > 1:
+        log.eval(final)
     summary = {"iteration": t.train_iters, "train_seconds": train_time,
                "loss": last.get("loss", float("nan")),
                **{k: v for k, v in final.items() if k != "iteration"},

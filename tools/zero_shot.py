@@ -1,0 +1,149 @@
+"""Zero-shot classification with a two-tower (CLIP / SigLIP / LiT) checkpoint.
+
+    # an image folder, one sub-folder per class (its name is the class name)
+    python tools/zero_shot.py runs/clip/ckpt --image-folder data/val \\
+        --templates "a photo of a {}." "a picture of a {}."
+    # the embedded digits' held-out split with their prompt templates
+    python tools/zero_shot.py runs/clip/ckpt --dataset digits
+
+Loads the latest checkpoint of a --save directory (or a checkpoint itself) in one process:
+both towers' weights at any saved layout, and the tokenizer saved beside them. Each class's
+prompts (every template filled with its name) are embedded, averaged and re-normalised; each
+image goes to the class of highest cosine similarity. Prints one line per class and
+`zero_shot | accuracy A | images N | classes C`. Exit status 2 with a message for a path that
+is not a two-tower checkpoint, an empty folder, or class names that do not match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint  # noqa: E402
+from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
+from megavit.checkpointing.model_state import (CheckpointLoadError,  # noqa: E402
+                                               check_loadable, check_pieces, load_state,
+                                               model_state_dict)
+from megavit.checkpointing.pieces import serial_meta_model  # noqa: E402
+from megavit.checkpointing.safe_reader import UnsafeCheckpointError  # noqa: E402
+from megavit.config import ModelConfig, TextConfig  # noqa: E402
+from megavit.data.datasets import DataError  # noqa: E402
+from megavit.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from megavit.models.two_tower import TwoTowerModel, build_two_tower  # noqa: E402
+from megavit.models.vit import Runtime  # noqa: E402
+from megavit.parallel.state import serial_state  # noqa: E402
+from megavit.training.contrastive_trainer import TOKENIZER_FILE  # noqa: E402
+from megavit.training.zero_shot import (class_embeddings, prompts_for,  # noqa: E402
+                                        zero_shot_correct)
+
+
+def load_two_tower(path: Path, tokenizer_model: str | None = None
+                   ) -> tuple[TwoTowerModel, Tokenizer, dict]:
+    """The model and tokenizer of a two-tower checkpoint (or --save directory), in one
+    process on the CPU."""
+    checkpoint = resolve_checkpoint(path)
+    info = json.loads((checkpoint / CONFIG_FILE).read_text())
+    if "text" not in info:
+        raise CheckpointLoadError(f"{checkpoint}: a ViT checkpoint (megavit.pretrain), not a "
+                                  "two-tower one (megavit.pretrain_contrastive)")
+    text = dict(info["text"])
+    vocab, pad, eos = text.pop("vocab_size"), text.pop("pad_id"), text.pop("eos_id")
+    text_cfg, c = TextConfig(**text), info["contrastive"]
+    tok_path = tokenizer_model or checkpoint / TOKENIZER_FILE
+    tokenizer = Tokenizer.load(tok_path, text_cfg.context_length)
+    if tokenizer.vocab_size != vocab:
+        raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} pieces, the checkpoint was "
+                             f"trained with {vocab}")
+    pstate = serial_state()
+    model = build_two_tower(ModelConfig(**info["model"]), text_cfg, Runtime(tp=pstate.tp),
+                            Runtime(tp=pstate.tp), 0, vocab, pad, eos, c["embed_dim"], c["loss"])
+    check_loadable(checkpoint)
+    check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
+    load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
+               checkpoint, pstate, "two-tower model")
+    return model.eval(), tokenizer, info
+
+
+def _image_folder(root: Path, model_cfg: ModelConfig):
+    from megavit.data.datasets import ImageFolderDataset
+
+    if not root.is_dir():
+        raise DataError(f"--image-folder {root}: no such directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"--image-folder {root}: no class folders (expected {root}/CLASS/*.png)")
+    return ImageFolderDataset(root, classes, model_cfg, root.name), classes
+
+
+def main(argv=None) -> int:
+    intro, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=intro, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a two-tower checkpoint (iter_N/) or a --save directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image-folder", metavar="DIR",
+                        help="DIR/CLASS/*.png|jpg: one folder per class, named by the class")
+    source.add_argument("--dataset", choices=("digits", "mnist5k"),
+                        help="an embedded digit set's held-out split and its prompts")
+    p.add_argument("--class-names", metavar="NAMES",
+                   help="comma-separated names to use in the prompts instead of the folder "
+                        "names, in the folders' sorted order")
+    p.add_argument("--templates", nargs="+", default=["a photo of a {}."], metavar="T",
+                   help="prompt templates, {} replaced by the class name "
+                        "(default: 'a photo of a {}.'); ignored with --dataset")
+    p.add_argument("--tokenizer-model", help="a .model file, when the checkpoint has none")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    args = p.parse_args(argv)
+    if any("{}" not in t for t in args.templates):
+        p.error("every --templates entry needs a {} for the class name")
+    try:
+        model, tokenizer, info = load_two_tower(Path(args.path), args.tokenizer_model)
+        model_cfg = ModelConfig(**info["model"])
+        if args.dataset:
+            from megavit.data.image_text import captioned_digits
+
+            data = captioned_digits(model_cfg, 0, args.dataset)[1]
+            names = [f"{k}" for k in range(10)]
+            prompts = data.class_prompts()
+        else:
+            data, names = _image_folder(Path(args.image_folder), model_cfg)
+            if args.class_names:
+                given = [n.strip() for n in args.class_names.split(",")]
+                if len(given) != len(names):
+                    raise DataError(f"--class-names gives {len(given)} names for the "
+                                    f"{len(names)} class folders {names}")
+                names = given
+            prompts = prompts_for([n.replace("_", " ") for n in names], args.templates)
+    except (CheckpointLoadError, CheckpointDirectoryError, UnsafeCheckpointError, DataError,
+            TokenizerError, FileNotFoundError) as e:
+        print(f"zero_shot: error: {e}", file=sys.stderr)
+        return 2
+    with torch.no_grad():
+        classes = class_embeddings(lambda t: model.encode_text(tokenizer.encode(t)), prompts)
+        correct = torch.zeros(len(names), dtype=torch.long)
+        count = torch.zeros(len(names), dtype=torch.long)
+        for start in range(0, len(data), args.batch_size):
+            idx = torch.arange(start, min(start + args.batch_size, len(data)))
+            images = data.get(idx)[0]
+            labels = data.labels_of(idx)
+            predicted = (model.encode_image(images) @ classes.t()).argmax(dim=-1)
+            correct += torch.bincount(labels[predicted == labels], minlength=len(names))
+            count += torch.bincount(labels, minlength=len(names))
+            print(f"zero_shot | images {int(count.sum())}/{len(data)}", flush=True)
+    for k, name in enumerate(names):
+        print(f"  {name:<24} {int(correct[k]):6d}/{int(count[k]):<6d} "
+              f"{correct[k] / max(int(count[k]), 1):.4f}")
+    total = int(count.sum())
+    print(f"zero_shot | accuracy {int(correct.sum()) / max(total, 1):.4f} | images {total} | "
+          f"classes {len(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
