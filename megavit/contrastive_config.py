@@ -178,10 +178,10 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
         problems.append(f"--image-text-data {c.image_text_data} needs --tokenizer-model "
                         "(tools/train_tokenizer.py trains one from your captions)")
     p, tr = b.parallel, b.training
-    if p.pipeline_model_parallel_size > 1:
-        problems.append("--pipeline-model-parallel-size > 1 is not supported by "
-                        "megavit.pretrain_contrastive yet (TP and DP are); use TP to fit "
-                        "the towers")
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        problems.append("--num-layers-per-virtual-pipeline-stage: the two-tower pipeline "
+                        "runs one micro-batch per step, so virtual stages cannot shrink its "
+                        "bubble; leave it unset")
     dp = world_size // (tp * p.pipeline_model_parallel_size) if world_size else 1
     if tr.global_batch_size != tr.micro_batch_size * dp:
         problems.append(f"--global-batch-size {tr.global_batch_size} must equal "

@@ -31,17 +31,27 @@ INITIAL_LOGIT_BIAS = -10.0
 
 class TwoTowerModel(nn.Module):
     """(images [b, c, H, W], ids [b, L]) -> (image embeddings [b, d], text embeddings
-    [b, d]), both L2-normalised and replicated on every TP rank."""
+    [b, d]), both L2-normalised and replicated on every TP rank.
+
+    Pipelined (`image_layers`, `pre_process`, `post_process` as for `VisionTransformer`):
+    each stage holds its blocks of the image tower under their serial names; the last stage
+    also holds the text tower, the projections, the temperature and the bias, and computes
+    the loss there."""
 
     def __init__(self, image_cfg: ModelConfig, text_cfg: TextConfig, image_rt: Runtime,
                  text_rt: Runtime, vocab_size: int, pad_id: int, eos_id: int, embed_dim: int,
-                 loss: str, lock_image: bool = False) -> None:
+                 loss: str, lock_image: bool = False, image_layers: range | None = None,
+                 pre_process: bool = True, post_process: bool = True) -> None:
         super().__init__()
         if image_cfg.num_classes:
             raise ValueError("the image tower of a two-tower model has no classifier "
                              "(num_classes 0)")
         self.loss, self.lock_image = loss, lock_image
-        self.image = VisionTransformer(image_cfg, image_rt)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.image = VisionTransformer(image_cfg, image_rt, image_layers, pre_process,
+                                       post_process)
+        if not post_process:     # a pipeline stage before the last: image blocks only
+            return
         self.text = TextTransformer(text_cfg, text_rt, vocab_size, pad_id, eos_id)
         self.image_proj = nn.Linear(image_cfg.hidden_size, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_cfg.text_hidden_size, embed_dim, bias=False)
@@ -69,12 +79,17 @@ class TwoTowerModel(nn.Module):
                 if not (self.lock_image and n.startswith("image."))]
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """[b, c, H, W] -> [b, d], unit norm."""
+        """[b, c, H, W] -> [b, d], unit norm (the whole image tower on this rank)."""
         if self.lock_image:
             with torch.no_grad():
                 features = self.image(images)
         else:
             features = self.image(images)
+        return self.project_image(features)
+
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled features [b, h_img] -> [b, d], unit norm (the last
+        pipeline stage's part of `encode_image`)."""
         return F.normalize(self.image_proj(features).float(), dim=-1)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -96,12 +111,14 @@ def build_two_tower(image_cfg: ModelConfig, text_cfg: TextConfig, image_rt: Runt
                     text_rt: Runtime, seed: int, vocab_size: int, pad_id: int, eos_id: int,
                     embed_dim: int, loss: str, lock_image: bool = False,
                     device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> TwoTowerModel:
+                    dtype: torch.dtype = torch.float32, image_layers: range | None = None,
+                    pre_process: bool = True, post_process: bool = True) -> TwoTowerModel:
     """Built on the meta device, then every parameter initialised from (seed, its name):
-    the serial weights in every TP layout."""
+    the serial weights in every TP and PP layout."""
     with torch.device("meta"):
         model = TwoTowerModel(image_cfg, text_cfg, image_rt, text_rt, vocab_size, pad_id,
-                              eos_id, embed_dim, loss, lock_image)
+                              eos_id, embed_dim, loss, lock_image, image_layers, pre_process,
+                              post_process)
     initialize_parameters(model, seed, device=device)
     if lock_image:
         model.image.requires_grad_(False)

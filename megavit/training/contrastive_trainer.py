@@ -9,10 +9,13 @@ One step on each rank:
     backward (x loss scale) -> DataParallelBuffers reduce over DP -> optimizer
 
 There is one micro-batch per step: the loss needs every negative of the global batch at
-once, so the global batch is micro-batch x DP (validated). Pipeline parallelism is not
-supported here yet (validation says so). With --lock-image-tower the image tower is loaded
-from --image-checkpoint, runs under no_grad and is neither in the gradient buffer nor in
-the optimizer.
+once, so the global batch is micro-batch x DP (validated). With pipeline parallelism the
+image tower's blocks are split over the stages (as in megavit.pretrain, without virtual
+stages) and the last stage holds the text tower, the projections and the loss: the loss is
+the pipeline executor's loss callback there. With --lock-image-tower the image tower is
+loaded from --image-checkpoint, runs a forward-only schedule (no activations kept) and is
+neither in the gradient buffer nor in the optimizer; the last stage then runs the text tower
+and the loss and back-propagates them alone.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from megavit.checkpointing.checkpointer import resume, save_checkpoint
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
 from megavit.models.vit import Runtime
 from megavit.parallel.data_parallel import DataParallelBuffers
+from megavit.parallel.pipeline_executor import PipelineExecutor
 from megavit.parallel.pipeline_layout import PipelineLayout
+from megavit.parallel.schedules import build_schedule
 from megavit.parallel.random import RNGTracker
 from megavit.parallel.state import ParallelState
 from megavit.training.contrastive import ContrastiveQueue, clip_loss, siglip_loss
@@ -62,7 +67,8 @@ class ContrastiveRun:
     train_set: Any
     heldout: Any
     sampler: GlobalBatchSampler
-    layout: PipelineLayout | None = None    # one stage, one chunk (no pipelining yet)
+    layout: PipelineLayout | None = None    # the image tower's blocks over the stages
+    executor: PipelineExecutor | None = None
     transfer: Any = None         # --zero-shot-transfer's held-out set
     queue: ContrastiveQueue | None = None   # --contrastive-queue-size (CLIP)
 
@@ -82,12 +88,19 @@ class ContrastiveRun:
         tok = data.tokenizer
         dtype = param_dtype(b.precision)
         c = cfg.contrastive
+        p = b.parallel
+        layout = PipelineLayout.from_flags(b.model.num_layers, p.pipeline_model_parallel_size,
+                                           None, p.num_layers_in_first_pipeline_stage,
+                                           p.num_layers_in_last_pipeline_stage)
+        stage = pstate.pp.rank
         model = build_two_tower(b.model, cfg.text, image_rt, text_rt, t.seed, tok.vocab_size,
                                 tok.pad_id, tok.eos_id, cfg.embed_dim, c.loss,
-                                c.lock_image_tower, pstate.device, dtype)
+                                c.lock_image_tower, pstate.device, dtype,
+                                layout.chunk_layers(stage, 0), layout.is_first(stage, 0),
+                                layout.is_last(stage, 0))
         if c.image_checkpoint:
             load_image_tower(model, pstate, c.image_checkpoint, b.model)
-        pr, p = b.precision, b.parallel
+        pr = b.precision
         grad_dtype = torch.float16 if pr.fp16 and not pr.accumulate_allreduce_grads_in_fp32 \
             else torch.float32
         buffers = DataParallelBuffers(
@@ -103,7 +116,9 @@ class ContrastiveRun:
                                        t.lr_decay_iters or t.train_iters, t.lr_decay_style),
                    tokenizer=tok, train_set=data.train, heldout=data.heldout,
                    sampler=GlobalBatchSampler(len(data.train), t.global_batch_size, t.seed),
-                   layout=PipelineLayout.from_flags(b.model.num_layers, 1, None, None, None),
+                   layout=layout,
+                   executor=PipelineExecutor(layout, stage, pstate.pp_channels, pstate.device,
+                                             dtype),
                    transfer=data.transfer,
                    queue=ContrastiveQueue(c.contrastive_queue_size, cfg.embed_dim,
                                           pstate.device) if c.contrastive_queue_size else None)
@@ -131,33 +146,80 @@ class ContrastiveRun:
         return siglip_loss(image, text, m.logit_scale.float(), m.logit_bias.float(),
                            self.pstate.dp)
 
-    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This DP rank's images [n, c, H, W] and token ids [n, L] of `iteration`."""
+    def batch(self, iteration: int, images: bool = True, texts: bool = True
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This DP rank's images [n, c, H, W] and token ids [n, L] of `iteration` (None for
+        what this pipeline stage does not need)."""
         dp = self.pstate.dp
         indices = self.sampler.local_indices(iteration, dp.rank, dp.size)
-        images, captions = self.train_set.get(indices, iteration=iteration)
-        return images, self.tokenizer.encode(captions)
+        pixels, captions = self.train_set.get(indices, iteration=iteration, images=images)
+        return pixels, self.tokenizer.encode(captions) if texts else None
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pstate.pp.rank == self.pstate.pp.size - 1
+
+    def _activation_shape(self, batch: int) -> tuple[int, int, int]:
+        """[tokens, images, width] passed between image-tower stages."""
+        image, t = self.model.image, self.pstate.tp.size
+        tokens = image.padded_length // t if image.rt.sequence_parallel else image.cfg.seq_length
+        return tokens, batch, image.cfg.hidden_size
+
+    def _run_image_tower(self, images: torch.Tensor | None, batch: int, forward_only: bool,
+                         on_features) -> None:
+        """The image tower over the pipeline (one micro-batch; P = 1 is F0 B0): on the
+        last stage `on_features(features [b, h_img])` returns what to back-propagate."""
+        dtype = param_dtype(self.cfg.base.precision)
+
+        def forward(chunk: int, mb: int, x: torch.Tensor | None, meter) -> torch.Tensor:
+            return self.model.image(images.to(self.pstate.device, dtype) if x is None else x)
+
+        layout = self.layout
+        actions = build_schedule(1, layout.stages, self.pstate.pp.rank, 1, forward_only)
+        self.executor.run(actions, forward, lambda mb: self._activation_shape(batch),
+                          lambda mb, features: on_features(features), forward_only)
 
     def step(self, iteration: int, on_gradients=None) -> StepResult:
         """One optimizer step; `on_gradients(model)`, if given, runs after the gradient
-        reduction and before the optimizer (as in `train_step`)."""
-        pstate, dtype = self.pstate, param_dtype(self.cfg.base.precision)
+        reduction and before the optimizer (as in `train_step`). With pipelining the image
+        tower's blocks run over the stages and the last stage adds the text tower and the
+        loss; a locked image tower (LiT) runs a forward-only schedule."""
+        pstate = self.pstate
         lr = self.schedule.lr_at(iteration)
-        images, ids = self.batch(iteration)
+        first, last = self.pstate.pp.rank == 0, self.is_last_stage
+        images, ids = self.batch(iteration, images=first, texts=last)
+        n = self.sampler.global_batch_size // pstate.dp.size
         self.buffers.start_step(1)
         scale = self.scaler.scale if self.scaler is not None else None
-        image, text = self.model(images.to(pstate.device, dtype), ids.to(pstate.device))
-        loss = self.loss(image, text)
-        (loss * scale if scale is not None else loss).backward()
+        lock = self.cfg.contrastive.lock_image_tower
+        held: dict[str, torch.Tensor] = {}
+
+        def text_and_loss(features: torch.Tensor) -> torch.Tensor:
+            text = self.model.encode_text(ids.to(pstate.device))
+            loss = self.loss(self.model.project_image(features), text)
+            held["loss"] = loss.detach()
+            return loss * scale if scale is not None else loss
+
+        def on_features(features: torch.Tensor) -> torch.Tensor:
+            if lock:               # forward-only image tower: the loss comes afterwards
+                held["features"] = features
+                return features.new_zeros(())
+            return text_and_loss(features)
+
+        self._run_image_tower(images, n, lock, on_features)
+        if lock and last:
+            text_and_loss(held["features"]).backward()
+        loss = held.get("loss", torch.zeros((), device=pstate.device))
         self.buffers.finish()
         if nan_check(self.cfg.base.precision):
-            check_finite(loss.detach(), self.buffers, pstate, iteration, True)
+            check_finite(loss, self.buffers, pstate, iteration, last)
         if on_gradients is not None:
             on_gradients(self.model)
         outcome = self.optimizer.step(lr, self.cfg.base.training.clip_grad, scale)
         if self.scaler is not None:
             self.scaler.update(outcome.skipped)
-        mean = pstate.dp.all_reduce(loss.detach().reshape(1).float()).div_(pstate.dp.size)
+        mean = pstate.dp.all_reduce(loss.reshape(1).float()).div_(pstate.dp.size)
+        pstate.pp.broadcast(mean, src=pstate.pp.size - 1)   # the loss lives on the last stage
         return StepResult(loss=mean[0], grad_norm=outcome.grad_norm, lr=lr, stats=None,
                           skipped=outcome.skipped, loss_scale=scale)
 
@@ -166,19 +228,27 @@ class ContrastiveRun:
         return self.model.encode_text(self.tokenizer.encode(captions).to(self.pstate.device))
 
     @torch.no_grad()
-    def _embed_split(self, dataset) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """Image embeddings [N, d], labels [N] and captions of a held-out set: each DP rank
-        embeds a contiguous slice, gathered over DP (padded to equal slices, then trimmed)."""
+    def _embed_split(self, dataset) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+        """Image embeddings [N, d], labels [N] and captions of a held-out set on the last
+        pipeline stage (None elsewhere): each DP rank embeds a contiguous slice (through the
+        pipeline, forward only), gathered over DP (padded to equal slices, then trimmed)."""
         dp, n = self.pstate.dp, len(dataset)
         per_rank = -(-n // dp.size)
         start = min(dp.rank * per_rank, n)
         mine = torch.arange(start, min(start + per_rank, n))
         pad = per_rank - len(mine)
         padded = torch.cat([mine, mine.new_zeros(pad)]) if pad else mine
-        images, captions = dataset.get(padded, iteration=0)
-        dtype = param_dtype(self.cfg.base.precision)
-        emb = self.model.encode_image(images.to(self.pstate.device, dtype))
-        all_emb = dp.all_gather(emb.contiguous())
+        images, _ = dataset.get(padded, iteration=0, images=self.pstate.pp.rank == 0)
+        held = {}
+
+        def on_features(features: torch.Tensor) -> torch.Tensor:
+            held["embeddings"] = self.model.project_image(features)
+            return features.new_zeros(())
+
+        self._run_image_tower(images, per_rank, True, on_features)
+        if not self.is_last_stage:
+            return None
+        all_emb = dp.all_gather(held["embeddings"].contiguous())
         keep = torch.cat([torch.arange(r * per_rank, r * per_rank + max(0, min(per_rank,
                                                                               n - r * per_rank)))
                           for r in range(dp.size)])
@@ -186,25 +256,49 @@ class ContrastiveRun:
         _, all_captions = dataset.get(torch.arange(n), iteration=0, images=False)
         return all_emb[keep], labels, all_captions
 
+    def _metric_names(self) -> list[str]:
+        names = []
+        if self.heldout is not None:
+            names += ["zero_shot_accuracy", "image_to_text_r1", "text_to_image_r1",
+                      "image_to_text_r5", "text_to_image_r5", "eval_images"]
+        if self.transfer is not None:
+            names.append(f"zero_shot_accuracy_{self.transfer.name.split('-')[0]}")
+        return names
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Zero-shot accuracy and retrieval recall@1/5 on the held-out split (and zero-shot
-        accuracy on --zero-shot-transfer's set)."""
+        accuracy on --zero-shot-transfer's set), computed on the last pipeline stage and
+        shared with the others."""
         self.model.eval()
         out: dict[str, float] = {}
+        last = self.is_last_stage
         classes = None
         if self.heldout is not None:     # CSV / shards have no held-out split yet
-            classes = class_embeddings(self.encode_texts, self.heldout.class_prompts())
-            emb, labels, captions = self._embed_split(self.heldout)
-            out["zero_shot_accuracy"] = zero_shot_correct(emb, labels, classes).item() / len(labels)
-            out.update(retrieval_recall(emb, self.encode_texts(captions)))
-            out["eval_images"] = len(labels)
+            if last:
+                classes = class_embeddings(self.encode_texts, self.heldout.class_prompts())
+            split = self._embed_split(self.heldout)
+            if last:
+                emb, labels, captions = split
+                out["zero_shot_accuracy"] = \
+                    zero_shot_correct(emb, labels, classes).item() / len(labels)
+                out.update(retrieval_recall(emb, self.encode_texts(captions)))
+                out["eval_images"] = len(labels)
         if self.transfer is not None:
-            if classes is None:
+            if last and classes is None:
                 classes = class_embeddings(self.encode_texts, self.transfer.class_prompts())
-            emb, labels, _ = self._embed_split(self.transfer)
-            out[f"zero_shot_accuracy_{self.transfer.name.split('-')[0]}"] = \
-                zero_shot_correct(emb, labels, classes).item() / len(labels)
+            split = self._embed_split(self.transfer)
+            if last:
+                emb, labels, _ = split
+                out[f"zero_shot_accuracy_{self.transfer.name.split('-')[0]}"] = \
+                    zero_shot_correct(emb, labels, classes).item() / len(labels)
+        names = self._metric_names()
+        values = torch.tensor([out.get(k, 0.0) for k in names], dtype=torch.float64,
+                              device=self.pstate.device)
+        self.pstate.pp.broadcast(values, src=self.pstate.pp.size - 1)
+        out = dict(zip(names, values.tolist()))
+        if "eval_images" in out:
+            out["eval_images"] = int(out["eval_images"])
         self.model.train()
         return out
 
@@ -279,12 +373,14 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
             step_time = watch.lap() / steps
             last = {"iteration": done, "loss": (loss_sum / steps).item(), "lr": result.lr,
                     "grad_norm": result.grad_norm.item(),
-                    "temperature": float(run.model.logit_scale.exp().item()),
+
                     "pairs_per_second": t.global_batch_size / step_time,
                     "step_time_ms": step_time * 1e3,
                     "eta": format_eta(step_time * (t.train_iters - done))}
-            if run.model.logit_bias is not None:
-                last["bias"] = float(run.model.logit_bias.item())
+            if run.is_last_stage:    # the temperature and bias live on the last stage
+                last["temperature"] = float(run.model.logit_scale.exp().item())
+                if run.model.logit_bias is not None:
+                    last["bias"] = float(run.model.logit_bias.item())
             log.train(last)
             loss_sum.zero_()
             steps = 0

@@ -75,6 +75,20 @@ class StepOutcome:
     skipped: bool             # an inf/NaN gradient somewhere: no update this step
 
 
+class _NothingToTrain:
+    """The AdamW of a rank without trainable parameters: no groups, no state."""
+
+    def __init__(self) -> None:
+        self.param_groups: list = []
+        self.state: dict = {}
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": []}
+
+
 class MixedPrecisionOptimizer:
     """AdamW for this rank's parameters, reading gradients from `buffers`."""
 
@@ -98,7 +112,11 @@ class MixedPrecisionOptimizer:
         groups = [{"params": [m for m, s in zip(self.masters, self.segments) if d ==
                               decays(s.name, s.param)], "weight_decay": wd}
                   for d, wd in ((True, cfg.weight_decay), (False, 0.0))]
-        self.adamw, self.implementation = _adamw([g for g in groups if g["params"]], cfg)
+        groups = [g for g in groups if g["params"]]
+        # a rank may train nothing (a locked image tower's pipeline stage under LiT); it still
+        # joins the step's collectives (found-inf, gradient norm)
+        self.adamw, self.implementation = (_adamw(groups, cfg) if groups else
+                                           (_NothingToTrain(), "none (nothing to train here)"))
 
     def _grads(self) -> list[torch.Tensor]:
         """Each master's gradient: a view of the (reduced) gradient buffer, in fp32."""
@@ -172,6 +190,7 @@ class MixedPrecisionOptimizer:
         and optimizer state (masters when separate, Adam moments)."""
         n = sum(s.param.numel() for s in self.buffers.segments()) if not self.buffers.shard \
             else sum(p.numel() for b in self.buffers.buckets for p in b.params)
+        n = max(n, 1)
         state = 0
         for m in self.masters:
             if self.separate_masters:
