@@ -23,6 +23,7 @@ rank's TP/PP part per key.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -117,7 +118,9 @@ def save_training_state(run: "TrainingRun", path: str | os.PathLike, iteration: 
     state.update(_optimizer_state_dict(run, _flat_buffers(run, gather=True)))
     state.update(_scalars(run, iteration))
     state.update(_rng_states(run))
-    dcp.save(state, checkpoint_id=os.fspath(path), no_dist=run.pstate.mesh is None)
+    with warnings.catch_warnings():   # no_dist: "assuming ... a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=os.fspath(path), no_dist=run.pstate.mesh is None)
 
 
 @torch.no_grad()

@@ -354,9 +354,12 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
              f"vocab {run.tokenizer.vocab_size}, context {tx.context_length}) | embed "
              f"{cfg.embed_dim} | loss {c.loss} | parameters {total / 1e6:.2f} M, trained "
              f"{trainable / 1e6:.2f} M{' (image tower locked)' if c.lock_image_tower else ''}")
-    log.info(f"data: {run.train_set.name} {len(run.train_set)} pairs | {run.heldout.name} "
-             f"{len(run.heldout)} pairs | global batch {t.global_batch_size} = micro "
-             f"{t.micro_batch_size} x dp {pstate.dp.size}")
+    heldout = (f"{run.heldout.name} {len(run.heldout)} pairs" if run.heldout is not None
+               else "no held-out split (zero-shot evaluation needs --image-text-data digits "
+                    "or mnist5k, or --zero-shot-transfer)")
+    log.info(f"data: {run.train_set.name} {len(run.train_set)} pairs | {heldout} | global "
+             f"batch {t.global_batch_size} = micro {t.micro_batch_size} x dp {pstate.dp.size}"
+             f" | tokenizer {run.tokenizer.path} ({run.tokenizer.vocab_size} pieces)")
     watch = Stopwatch(pstate.device)
     loss_sum, steps, last = torch.zeros((), device=pstate.device), 0, {}
     eval_seconds = 0.0
