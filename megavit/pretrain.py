@@ -35,13 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
-    import torch
-
-    from megavit.data.datasets import DataError
-    from megavit.parallel.state import destroy_parallel_state, init_parallel_state
-    from megavit.training.trainer import pretrain
-
-    from megavit.training.trainer import check_schedule, pipeline_layout
+    from megavit.training.trainer import check_schedule, pipeline_layout, pretrain
 
     p = cfg.parallel
     try:   # the pipeline split and schedule, before any process group starts
@@ -50,38 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    try:
-        pstate = init_parallel_state(p.tensor_model_parallel_size, p.distributed_backend,
-                                     p.device, p.distributed_timeout_minutes,
-                                     p.pipeline_model_parallel_size)
-    except (LaunchError, RuntimeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    if pstate.device.type == "cpu" and info.local_world_size > 1:
-        # Processes on one host share its cores; oversubscribed threads slow everything down.
-        torch.set_num_threads(max(1, torch.get_num_threads() // info.local_world_size))
-    from megavit.checkpointing.directory import CheckpointDirectoryError
-    from megavit.checkpointing.model_state import CheckpointLoadError
-    from megavit.checkpointing.safe_reader import UnsafeCheckpointError
-    from megavit.parallel.comm import CollectiveError
-    from megavit.training.step import NonFiniteError
+    from megavit.run_entry import start_and_train
 
-    try:
-        pretrain(cfg, pstate)
-    except (ConfigError, DataError, CheckpointLoadError, UnsafeCheckpointError,
-            CheckpointDirectoryError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        destroy_parallel_state(pstate, barrier=False)
-        return 2
-    except (NonFiniteError, CollectiveError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        destroy_parallel_state(pstate, barrier=False)
-        return 1
-    except BaseException:
-        destroy_parallel_state(pstate, barrier=False)
-        raise
-    destroy_parallel_state(pstate)
-    return 0
+    return start_and_train(prog, p, info.local_world_size, lambda pstate: pretrain(cfg, pstate))
 
 
 if __name__ == "__main__":

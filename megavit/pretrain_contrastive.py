@@ -33,44 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
-    import torch
-
-    from megavit.checkpointing.directory import CheckpointDirectoryError
-    from megavit.checkpointing.model_state import CheckpointLoadError
-    from megavit.checkpointing.safe_reader import UnsafeCheckpointError
-    from megavit.data.datasets import DataError
-    from megavit.data.tokenizer import TokenizerError
-    from megavit.parallel.comm import CollectiveError
-    from megavit.parallel.state import destroy_parallel_state, init_parallel_state
+    from megavit.run_entry import start_and_train
     from megavit.training.contrastive_trainer import pretrain_contrastive
-    from megavit.training.step import NonFiniteError
 
-    p = cfg.base.parallel
-    try:
-        pstate = init_parallel_state(p.tensor_model_parallel_size, p.distributed_backend,
-                                     p.device, p.distributed_timeout_minutes,
-                                     p.pipeline_model_parallel_size)
-    except (LaunchError, RuntimeError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    if pstate.device.type == "cpu" and info.local_world_size > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // info.local_world_size))
-    try:
-        pretrain_contrastive(cfg, pstate)
-    except (ConfigError, DataError, TokenizerError, CheckpointLoadError, UnsafeCheckpointError,
-            CheckpointDirectoryError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        destroy_parallel_state(pstate, barrier=False)
-        return 2
-    except (NonFiniteError, CollectiveError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        destroy_parallel_state(pstate, barrier=False)
-        return 1
-    except BaseException:
-        destroy_parallel_state(pstate, barrier=False)
-        raise
-    destroy_parallel_state(pstate)
-    return 0
+    return start_and_train(PROG, cfg.base.parallel, info.local_world_size,
+                           lambda pstate: pretrain_contrastive(cfg, pstate))
 
 
 if __name__ == "__main__":

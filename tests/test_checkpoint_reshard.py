@@ -5,8 +5,6 @@ anything is read."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 

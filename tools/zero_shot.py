@@ -39,8 +39,7 @@ from megavit.models.two_tower import TwoTowerModel, build_two_tower  # noqa: E40
 from megavit.models.vit import Runtime  # noqa: E402
 from megavit.parallel.state import serial_state  # noqa: E402
 from megavit.training.contrastive_trainer import TOKENIZER_FILE  # noqa: E402
-from megavit.training.zero_shot import (class_embeddings, prompts_for,  # noqa: E402
-                                        zero_shot_correct)
+from megavit.training.zero_shot import class_embeddings, prompts_for  # noqa: E402
 
 
 def load_two_tower(path: Path, tokenizer_model: str | None = None

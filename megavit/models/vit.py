@@ -28,7 +28,6 @@ from torch import nn
 
 from megavit.config import ModelConfig, ParallelConfig
 from megavit.parallel.comm import Group
-from megavit.parallel.partial_grad import mark_partial_grad
 from megavit.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,

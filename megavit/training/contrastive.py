@@ -8,9 +8,9 @@ same n, so the global batch is N = n * dp). The losses see the whole global batc
     clip_loss         CLIP's softmax InfoNCE (Radford et al. 2021): this rank's rows
                       against the gathered columns, [n, N] logits each way
     siglip_loss       SigLIP's pairwise sigmoid loss (Zhai et al. 2023): text blocks travel
-                      around the DP ring by send/recv, [n, n] logits at a time, one
-                      autograd Function that recomputes the blocks in backward; memory per
-                      rank does not grow with the DP size
+                      around the DP ring by send/recv in row chunks (~n/8 rows), [n, n/k]
+                      logits at a time, one autograd Function that recomputes them in
+                      backward; memory per rank does not grow with the DP size
 
 The DP convention: each rank's loss L_r is defined so that mean_r L_r is the serial loss on
 the global batch, and gradients that cross ranks (through a gather or around the ring) are
@@ -133,19 +133,42 @@ class ContrastiveQueue:
 
 # ---- SigLIP ---------------------------------------------------------------------------
 
-# Point-to-point tags of the ring, (3 * step + kind): no two messages of one loss share a
-# tag, so a receive can only match the send it was posted for.
+# Point-to-point tags of the ring, one per (chunk, hop, kind): no two messages of one loss
+# share a tag, so a receive can only match the send it was posted for.
 _FORWARD_TEXT, _BACKWARD_TEXT, _BACKWARD_GRAD = 0, 1, 2
 _TAG_BASE = 0x516000
 
+DEFAULT_SIGLIP_CHUNKS = 8
+"""Chunks per text block when the DP group has two or more ranks and `chunks` is not
+given (fewer when n < 8): rows per chunk about n / 8."""
 
-def _tag(step: int, kind: int) -> int:
-    return _TAG_BASE + 3 * step + kind
+
+def _tag(chunk: int, hop: int, hops: int, kind: int) -> int:
+    return _TAG_BASE + 3 * (chunk * hops + hop) + kind
+
+
+def _chunk_bounds(n: int, group_size: int, chunks: int | None) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) splitting n rows into k near-equal chunks (sizes differ by at
+    most one, the larger first): k = `chunks` (at most n), or by default one chunk for a
+    group of one and min(n, DEFAULT_SIGLIP_CHUNKS) otherwise."""
+    if chunks is None:
+        chunks = 1 if group_size == 1 else DEFAULT_SIGLIP_CHUNKS
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"siglip_loss: chunks={chunks!r} must be a positive integer "
+                         "(or None for the default)")
+    k = max(1, min(chunks, n))
+    size, extra = divmod(n, k)
+    bounds, lo = [], 0
+    for c in range(k):
+        hi = lo + size + (1 if c < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
 
 
 def _logits(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
             bias: torch.Tensor) -> torch.Tensor:
-    """scale * images @ texts.T + bias: a fresh [n, n] block in images' dtype."""
+    """scale * images @ texts.T + bias: a fresh [n, m] block in images' dtype."""
     return (images @ texts.t().to(images.dtype)).mul_(scale).add_(bias)
 
 
@@ -157,98 +180,123 @@ def _wait(pending: list) -> None:
 class _SigLIPRing(torch.autograd.Function):
     """L_r = (1/n) sum_{i local} sum_{j global} -log sigmoid(z_ij l_ij), l = s x.y + b.
 
-    Forward: rank r's own texts go first; at step k it holds the texts of rank r - k
-    (mod d), received from rank r - 1 while it scored the previous block, and passes
-    them to rank r + 1. Only the inputs are kept for backward.
+    Every rank's text block [n, d] is split along the rows into the same k chunks
+    (`_chunk_bounds`), and each chunk goes round the ring on its own: for chunk c, at
+    hop h rank r holds chunk c of rank r - h (mod d), scores its n image rows against it
+    ([n, m] logits, m ~ n / k), and passes it to rank r + 1, which scores it at hop
+    h + 1. Chunk c's d hops finish before chunk c + 1 starts, so a rank holds one chunk
+    being scored and one arriving, never a whole foreign block. Only the inputs are kept
+    for backward. With one rank there is no communication: the chunks are just the
+    columns of the [n, n] logits, scored one after the other.
 
-    Backward, with G_k = (g / n) dL/dl of block k ([n, n], recomputed):
-        P  = sum_k G_k @ Y_k               (image gradient / s)
-        A_c = sum_r G_rc^T @ X_r           (text gradient / s, accumulated on the way)
-        ds = sum_i x_i . P_i,  db = sum_k sum G_k
-    The texts travel the same way as in forward, each block followed by its accumulator
-    A_c; after d hops the accumulator is back at its owner, complete. Live per rank at
-    any time: one [n, n] block plus a few [n, d] buffers, whatever the DP size.
+    Backward, with G = (g / n) dL/dl of one chunk ([n, m], recomputed):
+        P   = sum G @ Y_chunk                  (image gradient / s)
+        A_c = sum over ranks of G^T @ X_r      (the chunk's text gradient / s)
+        ds  = sum_i x_i . P_i,  db = sum of all G
+    The chunks travel as in forward, each with its accumulator A_c (one exchange per
+    chunk per hop, text and accumulator posted together after the chunk is scored);
+    after d hops the accumulator is back at its owner, complete, and lands directly in
+    the owner's text gradient (the text itself stops one hop earlier, at the rank before
+    the owner).
     """
 
     @staticmethod
     def forward(ctx, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor, group: Group) -> torch.Tensor:
+                bias: torch.Tensor, group: Group, chunks: int | None = None) -> torch.Tensor:
         ctx.group = group
+        ctx.bounds = bounds = _chunk_bounds(images.shape[0], group.size, chunks)
         ctx.save_for_backward(images, texts, scale, bias)
         d, r = group.size, group.rank
+        right, left = (r + 1) % d, (r - 1) % d
         work = torch.promote_types(images.dtype, torch.float32)
         x, s, b = images.to(work), scale.to(work), bias.to(work)
         total = torch.zeros((), dtype=work, device=images.device)
         texts = texts.contiguous()
-        current = texts
-        for k in range(d):
-            pending = []
-            if k < d - 1:
-                incoming = torch.empty_like(texts)
-                pending = group.exchange([(current, (r + 1) % d, _tag(k, _FORWARD_TEXT))],
-                                         [(incoming, (r - 1) % d, _tag(k, _FORWARD_TEXT))])
-            block = _logits(x, current, s, b)
-            if k == 0:                                   # matching pairs: z = +1
-                total -= block.diagonal().sum()          # -log sig(l) = softplus(l) - l
-            torch.logaddexp(block, block.new_zeros(()), out=block)   # softplus: z = -1
-            total += block.sum()
-            del block
-            _wait(pending)
-            del pending
-            if k < d - 1:
-                current = incoming
+        for c, (lo, hi) in enumerate(bounds):
+            current = texts[lo:hi]                       # this rank's own chunk c first
+            for h in range(d):
+                pending = []
+                if h < d - 1:                            # the next hop's chunk arrives
+                    incoming = torch.empty_like(current)  # while this one is scored
+                    tag = _tag(c, h, d, _FORWARD_TEXT)
+                    pending = group.exchange([(current, right, tag)],
+                                             [(incoming, left, tag)])
+                block = _logits(x, current, s, b)        # [n, hi - lo]
+                if h == 0:                               # matching pairs (lo + j, j): z = +1
+                    total -= block.diagonal(-lo).sum()   # -log sig(l) = softplus(l) - l
+                torch.logaddexp(block, block.new_zeros(()), out=block)   # softplus: z = -1
+                total += block.sum()
+                del block
+                _wait(pending)
+                del pending
+                if h < d - 1:
+                    current = incoming
+                    del incoming
+            del current
         return (total / images.shape[0]).to(images.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         images, texts, scale, bias = ctx.saved_tensors
-        group = ctx.group
+        group, bounds = ctx.group, ctx.bounds
         d, r = group.size, group.rank
         right, left = (r + 1) % d, (r - 1) % d
         work = torch.promote_types(images.dtype, torch.float32)
         x, s, b = images.to(work), scale.to(work), bias.to(work)
         coef = grad.to(work) / images.shape[0]
         P = torch.zeros(images.shape, dtype=work, device=images.device)
-        accumulator = torch.zeros(texts.shape, dtype=work, device=texts.device)
+        grad_texts = torch.empty(texts.shape, dtype=work, device=texts.device)
         grad_bias = torch.zeros((), dtype=work, device=images.device)
-        current = texts.contiguous()
-        for k in range(d):
-            pending = []
-            if k < d - 1:                       # the next texts arrive while this block runs
-                incoming = torch.empty_like(current)
-                pending = group.exchange([(current, right, _tag(k, _BACKWARD_TEXT))],
-                                         [(incoming, left, _tag(k, _BACKWARD_TEXT))])
-            G = _logits(x, current, s, b).sigmoid_()     # dsoftplus(l)/dl, z = -1
-            if k == 0:
-                G.diagonal().sub_(1)                     # z = +1: sigmoid(l) - 1
-            G.mul_(coef)
-            grad_bias += G.sum()
-            P.addmm_(G, current.to(work))
-            accumulator.addmm_(G.t(), x)
-            del G
-            if d > 1:                           # the block's accumulator follows it
-                arriving = torch.empty_like(accumulator)
-                pending += group.exchange([(accumulator, right, _tag(k, _BACKWARD_GRAD))],
-                                          [(arriving, left, _tag(k, _BACKWARD_GRAD))])
-            _wait(pending)
-            del pending
-            if d > 1:
-                accumulator = arriving
-                del arriving
-            if k < d - 1:
-                current = incoming
-                del incoming
-        # After d hops `accumulator` holds this rank's own texts' gradient / s.
+        texts = texts.contiguous()
+        for c, (lo, hi) in enumerate(bounds):
+            current = texts[lo:hi]
+            accumulator = grad_texts[lo:hi] if d == 1 else None
+            for h in range(d):
+                G = _logits(x, current, s, b).sigmoid_()    # dsoftplus(l)/dl, z = -1
+                if h == 0:
+                    G.diagonal(-lo).sub_(1)                  # z = +1: sigmoid(l) - 1
+                G.mul_(coef)
+                grad_bias += G.sum()
+                P.addmm_(G, current.to(work))
+                if accumulator is None:                      # own chunk, first hop
+                    accumulator = G.t() @ x
+                elif d == 1:
+                    torch.mm(G.t(), x, out=accumulator)
+                else:
+                    accumulator.addmm_(G.t(), x)
+                del G
+                if d == 1:
+                    break
+                # The chunk and its accumulator go on together; after the last hop only
+                # the accumulator does, straight into its owner's gradient rows.
+                acc_tag = _tag(c, h, d, _BACKWARD_GRAD)
+                if h < d - 1:
+                    text_tag = _tag(c, h, d, _BACKWARD_TEXT)
+                    incoming = torch.empty_like(current)
+                    arriving = torch.empty_like(accumulator)
+                    pending = group.exchange(
+                        [(current, right, text_tag), (accumulator, right, acc_tag)],
+                        [(incoming, left, text_tag), (arriving, left, acc_tag)])
+                else:
+                    incoming, arriving = None, grad_texts[lo:hi]
+                    pending = group.exchange([(accumulator, right, acc_tag)],
+                                             [(arriving, left, acc_tag)])
+                _wait(pending)
+                del pending
+                current, accumulator = incoming, arriving
+                del incoming, arriving
+            del current, accumulator
+        # Every row range of grad_texts now holds this rank's texts' gradient / s.
         grad_scale = torch.dot(P.view(-1), x.reshape(-1)).reshape(scale.shape)
         grad_images = P.mul_(s).to(images.dtype)
-        grad_texts = accumulator.mul_(s).to(texts.dtype)
+        grad_texts = grad_texts.mul_(s).to(texts.dtype)
         return (grad_images, grad_texts, grad_scale.to(scale.dtype),
-                grad_bias.reshape(bias.shape).to(bias.dtype), None)
+                grad_bias.reshape(bias.shape).to(bias.dtype), None, None)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                group: Group) -> torch.Tensor:
+                group: Group, *, chunks: int | None = None) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss over the global batch; this rank's share.
 
     image_features, text_features: [n, d], L2-normalised, this rank's slice of the global
@@ -260,15 +308,23 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     z_ij = +1 for a matching pair (i = j), -1 otherwise. This rank returns
     L_r = -(1/n) sum over its image rows i, over all N texts j, so mean over ranks = L.
 
-    Communication: the text features go around `group` as a ring by point-to-point
-    send/recv (each step posts its send and receive together), d - 1 hops forward; in
-    backward the blocks go round again, each followed by its gradient accumulator (d - 1
-    text hops, d accumulator hops). No rank ever holds more than one [n, n] block of
-    logits, or more than a few [n, d] buffers: memory does not grow with the DP size.
-    Beyond the serial run's block and two [n, d] gradients, a ring of three or more ranks
-    holds two text buffers (one being scored while the next arrives) and one incoming
-    accumulator (receives never land in a buffer being sent); two ranks need one fewer.
+    chunks: how many row chunks each text block travels in (k; near-equal sizes, at most
+    n). Default (None): with two or more ranks min(n, 8), about n / 8 rows a chunk; with
+    one rank 1, i.e. the single [n, n] block of logits, nothing is communicated. An
+    explicit k chunks at any group size, one rank included (the [n, n] logits are then
+    made k column slices at a time).
+
+    Communication: each chunk of the text features goes around `group` as a ring by
+    point-to-point send/recv (each step posts its sends and receives together, tagged by
+    chunk, hop and kind), d - 1 hops forward; in backward each chunk goes round again
+    together with its gradient accumulator (d - 1 hops for the texts, d for the
+    accumulator, which ends at the chunk's owner): k (d - 1) exchanges forward, k d
+    backward. Memory does not grow with the DP size. With m ~ n / k rows a chunk, a
+    rank holds at any time one [n, m] block of logits (or its gradient), the [n, d]
+    image-gradient and text-gradient buffers, and in flight at most two [m, d] text
+    chunks (the one scored, the one arriving) and, in backward, their two [m, d]
+    accumulators; no whole [n, d] foreign block and no [n, n] logits once k > 1.
     """
     _check_pairs(image_features, text_features)
     return _SigLIPRing.apply(image_features, text_features, logit_scale.exp(), logit_bias,
-                             group)
+                             group, chunks)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from megavit.config import TrainingConfig
-from megavit.parallel.data_parallel import DataParallelBuffers, Segment
+from megavit.parallel.data_parallel import DataParallelBuffers
 from megavit.parallel.sharding import is_replicated
 from megavit.parallel.state import ParallelState
 
