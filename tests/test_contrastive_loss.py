@@ -15,19 +15,30 @@ owner, so the owner's gradient of row k is sum_r dL_r/dx_k = dp * dL/dx_k. A par
 producing row k on that rank gets dp * (its serial share); the DP mean (1/dp, summed over
 ranks) then gives exactly the serial gradient.
 
+SigLIP is checked with its default chunking (k = min(n, 8) row chunks per text block at
+DP > 1, one block serially), with one chunk a block, and with k = 3 (uneven chunks).
+
 Tolerances (fp32): rtol 1e-6 on losses, rtol 1e-5 / atol 1e-7 on gradients (the ring sums
 blocks in another order than the serial matmul).
 
-SigLIP's memory: inside a dispatch mode that records the largest tensor any operation
-returns during forward and backward, the ring at DP = 2 and 4 (n = 32 rows, width 8) never
-makes a tensor over n * n elements, while a plain all-gather SigLIP (written here, also a
-cross-check of the loss) makes [n, N] logits of dp * n * n elements, so the meter does see
-what the assertion is about.
+SigLIP's memory, the ring at DP = 2 and 4 with n = 64 rows of width 16 a rank, default
+k = 8 chunks of m = 8 rows, over forward and backward:
+  - the largest tensor any operation returns (a dispatch mode records it) is at most
+    max(n * m, n * width) elements: the [n, m] logits of one chunk or an [n, width]
+    gradient, never [n, n] logits, while a plain all-gather SigLIP (written here, also a
+    cross-check of the loss) makes [n, N] logits of dp * n * n elements, so the meter does
+    see what the assertion is about;
+  - the peak of live storage allocated inside the loss is at most the two [n, width]
+    gradients, one [n, m] block and four [m, width] chunks in flight (a text chunk scored
+    and one arriving, and their accumulators), plus 1 KiB for scalars: a ring that
+    double-buffered whole [n, width] blocks (the unchunked ring: 5.3x the bound here) or
+    the plain all-gather SigLIP is over it.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -37,14 +48,16 @@ from torch.utils._pytree import tree_flatten
 
 from megavit.parallel.comm import CommStats, Group
 from megavit.training.contrastive import (
-    ContrastiveQueue, _SigLIPRing, clip_loss, gather_with_grad, siglip_loss,
+    DEFAULT_SIGLIP_CHUNKS, ContrastiveQueue, _chunk_bounds, _SigLIPRing, clip_loss,
+    gather_with_grad, siglip_loss,
 )
 from tests.harness import run_distributed
 
 N, WIDTH = 16, 8
 T_CLIP = math.log(1 / 0.07)            # CLIP's initial temperature
 T_SIGLIP, B_SIGLIP = math.log(10.0), -3.0
-MEMORY_ROWS, MEMORY_WIDTH = 32, 8      # per rank, for the memory check
+MEMORY_ROWS, MEMORY_WIDTH = 64, 16     # per rank, for the memory check
+MEMORY_CHUNK = MEMORY_ROWS // 8        # rows a chunk with the default 8 chunks
 
 
 def global_batch(seed: int = 0, rows: int = N, width: int = WIDTH):
@@ -90,15 +103,15 @@ def loss_and_grads(loss_fn, images, texts, t, b=None):
     return {"loss": loss.detach(), "grads": [a.grad for a in args]}
 
 
-def serial(name: str, images=None, texts=None):
+def serial(name: str, images=None, texts=None, chunks=None):
     """The serial run (a DP group of one) on the global batch."""
     group = Group.single("dp", CommStats())
     if images is None:
         images, texts = global_batch()
     if name == "clip":
         return loss_and_grads(lambda i, x, t: clip_loss(i, x, t, group), images, texts, T_CLIP)
-    return loss_and_grads(lambda i, x, t, b: siglip_loss(i, x, t, b, group), images, texts,
-                          T_SIGLIP, B_SIGLIP)
+    return loss_and_grads(lambda i, x, t, b: siglip_loss(i, x, t, b, group, chunks=chunks),
+                          images, texts, T_SIGLIP, B_SIGLIP)
 
 
 def assert_matches(got, want, what):
@@ -113,9 +126,10 @@ def test_serial_losses_match_their_definitions():
     images, texts = global_batch()
     assert_matches(serial("clip"), loss_and_grads(reference_clip, images, texts, T_CLIP),
                    "CLIP")
-    assert_matches(serial("siglip"),
-                   loss_and_grads(reference_siglip, images, texts, T_SIGLIP, B_SIGLIP),
-                   "SigLIP")
+    want = loss_and_grads(reference_siglip, images, texts, T_SIGLIP, B_SIGLIP)
+    assert_matches(serial("siglip"), want, "SigLIP")
+    for chunks in (3, 16, 100):        # uneven chunks; one row each; more chunks than rows
+        assert_matches(serial("siglip", chunks=chunks), want, f"SigLIP chunks={chunks}")
     # the clamp: past exp(t') = 100 the logits stop growing and t' gets no gradient
     clamped = loss_and_grads(lambda i, x, t: clip_loss(i, x, t, Group.single("dp", CommStats())),
                              images, texts, math.log(150.0))
@@ -124,13 +138,25 @@ def test_serial_losses_match_their_definitions():
                                reference_clip(images, texts, torch.tensor(math.log(100.0))))
 
 
-def test_siglip_ring_backward_passes_gradcheck():
+@pytest.mark.parametrize("chunks", [None, 2])
+def test_siglip_ring_backward_passes_gradcheck(chunks):
     group = Group.single("dp", CommStats())
     images, texts = (x.double() for x in global_batch(rows=5, width=4))
     inputs = leaves(images, texts, torch.tensor(2.0, dtype=torch.float64),
                     torch.tensor(-1.5, dtype=torch.float64))
-    assert torch.autograd.gradcheck(lambda i, x, s, b: _SigLIPRing.apply(i, x, s, b, group),
-                                    inputs)
+    assert torch.autograd.gradcheck(
+        lambda i, x, s, b: _SigLIPRing.apply(i, x, s, b, group, chunks), inputs)
+
+
+def test_siglip_chunk_bounds():
+    assert _chunk_bounds(10, 1, None) == [(0, 10)]            # serial default: one block
+    assert _chunk_bounds(64, 4, None) == [(8 * c, 8 * c + 8) for c in range(8)]
+    assert DEFAULT_SIGLIP_CHUNKS == 8
+    assert _chunk_bounds(8, 2, 3) == [(0, 3), (3, 6), (6, 8)]
+    assert _chunk_bounds(3, 4, None) == [(0, 1), (1, 2), (2, 3)]   # at most n chunks
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="chunks"):
+            _chunk_bounds(8, 2, bad)
 
 
 def test_queue_keeps_the_newest_rows():
@@ -160,6 +186,41 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of live storage that operations inside the mode allocated (views and
+    in-place / out= results are not new storage; a storage counts until it is freed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.bytes = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.bytes -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        for i, t in enumerate(tree_flatten(out)[0]):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if returns and returns[min(i, len(returns) - 1)].alias_info is not None:
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if storage.nbytes() == 0 or key in self.live:
+                continue
+            self.live[key] = storage.nbytes()
+            self.bytes += storage.nbytes()
+            self.peak = max(self.peak, self.bytes)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
+# The ring's bound on live storage (fp32 elements -> bytes; see the module docstring).
+RING_BYTES = 4 * (2 * MEMORY_ROWS * MEMORY_WIDTH + MEMORY_ROWS * MEMORY_CHUNK
+                  + 4 * MEMORY_CHUNK * MEMORY_WIDTH) + 1024
+
 QUEUE_STEPS, QUEUE_SIZE = 3, 24
 
 
@@ -176,6 +237,10 @@ def dp_worker(pstate) -> dict:
         "siglip": loss_and_grads(lambda i, x, t, b: siglip_loss(i, x, t, b, group),
                                  images[mine], texts[mine], T_SIGLIP, B_SIGLIP),
     }
+    for chunks in (1, 3):
+        out[f"siglip_k{chunks}"] = loss_and_grads(
+            lambda i, x, t, b: siglip_loss(i, x, t, b, group, chunks=chunks),
+            images[mine], texts[mine], T_SIGLIP, B_SIGLIP)
     queue = ContrastiveQueue(QUEUE_SIZE, WIDTH)
     out["queue"] = [loss_and_grads(lambda i, x, t: clip_loss(i, x, t, group, queue=queue),
                                    images[mine], texts[mine], T_CLIP)
@@ -190,6 +255,11 @@ def dp_worker(pstate) -> dict:
             loss.backward()
         out[f"{name}_numel"] = meter.numel
         out[f"{name}_loss"] = loss.detach()
+        args = leaves(images[mine], texts[mine], torch.tensor(T_SIGLIP), torch.tensor(B_SIGLIP))
+        torch.distributed.barrier()
+        with LiveBytes() as meter:
+            fn(*args, group).backward()
+        out[f"{name}_bytes"] = meter.peak
     return out
 
 
@@ -203,19 +273,25 @@ def check_against_serial(results: list[dict], dp: int) -> None:
 
     for name in ("clip", "siglip"):
         assert_matches(combine([res[name] for res in results]), serial(name), f"{name} DP={dp}")
+    for chunks in (1, 3):
+        assert_matches(combine([res[f"siglip_k{chunks}"] for res in results]), serial("siglip"),
+                       f"siglip chunks={chunks} DP={dp}")
     group, queue = Group.single("dp", CommStats()), ContrastiveQueue(QUEUE_SIZE, WIDTH)
     for step, (images, texts) in enumerate(map(global_batch, range(1, QUEUE_STEPS + 1))):
         want = loss_and_grads(lambda i, x, t: clip_loss(i, x, t, group, queue=queue),
                               images, texts, T_CLIP)
         assert_matches(combine([res["queue"][step] for res in results]), want,
                        f"CLIP with queue DP={dp} step {step}")
+    largest = max(MEMORY_ROWS * MEMORY_CHUNK, MEMORY_ROWS * MEMORY_WIDTH)
     for res in results:
-        assert res["ring_numel"] <= MEMORY_ROWS ** 2, res["ring_numel"]
-        assert res["plain_numel"] >= dp * MEMORY_ROWS ** 2, res["plain_numel"]
+        assert res["ring_numel"] <= largest, res["ring_numel"]
+        assert res["plain_numel"] >= dp * MEMORY_ROWS ** 2 > largest, res["plain_numel"]
+        assert res["ring_bytes"] <= RING_BYTES, (res["ring_bytes"], RING_BYTES)
+        assert res["plain_bytes"] > RING_BYTES, (res["plain_bytes"], RING_BYTES)
         torch.testing.assert_close(res["ring_loss"], res["plain_loss"], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dp", [2, 4])
-def test_dp_contrastive_losses_match_serial_and_siglip_ring_stays_n_by_n(dp):
+def test_dp_contrastive_losses_match_serial_and_siglip_ring_streams_chunks(dp):
     results = run_distributed(world_size=dp, tp=1, jobs={"dp": (dp_worker, ())})["dp"]
     check_against_serial(results, dp)

@@ -244,3 +244,24 @@ def test_lit_at_pp2_runs_the_image_tower_forward_only_and_matches_serial(tmp_pat
                 assert torch.equal(w, serial["after"][name]), name
     assert any(not torch.equal(w, got[1]["before"][n]) for n, w in got[1]["after"].items()
                if n.startswith("text."))
+
+
+def test_clip_queue_adds_past_batches_as_negatives_and_siglip_refuses_it():
+    from megavit.config import ConfigError
+
+    cfg = parse_contrastive_args(_flags("clip", 1, 1, ("--contrastive-queue-size", "40")))
+    validate_contrastive(cfg)
+    run = ContrastiveRun.build(cfg, serial_state())
+    plain = ContrastiveRun.build(parse_contrastive_args(_flags("clip", 1, 1)), serial_state())
+    first = [run.step(0).loss.item(), plain.step(0).loss.item()]
+    assert first[0] == pytest.approx(first[1], rel=1e-6)     # an empty queue changes nothing
+    assert len(run.queue) == GLOBAL_BATCH
+    # same weights after the identical first step; now 16 queued rows are extra negatives
+    queued, alone = run.step(1).loss.item(), plain.step(1).loss.item()
+    assert queued > alone
+    for i in range(2, 4):
+        run.step(i)
+    assert len(run.queue) == 40                               # oldest rows dropped
+    with pytest.raises(ConfigError, match="--contrastive-queue-size adds negatives"):
+        validate_contrastive(parse_contrastive_args(
+            _flags("siglip", 1, 1, ("--contrastive-queue-size", "40"))))
