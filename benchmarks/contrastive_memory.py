@@ -7,8 +7,17 @@ DP gloo processes (one thread each) each hold a fixed slice of n L2-normalised i
 text features of width d (the global batch grows with DP: N = n * DP) and run one forward
 and backward of each loss:
 
-    megavit SigLIP   megavit.training.contrastive.siglip_loss: texts travel the DP ring,
-                     [n, n] logits recomputed in backward
+    megavit SigLIP   megavit.training.contrastive.siglip_loss as the trainer calls it
+                     (default chunks): at DP > 1 each rank's texts travel the DP ring in
+                     k = 8 row chunks of n / 8 rows, [n, n / 8] logits at a time,
+                     recomputed in backward; at DP = 1 nothing is communicated and the
+                     default is one chunk: the whole [n, n] block of logits at once (no
+                     extra copies). So its DP > 1 figures can be below its DP = 1 figure:
+                     chunking also shrinks the logits, which the DP = 1 default does not do
+    SigLIP k=8       the same loss with chunks=8 at every DP size, DP = 1 included (there
+                     the [n, n] logits are made 8 column slices at a time, still no
+                     communication): its ratios isolate what the ring itself costs (the
+                     text chunks and gradient accumulators in flight)
     plain SigLIP     texts all-gathered (summing backward), [n, N] logits, plain autograd
     megavit CLIP     megavit.training.contrastive.clip_loss: local rows against gathered
                      columns, [n, N] logits each way
@@ -91,6 +100,7 @@ def plain_clip(images, texts, t, group):
 
 LOSSES = {
     "megavit SigLIP": lambda i, x, t, b, g: siglip_loss(i, x, t, b, g),
+    "SigLIP k=8": lambda i, x, t, b, g: siglip_loss(i, x, t, b, g, chunks=8),
     "plain SigLIP": plain_siglip,
     "megavit CLIP": lambda i, x, t, b, g: clip_loss(i, x, t, g),
     "plain CLIP": lambda i, x, t, b, g: plain_clip(i, x, t, g),
@@ -145,7 +155,10 @@ def main(argv=None) -> int:
     print("# figure: peak live bytes of storage allocated during one loss forward + backward "
           "(inputs not counted, .grad counted), MiB, largest rank; (x) = / its DP="
           f"{args.dp[0]} figure")
-    width = 16
+    print("# megavit SigLIP: default chunks: DP=1 one [n, n] logits block, no communication; "
+          "DP>1 texts round the ring in 8 row chunks ([n, n/8] logits). SigLIP k=8: chunks=8 "
+          "at every DP, DP=1 included (no communication there)")
+    width = 17
     print(f"{'loss':<16}" + "".join(f"{'DP=' + str(dp):>{width}}" for dp in args.dp))
     for name in LOSSES:
         base = peaks[args.dp[0]][name]

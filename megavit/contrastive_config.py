@@ -29,6 +29,11 @@ class ContrastiveConfig:
                       "all-gathered over DP with gradients); 'siglip': pairwise sigmoid, text "
                       "blocks passed around the DP ring (per-rank memory flat in DP).",
                       choices=("clip", "siglip")))
+    siglip_chunks: int | None = field(
+        default=None,
+        metadata=_opt("SigLIP at DP > 1: each rank's texts travel the ring in this many row "
+                      "chunks, so a rank holds [n, n/k] logits and a few [n/k, d] chunks "
+                      "(default 8); more chunks, less memory and more messages."))
     embed_dim: int | None = field(
         default=None, metadata=_opt("Width of the shared embedding space; default: the text "
                                     "tower's width."))
@@ -160,6 +165,8 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
                         "caption's start; use --text-pooling eos or --no-text-causal")
     if c.embed_dim is not None and c.embed_dim < 1:
         problems.append(f"--embed-dim must be at least 1 (got {c.embed_dim})")
+    if c.siglip_chunks is not None and c.siglip_chunks < 1:
+        problems.append(f"--siglip-chunks must be at least 1 (got {c.siglip_chunks})")
     if c.contrastive_queue_size < 0:
         problems.append("--contrastive-queue-size must be 0 or more")
     elif c.contrastive_queue_size and c.loss != "clip":

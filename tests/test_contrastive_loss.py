@@ -30,9 +30,10 @@ k = 8 chunks of m = 8 rows, over forward and backward:
     see what the assertion is about;
   - the peak of live storage allocated inside the loss is at most the two [n, width]
     gradients, one [n, m] block and four [m, width] chunks in flight (a text chunk scored
-    and one arriving, and their accumulators), plus 1 KiB for scalars: a ring that
-    double-buffered whole [n, width] blocks (the unchunked ring: 5.3x the bound here) or
-    the plain all-gather SigLIP is over it.
+    and one arriving, and their accumulators), plus 1 KiB for scalars (13 KiB; the ring
+    takes 11 KiB): a ring that double-buffers whole [n, width] blocks is over it (the
+    unchunked ring of one [n, n] block: 28.0 / 32.0 KiB at DP = 2 / 4), and so is the plain
+    all-gather SigLIP.
 """
 
 from __future__ import annotations

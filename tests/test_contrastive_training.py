@@ -71,6 +71,7 @@ def _check(results: list[dict], serial: dict) -> None:
 CASES = {   # job: (loss, tp, dp, extra flags)
     "dp2_clip": ("clip", 1, 2, ()),
     "dp2_siglip": ("siglip", 1, 2, ()),
+    "dp2_siglip_3_chunks": ("siglip", 1, 2, ("--siglip-chunks", "3")),
 }
 
 

@@ -144,7 +144,7 @@ class ContrastiveRun:
             return clip_loss(image, text, m.logit_scale.float(), self.pstate.dp,
                              queue=self.queue)
         return siglip_loss(image, text, m.logit_scale.float(), m.logit_bias.float(),
-                           self.pstate.dp)
+                           self.pstate.dp, chunks=self.cfg.contrastive.siglip_chunks)
 
     def batch(self, iteration: int, images: bool = True, texts: bool = True
               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
