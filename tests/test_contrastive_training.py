@@ -266,3 +266,18 @@ def test_clip_queue_adds_past_batches_as_negatives_and_siglip_refuses_it():
     with pytest.raises(ConfigError, match="--contrastive-queue-size adds negatives"):
         validate_contrastive(parse_contrastive_args(
             _flags("siglip", 1, 1, ("--contrastive-queue-size", "40"))))
+
+
+@pytest.mark.parametrize("precision", [("--bf16",), ("--fp16", "--initial-loss-scale", "16")],
+                         ids=["bf16", "fp16"])
+def test_16_bit_training_follows_fp32(precision):
+    """Three steps in bf16 / fp16 (fp32 masters; fp16 with a loss scale that does not
+    overflow) stay within 3 % of the fp32 losses, and fp16 skips no step."""
+    def losses(extra):
+        run = ContrastiveRun.build(parse_contrastive_args(_flags("siglip", 1, 1, extra)),
+                                   serial_state())
+        results = [run.step(i) for i in range(3)]
+        assert not any(r.skipped for r in results)
+        return [r.loss.item() for r in results]
+
+    assert losses(precision) == pytest.approx(losses(()), rel=0.03)

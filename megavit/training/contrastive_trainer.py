@@ -362,6 +362,7 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
              f" | tokenizer {run.tokenizer.path} ({run.tokenizer.vocab_size} pieces)")
     watch = Stopwatch(pstate.device)
     loss_sum, steps, last = torch.zeros((), device=pstate.device), 0, {}
+    skipped = 0
     eval_seconds = 0.0
     ck = b.checkpoint
     first = resume(run, ck.load, log.info)
@@ -369,6 +370,7 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
     for iteration in range(first, t.train_iters):
         result = run.step(iteration)
         loss_sum += result.loss
+        skipped += int(result.skipped)
         steps += 1
         done = iteration + 1
         log.progress(done)
@@ -380,6 +382,8 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
                     "pairs_per_second": t.global_batch_size / step_time,
                     "step_time_ms": step_time * 1e3,
                     "eta": format_eta(step_time * (t.train_iters - done))}
+            if result.loss_scale is not None:
+                last.update(loss_scale=result.loss_scale, skipped_steps=skipped)
             if run.is_last_stage:    # the temperature and bias live on the last stage
                 last["temperature"] = float(run.model.logit_scale.exp().item())
                 if run.model.logit_bias is not None:
