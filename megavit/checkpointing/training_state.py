@@ -92,8 +92,12 @@ def _scalars(run: "TrainingRun", iteration: int) -> dict[str, torch.Tensor]:
     first = run.optimizer.masters[0] if run.optimizer.masters else None
     step = run.optimizer.adamw.state[first]["step"] if first is not None and \
         run.optimizer.adamw.state[first] else torch.zeros(())
+    # A rank with nothing to train (a locked image tower's pipeline stage) has no Adam step;
+    # every rank stores the same value, whichever copy DCP keeps (one MAX all-reduce).
+    step = run.pstate.world.all_reduce(step.detach().clone().float().reshape(1).to(device),
+                                       op=torch.distributed.ReduceOp.MAX).reshape(())
     out = {"iteration": torch.tensor(float(iteration), device=device),
-           "optimizer/step": step.detach().clone().float().reshape(()).to(device)}
+           "optimizer/step": step}
     if run.scaler is not None:
         st = run.scaler.state_dict()
         out["scaler"] = torch.tensor([st["scale"], st.get("clean_steps", 0),
