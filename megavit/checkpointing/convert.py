@@ -241,19 +241,23 @@ def _safetensors_header(entries: list[tuple[str, torch.Size, torch.dtype]],
     return len(text).to_bytes(8, "little") + text
 
 
-def consolidate(source: Path, output: str | os.PathLike, dtype: torch.dtype | None,
-                buffer_bytes: int, report: Callable[[str], None] = print) -> Path:
-    """The model weights of checkpoint `source` as one safetensors file `output` under the
-    serial parameter names; `dtype` None keeps the stored one. Written to a temporary file
-    and renamed into place."""
+@dataclass
+class OutputTensor:
+    """One tensor of a safetensors file made from serial parameters: `make(tensors)` builds
+    it (shape `shape`) from the full serial parameters named in `sources`, in that order."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: list[str]
+    make: Callable[[list[torch.Tensor]], torch.Tensor] = lambda ts: ts[0]
+
+
+def serial_parameters(source: Path, info: dict, metadata: Metadata) -> dict[str, tuple]:
+    """{serial parameter name: (shape, its stored pieces, the dim they join along)} of the
+    model `info` describes, checked against the checkpoint's entries."""
     from megavit.parallel.sharding import get_tp_shard
 
-    if sys.byteorder != "little":
-        raise ConvertError("safetensors files are little-endian; this machine is not")
-    info, cfg = read_config(source)
-    metadata = check_checkpoint(source)
-    stored = metadata.state_dict_metadata
-    params = []      # (name, serial shape, its stored pieces, the dim they join along)
+    stored, out = metadata.state_dict_metadata, {}
     for name, param in serial_meta_model(info, 1).named_parameters():
         shard = get_tp_shard(param)
         pieces = [f"model/{p.name}" for p in pieces_of(name, param, shard)]
@@ -261,39 +265,73 @@ def consolidate(source: Path, output: str | os.PathLike, dtype: torch.dtype | No
         if missing:
             raise ConvertError(f"{source}: {', '.join(missing)} missing; the checkpoint does "
                                f"not fit the model of its {CONFIG_FILE}")
-        params.append((name, param.shape, pieces, shard.dim if shard is not None else 0))
-    out_dtype = {n: dtype or stored[pieces[0]].properties.dtype for n, _, pieces, _ in params}
+        out[name] = (tuple(param.shape), pieces, shard.dim if shard is not None else 0)
+    return out
+
+
+def write_safetensors(source: Path, output: str | os.PathLike, entries: list[OutputTensor],
+                      dtype: torch.dtype | None, buffer_bytes: int, header_metadata: dict,
+                      report: Callable[[str], None] = print) -> Path:
+    """Stream `entries` into one safetensors file, reading the serial parameters they need
+    batch by batch (at most `buffer_bytes` of output at once, a larger tensor alone);
+    `dtype` None keeps the stored one. Written to FILE.partial, synced, renamed."""
+    if sys.byteorder != "little":
+        raise ConvertError("safetensors files are little-endian; this machine is not")
+    info, _ = read_config(source)
+    metadata = check_checkpoint(source)
+    stored = metadata.state_dict_metadata
+    table = serial_parameters(source, info, metadata)
+    stored_dtype = {n: stored[pieces[0]].properties.dtype for n, (_, pieces, _) in table.items()}
+    out_dtype = {e.name: dtype or stored_dtype[e.sources[0]] for e in entries}
     if any(d not in SAFETENSORS_DTYPES for d in out_dtype.values()):
         raise ConvertError(f"{source}: stored dtypes {sorted(map(str, set(out_dtype.values())))}"
                            "; choose --dtype")
-    header = _safetensors_header(
-        [(n, shape, out_dtype[n]) for n, shape, _, _ in params],
-        {"format": "pt", "megavit_config": json.dumps(info["model"], sort_keys=True),
-         "iteration": str(info["iteration"])})
-    sizes = {n: math.prod(shape) * stored[pieces[0]].properties.dtype.itemsize
-             for n, shape, pieces, _ in params}
-    progress = Progress(len(params), sum(sizes.values()), report)
+    header = _safetensors_header([(e.name, e.shape, out_dtype[e.name]) for e in entries],
+                                 header_metadata)
+    sizes = {e.name: math.prod(e.shape) * stored_dtype[e.sources[0]].itemsize for e in entries}
+    by_name = {e.name: e for e in entries}
+    progress = Progress(len(entries), sum(sizes.values()), report)
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     try:
         with open(partial, "wb") as f:
             f.write(header)
-            by_name = {n: (pieces, dim) for n, _, pieces, dim in params}
-            for batch in _batches([n for n, _, _, _ in params], sizes, buffer_bytes):
-                tensors = _read(source, metadata, [p for n in batch for p in by_name[n][0]])
+            for batch in _batches([e.name for e in entries], sizes, buffer_bytes):
+                needed = list(dict.fromkeys(src for n in batch for src in by_name[n].sources))
+                tensors = _read(source, metadata, [p for n in needed for p in table[n][1]])
+                serial = {}
+                for n in needed:
+                    parts = [tensors.pop(p) for p in table[n][1]]
+                    serial[n] = parts[0] if len(parts) == 1 else torch.cat(parts, table[n][2])
                 for name in batch:
-                    pieces, dim = by_name[name]
-                    parts = [tensors.pop(p) for p in pieces]
-                    full = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-                    full = full.to(out_dtype[name]).contiguous().reshape(-1)
-                    f.write(memoryview(full.view(torch.uint8).numpy()))
+                    e = by_name[name]
+                    t = e.make([serial[src] for src in e.sources])
+                    if tuple(t.shape) != tuple(e.shape):
+                        raise ConvertError(f"{name}: made {list(t.shape)}, expected "
+                                           f"{list(e.shape)} (a mapping bug)")
+                    t = t.to(out_dtype[name]).contiguous().reshape(-1)
+                    f.write(memoryview(t.view(torch.uint8).numpy()))
                 progress.batch_done(len(batch), sum(sizes[n] for n in batch))
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)
+    return output
+
+
+def consolidate(source: Path, output: str | os.PathLike, dtype: torch.dtype | None,
+                buffer_bytes: int, report: Callable[[str], None] = print) -> Path:
+    """The model weights of checkpoint `source` as one safetensors file `output` under the
+    serial parameter names; `dtype` None keeps the stored one. Written to a temporary file
+    and renamed into place."""
+    info, _ = read_config(source)
+    table = serial_parameters(source, info, check_checkpoint(source))
+    entries = [OutputTensor(n, shape, [n]) for n, (shape, _, _) in table.items()]
+    output = write_safetensors(
+        source, output, entries, dtype, buffer_bytes,
+        {"format": "pt", "megavit_config": json.dumps(info["model"], sort_keys=True),
+         "iteration": str(info["iteration"])}, report)
     report(f"consolidated checkpoint | iteration {info['iteration']} | path {output} | "
-           f"tensors {len(params)} | MiB {output.stat().st_size / 2**20:.1f} | "
-           f"peak buffered MiB {progress.peak_batch_bytes / 2**20:.1f}")
+           f"tensors {len(entries)} | MiB {output.stat().st_size / 2**20:.1f}")
     return output
