@@ -97,3 +97,113 @@ def test_a_model_that_does_not_map_is_refused_naming_every_difference(tmp_path, 
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
     taken = _export(trained / "ck", trained)            # an existing directory
     assert taken.returncode == 2 and "exists; choose a new directory" in taken.stderr
+
+
+def _hf_vit(tmp_path):
+    """A random transformers ViT shaped for the 8x8 digits, saved offline."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=64, image_size=8, patch_size=2, num_channels=1,
+                       num_labels=10, layer_norm_eps=1e-6, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():      # give the class token's position row a value that matters
+        model.vit.embeddings.position_embeddings.normal_(0, 0.5)
+        model.vit.embeddings.cls_token.normal_(0, 0.5)
+    model.save_pretrained(str(tmp_path / "hf"))
+    return model
+
+
+def _eval_loaded(pstate, flags: list[str], save: str) -> dict:
+    """megavit at this layout, resumed from the imported checkpoint, evaluated on digits."""
+    from megavit.checkpointing.checkpointer import resume
+    from megavit.config import parse_args
+    from megavit.training.trainer import TrainingRun
+
+    run = TrainingRun.build(parse_args(flags), pstate)
+    assert resume(run, save, lambda line: None) == 0
+    return run.evaluate()
+
+
+def test_transformers_vit_round_trip_through_megavit_at_tp2_pp2(tmp_path):
+    """transformers ViT -> import -> megavit at TP=2 x PP=2 (gloo) evaluates the held-out
+    digits exactly as the transformers model does -> export -> the class loads it strictly
+    and gives the original logits."""
+    import torch.nn.functional as F
+    from transformers import ViTForImageClassification
+
+    from megavit.checkpointing.import_hf import model_config_of, model_flags
+    from megavit.data.datasets import load_digits
+    from tests.harness import run_distributed
+
+    original = _hf_vit(tmp_path)
+    proc = _run("tools/import_hf.py", "--input", str(tmp_path / "hf"),
+                "--save", str(tmp_path / "ck"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    flags = proc.stdout.split("model flags: ")[1].split()
+    import json
+
+    cfg = model_config_of(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    assert flags == model_flags(cfg)
+    run_flags = flags + ["--dataset", "digits", "--micro-batch-size", "8",
+                         "--global-batch-size", "16", "--train-iters", "1",
+                         "--tensor-model-parallel-size", "2",
+                         "--pipeline-model-parallel-size", "2"]
+    got = run_distributed(4, 2, {"e": (_eval_loaded, (run_flags, str(tmp_path / "ck")))},
+                          pp=2)["e"]
+    heldout = load_digits(cfg)[1]
+    with torch.no_grad():
+        logits = original(pixel_values=heldout.images).logits
+    loss = F.cross_entropy(logits, heldout.labels).item()
+    accuracy = (logits.argmax(-1) == heldout.labels).float().mean().item()
+    for r in got:
+        assert r["eval_images"] == 359
+        assert r["eval_loss"] == pytest.approx(loss, rel=1e-5)
+        assert round(r["eval_accuracy"] * 359) == round(accuracy * 359)   # same correct count
+
+    assert _export(tmp_path / "ck", tmp_path / "back").returncode == 0
+    again, info = ViTForImageClassification.from_pretrained(str(tmp_path / "back"),
+                                                             output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(pixel_values=heldout.images).logits, logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_import_refuses_other_architectures_pickles_and_missing_tensors(tmp_path):
+    import json
+
+    _hf_vit(tmp_path)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "deit"}))
+    (other / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors")
+                                              .read_bytes())
+    bad = _run("tools/import_hf.py", "--input", str(other), "--save", str(tmp_path / "a"))
+    assert bad.returncode == 2 and "model_type 'deit', not 'vit'" in bad.stderr
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps(config))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    bad = _run("tools/import_hf.py", "--input", str(pickled), "--save", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "a pickle-only checkpoint is not read" in bad.stderr
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    tensors.pop("vit.encoder.layer.1.intermediate.dense.bias")
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(missing / "model.safetensors"))
+    bad = _run("tools/import_hf.py", "--input", str(missing), "--save", str(tmp_path / "c"))
+    assert bad.returncode == 2 and "vit.encoder.layer.1.intermediate.dense.bias" in bad.stderr
+    (missing / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    save_file(tensors, str(missing / "model.safetensors"))
+    bad = _run("tools/import_hf.py", "--input", str(missing), "--save", str(tmp_path / "d"))
+    assert bad.returncode == 2 and "the config says" in bad.stderr
+    for name in "abcd":
+        assert not (tmp_path / name / "iter_0000000").exists()
