@@ -37,48 +37,15 @@ import argparse
 import os
 import platform
 import sys
-import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
+from megavit.parallel.memory import LiveBytesMeter  # noqa: E402
 from megavit.training.contrastive import clip_loss, gather_with_grad, siglip_loss  # noqa: E402
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of live storage allocated by operations run inside the mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.bytes = 0
-        self.peak = 0
-
-    def _freed(self, key: int) -> None:
-        self.bytes -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        for i, t in enumerate(tree_flatten(out)[0]):
-            if not isinstance(t, torch.Tensor):
-                continue
-            if returns and returns[min(i, len(returns) - 1)].alias_info is not None:
-                continue                      # a view, or an in-place / out= result
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if storage.nbytes() == 0 or key in self.live:
-                continue
-            self.live[key] = storage.nbytes()
-            self.bytes += storage.nbytes()
-            self.peak = max(self.peak, self.bytes)
-            weakref.finalize(storage, self._freed, key)
-        return out
 
 
 def plain_siglip(images, texts, t, b, group):
@@ -116,7 +83,7 @@ def measure(pstate, rows: int, dim: int) -> dict[str, int]:
         args = [x.clone().requires_grad_() for x in features]
         args += [torch.tensor(2.3, requires_grad=True), torch.tensor(-10.0, requires_grad=True)]
         torch.distributed.barrier()
-        with LiveTensorBytes() as meter:
+        with LiveBytesMeter() as meter:
             fn(*args, group).backward()
         peaks[name] = meter.peak
     return peaks

@@ -39,7 +39,6 @@ k = 8 chunks of m = 8 rows, over forward and backward:
 from __future__ import annotations
 
 import math
-import weakref
 
 import pytest
 import torch
@@ -48,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from megavit.parallel.comm import CommStats, Group
+from megavit.parallel.memory import LiveBytesMeter
 from megavit.training.contrastive import (
     DEFAULT_SIGLIP_CHUNKS, ContrastiveQueue, _chunk_bounds, _SigLIPRing, clip_loss,
     gather_with_grad, siglip_loss,
@@ -187,37 +187,6 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of live storage that operations inside the mode allocated (views and
-    in-place / out= results are not new storage; a storage counts until it is freed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.bytes = self.peak = 0
-
-    def _freed(self, key: int) -> None:
-        self.bytes -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        for i, t in enumerate(tree_flatten(out)[0]):
-            if not isinstance(t, torch.Tensor):
-                continue
-            if returns and returns[min(i, len(returns) - 1)].alias_info is not None:
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if storage.nbytes() == 0 or key in self.live:
-                continue
-            self.live[key] = storage.nbytes()
-            self.bytes += storage.nbytes()
-            self.peak = max(self.peak, self.bytes)
-            weakref.finalize(storage, self._freed, key)
-        return out
-
-
 # The ring's bound on live storage (fp32 elements -> bytes; see the module docstring).
 RING_BYTES = 4 * (2 * MEMORY_ROWS * MEMORY_WIDTH + MEMORY_ROWS * MEMORY_CHUNK
                   + 4 * MEMORY_CHUNK * MEMORY_WIDTH) + 1024
@@ -258,7 +227,7 @@ def dp_worker(pstate) -> dict:
         out[f"{name}_loss"] = loss.detach()
         args = leaves(images[mine], texts[mine], torch.tensor(T_SIGLIP), torch.tensor(B_SIGLIP))
         torch.distributed.barrier()
-        with LiveBytes() as meter:
+        with LiveBytesMeter() as meter:
             fn(*args, group).backward()
         out[f"{name}_bytes"] = meter.peak
     return out
