@@ -62,6 +62,10 @@ class ContrastiveConfig:
         default=False,
         metadata=_opt("Stop at the first unreadable sample instead of counting, skipping and "
                       "warning."))
+    num_workers: int = field(
+        default=2,
+        metadata=_opt("Loader processes reading and tokenizing CSV / shard samples ahead of "
+                      "training (the embedded digits are in memory and need none)."))
     tokenizer_model: str | None = field(
         default=None,
         metadata=_opt("A sentencepiece .model file (tools/train_tokenizer.py makes one); "
@@ -167,6 +171,8 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
         problems.append(f"--embed-dim must be at least 1 (got {c.embed_dim})")
     if c.siglip_chunks is not None and c.siglip_chunks < 1:
         problems.append(f"--siglip-chunks must be at least 1 (got {c.siglip_chunks})")
+    if c.num_workers < 0:
+        problems.append(f"--num-workers must be 0 or more (got {c.num_workers})")
     if c.contrastive_queue_size < 0:
         problems.append("--contrastive-queue-size must be 0 or more")
     elif c.contrastive_queue_size and c.loss != "clip":

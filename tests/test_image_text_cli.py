@@ -78,3 +78,19 @@ def test_an_undecodable_sample_is_skipped_or_fatal(shards):
     assert fatal.returncode == 2, fatal.stdout + fatal.stderr
     assert "000003.tar" in fatal.stderr and "broken" in fatal.stderr
     assert "Traceback" not in fatal.stderr
+
+
+def test_loader_workers_do_not_change_what_is_trained(shards, tmp_path):
+    """--num-workers 2 reads and tokenizes ahead in other processes; the losses equal the
+    in-process reading's."""
+    import json
+
+    logs = {}
+    for workers in ("0", "2"):
+        metrics = tmp_path / f"w{workers}.jsonl"
+        proc = _train(shards, "--train-iters", "10", "--log-interval", "1", "--num-workers",
+                      workers, "--metrics-file", str(metrics))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        logs[workers] = [json.loads(x)["loss"] for x in metrics.read_text().splitlines()
+                         if json.loads(x)["kind"] == "train"]
+    assert logs["0"] == logs["2"] and len(logs["0"]) == 10

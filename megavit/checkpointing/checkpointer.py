@@ -42,7 +42,7 @@ def _describe(run: "TrainingRun") -> dict:
 
 _MAY_CHANGE = ("dropout", "drop_path", "lock_image_tower", "image_checkpoint",
                "contrastive_queue_size", "image_text", "fatal_data_errors", "tokenizer_model",
-               "zero_shot_transfer")
+               "zero_shot_transfer", "num_workers", "siglip_chunks")
 
 
 def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:

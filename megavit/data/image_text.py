@@ -532,3 +532,80 @@ def build_image_text(cfg, seed: int, cache_dir: str | os.PathLike | None = None)
     return build_image_text_data(c.image_text_data, cfg.base.model, seed, cfg.text.context_length,
                                  c.image_text_path, c.tokenizer_model, c.fatal_data_errors,
                                  c.zero_shot_transfer, cache_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-iteration batches, prefetched by loader workers for file-backed sets
+# ---------------------------------------------------------------------------------------
+
+
+class _IterationIndices(torch.utils.data.Sampler):
+    """Yields [(iteration, index), ...]: this DP rank's samples of each iteration."""
+
+    def __init__(self, sampler, start: int, stop: int, dp_rank: int, dp_size: int) -> None:
+        self.sampler, self.start, self.stop = sampler, start, stop
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __iter__(self):
+        for it in range(self.start, self.stop):
+            yield [(it, int(i)) for i in self.sampler.local_indices(it, self.dp_rank,
+                                                                    self.dp_size)]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class _TokenizedBatches(torch.utils.data.Dataset):
+    """Reads and tokenizes one iteration's samples (in a loader worker)."""
+
+    def __init__(self, dataset, tokenizer, images: bool, texts: bool) -> None:
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.images, self.texts = images, texts
+
+    def __getitems__(self, items: list[tuple[int, int]]):
+        iteration = items[0][0]
+        indices = torch.tensor([i for _, i in items], dtype=torch.long)
+        try:
+            pixels, captions = self.dataset.get(indices, iteration=iteration,
+                                                images=self.images)
+        except DataError as e:     # re-raised as itself in the training process
+            return _Failed(str(e))
+        return pixels, self.tokenizer.encode(captions) if self.texts else None
+
+
+@dataclass
+class _Failed:
+    """A worker's DataError, carried to the training process (a DataLoader would wrap it
+    in a traceback)."""
+
+    message: str
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _as_is(batch):
+    return batch
+
+
+def image_text_batches(dataset, tokenizer, sampler, start: int, stop: int, dp_rank: int,
+                       dp_size: int, num_workers: int = 0, images: bool = True,
+                       texts: bool = True):
+    """For each iteration in [start, stop): this DP rank's (images [n, c, H, W] or None,
+    token ids [n, L] or None). In-memory sets are read in the training process; file-backed
+    ones (CSV, shards) by `num_workers` loader processes reading and tokenizing ahead.
+    Which samples and captions an iteration gets does not depend on the workers."""
+    if getattr(dataset, "in_memory", False) or num_workers == 0:
+        reader = _TokenizedBatches(dataset, tokenizer, images, texts)
+        batches = (reader.__getitems__([(it, int(i)) for i in
+                                        sampler.local_indices(it, dp_rank, dp_size)])
+                   for it in range(start, stop))
+    else:
+        batches = iter(torch.utils.data.DataLoader(
+            _TokenizedBatches(dataset, tokenizer, images, texts),
+            batch_sampler=_IterationIndices(sampler, start, stop, dp_rank, dp_size),
+            num_workers=num_workers, collate_fn=_as_is, prefetch_factor=2))
+    for batch in batches:
+        if isinstance(batch, _Failed):
+            raise DataError(batch.message)
+        yield batch

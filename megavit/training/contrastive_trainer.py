@@ -146,14 +146,16 @@ class ContrastiveRun:
         return siglip_loss(image, text, m.logit_scale.float(), m.logit_bias.float(),
                            self.pstate.dp, chunks=self.cfg.contrastive.siglip_chunks)
 
-    def batch(self, iteration: int, images: bool = True, texts: bool = True
-              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """This DP rank's images [n, c, H, W] and token ids [n, L] of `iteration` (None for
-        what this pipeline stage does not need)."""
+    def batches(self, start: int, stop: int):
+        """This DP rank's (images, token ids) for iterations [start, stop), each None where
+        this pipeline stage does not need it (only the first stage reads pixels, only the
+        last tokenizes); file-backed data is read ahead by --num-workers processes."""
+        from megavit.data.image_text import image_text_batches
+
         dp = self.pstate.dp
-        indices = self.sampler.local_indices(iteration, dp.rank, dp.size)
-        pixels, captions = self.train_set.get(indices, iteration=iteration, images=images)
-        return pixels, self.tokenizer.encode(captions) if texts else None
+        return image_text_batches(self.train_set, self.tokenizer, self.sampler, start, stop,
+                                  dp.rank, dp.size, self.cfg.contrastive.num_workers,
+                                  images=self.pstate.pp.rank == 0, texts=self.is_last_stage)
 
     @property
     def is_last_stage(self) -> bool:
@@ -179,15 +181,17 @@ class ContrastiveRun:
         self.executor.run(actions, forward, lambda mb: self._activation_shape(batch),
                           lambda mb, features: on_features(features), forward_only)
 
-    def step(self, iteration: int, on_gradients=None) -> StepResult:
-        """One optimizer step; `on_gradients(model)`, if given, runs after the gradient
-        reduction and before the optimizer (as in `train_step`). With pipelining the image
-        tower's blocks run over the stages and the last stage adds the text tower and the
-        loss; a locked image tower (LiT) runs a forward-only schedule."""
+    def step(self, iteration: int, on_gradients=None, batch=None) -> StepResult:
+        """One optimizer step on `batch` (from `batches`; read now when None).
+        `on_gradients(model)`, if given, runs after the gradient reduction and before the
+        optimizer (as in `train_step`). With pipelining the image tower's blocks run over the
+        stages and the last stage adds the text tower and the loss; a locked image tower
+        (LiT) runs a forward-only schedule."""
         pstate = self.pstate
         lr = self.schedule.lr_at(iteration)
-        first, last = self.pstate.pp.rank == 0, self.is_last_stage
-        images, ids = self.batch(iteration, images=first, texts=last)
+        last = self.is_last_stage
+        images, ids = batch if batch is not None else \
+            next(iter(self.batches(iteration, iteration + 1)))
         n = self.sampler.global_batch_size // pstate.dp.size
         self.buffers.start_step(1)
         scale = self.scaler.scale if self.scaler is not None else None
@@ -367,8 +371,9 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
     ck = b.checkpoint
     first = resume(run, ck.load, log.info)
     run.model.train()
-    for iteration in range(first, t.train_iters):
-        result = run.step(iteration)
+    for iteration, batch in zip(range(first, t.train_iters),
+                                run.batches(first, t.train_iters)):
+        result = run.step(iteration, batch=batch)
         loss_sum += result.loss
         skipped += int(result.skipped)
         steps += 1
