@@ -201,8 +201,10 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
                         f"--micro-batch-size {tr.micro_batch_size} x data-parallel size {dp}: "
                         "a contrastive loss needs every negative of the batch at once, so "
                         "there is no gradient accumulation")
-    if p.sequence_parallel and tp > 1:
-        pass   # applies to the image tower; the text tower runs without it (documented)
+    if p.recompute_granularity == "auto":
+        problems.append("--recompute-granularity auto plans megavit.pretrain's pipeline "
+                        "stages; for two towers choose selective or full (with "
+                        "--recompute-method and --recompute-num-layers)")
     if problems:
         raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems)
                           if len(problems) > 1 else problems[0])

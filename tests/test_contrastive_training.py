@@ -190,6 +190,15 @@ def test_contrastive_checkpoints_resume_exactly_and_convert(tmp_path):
     refused = pretrain("--train-iters", "4", "--load", str(save))
     assert refused.returncode == 2 and "a two-tower checkpoint, a ViT run here" in refused.stderr
 
+    # resharding keeps the tokenizer beside the tensors; a run with another tokenizer is refused
+    assert convert(str(save), "--target-tensor-parallel-size", "2", "--output",
+                   str(tmp_path / "tp2")).returncode == 0
+    assert (tmp_path / "tp2" / "iter_0000003" / "tokenizer.model").read_bytes() == \
+        (save / "iter_0000003" / "tokenizer.model").read_bytes()
+    (save / "iter_0000003" / "tokenizer.model").write_bytes(b"another tokenizer")
+    other = _cli("--train-iters", "6", "--load", str(save))
+    assert other.returncode == 2 and "differs from this run's tokenizer.model" in other.stderr
+
 
 
 def _merged(results: list[dict]) -> dict:
@@ -313,3 +322,11 @@ def test_lit_at_pp2_resumes_exactly(tmp_path):
                           pp=2)["r"]
     for r in got:
         assert r["start"] == 2 and r["resumed"] == r["losses"]
+
+
+def test_recompute_auto_is_refused_for_two_towers():
+    from megavit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--recompute-granularity auto plans"):
+        validate_contrastive(parse_contrastive_args(_flags("clip", 1, 1, (
+            "--recompute-granularity", "auto", "--activation-memory-budget-gb", "1"))))

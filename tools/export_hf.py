@@ -54,8 +54,10 @@ def main(argv=None) -> int:
         export_transformers(source, args.output, DTYPES.get(args.dtype),
                             int(args.buffer_mb * 2**20), lambda line: print(line, flush=True))
     except ImportError as e:
+        if (e.name or "").split(".")[0] != "transformers":
+            raise
         print(f"export_hf: error: --format transformers needs the transformers package "
-              f"(pip install transformers): {e}", file=sys.stderr)
+              f"(pip install 'megavit[hf]'): {e}", file=sys.stderr)
         return 2
     except (ConvertError, CheckpointLoadError, CheckpointDirectoryError, UnsafeCheckpointError,
             FileNotFoundError) as e:

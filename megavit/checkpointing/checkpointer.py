@@ -40,14 +40,16 @@ def _describe(run: "TrainingRun") -> dict:
             "precision": dataclasses.asdict(run.cfg.precision)}
 
 
-_MAY_CHANGE = ("dropout", "drop_path", "lock_image_tower", "image_checkpoint",
-               "contrastive_queue_size", "image_text", "fatal_data_errors", "tokenizer_model",
-               "zero_shot_transfer", "num_workers", "siglip_chunks")
+_MAY_CHANGE = {"hidden_dropout", "attention_dropout", "drop_path_rate", "lock_image_tower",
+               "image_checkpoint", "contrastive_queue_size", "image_text_data",
+               "image_text_path", "fatal_data_errors", "tokenizer_model", "zero_shot_transfer",
+               "num_workers", "siglip_chunks"}
 
 
 def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
-    """Refuse a checkpoint of another model, naming every field that differs (regularisation
-    and, for two towers, data and LiT settings may change between runs)."""
+    """Refuse a checkpoint of another model, naming every field that differs (the fields of
+    `_MAY_CHANGE` — regularisation and, for two towers, data and LiT settings — may change
+    between runs)."""
     path = checkpoint / CONFIG_FILE
     if not path.is_file():
         raise CheckpointLoadError(f"{path}: missing; not a megavit checkpoint")
@@ -64,7 +66,7 @@ def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
             continue
         differ += [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
                    for k, v in current.items()
-                   if saved.get(k) != v and not any(m in k for m in _MAY_CHANGE)]
+                   if saved.get(k) != v and k not in _MAY_CHANGE]
         differ += [f"{k} {saved[k]!r} in the checkpoint, unknown here"
                    for k in saved if k not in current]
     if differ:
@@ -133,6 +135,11 @@ def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]
         return 0
     start = time.perf_counter()
     check_model_config(latest, run)
+    files = run.checkpoint_files() if hasattr(run, "checkpoint_files") else {}
+    for name, data in files.items():     # e.g. the tokenizer: its ids index the embedding
+        if (latest / name).is_file() and (latest / name).read_bytes() != data:
+            raise CheckpointLoadError(f"{latest / name}: differs from this run's {name}; the "
+                                      "checkpoint was trained with another one, not loaded")
     check_loadable(latest)
     check_pieces(latest, serial_meta_model(_describe(run), 1), prefix="model/")
     saved = json.loads((latest / CONFIG_FILE).read_text())["layout"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -213,6 +214,10 @@ def reshard(source: Path, output: str | os.PathLike, tp: int, buffer_bytes: int,
         progress.batch_done(len(batch), sum(sizes[n] for n in batch))
         del tensors
     writer.finish(Metadata(state_md), results)
+    for side in source.iterdir():   # files beside the tensors, e.g. a two-tower tokenizer
+        if side.is_file() and side.name not in (CONFIG_FILE, ".metadata") \
+                and side.suffix != ".distcp":
+            shutil.copy2(side, staging / side.name)
     layout = {"tp": tp, "pp": 1, "dp": 1, "virtual_stages": 1, "distributed_optimizer": False,
               "resharded_from": info["layout"]}
     (staging / CONFIG_FILE).write_text(json.dumps({**info, "layout": layout}, indent=1,
@@ -330,8 +335,10 @@ def consolidate(source: Path, output: str | os.PathLike, dtype: torch.dtype | No
     entries = [OutputTensor(n, shape, [n]) for n, (shape, _, _) in table.items()]
     output = write_safetensors(
         source, output, entries, dtype, buffer_bytes,
-        {"format": "pt", "megavit_config": json.dumps(info["model"], sort_keys=True),
-         "iteration": str(info["iteration"])}, report)
+        {"format": "pt", "iteration": str(info["iteration"]),
+         **{f"megavit_{k}" if k != "model" else "megavit_config": json.dumps(info[k],
+                                                                              sort_keys=True)
+            for k in ("model", "text", "contrastive") if k in info}}, report)
     report(f"consolidated checkpoint | iteration {info['iteration']} | path {output} | "
            f"tensors {len(entries)} | MiB {output.stat().st_size / 2**20:.1f}")
     return output

@@ -71,6 +71,16 @@ def serial_meta_model(info: dict, tp: int) -> nn.Module:
     """The model a checkpoint description (`megavit_config.json`: "model", and for a
     two-tower run "text" and "contrastive") describes, on the meta device, as TP rank 0 of
     `tp` builds it."""
+    from megavit.checkpointing.model_state import CheckpointLoadError
+
+    try:
+        return _serial_meta_model(info, tp)
+    except (TypeError, KeyError) as e:
+        raise CheckpointLoadError(f"a model description this megavit cannot build ({e}); "
+                                  "was it written by another version?") from None
+
+
+def _serial_meta_model(info: dict, tp: int) -> nn.Module:
     from megavit.config import ModelConfig
 
     if "text" not in info:

@@ -572,6 +572,9 @@ class _TokenizedBatches(torch.utils.data.Dataset):
             return _Failed(str(e))
         return pixels, self.tokenizer.encode(captions) if self.texts else None
 
+    def __len__(self) -> int:
+        return len(self.dataset)
+
 
 @dataclass
 class _Failed:
@@ -579,9 +582,6 @@ class _Failed:
     in a traceback)."""
 
     message: str
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
 
 def _as_is(batch):

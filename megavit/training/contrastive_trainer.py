@@ -79,7 +79,8 @@ class ContrastiveRun:
         b, t = cfg.base, cfg.base.training
         configure_tf32(b.precision.tf32)
         data = build_image_text(cfg, t.seed)
-        rng = RNGTracker(t.seed, pstate.tp.rank, pstate.device)
+        # each stage seeds its dropout streams apart: its layers are different layers
+        rng = RNGTracker(t.seed + 100 * pstate.pp.rank, pstate.tp.rank, pstate.device)
         image_rt = Runtime.from_config(b.parallel, pstate.tp, t.seed, rng, t.layernorm_impl)
         text_rt = Runtime(tp=pstate.tp, seed=t.seed, rng=rng,
                           recompute_granularity="selective"
@@ -346,10 +347,14 @@ def _train(run: ContrastiveRun, log: MetricsLogger) -> dict[str, Any]:
     cfg, pstate = run.cfg, run.pstate
     b, t, lg = cfg.base, cfg.base.training, cfg.base.logging
     c, m, tx = cfg.contrastive, b.model, cfg.text
-    trainable = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
-                    for _, p in run.model.trainable_parameters())
-    total = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
-                for p in run.model.parameters())
+    def count(params) -> float:    # the whole model's: this stage's, summed over PP
+        n = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
+                for p in params)
+        return pstate.pp.all_reduce(torch.tensor([float(n)], dtype=torch.float64,
+                                                 device=pstate.device)).item()
+
+    trainable = count(p for _, p in run.model.trainable_parameters())
+    total = count(run.model.parameters())
     log.info(f"layout: {pstate.describe()}")
     log.info(f"model: image {b.preset or 'custom'} (layers {m.num_layers}, hidden "
              f"{m.hidden_size}, pooling {m.pooling}) | text {cfg.text_preset or 'custom'} "
