@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from megavit.checkpointing.directory import CheckpointDirectory, CheckpointDirectoryError
-from megavit.checkpointing.model_state import CheckpointLoadError, check_loadable, check_pieces
+from megavit.checkpointing.model_state import CheckpointLoadError, check_pieces
 from megavit.checkpointing.pieces import serial_meta_model
 from megavit.checkpointing.training_state import load_training_state, save_training_state
 
@@ -140,7 +140,6 @@ def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]
         if (latest / name).is_file() and (latest / name).read_bytes() != data:
             raise CheckpointLoadError(f"{latest / name}: differs from this run's {name}; the "
                                       "checkpoint was trained with another one, not loaded")
-    check_loadable(latest)
     check_pieces(latest, serial_meta_model(_describe(run), 1), prefix="model/")
     saved = json.loads((latest / CONFIG_FILE).read_text())["layout"]
     same = saved == _describe(run)["layout"]

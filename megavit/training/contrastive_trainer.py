@@ -44,8 +44,9 @@ from megavit.training.lr_schedule import LRSchedule
 from megavit.training.metrics import MetricsLogger, Stopwatch, format_eta
 from megavit.training.optimizer import MixedPrecisionOptimizer
 from megavit.training.peak_flops import configure_tf32
-from megavit.training.step import StepResult, check_finite
-from megavit.training.trainer import loss_scaler, nan_check, param_dtype
+from megavit.training.step import StepResult, finish_step
+from megavit.training.trainer import (gradient_buffers, loss_scaler, lr_schedule, nan_check,
+                                      param_dtype)
 from megavit.training.zero_shot import class_embeddings, retrieval_recall, zero_shot_correct
 
 
@@ -101,20 +102,11 @@ class ContrastiveRun:
                                 layout.is_last(stage, 0))
         if c.image_checkpoint:
             load_image_tower(model, pstate, c.image_checkpoint, b.model)
-        pr = b.precision
-        grad_dtype = torch.float16 if pr.fp16 and not pr.accumulate_allreduce_grads_in_fp32 \
-            else torch.float32
-        buffers = DataParallelBuffers(
-            model.trainable_parameters(), pstate.dp, pstate.tp, grad_dtype,
-            p.ddp_bucket_size or max(40_000_000, 1_000_000 * pstate.dp.size),
-            shard=p.use_distributed_optimizer, overlap=p.overlap_grad_reduce,
-            check_finite=nan_check(pr))
+        buffers = gradient_buffers(model.trainable_parameters(), b, pstate)
         return cls(cfg=cfg, pstate=pstate, model=model, buffers=buffers,
                    optimizer=MixedPrecisionOptimizer(buffers, t, pstate,
                                                      master_weights=dtype != torch.float32),
-                   scaler=loss_scaler(pr),
-                   schedule=LRSchedule(t.lr, t.min_lr, t.lr_warmup_iters,
-                                       t.lr_decay_iters or t.train_iters, t.lr_decay_style),
+                   scaler=loss_scaler(b.precision), schedule=lr_schedule(t),
                    tokenizer=tok, train_set=data.train, heldout=data.heldout,
                    sampler=GlobalBatchSampler(len(data.train), t.global_batch_size, t.seed),
                    layout=layout,
@@ -215,18 +207,9 @@ class ContrastiveRun:
         if lock and last:
             text_and_loss(held["features"]).backward()
         loss = held.get("loss", torch.zeros((), device=pstate.device))
-        self.buffers.finish()
-        if nan_check(self.cfg.base.precision):
-            check_finite(loss, self.buffers, pstate, iteration, last)
-        if on_gradients is not None:
-            on_gradients(self.model)
-        outcome = self.optimizer.step(lr, self.cfg.base.training.clip_grad, scale)
-        if self.scaler is not None:
-            self.scaler.update(outcome.skipped)
-        mean = pstate.dp.all_reduce(loss.reshape(1).float()).div_(pstate.dp.size)
-        pstate.pp.broadcast(mean, src=pstate.pp.size - 1)   # the loss lives on the last stage
-        return StepResult(loss=mean[0], grad_norm=outcome.grad_norm, lr=lr, stats=None,
-                          skipped=outcome.skipped, loss_scale=scale)
+        return finish_step(self.model, self.buffers, self.optimizer, self.scaler, lr, loss,
+                           pstate, self.cfg.base.training.clip_grad, iteration,
+                           nan_check(self.cfg.base.precision), last, on_gradients)
 
     @torch.no_grad()
     def encode_texts(self, captions: list[str]) -> torch.Tensor:

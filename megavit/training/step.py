@@ -37,7 +37,7 @@ class StepResult:
     loss: torch.Tensor       # 0-d: mean loss over the global batch
     grad_norm: torch.Tensor  # 0-d: global gradient norm before clipping (nan if skipped)
     lr: float
-    stats: StepStats         # saved activation bytes (when measured), idle time
+    stats: StepStats | None  # saved activation bytes (when measured), idle time
     skipped: bool = False    # an inf/NaN gradient with loss scaling: no update
     loss_scale: float | None = None
 
@@ -142,13 +142,25 @@ def train_step(
         return loss * scale if scale is not None else loss
 
     stats = run_micro_batches(stage, executor, micro_batches, pstate, share, measure=measure)
+    last = any(executor.layout.is_last(executor.stage, c) for c in range(executor.layout.chunks))
+    return finish_step(stage, buffers, optimizer, scaler, lr, total, pstate, clip_grad,
+                       iteration, check_nan, last, on_gradients, stats)
+
+
+def finish_step(model: nn.Module, buffers: DataParallelBuffers,
+                optimizer: MixedPrecisionOptimizer, scaler, lr: float, total: torch.Tensor,
+                pstate: ParallelState, clip_grad: float, iteration: int, check_nan: bool,
+                last_stage: bool, on_gradients: Callable[[nn.Module], None] | None = None,
+                stats: StepStats | None = None) -> StepResult:
+    """After backward: wait for the gradient reductions, the NaN check, `on_gradients`, the
+    optimizer and the scaler; the step's loss (`total` on the last stage) averaged over dp
+    and broadcast from the last stage to the others."""
+    scale = scaler.scale if scaler is not None else None
     buffers.finish()
     if check_nan:
-        check_finite(total, buffers, pstate, iteration,
-                     any(executor.layout.is_last(executor.stage, c)
-                         for c in range(executor.layout.chunks)))
+        check_finite(total, buffers, pstate, iteration, last_stage)
     if on_gradients is not None:
-        on_gradients(stage)
+        on_gradients(model)
     outcome = optimizer.step(lr, clip_grad, scale)
     if scaler is not None:
         scaler.update(outcome.skipped)

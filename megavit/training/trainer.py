@@ -91,6 +91,26 @@ def loss_scaler(precision) -> ConstantGradScaler | DynamicGradScaler | None:
     return None
 
 
+def gradient_buffers(named_params: list, cfg: Config, pstate: ParallelState
+                     ) -> DataParallelBuffers:
+    """The data-parallel gradient buffer of `named_params` as the parallel and precision
+    flags say (bucket size, sharding, overlap, gradient dtype, NaN check)."""
+    pr, p = cfg.precision, cfg.parallel
+    grad_dtype = torch.float16 if pr.fp16 and not pr.accumulate_allreduce_grads_in_fp32 \
+        else torch.float32                  # bf16 gradients always in fp32 (Megatron)
+    return DataParallelBuffers(
+        named_params, pstate.dp, pstate.tp, grad_dtype,
+        p.ddp_bucket_size or max(40_000_000, 1_000_000 * pstate.dp.size),
+        shard=p.use_distributed_optimizer, overlap=p.overlap_grad_reduce,
+        check_finite=nan_check(pr))
+
+
+def lr_schedule(t) -> LRSchedule:
+    """--lr, --min-lr, warm-up and decay (over --lr-decay-iters, default --train-iters)."""
+    return LRSchedule(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters or t.train_iters,
+                      t.lr_decay_style)
+
+
 def pipeline_layout(cfg: Config) -> PipelineLayout:
     """The split of the blocks over the pipeline stages; ConfigError when impossible."""
     p = cfg.parallel
@@ -198,20 +218,12 @@ class TrainingRun:
                                           recompute_method="block", recompute_num_layers=n or 1)
         dtype = param_dtype(pr)
         model = build_stage(cfg.model, runtime, t.seed, layout, stage, pstate.device, dtype)
-        grad_dtype = torch.float16 if pr.fp16 and not pr.accumulate_allreduce_grads_in_fp32 \
-            else torch.float32                  # bf16 gradients always in fp32 (Megatron)
-        buffers = DataParallelBuffers(
-            list(model.named_parameters()), pstate.dp, pstate.tp, grad_dtype,
-            p.ddp_bucket_size or max(40_000_000, 1_000_000 * pstate.dp.size),
-            shard=p.use_distributed_optimizer, overlap=p.overlap_grad_reduce,
-            check_finite=nan_check(pr))
+        buffers = gradient_buffers(list(model.named_parameters()), cfg, pstate)
         return cls(
             cfg=cfg, pstate=pstate, model=model, buffers=buffers,
             optimizer=MixedPrecisionOptimizer(buffers, t, pstate,
                                               master_weights=dtype != torch.float32),
-            scaler=loss_scaler(pr),
-            schedule=LRSchedule(t.lr, t.min_lr, t.lr_warmup_iters,
-                                t.lr_decay_iters or t.train_iters, t.lr_decay_style),
+            scaler=loss_scaler(pr), schedule=lr_schedule(t),
             loss_fn=classification_loss(t.label_smoothing), train_set=train_set,
             heldout=heldout, sampler=GlobalBatchSampler(len(train_set), t.global_batch_size, t.seed),
             layout=layout,
