@@ -78,9 +78,25 @@ class ModelConfig:
         ),
     )
     norm_bias: bool = field(
-        default=False, metadata=_opt("Bias (beta) in LayerNorms (ViT-22B: none).")
+        default=False,
+        metadata=_opt("Bias (beta) in the LayerNorms, QK-norms included (ViT-22B: none)."),
     )
-    norm_epsilon: float = field(default=1e-6, metadata=_opt("LayerNorm epsilon."))
+    norm_epsilon: float = field(default=1e-6, metadata=_opt("Norm epsilon."))
+    normalization: str = field(
+        default="layernorm",
+        metadata=_opt(
+            "The norm of every block, QK-norm, pre-norm and final norm: 'layernorm' or "
+            "'rmsnorm' (scale only, no mean subtraction; no bias).",
+            choices=("layernorm", "rmsnorm"),
+        ),
+    )
+    pre_norm: bool = field(
+        default=False,
+        metadata=_opt(
+            "A norm over the embedded tokens before the first block (CLIP's vision tower, "
+            "timm's pre_norm; ViT-22B: none)."
+        ),
+    )
     position_embedding_type: str = field(
         default="learned",
         metadata=_opt(
@@ -805,6 +821,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             problems.append(f"{flag} must be in [0, 1) (got {value})")
     if m.norm_epsilon <= 0:
         problems.append(f"--norm-epsilon must be positive (got {m.norm_epsilon})")
+    if m.normalization == "rmsnorm" and m.norm_bias:
+        problems.append("--norm-bias: an RMSNorm has no bias; drop --norm-bias or use "
+                        "--normalization layernorm")
     if m.init_method_std <= 0:
         problems.append(f"--init-method-std must be positive (got {m.init_method_std})")
     if p.distributed_timeout_minutes <= 0:

@@ -134,7 +134,8 @@ def test_transformers_vit_round_trip_through_megavit_at_tp2_pp2(tmp_path):
     import torch.nn.functional as F
     from transformers import ViTForImageClassification
 
-    from megavit.checkpointing.import_hf import model_config_of, model_flags
+    from megavit.checkpointing.hf_vit import model_config_of
+    from megavit.checkpointing.import_hf import model_flags
     from megavit.data.datasets import load_digits
     from tests.harness import run_distributed
 
@@ -183,7 +184,7 @@ def test_import_refuses_other_architectures_pickles_and_missing_tensors(tmp_path
     (other / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors")
                                               .read_bytes())
     bad = _run("tools/import_hf.py", "--input", str(other), "--save", str(tmp_path / "a"))
-    assert bad.returncode == 2 and "model_type 'deit', not 'vit'" in bad.stderr
+    assert bad.returncode == 2 and "model_type 'deit'; megavit imports" in bad.stderr
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps(config))

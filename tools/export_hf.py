@@ -1,15 +1,22 @@
-"""Export a megavit checkpoint for Hugging Face transformers (from any saved layout).
+"""Export a megavit checkpoint to timm or Hugging Face transformers (from any saved layout).
 
-    python tools/export_hf.py --load runs/vit/ckpt --format transformers --output exported/
-    python -c "from transformers import ViTForImageClassification as M; \\
-               M.from_pretrained('exported')"
+    python tools/export_hf.py --load runs/vit/ckpt --format timm --output exported/
+    python -c "import timm; timm.create_model('local-dir:exported', pretrained=True)"
+    python tools/export_hf.py --load runs/vit/ckpt --format transformers --output hf/
+    python -c "from transformers import AutoModel; AutoModel.from_pretrained('hf')"
 
-Writes DIR/model.safetensors + DIR/config.json, reading the checkpoint tensor by tensor
-(`--buffer-mb` at a time) with a progress line per batch; `--dtype` converts. Supported so
-far: sequential-block ViTs with a class token (`--block-type sequential --pooling cls
---add-qkv-bias --add-proj-bias --norm-bias --no-qk-layernorm`) -> ViTForImageClassification.
-Anything else is refused with every difference listed (exit status 2), and nothing is left
-on disk.
+What maps where:
+  --format timm          an image model with parallel (ViT-22B) blocks -> timm's
+                         VisionTransformer with ParallelScalingBlock (MAP head as
+                         AttentionPoolLatent); also loads as transformers' TimmWrapperModel
+  --format transformers  a sequential-block ViT with a class token -> ViTForImageClassification
+                         (ViTModel without a classifier); a CLIP / SigLIP two-tower model ->
+                         CLIPModel / SiglipModel (SigLIP with its sentencepiece tokenizer)
+
+Writes DIR/model.safetensors + DIR/config.json (+ tokenizer files), reading the checkpoint
+tensor by tensor (`--buffer-mb` at a time) with a progress line per batch; `--dtype`
+converts. A model that does not map is refused with every difference listed (exit status 2),
+and nothing is left on disk.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True,
                    help="a checkpoint (iter_N/) or a --save directory (its latest)")
-    p.add_argument("--format", required=True, choices=("transformers",),
-                   help="the target library (timm and two-tower exports are not written yet)")
+    p.add_argument("--format", required=True, choices=("timm", "transformers"),
+                   help="the target library (see above for what maps where)")
     p.add_argument("--output", required=True, help="a new directory to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: stored)")
     p.add_argument("--buffer-mb", type=float, default=1024.0,
@@ -47,12 +54,12 @@ def main(argv=None) -> int:
     if args.buffer_mb <= 0:
         p.error("--buffer-mb must be positive")
     try:
-        from megavit.checkpointing.export_hf import export_transformers
+        from megavit.checkpointing.export_hf import export_checkpoint
 
         source = resolve_checkpoint(Path(args.load))
-        print(f"export | source {source}", flush=True)
-        export_transformers(source, args.output, DTYPES.get(args.dtype),
-                            int(args.buffer_mb * 2**20), lambda line: print(line, flush=True))
+        print(f"export | source {source} | format {args.format}", flush=True)
+        export_checkpoint(source, args.format, args.output, DTYPES.get(args.dtype),
+                          int(args.buffer_mb * 2**20), lambda line: print(line, flush=True))
     except ImportError as e:
         if (e.name or "").split(".")[0] != "transformers":
             raise

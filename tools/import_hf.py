@@ -1,20 +1,24 @@
-"""Import a Hugging Face transformers ViTForImageClassification directory as a megavit
-checkpoint to fine-tune from.
+"""Import a timm or Hugging Face transformers model directory as a megavit checkpoint to
+fine-tune from.
 
-    python tools/import_hf.py --input exported/ --save runs/ft/ckpt
+    python tools/import_hf.py --input exported/ --save runs/ft/ckpt --tensor-model-parallel-size 2
     python -m megavit.pretrain <printed model flags> --load runs/ft/ckpt --save runs/ft/ckpt ...
 
 Reads DIR/config.json and DIR/model.safetensors (safetensors only: a pickle-only checkpoint
-is refused) and writes iteration 0 of the --save directory: weights, fp32 masters, zero Adam
-state, so `--load` starts there at any TP / PP / DP layout. Prints the megavit.pretrain
-model flags that build the imported model. Exit status 2 with a message for a directory of
-another architecture, missing tensors or a shape mismatch; nothing is left half-written.
+is refused). What maps: transformers ViTModel / ViTForImageClassification, CLIPModel and
+SiglipModel (model_type vit, clip, siglip), and timm VisionTransformers with parallel
+(ParallelScalingBlock) blocks. Writes iteration 0 of the --save directory: weights, fp32
+masters, zero Adam state, so `--load` starts there at any TP / PP / DP layout; the tensors
+are stored in the blocks a --tensor-model-parallel-size run reads. Parameters are made and
+written `--buffer-mb` at a time with a progress line per batch. Prints the model flags
+that build the imported model. Exit status 2 with a message for a directory of another
+architecture, missing or unexpected tensors or a shape mismatch; nothing is left
+half-written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,25 +26,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megavit.checkpointing.convert import ConvertError  # noqa: E402
 from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
+from megavit.checkpointing.model_state import CheckpointLoadError  # noqa: E402
 
 
 def main(argv=None) -> int:
     intro, _, rest = __doc__.partition("\n\n")
     p = argparse.ArgumentParser(description=intro, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="a transformers model directory")
+    p.add_argument("--input", required=True, help="a timm or transformers model directory")
     p.add_argument("--save", required=True, help="the --save directory to write iteration 0 of")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="store the tensors in the blocks this TP size reads (default 1; any "
+                        "layout loads the checkpoint)")
+    p.add_argument("--buffer-mb", type=float, default=1024.0,
+                   help="make and write at most this many MiB of training state at once "
+                        "(default 1024)")
     args = p.parse_args(argv)
-    from megavit.checkpointing.import_hf import import_transformers, model_config_of, model_flags
+    if args.buffer_mb <= 0:
+        p.error("--buffer-mb must be positive")
+    if args.tensor_model_parallel_size < 1:
+        p.error("--tensor-model-parallel-size must be at least 1")
+    from megavit.checkpointing.import_hf import import_directory
 
     try:
-        path = import_transformers(args.input, args.save)
-        cfg = model_config_of(json.loads((Path(args.input) / "config.json").read_text()))
-    except (ConvertError, CheckpointDirectoryError, OSError, KeyError, ValueError) as e:
+        path, plan = import_directory(args.input, args.save, args.tensor_model_parallel_size,
+                                      int(args.buffer_mb * 2**20),
+                                      lambda line: print(line, flush=True))
+    except (ConvertError, CheckpointDirectoryError, CheckpointLoadError, OSError, KeyError,
+            ValueError) as e:
         print(f"import_hf: error: {e}", file=sys.stderr)
         return 2
-    print(f"imported | transformers ViTForImageClassification | path {path}")
-    print("model flags: " + " ".join(model_flags(cfg)))
+    print(f"imported | {plan.source} | tp {args.tensor_model_parallel_size} | path {path}")
+    print("model flags: " + " ".join(plan.flags))
     return 0
 
 

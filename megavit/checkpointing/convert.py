@@ -38,7 +38,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, TensorStorageMetadata)
+                                                   MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import (SavePlan, TensorWriteData, WriteItem,
                                                   WriteItemType)
 
@@ -155,6 +156,49 @@ class _BatchSource:
         return _block(self.tensors[item.index.fqn], tuple(chunk.offsets), tuple(chunk.sizes))
 
 
+@dataclass
+class StoredTensor:
+    """A tensor of a DCP checkpoint being written: its whole size, dtype (`properties`) and
+    the (offsets, sizes) of the blocks it is stored as (one per TP rank for a sharded piece,
+    so each rank of that TP size reads exactly its own)."""
+
+    size: torch.Size
+    properties: TensorProperties
+    blocks: list[tuple]
+
+
+def write_dcp(staging: Path, stored: dict[str, StoredTensor], batches: list[list[str]],
+              read: Callable[[list[str]], dict[str, torch.Tensor]], progress: Progress) -> None:
+    """Write a DCP checkpoint (`.metadata` + one data file) into `staging`, batch by batch:
+    `read(batch)` returns the whole tensors of one batch of names, which are cut into their
+    blocks, written and dropped before the next batch is read."""
+    plans, state_md = [], {}
+    for batch in batches:
+        items = []
+        for name in batch:
+            st = stored[name]
+            md = state_md[name] = TensorStorageMetadata(st.properties, st.size, [])
+            for offsets, block in st.blocks:
+                chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(block))
+                md.chunks.append(chunk)
+                items.append(WriteItem(
+                    index=MetadataIndex(name, torch.Size(offsets)),
+                    type=WriteItemType.SHARD if len(st.blocks) > 1 else WriteItemType.TENSOR,
+                    tensor_data=TensorWriteData(chunk, st.properties, st.size)))
+        plans.append(SavePlan(items))
+    writer = FileSystemWriter(os.fspath(staging), thread_count=1)
+    writer.set_up_storage_writer(is_coordinator=True)
+    plans = writer.prepare_global_plan([writer.prepare_local_plan(p) for p in plans])
+    results = []
+    for batch, plan in zip(batches, plans):
+        tensors = read(batch)
+        results.append(writer.write_data(plan, _BatchSource(tensors)).wait())
+        progress.batch_done(len(batch), sum(math.prod(stored[n].size) *
+                                            stored[n].properties.dtype.itemsize for n in batch))
+        del tensors
+    writer.finish(Metadata(state_md), results)
+
+
 def reshard(source: Path, output: str | os.PathLike, tp: int, buffer_bytes: int,
             report: Callable[[str], None] = print) -> Path:
     """Write the training state of the checkpoint `source` as a TP=`tp` run stores it, as
@@ -175,7 +219,6 @@ def reshard(source: Path, output: str | os.PathLike, tp: int, buffer_bytes: int,
                                f"its {CONFIG_FILE}")
     names = list(stored)
     sizes = {k: _nbytes(stored[k]) for k in names}
-    batches = list(_batches(names, sizes, buffer_bytes))
 
     def blocks(name: str) -> list[tuple]:
         piece = _piece_of(name)
@@ -183,37 +226,16 @@ def reshard(source: Path, output: str | os.PathLike, tp: int, buffer_bytes: int,
             return [((0,) * len(stored[name].size), tuple(stored[name].size))]
         return chunks[piece][1]
 
-    plans, state_md = [], {}
-    for batch in batches:
-        items = []
-        for name in batch:
-            md = stored[name]
-            state_md[name] = TensorStorageMetadata(md.properties, md.size, [])
-            for offsets, block in blocks(name):
-                chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(block))
-                state_md[name].chunks.append(chunk)
-                items.append(WriteItem(
-                    index=MetadataIndex(name, torch.Size(offsets)),
-                    type=WriteItemType.SHARD if len(blocks(name)) > 1 else WriteItemType.TENSOR,
-                    tensor_data=TensorWriteData(chunk, md.properties, md.size)))
-        plans.append(SavePlan(items))
-
     directory = CheckpointDirectory(output)
     iteration = int(info["iteration"])
     if directory.path_of(iteration).exists():
         raise ConvertError(f"{directory.path_of(iteration)}: exists; choose another --output")
     staging = directory.staging(iteration)
-    writer = FileSystemWriter(os.fspath(staging), thread_count=1)
-    writer.set_up_storage_writer(is_coordinator=True)
-    plans = writer.prepare_global_plan([writer.prepare_local_plan(p) for p in plans])
     progress = Progress(len(names), sum(sizes.values()), report)
-    results = []
-    for batch, plan in zip(batches, plans):
-        tensors = _read(source, metadata, batch)
-        results.append(writer.write_data(plan, _BatchSource(tensors)).wait())
-        progress.batch_done(len(batch), sum(sizes[n] for n in batch))
-        del tensors
-    writer.finish(Metadata(state_md), results)
+    write_dcp(staging, {n: StoredTensor(stored[n].size, stored[n].properties, blocks(n))
+                        for n in names},
+              list(_batches(names, sizes, buffer_bytes)),
+              lambda batch: _read(source, metadata, batch), progress)
     for side in source.iterdir():   # files beside the tensors, e.g. a two-tower tokenizer
         if side.is_file() and side.name not in (CONFIG_FILE, ".metadata") \
                 and side.suffix != ".distcp":

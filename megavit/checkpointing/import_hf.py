@@ -1,16 +1,21 @@
-"""Import a Hugging Face transformers `ViTForImageClassification` directory (config.json +
-model.safetensors) as a megavit checkpoint that `--load` starts from.
+"""Import a timm or Hugging Face transformers directory (config.json + model.safetensors) as
+a megavit checkpoint that `--load` starts from, tensor by tensor.
 
-The reverse of `export_hf.py`'s mapping. transformers' class token has a position embedding
-(row 0) and megavit's has none; since nothing else reads that row, megavit's class token is
-cls + position row 0, which computes exactly the same. The checkpoint is a whole training
-state at iteration 0: the weights, fp32 masters equal to them, zero Adam moments, Adam step 0
-and the default loss-scaler state — so `megavit.pretrain --load DIR` with the printed model
-flags starts fine-tuning from it at any TP / PP / DP layout (the layout is recorded as
-imported, so dropout streams start afresh).
+The mapping comes from the module of the source (`mapping.py`): a config.json with an
+"architecture" is timm's (`timm_vit.py`); transformers' `model_type` "vit" -> `hf_vit.py`,
+"clip" / "siglip" -> `hf_clip.py`. Each turns the config into megavit's model description
+and lists how each megavit parameter is made from the directory's tensors; what cannot map
+is a ConvertError naming it. This driver checks the directory against the mapping (every
+tensor it needs present, every tensor present used, every made tensor shaped as the model
+says), then writes iteration 0 of a --save directory: the weights, fp32 masters equal to
+them, zero Adam moments, Adam step 0 and the default loss-scaler state — so
+`--load` with the printed model flags starts fine-tuning there at any TP / PP / DP layout.
 
-Memory: the imported model is held once in memory while it is written (the export direction
-streams; importing ViT-22B-sized checkpoints tensor by tensor is issue 9's remaining part).
+The pieces are stored in the blocks a `tp`-way run reads (any layout loads them; at that
+TP size each rank reads exactly its own). Memory: the safetensors file is memory-mapped and
+parameters are made and written in batches of at most `buffer_bytes` of output (a larger
+parameter alone), so an import holds one batch, not the model. The layout is recorded as
+imported, so dropout streams start afresh.
 """
 
 from __future__ import annotations
@@ -18,80 +23,69 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch.distributed.checkpoint.metadata import TensorProperties
 
-from megavit.checkpointing.convert import ConvertError
+from megavit.checkpointing.convert import ConvertError, OutputTensor, Progress, StoredTensor, \
+    _batches, write_dcp
 from megavit.checkpointing.directory import CheckpointDirectory
+from megavit.checkpointing.mapping import ImportPlan
 from megavit.config import ModelConfig, PrecisionConfig
 
 
-def model_config_of(config: dict) -> ModelConfig:
-    """megavit's ModelConfig for a transformers ViTConfig (as read from config.json);
-    ConvertError listing whatever cannot map."""
-    problems = []
-    if config.get("model_type") != "vit":
-        problems.append(f"model_type {config.get('model_type')!r}, not 'vit'")
-    if "ViTForImageClassification" not in (config.get("architectures") or []):
-        problems.append(f"architectures {config.get('architectures')}, not "
-                        "ViTForImageClassification (a classifier is needed)")
-    if config.get("hidden_act", "gelu") != "gelu":
-        problems.append(f"hidden_act {config.get('hidden_act')!r}; megavit's MLP uses exact gelu")
-    size = config.get("image_size", 224)
-    if isinstance(size, (list, tuple)):
-        problems.append(f"image_size {size}: only square images map")
-    if problems:
-        raise ConvertError("this transformers model does not map onto megavit: "
-                           + "; ".join(problems))
-    labels = config.get("id2label") or {}
-    return ModelConfig(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
-                       num_attention_heads=config["num_attention_heads"],
-                       ffn_hidden_size=config["intermediate_size"],
-                       patch_dim=config["patch_size"], img_h=size, img_w=size,
-                       num_channels=config.get("num_channels", 3),
-                       num_classes=len(labels) or config.get("num_labels", 2),
-                       block_type="sequential", qk_layernorm=False,
-                       add_qkv_bias=config.get("qkv_bias", True), add_mlp_bias=True,
-                       add_proj_bias=True, norm_bias=True,
-                       norm_epsilon=config.get("layer_norm_eps", 1e-12),
-                       position_embedding_type="learned", pooling="cls")
+def import_plan(directory: Path, config: dict) -> ImportPlan:
+    """The mapping that reads `directory` (config.json already parsed as `config`)."""
+    if "architecture" in config:
+        from megavit.checkpointing import timm_vit
+
+        return timm_vit.import_plan(config)
+    model_type = config.get("model_type")
+    if model_type == "vit":
+        from megavit.checkpointing import hf_vit
+
+        return hf_vit.import_plan(config)
+    if model_type in ("clip", "siglip"):
+        from megavit.checkpointing import hf_clip
+
+        return hf_clip.import_plan(directory, config)
+    raise ConvertError(f"{directory / 'config.json'}: model_type {model_type!r}; megavit "
+                       "imports transformers' 'vit', 'clip' and 'siglip' models and timm ViTs "
+                       "(a config.json with \"architecture\")")
 
 
-def _serial_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """megavit's serial parameters from transformers' tensors (on-disk Hub names)."""
-    h, e = cfg.hidden_size, "vit.embeddings."
-    pos = tensors[e + "position_embeddings"][0]                      # [s + 1, h]
-    out = {"cls_token": tensors[e + "cls_token"].reshape(h) + pos[0],
-           "pos_embed.weight": pos[1:],
-           "patch_embed.proj.weight": tensors[e + "patch_embeddings.projection.weight"]
-           .reshape(h, -1),
-           "patch_embed.proj.bias": tensors[e + "patch_embeddings.projection.bias"]}
-    for i in range(cfg.num_layers):
-        hf, mv = f"vit.encoder.layer.{i}.", f"blocks.{i}."
-        qkv = [f"{hf}attention.attention.{x}" for x in ("query", "key", "value")]
-        out[mv + "qkv.weight"] = torch.cat([tensors[q + ".weight"] for q in qkv])
-        if cfg.add_qkv_bias:
-            out[mv + "qkv.bias"] = torch.cat([tensors[q + ".bias"] for q in qkv])
-        for theirs, ours in (("attention.output.dense", "proj"), ("layernorm_before", "norm1"),
-                             ("layernorm_after", "norm2"), ("intermediate.dense", "fc1"),
-                             ("output.dense", "fc2")):
-            for kind in ("weight", "bias"):
-                out[f"{mv}{ours}.{kind}"] = tensors[f"{hf}{theirs}.{kind}"]
-    for theirs, ours in (("vit.layernorm", "norm"), ("classifier", "head")):
-        for kind in ("weight", "bias"):
-            out[f"{ours}.{kind}"] = tensors[f"{theirs}.{kind}"]
-    return out
+def _check_sources(src: Path, plan: ImportPlan, present: set[str],
+                   report: Callable[[str], None]) -> None:
+    """Every tensor the mapping reads is in the file; every tensor in it is read or
+    knowingly dropped."""
+    wanted = {s for e in plan.entries for s in e.sources}
+    if missing := sorted(wanted - present):
+        raise ConvertError(f"{src}: tensor{'s' * (len(missing) > 1)} "
+                           f"{', '.join(missing[:8])}{' ...' * (len(missing) > 8)} missing "
+                           f"({plan.source} needs {len(missing)} more)")
+    dropped = sorted(n for n in present - wanted if any(n.startswith(p) for p in plan.ignored))
+    if unused := sorted(present - wanted - set(dropped)):
+        raise ConvertError(f"{src}: {len(unused)} tensor(s) megavit's model would not use "
+                           f"({', '.join(unused[:8])}{' ...' * (len(unused) > 8)}); not the "
+                           f"{plan.source} its config.json describes")
+    if dropped:
+        report(f"dropped | {len(dropped)} tensor(s) megavit has no use for: "
+               + ", ".join(dropped))
 
 
-def import_transformers(directory: str | os.PathLike, save: str | os.PathLike) -> Path:
-    """Write DIR's model as iteration 0 of the --save directory `save`; returns the
-    checkpoint's path."""
-    import torch.distributed.checkpoint as dcp
+def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: int = 1,
+                     buffer_bytes: int = 1 << 30,
+                     report: Callable[[str], None] = print) -> tuple[Path, ImportPlan]:
+    """Write DIR's model as iteration 0 of the --save directory `save`, stored for a
+    `tp`-way tensor-parallel run; returns the checkpoint's path and the mapping used."""
     from safetensors import safe_open
 
     from megavit.checkpointing.checkpointer import CONFIG_FILE
-    from megavit.checkpointing.pieces import meta_model, pieces_of
+    from megavit.checkpointing.pieces import piece_blocks, pieces_of, serial_meta_model
     from megavit.parallel.sharding import get_tp_shard
 
     src = Path(directory)
@@ -100,48 +94,96 @@ def import_transformers(directory: str | os.PathLike, save: str | os.PathLike) -
             hint = " (a pickle-only checkpoint is not read: convert it to safetensors)" \
                 if name == "model.safetensors" and any(src.glob("*.bin")) else ""
             raise ConvertError(f"{src / name}: missing{hint}")
-    cfg = model_config_of(json.loads((src / "config.json").read_text()))
-    with safe_open(str(src / "model.safetensors"), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    plan = import_plan(src, json.loads((src / "config.json").read_text()))
+    serial = dict(serial_meta_model(plan.info, 1).named_parameters())
     try:
-        weights = _serial_weights(tensors, cfg)
-    except KeyError as e:
-        raise ConvertError(f"{src / 'model.safetensors'}: tensor {e} missing") from None
-    state: dict[str, torch.Tensor] = {}
-    for name, param in meta_model(cfg, 1).named_parameters():
-        if name not in weights:
-            raise ConvertError(f"{src}: nothing maps to megavit's {name}")
-        w = weights[name].float()
-        if tuple(w.shape) != tuple(param.shape):
-            raise ConvertError(f"{src}: {name} would be {list(w.shape)}, the config says "
-                               f"{list(param.shape)}")
-        for piece in pieces_of(name, w, get_tp_shard(param)):
-            block = piece.local.contiguous()
-            state[f"model/{piece.name}"] = block
-            state[f"optimizer/master/{piece.name}"] = block.clone()
-            for key in ("exp_avg", "exp_avg_sq"):
-                state[f"optimizer/{key}/{piece.name}"] = torch.zeros_like(block)
+        blocks = piece_blocks(serial_meta_model(plan.info, tp), tp)
+    except ValueError as e:
+        raise ConvertError(f"--tensor-model-parallel-size {tp}: {e}") from None
+    by_name = {e.name: e for e in plan.entries}
+    if missing := [n for n in serial if n not in by_name]:
+        raise ConvertError(f"{src}: nothing maps to megavit's {', '.join(missing)}")
+    for name, param in serial.items():
+        if tuple(by_name[name].shape) != tuple(param.shape):
+            raise ConvertError(f"{src}: {name} would be {list(by_name[name].shape)}, the "
+                               f"config says {list(param.shape)}")
+
+    fp32 = TensorProperties(dtype=torch.float32)
+    stored: dict[str, StoredTensor] = {}
+    owner: dict[str, str] = {}         # stored name -> serial parameter
+    piece_of: dict[str, str] = {}      # stored name -> piece
+    for name, param in serial.items():
+        for piece in pieces_of(name, param, get_tp_shard(param)):
+            for fqn in (f"model/{piece.name}", f"optimizer/master/{piece.name}",
+                        f"optimizer/exp_avg/{piece.name}", f"optimizer/exp_avg_sq/{piece.name}"):
+                stored[fqn] = StoredTensor(piece.global_shape, fp32, blocks[piece.name][1])
+                owner[fqn], piece_of[fqn] = name, piece.name
     precision = PrecisionConfig()
-    state.update({"iteration": torch.tensor(0.0), "optimizer/step": torch.tensor(0.0),
-                  "scaler": torch.tensor([precision.initial_loss_scale, 0.0,
-                                          float(precision.hysteresis)], dtype=torch.float64)})
+    scalars = {"iteration": torch.tensor(0.0), "optimizer/step": torch.tensor(0.0),
+               "scaler": torch.tensor([precision.initial_loss_scale, 0.0,
+                                       float(precision.hysteresis)], dtype=torch.float64)}
+    for fqn, value in scalars.items():
+        stored[fqn] = StoredTensor(value.shape, TensorProperties(dtype=value.dtype),
+                                   [((0,) * value.dim(), tuple(value.shape))])
+    sizes = {n: 4 * s.size.numel() if n in owner else 8 for n, s in stored.items()}
+
     out = CheckpointDirectory(save)
     if out.path_of(0).exists():
         raise ConvertError(f"--save {save}: already holds iteration 0")
-    staging = out.staging(0)
-    import warnings
+    created = not Path(save).exists()
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        _check_sources(src / "model.safetensors", plan, set(f.keys()), report)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(state, checkpoint_id=os.fspath(staging), no_dist=True)
-    (staging / CONFIG_FILE).write_text(json.dumps({
-        "model": dataclasses.asdict(cfg), "iteration": 0,
-        "precision": dataclasses.asdict(precision),
-        "layout": {"tp": 1, "pp": 1, "dp": 1, "virtual_stages": 1,
-                   "distributed_optimizer": False,
-                   "imported_from": f"transformers ViTForImageClassification {src}"}},
-        indent=1, sort_keys=True) + "\n")
-    return out.commit(0)
+        def read(batch: list[str]) -> dict[str, torch.Tensor]:
+            made: dict[str, list] = {}
+            tensors = {}
+            for fqn in batch:
+                if fqn not in owner:
+                    tensors[fqn] = scalars[fqn]
+                    continue
+                name = owner[fqn]
+                if name not in made:
+                    made[name] = _make_pieces(src, by_name[name], serial[name], f.get_tensor)
+                piece = made[name][piece_of[fqn]]
+                tensors[fqn] = piece if fqn.startswith(("model/", "optimizer/master/")) \
+                    else torch.zeros_like(piece)
+            return tensors
+
+        staging = out.staging(0)
+        names = list(stored)     # a parameter's entries are consecutive: made once a batch
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                write_dcp(staging, stored, list(_batches(names, sizes, buffer_bytes)), read,
+                          Progress(len(names), sum(sizes.values()), report))
+            for name, data in plan.side_files.items():
+                (staging / name).write_bytes(data)
+            (staging / CONFIG_FILE).write_text(json.dumps({
+                **plan.info, "iteration": 0, "precision": dataclasses.asdict(precision),
+                "layout": {"tp": tp, "pp": 1, "dp": 1, "virtual_stages": 1,
+                           "distributed_optimizer": False,
+                           "imported_from": f"{plan.source} {src}"}},
+                indent=1, sort_keys=True) + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created:
+                shutil.rmtree(save, ignore_errors=True)
+            raise
+    return out.commit(0), plan
+
+
+def _make_pieces(src: Path, entry: OutputTensor, param: torch.nn.Parameter,
+                 get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{piece name: whole piece} of one serial parameter, made by its mapping entry from
+    the source tensors `get` returns."""
+    from megavit.checkpointing.pieces import pieces_of
+    from megavit.parallel.sharding import get_tp_shard
+
+    w = entry.make([get(s) for s in entry.sources]).float()
+    if tuple(w.shape) != tuple(entry.shape):
+        raise ConvertError(f"{src}: {entry.name} would be {list(w.shape)} from "
+                           f"{', '.join(entry.sources)}, the config says {list(entry.shape)}")
+    return {p.name: p.local.contiguous() for p in pieces_of(entry.name, w, get_tp_shard(param))}
 
 
 def model_flags(cfg: ModelConfig) -> list[str]:

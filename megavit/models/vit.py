@@ -120,14 +120,21 @@ def _regularizer(cfg: ModelConfig, rt: Runtime, layer: int, branch: str) -> Bran
                              param_seed(rt.seed, f"drop-path.{layer}.{branch}"), rt)
 
 
+def model_norm(cfg: ModelConfig, size: int, impl: str = "torch",
+               partial_grad: bool = False) -> nn.Module:
+    """The model's norm over `size` features: --normalization, --norm-epsilon, --norm-bias."""
+    return layer_norm(size, cfg.norm_epsilon, cfg.norm_bias, partial_grad, impl,
+                      cfg.normalization)
+
+
 def qk_norms(cfg: ModelConfig, rt: Runtime) -> tuple[nn.Module | None, nn.Module | None]:
     """Per-head LayerNorms over the head dim for queries and keys (or None, None). One set
     of weights is shared by all heads; each TP rank applies it to its own heads only, so its
     gradient is partial and summed over TP after backward."""
     if not cfg.qk_layernorm:
         return None, None
-    return tuple(layer_norm(cfg.head_dim, cfg.norm_epsilon, cfg.norm_bias, partial_grad=True,
-                            impl=rt.layernorm_impl) for _ in range(2))
+    return tuple(model_norm(cfg, cfg.head_dim, rt.layernorm_impl, partial_grad=True)
+                 for _ in range(2))
 
 
 class _Attention(nn.Module):
@@ -171,8 +178,7 @@ class ParallelBlock(nn.Module):
         super().__init__()
         h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
         sp = rt.sequence_parallel
-        self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias, partial_grad=sp is not None,
-                               impl=rt.layernorm_impl)
+        self.norm = model_norm(cfg, h, rt.layernorm_impl, partial_grad=sp is not None)
         qkv_bias, mlp_bias = cfg.add_qkv_bias, cfg.add_mlp_bias
         self.in_proj = ColumnParallelLinear(h, (h, h, h, f), rt.tp, init_std=std,
                                             bias=(qkv_bias, qkv_bias, qkv_bias, mlp_bias),
@@ -196,18 +202,16 @@ class SequentialBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rt: Runtime, layer: int) -> None:
         super().__init__()
-        h, f, std, eps = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std, cfg.norm_epsilon
+        h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
         sp = rt.sequence_parallel
-        self.norm1 = layer_norm(h, eps, cfg.norm_bias, partial_grad=sp is not None,
-                                impl=rt.layernorm_impl)
+        self.norm1 = model_norm(cfg, h, rt.layernorm_impl, partial_grad=sp is not None)
         self.qkv = ColumnParallelLinear(h, (h, h, h), rt.tp, bias=cfg.add_qkv_bias, init_std=std,
                                         sequence_parallel=sp)
         self.attention = _Attention(cfg, rt)
         self.proj = RowParallelLinear(h, h, rt.tp, bias=cfg.add_proj_bias, init_std=std,
                                       sequence_parallel=sp is not None)
         self.branch1 = _regularizer(cfg, rt, layer, "attention")
-        self.norm2 = layer_norm(h, eps, cfg.norm_bias, partial_grad=sp is not None,
-                                impl=rt.layernorm_impl)
+        self.norm2 = model_norm(cfg, h, rt.layernorm_impl, partial_grad=sp is not None)
         self.fc1 = ColumnParallelLinear(h, f, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
                                         sequence_parallel=sp)
         self.fc2 = RowParallelLinear(f, h, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
@@ -302,7 +306,7 @@ class MAPHead(nn.Module):
         self.q = ColumnParallelLinear(h, h, tp, bias=True, init_std=std)
         self.kv = ColumnParallelLinear(h, (h, h), tp, bias=True, init_std=std)
         self.proj = RowParallelLinear(h, h, tp, bias=True, init_std=std)
-        self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias, impl=layernorm_impl)
+        self.norm = model_norm(cfg, h, layernorm_impl)
         self.fc1 = ColumnParallelLinear(h, f, tp, bias=True, init_std=std)
         self.fc2 = RowParallelLinear(f, h, tp, bias=True, init_std=std)
 
@@ -353,11 +357,13 @@ class VisionTransformer(nn.Module):
             if cfg.pooling == "cls":
                 self.cls_token = nn.Parameter(torch.empty(h))
                 set_init(self.cls_token, trunc_normal(cfg.init_method_std))
+            if cfg.pre_norm:
+                self.pre_norm = model_norm(cfg, h, rt.layernorm_impl)
         block = ParallelBlock if cfg.block_type == "parallel" else SequentialBlock
         layers = range(cfg.num_layers) if layers is None else layers
         self.blocks = nn.ModuleDict({str(i): block(cfg, rt, i) for i in layers})
         if post_process:
-            self.norm = layer_norm(h, cfg.norm_epsilon, cfg.norm_bias, impl=rt.layernorm_impl)
+            self.norm = model_norm(cfg, h, rt.layernorm_impl)
             self.map_head = (MAPHead(cfg, rt.tp, rt.layernorm_impl) if cfg.pooling == "map"
                              else None)
             self.head = nn.Linear(h, cfg.num_classes) if cfg.num_classes else None
@@ -374,7 +380,7 @@ class VisionTransformer(nn.Module):
             self.pad_mask[:, self.cfg.seq_length:] = float("-inf")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[b, c, H, W] -> [s, b, h]."""
+        """[b, c, H, W] -> [s, b, h]: patches, + positions, the class token, the pre-norm."""
         x = self.patch_embed(images)
         if self.pos_embed is not None:
             x = self.pos_embed(x)
@@ -382,7 +388,7 @@ class VisionTransformer(nn.Module):
             x = x + self.pos_sincos.unsqueeze(1)
         if self.cfg.pooling == "cls":
             x = torch.cat([self.cls_token.view(1, 1, -1).expand(1, x.shape[1], -1), x], dim=0)
-        return x
+        return self.pre_norm(x) if self.cfg.pre_norm else x
 
     def scatter_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """With SP: [s, b, h] -> this rank's [s_p/t, b, h] (zero-padded to s_p)."""

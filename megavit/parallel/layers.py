@@ -199,14 +199,35 @@ class LayerNorm(nn.LayerNorm):
         return self.fused(x, self.weight, bias, self.normalized_shape, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """x * weight / sqrt(mean(x^2) + eps) over the last dim (no mean subtraction, no bias)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
 def layer_norm(size: int, eps: float, bias: bool, partial_grad: bool = False,
-               impl: str = "torch") -> nn.LayerNorm:
-    """A LayerNorm (replicated over TP) with weight 1 and, if present, bias 0.
-    `partial_grad`: it sees only this rank's part of the work (a sequence shard, or its own
-    heads), so its gradients are summed over TP after backward."""
-    norm = LayerNorm(size, eps, bias, impl)
+               impl: str = "torch", kind: str = "layernorm") -> nn.Module:
+    """A LayerNorm (or with `kind` "rmsnorm" an RMSNorm, which has no bias) replicated over
+    TP, with weight 1 and, if present, bias 0. `partial_grad`: it sees only this rank's part
+    of the work (a sequence shard, or its own heads), so its gradients are summed over TP
+    after backward."""
+    if kind == "rmsnorm":
+        if bias:
+            raise ValueError("an RMSNorm has no bias")
+        norm = RMSNorm(size, eps)
+    else:
+        norm = LayerNorm(size, eps, bias, impl)
     set_init(norm.weight, constant(1.0))
-    if norm.bias is not None:
+    if getattr(norm, "bias", None) is not None:
         set_init(norm.bias, constant(0.0))
     return mark_partial_grad(norm) if partial_grad else norm
 

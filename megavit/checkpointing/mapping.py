@@ -1,0 +1,47 @@
+"""What a mapping between megavit and another library's layout hands the export / import
+drivers (`export_hf.py`, `import_hf.py`). One module per target library and architecture
+(`hf_vit.py`: transformers ViT, `timm_vit.py`: timm's ViT with parallel blocks,
+`hf_clip.py`: transformers CLIPModel / SiglipModel) builds these plans; the drivers do the
+reading, streaming, staging and checking, the same for all.
+
+Both directions are lists of `OutputTensor`s (`convert.py`): a tensor to write, its shape,
+the names of the tensors it is made from and how. Export: made from megavit's serial
+parameters, written into the target's `model.safetensors`. Import: made from the tensors of
+the directory's safetensors file, written as megavit's serial parameters (every one of the
+model's parameters must be made, in its shape).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megavit.checkpointing.convert import OutputTensor
+
+
+@dataclass
+class ExportPlan:
+    """An export: `target` names the library class (log lines, `megavit_export.json`);
+    `entries` are the tensors of `model.safetensors`; `files` the other files of the output
+    directory (`config.json`, a tokenizer, ...), written as given."""
+
+    target: str
+    entries: list[OutputTensor]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class ImportPlan:
+    """An import: `source` names the library class; `info` the megavit model it becomes, as
+    `megavit_config.json` records one ("model", and for two towers "text" and
+    "contrastive"); `entries` make megavit's serial parameters from the directory's tensors;
+    `side_files` are written beside the checkpoint's tensors (a two-tower tokenizer:
+    `tokenizer.model`); `flags` are the command-line flags that build this model; `ignored`
+    are name prefixes of the directory's tensors that megavit has no use for (reported when
+    present; any other tensor no entry reads is an error)."""
+
+    source: str
+    info: dict
+    entries: list[OutputTensor]
+    flags: list[str]
+    side_files: dict[str, bytes] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
