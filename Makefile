@@ -2,7 +2,8 @@
 #
 #   make quickstart   create .venv, install megavit, train a ViT on digits (CPU)
 #   make quickstart-clip   the same set-up, then a small CLIP on captioned digits (CPU)
-#   make test         create or reuse .venv, install test extras, run the whole suite
+#   make test         create or reuse .venv (and .venv-timm for the timm checks), install
+#                     the test extras, run the whole suite
 #
 # Inside the NGC PyTorch container use `pip install -e .` instead (keeps its torch).
 
@@ -33,21 +34,24 @@ quickstart: $(VENV)/.installed-base
 quickstart-clip: $(VENV)/.installed-base
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/quickstart_clip.sh
 
-test: $(VENV)/.installed-test
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests
+test: $(VENV)/.installed-test $(TIMM_VENV)/.installed-timm
+	PATH="$(abspath $(VENV))/bin:$$PATH" MEGAVIT_TIMM_PYTHON="$(abspath $(TIMM_VENV))/bin/python" \
+		$(PY) -m pytest -q tests
 
-# The timm comparison needs torchvision, which only loads beside torch 2.14.1 here
-# (a 5.5 GB CUDA build that also runs on CPU): a separate venv, so the main one stays small.
-BENCH_VENV ?= .venv-timm
-$(BENCH_VENV)/.installed:
-	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BENCH_VENV)/bin/python -m pip install --quiet timm -e .
+# timm needs torchvision, which only loads beside torch 2.14.1 here (a 5.5 GB CUDA build
+# that also runs on CPU; ~70 s to install): a separate venv, so the main one stays small.
+# The timm export/import tests run their timm half in it (tests/timm_side.py), and
+# `make bench-timm` compares step times with timm's ViT.
+TIMM_VENV ?= .venv-timm
+$(TIMM_VENV)/.installed-timm: setup.cfg
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TIMM_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(TIMM_VENV)/bin/python -m pip install --quiet timm==1.0.31 -e ".[hf]"
 	touch $@
 
-bench-timm: $(BENCH_VENV)/.installed
-	$(BENCH_VENV)/bin/python benchmarks/step_vs_timm.py
+bench-timm: $(TIMM_VENV)/.installed-timm
+	$(TIMM_VENV)/bin/python benchmarks/step_vs_timm.py
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) runs
+	rm -rf $(VENV) $(TIMM_VENV) runs

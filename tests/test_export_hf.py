@@ -31,8 +31,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _export(load, output, *extra) -> subprocess.CompletedProcess:
-    return _run("tools/export_hf.py", "--load", str(load), "--format", "transformers",
+def _export(load, output, *extra, fmt: str = "transformers") -> subprocess.CompletedProcess:
+    return _run("tools/export_hf.py", "--load", str(load), "--format", fmt,
                 "--output", str(output), *extra)
 
 

@@ -101,6 +101,8 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
     except ValueError as e:
         raise ConvertError(f"--tensor-model-parallel-size {tp}: {e}") from None
     by_name = {e.name: e for e in plan.entries}
+    if len(by_name) != len(plan.entries):
+        raise ConvertError(f"{plan.source}: a mapping that makes a parameter twice (a bug)")
     if missing := [n for n in serial if n not in by_name]:
         raise ConvertError(f"{src}: nothing maps to megavit's {', '.join(missing)}")
     for name, param in serial.items():

@@ -1,0 +1,203 @@
+"""timm's parallel-block ViT <-> megavit, checked by the real timm classes (random init
+offline; nothing is downloaded).
+
+timm imports torchvision, which loads only beside torch 2.14.1 here, so the timm half runs in
+the timm venv (`make test` builds it: .venv-timm, or $MEGAVIT_TIMM_PYTHON) through
+tests/timm_side.py; tensors cross over as safetensors files. Checked:
+- random timm models (a ViT-22B-like one: MAP head, LayerNorm with biases, QK-norm, MLP
+  bias; an "xp"-like one: RMSNorm, pre-norm, class token with a position row, QKV bias, no
+  output-projection bias) -> tools/import_hf.py -> megavit at TP=2 x PP=2 (gloo) evaluates
+  the held-out digits as timm does -> tools/export_hf.py --format timm -> timm's
+  `create_model('local-dir:...', pretrained=True)` (strict) and transformers'
+  TimmWrapperForImageClassification give the original logits;
+- a parallel-block ViT trained by megavit on digits exports and timm predicts its classes;
+- refusals: a sequential-block model, timm settings megavit has no equivalent for (each
+  named), a missing tensor, a shape that contradicts the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from tests.test_checkpoint_cli import ROOT
+from tests.test_export_hf import _eval_loaded, _export, _run
+
+TIMM_PYTHON = Path(os.environ.get("MEGAVIT_TIMM_PYTHON", Path(ROOT) / ".venv-timm/bin/python"))
+
+DIGITS = {"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10, "embed_dim": 32,
+          "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
+VIT22B_LIKE = {"model_name": "vit_base_patch16_xp_224", **DIGITS, "global_pool": "map",
+               "class_token": False, "pre_norm": False, "norm_layer": "layernorm",
+               "qkv_bias": False, "qk_norm": True, "proj_bias": True, "fc_norm": False}
+XP_LIKE = {"model_name": "vit_base_patch16_xp_224", **DIGITS, "no_embed_class": False,
+           "qkv_bias": True, "proj_bias": False}   # registered: RMSNorm, pre-norm, cls token
+
+
+def _timm(*args: str) -> None:
+    if not TIMM_PYTHON.is_file():
+        pytest.fail(f"{TIMM_PYTHON} missing: `make test` creates the timm venv (timm needs "
+                    "torchvision, which loads only beside torch 2.14.1 here); or set "
+                    "MEGAVIT_TIMM_PYTHON")
+    proc = subprocess.run([str(TIMM_PYTHON), str(Path(ROOT) / "tests/timm_side.py"), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _heldout():
+    from megavit.config import ModelConfig
+    from megavit.data.datasets import load_digits
+
+    return load_digits(ModelConfig(img_h=8, img_w=8, num_channels=1))[1]
+
+
+@pytest.mark.parametrize("args", [VIT22B_LIKE, XP_LIKE], ids=["vit22b-like", "xp-like"])
+def test_timm_round_trip_through_megavit_at_tp2_pp2(tmp_path, args):
+    from tests.harness import run_distributed
+
+    heldout = _heldout()
+    save_file({"images": heldout.images.contiguous()}, str(tmp_path / "images.safetensors"))
+    _timm("make", str(tmp_path / "timm"), json.dumps(args), str(tmp_path / "images.safetensors"),
+          str(tmp_path / "original.safetensors"))
+    logits = load_file(str(tmp_path / "original.safetensors"))["timm"]
+
+    proc = _run("tools/import_hf.py", "--input", str(tmp_path / "timm"), "--save",
+                str(tmp_path / "ck"), "--tensor-model-parallel-size", "2", "--buffer-mb", "0.05")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "imported | timm vit_base_patch16_xp_224 | tp 2" in proc.stdout
+    assert "convert | tensors" in proc.stdout                       # batches, with progress
+    flags = proc.stdout.split("model flags: ")[1].split()
+    run_flags = flags + ["--dataset", "digits", "--micro-batch-size", "8",
+                         "--global-batch-size", "16", "--train-iters", "1",
+                         "--tensor-model-parallel-size", "2",
+                         "--pipeline-model-parallel-size", "2"]
+    got = run_distributed(4, 2, {"e": (_eval_loaded, (run_flags, str(tmp_path / "ck")))},
+                          pp=2)["e"]
+    loss = F.cross_entropy(logits, heldout.labels).item()
+    correct = (logits.argmax(-1) == heldout.labels).sum().item()
+    for r in got:
+        assert r["eval_loss"] == pytest.approx(loss, rel=1e-5)
+        assert round(r["eval_accuracy"] * 359) == correct
+
+    proc = _export(tmp_path / "ck", tmp_path / "back", fmt="timm")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _timm("run", str(tmp_path / "back"), str(tmp_path / "images.safetensors"),
+          str(tmp_path / "again.safetensors"))
+    again = load_file(str(tmp_path / "again.safetensors"))
+    for key in ("timm", "wrapper"):
+        torch.testing.assert_close(again[key], logits, rtol=1e-5, atol=1e-5)
+
+
+def _megavit_vs_timm(tmp_path: Path, flags: list[str], iters: int):
+    """Train megavit on digits, export to timm; (megavit's held-out logits, timm's and the
+    transformers wrapper's, the labels)."""
+    from megavit.checkpointing.convert import read_config
+    from megavit.checkpointing.model_state import load_state, model_state_dict
+    from megavit.models.vit import build_vit
+    from megavit.parallel.state import serial_state
+
+    proc = _run("-m", "megavit.pretrain", *flags, "--dataset", "digits", "--img-h", "8",
+                "--img-w", "8", "--num-channels", "1", "--patch-dim", "2",
+                "--micro-batch-size", "64", "--global-batch-size", "64", "--lr", "1e-2",
+                "--lr-warmup-iters", "20", "--clip-grad", "1.0", "--train-iters", str(iters),
+                "--progress-bar", "off", "--save", str(tmp_path / "ck"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _export(tmp_path / "ck", tmp_path / "timm", "--buffer-mb", "0.02", fmt="timm")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"exported | timm VisionTransformer (ParallelScalingBlock) | iteration {iters}" \
+        in proc.stdout
+
+    heldout = _heldout()
+    save_file({"images": heldout.images.contiguous()}, str(tmp_path / "images.safetensors"))
+    _timm("run", str(tmp_path / "timm"), str(tmp_path / "images.safetensors"),
+          str(tmp_path / "out.safetensors"))
+    theirs = load_file(str(tmp_path / "out.safetensors"))
+    checkpoint = tmp_path / "ck" / f"iter_{iters:07d}"
+    _, cfg = read_config(checkpoint)
+    ours = build_vit(cfg, serial_state().tp, seed=1)
+    load_state({f"model/{k}": v for k, v in model_state_dict(ours, serial_state()).items()},
+               checkpoint, serial_state(), "model")
+    with torch.no_grad():
+        expected = ours.eval()(heldout.images)
+    return expected, theirs, heldout.labels
+
+
+def test_megavit_trained_parallel_vit_exports_to_timm_with_its_classes(tmp_path):
+    """The ViT-22B block and MAP head (vit-debug), trained to ~86 % on digits."""
+    expected, theirs, labels = _megavit_vs_timm(tmp_path, ["--preset", "vit-debug"], 300)
+    assert (expected.argmax(-1) == labels).float().mean() > 0.7   # it learned
+    for key in ("timm", "wrapper"):
+        assert (theirs[key] - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6
+        assert torch.equal(theirs[key].argmax(-1), expected.argmax(-1))
+
+
+def test_megavit_options_export_to_timm(tmp_path):
+    """RMSNorm, a pre-norm (timm's patch projection has no bias then: megavit's, trained
+    away from 0, moves into the position table), a class token, QKV bias, no MLP bias."""
+    flags = ["--preset", "vit-debug", "--normalization", "rmsnorm", "--pre-norm",
+             "--pooling", "cls", "--add-qkv-bias", "--no-add-mlp-bias", "--add-proj-bias"]
+    expected, theirs, _ = _megavit_vs_timm(tmp_path, flags, 5)
+    for key in ("timm", "wrapper"):
+        assert (theirs[key] - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6
+
+
+def test_timm_refusals_name_what_does_not_map(tmp_path):
+    # megavit -> timm: a sequential-block ViT
+    proc = _run("-m", "megavit.pretrain", "--preset", "vit-debug", "--num-channels", "1",
+                "--img-h", "16", "--img-w", "16", "--micro-batch-size", "8",
+                "--global-batch-size", "8", "--train-iters", "1", "--progress-bar", "off",
+                "--block-type", "sequential", "--norm-epsilon", "1e-5",
+                "--save", str(tmp_path / "seq"))
+    assert proc.returncode == 0, proc.stderr
+    bad = _export(tmp_path / "seq", tmp_path / "out", fmt="timm")
+    assert bad.returncode == 2
+    for difference in ("--block-type is 'sequential'", "--norm-epsilon is 1e-05"):
+        assert difference in bad.stderr, bad.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+    # timm -> megavit: a directory made offline (config and tensors), no timm needed
+    from megavit.checkpointing.export_hf import export_plan
+    from megavit.checkpointing.timm_vit import model_config_of, timm_config
+
+    cfg = model_config_of({"architecture": "vit_base_patch16_xp_224",
+                           "model_args": {k: v for k, v in VIT22B_LIKE.items()
+                                          if k != "model_name"}})
+    config = timm_config(cfg)
+    plan = export_plan("timm", {"model": {}}, cfg, None)
+    tensors = {e.name: torch.randn(e.shape) for e in plan.entries}
+
+    def directory(name: str, config: dict, tensors: dict) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+        return tmp_path / name
+
+    def refused(path: Path, *needles: str) -> None:
+        proc = _run("tools/import_hf.py", "--input", str(path), "--save", str(tmp_path / "ck"))
+        assert proc.returncode == 2, proc.stdout
+        for needle in needles:
+            assert needle in proc.stderr, (needle, proc.stderr)
+        assert not (tmp_path / "ck").exists()
+
+    args = config["model_args"]
+    refused(directory("extras", {**config, "model_args": {
+        **args, "reg_tokens": 1, "init_values": 1e-5, "act_layer": "gelu_tanh"}}, tensors),
+        "reg_tokens 1", "init_values 1e-05", "act_layer 'gelutanh'")
+    refused(directory("arch", {**config, "architecture": "vit_pwee_patch16_reg1_gap_256"},
+                      tensors), "architecture 'vit_pwee_patch16_reg1_gap_256'")
+    refused(directory("missing", config, {k: v for k, v in tensors.items()
+                                          if k != "blocks.2.mlp_bias"}),
+            "blocks.2.mlp_bias missing")
+    refused(directory("shape", {**config, "model_args": {**args, "mlp_ratio": 3.0}}, tensors),
+            "blocks.0.in_proj.weight would be [160, 32]", "the config says [192, 32]")
+    refused(directory("extra", config, {**tensors, "blocks.0.ls.gamma": torch.ones(32)}),
+            "blocks.0.ls.gamma")
