@@ -155,22 +155,27 @@ def test_consolidated_safetensors_holds_the_serial_weights(saved, tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def _rss_growth(source: Path, output: Path, buffer_mb: float) -> int:
-    """Peak RSS growth (bytes) of a process that converts `source` after importing
-    everything: ru_maxrss after minus before."""
+def rss_growth(tool: str, *args: str) -> int:
+    """Peak RSS growth (bytes) of a process that runs tools/`tool`.py with `args` after
+    importing everything: ru_maxrss after minus before."""
     code = (
         "import resource, sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
-        "from tools.checkpoint_convert import main\n"
+        f"from tools.{tool} import main\n"
         "import megavit.models.vit, torch.distributed.checkpoint\n"
+        "import megavit.checkpointing.import_hf, megavit.checkpointing.hf_vit\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "assert main([sys.argv[2], '--target-tensor-parallel-size', '2', '--output', sys.argv[3],"
-        " '--buffer-mb', sys.argv[4]]) == 0\n"
+        "assert main(sys.argv[2:]) == 0\n"
         "print('growth_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(source), str(output),
-                           str(buffer_mb)], capture_output=True, text=True, timeout=300, env=ENV)
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True,
+                          text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return int(proc.stdout.split("growth_kib")[-1]) * 1024
+
+
+def _rss_growth(source: Path, output: Path, buffer_mb: float) -> int:
+    return rss_growth("checkpoint_convert", str(source), "--target-tensor-parallel-size", "2",
+                      "--output", str(output), "--buffer-mb", str(buffer_mb))
 
 
 def test_conversion_memory_is_bounded_by_the_buffer_not_the_checkpoint(tmp_path):

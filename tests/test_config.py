@@ -111,6 +111,8 @@ BAD = [
     (dict(training={"min_lr": 1.0}), 1, "--min-lr 1.0 is above --lr"),
     (dict(model={"position_embedding_type": "sincos2d", "hidden_size": 30,
                  "num_attention_heads": 5}), 1, "sincos2d needs --hidden-size divisible by 4"),
+    (dict(model={"normalization": "rmsnorm", "norm_bias": True}), 1,
+     "--norm-bias: an RMSNorm has no bias"),
 ]
 
 

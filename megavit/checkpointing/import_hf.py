@@ -12,9 +12,9 @@ them, zero Adam moments, Adam step 0 and the default loss-scaler state — so
 `--load` with the printed model flags starts fine-tuning there at any TP / PP / DP layout.
 
 The pieces are stored in the blocks a `tp`-way run reads (any layout loads them; at that
-TP size each rank reads exactly its own). Memory: the safetensors file is memory-mapped and
-parameters are made and written in batches of at most `buffer_bytes` of output (a larger
-parameter alone), so an import holds one batch, not the model. The layout is recorded as
+TP size each rank reads exactly its own). Memory: parameters are made and written in batches of at most `buffer_bytes` of output (a larger
+parameter alone) from tensors read one file read at a time (`safetensors_files.py`: no
+memory map), so an import holds one batch, not the model. The layout is recorded as
 imported, so dropout streams start afresh.
 """
 
@@ -35,6 +35,7 @@ from megavit.checkpointing.convert import ConvertError, OutputTensor, Progress, 
     _batches, write_dcp
 from megavit.checkpointing.directory import CheckpointDirectory
 from megavit.checkpointing.mapping import ImportPlan
+from megavit.checkpointing.safetensors_files import SafetensorsFiles
 from megavit.config import ModelConfig, PrecisionConfig
 
 
@@ -82,18 +83,18 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
                      report: Callable[[str], None] = print) -> tuple[Path, ImportPlan]:
     """Write DIR's model as iteration 0 of the --save directory `save`, stored for a
     `tp`-way tensor-parallel run; returns the checkpoint's path and the mapping used."""
-    from safetensors import safe_open
-
     from megavit.checkpointing.checkpointer import CONFIG_FILE
     from megavit.checkpointing.pieces import piece_blocks, pieces_of, serial_meta_model
     from megavit.parallel.sharding import get_tp_shard
 
     src = Path(directory)
-    for name in ("config.json", "model.safetensors"):
-        if not (src / name).is_file():
-            hint = " (a pickle-only checkpoint is not read: convert it to safetensors)" \
-                if name == "model.safetensors" and any(src.glob("*.bin")) else ""
-            raise ConvertError(f"{src / name}: missing{hint}")
+    if not (src / "config.json").is_file():
+        raise ConvertError(f"{src / 'config.json'}: missing")
+    if not any((src / n).is_file() for n in ("model.safetensors",
+                                             "model.safetensors.index.json")):
+        hint = " (a pickle-only checkpoint is not read: convert it to safetensors)" \
+            if any(src.glob("*.bin")) or any(src.glob("*.pth")) else ""
+        raise ConvertError(f"{src / 'model.safetensors'}: missing{hint}")
     plan = import_plan(src, json.loads((src / "config.json").read_text()))
     serial = dict(serial_meta_model(plan.info, 1).named_parameters())
     try:
@@ -133,44 +134,44 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
     if out.path_of(0).exists():
         raise ConvertError(f"--save {save}: already holds iteration 0")
     created = not Path(save).exists()
-    with safe_open(str(src / "model.safetensors"), "pt") as f:
-        _check_sources(src / "model.safetensors", plan, set(f.keys()), report)
+    files = SafetensorsFiles(src)
+    _check_sources(src, plan, files.keys(), report)
 
-        def read(batch: list[str]) -> dict[str, torch.Tensor]:
-            made: dict[str, list] = {}
-            tensors = {}
-            for fqn in batch:
-                if fqn not in owner:
-                    tensors[fqn] = scalars[fqn]
-                    continue
-                name = owner[fqn]
-                if name not in made:
-                    made[name] = _make_pieces(src, by_name[name], serial[name], f.get_tensor)
-                piece = made[name][piece_of[fqn]]
-                tensors[fqn] = piece if fqn.startswith(("model/", "optimizer/master/")) \
-                    else torch.zeros_like(piece)
-            return tensors
+    def read(batch: list[str]) -> dict[str, torch.Tensor]:
+        made: dict[str, dict[str, torch.Tensor]] = {}
+        tensors = {}
+        for fqn in batch:
+            if fqn not in owner:
+                tensors[fqn] = scalars[fqn]
+                continue
+            name = owner[fqn]
+            if name not in made:
+                made[name] = _make_pieces(src, by_name[name], serial[name], files.get)
+            piece = made[name][piece_of[fqn]]
+            tensors[fqn] = piece if fqn.startswith(("model/", "optimizer/master/")) \
+                else torch.zeros_like(piece)
+        return tensors
 
-        staging = out.staging(0)
-        names = list(stored)     # a parameter's entries are consecutive: made once a batch
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                write_dcp(staging, stored, list(_batches(names, sizes, buffer_bytes)), read,
-                          Progress(len(names), sum(sizes.values()), report))
-            for name, data in plan.side_files.items():
-                (staging / name).write_bytes(data)
-            (staging / CONFIG_FILE).write_text(json.dumps({
-                **plan.info, "iteration": 0, "precision": dataclasses.asdict(precision),
-                "layout": {"tp": tp, "pp": 1, "dp": 1, "virtual_stages": 1,
-                           "distributed_optimizer": False,
-                           "imported_from": f"{plan.source} {src}"}},
-                indent=1, sort_keys=True) + "\n")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if created:
-                shutil.rmtree(save, ignore_errors=True)
-            raise
+    staging = out.staging(0)
+    names = list(stored)     # a parameter's entries are consecutive: made once a batch
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            write_dcp(staging, stored, list(_batches(names, sizes, buffer_bytes)), read,
+                      Progress(len(names), sum(sizes.values()), report))
+        for name, data in plan.side_files.items():
+            (staging / name).write_bytes(data)
+        (staging / CONFIG_FILE).write_text(json.dumps({
+            **plan.info, "iteration": 0, "precision": dataclasses.asdict(precision),
+            "layout": {"tp": tp, "pp": 1, "dp": 1, "virtual_stages": 1,
+                       "distributed_optimizer": False,
+                       "imported_from": f"{plan.source} {src}"}},
+            indent=1, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(save, ignore_errors=True)
+        raise
     return out.commit(0), plan
 
 
