@@ -201,3 +201,36 @@ def test_timm_refusals_name_what_does_not_map(tmp_path):
             "blocks.0.in_proj.weight would be [160, 32]", "the config says [192, 32]")
     refused(directory("extra", config, {**tensors, "blocks.0.ls.gamma": torch.ones(32)}),
             "blocks.0.ls.gamma")
+
+
+def test_non_square_timm_model_imports_and_exports(tmp_path):
+    """12x8 images (6 x 4 patches, row-major in both libraries), no classifier: megavit's
+    serial features equal timm's, and the export gives them back."""
+    from megavit.checkpointing.convert import read_config
+    from megavit.checkpointing.model_state import load_state, model_state_dict
+    from megavit.models.vit import build_vit
+    from megavit.parallel.state import serial_state
+
+    args = {**VIT22B_LIKE, "img_size": [12, 8], "num_classes": 0}
+    images = torch.randn(5, 1, 12, 8)
+    save_file({"images": images}, str(tmp_path / "images.safetensors"))
+    _timm("make", str(tmp_path / "timm"), json.dumps(args), str(tmp_path / "images.safetensors"),
+          str(tmp_path / "original.safetensors"))
+    features = load_file(str(tmp_path / "original.safetensors"))["timm"]
+    proc = _run("tools/import_hf.py", "--input", str(tmp_path / "timm"), "--save",
+                str(tmp_path / "ck"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--img-h 12 --img-w 8" in proc.stdout and "--num-classes 0" in proc.stdout
+    checkpoint = tmp_path / "ck" / "iter_0000000"
+    _, cfg = read_config(checkpoint)
+    ours = build_vit(cfg, serial_state().tp, seed=1)
+    load_state({f"model/{k}": v for k, v in model_state_dict(ours, serial_state()).items()},
+               checkpoint, serial_state(), "model")
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(images), features, rtol=1e-5, atol=1e-5)
+    assert _export(tmp_path / "ck", tmp_path / "back", fmt="timm").returncode == 0
+    _timm("run", str(tmp_path / "back"), str(tmp_path / "images.safetensors"),
+          str(tmp_path / "again.safetensors"))
+    again = load_file(str(tmp_path / "again.safetensors"))
+    for key in ("timm", "wrapper"):
+        torch.testing.assert_close(again[key], features, rtol=1e-5, atol=1e-5)
