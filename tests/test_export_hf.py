@@ -58,6 +58,7 @@ def test_exported_vit_loads_strictly_and_predicts_like_megavit(trained):
     proc = _export(trained / "ck", out, "--buffer-mb", "0.01")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "exported | transformers ViTForImageClassification | iteration 60" in proc.stdout
+    assert sum(line.startswith("export | tensors ") for line in proc.stdout.splitlines()) > 3
     theirs, info = ViTForImageClassification.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"] and not info["error_msgs"]

@@ -74,7 +74,7 @@ def test_timm_round_trip_through_megavit_at_tp2_pp2(tmp_path, args):
                 str(tmp_path / "ck"), "--tensor-model-parallel-size", "2", "--buffer-mb", "0.05")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "imported | timm vit_base_patch16_xp_224 | tp 2" in proc.stdout
-    assert "convert | tensors" in proc.stdout                       # batches, with progress
+    assert "import | tensors" in proc.stdout                       # batches, with progress
     flags = proc.stdout.split("model flags: ")[1].split()
     run_flags = flags + ["--dataset", "digits", "--micro-batch-size", "8",
                          "--global-batch-size", "16", "--train-iters", "1",

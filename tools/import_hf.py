@@ -4,8 +4,8 @@ fine-tune from.
     python tools/import_hf.py --input exported/ --save runs/ft/ckpt --tensor-model-parallel-size 2
     python -m megavit.pretrain <printed model flags> --load runs/ft/ckpt --save runs/ft/ckpt ...
 
-Reads DIR/config.json and DIR/model.safetensors (safetensors only: a pickle-only checkpoint
-is refused). What maps: transformers ViTModel / ViTForImageClassification, CLIPModel and
+Reads DIR/config.json and DIR/model.safetensors, or the shards that
+model.safetensors.index.json lists (safetensors only: a pickle-only checkpoint is refused). What maps: transformers ViTModel / ViTForImageClassification, CLIPModel and
 SiglipModel (model_type vit, clip, siglip), and timm VisionTransformers with parallel
 (ParallelScalingBlock) blocks. Writes iteration 0 of the --save directory: weights, fp32
 masters, zero Adam state, so `--load` starts there at any TP / PP / DP layout; the tensors

@@ -65,6 +65,7 @@ class Progress:
     total_tensors: int
     total_bytes: int
     report: Callable[[str], None]
+    label: str = "convert"
     tensors: int = 0
     bytes: int = 0
     peak_batch_bytes: int = 0
@@ -78,7 +79,7 @@ class Progress:
         self.bytes += nbytes
         self.peak_batch_bytes = max(self.peak_batch_bytes, nbytes)
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        self.report(f"convert | tensors {self.tensors}/{self.total_tensors} | MiB "
+        self.report(f"{self.label} | tensors {self.tensors}/{self.total_tensors} | MiB "
                     f"{self.bytes / 2**20:.1f}/{self.total_bytes / 2**20:.1f} | "
                     f"{100 * self.bytes / max(self.total_bytes, 1):.1f}% | "
                     f"{self.bytes / 2**20 / seconds:.1f} MiB/s")
@@ -298,7 +299,7 @@ def serial_parameters(source: Path, info: dict, metadata: Metadata) -> dict[str,
 
 def write_safetensors(source: Path, output: str | os.PathLike, entries: list[OutputTensor],
                       dtype: torch.dtype | None, buffer_bytes: int, header_metadata: dict,
-                      report: Callable[[str], None] = print) -> Path:
+                      report: Callable[[str], None] = print, label: str = "convert") -> Path:
     """Stream `entries` into one safetensors file, reading the serial parameters they need
     batch by batch (at most `buffer_bytes` of output at once, a larger tensor alone);
     `dtype` None keeps the stored one. Written to FILE.partial, synced, renamed."""
@@ -317,7 +318,7 @@ def write_safetensors(source: Path, output: str | os.PathLike, entries: list[Out
                                  header_metadata)
     sizes = {e.name: math.prod(e.shape) * stored_dtype[e.sources[0]].itemsize for e in entries}
     by_name = {e.name: e for e in entries}
-    progress = Progress(len(entries), sum(sizes.values()), report)
+    progress = Progress(len(entries), sum(sizes.values()), report, label)
     output = Path(output)
     partial = output.with_name(output.name + ".partial")
     try:

@@ -66,7 +66,7 @@ def export_checkpoint(source: Path, fmt: str, output: str | os.PathLike,
     staging.mkdir(parents=True)
     try:
         write_safetensors(source, staging / "model.safetensors", plan.entries, dtype,
-                          buffer_bytes, {"format": "pt"}, report)
+                          buffer_bytes, {"format": "pt"}, report, "export")
         for name, data in plan.files.items():
             (staging / name).write_bytes(data)
         (staging / "megavit_export.json").write_text(json.dumps(

@@ -158,7 +158,7 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             write_dcp(staging, stored, list(_batches(names, sizes, buffer_bytes)), read,
-                      Progress(len(names), sum(sizes.values()), report))
+                      Progress(len(names), sum(sizes.values()), report, "import"))
         for name, data in plan.side_files.items():
             (staging / name).write_bytes(data)
         (staging / CONFIG_FILE).write_text(json.dumps({
