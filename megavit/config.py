@@ -90,6 +90,14 @@ class ModelConfig:
             choices=("layernorm", "rmsnorm"),
         ),
     )
+    activation: str = field(
+        default="gelu",
+        metadata=_opt(
+            "The MLP activation (blocks and MAP head): 'gelu' (exact, erf) or 'gelu_tanh' "
+            "(the tanh approximation: SigLIP's gelu_pytorch_tanh, timm's gelu_tanh).",
+            choices=("gelu", "gelu_tanh"),
+        ),
+    )
     pre_norm: bool = field(
         default=False,
         metadata=_opt(
@@ -483,13 +491,27 @@ class TextConfig:
                       "every layout, so checkpoints reshard); the TP size must divide it."))
     text_pooling: str = field(
         default="eos",
-        metadata=_opt("Caption embedding: the 'eos' token (CLIP), the 'first' token, or "
-                      "'map' (attention pooling over the non-padded tokens).",
-                      choices=("eos", "first", "map")))
+        metadata=_opt("Caption embedding: the 'eos' token (CLIP), the 'first' token, the "
+                      "'last' position (SigLIP: the final token, padding or not), or 'map' "
+                      "(attention pooling over the non-padded tokens).",
+                      choices=("eos", "first", "last", "map")))
     text_causal: bool = field(
         default=True,
-        metadata=_opt("Causal attention (CLIP); --no-text-causal: bidirectional with padded "
-                      "tokens masked (SigLIP). Causal attention needs --text-pooling eos."))
+        metadata=_opt("Causal attention (CLIP); --no-text-causal: bidirectional (SigLIP). "
+                      "Causal attention needs --text-pooling eos or last."))
+    text_mask_padding: bool = field(
+        default=True,
+        metadata=_opt("Bidirectional text attention hides padded tokens (their keys are "
+                      "masked); --no-text-mask-padding: every token attends to every token, "
+                      "padding included (SigLIP as its processor calls it: no attention "
+                      "mask). Needs --no-text-causal."))
+    text_norm_epsilon: float = field(
+        default=1e-5,
+        metadata=_opt("Epsilon of the text tower's LayerNorms (CLIP 1e-5, SigLIP 1e-6)."))
+    text_projection_bias: bool = field(
+        default=False,
+        metadata=_opt("A bias in the text projection to the embedding space (SigLIP's text "
+                      "head has one; CLIP's has none)."))
 
 
 TEXT_PRESETS: dict[str, dict[str, Any]] = {

@@ -36,7 +36,14 @@ class ContrastiveConfig:
                       "(default 8); more chunks, less memory and more messages."))
     embed_dim: int | None = field(
         default=None, metadata=_opt("Width of the shared embedding space; default: the text "
-                                    "tower's width."))
+                                    "tower's width (the image tower's with "
+                                    "--no-image-projection)."))
+    image_projection: bool = field(
+        default=True,
+        metadata=_opt("Project the image features into the embedding space; "
+                      "--no-image-projection: the image embedding is the image tower's pooled "
+                      "features themselves (SigLIP), so --embed-dim is the image width "
+                      "(--hidden-size)."))
     lock_image_tower: bool = field(
         default=False,
         metadata=_opt("LiT: load the image tower from --image-checkpoint and keep it fixed "
@@ -88,7 +95,11 @@ class ContrastiveRunConfig:
 
     @property
     def embed_dim(self) -> int:
-        return self.contrastive.embed_dim or self.text.text_hidden_size
+        if self.contrastive.embed_dim:
+            return self.contrastive.embed_dim
+        if not self.contrastive.image_projection:
+            return self.base.model.hidden_size
+        return self.text.text_hidden_size
 
     @property
     def model(self) -> ModelConfig:
@@ -164,11 +175,21 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
         problems.append(f"--tensor-model-parallel-size {tp} must divide "
                         f"--make-vocab-size-divisible-by {t.make_vocab_size_divisible_by} "
                         "(the padded vocabulary is split over TP)")
-    if t.text_causal and t.text_pooling != "eos":
+    if t.text_causal and t.text_pooling not in ("eos", "last"):
         problems.append(f"--text-pooling {t.text_pooling} with causal attention sees only the "
-                        "caption's start; use --text-pooling eos or --no-text-causal")
+                        "caption's start; use --text-pooling eos or last, or --no-text-causal")
+    if t.text_causal and not t.text_mask_padding:
+        problems.append("--no-text-mask-padding applies to bidirectional text attention; add "
+                        "--no-text-causal (causal attention never lets a token see later "
+                        "padding)")
+    if t.text_norm_epsilon <= 0:
+        problems.append(f"--text-norm-epsilon must be positive (got {t.text_norm_epsilon})")
     if c.embed_dim is not None and c.embed_dim < 1:
         problems.append(f"--embed-dim must be at least 1 (got {c.embed_dim})")
+    elif not c.image_projection and cfg.embed_dim != b.model.hidden_size:
+        problems.append(f"--no-image-projection: the image features are the embeddings, so "
+                        f"--embed-dim {cfg.embed_dim} must equal --hidden-size "
+                        f"{b.model.hidden_size} (or be left unset)")
     if c.siglip_chunks is not None and c.siglip_chunks < 1:
         problems.append(f"--siglip-chunks must be at least 1 (got {c.siglip_chunks})")
     if c.num_workers < 0:

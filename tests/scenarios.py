@@ -21,7 +21,8 @@ from megavit.training.trainer import TrainingRun
 # Model variants the layouts are checked with: the ViT-22B recipe; a classic ViT with every
 # bias, a class token (17 tokens) and fixed position embeddings; and a GAP head over
 # parallel blocks whose fused input projection has a QKV bias but no MLP bias, with RMSNorm
-# everywhere (QK-norms included) and a pre-norm over the embedded tokens (timm's "xp" ViTs).
+# everywhere (QK-norms included), a pre-norm over the embedded tokens (timm's "xp" ViTs) and
+# the tanh GELU.
 VARIANTS: dict[str, dict[str, Any]] = {
     # 20 px images: 25 tokens, padded under SP (with the MAP head and QK-LayerNorm);
     # drop-path masks are keyed by image, so they are the same in every layout
@@ -30,7 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     add_qkv_bias=True, add_proj_bias=True, norm_bias=True,
                     position_embedding_type="sincos2d"),
     "gap": dict(pooling="gap", add_mlp_bias=False, add_qkv_bias=True,   # mixed bias flags
-                normalization="rmsnorm", pre_norm=True),
+                normalization="rmsnorm", pre_norm=True, activation="gelu_tanh"),
 }
 
 

@@ -157,16 +157,20 @@ def test_consolidated_safetensors_holds_the_serial_weights(saved, tmp_path):
 
 def rss_growth(tool: str, *args: str) -> int:
     """Peak RSS growth (bytes) of a process that runs tools/`tool`.py with `args` after
-    importing everything: ru_maxrss after minus before."""
+    importing everything: VmHWM after minus before. (Not ru_maxrss: Linux carries that over
+    exec from the forked parent, so under a large pytest process it would read flat.)"""
     code = (
-        "import resource, sys, torch\n"
+        "import sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
         f"from tools.{tool} import main\n"
         "import megavit.models.vit, torch.distributed.checkpoint\n"
         "import megavit.checkpointing.import_hf, megavit.checkpointing.hf_vit\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "def peak():\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    return int(status.split('VmHWM:')[1].split()[0])\n"
+        "before = peak()\n"
         "assert main(sys.argv[2:]) == 0\n"
-        "print('growth_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+        "print('growth_kib', peak() - before)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True,
                           text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -39,7 +39,8 @@ VIT22B_LIKE = {"model_name": "vit_base_patch16_xp_224", **DIGITS, "global_pool":
                "class_token": False, "pre_norm": False, "norm_layer": "layernorm",
                "qkv_bias": False, "qk_norm": True, "proj_bias": True, "fc_norm": False}
 XP_LIKE = {"model_name": "vit_base_patch16_xp_224", **DIGITS, "no_embed_class": False,
-           "qkv_bias": True, "proj_bias": False}   # registered: RMSNorm, pre-norm, cls token
+           "qkv_bias": True, "proj_bias": False,   # registered: RMSNorm, pre-norm, cls token
+           "act_layer": "gelu_tanh"}
 
 
 def _timm(*args: str) -> None:
@@ -142,9 +143,11 @@ def test_megavit_trained_parallel_vit_exports_to_timm_with_its_classes(tmp_path)
 
 def test_megavit_options_export_to_timm(tmp_path):
     """RMSNorm, a pre-norm (timm's patch projection has no bias then: megavit's, trained
-    away from 0, moves into the position table), a class token, QKV bias, no MLP bias."""
+    away from 0, moves into the position table), a class token, QKV bias, no MLP bias, the
+    tanh GELU."""
     flags = ["--preset", "vit-debug", "--normalization", "rmsnorm", "--pre-norm",
-             "--pooling", "cls", "--add-qkv-bias", "--no-add-mlp-bias", "--add-proj-bias"]
+             "--pooling", "cls", "--add-qkv-bias", "--no-add-mlp-bias", "--add-proj-bias",
+             "--activation", "gelu_tanh"]
     expected, theirs, _ = _megavit_vs_timm(tmp_path, flags, 5)
     for key in ("timm", "wrapper"):
         assert (theirs[key] - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-6
@@ -190,8 +193,8 @@ def test_timm_refusals_name_what_does_not_map(tmp_path):
 
     args = config["model_args"]
     refused(directory("extras", {**config, "model_args": {
-        **args, "reg_tokens": 1, "init_values": 1e-5, "act_layer": "gelu_tanh"}}, tensors),
-        "reg_tokens 1", "init_values 1e-05", "act_layer 'gelutanh'")
+        **args, "reg_tokens": 1, "init_values": 1e-5, "act_layer": "silu"}}, tensors),
+        "reg_tokens 1", "init_values 1e-05", "act_layer 'silu'")
     refused(directory("arch", {**config, "architecture": "vit_pwee_patch16_reg1_gap_256"},
                       tensors), "architecture 'vit_pwee_patch16_reg1_gap_256'")
     refused(directory("missing", config, {k: v for k, v in tensors.items()

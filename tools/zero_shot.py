@@ -61,7 +61,8 @@ def load_two_tower(path: Path, tokenizer_model: str | None = None
                              f"trained with {vocab}")
     pstate = serial_state()
     model = build_two_tower(ModelConfig(**info["model"]), text_cfg, Runtime(tp=pstate.tp),
-                            Runtime(tp=pstate.tp), 0, vocab, pad, eos, c["embed_dim"], c["loss"])
+                            Runtime(tp=pstate.tp), 0, vocab, pad, eos, c["embed_dim"], c["loss"],
+                            image_projection=c.get("image_projection", True))
     check_loadable(checkpoint)
     check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
     load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},

@@ -50,8 +50,10 @@ def _defaults(section: str) -> dict:
     """The defaults of a config section's fields (a checkpoint written before a field
     existed was built with its default)."""
     from megavit.config import ModelConfig, TextConfig
+    from megavit.contrastive_config import ContrastiveConfig
 
-    kind = {"model": ModelConfig, "text": TextConfig}.get(section)
+    kind = {"model": ModelConfig, "text": TextConfig,
+            "contrastive": ContrastiveConfig}.get(section)
     return {f.name: f.default for f in dataclasses.fields(kind)
             if f.default is not dataclasses.MISSING} if kind else {}
 

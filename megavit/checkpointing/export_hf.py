@@ -27,9 +27,9 @@ from megavit.config import ModelConfig
 FORMATS = ("timm", "transformers")
 
 
-def export_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | None
-                ) -> ExportPlan:
-    """The mapping of the checkpoint `info` (its megavit_config.json) onto `fmt`."""
+def export_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | None,
+                source: Path | None = None) -> ExportPlan:
+    """The mapping of the checkpoint `source` (`info`: its megavit_config.json) onto `fmt`."""
     if fmt == "timm":
         if "text" in info:
             raise ConvertError("--format timm: a two-tower checkpoint; timm holds image "
@@ -42,7 +42,7 @@ def export_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | Non
     if "text" in info:
         from megavit.checkpointing import hf_clip
 
-        return hf_clip.export_plan(info, cfg, dtype)
+        return hf_clip.export_plan(info, cfg, dtype, source)
     from megavit.checkpointing import hf_vit
 
     return hf_vit.export_plan(info, cfg, dtype)
@@ -55,7 +55,7 @@ def export_checkpoint(source: Path, fmt: str, output: str | os.PathLike,
     the library `fmt`; a failure leaves nothing."""
     info, cfg = read_config(source)
     try:
-        plan = export_plan(fmt, info, cfg, dtype)
+        plan = export_plan(fmt, info, cfg, dtype, source)
     except ConvertError as e:
         raise ConvertError(f"{source}: {e}") from None
     final = Path(output)

@@ -37,6 +37,7 @@ from megavit.checkpointing.convert import ConvertError, OutputTensor
 from megavit.checkpointing.mapping import ExportPlan, ImportPlan
 from megavit.config import ModelConfig
 
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}   # megavit -> transformers
 _PER_BLOCK = (("attention.output.dense", "proj"), ("layernorm_before", "norm1"),
               ("layernorm_after", "norm2"), ("intermediate.dense", "fc1"),
               ("output.dense", "fc2"))
@@ -108,7 +109,8 @@ def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None) -> Expo
     kind = "ViTForImageClassification" if cfg.num_classes else "ViTModel"
     config = ViTConfig(hidden_size=h, num_hidden_layers=cfg.num_layers,
                        num_attention_heads=cfg.num_attention_heads,
-                       intermediate_size=cfg.ffn_hidden_size, hidden_act="gelu",
+                       intermediate_size=cfg.ffn_hidden_size,
+                       hidden_act=HF_ACTIVATIONS[cfg.activation],
                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                        layer_norm_eps=cfg.norm_epsilon, image_size=cfg.img_h,
                        patch_size=p, num_channels=c, qkv_bias=True,
@@ -133,8 +135,10 @@ def model_config_of(config: dict) -> ModelConfig:
     if architectures[0] not in ("ViTForImageClassification", "ViTModel"):
         problems.append(f"architectures {architectures}: megavit maps ViTModel and "
                         "ViTForImageClassification")
-    if config.get("hidden_act", "gelu") != "gelu":
-        problems.append(f"hidden_act {config.get('hidden_act')!r}; megavit's MLP uses exact gelu")
+    activation = {v: k for k, v in HF_ACTIVATIONS.items()}.get(config.get("hidden_act", "gelu"))
+    if activation is None:
+        problems.append(f"hidden_act {config.get('hidden_act')!r}; megavit's MLP has "
+                        f"{' or '.join(HF_ACTIVATIONS.values())}")
     size = config.get("image_size", 224)
     if isinstance(size, (list, tuple)):
         problems.append(f"image_size {size}: only square images map")
@@ -153,7 +157,8 @@ def model_config_of(config: dict) -> ModelConfig:
                        add_qkv_bias=config.get("qkv_bias", True), add_mlp_bias=True,
                        add_proj_bias=True, norm_bias=True,
                        norm_epsilon=config.get("layer_norm_eps", 1e-12),
-                       position_embedding_type="learned", pooling="cls")
+                       position_embedding_type="learned", pooling="cls",
+                       activation=activation)
 
 
 def import_plan(config: dict) -> ImportPlan:

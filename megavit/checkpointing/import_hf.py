@@ -78,14 +78,53 @@ def _check_sources(src: Path, plan: ImportPlan, present: set[str],
                + ", ".join(dropped))
 
 
+def _entries_by_parameter(src: Path, plan: ImportPlan, serial: dict[str, torch.nn.Parameter]
+                          ) -> dict[str, OutputTensor]:
+    """{megavit parameter: the entry that makes it}: exactly one each, shaped like it."""
+    by_name = {e.name: e for e in plan.entries}
+    if len(by_name) != len(plan.entries):
+        raise ConvertError(f"{plan.source}: a mapping that makes a parameter twice (a bug)")
+    if missing := [n for n in serial if n not in by_name]:
+        raise ConvertError(f"{src}: nothing maps to megavit's {', '.join(missing)}")
+    for name, param in serial.items():
+        if tuple(by_name[name].shape) != tuple(param.shape):
+            raise ConvertError(f"{src}: {name} would be {list(by_name[name].shape)}, the "
+                               f"config says {list(param.shape)}")
+    return by_name
+
+
+def _training_state_layout(serial: dict[str, torch.nn.Parameter], blocks: dict,
+                           scalars: dict[str, torch.Tensor]
+                           ) -> tuple[dict[str, StoredTensor], dict[str, str], dict[str, str]]:
+    """What iteration 0 stores — per piece of each parameter: the weights, the fp32 master
+    and the two Adam moments (fp32, in the TP blocks of `blocks`); then the scalars — and
+    for each stored name its parameter and piece."""
+    from megavit.checkpointing.pieces import pieces_of
+    from megavit.parallel.sharding import get_tp_shard
+
+    fp32 = TensorProperties(dtype=torch.float32)
+    stored: dict[str, StoredTensor] = {}
+    owner: dict[str, str] = {}
+    piece_of: dict[str, str] = {}
+    for name, param in serial.items():
+        for piece in pieces_of(name, param, get_tp_shard(param)):
+            for fqn in (f"model/{piece.name}", f"optimizer/master/{piece.name}",
+                        f"optimizer/exp_avg/{piece.name}", f"optimizer/exp_avg_sq/{piece.name}"):
+                stored[fqn] = StoredTensor(piece.global_shape, fp32, blocks[piece.name][1])
+                owner[fqn], piece_of[fqn] = name, piece.name
+    for fqn, value in scalars.items():
+        stored[fqn] = StoredTensor(value.shape, TensorProperties(dtype=value.dtype),
+                                   [((0,) * value.dim(), tuple(value.shape))])
+    return stored, owner, piece_of
+
+
 def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: int = 1,
                      buffer_bytes: int = 1 << 30,
                      report: Callable[[str], None] = print) -> tuple[Path, ImportPlan]:
     """Write DIR's model as iteration 0 of the --save directory `save`, stored for a
     `tp`-way tensor-parallel run; returns the checkpoint's path and the mapping used."""
     from megavit.checkpointing.checkpointer import CONFIG_FILE
-    from megavit.checkpointing.pieces import piece_blocks, pieces_of, serial_meta_model
-    from megavit.parallel.sharding import get_tp_shard
+    from megavit.checkpointing.pieces import piece_blocks, serial_meta_model
 
     src = Path(directory)
     if not (src / "config.json").is_file():
@@ -101,33 +140,12 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
         blocks = piece_blocks(serial_meta_model(plan.info, tp), tp)
     except ValueError as e:
         raise ConvertError(f"--tensor-model-parallel-size {tp}: {e}") from None
-    by_name = {e.name: e for e in plan.entries}
-    if len(by_name) != len(plan.entries):
-        raise ConvertError(f"{plan.source}: a mapping that makes a parameter twice (a bug)")
-    if missing := [n for n in serial if n not in by_name]:
-        raise ConvertError(f"{src}: nothing maps to megavit's {', '.join(missing)}")
-    for name, param in serial.items():
-        if tuple(by_name[name].shape) != tuple(param.shape):
-            raise ConvertError(f"{src}: {name} would be {list(by_name[name].shape)}, the "
-                               f"config says {list(param.shape)}")
-
-    fp32 = TensorProperties(dtype=torch.float32)
-    stored: dict[str, StoredTensor] = {}
-    owner: dict[str, str] = {}         # stored name -> serial parameter
-    piece_of: dict[str, str] = {}      # stored name -> piece
-    for name, param in serial.items():
-        for piece in pieces_of(name, param, get_tp_shard(param)):
-            for fqn in (f"model/{piece.name}", f"optimizer/master/{piece.name}",
-                        f"optimizer/exp_avg/{piece.name}", f"optimizer/exp_avg_sq/{piece.name}"):
-                stored[fqn] = StoredTensor(piece.global_shape, fp32, blocks[piece.name][1])
-                owner[fqn], piece_of[fqn] = name, piece.name
+    by_name = _entries_by_parameter(src, plan, serial)
     precision = PrecisionConfig()
     scalars = {"iteration": torch.tensor(0.0), "optimizer/step": torch.tensor(0.0),
                "scaler": torch.tensor([precision.initial_loss_scale, 0.0,
                                        float(precision.hysteresis)], dtype=torch.float64)}
-    for fqn, value in scalars.items():
-        stored[fqn] = StoredTensor(value.shape, TensorProperties(dtype=value.dtype),
-                                   [((0,) * value.dim(), tuple(value.shape))])
+    stored, owner, piece_of = _training_state_layout(serial, blocks, scalars)
     sizes = {n: 4 * s.size.numel() if n in owner else 8 for n, s in stored.items()}
 
     out = CheckpointDirectory(save)

@@ -96,7 +96,8 @@ def _serial_meta_model(info: dict, tp: int) -> nn.Module:
     rt = Runtime(tp=Group("tp", tuple(range(tp)), 0, None, CommStats()))
     with torch.device("meta"):
         return TwoTowerModel(ModelConfig(**info["model"]), TextConfig(**text), rt, rt, vocab,
-                             pad, eos, c["embed_dim"], c["loss"])
+                             pad, eos, c["embed_dim"], c["loss"],
+                             image_projection=c.get("image_projection", True))
 
 
 def piece_blocks(model: nn.Module, tp: int) -> dict[str, tuple[torch.Size, list[tuple]]]:

@@ -23,6 +23,7 @@
       fc1, fc2}                              mlp.fc1, mlp.fc2}
     head                                   head
 
+The MLP activation: megavit's `gelu` / `gelu_tanh` are timm's `gelu` / `gelu_tanh`.
 Norms: megavit's `--normalization layernorm` is timm's LayerNorm (always with a bias: a
 megavit model without `--norm-bias` exports zero biases), `rmsnorm` timm's RmsNorm; timm's
 norms use eps 1e-6, as megavit by default. The export writes config.json for the registered
@@ -73,6 +74,9 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
+_ACTIVATIONS = {"gelu": "gelu", "gelutanh": "gelu_tanh"}   # timm (normalised) -> megavit
+
+
 def differences(cfg: ModelConfig) -> list[str]:
     """What keeps `cfg` from mapping onto timm's parallel-block ViT (empty: it maps)."""
     out = []
@@ -106,7 +110,7 @@ def timm_config(cfg: ModelConfig) -> dict:
             "qkv_bias": cfg.add_qkv_bias, "qk_norm": cfg.qk_layernorm,
             "proj_bias": has_out_bias, "class_token": cfg.pooling == "cls",
             "no_embed_class": True, "pre_norm": cfg.pre_norm, "fc_norm": False,
-            "norm_layer": cfg.normalization}
+            "norm_layer": cfg.normalization, "act_layer": cfg.activation}
     c = cfg.num_channels
     pretrained = {"input_size": [c, cfg.img_h, cfg.img_w], "fixed_input_size": True,
                   "mean": [0.0] * c, "std": [1.0] * c, "crop_pct": 1.0,
@@ -237,7 +241,7 @@ def model_config_of(config: dict) -> ModelConfig:
         ("dynamic_img_pad", a["dynamic_img_pad"]), ("embed_norm_layer", a["embed_norm_layer"]),
         ("final_norm", not a["final_norm"]), ("pool_include_prefix", a["pool_include_prefix"]),
         ("norm_layer", a["norm_layer"] not in ("layernorm", "rmsnorm")),
-        ("act_layer", a["act_layer"] != "gelu"),
+        ("act_layer", a["act_layer"] not in _ACTIVATIONS),
         ("global_pool", a["global_pool"] not in ("map", "avg", "token")))
         if unsupported]
     fc_norm = a["fc_norm"] if a["fc_norm"] is not None else a["global_pool"] == "avg"
@@ -261,6 +265,7 @@ def model_config_of(config: dict) -> ModelConfig:
                        add_proj_bias=a["proj_bias"], norm_bias=not rms, norm_epsilon=1e-6,
                        normalization="rmsnorm" if rms else "layernorm",
                        pre_norm=a["pre_norm"], position_embedding_type="learned",
+                       activation=_ACTIVATIONS[a["act_layer"]],
                        pooling={"map": "map", "avg": "gap", "token": "cls"}[a["global_pool"]])
 
 

@@ -5,8 +5,9 @@ blocks.
       └─ VocabParallelEmbedding (vocab split over TP, one all-reduce) ─► [L, b, h]
       └─ + learned positions [L, h]
       └─ blocks.0 ... blocks.N-1  (ParallelBlock or SequentialBlock, TP like the ViT's)
-           causal mask [L, L], or bidirectional with padded keys masked [b, 1, 1, L]
-      └─ norm ─► pool: the EOS token / the first token / MAP ─► [b, h]
+           causal mask [L, L], or bidirectional: padded keys masked [b, 1, 1, L]
+           (--text-mask-padding, the default) or no mask at all (SigLIP)
+      └─ norm ─► pool: the EOS token / the first token / the last position / MAP ─► [b, h]
 
 The blocks are the ViT's own (`megavit/models/vit.py`), configured by a `ModelConfig` made
 from the `TextConfig` (`block_config`): the same TP splits, selective recomputation, dropout
@@ -35,7 +36,8 @@ def block_config(cfg: TextConfig) -> ModelConfig:
                        ffn_hidden_size=cfg.text_ffn_hidden_size,
                        block_type=cfg.text_block_type, qk_layernorm=cfg.text_qk_layernorm,
                        add_qkv_bias=True, add_mlp_bias=True, add_proj_bias=True, norm_bias=True,
-                       norm_epsilon=1e-5, init_method_std=cfg.text_init_method_std,
+                       norm_epsilon=cfg.text_norm_epsilon,
+                       init_method_std=cfg.text_init_method_std,
                        num_classes=0, pooling="map")
 
 
@@ -63,7 +65,7 @@ class TextTransformer(nn.Module):
         block = ParallelBlock if cfg.text_block_type == "parallel" else SequentialBlock
         self.blocks = nn.ModuleDict({str(i): block(self.blocks_cfg, rt, i)
                                      for i in range(cfg.text_num_layers)})
-        self.norm = layer_norm(h, 1e-5, True, impl=rt.layernorm_impl)
+        self.norm = layer_norm(h, cfg.text_norm_epsilon, True, impl=rt.layernorm_impl)
         self.map_head = (MAPHead(self.blocks_cfg, rt.tp, rt.layernorm_impl)
                          if cfg.text_pooling == "map" else None)
         if cfg.text_causal:
@@ -73,10 +75,13 @@ class TextTransformer(nn.Module):
         if self.cfg.text_causal:
             self.causal_mask.fill_(float("-inf")).triu_(1)
 
-    def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        """Additive mask: causal [L, L], or [b, 1, 1, L] hiding padded keys."""
+    def attention_mask(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Additive mask: causal [L, L], [b, 1, 1, L] hiding padded keys, or None (every
+        token sees every token: --no-text-mask-padding)."""
         if self.cfg.text_causal:
             return self.causal_mask
+        if not self.cfg.text_mask_padding:
+            return None
         pad = (ids == self.pad_id).view(ids.shape[0], 1, 1, ids.shape[1])
         return torch.zeros(pad.shape, device=ids.device).masked_fill(pad, float("-inf"))
 
@@ -86,13 +91,16 @@ class TextTransformer(nn.Module):
             raise ValueError(f"token ids of length {L}, the tower was built for "
                              f"--context-length {self.cfg.context_length}")
         x = self.embedding(ids.t()) + self.pos_embed.unsqueeze(1)     # [L, b, h]
-        mask = self.attention_mask(ids).to(x.dtype)
+        mask = self.attention_mask(ids)
+        mask = mask.to(x.dtype) if mask is not None else None
         ctx = ForwardContext(mask, None)
         for block in self.blocks.values():
             x = block(x, ctx)
         x = self.norm(x)
         if self.cfg.text_pooling == "first":
             return x[0]
+        if self.cfg.text_pooling == "last":
+            return x[-1]
         if self.cfg.text_pooling == "map":
             return self.map_head(x, None if self.cfg.text_causal else mask)
         eos = (ids == self.eos_id).int().argmax(dim=1)                  # the first EOS

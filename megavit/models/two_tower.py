@@ -5,6 +5,10 @@
     ids [b, L]          ── text tower (TextTransformer)            ─► [b, h_txt]
                            ── text_proj  ─► [b, d] ── L2-normalise ─► text embeddings
 
+`image_projection=False` (--no-image-projection, SigLIP) leaves image_proj out: the image
+embedding is the pooled features themselves (d = h_img). `text_projection_bias` (a
+TextConfig flag, SigLIP's text head) gives text_proj a bias.
+
 plus the learned log-temperature `logit_scale` t' (scale exp(t')) and, for SigLIP, the
 learned `logit_bias` b. Initialisations as in the papers: CLIP t' = log(1 / 0.07);
 SigLIP t' = log 10 and b = -10. The projections are replicated over TP (small); the towers
@@ -41,11 +45,15 @@ class TwoTowerModel(nn.Module):
     def __init__(self, image_cfg: ModelConfig, text_cfg: TextConfig, image_rt: Runtime,
                  text_rt: Runtime, vocab_size: int, pad_id: int, eos_id: int, embed_dim: int,
                  loss: str, lock_image: bool = False, image_layers: range | None = None,
-                 pre_process: bool = True, post_process: bool = True) -> None:
+                 pre_process: bool = True, post_process: bool = True, *,
+                 image_projection: bool = True) -> None:
         super().__init__()
         if image_cfg.num_classes:
             raise ValueError("the image tower of a two-tower model has no classifier "
                              "(num_classes 0)")
+        if not image_projection and embed_dim != image_cfg.hidden_size:
+            raise ValueError(f"without an image projection the embedding width {embed_dim} "
+                             f"must be the image tower's width {image_cfg.hidden_size}")
         self.loss, self.lock_image = loss, lock_image
         self.pre_process, self.post_process = pre_process, post_process
         self.image = VisionTransformer(image_cfg, image_rt, image_layers, pre_process,
@@ -53,10 +61,15 @@ class TwoTowerModel(nn.Module):
         if not post_process:     # a pipeline stage before the last: image blocks only
             return
         self.text = TextTransformer(text_cfg, text_rt, vocab_size, pad_id, eos_id)
-        self.image_proj = nn.Linear(image_cfg.hidden_size, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_cfg.text_hidden_size, embed_dim, bias=False)
+        self.image_proj = (nn.Linear(image_cfg.hidden_size, embed_dim, bias=False)
+                           if image_projection else None)
+        self.text_proj = nn.Linear(text_cfg.text_hidden_size, embed_dim,
+                                   bias=text_cfg.text_projection_bias)
         for proj in (self.image_proj, self.text_proj):
-            set_init(proj.weight, lecun_normal())
+            if proj is not None:
+                set_init(proj.weight, lecun_normal())
+        if self.text_proj.bias is not None:
+            set_init(self.text_proj.bias, constant(0.0))
         self.logit_scale = nn.Parameter(torch.empty(()))
         set_init(self.logit_scale, constant(INITIAL_LOGIT_SCALE[loss]))
         self.logit_scale.no_weight_decay = True  # type: ignore[attr-defined]
@@ -90,7 +103,9 @@ class TwoTowerModel(nn.Module):
     def project_image(self, features: torch.Tensor) -> torch.Tensor:
         """The image tower's pooled features [b, h_img] -> [b, d], unit norm (the last
         pipeline stage's part of `encode_image`)."""
-        return F.normalize(self.image_proj(features).float(), dim=-1)
+        if self.image_proj is not None:
+            features = self.image_proj(features)
+        return F.normalize(features.float(), dim=-1)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """[b, L] -> [b, d], unit norm."""
@@ -112,13 +127,14 @@ def build_two_tower(image_cfg: ModelConfig, text_cfg: TextConfig, image_rt: Runt
                     embed_dim: int, loss: str, lock_image: bool = False,
                     device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, image_layers: range | None = None,
-                    pre_process: bool = True, post_process: bool = True) -> TwoTowerModel:
+                    pre_process: bool = True, post_process: bool = True, *,
+                    image_projection: bool = True) -> TwoTowerModel:
     """Built on the meta device, then every parameter initialised from (seed, its name):
     the serial weights in every TP and PP layout."""
     with torch.device("meta"):
         model = TwoTowerModel(image_cfg, text_cfg, image_rt, text_rt, vocab_size, pad_id,
                               eos_id, embed_dim, loss, lock_image, image_layers, pre_process,
-                              post_process)
+                              post_process, image_projection=image_projection)
     initialize_parameters(model, seed, device=device)
     if lock_image:
         model.image.requires_grad_(False)

@@ -120,6 +120,20 @@ def _regularizer(cfg: ModelConfig, rt: Runtime, layer: int, branch: str) -> Bran
                              param_seed(rt.seed, f"drop-path.{layer}.{branch}"), rt)
 
 
+class Activation(nn.Module):
+    """The MLP activation: exact GELU, or its tanh approximation ("gelu_tanh")."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.approximate = {"gelu": "none", "gelu_tanh": "tanh"}[kind]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
 def model_norm(cfg: ModelConfig, size: int, impl: str = "torch",
                partial_grad: bool = False) -> nn.Module:
     """The model's norm over `size` features: --normalization, --norm-epsilon, --norm-bias."""
@@ -184,6 +198,7 @@ class ParallelBlock(nn.Module):
                                             bias=(qkv_bias, qkv_bias, qkv_bias, mlp_bias),
                                             sequence_parallel=sp)
         self.attention = _Attention(cfg, rt)
+        self.act = Activation(cfg.activation)
         self.out_proj = RowParallelLinear((h, f), h, rt.tp, init_std=std,
                                           bias=mlp_bias or cfg.add_proj_bias,
                                           sequence_parallel=sp is not None)
@@ -192,7 +207,7 @@ class ParallelBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv, u = self.in_proj.forward_groups(self.norm(x), [3, 1])  # [s,b,3h/t], [s,b,f/t]
         a = self.attention(qkv, ctx.attn_mask)                  # [s, b, h/t]
-        y = self.out_proj.forward_groups([a, F.gelu(u)])        # the block's one all-reduce
+        y = self.out_proj.forward_groups([a, self.act(u)])      # the block's one all-reduce
         return x + self.branch(y, ctx.sample_ids)               # [s, b, h]
 
 
@@ -214,6 +229,7 @@ class SequentialBlock(nn.Module):
         self.norm2 = model_norm(cfg, h, rt.layernorm_impl, partial_grad=sp is not None)
         self.fc1 = ColumnParallelLinear(h, f, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
                                         sequence_parallel=sp)
+        self.act = Activation(cfg.activation)
         self.fc2 = RowParallelLinear(f, h, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
                                      sequence_parallel=sp is not None)
         self.branch2 = _regularizer(cfg, rt, layer, "mlp")
@@ -221,7 +237,7 @@ class SequentialBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         a = self.attention(self.qkv(self.norm1(x)), ctx.attn_mask)   # [s, b, h/t]
         x = x + self.branch1(self.proj(a), ctx.sample_ids)
-        return x + self.branch2(self.fc2(F.gelu(self.fc1(self.norm2(x)))), ctx.sample_ids)
+        return x + self.branch2(self.fc2(self.act(self.fc1(self.norm2(x)))), ctx.sample_ids)
 
 
 class PatchEmbedding(nn.Module):
@@ -308,6 +324,7 @@ class MAPHead(nn.Module):
         self.proj = RowParallelLinear(h, h, tp, bias=True, init_std=std)
         self.norm = model_norm(cfg, h, layernorm_impl)
         self.fc1 = ColumnParallelLinear(h, f, tp, bias=True, init_std=std)
+        self.act = Activation(cfg.activation)
         self.fc2 = RowParallelLinear(f, h, tp, bias=True, init_std=std)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -317,7 +334,7 @@ class MAPHead(nn.Module):
         k, v = self.kv(x).chunk(2, dim=-1)                        # [s, b, h/t] each
         y = self.proj(multi_head_attention(q, k, v, self.head_dim,
                                            attn_mask=key_mask))   # [1, b, h]
-        y = y + self.fc2(F.gelu(self.fc1(self.norm(y))))
+        y = y + self.fc2(self.act(self.fc1(self.norm(y))))
         return y[0]
 
 

@@ -99,7 +99,8 @@ class ContrastiveRun:
                                 tok.pad_id, tok.eos_id, cfg.embed_dim, c.loss,
                                 c.lock_image_tower, pstate.device, dtype,
                                 layout.chunk_layers(stage, 0), layout.is_first(stage, 0),
-                                layout.is_last(stage, 0))
+                                layout.is_last(stage, 0),
+                                image_projection=c.image_projection)
         if c.image_checkpoint:
             load_image_tower(model, pstate, c.image_checkpoint, b.model)
         buffers = gradient_buffers(model.trainable_parameters(), b, pstate)
