@@ -280,3 +280,35 @@ def test_import_memory_is_bounded_by_the_buffer_not_the_model(tmp_path):
                            str(tmp_path / "b"), "--buffer-mb", "4096")
     assert bounded < size / 2, (bounded, size)
     assert unbounded > size, (unbounded, size)
+
+
+def test_imported_vit_is_a_lit_image_tower(tmp_path):
+    """A transformers ViT imported by tools/import_hf.py serves as LiT's locked image tower
+    (--image-checkpoint; its classifier dropped): megavit's image features are the
+    transformers model's normed class token, and a step leaves them unchanged."""
+    from megavit.contrastive_config import parse_contrastive_args, validate_contrastive
+    from megavit.parallel.state import serial_state
+    from megavit.training.contrastive_trainer import ContrastiveRun
+
+    original = _hf_vit(tmp_path)
+    proc = _run("tools/import_hf.py", "--input", str(tmp_path / "hf"), "--save",
+                str(tmp_path / "ck"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    flags = proc.stdout.split("model flags: ")[1].split()
+    at = flags.index("--num-classes")
+    image_flags = flags[:at] + flags[at + 2:]             # a two-tower image tower has none
+    cfg = parse_contrastive_args(image_flags + [
+        "--text-preset", "text-debug", "--loss", "siglip", "--lock-image-tower",
+        "--image-checkpoint", str(tmp_path / "ck"), "--micro-batch-size", "8",
+        "--global-batch-size", "8", "--train-iters", "1"])
+    validate_contrastive(cfg)
+    run = ContrastiveRun.build(cfg, serial_state())
+    images = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = original.vit(pixel_values=images).last_hidden_state[:, 0]
+        torch.testing.assert_close(run.model.image(images), expected, rtol=1e-5, atol=1e-5)
+    text_before = [p.detach().clone() for p in run.model.text.parameters()]
+    run.step(0)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model.image(images), expected, rtol=1e-5, atol=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(text_before, run.model.text.parameters()))
