@@ -512,6 +512,26 @@ class TextConfig:
         default=False,
         metadata=_opt("A bias in the text projection to the embedding space (SigLIP's text "
                       "head has one; CLIP's has none)."))
+    text_activation: str = field(
+        default="gelu",
+        metadata=_opt("The text MLP activation: 'gelu' (exact, erf) or 'gelu_tanh' (the tanh "
+                      "approximation: SigLIP's gelu_pytorch_tanh).",
+                      choices=("gelu", "gelu_tanh")))
+    text_cleaning: str = field(
+        default="megavit",
+        metadata=_opt("How captions and prompts are cleaned before SentencePiece (training, "
+                      "zero-shot, tools): 'megavit' (lower-cased when the vocabulary has no "
+                      "upper-case piece, whitespace runs collapsed, punctuation kept) or "
+                      "'siglip' (exactly transformers' SiglipTokenizer: lower-cased, ASCII "
+                      "punctuation deleted, whitespace runs collapsed). Train the tokenizer "
+                      "with the same (tools/train_tokenizer.py --text-cleaning).",
+                      choices=("megavit", "siglip")))
+    text_pad_with_eos: bool = field(
+        default=False,
+        metadata=_opt("Pad captions with the EOS id instead of the tokenizer's pad piece "
+                      "(SigLIP's released tokenizers pad with </s>). Padding is then told "
+                      "from EOS only by position, so bidirectional text needs "
+                      "--no-text-mask-padding."))
 
 
 TEXT_PRESETS: dict[str, dict[str, Any]] = {

@@ -182,6 +182,9 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
         problems.append("--no-text-mask-padding applies to bidirectional text attention; add "
                         "--no-text-causal (causal attention never lets a token see later "
                         "padding)")
+    if t.text_pad_with_eos and not t.text_causal and t.text_mask_padding:
+        problems.append("--text-pad-with-eos: padding has EOS's id, so --text-mask-padding "
+                        "would hide each caption's EOS too; add --no-text-mask-padding")
     if t.text_norm_epsilon <= 0:
         problems.append(f"--text-norm-epsilon must be positive (got {t.text_norm_epsilon})")
     if c.embed_dim is not None and c.embed_dim < 1:

@@ -1,15 +1,21 @@
 """tools/export_hf.py and tools/import_hf.py for two-tower models, checked by the real
 transformers classes (random init offline; nothing is downloaded):
 
-- a random `CLIPModel` / `SiglipModel` imported into megavit and run at TP=2 x PP=2 (gloo)
-  gives the transformers model's contrastive loss on a batch of captioned digits (<= 1e-5);
-  exported back, the class loads it strictly and gives the original logits;
+- a random `CLIPModel` (gelu) / `SiglipModel` (gelu_pytorch_tanh, a SentencePiece
+  tokenizer padding with </s> as SigLIP's released ones do) imported into megavit and run at
+  TP=2 x PP=2 (gloo) gives the transformers model's contrastive loss on a batch of captioned
+  digits (<= 1e-5), the SigLIP one on the ids of its own `SiglipTokenizer`, which megavit's
+  tokenizer of the import reproduces; exported back, the class loads it strictly and gives
+  the original logits;
 - two-tower models trained by megavit on captioned digits, configured to map, export to
   `CLIPModel` / `SiglipModel` and classify held-out digits zero-shot as megavit does; the
-  SigLIP export's `SiglipTokenizer` gives megavit's ids;
+  SigLIP export's `SiglipTokenizer` gives megavit's ids (--text-cleaning siglip) for
+  captions with punctuation, symbols, digits, mixed case and runs of spaces;
+- gelu_new imports as megavit's gelu_tanh (the same formula);
 - a model that does not map (the default two-tower model) is refused naming each
-  difference; an import of another architecture, a missing tensor, a shape mismatch or
-  quick_gelu fails with exit status 2 and leaves nothing.
+  difference; an import of another architecture, a missing tensor, a shape mismatch,
+  quick_gelu or a tokenizer padding with a third piece fails with exit status 2 and leaves
+  nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +40,19 @@ SEQUENTIAL = [*IMAGE, "--num-layers", "2", "--hidden-size", "32", "--num-attenti
 MAPS = {"clip": ["--loss", "clip", "--pooling", "cls", "--pre-norm"],
         "siglip": ["--loss", "siglip", "--pooling", "map", "--no-pre-norm", "--no-text-causal",
                    "--no-text-mask-padding", "--text-pooling", "last",
-                   "--text-projection-bias", "--no-image-projection",
+                   "--text-projection-bias", "--no-image-projection", "--text-cleaning",
+                   "siglip", "--activation", "gelu_tanh", "--text-activation", "gelu_tanh",
                    "--text-norm-epsilon", "1e-6", "--norm-epsilon", "1e-6"]}
 CLASSES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+ACTIVATION = {"clip": "gelu", "siglip": "gelu_pytorch_tanh"}      # as the released models
+# Captions SigLIP's tokenizer canonicalises: ASCII punctuation inside and around words,
+# symbols, digits, mixed case, runs of whitespace, non-ASCII letters and punctuation, and the
+# text of special pieces (split_special_tokens: letters, as megavit reads them).
+CAPTIONS = ["the digit 7", "A handwritten digit  seven", "a well-known NUMBER: 7!",
+            "$5 + 3 = 8 | x^2 ~ y`s <z> #1 @home 50% & {a} [b] (c) \\d/e_f;g*h",
+            "  Mixed   CASE\ttabs\nand  newlines  ", "it's 3.14, isn't it?", "0123456789",
+            "Ünïcödé — «quotes» … naïve café", "the </s> and <unk> and <pad> pieces",
+            "\u2581seven\u2581eight", ""]
 
 
 def _classes(kind: str):
@@ -46,16 +62,31 @@ def _classes(kind: str):
                                                          + "Config")
 
 
+def _siglip_tokenizer_files(directory: Path) -> None:
+    """SigLIP's tokenizer files as its released checkpoints have them (pad_token </s>, the
+    EOS), around megavit's digit tokenizer trained on SigLIP-canonicalised captions."""
+    from megavit.data.captions import digit_tokenizer
+    from megavit.data.image_text import default_cache_dir
+
+    tok = digit_tokenizer(default_cache_dir(), cleaning="siglip")
+    (directory / "spiece.model").write_bytes(tok.model_proto)
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "SiglipTokenizer", "model_max_length": 16, "do_lower_case": True,
+         "pad_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "model_input_names": ["input_ids"]}))
+
+
 def _hf_model(kind: str, directory: Path):
     """A random transformers model shaped for the 8x8 digits and megavit's digit tokenizer
-    (128 pieces, pad 0, EOS 1, 16 tokens), every tensor perturbed so each one matters."""
+    (128 pieces, EOS 1, 16 tokens; CLIP: pad 0, SigLIP: pad = EOS, with its tokenizer
+    files), every tensor perturbed so each one matters."""
     model_class, config_class = _classes(kind)
     text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu",
-                pad_token_id=0, eos_token_id=1, bos_token_id=None)
+                num_attention_heads=4, max_position_embeddings=16, hidden_act=ACTIVATION[kind],
+                pad_token_id=0 if kind == "clip" else 1, eos_token_id=1, bos_token_id=None)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=8, patch_size=2, num_channels=1,
-                  hidden_act="gelu")
+                  hidden_act=ACTIVATION[kind])
     torch.manual_seed(0)
     if kind == "clip":
         config = config_class(text_config=text, vision_config=vision, projection_dim=16)
@@ -66,18 +97,42 @@ def _hf_model(kind: str, directory: Path):
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p), alpha=0.1 if "logit" not in name else 0.5)
     model.save_pretrained(str(directory))
+    if kind == "siglip":
+        _siglip_tokenizer_files(directory)
     return model
 
 
-def _digit_batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """n held-out digits [n, 1, 8, 8] and their captions' ids [n, 16] (the digit tokenizer)."""
+def _digit_batch(n: int = 16) -> tuple[torch.Tensor, list[str]]:
+    """n held-out digits [n, 1, 8, 8] and their captions."""
     from megavit.config import ModelConfig
-    from megavit.data.captions import digit_tokenizer
-    from megavit.data.image_text import captioned_digits, default_cache_dir
+    from megavit.data.image_text import captioned_digits
 
     heldout = captioned_digits(ModelConfig(img_h=8, img_w=8, num_channels=1, patch_dim=2), 0)[1]
-    images, captions = heldout.get(torch.arange(n), iteration=0)
-    return images, digit_tokenizer(default_cache_dir()).encode(captions)
+    return heldout.get(torch.arange(n), iteration=0)
+
+
+def _ids(kind: str, directory: Path, checkpoint: Path, captions: list[str]) -> torch.Tensor:
+    """The captions' ids [n, 16] as transformers' side tokenizes them (CLIP: megavit's digit
+    tokenizer, its SentencePiece twin; SigLIP: the directory's SiglipTokenizer), checked to
+    be the ids of megavit's tokenizer of the imported checkpoint."""
+    from megavit.checkpointing.hf_clip import TwoTower
+    from megavit.data.captions import digit_tokenizer
+    from megavit.data.image_text import default_cache_dir
+    from megavit.data.tokenizer import load_for_text_tower
+
+    text = TwoTower.of(json.loads((checkpoint / "megavit_config.json").read_text())).text
+    if kind == "clip":
+        return digit_tokenizer(default_cache_dir()).encode(captions)
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(directory))(
+        captions, padding="max_length", truncation=True, max_length=16,
+        return_tensors="pt")["input_ids"]
+    assert text.text_pad_with_eos and text.text_cleaning == "siglip"
+    assert theirs[0, -1] == 1                           # padded with </s>
+    assert torch.equal(load_for_text_tower(checkpoint / "tokenizer.model", text)
+                       .encode(captions), theirs)
+    return theirs
 
 
 def _loss_at_layout(pstate, flags: list[str], save: str, images: torch.Tensor,
@@ -112,8 +167,8 @@ def test_transformers_clip_and_siglip_round_trip_through_megavit_at_tp2_pp2(tmp_
     from megavit.checkpointing.hf_clip import two_tower_of
     from tests.harness import run_distributed
 
-    images, ids = _digit_batch()
-    originals, jobs = {}, {}
+    images, captions = _digit_batch()
+    originals, jobs, ids = {}, {}, {}
     for kind in CLASSES:
         originals[kind] = _hf_model(kind, tmp_path / kind)
         proc = _run("tools/import_hf.py", "--input", str(tmp_path / kind),
@@ -122,23 +177,28 @@ def test_transformers_clip_and_siglip_round_trip_through_megavit_at_tp2_pp2(tmp_
         flags = proc.stdout.split("model flags: ")[1].split()
         config = json.loads((tmp_path / kind / "config.json").read_text())
         assert flags == two_tower_of(tmp_path / kind, config)[0].flags()
+        checkpoint = tmp_path / f"{kind}_ck" / "iter_0000000"
+        ids[kind] = _ids(kind, tmp_path / kind, checkpoint, captions)
         run_flags = flags + ["--image-text-data", "digits", "--micro-batch-size", "16",
                              "--global-batch-size", "16", "--train-iters", "1",
                              "--tensor-model-parallel-size", "2",
                              "--pipeline-model-parallel-size", "2"]
-        jobs[kind] = (_loss_at_layout, (run_flags, str(tmp_path / f"{kind}_ck"), images, ids))
+        jobs[kind] = (_loss_at_layout, (run_flags, str(tmp_path / f"{kind}_ck"), images,
+                                        ids[kind]))
     got = run_distributed(4, 2, jobs, pp=2)
     for kind, model in originals.items():
-        expected = _hf_loss(model, kind, images, ids)
+        expected = _hf_loss(model, kind, images, ids[kind])
         for loss in got[kind]:
             assert loss == pytest.approx(expected, rel=1e-5), kind
 
         assert _export(tmp_path / f"{kind}_ck", tmp_path / f"{kind}_back").returncode == 0
         again = _load_strictly(kind, tmp_path / f"{kind}_back")
+        assert again.config.text_config.hidden_act == ACTIVATION[kind]
+        assert again.config.vision_config.hidden_act == ACTIVATION[kind]
         with torch.no_grad():
             torch.testing.assert_close(
-                again(input_ids=ids, pixel_values=images).logits_per_image,
-                model(input_ids=ids, pixel_values=images).logits_per_image,
+                again(input_ids=ids[kind], pixel_values=images).logits_per_image,
+                model(input_ids=ids[kind], pixel_values=images).logits_per_image,
                 rtol=1e-5, atol=1e-5)
 
 
@@ -202,8 +262,9 @@ def _zero_shot(encode_text, encode_image, prompts, images) -> torch.Tensor:
 def test_trained_model_exports_and_classifies_like_megavit(trained, kind):
     from megavit.checkpointing.checkpointer import resolve_checkpoint
     from megavit.config import ModelConfig
+    from megavit.checkpointing.hf_clip import TwoTower
     from megavit.data.image_text import captioned_digits
-    from megavit.data.tokenizer import Tokenizer
+    from megavit.data.tokenizer import load_for_text_tower
 
     checkpoint = resolve_checkpoint(trained / kind)
     out = trained / f"{kind}_hf"
@@ -211,8 +272,11 @@ def test_trained_model_exports_and_classifies_like_megavit(trained, kind):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"exported | transformers {CLASSES[kind]} | iteration 200" in proc.stdout
     theirs = _load_strictly(kind, out)
+    assert theirs.config.text_config.hidden_act == ACTIVATION[kind]
+    assert theirs.config.vision_config.hidden_act == ACTIVATION[kind]
     ours = _megavit_model(checkpoint)
-    tok = Tokenizer.load(checkpoint / "tokenizer.model", 16)
+    tt = TwoTower.of(json.loads((checkpoint / "megavit_config.json").read_text()))
+    tok = load_for_text_tower(checkpoint / "tokenizer.model", tt.text)
     heldout = captioned_digits(ModelConfig(img_h=8, img_w=8, num_channels=1, patch_dim=2), 0)[1]
     images = heldout.get(torch.arange(len(heldout)), iteration=0)[0]
     prompts = heldout.class_prompts()
@@ -241,19 +305,17 @@ def test_trained_model_exports_and_classifies_like_megavit(trained, kind):
         from transformers import AutoTokenizer
 
         hf_tok = AutoTokenizer.from_pretrained(str(out))
-        stripping = Tokenizer.load(checkpoint / "tokenizer.model", 16, strip_punctuation=True)
-        plain = ["the digit 7", "A handwritten digit  seven", "the digit three"]
-        punctuated = [p for ps in prompts for p in ps]       # "a photo of the number 7." ...
-        for texts, megavit in ((plain, tok), (punctuated, stripping)):
-            ids = hf_tok(texts, padding="max_length", truncation=True, max_length=16,
-                         return_tensors="pt")
-            assert list(ids) == ["input_ids"]    # no mask: SigLIP attends to padding
-            assert torch.equal(ids["input_ids"], megavit.encode(texts))
+        texts = CAPTIONS + [p for ps in prompts for p in ps]   # "a photo of the number 7."
+        ids = hf_tok(texts, padding="max_length", truncation=True, max_length=16,
+                     return_tensors="pt")
+        assert list(ids) == ["input_ids"]        # no mask: SigLIP attends to padding
+        assert torch.equal(ids["input_ids"], tok.encode(texts))
         with torch.no_grad():                    # as the processor feeds the model
             features = theirs.get_text_features(**hf_tok(
-                plain, padding="max_length", max_length=16, return_tensors="pt"))
+                CAPTIONS, padding="max_length", truncation=True, max_length=16,
+                return_tensors="pt"))
             torch.testing.assert_close(F.normalize(features.pooler_output, dim=-1),
-                                       ours.encode_text(tok.encode(plain)),
+                                       ours.encode_text(tok.encode(CAPTIONS)),
                                        rtol=1e-5, atol=1e-5)
     else:
         assert (out / "megavit_tokenizer.model").read_bytes() == tok.model_proto
@@ -272,7 +334,8 @@ def test_the_default_two_tower_model_is_refused_naming_every_difference(tmp_path
                        "--add-qkv-bias is False", "--norm-bias is False",
                        "--text-causal is True", "--text-mask-padding is True",
                        "--text-pooling is 'eos'", "--text-projection-bias is False",
-                       "--image-projection is True"):
+                       "--image-projection is True",
+                       "--text-cleaning is 'megavit'; SiglipTokenizer has 'siglip'"):
         assert difference in bad.stderr, (difference, bad.stderr)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
 
@@ -285,6 +348,36 @@ def _variant(tmp_path: Path, name: str, config: dict, tensors: dict) -> Path:
     (directory / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(directory / "model.safetensors"))
     return directory
+
+
+def test_gelu_new_imports_as_gelu_tanh_the_same_formula(tmp_path):
+    """transformers' gelu_new (Python tanh formula) is megavit's gelu_tanh
+    (F.gelu(approximate='tanh')) within float error, so it imports as it."""
+    from transformers.activations import ACT2FN
+
+    from megavit.checkpointing.hf_clip import two_tower_of
+
+    x = torch.linspace(-8, 8, 10001)
+    for name in ("gelu_new", "gelu_pytorch_tanh"):
+        torch.testing.assert_close(ACT2FN[name](x), F.gelu(x, approximate="tanh"),
+                                   rtol=1e-6, atol=1e-6)
+    _hf_model("siglip", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["hidden_act"] = config["vision_config"]["hidden_act"] = "gelu_new"
+    tt = two_tower_of(tmp_path, config)[0]
+    assert (tt.image.activation, tt.text.text_activation) == ("gelu_tanh", "gelu_tanh")
+
+
+def test_import_refuses_a_tokenizer_that_pads_with_a_third_piece(tmp_path):
+    from megavit.checkpointing.convert import ConvertError
+    from megavit.checkpointing.hf_clip import two_tower_of
+
+    _hf_model("siglip", tmp_path)
+    (tmp_path / "special_tokens_map.json").write_text('{"pad_token": "<unk>"}')
+    config = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ConvertError, match="SigLIP's tokenizer pads with '<unk>'; megavit pads "
+                                           "with the model's pad or EOS piece \\(</s>, <pad>\\)"):
+        two_tower_of(tmp_path, config)
 
 
 def test_import_refuses_other_architectures_missing_tensors_shapes_and_quick_gelu(tmp_path):
@@ -306,7 +399,7 @@ def test_import_refuses_other_architectures_missing_tensors_shapes_and_quick_gel
         "missing": (config, missing, "text_model.encoder.layers.1.mlp.fc1.bias missing"),
         "shape": (wider, tensors, "the config says"),
         "quick": (quick, tensors, "vision_config.hidden_act 'quick_gelu'; megavit's MLP "
-                                  "is exact gelu"),
+                                  "has gelu, gelu_pytorch_tanh, gelu_new"),
     }
     for name, (cfg, weights, message) in cases.items():
         directory = _variant(tmp_path, name, cfg, weights)

@@ -128,17 +128,37 @@ def _eval_loaded(pstate, flags: list[str], save: str) -> dict:
     return run.evaluate()
 
 
+def assert_evaluates_at_tp2_pp2_like(flags: list[str], save, logits: torch.Tensor,
+                                     labels: torch.Tensor) -> None:
+    """megavit.pretrain `flags` (a model), resumed from `save` at TP=2 x PP=2 (4 gloo
+    processes), evaluates the 359 held-out digits with the loss (rel 1e-5) and the correct
+    count of `logits`."""
+    import torch.nn.functional as F
+
+    from tests.harness import run_distributed
+
+    run_flags = flags + ["--dataset", "digits", "--micro-batch-size", "8",
+                         "--global-batch-size", "16", "--train-iters", "1",
+                         "--tensor-model-parallel-size", "2",
+                         "--pipeline-model-parallel-size", "2"]
+    got = run_distributed(4, 2, {"e": (_eval_loaded, (run_flags, str(save)))}, pp=2)["e"]
+    loss = F.cross_entropy(logits, labels).item()
+    correct = (logits.argmax(-1) == labels).sum().item()
+    for r in got:
+        assert r["eval_images"] == 359
+        assert r["eval_loss"] == pytest.approx(loss, rel=1e-5)
+        assert round(r["eval_accuracy"] * 359) == correct
+
+
 def test_transformers_vit_round_trip_through_megavit_at_tp2_pp2(tmp_path):
     """transformers ViT -> import -> megavit at TP=2 x PP=2 (gloo) evaluates the held-out
     digits exactly as the transformers model does -> export -> the class loads it strictly
     and gives the original logits."""
-    import torch.nn.functional as F
     from transformers import ViTForImageClassification
 
     from megavit.checkpointing.hf_vit import model_config_of
     from megavit.checkpointing.import_hf import model_flags
     from megavit.data.datasets import load_digits
-    from tests.harness import run_distributed
 
     original = _hf_vit(tmp_path)
     proc = _run("tools/import_hf.py", "--input", str(tmp_path / "hf"),
@@ -149,21 +169,10 @@ def test_transformers_vit_round_trip_through_megavit_at_tp2_pp2(tmp_path):
 
     cfg = model_config_of(json.loads((tmp_path / "hf" / "config.json").read_text()))
     assert flags == model_flags(cfg)
-    run_flags = flags + ["--dataset", "digits", "--micro-batch-size", "8",
-                         "--global-batch-size", "16", "--train-iters", "1",
-                         "--tensor-model-parallel-size", "2",
-                         "--pipeline-model-parallel-size", "2"]
-    got = run_distributed(4, 2, {"e": (_eval_loaded, (run_flags, str(tmp_path / "ck")))},
-                          pp=2)["e"]
     heldout = load_digits(cfg)[1]
     with torch.no_grad():
         logits = original(pixel_values=heldout.images).logits
-    loss = F.cross_entropy(logits, heldout.labels).item()
-    accuracy = (logits.argmax(-1) == heldout.labels).float().mean().item()
-    for r in got:
-        assert r["eval_images"] == 359
-        assert r["eval_loss"] == pytest.approx(loss, rel=1e-5)
-        assert round(r["eval_accuracy"] * 359) == round(accuracy * 359)   # same correct count
+    assert_evaluates_at_tp2_pp2_like(flags, tmp_path / "ck", logits, heldout.labels)
 
     assert _export(tmp_path / "ck", tmp_path / "back").returncode == 0
     again, info = ViTForImageClassification.from_pretrained(str(tmp_path / "back"),

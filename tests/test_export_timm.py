@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tests.test_checkpoint_cli import ROOT
-from tests.test_export_hf import _eval_loaded, _export, _run
+from tests.test_export_hf import _export, _run, assert_evaluates_at_tp2_pp2_like
 
 TIMM_PYTHON = Path(os.environ.get("MEGAVIT_TIMM_PYTHON", Path(ROOT) / ".venv-timm/bin/python"))
 
@@ -63,8 +61,6 @@ def _heldout():
 
 @pytest.mark.parametrize("args", [VIT22B_LIKE, XP_LIKE], ids=["vit22b-like", "xp-like"])
 def test_timm_round_trip_through_megavit_at_tp2_pp2(tmp_path, args):
-    from tests.harness import run_distributed
-
     heldout = _heldout()
     save_file({"images": heldout.images.contiguous()}, str(tmp_path / "images.safetensors"))
     _timm("make", str(tmp_path / "timm"), json.dumps(args), str(tmp_path / "images.safetensors"),
@@ -77,17 +73,7 @@ def test_timm_round_trip_through_megavit_at_tp2_pp2(tmp_path, args):
     assert "imported | timm vit_base_patch16_xp_224 | tp 2" in proc.stdout
     assert "import | tensors" in proc.stdout                       # batches, with progress
     flags = proc.stdout.split("model flags: ")[1].split()
-    run_flags = flags + ["--dataset", "digits", "--micro-batch-size", "8",
-                         "--global-batch-size", "16", "--train-iters", "1",
-                         "--tensor-model-parallel-size", "2",
-                         "--pipeline-model-parallel-size", "2"]
-    got = run_distributed(4, 2, {"e": (_eval_loaded, (run_flags, str(tmp_path / "ck")))},
-                          pp=2)["e"]
-    loss = F.cross_entropy(logits, heldout.labels).item()
-    correct = (logits.argmax(-1) == heldout.labels).sum().item()
-    for r in got:
-        assert r["eval_loss"] == pytest.approx(loss, rel=1e-5)
-        assert round(r["eval_accuracy"] * 359) == correct
+    assert_evaluates_at_tp2_pp2_like(flags, tmp_path / "ck", logits, heldout.labels)
 
     proc = _export(tmp_path / "ck", tmp_path / "back", fmt="timm")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -91,8 +91,10 @@ def test_captioned_digits_batches_are_the_same_in_every_dp_layout(digits, dp):
 def test_build_image_text_data_pairs_digits_with_their_cached_tokenizer(tmp_path):
     from types import SimpleNamespace
 
+    from megavit.config import TextConfig
+
     flags = SimpleNamespace(
-        base=SimpleNamespace(model=MODEL), text=SimpleNamespace(context_length=16),
+        base=SimpleNamespace(model=MODEL), text=TextConfig(context_length=16),
         contrastive=SimpleNamespace(image_text_data="digits", image_text_path=None,
                                     tokenizer_model=None, fatal_data_errors=False,
                                     zero_shot_transfer="digits"))

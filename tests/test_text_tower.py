@@ -4,7 +4,8 @@ largest entry, measured 2e-7) equal the single-process tower's, for a
 causal tower pooled at EOS (CLIP) and a bidirectional one pooled by MAP over the non-padded
 tokens (SigLIP). At TP=4 with a 5-token vocabulary padded to 8 rows, one rank holds only
 padding rows. The vocabulary padding does not depend on TP, so the embedding table has the
-same shape in every layout."""
+same shape in every layout. --text-activation reaches every block; --text-pad-with-eos
+pools the first EOS and is refused where padding is masked by id."""
 
 from __future__ import annotations
 
@@ -107,3 +108,48 @@ def test_bad_lengths_and_vocabulary_splits_are_refused():
         build_text_tower(dataclasses.replace(cfg, text_num_attention_heads=3,
                                              text_hidden_size=48, text_ffn_hidden_size=96),
                          Runtime(tp=group), 0, 13, PAD, EOS)
+
+
+def test_text_activation_reaches_every_block():
+    from megavit.models.text import block_config
+
+    cfg = dataclasses.replace(_config("siglip"), text_activation="gelu_tanh")
+    assert block_config(cfg).activation == "gelu_tanh"
+    tower = build_text_tower(cfg, Runtime(tp=serial_state().tp), seed=1, vocab_size=13,
+                             pad_id=PAD, eos_id=EOS)
+    acts = [m for n, m in tower.named_modules() if n.endswith("act")]
+    assert len(acts) == cfg.text_num_layers + 1                 # the blocks' and MAP head's
+    assert all(m.approximate == "tanh" for m in acts)
+    exact = build_text_tower(_config("siglip"), Runtime(tp=serial_state().tp), seed=1,
+                             vocab_size=13, pad_id=PAD, eos_id=EOS)
+    ids = _ids(13, cfg.context_length)
+    with torch.no_grad():
+        assert not torch.allclose(tower(ids), exact(ids))       # same weights, other GELU
+
+
+def test_padding_with_eos_pools_the_first_eos():
+    """--text-pad-with-eos: a causal tower pooled at EOS reads the first EOS, so its caption
+    embeddings do not depend on which id pads."""
+    cfg = _config("clip")
+    tower = build_text_tower(cfg, Runtime(tp=serial_state().tp), seed=1, vocab_size=13,
+                             pad_id=EOS, eos_id=EOS)
+    ids = _ids(13, cfg.context_length)
+    eos_padded = ids.masked_fill(ids == PAD, EOS)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(eos_padded), tower(ids))
+
+
+def test_padding_with_eos_is_refused_where_padding_is_masked_by_id():
+    from megavit.config import ConfigError
+    from megavit.contrastive_config import parse_contrastive_args, validate_contrastive
+
+    flags = ["--preset", "vit-debug", "--text-preset", "text-debug", "--global-batch-size", "8",
+             "--micro-batch-size", "8", "--text-pad-with-eos",
+             "--no-text-causal", "--text-pooling", "last"]
+    with pytest.raises(ConfigError, match="--text-pad-with-eos: padding has EOS's id"):
+        validate_contrastive(parse_contrastive_args(flags))
+    cfg = parse_contrastive_args(flags + ["--no-text-mask-padding", "--text-activation",
+                                          "gelu_tanh", "--text-cleaning", "siglip"])
+    validate_contrastive(cfg)
+    assert (cfg.text.text_pad_with_eos, cfg.text.text_activation, cfg.text.text_cleaning) == \
+        (True, "gelu_tanh", "siglip")

@@ -1,10 +1,13 @@
-"""The caption tokenizer: SentencePiece training, the encoded row layout, errors, the CLI."""
+"""The caption tokenizer: SentencePiece training, the encoded row layout, errors, the CLI;
+--text-cleaning siglip gives transformers' SiglipTokenizer's ids for any text (fuzzed), and
+--text-pad-with-eos pads with EOS."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import re
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +17,9 @@ import torch
 
 from megavit.data.captions import (DIGIT_CONTEXT_LENGTH, digit_caption_corpus,
                                    digit_tokenizer)
-from megavit.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, TextCleaner, Tokenizer,
-                                    TokenizerError, train_tokenizer)
+from megavit.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, SiglipCleaner,
+                                    TextCleaner, Tokenizer, TokenizerError, make_cleaner,
+                                    train_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "zero one two three four five six seven eight nine".split()
@@ -168,5 +172,118 @@ def test_train_tokenizer_cli_bad_vocab_size_exits_2_and_help_names_every_flag(tm
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--input", "--output-prefix", "--vocab-size", "--model-type", "--lowercase",
-                 "--no-lowercase", "--max-sentences", "--character-coverage"):
+                 "--no-lowercase", "--max-sentences", "--character-coverage", "--text-cleaning"):
         assert flag in help_text
+
+
+# ---------------------------------------------------------------------------------------
+# --text-cleaning siglip and --text-pad-with-eos
+# ---------------------------------------------------------------------------------------
+
+# ASCII punctuation inside and around words, symbols, digits, case, whitespace of every
+# kind (U+001C..U+001F are whitespace to `re`, not to `regex`), SentencePiece's space mark,
+# non-ASCII letters and punctuation, NFKC-changed characters, special pieces' text.
+HARD = ["well-known", "A Photo of the NUMBER 7.", "  lots   of\tspace \n", "7, written by hand",
+        "$5 + 3 = 8^2 | ~x `y` <z> #1 @a 50% & {b} [c] (d) \\e/f_g;h*i:j!k?l'm\"n",
+        "", " ", "...", "\u2581hello", "a\u2581b", "x \u2581 y", "\x1chello\x1f world",
+        "a\u00a0b\u2003c\u3000d\u0085e", "\u200bzero", "É Ü ẞ straße İstanbul", "ﬁve ①②",
+        "one—two «three» … four", "<unk>", "</s> one", "one</s>two", "<pad>", "0123456789" * 3]
+
+
+def _siglip_files(tmp_path: Path, pad_token: str = "<pad>") -> tuple[Path, Path]:
+    """A SentencePiece model trained on SigLIP-canonicalised text (punctuation-free, so its
+    vocabulary lacks < > / and these become <unk>) and SigLIP's tokenizer files around it,
+    as megavit's export writes them."""
+    import json
+
+    words = "zero one two three four five six seven eight nine photo number digit well known"
+    corpus = [f"{w} {v} {i} $5 é ü ß" for i, (w, v) in
+              enumerate(zip(words.split() * 3, reversed(words.split() * 3)))]
+    model = train_tokenizer(corpus, tmp_path / "spm", 48, "unigram", character_coverage=1.0,
+                            cleaning="siglip")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "spiece.model").write_bytes(model.read_bytes())
+    (hf / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "SiglipTokenizer", "do_lower_case": True, "pad_token": pad_token,
+         "eos_token": "</s>", "unk_token": "<unk>", "model_input_names": ["input_ids"],
+         "split_special_tokens": True}))
+    return model, hf
+
+
+def test_siglip_cleaner_is_siglip_tokenizers_canonicalisation(tmp_path):
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(_siglip_files(tmp_path)[1]))
+    for text in HARD:   # (its `tokenize` turns the space mark into a space first)
+        assert SiglipCleaner()(text) == theirs.canonicalize_text(text.replace("\u2581", " "))
+    assert SiglipCleaner()("Well-known, isn't it?!") == "wellknown isnt it"
+    assert SiglipCleaner()("«Non-ASCII» … stays") == "«nonascii» … stays"
+    assert TextCleaner()("a\x1cb") == "a\x1cb" and SiglipCleaner()("a\x1cb") == "a b"
+
+
+@pytest.mark.parametrize("pad_token", ["<pad>", "</s>"])
+def test_siglip_cleaning_gives_siglip_tokenizers_ids_for_any_text(tmp_path, pad_token):
+    """Hard cases and 1500 random strings (ASCII printable with the hard characters),
+    truncated and padded to 12 tokens, padding with the pad piece or with </s>."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    model, hf = _siglip_files(tmp_path, pad_token)
+    theirs = AutoTokenizer.from_pretrained(str(hf))
+    ours = Tokenizer.load(model, 12, cleaning="siglip", pad_with_eos=pad_token == "</s>")
+    rnd = random.Random(0)
+    alphabet = string.printable + "\u2581éüßÉ\u00a0\u3000—«»①ﬁİΣ\x1c\u0085\u200b"
+    pieces = ["seven", "Seven", "7.", "well-known", "$5", "<unk>", "</s>", "<pad>", "  ", "\u2581"]
+    texts = HARD + ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 24)))
+                    for _ in range(1000)]
+    texts += [" ".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 8))) for _ in range(500)]
+    expected = theirs(texts, padding="max_length", truncation=True, max_length=12,
+                      return_tensors="pt")["input_ids"]
+    assert torch.equal(ours.encode(texts), expected)
+    assert ours.pad_id == theirs.pad_token_id and ours.eos_id == theirs.eos_token_id
+
+
+def test_pad_with_eos_pads_with_eos_and_needs_no_pad_piece(model_path, tmp_path):
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tok = Tokenizer.load(model_path, 12, pad_with_eos=True)
+    ids = tok.encode(["the digit 3", "a"])
+    assert tok.pad_id == tok.eos_id == EOS_ID
+    assert (ids[:, -1] == EOS_ID).all() and (ids == PAD_ID).sum() == 0
+    assert tok.decode(ids) == ["the digit 3", "a"]
+    assert pickle.loads(pickle.dumps(tok)).pad_with_eos
+    proto = pb.ModelProto.FromString(model_path.read_bytes())
+    proto.pieces[PAD_ID].type = pb.ModelProto.SentencePiece.USER_DEFINED   # no pad piece
+    proto.trainer_spec.pad_id = -1
+    (tmp_path / "nopad.model").write_bytes(proto.SerializeToString())
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "nopad.model")).pad_id() < 0
+    assert Tokenizer.load(tmp_path / "nopad.model", 8, pad_with_eos=True).pad_id == EOS_ID
+    with pytest.raises(TokenizerError, match="no pad piece"):
+        Tokenizer.load(tmp_path / "nopad.model", 8)
+
+
+def test_cleaning_choices_and_siglip_training(tmp_path):
+    assert make_cleaner("siglip") == SiglipCleaner()
+    assert Tokenizer.load(train_tokenizer(CORPUS, tmp_path / "cased", 64, "bpe", lowercase=False,
+                                          character_coverage=1.0), 8,
+                          cleaning="siglip").cleaner == SiglipCleaner(lowercase=True)
+    with pytest.raises(TokenizerError, match="--text-cleaning 't5'"):
+        make_cleaner("t5")
+    with pytest.raises(TokenizerError, match="strip_punctuation belongs to --text-cleaning megavit"):
+        make_cleaner("siglip", strip_punctuation=True)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(CORPUS) + "\n")
+    r = _cli("--input", str(captions), "--output-prefix", str(tmp_path / "sig"), "--vocab-size",
+             "48", "--model-type", "bpe", "--character-coverage", "1.0", "--text-cleaning",
+             "siglip")
+    assert r.returncode == 0 and "| cleaning siglip |" in r.stdout, r.stderr
+    tok = Tokenizer.load(tmp_path / "sig.model", 32, cleaning="siglip")
+    pieces = [tok._sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert not any(c in string.punctuation for p in pieces[4:] for c in p)   # none trained
+    assert tok.decode(tok.encode(CORPUS)) == [SiglipCleaner()(t) for t in CORPUS]
+    r = _cli("--input", str(captions), "--output-prefix", str(tmp_path / "bad"), "--vocab-size",
+             "48", "--text-cleaning", "siglip", "--strip-punctuation")
+    assert r.returncode == 2 and "strip_punctuation belongs" in r.stderr

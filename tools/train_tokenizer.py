@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megavit.data.tokenizer import TokenizerError, train_tokenizer  # noqa: E402
+from megavit.data.tokenizer import CLEANINGS, TokenizerError, train_tokenizer  # noqa: E402
 
 
 class _Progress:
@@ -63,6 +63,12 @@ def main(argv=None) -> int:
     p.add_argument("--strip-punctuation", action="store_true",
                    help="replace punctuation runs by a space before training (then also pass "
                         "strip_punctuation=True to Tokenizer.load)")
+    p.add_argument("--text-cleaning", choices=CLEANINGS, default="megavit",
+                   help="clean every caption as the text tower will (pass the same "
+                        "--text-cleaning to megavit.pretrain_contrastive): 'megavit' (the "
+                        "--lowercase and --strip-punctuation above) or 'siglip' "
+                        "(transformers' SiglipTokenizer: lower-cased, ASCII punctuation "
+                        "deleted; --lowercase still applies, --strip-punctuation does not)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of the corpus's characters the vocabulary must cover (1.0: "
                         "all; rarer characters become <unk> otherwise)")
@@ -83,13 +89,15 @@ def main(argv=None) -> int:
         model = train_tokenizer(args.input, args.output_prefix, args.vocab_size, args.model_type,
                                 lowercase=args.lowercase, strip_punctuation=args.strip_punctuation,
                                 character_coverage=args.character_coverage,
-                                max_sentences=args.max_sentences, on_progress=progress)
+                                max_sentences=args.max_sentences, on_progress=progress,
+                                cleaning=args.text_cleaning)
     except TokenizerError as e:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
         return 2
     print(f"train_tokenizer | wrote {model} and {model.with_suffix('.vocab')} | vocab "
           f"{args.vocab_size} | {args.model_type} | "
-          f"{'lowercase' if args.lowercase else 'cased'} | pad 0 eos 1 unk 2 bos 3 | "
+          f"{'lowercase' if args.lowercase else 'cased'} | cleaning {args.text_cleaning} | "
+          f"pad 0 eos 1 unk 2 bos 3 | "
           f"{time.perf_counter() - progress.start:.1f} s", flush=True)
     return 0
 

@@ -34,7 +34,8 @@ from megavit.checkpointing.pieces import serial_meta_model  # noqa: E402
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError  # noqa: E402
 from megavit.config import ModelConfig, TextConfig  # noqa: E402
 from megavit.data.datasets import DataError  # noqa: E402
-from megavit.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from megavit.data.tokenizer import (Tokenizer, TokenizerError,  # noqa: E402
+                                    load_for_text_tower)
 from megavit.models.two_tower import TwoTowerModel, build_two_tower  # noqa: E402
 from megavit.models.vit import Runtime  # noqa: E402
 from megavit.parallel.state import serial_state  # noqa: E402
@@ -55,7 +56,7 @@ def load_two_tower(path: Path, tokenizer_model: str | None = None
     vocab, pad, eos = text.pop("vocab_size"), text.pop("pad_id"), text.pop("eos_id")
     text_cfg, c = TextConfig(**text), info["contrastive"]
     tok_path = tokenizer_model or checkpoint / TOKENIZER_FILE
-    tokenizer = Tokenizer.load(tok_path, text_cfg.context_length)
+    tokenizer = load_for_text_tower(tok_path, text_cfg)
     if tokenizer.vocab_size != vocab:
         raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} pieces, the checkpoint was "
                              f"trained with {vocab}")

@@ -32,8 +32,11 @@
 
 What megavit needs to be either model (anything else is refused, every difference named):
 sequential pre-LN blocks with biases everywhere, LayerNorm, no QK-norm, learned positions,
-square images, exact GELU (transformers' hidden_act "gelu"; "quick_gelu", CLIP's default,
-and "gelu_pytorch_tanh", SigLIP's, are refused on import), and
+square images, GELU in each tower's MLP (and MAP head): exact (--activation /
+--text-activation gelu <-> hidden_act "gelu") or its tanh approximation (gelu_tanh <->
+"gelu_pytorch_tanh", SigLIP's; "gelu_new", the same formula in Python, imports as it too;
+export writes "gelu_pytorch_tanh"); "quick_gelu", CLIP's default, and every other hidden_act
+are refused on import. And
   - CLIP: --loss clip, --pooling cls, --pre-norm, causal text pooled at the first EOS
     (--text-pooling eos; transformers pools the first `eos_token_id` too, unless that id is
     2, its legacy "largest id" rule: a checkpoint whose EOS id is 2 is refused), no text
@@ -42,8 +45,9 @@ and "gelu_pytorch_tanh", SigLIP's, are refused on import), and
     q, SigLIP's through in_proj's q rows: the same), no pre-norm, bidirectional text with
     padding NOT masked and the last position pooled (--no-text-causal
     --no-text-mask-padding --text-pooling last: `SiglipTextModel` as its processor calls
-    it, without an attention mask), the text head's bias (--text-projection-bias) and no
-    image projection (--no-image-projection).
+    it, without an attention mask), the text head's bias (--text-projection-bias), no
+    image projection (--no-image-projection) and SiglipTokenizer's text cleaning
+    (--text-cleaning siglip; see Tokenizers).
 
 Mismatches handled exactly:
   - megavit's class token has no position, CLIP's has row 0: import folds the row into the
@@ -60,24 +64,28 @@ Mismatches handled exactly:
 
 Tokenizers: a SigLIP export carries the checkpoint's SentencePiece model as `spiece.model`
 with `tokenizer_config.json`, so `SiglipTokenizer.from_pretrained(DIR)(texts,
-padding="max_length", truncation=True, max_length=L)` gives megavit's ids (pieces, EOS,
-megavit's pad id up to L; lower-casing as megavit detects it) for every caption without
-ASCII punctuation, and no attention mask (its `model_input_names` is ["input_ids"]; a
-transformers 5 SiglipTokenizer otherwise returns one, and `SiglipModel` called with it would
-hide padding from attention, which megavit's --no-text-mask-padding tower does not).
-`SiglipTokenizer` always deletes ASCII punctuation (`string.punctuation`) before
-SentencePiece, while megavit's runs keep it (its cleaner's strip_punctuation, which turns
-Unicode punctuation runs into a space, is off): the ids equal megavit's with punctuation
-stripping for text where deleting and replacing-by-space agree after whitespace collapsing
-(all of megavit's digit captions: "... 7." and "7, written ..."), and differ for
-punctuation inside words ("well-known"), ASCII symbols ($ + < = > ^ ` | ~) and non-ASCII
-punctuation. transformers' CLIP tokenizer is byte-level BPE (CLIPTokenizer), which a
-SentencePiece model cannot be carried as: a CLIP export writes the weights and config, and
-the SentencePiece model as `megavit_tokenizer.model` (read by megavit's `Tokenizer`, not by
-transformers) so the ids can still be made. On import, a SigLIP directory's `spiece.model`
-becomes the checkpoint's `tokenizer.model` (pass it with --tokenizer-model to train on);
-a CLIP directory gives none: the run's --tokenizer-model must have the same vocabulary size
-and pad / EOS ids (the resumed run checks), or the text tower learns new ids.
+padding="max_length", truncation=True, max_length=L)` gives megavit's ids for every text:
+pieces, EOS, megavit's pad id up to L (its pad piece, or EOS with --text-pad-with-eos). That
+needs megavit to clean text as SiglipTokenizer does before SentencePiece (--text-cleaning
+siglip, required for the export: lower-casing, `string.punctuation` deleted, `re`'s
+whitespace runs collapsed; megavit/data/tokenizer.py `SiglipCleaner`); the config adds
+`split_special_tokens` (a caption's "</s>" is its letters, as for megavit, not the EOS id)
+and no attention mask (its `model_input_names` is ["input_ids"]; a transformers 5
+SiglipTokenizer otherwise returns one, and `SiglipModel` called with it would hide padding
+from attention, which megavit's --no-text-mask-padding tower does not). transformers' CLIP
+tokenizer is byte-level BPE (CLIPTokenizer), which a SentencePiece model cannot be carried
+as: a CLIP export writes the weights and config, and the SentencePiece model as
+`megavit_tokenizer.model` (read by megavit's `Tokenizer`, not by transformers) so the ids can
+still be made. On import, a SigLIP directory's `spiece.model` becomes the checkpoint's
+`tokenizer.model` (pass it with --tokenizer-model to train on) with --text-cleaning siglip;
+its pad_token (SiglipTokenizer's default, and its released checkpoints': "</s>") must be the
+model's pad or EOS piece, the latter imported as --text-pad-with-eos (so is a config.json
+whose pad_token_id is its eos_token_id); do_lower_case false is refused. A released SigLIP
+tokenizer does not split special tokens: a caption containing the literal text "</s>",
+"<unk>" or its pad piece gets that id there (neighbouring spaces dropped), where megavit
+reads the letters; every other text gives the same ids. A CLIP directory gives no
+tokenizer: the run's --tokenizer-model must have the same vocabulary size and pad / EOS ids
+(the resumed run checks), or the text tower learns new ids.
 
 The names are transformers' on-disk names (what `save_pretrained` writes);
 tests/test_export_clip.py loads the files with the real classes and requires nothing
@@ -95,10 +103,14 @@ from typing import Callable
 import torch
 
 from megavit.checkpointing.convert import ConvertError, OutputTensor
+from megavit.checkpointing.hf_vit import HF_ACTIVATIONS
 from megavit.checkpointing.mapping import ExportPlan, ImportPlan
 from megavit.config import ModelConfig, TextConfig
 
 TARGET = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+# transformers' hidden_act -> megavit's activation (export writes hf_vit.HF_ACTIVATIONS'
+# name back: gelu_new is the same tanh formula as gelu_pytorch_tanh, in Python).
+ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _LAYER = (("self_attn.out_proj", "proj"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2"),
           ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"))
 _MAP_HEAD = (("attention.out_proj", "proj"), ("layernorm", "norm"), ("mlp.fc1", "fc1"),
@@ -116,7 +128,8 @@ WANTED = {
     "siglip": {"model": {**_BLOCKS, "pooling": "map", "pre_norm": False},
                "text": {"text_block_type": "sequential", "text_qk_layernorm": False,
                         "text_causal": False, "text_mask_padding": False,
-                        "text_pooling": "last", "text_projection_bias": True},
+                        "text_pooling": "last", "text_projection_bias": True,
+                        "text_cleaning": "siglip"},
                "contrastive": {"loss": "siglip", "image_projection": False}},
 }
 # transformers' defaults (5.x) for what a config.json may leave out.
@@ -195,7 +208,8 @@ def differences(tt: TwoTower) -> list[str]:
         for key, value in wanted.items():
             got = have[key] if isinstance(have, dict) else getattr(have, key)
             if got != value:
-                out.append(f"--{key.replace('_', '-')} is {got!r}; {target} has {value!r}")
+                who = "SiglipTokenizer" if key == "text_cleaning" else target
+                out.append(f"--{key.replace('_', '-')} is {got!r}; {who} has {value!r}")
     if tt.image.img_h != tt.image.img_w:
         out.append(f"images are {tt.image.img_h}x{tt.image.img_w}; {target} takes square ones")
     if kind == "clip" and tt.eos_id == 2:
@@ -253,11 +267,11 @@ def _reshape(*shape: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     return lambda ts: ts[0].reshape(shape)
 
 
-def _piece(model_proto: bytes) -> Callable[[int], str]:
-    """id -> piece of a SentencePiece model."""
+def _processor(model_proto: bytes):
+    """A SentencePiece model's processor (its pieces and special ids)."""
     import sentencepiece as spm
 
-    return spm.SentencePieceProcessor(model_proto=model_proto).id_to_piece
+    return spm.SentencePieceProcessor(model_proto=model_proto)
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,13 +319,15 @@ def _hf_config(tt: TwoTower, dtype: torch.dtype | None):
     text = dict(vocab_size=tt.vocab_size, hidden_size=t.text_hidden_size,
                 intermediate_size=t.text_ffn_hidden_size, num_hidden_layers=t.text_num_layers,
                 num_attention_heads=t.text_num_attention_heads,
-                max_position_embeddings=t.context_length, hidden_act="gelu",
+                max_position_embeddings=t.context_length,
+                hidden_act=HF_ACTIVATIONS[t.text_activation],
                 layer_norm_eps=t.text_norm_epsilon, attention_dropout=0.0,
                 pad_token_id=tt.pad_id, eos_token_id=tt.eos_id, bos_token_id=None)
     vision = dict(hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
                   num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
                   num_channels=c.num_channels, image_size=c.img_h, patch_size=c.patch_dim,
-                  hidden_act="gelu", layer_norm_eps=c.norm_epsilon, attention_dropout=0.0)
+                  hidden_act=HF_ACTIVATIONS[c.activation], layer_norm_eps=c.norm_epsilon,
+                  attention_dropout=0.0)
     if tt.loss == "clip":
         from transformers import CLIPConfig
 
@@ -333,7 +349,7 @@ def _tokenizer_files(tt: TwoTower, source: Path | None) -> dict[str, bytes]:
     """SigLIP: the checkpoint's SentencePiece model as `SiglipTokenizer` reads it. CLIP:
     the model as `megavit_tokenizer.model` (transformers has no SentencePiece CLIP
     tokenizer). Nothing without a source or a tokenizer beside the tensors."""
-    from megavit.data.tokenizer import Tokenizer
+    from megavit.data.tokenizer import load_for_text_tower
     from megavit.training.contrastive_trainer import TOKENIZER_FILE
 
     path = source / TOKENIZER_FILE if source is not None else None
@@ -341,18 +357,20 @@ def _tokenizer_files(tt: TwoTower, source: Path | None) -> dict[str, bytes]:
         return {}
     if tt.loss == "clip":
         return {"megavit_tokenizer.model": path.read_bytes()}
-    tok = Tokenizer.load(path, tt.text.context_length)
+    tok = load_for_text_tower(path, tt.text)
     if tok.vocab_size != tt.vocab_size:
         raise ConvertError(f"{path}: {tok.vocab_size} pieces, the model was built for "
                            f"{tt.vocab_size}")
-    piece = _piece(tok.model_proto)
+    piece = _processor(tok.model_proto).id_to_piece
     special = {"pad_token": piece(tok.pad_id), "eos_token": piece(tok.eos_id),
                "unk_token": piece(tok.unk_id)}
-    # no "attention_mask" among its outputs: `SiglipModel(**tokenizer(texts))` then attends
-    # to padding, as megavit's --no-text-mask-padding tower does
     config = {"tokenizer_class": "SiglipTokenizer", "model_max_length": tt.text.context_length,
-              "do_lower_case": tok.cleaner.lowercase, "model_input_names": ["input_ids"],
-              **special}
+              "do_lower_case": tok.cleaner.lowercase,
+              # no "attention_mask" among its outputs: `SiglipModel(**tokenizer(texts))` then
+              # attends to padding, as megavit's --no-text-mask-padding tower does
+              "model_input_names": ["input_ids"],
+              # "</s>" in a caption is text (its letters), as for megavit, not the EOS id
+              "split_special_tokens": True, **special}
     return {"spiece.model": tok.model_proto,
             "tokenizer_config.json": (json.dumps(config, indent=1) + "\n").encode(),
             "special_tokens_map.json": (json.dumps(special, indent=1) + "\n").encode()}
@@ -393,9 +411,9 @@ def _config_problems(kind: str, config: dict, t: dict, v: dict) -> list[str]:
     if architectures[0] != TARGET[kind]:
         out.append(f"architectures {architectures}: megavit maps {TARGET[kind]}")
     for name, sub in (("text_config", t), ("vision_config", v)):
-        if sub["hidden_act"] != "gelu":
-            out.append(f"{name}.hidden_act {sub['hidden_act']!r}; megavit's MLP is exact "
-                       "gelu (hidden_act 'gelu')")
+        if sub["hidden_act"] not in ACTIVATIONS:
+            out.append(f"{name}.hidden_act {sub['hidden_act']!r}; megavit's MLP has "
+                       f"{', '.join(ACTIVATIONS)}")
     for key in ("image_size", "patch_size"):
         if isinstance(v[key], (list, tuple)):
             out.append(f"vision_config.{key} {v[key]}: only square images and patches map")
@@ -412,32 +430,65 @@ def _config_problems(kind: str, config: dict, t: dict, v: dict) -> list[str]:
     return out
 
 
-def _siglip_tokenizer(directory: Path, vocab_size: int) -> tuple[dict[str, bytes], int, int,
-                                                                 list[str]]:
-    """A SigLIP directory's `spiece.model` as the checkpoint's tokenizer: (side files,
-    pad id, EOS id, problems); no files when it has none."""
+# SiglipTokenizer's defaults for what its tokenizer files leave out
+_SIGLIP_TOKENIZER = {"pad_token": "</s>", "eos_token": "</s>", "do_lower_case": True}
+
+
+def _tokenizer_settings(directory: Path) -> dict:
+    """SigLIP's tokenizer settings: its defaults, then tokenizer_config.json, then
+    special_tokens_map.json (which transformers lets override it); special tokens as their
+    text."""
+    settings = dict(_SIGLIP_TOKENIZER)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (directory / name).is_file():
+            settings.update(json.loads((directory / name).read_text()))
+    return {k: v.get("content") if isinstance(v, dict) else v for k, v in settings.items()}
+
+
+@dataclass
+class _SiglipVocab:
+    """A SigLIP directory's tokenizer as megavit reads it."""
+
+    files: dict[str, bytes]      # the checkpoint's side files (none: no spiece.model)
+    pad_id: int = -1
+    eos_id: int = -1
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def _siglip_tokenizer(directory: Path, vocab_size: int) -> _SiglipVocab:
+    """A SigLIP directory's `spiece.model` as the checkpoint's tokenizer, padding as its
+    settings say: with the model's pad piece, or with EOS (SigLIP's released tokenizers:
+    pad_token "</s>"; megavit's --text-pad-with-eos)."""
     from megavit.data.tokenizer import Tokenizer, TokenizerError
     from megavit.training.contrastive_trainer import TOKENIZER_FILE
 
     path = directory / "spiece.model"
     if not path.is_file():
-        return {}, -1, -1, []
-    try:
-        tok = Tokenizer.load(path, 2)
+        return _SiglipVocab({})
+    settings = _tokenizer_settings(directory)
+    try:        # (padding with EOS: a model without a pad piece loads too)
+        tok = Tokenizer.load(path, 2, cleaning="siglip", pad_with_eos=True)
     except TokenizerError as e:
-        return {}, -1, -1, [str(e)]
+        return _SiglipVocab({}, problems=[str(e)])
+    sp = _processor(tok.model_proto)
+    eos = sp.id_to_piece(sp.eos_id())
     problems = []
     if tok.vocab_size != vocab_size:
         problems.append(f"{path}: {tok.vocab_size} pieces, text_config.vocab_size {vocab_size}")
-    settings = directory / "tokenizer_config.json"
-    pad = json.loads(settings.read_text()).get("pad_token") if settings.is_file() else None
-    pad = pad.get("content") if isinstance(pad, dict) else pad
-    ours = _piece(tok.model_proto)(tok.pad_id)
-    if pad is not None and pad != ours:
-        problems.append(f"{settings}: SigLIP's tokenizer pads with {pad!r}, megavit with the "
-                        f"model's pad piece {ours!r}, and SigLIP pools the last position (a "
-                        "pad)")
-    return {TOKENIZER_FILE: tok.model_proto}, tok.pad_id, tok.eos_id, problems
+    if settings["eos_token"] != eos:
+        problems.append(f"{directory}: SigLIP's tokenizer ends texts with "
+                        f"{settings['eos_token']!r}, its model's EOS piece is {eos!r}")
+    pads = {eos: sp.eos_id()}
+    if sp.pad_id() >= 0:
+        pads[sp.id_to_piece(sp.pad_id())] = sp.pad_id()
+    if settings["pad_token"] not in pads:
+        problems.append(f"{directory}: SigLIP's tokenizer pads with {settings['pad_token']!r}; "
+                        f"megavit pads with the model's pad or EOS piece ({', '.join(pads)})")
+    if not settings["do_lower_case"]:
+        problems.append(f"{directory}: do_lower_case false; megavit's --text-cleaning siglip "
+                        "lower-cases")
+    return _SiglipVocab({TOKENIZER_FILE: tok.model_proto},
+                        pads.get(settings["pad_token"], -1), sp.eos_id(), problems)
 
 
 def two_tower_of(directory: Path, config: dict) -> tuple[TwoTower, dict[str, bytes]]:
@@ -447,12 +498,13 @@ def two_tower_of(directory: Path, config: dict) -> tuple[TwoTower, dict[str, byt
     problems = _config_problems(kind, config, t, v)
     files, pad, eos = {}, t["pad_token_id"], t["eos_token_id"]
     if kind == "siglip":
-        files, spm_pad, spm_eos, tok_problems = _siglip_tokenizer(directory, t["vocab_size"])
-        problems += tok_problems
-        if files:
-            pad, eos = spm_pad, spm_eos
+        vocab = _siglip_tokenizer(directory, t["vocab_size"])
+        problems += vocab.problems
+        if vocab.files:
+            files, pad, eos = vocab.files, vocab.pad_id, vocab.eos_id
     elif eos == 2:       # transformers' legacy CLIP rule: the largest id is the EOS
         eos = t["vocab_size"] - 1
+    pad = 0 if pad is None else pad     # (no pad id in config.json: nothing tells padding)
     if problems:
         raise ConvertError(f"{directory / 'config.json'}: this transformers "
                            f"{TARGET[kind]} does not map onto megavit: " + "; ".join(problems))
@@ -462,17 +514,16 @@ def two_tower_of(directory: Path, config: dict) -> tuple[TwoTower, dict[str, byt
         num_attention_heads=v["num_attention_heads"], ffn_hidden_size=v["intermediate_size"],
         patch_dim=v["patch_size"], img_h=v["image_size"], img_w=v["image_size"],
         num_channels=v["num_channels"], num_classes=0, norm_epsilon=v["layer_norm_eps"],
-        **WANTED[kind]["model"])
+        activation=ACTIVATIONS[v["hidden_act"]], **WANTED[kind]["model"])
     wanted = WANTED[kind]["text"]
     text = TextConfig(
         text_num_layers=t["num_hidden_layers"], text_hidden_size=t["hidden_size"],
         text_num_attention_heads=t["num_attention_heads"],
         text_ffn_hidden_size=t["intermediate_size"],
         context_length=t["max_position_embeddings"], text_norm_epsilon=t["layer_norm_eps"],
-        **wanted)
+        text_activation=ACTIVATIONS[t["hidden_act"]], text_pad_with_eos=pad == eos, **wanted)
     embed_dim = config.get("projection_dim", 512) if clip else v["hidden_size"]
-    tt = TwoTower(image, text, t["vocab_size"], pad if pad is not None else 0, eos, embed_dim,
-                  kind, clip)
+    tt = TwoTower(image, text, t["vocab_size"], pad, eos, embed_dim, kind, clip)
     return tt, files
 
 

@@ -100,10 +100,12 @@ def digit_caption_corpus(templates: Sequence[str] = CAPTION_TEMPLATES + ZERO_SHO
 
 
 def digit_tokenizer(cache_dir: str | os.PathLike, context_length: int = DIGIT_CONTEXT_LENGTH,
-                    vocab_size: int = DIGIT_VOCAB_SIZE, lowercase: bool = True) -> Tokenizer:
-    """A BPE tokenizer for digit_caption_corpus(), cached in CACHE_DIR as
-    digit-captions-HASH.model, HASH covering the corpus, the training options and the
-    SentencePiece version: trained on first use (a few milliseconds), loaded afterwards.
+                    vocab_size: int = DIGIT_VOCAB_SIZE, lowercase: bool = True,
+                    cleaning: str = "megavit", pad_with_eos: bool = False) -> Tokenizer:
+    """A BPE tokenizer for digit_caption_corpus() cleaned by `cleaning` (the text tower's
+    --text-cleaning), cached in CACHE_DIR as digit-captions-HASH.model, HASH covering the
+    corpus, the training options and the SentencePiece version: trained on first use (a few
+    milliseconds), loaded afterwards (`pad_with_eos`: see Tokenizer).
     Safe when several ranks call it at once: each trains under its own temporary name and
     the first to link its file into place wins; every caller loads that one file, so all
     ranks share one vocabulary."""
@@ -113,13 +115,15 @@ def digit_tokenizer(cache_dir: str | os.PathLike, context_length: int = DIGIT_CO
     recipe = {"corpus": corpus, "vocab_size": vocab_size, "model_type": "bpe",
               "lowercase": lowercase, "character_coverage": 1.0,
               "sentencepiece": spm.__version__, "format": 1}
+    if cleaning != "megavit":     # (so megavit's cleaning keeps its cached files' names)
+        recipe["cleaning"] = cleaning
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.path.expanduser(str(cache_dir)))
     final = cache / f"digit-captions-{digest}.model"
     if not final.is_file():
         tmp_prefix = cache / f".digit-captions-{digest}.{os.getpid()}.{secrets.token_hex(4)}"
         train_tokenizer(corpus, tmp_prefix, vocab_size, "bpe", lowercase=lowercase,
-                              character_coverage=1.0)
+                        character_coverage=1.0, cleaning=cleaning)
         try:
             for suffix in (".model", ".vocab"):
                 try:
@@ -133,4 +137,5 @@ def digit_tokenizer(cache_dir: str | os.PathLike, context_length: int = DIGIT_CO
         finally:
             for suffix in (".model", ".vocab"):
                 Path(f"{tmp_prefix}{suffix}").unlink(missing_ok=True)
-    return Tokenizer.load(final, context_length, lowercase=lowercase)
+    return Tokenizer.load(final, context_length, lowercase=lowercase, cleaning=cleaning,
+                          pad_with_eos=pad_with_eos)

@@ -499,12 +499,15 @@ def default_cache_dir() -> Path:
 def build_image_text_data(dataset: str, model: ModelConfig, seed: int, context_length: int,
                           data_path: str | None = None, tokenizer_model: str | None = None,
                           strict: bool = False, zero_shot_transfer: str | None = None,
-                          cache_dir: str | os.PathLike | None = None) -> ImageTextData:
+                          cache_dir: str | os.PathLike | None = None, cleaning: str = "megavit",
+                          pad_with_eos: bool = False) -> ImageTextData:
     """`dataset` 'digits' / 'mnist5k': the captioned embedded set (its fixed split) and, with
     no `tokenizer_model`, the cached digit-caption tokenizer (`digit_tokenizer(cache_dir)`).
     'csv' / 'shards': `data_path` read as CsvImageText / WebDatasetShards (no held-out
     split), tokenized by `tokenizer_model` (required). `zero_shot_transfer` ('digits' /
-    'mnist5k'): that set's captioned held-out split, for zero-shot transfer."""
+    'mnist5k'): that set's captioned held-out split, for zero-shot transfer. The tokenizer
+    cleans by `cleaning` and pads with EOS if `pad_with_eos` (--text-cleaning,
+    --text-pad-with-eos)."""
     if dataset in ("digits", "mnist5k"):
         train, heldout = captioned_digits(model, seed, dataset)
     elif dataset in ("csv", "shards"):
@@ -518,20 +521,24 @@ def build_image_text_data(dataset: str, model: ModelConfig, seed: int, context_l
         heldout = None
     else:
         raise DataError(f"--image-text-data {dataset}: expected digits, mnist5k, csv or shards")
-    tokenizer = (Tokenizer.load(tokenizer_model, context_length) if tokenizer_model else
-                 digit_tokenizer(cache_dir or default_cache_dir(), context_length))
+    tokenizer = (Tokenizer.load(tokenizer_model, context_length, cleaning=cleaning,
+                                pad_with_eos=pad_with_eos) if tokenizer_model else
+                 digit_tokenizer(cache_dir or default_cache_dir(), context_length,
+                                 cleaning=cleaning, pad_with_eos=pad_with_eos))
     transfer = captioned_digits(model, seed, zero_shot_transfer)[1] if zero_shot_transfer else None
     return ImageTextData(train, heldout, tokenizer, transfer)
 
 
 def build_image_text(cfg, seed: int, cache_dir: str | os.PathLike | None = None) -> ImageTextData:
     """`build_image_text_data` from megavit.pretrain_contrastive's flags, read by name:
-    cfg.base.model, cfg.text.context_length and cfg.contrastive.{image_text_data,
-    image_text_path, tokenizer_model, fatal_data_errors, zero_shot_transfer}."""
-    c = cfg.contrastive
-    return build_image_text_data(c.image_text_data, cfg.base.model, seed, cfg.text.context_length,
+    cfg.base.model, cfg.text.{context_length, text_cleaning, text_pad_with_eos} and
+    cfg.contrastive.{image_text_data, image_text_path, tokenizer_model, fatal_data_errors,
+    zero_shot_transfer}."""
+    c, t = cfg.contrastive, cfg.text
+    return build_image_text_data(c.image_text_data, cfg.base.model, seed, t.context_length,
                                  c.image_text_path, c.tokenizer_model, c.fatal_data_errors,
-                                 c.zero_shot_transfer, cache_dir)
+                                 c.zero_shot_transfer, cache_dir,
+                                 t.text_cleaning, t.text_pad_with_eos)
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@
 
 Layout of one row of `encode` (context length L): the SentencePiece ids of the cleaned text,
 cut to L - 1 ids, then EOS, then PAD up to L. There is no BOS. EOS is always present, so a
-text tower that pools at EOS finds it at `(ids != tok.pad_id).sum(1) - 1`.
+text tower that pools at EOS finds it as the row's first EOS id. PAD is the model's pad
+piece, or with `pad_with_eos` the EOS id itself (real SigLIP tokenizers: pad_token `</s>`;
+then padding and EOS are one id, told apart only by position: everything after the first
+EOS is padding).
 
 Special ids: models trained by `train_tokenizer` (and tools/train_tokenizer.py) fix them
 to the T5 convention, whatever the corpus:
@@ -14,13 +17,20 @@ to the T5 convention, whatever the corpus:
     PAD_ID = 0   '<pad>'     EOS_ID = 1   '</s>'     UNK_ID = 2   '<unk>'     BOS_ID = 3   '<s>'
 
 `Tokenizer.load` reads the ids from the model file (a T5-style model from elsewhere works
-too) and refuses one without a pad or EOS id.
+too) and refuses one without an EOS id, or without a pad id unless it pads with EOS.
 
-Cleaning (`TextCleaner`) happens before SentencePiece, both when training and encoding:
-optional lower-casing, optional punctuation removal, whitespace runs collapsed to one space
-and the ends stripped. SentencePiece's own normaliser (its default `nmt_nfkc`: Unicode NFKC)
-runs after that, inside the model, so `decode(encode(x)) == clean(x)` holds for text whose
-characters are in the vocabulary and unchanged by NFKC (plain ASCII is).
+Cleaning happens before SentencePiece, both when training and encoding, in one of two ways
+(`CLEANINGS`, the text tower's --text-cleaning):
+
+- 'megavit' (`TextCleaner`): optional lower-casing, optional punctuation removal, whitespace
+  runs collapsed to one space and the ends stripped;
+- 'siglip' (`SiglipCleaner`): exactly transformers' `SiglipTokenizer` (its `tokenize` and
+  `canonicalize_text`): '▁' becomes a space, lower-casing, every character of Python's
+  `string.punctuation` deleted, `re`'s whitespace runs collapsed, ends stripped.
+
+SentencePiece's own normaliser (its default `nmt_nfkc`: Unicode NFKC) runs after that,
+inside the model, so `decode(encode(x)) == clean(x)` holds for text whose characters are in
+the vocabulary and unchanged by NFKC (plain ASCII is).
 """
 
 from __future__ import annotations
@@ -29,12 +39,16 @@ import io
 import os
 import re
 import secrets
+import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, Union
 
 import regex
 import torch
+
+if TYPE_CHECKING:
+    from megavit.config import TextConfig
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 _TRAIN_HINT = ("train one with `python tools/train_tokenizer.py --input captions.txt "
@@ -72,12 +86,58 @@ class TextCleaner:
         return _WHITESPACE.sub(" ", text).strip()
 
 
+_ASCII_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_RE_WHITESPACE = re.compile(r"\s+")   # `re`'s, not `regex`'s: they differ on U+001C..U+001F
+
+
+@dataclass(frozen=True)
+class SiglipCleaner:
+    """Text -> the text transformers' `SiglipTokenizer` hands SentencePiece, character for
+    character (its `tokenize` then `canonicalize_text`), in order:
+
+    - '▁' (SentencePiece's space mark) becomes a space;
+    - `lowercase` (SiglipTokenizer's do_lower_case, True in SigLIP's checkpoints): str.lower();
+    - every character of Python's `string.punctuation` (the 32 ASCII ones: !"#$%&'()*+,-./:;
+      <=>?@[\\]^_`{|}~) is deleted, not replaced ("well-known" -> "wellknown"); non-ASCII
+      punctuation stays;
+    - runs of `re`'s whitespace become one space; ends stripped.
+    """
+
+    lowercase: bool = True
+
+    def __call__(self, text: str) -> str:
+        text = text.replace("\u2581", " ")
+        if self.lowercase:
+            text = text.lower()
+        text = text.translate(_ASCII_PUNCTUATION)
+        return _RE_WHITESPACE.sub(" ", text).strip()
+
+
+Cleaner = Union[TextCleaner, SiglipCleaner]
+CLEANINGS = ("megavit", "siglip")
+
+
+def make_cleaner(cleaning: str, lowercase: bool = True, strip_punctuation: bool = False
+                 ) -> Cleaner:
+    """The cleaner of `cleaning` ('megavit' or 'siglip', see CLEANINGS); `strip_punctuation`
+    is megavit's only (SigLIP's cleaning has its own punctuation rule)."""
+    if cleaning not in CLEANINGS:
+        raise TokenizerError(f"--text-cleaning {cleaning!r}: expected one of {CLEANINGS}")
+    if cleaning == "megavit":
+        return TextCleaner(lowercase, strip_punctuation)
+    if strip_punctuation:
+        raise TokenizerError("strip_punctuation belongs to --text-cleaning megavit; 'siglip' "
+                             "deletes ASCII punctuation itself")
+    return SiglipCleaner(lowercase)
+
+
 class Tokenizer:
     """A SentencePiece model, a cleaner and a fixed context length. Picklable (loader
-    workers get a copy of the model bytes)."""
+    workers get a copy of the model bytes). `pad_with_eos`: pad with the EOS id instead of
+    the model's pad piece (which the model then need not have)."""
 
-    def __init__(self, model_proto: bytes, context_length: int, cleaner: TextCleaner,
-                 path: str = "<memory>") -> None:
+    def __init__(self, model_proto: bytes, context_length: int, cleaner: Cleaner,
+                 path: str = "<memory>", pad_with_eos: bool = False) -> None:
         import sentencepiece as spm
 
         if context_length < 2:
@@ -88,22 +148,27 @@ class Tokenizer:
         except RuntimeError:
             raise TokenizerError(f"{path}: not a SentencePiece model (it does not parse); "
                                  f"{_TRAIN_HINT}") from None
-        if sp.pad_id() < 0 or sp.eos_id() < 0:
-            missing = "pad" if sp.pad_id() < 0 else "EOS"
+        if (sp.pad_id() < 0 and not pad_with_eos) or sp.eos_id() < 0:
+            missing = "EOS" if sp.eos_id() < 0 else "pad"
+            other = " or pad with EOS (--text-pad-with-eos)" if missing == "pad" else ""
             raise TokenizerError(f"{path}: the model has no {missing} piece (pad id {sp.pad_id()}, "
-                                 f"EOS id {sp.eos_id()}); {_TRAIN_HINT}")
+                                 f"EOS id {sp.eos_id()}); {_TRAIN_HINT}{other}")
         self.path = path
         self.context_length = context_length
         self.cleaner = cleaner
+        self.pad_with_eos = pad_with_eos
         self._proto = model_proto
         self._sp = sp
 
     @classmethod
     def load(cls, path: str | os.PathLike, context_length: int, lowercase: bool | None = None,
-             strip_punctuation: bool = False) -> Tokenizer:
-        """Load PATH (a SentencePiece `.model`). `lowercase=None` (auto) lower-cases the input
-        when no piece of the vocabulary holds an upper-case letter, i.e. when the model was
-        trained on lower-cased text (and lower-casing cannot lose a piece it knows)."""
+             strip_punctuation: bool = False, cleaning: str = "megavit",
+             pad_with_eos: bool = False) -> Tokenizer:
+        """Load PATH (a SentencePiece `.model`), cleaning text by `cleaning` (CLEANINGS).
+        `lowercase=None` (auto): 'siglip' always lower-cases (as SigLIP's tokenizers do);
+        'megavit' lower-cases the input when no piece of the vocabulary holds an upper-case
+        letter, i.e. when the model was trained on lower-cased text (and lower-casing cannot
+        lose a piece it knows). `pad_with_eos`: see the class."""
         p = Path(os.path.expanduser(str(path)))
         try:
             proto = p.read_bytes()
@@ -112,24 +177,30 @@ class Tokenizer:
         except OSError as e:
             raise TokenizerError(f"{p}: cannot read the tokenizer model ({e.strerror}); "
                                  f"{_TRAIN_HINT}") from None
-        tok = cls(proto, context_length, TextCleaner(True, strip_punctuation), str(p))
+        tok = cls(proto, context_length, make_cleaner(cleaning, True, strip_punctuation), str(p),
+                  pad_with_eos)
         if lowercase is None:
-            sp = tok._sp
-            lowercase = not any(_UPPER.search(sp.id_to_piece(i)) for i in range(sp.get_piece_size())
-                                if not (sp.is_control(i) or sp.is_unknown(i)))
-        tok.cleaner = TextCleaner(lowercase, strip_punctuation)
+            lowercase = cleaning == "siglip" or not tok._has_upper_case_piece()
+        tok.cleaner = make_cleaner(cleaning, lowercase, strip_punctuation)
         return tok
+
+    def _has_upper_case_piece(self) -> bool:
+        sp = self._sp
+        return any(_UPPER.search(sp.id_to_piece(i)) for i in range(sp.get_piece_size())
+                   if not (sp.is_control(i) or sp.is_unknown(i)))
 
     def __getstate__(self) -> dict:
         return {"proto": self._proto, "context_length": self.context_length,
-                "cleaner": self.cleaner, "path": self.path}
+                "cleaner": self.cleaner, "path": self.path, "pad_with_eos": self.pad_with_eos}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["proto"], state["context_length"], state["cleaner"], state["path"])
+        self.__init__(state["proto"], state["context_length"], state["cleaner"], state["path"],
+                      state.get("pad_with_eos", False))
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, "
-                f"context_length={self.context_length}, {self.cleaner})")
+                f"context_length={self.context_length}, {self.cleaner}"
+                f"{', pad_with_eos=True' if self.pad_with_eos else ''})")
 
     @property
     def model_proto(self) -> bytes:
@@ -142,7 +213,8 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self._sp.pad_id()
+        """The id after EOS up to the context length: the pad piece's, or EOS's."""
+        return self.eos_id if self.pad_with_eos else self._sp.pad_id()
 
     @property
     def eos_id(self) -> int:
@@ -173,8 +245,8 @@ class Tokenizer:
 
     def decode(self, ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
                ) -> str | list[str]:
-        """Ids [L] -> str, or [n, L] -> list[str]; each row is cut at its first EOS and pad
-        ids are dropped."""
+        """Ids [L] -> str, or [n, L] -> list[str]; each row is cut at its first EOS (so
+        padding with EOS is dropped too) and pad ids are dropped."""
         rows = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         single = not rows or not isinstance(rows[0], (list, tuple))
         if single:
@@ -189,11 +261,18 @@ class Tokenizer:
         return texts[0] if single else texts
 
 
+def load_for_text_tower(path: str | os.PathLike, text: "TextConfig") -> Tokenizer:
+    """`Tokenizer.load` as a text tower configured by `text` reads captions: its
+    --context-length, --text-cleaning and --text-pad-with-eos."""
+    return Tokenizer.load(path, text.context_length, cleaning=text.text_cleaning,
+                          pad_with_eos=text.text_pad_with_eos)
+
+
 # ---------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------
 
-def _sentences(source: Iterable[str] | Path, cleaner: TextCleaner, max_sentences: int | None,
+def _sentences(source: Iterable[str] | Path, cleaner: Cleaner, max_sentences: int | None,
                on_progress: Callable[[int, int, bool], None] | None,
                used: list[int]) -> Iterator[str]:
     """The cleaned, non-empty texts of `source` (an iterable, or a UTF-8 file read line by
@@ -225,13 +304,15 @@ def train_tokenizer(texts: Iterable[str] | str | os.PathLike, model_prefix: str 
                     vocab_size: int, model_type: str = "unigram", lowercase: bool = True,
                     strip_punctuation: bool = False, character_coverage: float = 0.9995,
                     max_sentences: int | None = None,
-                    on_progress: Callable[[int, int, bool], None] | None = None) -> Path:
+                    on_progress: Callable[[int, int, bool], None] | None = None,
+                    cleaning: str = "megavit") -> Path:
     """Train a SentencePiece model in-process and write PREFIX.model and PREFIX.vocab (each
     written under a temporary name and renamed, so a failure leaves neither half-written).
 
     texts: an iterable of strings, or the path of a UTF-8 text file with one text per line.
-    Every text goes through `TextCleaner(lowercase, strip_punctuation)` first; empty results
-    are dropped; `max_sentences` keeps the first N non-empty texts. `on_progress(lines,
+    Every text goes through `make_cleaner(cleaning, lowercase, strip_punctuation)` first
+    (train with the cleaning the text tower will use: --text-cleaning); empty results are
+    dropped; `max_sentences` keeps the first N non-empty texts. `on_progress(lines,
     bytes, done)` is called while the input is read (every 4096 lines, and once with
     done=True at its end; bytes are characters for an iterable of strings).
     `character_coverage`: the share of characters the vocabulary must cover (SentencePiece's
@@ -255,7 +336,8 @@ def train_tokenizer(texts: Iterable[str] | str | os.PathLike, model_prefix: str 
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
-            sentence_iterator=_sentences(texts, TextCleaner(lowercase, strip_punctuation),
+            sentence_iterator=_sentences(texts, make_cleaner(cleaning, lowercase,
+                                                             strip_punctuation),
                                          max_sentences, on_progress, used),
             model_writer=model, vocab_size=vocab_size, model_type=model_type,
             character_coverage=character_coverage, minloglevel=1,  # its warnings only

@@ -1,7 +1,7 @@
 """The text tower: a transformer over token ids, built from the image tower's parallel
 blocks.
 
-    ids [b, L] (int64; padded with pad_id, EOS after the text)
+    ids [b, L] (int64; EOS after the text, then pad_id: --text-pad-with-eos makes it EOS)
       └─ VocabParallelEmbedding (vocab split over TP, one all-reduce) ─► [L, b, h]
       └─ + learned positions [L, h]
       └─ blocks.0 ... blocks.N-1  (ParallelBlock or SequentialBlock, TP like the ViT's)
@@ -36,14 +36,17 @@ def block_config(cfg: TextConfig) -> ModelConfig:
                        ffn_hidden_size=cfg.text_ffn_hidden_size,
                        block_type=cfg.text_block_type, qk_layernorm=cfg.text_qk_layernorm,
                        add_qkv_bias=True, add_mlp_bias=True, add_proj_bias=True, norm_bias=True,
-                       norm_epsilon=cfg.text_norm_epsilon,
+                       norm_epsilon=cfg.text_norm_epsilon, activation=cfg.text_activation,
                        init_method_std=cfg.text_init_method_std,
                        num_classes=0, pooling="map")
 
 
 class TextTransformer(nn.Module):
     """ids [b, L] int64 -> features [b, h] (replicated on every TP rank).
-    `pad_id` / `eos_id`: the tokenizer's padding and end-of-text ids."""
+    `pad_id` / `eos_id`: the tokenizer's padding and end-of-text ids; they may be equal
+    (--text-pad-with-eos) where nothing tells them apart by id: EOS pooling takes the first
+    EOS, and padding is masked by id only with --text-mask-padding, which validation then
+    refuses."""
 
     def __init__(self, cfg: TextConfig, rt: Runtime, vocab_size: int, pad_id: int,
                  eos_id: int) -> None:
