@@ -10,6 +10,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH_CPU ?= torch==2.13.0
+TIMM_VENV ?= .venv-timm
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
@@ -42,7 +43,6 @@ test: $(VENV)/.installed-test $(TIMM_VENV)/.installed-timm
 # that also runs on CPU; ~70 s to install): a separate venv, so the main one stays small.
 # The timm export/import tests run their timm half in it (tests/timm_side.py), and
 # `make bench-timm` compares step times with timm's ViT.
-TIMM_VENV ?= .venv-timm
 $(TIMM_VENV)/.installed-timm: setup.cfg
 	$(PYTHON) -m venv $(TIMM_VENV)
 	$(TIMM_VENV)/bin/python -m pip install --quiet --upgrade pip

@@ -330,3 +330,26 @@ def test_recompute_auto_is_refused_for_two_towers():
     with pytest.raises(ConfigError, match="--recompute-granularity auto plans"):
         validate_contrastive(parse_contrastive_args(_flags("clip", 1, 1, (
             "--recompute-granularity", "auto", "--activation-memory-budget-gb", "1"))))
+
+
+def test_image_checkpoints_written_before_the_newer_model_fields_still_load(tmp_path):
+    """A megavit.pretrain checkpoint whose config predates --normalization, --activation
+    and --pre-norm resumes (their defaults assumed) and serves as LiT's image tower."""
+    import json
+
+    from megavit.checkpointing.checkpointer import resume
+    from megavit.config import parse_args
+    from megavit.training.trainer import TrainingRun
+    from tests.test_checkpoint_cli import COMMON, pretrain
+
+    save = tmp_path / "image"
+    assert pretrain("--train-iters", "1", "--save", str(save)).returncode == 0
+    config = save / "iter_0000001" / "megavit_config.json"
+    info = json.loads(config.read_text())
+    for field in ("normalization", "activation", "pre_norm"):
+        del info["model"][field]
+    config.write_text(json.dumps(info))
+    run = TrainingRun.build(parse_args([*COMMON, "--train-iters", "2"]), serial_state())
+    assert resume(run, str(save), lambda line: None) == 1
+    flags = _flags("clip", 1, 1, ("--lock-image-tower", "--image-checkpoint", str(save)))
+    ContrastiveRun.build(parse_contrastive_args(flags), serial_state())

@@ -401,10 +401,25 @@ def test_import_refuses_other_architectures_missing_tensors_shapes_and_quick_gel
         "quick": (quick, tensors, "vision_config.hidden_act 'quick_gelu'; megavit's MLP "
                                   "has gelu, gelu_pytorch_tanh, gelu_new"),
     }
-    for name, (cfg, weights, message) in cases.items():
+    from megavit.checkpointing.convert import ConvertError
+    from megavit.checkpointing.import_hf import import_directory
+
+    for name, (cfg, weights, message) in cases.items():     # in-process; the CLI once below
         directory = _variant(tmp_path, name, cfg, weights)
-        bad = _run("tools/import_hf.py", "--input", str(directory),
-                   "--save", str(tmp_path / f"{name}_ck"))
-        assert bad.returncode == 2 and message in bad.stderr, (name, bad.stderr)
-        assert not (tmp_path / f"{name}_ck" / "iter_0000000").exists()
-        shutil.rmtree(directory)
+        with pytest.raises(ConvertError) as e:
+            import_directory(directory, tmp_path / f"{name}_ck", report=lambda line: None)
+        assert message in str(e.value), (name, str(e.value))
+        assert not (tmp_path / f"{name}_ck").exists()
+        if name != "quick":
+            shutil.rmtree(directory)
+    bad = _run("tools/import_hf.py", "--input", str(tmp_path / "quick"), "--save",
+               str(tmp_path / "cli_ck"))
+    assert bad.returncode == 2 and cases["quick"][2] in bad.stderr, bad.stderr
+    assert not (tmp_path / "cli_ck").exists()
+    # an older save's position-id buffers are dropped, and said so
+    old = _variant(tmp_path, "old", config, {
+        **tensors, "text_model.embeddings.position_ids": torch.arange(16)[None],
+        "vision_model.embeddings.position_ids": torch.arange(17)[None]})
+    said = []
+    import_directory(old, tmp_path / "old_ck", report=said.append)
+    assert any(line.startswith("dropped | 2 tensor(s)") for line in said), said

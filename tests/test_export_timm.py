@@ -140,23 +140,23 @@ def test_megavit_options_export_to_timm(tmp_path):
 
 
 def test_timm_refusals_name_what_does_not_map(tmp_path):
-    # megavit -> timm: a sequential-block ViT
-    proc = _run("-m", "megavit.pretrain", "--preset", "vit-debug", "--num-channels", "1",
-                "--img-h", "16", "--img-w", "16", "--micro-batch-size", "8",
-                "--global-batch-size", "8", "--train-iters", "1", "--progress-bar", "off",
-                "--block-type", "sequential", "--norm-epsilon", "1e-5",
-                "--save", str(tmp_path / "seq"))
-    assert proc.returncode == 0, proc.stderr
-    bad = _export(tmp_path / "seq", tmp_path / "out", fmt="timm")
-    assert bad.returncode == 2
-    for difference in ("--block-type is 'sequential'", "--norm-epsilon is 1e-05"):
-        assert difference in bad.stderr, bad.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-
-    # timm -> megavit: a directory made offline (config and tensors), no timm needed
+    """Checked in-process (the CLI's exit status 2 is checked once, at the end)."""
+    from megavit.checkpointing.convert import ConvertError
     from megavit.checkpointing.export_hf import export_plan
+    from megavit.checkpointing.import_hf import import_directory
     from megavit.checkpointing.timm_vit import model_config_of, timm_config
+    from megavit.config import ModelConfig
 
+    # megavit -> timm: a sequential-block ViT, a two-tower model
+    sequential = ModelConfig(block_type="sequential", norm_epsilon=1e-5)
+    with pytest.raises(ConvertError) as e:
+        export_plan("timm", {"model": {}}, sequential, None)
+    for difference in ("--block-type is 'sequential'", "--norm-epsilon is 1e-05"):
+        assert difference in str(e.value)
+    with pytest.raises(ConvertError, match="a two-tower checkpoint"):
+        export_plan("timm", {"model": {}, "text": {}}, sequential, None)
+
+    # timm -> megavit: directories made offline (config and tensors), no timm needed
     cfg = model_config_of({"architecture": "vit_base_patch16_xp_224",
                            "model_args": {k: v for k, v in VIT22B_LIKE.items()
                                           if k != "model_name"}})
@@ -171,16 +171,20 @@ def test_timm_refusals_name_what_does_not_map(tmp_path):
         return tmp_path / name
 
     def refused(path: Path, *needles: str) -> None:
-        proc = _run("tools/import_hf.py", "--input", str(path), "--save", str(tmp_path / "ck"))
-        assert proc.returncode == 2, proc.stdout
+        with pytest.raises(ConvertError) as e:
+            import_directory(path, tmp_path / "ck", report=lambda line: None)
         for needle in needles:
-            assert needle in proc.stderr, (needle, proc.stderr)
+            assert needle in str(e.value), (needle, str(e.value))
         assert not (tmp_path / "ck").exists()
 
     args = config["model_args"]
     refused(directory("extras", {**config, "model_args": {
-        **args, "reg_tokens": 1, "init_values": 1e-5, "act_layer": "silu"}}, tensors),
-        "reg_tokens 1", "init_values 1e-05", "act_layer 'silu'")
+        **args, "reg_tokens": 1, "init_values": 1e-5, "act_layer": "silu", "fc_norm": True}},
+        tensors), "reg_tokens 1", "init_values 1e-05", "act_layer 'silu'", "fc_norm")
+    refused(directory("unknown", {**config, "model_args": {**args, "fuse_out_proj": True}},
+                      tensors), "model_args fuse_out_proj")
+    refused(directory("token", {**config, "model_args": {**args, "class_token": True}},
+                      tensors), "class_token True with global_pool 'map'")
     refused(directory("arch", {**config, "architecture": "vit_pwee_patch16_reg1_gap_256"},
                       tensors), "architecture 'vit_pwee_patch16_reg1_gap_256'")
     refused(directory("missing", config, {k: v for k, v in tensors.items()
@@ -188,8 +192,20 @@ def test_timm_refusals_name_what_does_not_map(tmp_path):
             "blocks.2.mlp_bias missing")
     refused(directory("shape", {**config, "model_args": {**args, "mlp_ratio": 3.0}}, tensors),
             "blocks.0.in_proj.weight would be [160, 32]", "the config says [192, 32]")
+    refused(directory("width", {**config, "model_args": {**args, "embed_dim": 48}}, tensors),
+            "cannot be made from", "the tensors do not fit config.json")
     refused(directory("extra", config, {**tensors, "blocks.0.ls.gamma": torch.ones(32)}),
             "blocks.0.ls.gamma")
+    (tmp_path / "bad_json").mkdir()
+    (tmp_path / "bad_json" / "config.json").write_text("{not json")
+    save_file(tensors, str(tmp_path / "bad_json" / "model.safetensors"))
+    refused(tmp_path / "bad_json", "config.json: not JSON")
+
+    good = directory("good", config, tensors)
+    assert import_directory(good, tmp_path / "taken", report=lambda line: None)
+    proc = _run("tools/import_hf.py", "--input", str(good), "--save", str(tmp_path / "taken"))
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_non_square_timm_model_imports_and_exports(tmp_path):

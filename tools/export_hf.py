@@ -67,7 +67,7 @@ def main(argv=None) -> int:
               f"(pip install 'megavit[hf]'): {e}", file=sys.stderr)
         return 2
     except (ConvertError, CheckpointLoadError, CheckpointDirectoryError, UnsafeCheckpointError,
-            FileNotFoundError) as e:
+            OSError, ValueError) as e:      # ValueError: e.g. an unusable tokenizer file
         print(f"export_hf: error: {e}", file=sys.stderr)
         return 2
     return 0

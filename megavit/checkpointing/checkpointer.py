@@ -46,7 +46,7 @@ _MAY_CHANGE = {"hidden_dropout", "attention_dropout", "drop_path_rate", "lock_im
                "num_workers", "siglip_chunks"}
 
 
-def _defaults(section: str) -> dict:
+def config_defaults(section: str) -> dict:
     """The defaults of a config section's fields (a checkpoint written before a field
     existed was built with its default)."""
     from megavit.config import ModelConfig, TextConfig
@@ -76,7 +76,7 @@ def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
             differ.append(f"a {'two-tower' if saved is not None else 'ViT'} checkpoint, a "
                           f"{'two-tower' if current is not None else 'ViT'} run here")
             continue
-        saved = {**_defaults(section), **saved}    # fields added since it was written
+        saved = {**config_defaults(section), **saved}    # fields added since it was written
         differ += [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
                    for k, v in current.items()
                    if saved.get(k) != v and k not in _MAY_CHANGE]

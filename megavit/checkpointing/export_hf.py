@@ -61,9 +61,11 @@ def export_checkpoint(source: Path, fmt: str, output: str | os.PathLike,
     final = Path(output)
     if final.exists():
         raise ConvertError(f"--output {final}: exists; choose a new directory")
+    if not final.parent.is_dir():
+        raise ConvertError(f"--output {final}: its parent directory does not exist")
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging.mkdir()
     try:
         write_safetensors(source, staging / "model.safetensors", plan.entries, dtype,
                           buffer_bytes, {"format": "pt"}, report, "export")

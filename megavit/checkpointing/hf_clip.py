@@ -169,11 +169,17 @@ class TwoTower:
     @classmethod
     def of(cls, info: dict) -> "TwoTower":
         """From a checkpoint's description (fields it predates take their defaults)."""
-        text = dict(info["text"])
-        ids = [text.pop(k) for k in ("vocab_size", "pad_id", "eos_id")]
-        c = info["contrastive"]
-        return cls(ModelConfig(**info["model"]), TextConfig(**text), *ids, c["embed_dim"],
-                   c["loss"], c.get("image_projection", True))
+        from megavit.checkpointing.model_state import CheckpointLoadError
+
+        try:
+            text = dict(info["text"])
+            ids = [text.pop(k) for k in ("vocab_size", "pad_id", "eos_id")]
+            c = info["contrastive"]
+            return cls(ModelConfig(**info["model"]), TextConfig(**text), *ids,
+                       c["embed_dim"], c["loss"], c.get("image_projection", True))
+        except (KeyError, TypeError) as e:
+            raise CheckpointLoadError(f"a two-tower description this megavit cannot build "
+                                      f"({e}); was it written by another version?") from None
 
     def info(self) -> dict:
         """The "model", "text" and "contrastive" sections a contrastive run records."""
@@ -505,6 +511,10 @@ def two_tower_of(directory: Path, config: dict) -> tuple[TwoTower, dict[str, byt
     elif eos == 2:       # transformers' legacy CLIP rule: the largest id is the EOS
         eos = t["vocab_size"] - 1
     pad = 0 if pad is None else pad     # (no pad id in config.json: nothing tells padding)
+    for name, token in (("pad", pad), ("EOS", eos)):
+        if not isinstance(token, int) or not 0 <= token < t["vocab_size"]:
+            problems.append(f"the {name} id {token!r} is not in the {t['vocab_size']}-piece "
+                            "vocabulary (a SigLIP directory without spiece.model: add it)")
     if problems:
         raise ConvertError(f"{directory / 'config.json'}: this transformers "
                            f"{TARGET[kind]} does not map onto megavit: " + "; ".join(problems))
@@ -577,5 +587,7 @@ def import_plan(directory: Path, config: dict) -> ImportPlan:
     shapes = _shapes(tt)
     entries = _import_special(tt) + [OutputTensor(ours, shapes[ours], [theirs])
                                      for theirs, ours in _pairs(tt)]
+    # older saves keep the position-id buffers [1, L] (0, 1, ..., L-1): nothing to import
     return ImportPlan(f"transformers {TARGET[tt.loss]}", tt.info(), entries, tt.flags(),
-                      side_files=files)
+                      side_files=files, ignored=["text_model.embeddings.position_ids",
+                                                 "vision_model.embeddings.position_ids"])

@@ -134,7 +134,14 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
         hint = " (a pickle-only checkpoint is not read: convert it to safetensors)" \
             if any(src.glob("*.bin")) or any(src.glob("*.pth")) else ""
         raise ConvertError(f"{src / 'model.safetensors'}: missing{hint}")
-    plan = import_plan(src, json.loads((src / "config.json").read_text()))
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except ValueError as e:
+        raise ConvertError(f"{src / 'config.json'}: not JSON ({e})") from None
+    try:
+        plan = import_plan(src, config)
+    except KeyError as e:
+        raise ConvertError(f"{src / 'config.json'}: {e} missing") from None
     serial = dict(serial_meta_model(plan.info, 1).named_parameters())
     try:
         blocks = piece_blocks(serial_meta_model(plan.info, tp), tp)
@@ -149,8 +156,9 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
     sizes = {n: 4 * s.size.numel() if n in owner else 8 for n, s in stored.items()}
 
     out = CheckpointDirectory(save)
-    if out.path_of(0).exists():
-        raise ConvertError(f"--save {save}: already holds iteration 0")
+    if out.latest() is not None or out.path_of(0).exists():
+        raise ConvertError(f"--save {save}: already holds checkpoints; import into a new "
+                           "directory (the import would become its latest)")
     created = not Path(save).exists()
     files = SafetensorsFiles(src)
     _check_sources(src, plan, files.keys(), report)
@@ -200,7 +208,12 @@ def _make_pieces(src: Path, entry: OutputTensor, param: torch.nn.Parameter,
     from megavit.checkpointing.pieces import pieces_of
     from megavit.parallel.sharding import get_tp_shard
 
-    w = entry.make([get(s) for s in entry.sources]).float()
+    try:
+        w = entry.make([get(s) for s in entry.sources]).float()
+    except (RuntimeError, ValueError, IndexError) as e:    # a source of another shape
+        raise ConvertError(f"{src}: {entry.name} cannot be made from "
+                           f"{', '.join(entry.sources)} ({e}); the tensors do not fit "
+                           "config.json") from None
     if tuple(w.shape) != tuple(entry.shape):
         raise ConvertError(f"{src}: {entry.name} would be {list(w.shape)} from "
                            f"{', '.join(entry.sources)}, the config says {list(entry.shape)}")

@@ -62,6 +62,9 @@ _DEFAULTS: dict[str, Any] = {
     "fc_norm": None, "pool_include_prefix": False, "dynamic_img_size": False,
     "dynamic_img_pad": False, "norm_layer": "layernorm", "act_layer": "gelu",
     "embed_norm_layer": None, "block_fn": "Block"}
+# VisionTransformer arguments that change training only, not the function of the weights.
+_TRAINING_ONLY = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
+                  "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init"}
 _XP = {"pre_norm": True, "no_embed_class": True, "norm_layer": "rmsnorm",
        "block_fn": "ParallelScalingBlock", "qkv_bias": False, "qk_norm": True}
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -220,8 +223,12 @@ def settings_of(config: dict) -> dict[str, Any]:
     if arch not in ARCHITECTURES:
         raise ConvertError(f"architecture {arch!r}: megavit maps timm's parallel-block ViTs "
                            f"({', '.join(ARCHITECTURES)}, with any model_args)")
-    settings = {**_DEFAULTS, **ARCHITECTURES[arch], **(config.get("model_args") or {})}
-    if "num_classes" in config:
+    model_args = config.get("model_args") or {}
+    if unknown := sorted(set(model_args) - set(_DEFAULTS) - _TRAINING_ONLY):
+        raise ConvertError(f"model_args {', '.join(unknown)}: settings megavit does not map "
+                           "(it knows VisionTransformer's own arguments)")
+    settings = {**_DEFAULTS, **ARCHITECTURES[arch], **model_args}
+    if "num_classes" in config and "num_classes" not in model_args:   # as timm: args win
         settings["num_classes"] = config["num_classes"]
     for key in ("norm_layer", "act_layer"):
         if isinstance(settings[key], str):

@@ -299,12 +299,14 @@ def load_image_tower(model: TwoTowerModel, pstate: ParallelState, save_dir: str,
     (the class count aside)."""
     import json
 
-    from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
+    from megavit.checkpointing.checkpointer import (CONFIG_FILE, config_defaults,
+                                                    resolve_checkpoint)
     from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
                                                    load_state, model_state_dict)
 
     checkpoint = resolve_checkpoint(Path(save_dir))
-    saved = json.loads((checkpoint / CONFIG_FILE).read_text())["model"]
+    saved = {**config_defaults("model"),     # fields added since it was written
+             **json.loads((checkpoint / CONFIG_FILE).read_text())["model"]}
     current = dataclasses.asdict(image_cfg)
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
               for k, v in current.items() if k != "num_classes" and saved.get(k) != v
