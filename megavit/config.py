@@ -493,7 +493,8 @@ class TextConfig:
         default="eos",
         metadata=_opt("Caption embedding: the 'eos' token (CLIP), the 'first' token, the "
                       "'last' position (SigLIP: the final token, padding or not), or 'map' "
-                      "(attention pooling over the non-padded tokens).",
+                      "(attention pooling over the tokens, padding hidden unless "
+                      "--no-text-mask-padding).",
                       choices=("eos", "first", "last", "map")))
     text_causal: bool = field(
         default=True,
