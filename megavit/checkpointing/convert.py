@@ -271,8 +271,9 @@ def _safetensors_header(entries: list[tuple[str, torch.Size, torch.dtype]],
 
 @dataclass
 class OutputTensor:
-    """One tensor of a safetensors file made from serial parameters: `make(tensors)` builds
-    it (shape `shape`) from the full serial parameters named in `sources`, in that order."""
+    """One tensor made from others: `make(tensors)` builds it (shape `shape`) from the whole
+    tensors named in `sources`, in that order — megavit's serial parameters when writing a
+    safetensors file (consolidation, export), a library's tensors when importing."""
 
     name: str
     shape: tuple[int, ...]

@@ -103,14 +103,11 @@ from typing import Callable
 import torch
 
 from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.hf_vit import HF_ACTIVATIONS
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan
+from megavit.checkpointing.hf_vit import FROM_HF_ACTIVATIONS as ACTIVATIONS, HF_ACTIVATIONS
+from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 from megavit.config import ModelConfig, TextConfig
 
 TARGET = {"clip": "CLIPModel", "siglip": "SiglipModel"}
-# transformers' hidden_act -> megavit's activation (export writes hf_vit.HF_ACTIVATIONS'
-# name back: gelu_new is the same tanh formula as gelu_pytorch_tanh, in Python).
-ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _LAYER = (("self_attn.out_proj", "proj"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2"),
           ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"))
 _MAP_HEAD = (("attention.out_proj", "proj"), ("layernorm", "norm"), ("mlp.fc1", "fc1"),
@@ -195,8 +192,6 @@ class TwoTower:
 
     def flags(self) -> list[str]:
         """The megavit.pretrain_contrastive flags that build this model."""
-        from megavit.checkpointing.import_hf import model_flags
-
         return (model_flags(self.image) + model_flags(self.text)
                 + ["--loss", self.loss, "--embed-dim", str(self.embed_dim),
                    "--image-projection" if self.image_projection else "--no-image-projection"])
@@ -256,13 +251,6 @@ def _pairs(tt: TwoTower) -> list[tuple[str, str]]:
                   for name, o in _MAP_HEAD]
         pairs.append((f"{t}.head.{kind}", f"text_proj.{kind}"))
     return pairs
-
-
-def _shapes(tt: TwoTower) -> dict[str, tuple[int, ...]]:
-    """megavit's serial parameter shapes."""
-    from megavit.checkpointing.pieces import serial_meta_model
-
-    return {n: tuple(p.shape) for n, p in serial_meta_model(tt.info(), 1).named_parameters()}
 
 
 def _rows(start: int, stop: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -390,7 +378,7 @@ def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None,
     if problems := differences(tt):
         raise ConvertError(f"this two-tower model does not map onto transformers' "
                            f"{TARGET[tt.loss]} (--loss {tt.loss}): " + "; ".join(problems))
-    shapes = _shapes(tt)
+    shapes = serial_shapes(tt.info())
     entries = _export_special(tt)
     for theirs, ours in _pairs(tt):
         entries.append(OutputTensor(theirs, shapes[ours], [ours]))
@@ -542,7 +530,7 @@ def _import_special(tt: TwoTower) -> list[OutputTensor]:
     c, t = tt.image, tt.text
     h, ht = c.hidden_size, t.text_hidden_size
     e = "vision_model.embeddings."
-    shapes = _shapes(tt)
+    shapes = serial_shapes(tt.info())
     rows = shapes["text.embedding.weight"][0]
     out = [OutputTensor("image.patch_embed.proj.weight", shapes["image.patch_embed.proj.weight"],
                         [e + "patch_embedding.weight"], _reshape(h, -1)),
@@ -584,7 +572,7 @@ def _import_special(tt: TwoTower) -> list[OutputTensor]:
 def import_plan(directory: Path, config: dict) -> ImportPlan:
     """The reverse of `export_plan` for a transformers CLIP / SigLIP directory."""
     tt, files = two_tower_of(directory, config)
-    shapes = _shapes(tt)
+    shapes = serial_shapes(tt.info())
     entries = _import_special(tt) + [OutputTensor(ours, shapes[ours], [theirs])
                                      for theirs, ours in _pairs(tt)]
     # older saves keep the position-id buffers [1, L] (0, 1, ..., L-1): nothing to import

@@ -34,10 +34,12 @@ from typing import Callable
 import torch
 
 from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan
+from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 from megavit.config import ModelConfig
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}   # megavit -> transformers
+# transformers' hidden_act -> megavit's activation ("gelu_new" is the same tanh formula)
+FROM_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _PER_BLOCK = (("attention.output.dense", "proj"), ("layernorm_before", "norm1"),
               ("layernorm_after", "norm2"), ("intermediate.dense", "fc1"),
               ("output.dense", "fc2"))
@@ -88,7 +90,7 @@ def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None) -> Expo
 
     h, c, p = cfg.hidden_size, cfg.num_channels, cfg.patch_dim
     s = cfg.grid[0] * cfg.grid[1]
-    shapes = {n: tuple(t.shape) for n, t in _serial_shapes(cfg).items()}
+    shapes = serial_shapes({"model": dataclasses.asdict(cfg)})
 
     def rows(k: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         return lambda ts: ts[0][k * h:(k + 1) * h]
@@ -121,12 +123,6 @@ def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None) -> Expo
                       {"config.json": config.to_json_string().encode()})
 
 
-def _serial_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    from megavit.checkpointing.pieces import meta_model
-
-    return dict(meta_model(cfg, 1).named_parameters())
-
-
 def model_config_of(config: dict) -> ModelConfig:
     """megavit's ModelConfig for a transformers ViTConfig (as read from config.json);
     ConvertError listing whatever cannot map."""
@@ -135,10 +131,10 @@ def model_config_of(config: dict) -> ModelConfig:
     if architectures[0] not in ("ViTForImageClassification", "ViTModel"):
         problems.append(f"architectures {architectures}: megavit maps ViTModel and "
                         "ViTForImageClassification")
-    activation = {v: k for k, v in HF_ACTIVATIONS.items()}.get(config.get("hidden_act", "gelu"))
+    activation = FROM_HF_ACTIVATIONS.get(config.get("hidden_act", "gelu"))
     if activation is None:
         problems.append(f"hidden_act {config.get('hidden_act')!r}; megavit's MLP has "
-                        f"{' or '.join(HF_ACTIVATIONS.values())}")
+                        f"{', '.join(FROM_HF_ACTIVATIONS)}")
     size = config.get("image_size", 224)
     if isinstance(size, (list, tuple)):
         problems.append(f"image_size {size}: only square images map")
@@ -179,11 +175,9 @@ def import_plan(config: dict) -> ImportPlan:
             entries.append(OutputTensor(f"blocks.{i}.qkv.{kind}",
                                         (3 * h, h)[:2 if kind == "weight" else 1],
                                         _qkv(cfg, i, kind), torch.cat))
-    shapes = _serial_shapes(cfg)
-    entries += [OutputTensor(ours, tuple(shapes[ours].shape), [theirs])
+    shapes = serial_shapes({"model": dataclasses.asdict(cfg)})
+    entries += [OutputTensor(ours, shapes[ours], [theirs])
                 for theirs, ours in _names(cfg)]
-    from megavit.checkpointing.import_hf import model_flags
-
     kind = "ViTForImageClassification" if cfg.num_classes else "ViTModel"
     return ImportPlan(f"transformers {kind}", {"model": dataclasses.asdict(cfg)}, entries,
                       model_flags(cfg), ignored=["pooler."])

@@ -36,7 +36,7 @@ from megavit.checkpointing.convert import ConvertError, OutputTensor, Progress, 
 from megavit.checkpointing.directory import CheckpointDirectory
 from megavit.checkpointing.mapping import ImportPlan
 from megavit.checkpointing.safetensors_files import SafetensorsFiles
-from megavit.config import ModelConfig, PrecisionConfig
+from megavit.config import PrecisionConfig
 
 
 def import_plan(directory: Path, config: dict) -> ImportPlan:
@@ -218,16 +218,3 @@ def _make_pieces(src: Path, entry: OutputTensor, param: torch.nn.Parameter,
         raise ConvertError(f"{src}: {entry.name} would be {list(w.shape)} from "
                            f"{', '.join(entry.sources)}, the config says {list(entry.shape)}")
     return {p.name: p.local.contiguous() for p in pieces_of(entry.name, w, get_tp_shard(param))}
-
-
-def model_flags(cfg: ModelConfig) -> list[str]:
-    """The megavit.pretrain model flags that build `cfg`."""
-    flags = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        elif value is not None and "dropout" not in f.name and "drop_path" not in f.name:
-            flags += [flag, str(value)]
-    return flags

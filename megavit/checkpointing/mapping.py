@@ -13,6 +13,7 @@ model's parameters must be made, in its shape).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megavit.checkpointing.convert import OutputTensor
@@ -45,3 +46,25 @@ class ImportPlan:
     flags: list[str]
     side_files: dict[str, bytes] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+
+
+def serial_shapes(info: dict) -> dict[str, tuple[int, ...]]:
+    """{serial parameter name: shape} of the model a checkpoint description (`info`:
+    "model", and for two towers "text" and "contrastive") builds."""
+    from megavit.checkpointing.pieces import serial_meta_model
+
+    return {n: tuple(p.shape) for n, p in serial_meta_model(info, 1).named_parameters()}
+
+
+def model_flags(cfg) -> list[str]:
+    """The command-line flags that build the config dataclass `cfg` (a ModelConfig: the
+    megavit.pretrain model flags; a TextConfig: the text tower's)."""
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif value is not None and "dropout" not in f.name and "drop_path" not in f.name:
+            flags += [flag, str(value)]
+    return flags

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan
+from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 from megavit.config import ModelConfig
 
 EXPORT_ARCHITECTURE = "vit_base_patch16_xp_224"
@@ -278,12 +278,10 @@ def model_config_of(config: dict) -> ModelConfig:
 
 def import_plan(config: dict) -> ImportPlan:
     """The reverse of `export_plan` for a timm config.json."""
-    from megavit.checkpointing.import_hf import model_flags
-    from megavit.checkpointing.pieces import meta_model
 
     a = settings_of(config)
     cfg = model_config_of(config)
-    shapes = {n: tuple(t.shape) for n, t in meta_model(cfg, 1).named_parameters()}
+    shapes = serial_shapes({"model": dataclasses.asdict(cfg)})
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
     s = cfg.grid[0] * cfg.grid[1]
     pos_has_cls = cfg.pooling == "cls" and not a["no_embed_class"]
