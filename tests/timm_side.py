@@ -8,7 +8,8 @@ see the Makefile). It needs timm, transformers and safetensors, not megavit.
         config.json); its logits on INPUTS' "images" written to OUTPUTS
     python tests/timm_side.py run DIR INPUTS OUTPUTS
         `timm.create_model('local-dir:DIR', pretrained=True)` (a strict load) and
-        transformers' `TimmWrapperForImageClassification` / `TimmWrapperModel` from DIR;
+        transformers' `TimmWrapperForImageClassification` / `TimmWrapperModel` from DIR (no
+        missing, unexpected or mismatched tensor);
         OUTPUTS gets "timm" and "wrapper" (logits, or features without a classifier)
 """
 
@@ -46,12 +47,13 @@ def run(directory: str, inputs: str, outputs: str) -> None:
     config = json.loads(open(f"{directory}/config.json").read())
     with torch.no_grad():
         out = {"timm": model(images)}
-        if config["num_classes"]:
-            wrapper = TimmWrapperForImageClassification.from_pretrained(directory).eval()
-            out["wrapper"] = wrapper(pixel_values=images).logits
-        else:
-            wrapper = TimmWrapperModel.from_pretrained(directory).eval()
-            out["wrapper"] = wrapper(pixel_values=images).pooler_output
+        kind = TimmWrapperForImageClassification if config["num_classes"] else TimmWrapperModel
+        wrapper, info = kind.from_pretrained(directory, output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
+        if problems or info.get("error_msgs"):
+            sys.exit(f"{kind.__name__} did not load {directory} strictly: {info}")
+        result = wrapper.eval()(pixel_values=images)
+        out["wrapper"] = result.logits if config["num_classes"] else result.pooler_output
     save_file({k: v.contiguous() for k, v in out.items()}, outputs)
 
 
