@@ -46,11 +46,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from benchmarks.contrastive_memory import plain_siglip  # the all-gather way, [n, N] logits
 from megavit.parallel.comm import CommStats, Group
 from megavit.parallel.memory import LiveBytesMeter
 from megavit.training.contrastive import (
     DEFAULT_SIGLIP_CHUNKS, ContrastiveQueue, _chunk_bounds, _SigLIPRing, clip_loss,
-    gather_with_grad, siglip_loss,
+    siglip_loss,
 )
 from tests.harness import run_distributed
 
@@ -81,15 +82,6 @@ def reference_siglip(images, texts, t, b):
     """-(1/N) sum_ij log sigmoid(z_ij (exp(t) x_i.y_j + b)), z = +1 on the diagonal, else -1."""
     z = 2 * torch.eye(images.shape[0]) - 1
     return -F.logsigmoid(z * (t.exp() * images @ texts.t() + b)).sum() / images.shape[0]
-
-
-def plain_siglip(images, texts, t, b, group):
-    """The all-gather way: this rank's rows against all N gathered texts, [n, N] logits."""
-    n = images.shape[0]
-    logits = t.exp() * images @ gather_with_grad(texts, group).t() + b
-    z = -torch.ones_like(logits)
-    z[:, group.rank * n:(group.rank + 1) * n] += 2 * torch.eye(n)
-    return -F.logsigmoid(z * logits).sum() / n
 
 
 def leaves(*tensors):

@@ -58,6 +58,16 @@ def config_defaults(section: str) -> dict:
             if f.default is not dataclasses.MISSING} if kind else {}
 
 
+def config_differences(section: str, saved: dict, current: dict,
+                       may_change: Callable[[str], bool]) -> list[str]:
+    """"--flag A in the checkpoint, B here" for each field of `current` that the `saved`
+    section (its missing fields taken at their defaults) has otherwise, but those
+    `may_change` allows."""
+    saved = {**config_defaults(section), **saved}    # fields added since it was written
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
+            for k, v in current.items() if saved.get(k) != v and not may_change(k)]
+
+
 def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
     """Refuse a checkpoint of another model, naming every field that differs (the fields of
     `_MAY_CHANGE` — regularisation and, for two towers, data and LiT settings — may change
@@ -76,10 +86,7 @@ def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
             differ.append(f"a {'two-tower' if saved is not None else 'ViT'} checkpoint, a "
                           f"{'two-tower' if current is not None else 'ViT'} run here")
             continue
-        saved = {**config_defaults(section), **saved}    # fields added since it was written
-        differ += [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
-                   for k, v in current.items()
-                   if saved.get(k) != v and k not in _MAY_CHANGE]
+        differ += config_differences(section, saved, current, _MAY_CHANGE.__contains__)
         differ += [f"{k} {saved[k]!r} in the checkpoint, unknown here"
                    for k in saved if k not in current]
     if differ:

@@ -299,18 +299,16 @@ def load_image_tower(model: TwoTowerModel, pstate: ParallelState, save_dir: str,
     (the class count aside)."""
     import json
 
-    from megavit.checkpointing.checkpointer import (CONFIG_FILE, config_defaults,
+    from megavit.checkpointing.checkpointer import (CONFIG_FILE, config_differences,
                                                     resolve_checkpoint)
     from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
                                                    load_state, model_state_dict)
 
     checkpoint = resolve_checkpoint(Path(save_dir))
-    saved = {**config_defaults("model"),     # fields added since it was written
-             **json.loads((checkpoint / CONFIG_FILE).read_text())["model"]}
-    current = dataclasses.asdict(image_cfg)
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
-              for k, v in current.items() if k != "num_classes" and saved.get(k) != v
-              and "dropout" not in k and "drop_path" not in k]
+    saved = json.loads((checkpoint / CONFIG_FILE).read_text())["model"]
+    differ = config_differences(
+        "model", saved, dataclasses.asdict(image_cfg),
+        lambda k: k == "num_classes" or "dropout" in k or "drop_path" in k)
     if differ:
         raise CheckpointLoadError(f"--image-checkpoint {checkpoint}: a different image model, "
                                   "not loaded: " + "; ".join(differ))
