@@ -16,6 +16,48 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The keys of the lines users grep and of the --metrics-file records, in order: a pinned
+# contract (the training loop is shared by every task, so it must not drift). CPU runs:
+# GPU runs add gpu_mem_gib / gpu_util_percent / gpu_power_w after mfu.
+CLASSIFIER_KEYS = {
+    "train": ["iteration", "loss", "lr", "grad_norm", "images_per_second", "step_time_ms",
+              "tflops_per_device", "mfu", "eta"],
+    "eval": ["iteration", "eval_loss", "eval_accuracy", "eval_images"],
+    "summary": ["iteration", "train_seconds", "loss", "eval_loss", "eval_accuracy",
+                "images_per_second"],
+}
+_CLIP_EVAL = ["zero_shot_accuracy", "image_to_text_r1", "text_to_image_r1", "image_to_text_r5",
+              "text_to_image_r5", "eval_images", "zero_shot_accuracy_mnist5k"]
+CLIP_KEYS = {
+    "train": ["iteration", "loss", "lr", "grad_norm", "pairs_per_second", "step_time_ms", "eta",
+              "temperature"],
+    "eval": ["iteration", *_CLIP_EVAL],
+    "summary": ["iteration", "train_seconds", "loss", *_CLIP_EVAL, "pairs_per_second"],
+}
+
+
+def line_keys(stdout: str) -> dict[str, list[list[str]]]:
+    """The keys of each train / eval / summary log line ("[megavit] iteration 200/1000 |
+    loss 0.5 | ...": the first word of every " | " field, the line's kind word dropped)."""
+    out: dict[str, list[list[str]]] = {"train": [], "eval": [], "summary": []}
+    for line in stdout.splitlines():
+        body = line.removeprefix("[megavit] ")
+        kind = ("eval" if body.startswith("eval iteration ") else "summary"
+                if body.startswith("done | ") else "train" if body.startswith("iteration ")
+                else None)
+        if kind:
+            body = body.removeprefix("eval ").removeprefix("done | ")
+            out[kind].append([field.split(" ")[0] for field in body.split(" | ")])
+    return out
+
+
+def check_keys(stdout: str, records: list[dict], pinned: dict[str, list[str]]) -> None:
+    lines = line_keys(stdout)
+    for kind, keys in pinned.items():
+        assert lines[kind] and all(k == keys for k in lines[kind]), (kind, lines[kind])
+        rows = [list(r) for r in records if r["kind"] == kind]
+        assert rows and all(r == ["kind", *keys] for r in rows), (kind, rows)
+
 
 def test_quickstart_script_trains_digits(tmp_path):
     metrics = tmp_path / "quickstart.jsonl"
@@ -36,6 +78,7 @@ def test_quickstart_script_trains_digits(tmp_path):
     final = [r for r in records if r["kind"] == "eval"][-1]
     assert final["iteration"] == 1000 and final["eval_images"] == 359
     assert final["eval_accuracy"] >= 0.90, final
+    check_keys(proc.stdout, records, CLASSIFIER_KEYS)
 
 
 def test_quickstart_clip_script_aligns_captions(tmp_path):
@@ -56,3 +99,4 @@ def test_quickstart_clip_script_aligns_captions(tmp_path):
     assert 0.0 <= final["zero_shot_accuracy_mnist5k"] <= 1.0
     for key in ("image_to_text_r1", "text_to_image_r5"):
         assert 0.0 <= final[key] <= 1.0
+    check_keys(proc.stdout, records, CLIP_KEYS)
