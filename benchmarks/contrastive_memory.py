@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megavit.parallel.memory import LiveBytesMeter  # noqa: E402
-from megavit.training.contrastive import clip_loss, gather_with_grad, siglip_loss  # noqa: E402
+from megavit.tasks.image_text.losses import clip_loss, gather_with_grad, siglip_loss  # noqa: E402
 
 
 def plain_siglip(images, texts, t, b, group):

@@ -103,13 +103,13 @@ def timed_steps(run, warmup: int, steps: int) -> list[float]:
 def run(pstate, args, parallel: dict, memory: bool) -> dict:
     """`memory`: a separate pass of 2 steps (the second holds Adam's state) with RSS
     following live tensors; the timing pass keeps glibc's normal (faster) allocator."""
-    from megavit.training.trainer import TrainingRun
+    from megavit.tasks.classification import classification_run
 
     if memory:
         rss_follows_tensors()
         reset_peak_rss()
     before = rss_mb()
-    run = TrainingRun.build(build_config(args, parallel), pstate)
+    run = classification_run(build_config(args, parallel), pstate)
     times = timed_steps(run, 0, 2) if memory else timed_steps(run, args.warmup, args.steps)
     per_param = run.optimizer.bytes_per_parameter()
     n = sum(p.numel() for p in run.model.parameters())

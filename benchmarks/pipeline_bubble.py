@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from megavit.config import Config, DataConfig, ParallelConfig, TrainingConfig, preset_model_config  # noqa: E402
 from megavit.parallel.schedules import theoretical_bubble  # noqa: E402
-from megavit.training.trainer import TrainingRun  # noqa: E402
+from megavit.tasks.classification import classification_run  # noqa: E402
 
 
 def measure(pstate, layers: int, micro: int, m: int, v: int, steps: int) -> dict:
@@ -43,7 +43,7 @@ def measure(pstate, layers: int, micro: int, m: int, v: int, steps: int) -> dict
         training=TrainingConfig(micro_batch_size=micro, global_batch_size=micro * m,
                                 train_iters=steps + 1, lr=1e-4),
         data=DataConfig(dataset="synthetic", synthetic_size=micro * m * (steps + 1)))
-    run = TrainingRun.build(cfg, pstate)
+    run = classification_run(cfg, pstate)
     steps_seen = []
     for it, batch in enumerate(run.batches(0, steps + 1)):
         torch.distributed.barrier()          # the stages start the schedule together

@@ -72,7 +72,7 @@ def model_config(layers: int, tiny: bool = False):
 
 
 def megavit_steps(pstate, model_cfg, parallel: dict, warmup: int, steps: int) -> dict:
-    from megavit.training.trainer import TrainingRun
+    from megavit.tasks.classification import classification_run
 
     micro = GLOBAL_BATCH // pstate.dp.size
     cfg = Config(model=model_cfg,
@@ -82,7 +82,7 @@ def megavit_steps(pstate, model_cfg, parallel: dict, warmup: int, steps: int) ->
                  data=DataConfig(dataset="synthetic", synthetic_size=GLOBAL_BATCH))
     cfg.parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=pstate.tp.size,
                                        **parallel)
-    run = TrainingRun.build(cfg, pstate)
+    run = classification_run(cfg, pstate)
     times = timed_steps(run, warmup, steps)
     params = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1)
                  for p in run.model.parameters())

@@ -35,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
-    from megavit.training.trainer import check_schedule, pipeline_layout, pretrain
+    from megavit.tasks.classification import ClassificationTask
+    from megavit.training.loop import pretrain
+    from megavit.training.run import check_schedule, pipeline_layout
 
     p = cfg.parallel
     try:   # the pipeline split and schedule, before any process group starts
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from megavit.run_entry import start_and_train
 
-    return start_and_train(prog, p, info.local_world_size, lambda pstate: pretrain(cfg, pstate))
+    return start_and_train(prog, p, info.local_world_size, lambda pstate: pretrain(ClassificationTask(cfg), pstate))
 
 
 if __name__ == "__main__":

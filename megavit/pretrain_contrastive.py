@@ -34,10 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
 
     from megavit.run_entry import start_and_train
-    from megavit.training.contrastive_trainer import pretrain_contrastive
+    from megavit.tasks.image_text.task import ImageTextTask
+    from megavit.training.loop import pretrain
 
     return start_and_train(PROG, cfg.base.parallel, info.local_world_size,
-                           lambda pstate: pretrain_contrastive(cfg, pstate))
+                           lambda pstate: pretrain(ImageTextTask(cfg), pstate))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from megavit.models.vit import (ForwardContext, MAPHead, ParallelBlock, Runtime,
                                 SequentialBlock)
 from megavit.parallel.sharding import full_state, initialize_parameters
 from megavit.parallel.state import ParallelState, serial_state
-from megavit.training.trainer import TrainingRun
+from megavit.tasks.classification import classification_run
 
 # Model variants the layouts are checked with: the ViT-22B recipe; a classic ViT with every
 # bias, a class token (17 tokens) and fixed position embeddings; and a GAP head over
@@ -56,7 +56,7 @@ def debug_config(variant: str = "vit22b", tp: int = 1, parallel: dict | None = N
 def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2) -> dict[str, Any]:
     """Losses, grad norms and full-shape gradients of each step, and the full-shape
     weights after the last, through the real training step."""
-    run = TrainingRun.build(cfg, pstate)
+    run = classification_run(cfg, pstate)
     out: dict[str, Any] = {"loss": [], "grad_norm": [], "grads": [],
                            "initial": uncounted(pstate, full_state, run.model, pstate.tp)}
     pstate.stats.reset()
@@ -98,12 +98,12 @@ def replay_optimizer(cfg: Config, initial: dict[str, torch.Tensor],
                      grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The serial optimizer, fed given full-shape gradients step after step from given
     initial weights: what a layout's sharded optimizer must reproduce."""
-    run = TrainingRun.build(cfg, serial_state())
+    run = classification_run(cfg, serial_state())
     run.model.load_state_dict(initial)
     for it, step_grads in enumerate(grads):
         for name, p in run.model.named_parameters():
             p.main_grad.copy_(step_grads[name])
-        run.optimizer.step(run.schedule.lr_at(it), cfg.training.clip_grad, None)
+        run.optimizer.step(run.lr_schedule.lr_at(it), cfg.training.clip_grad, None)
     return full_state(run.model, run.pstate.tp)
 
 
@@ -139,4 +139,4 @@ def block_collectives(pstate: ParallelState, block_type: str,
 
 def evaluate_run(pstate: ParallelState, cfg: Config) -> dict[str, float]:
     """The held-out evaluation of a freshly initialised model."""
-    return TrainingRun.build(cfg, pstate).evaluate()
+    return classification_run(cfg, pstate).evaluate()

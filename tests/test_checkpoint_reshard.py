@@ -11,7 +11,7 @@ import torch
 from megavit.checkpointing.model_state import CheckpointLoadError, load_model, save_model
 from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
-from megavit.training.trainer import TrainingRun
+from megavit.tasks.classification import classification_run
 from tests.harness import run_distributed
 from tests.scenarios import debug_config, merge_stages
 
@@ -19,7 +19,7 @@ LAYERS = 4
 
 
 def _trained(pstate: ParallelState, path: str, parallel: dict) -> dict:
-    run = TrainingRun.build(debug_config(parallel=parallel, layers=LAYERS,
+    run = classification_run(debug_config(parallel=parallel, layers=LAYERS,
                                          tp=pstate.tp.size), pstate)
     run.step(0, next(iter(run.batches(0, 1))))
     save_model(run.model, pstate, path)
@@ -27,7 +27,7 @@ def _trained(pstate: ParallelState, path: str, parallel: dict) -> dict:
 
 
 def _loaded(pstate: ParallelState, path: str, parallel: dict, model: dict | None = None) -> dict:
-    run = TrainingRun.build(debug_config(parallel=parallel, layers=LAYERS, model=model,
+    run = classification_run(debug_config(parallel=parallel, layers=LAYERS, model=model,
                                          tp=pstate.tp.size), pstate)
     load_model(run.model, pstate, path)
     return full_state(run.model, pstate.tp)
@@ -73,7 +73,7 @@ def test_weights_load_in_one_process(saved):
 def test_a_shape_mismatch_is_refused_before_anything_is_read(saved):
     path, _ = saved
     cfg = debug_config(layers=LAYERS, model={"ffn_hidden_size": 64})
-    run = TrainingRun.build(cfg, serial_state())
+    run = classification_run(cfg, serial_state())
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     with pytest.raises(CheckpointLoadError, match=r"do not fit this model, nothing was "
                        r"loaded: .*shaped differently \(blocks.0.in_proj.bias \[128\] "
@@ -84,6 +84,6 @@ def test_a_shape_mismatch_is_refused_before_anything_is_read(saved):
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
-    run = TrainingRun.build(debug_config(), serial_state())
+    run = classification_run(debug_config(), serial_state())
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
         load_model(run.model, serial_state(), tmp_path / "nothing")

@@ -12,7 +12,8 @@ import torch
 from megavit.checkpointing.training_state import load_training_state, save_training_state
 from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState
-from megavit.training.trainer import TrainingRun
+from megavit.tasks.classification import classification_run
+from megavit.training.run import Run
 from tests.harness import run_distributed
 from tests.scenarios import debug_config
 
@@ -27,19 +28,19 @@ def _config(pstate, parallel, model=None, layers=LAYERS):
                         model=model)
 
 
-def _steps(run: TrainingRun, start: int, stop: int) -> list[float]:
+def _steps(run: Run, start: int, stop: int) -> list[float]:
     return [run.step(it, micro).loss.item()
             for it, micro in zip(range(start, stop), run.batches(start, stop))]
 
 
 def interrupted_and_straight(pstate: ParallelState, path: str, parallel: dict,
                              model: dict | None = None) -> dict:
-    straight = TrainingRun.build(_config(pstate, parallel, model), pstate)
+    straight = classification_run(_config(pstate, parallel, model), pstate)
     losses = _steps(straight, 0, 4)
-    first = TrainingRun.build(_config(pstate, parallel, model), pstate)
+    first = classification_run(_config(pstate, parallel, model), pstate)
     resumed_losses = _steps(first, 0, 2)
     save_training_state(first, path, 2)
-    second = TrainingRun.build(_config(pstate, parallel, model), pstate)
+    second = classification_run(_config(pstate, parallel, model), pstate)
     start = load_training_state(second, path, same_layout=True)
     resumed_losses += _steps(second, start, 4)
     return {"start": start, "losses": losses, "resumed_losses": resumed_losses,
@@ -65,13 +66,13 @@ def test_resume_is_bitwise_exact(tmp_path, world, tp, pp, parallel, model):
 
 
 def save_after_two(pstate: ParallelState, path: str, parallel: dict, layers: int) -> None:
-    run = TrainingRun.build(_config(pstate, parallel, layers=layers), pstate)
+    run = classification_run(_config(pstate, parallel, layers=layers), pstate)
     _steps(run, 0, 2)
     save_training_state(run, path, 2)
 
 
 def continue_two(pstate: ParallelState, path: str, parallel: dict, layers: int) -> dict:
-    run = TrainingRun.build(_config(pstate, parallel, layers=layers), pstate)
+    run = classification_run(_config(pstate, parallel, layers=layers), pstate)
     start = load_training_state(run, path)
     return {"losses": _steps(run, start, 4), "weights": full_state(run.model, pstate.tp),
             "last_stage": pstate.pp.rank == pstate.pp.size - 1}
@@ -94,7 +95,7 @@ def test_state_saved_at_tp2_pp2_continues_at_another_layout_like_the_serial_run(
     run_distributed(4, 2, {"s": (save_after_two, (path, {"pipeline_model_parallel_size": 2},
                                                   layers))}, pp=2)
     got = run_distributed(world, 1, {"c": (continue_two, (path, parallel, layers))}, pp=pp)["c"]
-    serial = TrainingRun.build(_config(serial_state(), {}, layers=layers), serial_state())
+    serial = classification_run(_config(serial_state(), {}, layers=layers), serial_state())
     losses = _steps(serial, 0, 4)[2:]
     expected = full_state(serial.model, serial.pstate.tp)
     weights = {}

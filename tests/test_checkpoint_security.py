@@ -11,7 +11,7 @@ import torch
 from megavit.checkpointing.model_state import load_model, save_model
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError
 from megavit.parallel.state import serial_state
-from megavit.training.trainer import TrainingRun
+from megavit.tasks.classification import classification_run
 from tests.scenarios import debug_config
 
 
@@ -24,7 +24,7 @@ class Exploit:
 
 
 def _model():
-    return TrainingRun.build(debug_config(), serial_state()).model
+    return classification_run(debug_config(), serial_state()).model
 
 
 def test_a_malicious_metadata_pickle_is_refused_and_never_runs(tmp_path):

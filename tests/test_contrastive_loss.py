@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten
 from benchmarks.contrastive_memory import plain_siglip  # the all-gather way, [n, N] logits
 from megavit.parallel.comm import CommStats, Group
 from megavit.parallel.memory import LiveBytesMeter
-from megavit.training.contrastive import (
+from megavit.tasks.image_text.losses import (
     DEFAULT_SIGLIP_CHUNKS, ContrastiveQueue, _chunk_bounds, _SigLIPRing, clip_loss,
     siglip_loss,
 )

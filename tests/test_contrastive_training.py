@@ -21,7 +21,7 @@ import torch
 from megavit.contrastive_config import parse_contrastive_args, validate_contrastive
 from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
-from megavit.training.contrastive_trainer import ContrastiveRun
+from megavit.tasks.image_text.task import image_text_run
 from tests.harness import run_distributed
 
 GLOBAL_BATCH = 16
@@ -40,7 +40,7 @@ def _flags(loss: str, tp: int, dp: int, extra: tuple[str, ...] = ()) -> list[str
 def _three_steps(pstate: ParallelState, flags: list[str]) -> dict:
     cfg = parse_contrastive_args(flags)
     validate_contrastive(cfg, pstate.world_size)
-    run = ContrastiveRun.build(cfg, pstate)
+    run = image_text_run(cfg, pstate)
     grads = {}
 
     def keep_gradients(model) -> None:
@@ -99,8 +99,8 @@ def test_lit_keeps_the_loaded_image_tower_fixed_and_out_of_the_optimizer(tmp_pat
     flags = _flags("siglip", 1, 1, ("--lock-image-tower", "--image-checkpoint", str(save)))
     cfg = parse_contrastive_args(flags)
     validate_contrastive(cfg)
-    run = ContrastiveRun.build(cfg, serial_state())
-    fresh = ContrastiveRun.build(parse_contrastive_args(_flags("siglip", 1, 1)), serial_state())
+    run = image_text_run(cfg, serial_state())
+    fresh = image_text_run(parse_contrastive_args(_flags("siglip", 1, 1)), serial_state())
     loaded = {n: p.detach().clone() for n, p in run.model.image.named_parameters()}
     text_before = {n: p.detach().clone() for n, p in run.model.text.named_parameters()}
     assert any(not torch.equal(w, dict(fresh.model.image.named_parameters())[n])
@@ -128,7 +128,7 @@ def test_lit_refuses_an_image_checkpoint_of_another_model(tmp_path):
     flags = _flags("clip", 1, 1, ("--lock-image-tower", "--image-checkpoint", str(save),
                                   "--hidden-size", "64"))
     with pytest.raises(CheckpointLoadError, match="--hidden-size 32 in the checkpoint, 64 here"):
-        ContrastiveRun.build(parse_contrastive_args(flags), serial_state())
+        image_text_run(parse_contrastive_args(flags), serial_state())
 
 
 def _cli(*args: str):
@@ -227,7 +227,7 @@ def test_pp2_matches_serial_with_the_text_tower_and_loss_on_the_last_stage():
 
 
 def _lit_steps(pstate: ParallelState, flags: list[str]) -> dict:
-    run = ContrastiveRun.build(parse_contrastive_args(flags), pstate)
+    run = image_text_run(parse_contrastive_args(flags), pstate)
     before = full_state(run.model, pstate.tp)
     losses = [run.step(i).loss.item() for i in range(3)]
     return {"before": before, "after": full_state(run.model, pstate.tp), "losses": losses,
@@ -261,17 +261,17 @@ def test_clip_queue_adds_past_batches_as_negatives_and_siglip_refuses_it():
 
     cfg = parse_contrastive_args(_flags("clip", 1, 1, ("--contrastive-queue-size", "40")))
     validate_contrastive(cfg)
-    run = ContrastiveRun.build(cfg, serial_state())
-    plain = ContrastiveRun.build(parse_contrastive_args(_flags("clip", 1, 1)), serial_state())
+    run = image_text_run(cfg, serial_state())
+    plain = image_text_run(parse_contrastive_args(_flags("clip", 1, 1)), serial_state())
     first = [run.step(0).loss.item(), plain.step(0).loss.item()]
     assert first[0] == pytest.approx(first[1], rel=1e-6)     # an empty queue changes nothing
-    assert len(run.queue) == GLOBAL_BATCH
+    assert len(run.task.queue) == GLOBAL_BATCH
     # same weights after the identical first step; now 16 queued rows are extra negatives
     queued, alone = run.step(1).loss.item(), plain.step(1).loss.item()
     assert queued > alone
     for i in range(2, 4):
         run.step(i)
-    assert len(run.queue) == 40                               # oldest rows dropped
+    assert len(run.task.queue) == 40                               # oldest rows dropped
     with pytest.raises(ConfigError, match="--contrastive-queue-size adds negatives"):
         validate_contrastive(parse_contrastive_args(
             _flags("siglip", 1, 1, ("--contrastive-queue-size", "40"))))
@@ -283,7 +283,7 @@ def test_16_bit_training_follows_fp32(precision):
     """Three steps in bf16 / fp16 (fp32 masters; fp16 with a loss scale that does not
     overflow) stay within 3 % of the fp32 losses, and fp16 skips no step."""
     def losses(extra):
-        run = ContrastiveRun.build(parse_contrastive_args(_flags("siglip", 1, 1, extra)),
+        run = image_text_run(parse_contrastive_args(_flags("siglip", 1, 1, extra)),
                                    serial_state())
         results = [run.step(i) for i in range(3)]
         assert not any(r.skipped for r in results)
@@ -296,12 +296,12 @@ def _lit_resumed(pstate: ParallelState, flags: list[str], save: str) -> dict:
     """4 straight steps, and 2 steps + save + a fresh run resumed for 2 more."""
     from megavit.checkpointing.checkpointer import resume, save_checkpoint
 
-    straight = ContrastiveRun.build(parse_contrastive_args(flags), pstate)
+    straight = image_text_run(parse_contrastive_args(flags), pstate)
     losses = [straight.step(i).loss.item() for i in range(4)]
-    first = ContrastiveRun.build(parse_contrastive_args(flags), pstate)
+    first = image_text_run(parse_contrastive_args(flags), pstate)
     resumed = [first.step(i).loss.item() for i in range(2)]
     save_checkpoint(first, save, 2, 0, lambda line: None)
-    second = ContrastiveRun.build(parse_contrastive_args(flags), pstate)
+    second = image_text_run(parse_contrastive_args(flags), pstate)
     start = resume(second, save, lambda line: None)
     resumed += [second.step(i).loss.item() for i in range(start, 4)]
     return {"losses": losses, "resumed": resumed, "start": start}
@@ -339,7 +339,7 @@ def test_image_checkpoints_written_before_the_newer_model_fields_still_load(tmp_
 
     from megavit.checkpointing.checkpointer import resume
     from megavit.config import parse_args
-    from megavit.training.trainer import TrainingRun
+    from megavit.tasks.classification import classification_run
     from tests.test_checkpoint_cli import COMMON, pretrain
 
     save = tmp_path / "image"
@@ -349,7 +349,7 @@ def test_image_checkpoints_written_before_the_newer_model_fields_still_load(tmp_
     for field in ("normalization", "activation", "pre_norm"):
         del info["model"][field]
     config.write_text(json.dumps(info))
-    run = TrainingRun.build(parse_args([*COMMON, "--train-iters", "2"]), serial_state())
+    run = classification_run(parse_args([*COMMON, "--train-iters", "2"]), serial_state())
     assert resume(run, str(save), lambda line: None) == 1
     flags = _flags("clip", 1, 1, ("--lock-image-tower", "--image-checkpoint", str(save)))
-    ContrastiveRun.build(parse_contrastive_args(flags), serial_state())
+    image_text_run(parse_contrastive_args(flags), serial_state())

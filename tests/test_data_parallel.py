@@ -24,7 +24,8 @@ from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.training.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megavit.training.step import NonFiniteError
-from megavit.training.trainer import TrainingRun, memory_per_parameter_line
+from megavit.tasks.classification import classification_run
+from megavit.training.loop import memory_per_parameter_line
 from tests.harness import run_distributed
 from tests.scenarios import debug_config, uncounted
 
@@ -71,7 +72,7 @@ def overlap_events(pstate: ParallelState, overlap: bool) -> list:
     """The order of bucket reductions and of backward reaching each block, over one step
     of 2 micro-batches per rank (DP=2, global batch 8 in micro-batches of 2)."""
     cfg = debug_config(parallel={"overlap_grad_reduce": overlap, "ddp_bucket_size": 3000})
-    run = TrainingRun.build(cfg, pstate)
+    run = classification_run(cfg, pstate)
     for name, module in run.model.named_modules():
         if re.fullmatch(r"(.*\.)?blocks\.\d+", name):
             i = int(name.rsplit(".", 1)[1])
@@ -86,7 +87,7 @@ def memory_per_parameter(pstate: ParallelState, shard: bool, bf16: bool = True) 
     cfg = debug_config(parallel={"use_distributed_optimizer": shard}, train_iters=1)
     if bf16:
         cfg = with_precision(cfg, bf16=True, accumulate_allreduce_grads_in_fp32=True)
-    run = TrainingRun.build(cfg, pstate)
+    run = classification_run(cfg, pstate)
     run.step(0, next(iter(run.batches(0, 1))))
     return {**run.optimizer.bytes_per_parameter(), "line": memory_per_parameter_line(run)}
 
@@ -97,7 +98,7 @@ def fp16_with_injected_overflow(pstate: ParallelState, steps: int, bad: dict) ->
     whether this rank's weights changed."""
     cfg = with_precision(debug_config(train_iters=steps, clip_grad=1.0), fp16=True,
                          initial_loss_scale=1024.0, loss_scale_window=3, hysteresis=2)
-    run = TrainingRun.build(cfg, pstate)
+    run = classification_run(cfg, pstate)
     out = {"skipped": [], "scale": [], "changed": [], "scale_after": None}
 
     def inject(model):
@@ -119,7 +120,7 @@ def fp16_with_injected_overflow(pstate: ParallelState, steps: int, bad: dict) ->
 
 def nan_in_backward(pstate: ParallelState, shard: bool = False) -> str:
     """A NaN gradient appears on rank 1 in backward: every rank must stop with an error."""
-    run = TrainingRun.build(debug_config(parallel={"use_distributed_optimizer": shard,
+    run = classification_run(debug_config(parallel={"use_distributed_optimizer": shard,
                                                    "ddp_bucket_size": 3000}), pstate)
     if pstate.rank == 1:
         weight = dict(run.model.named_parameters())["blocks.1.out_proj.weight"]
@@ -245,7 +246,7 @@ def loss_curve(precision: dict, steps: int = 60) -> tuple[list[float], list[int]
                                       micro_batch_size=16, model={"drop_path_rate": 0.0}),
                          **precision)
     cfg.data = dataclasses.replace(cfg.data, augment="none")
-    run = TrainingRun.build(cfg, serial_state())
+    run = classification_run(cfg, serial_state())
     results = [run.step(it, micro) for it, micro in enumerate(run.batches(0, steps))]
     return [r.loss.item() for r in results], [i for i, r in enumerate(results) if r.skipped]
 
@@ -274,7 +275,7 @@ def test_apex_requested_but_absent_falls_back_with_the_same_results(monkeypatch)
     results = {}
     for adam, norm in (("fused", "torch"), ("apex", "apex")):
         cfg = debug_config(adam_impl=adam, layernorm_impl=norm)
-        run = TrainingRun.build(cfg, serial_state())
+        run = classification_run(cfg, serial_state())
         losses = [run.step(it, m).loss.item() for it, m in enumerate(run.batches(0, 2))]
         results[adam] = (losses, full_state(run.model, run.pstate.tp), run.optimizer.implementation)
     assert results["apex"][2] == "torch fused AdamW (apex not importable)"
@@ -315,7 +316,7 @@ def test_a_gradient_after_its_bucket_was_reduced_is_an_error():
     ({"loss_scale": 1024.0}, torch.float32, False),    # a scaler skips instead of stopping
 ])
 def test_gradient_dtype_and_nan_check_defaults(precision, grad_dtype, checks_nan):
-    run = TrainingRun.build(with_precision(debug_config(), **precision), serial_state())
+    run = classification_run(with_precision(debug_config(), **precision), serial_state())
     assert run.buffers.grad_buffer.dtype == grad_dtype
     assert run.buffers.check_finite is checks_nan
 

@@ -140,9 +140,9 @@ def _loss_at_layout(pstate, flags: list[str], save: str, images: torch.Tensor,
     """The contrastive loss of the imported checkpoint at this layout on (images, ids)."""
     from megavit.checkpointing.checkpointer import resume
     from megavit.contrastive_config import parse_contrastive_args
-    from megavit.training.contrastive_trainer import ContrastiveRun
+    from megavit.tasks.image_text.task import image_text_run
 
-    run = ContrastiveRun.build(parse_contrastive_args(flags), pstate)
+    run = image_text_run(parse_contrastive_args(flags), pstate)
     assert resume(run, save, lambda line: None) == 0
     return run.step(0, batch=(images, ids)).loss.item()
 
@@ -252,7 +252,7 @@ def _same_model(trained: Path, imported: Path) -> None:
 
 def _zero_shot(encode_text, encode_image, prompts, images) -> torch.Tensor:
     """Predicted class [n] of each image: the nearest mean prompt embedding."""
-    from megavit.training.zero_shot import class_embeddings
+    from megavit.tasks.image_text.zero_shot import class_embeddings
 
     with torch.no_grad():
         return (encode_image(images) @ class_embeddings(encode_text, prompts).t()).argmax(-1)

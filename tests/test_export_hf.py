@@ -121,9 +121,9 @@ def _eval_loaded(pstate, flags: list[str], save: str) -> dict:
     """megavit at this layout, resumed from the imported checkpoint, evaluated on digits."""
     from megavit.checkpointing.checkpointer import resume
     from megavit.config import parse_args
-    from megavit.training.trainer import TrainingRun
+    from megavit.tasks.classification import classification_run
 
-    run = TrainingRun.build(parse_args(flags), pstate)
+    run = classification_run(parse_args(flags), pstate)
     assert resume(run, save, lambda line: None) == 0
     return run.evaluate()
 
@@ -297,7 +297,7 @@ def test_imported_vit_is_a_lit_image_tower(tmp_path):
     transformers model's normed class token, and a step leaves them unchanged."""
     from megavit.contrastive_config import parse_contrastive_args, validate_contrastive
     from megavit.parallel.state import serial_state
-    from megavit.training.contrastive_trainer import ContrastiveRun
+    from megavit.tasks.image_text.task import image_text_run
 
     original = _hf_vit(tmp_path)
     proc = _run("tools/import_hf.py", "--input", str(tmp_path / "hf"), "--save",
@@ -311,7 +311,7 @@ def test_imported_vit_is_a_lit_image_tower(tmp_path):
         "--image-checkpoint", str(tmp_path / "ck"), "--micro-batch-size", "8",
         "--global-batch-size", "8", "--train-iters", "1"])
     validate_contrastive(cfg)
-    run = ContrastiveRun.build(cfg, serial_state())
+    run = image_text_run(cfg, serial_state())
     images = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         expected = original.vit(pixel_values=images).last_hidden_state[:, 0]

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megavit.parallel.comm import CollectiveError
 from megavit.parallel.launcher import LaunchInfo, _torchrun_store
 from megavit.parallel.state import build_parallel_state
-from megavit.training.trainer import TrainingRun
+from megavit.tasks.classification import classification_run
 from tests.scenarios import debug_config
 from tests.test_checkpoint_cli import COMMON, ROOT
 from tests.test_checkpoint_convert import stored
@@ -45,7 +45,7 @@ def _worker(rank: int, store: str, failure: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     pstate = build_parallel_state(1, torch.device("cpu"))
-    run = TrainingRun.build(debug_config(train_iters=3), pstate)
+    run = classification_run(debug_config(train_iters=3), pstate)
     start = time.monotonic()
     try:
         for it, micro in enumerate(run.batches(0, 3)):

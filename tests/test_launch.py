@@ -19,7 +19,8 @@ import pytest
 from megavit.config import parse_args
 from megavit.parallel.launcher import LaunchError, detect_launch
 from megavit.parallel.state import serial_state
-from megavit.training.trainer import pretrain
+from megavit.tasks.classification import ClassificationTask
+from megavit.training.loop import pretrain
 
 FLAGS = ["--preset", "vit-debug", "--num-channels", "1", "--dataset", "digits",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
@@ -67,7 +68,7 @@ def _eval(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def serial_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("serial") / "m.jsonl"
-    pretrain(parse_args(FLAGS + ["--metrics-file", str(path)]), serial_state())
+    pretrain(ClassificationTask(parse_args(FLAGS + ["--metrics-file", str(path)])), serial_state())
     assert len(_losses(path)) == 3 and _eval(path)["eval_images"] == 16   # 2 batches of 8
     return path
 

@@ -10,7 +10,7 @@ import pytest
 from megavit.models.activation_memory import ActivationSetup, layer_activation_bytes
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.training.recompute_plan import GIB, StagePlan
-from megavit.training.trainer import TrainingRun
+from megavit.tasks.classification import classification_run
 from tests.harness import run_distributed
 from tests.scenarios import debug_config, train_steps
 
@@ -32,7 +32,7 @@ def auto_cfg():
 
 
 def measured_step(pstate: ParallelState) -> dict:
-    run = TrainingRun.build(auto_cfg(), pstate)
+    run = classification_run(auto_cfg(), pstate)
     micro = next(run.batches(0, 1))
     result = run.step(0, micro, measure=True)
     return {"plans": [dataclasses.astuple(p) for p in run.plans],
@@ -83,7 +83,7 @@ def interleaved_step(pstate: ParallelState) -> dict:
         "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2,
         "recompute_granularity": "auto",
         "activation_memory_budget_gb": budget_bytes() / GIB})
-    run = TrainingRun.build(cfg, pstate)
+    run = classification_run(cfg, pstate)
     result = run.step(0, next(run.batches(0, 1)), measure=True)
     plan = run.plans[pstate.pp.rank]
     return {"plan": dataclasses.astuple(plan), "peak": result.stats.peak_saved_bytes}

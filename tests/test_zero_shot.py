@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from megavit.training.zero_shot import (class_embeddings, prompts_for, retrieval_recall,
+from megavit.tasks.image_text.zero_shot import (class_embeddings, prompts_for, retrieval_recall,
                                         zero_shot_correct)
 from tests.test_checkpoint_cli import ROOT, pretrain
 from tests.test_contrastive_training import _cli

@@ -57,7 +57,7 @@ def serial_count(model_cfg) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megavit.training.trainer import pipeline_layout
+    from megavit.training.run import pipeline_layout
 
     argv = sys.argv[1:] if argv is None else argv
     try:

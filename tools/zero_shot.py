@@ -39,8 +39,8 @@ from megavit.data.tokenizer import (Tokenizer, TokenizerError,  # noqa: E402
 from megavit.models.two_tower import TwoTowerModel, build_two_tower  # noqa: E402
 from megavit.models.vit import Runtime  # noqa: E402
 from megavit.parallel.state import serial_state  # noqa: E402
-from megavit.training.contrastive_trainer import TOKENIZER_FILE  # noqa: E402
-from megavit.training.zero_shot import class_embeddings, prompts_for  # noqa: E402
+from megavit.data.tokenizer import TOKENIZER_FILE  # noqa: E402
+from megavit.tasks.image_text.zero_shot import class_embeddings, prompts_for  # noqa: E402
 
 
 def load_two_tower(path: Path, tokenizer_model: str | None = None

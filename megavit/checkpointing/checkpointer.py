@@ -15,29 +15,17 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
+from megavit.checkpointing.checkpointable import Checkpointable
 from megavit.checkpointing.directory import CheckpointDirectory, CheckpointDirectoryError
 from megavit.checkpointing.model_state import CheckpointLoadError, check_pieces
 from megavit.checkpointing.pieces import serial_meta_model
 from megavit.checkpointing.training_state import load_training_state, save_training_state
 
 CONFIG_FILE = "megavit_config.json"
-
-
-def _describe(run: "TrainingRun") -> dict:
-    """What `megavit_config.json` records: the model (after the dataset fixed the class
-    count; a two-tower run adds "text" and "contrastive" from its `describe_towers()`), the
-    layout it was saved at, and the precision (the iteration is added when saving)."""
-    p = run.pstate
-    towers = run.describe_towers() if hasattr(run, "describe_towers") else {}
-    return {"model": dataclasses.asdict(run.cfg.model), **towers,
-            "layout": {"tp": p.tp.size, "pp": p.pp.size, "dp": p.dp.size,
-                       "virtual_stages": run.layout.chunks,
-                       "distributed_optimizer": run.buffers.shard},
-            "precision": dataclasses.asdict(run.cfg.precision)}
 
 
 _MAY_CHANGE = {"hidden_dropout", "attention_dropout", "drop_path_rate", "lock_image_tower",
@@ -68,7 +56,7 @@ def config_differences(section: str, saved: dict, current: dict,
             for k, v in current.items() if saved.get(k) != v and not may_change(k)]
 
 
-def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
+def check_model_config(checkpoint: Path, run: Checkpointable) -> None:
     """Refuse a checkpoint of another model, naming every field that differs (the fields of
     `_MAY_CHANGE` — regularisation and, for two towers, data and LiT settings — may change
     between runs)."""
@@ -76,7 +64,7 @@ def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
     if not path.is_file():
         raise CheckpointLoadError(f"{path}: missing; not a megavit checkpoint")
     saved_info = json.loads(path.read_text())
-    current_info = _describe(run)
+    current_info = run.describe()
     differ = []
     for section in ("model", "text", "contrastive"):
         saved, current = saved_info.get(section), current_info.get(section)
@@ -93,10 +81,6 @@ def check_model_config(checkpoint: Path, run: "TrainingRun") -> None:
         raise CheckpointLoadError(f"{checkpoint}: a different model, not loaded: "
                                   + "; ".join(differ))
 
-if TYPE_CHECKING:
-    from megavit.training.trainer import TrainingRun
-
-
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory itself, or the latest one of a --save directory."""
     if (path / CONFIG_FILE).is_file():
@@ -108,7 +92,7 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
-def _barrier(run: "TrainingRun") -> None:
+def _barrier(run: Checkpointable) -> None:
     run.pstate.world.all_reduce(torch.zeros(1, device=run.pstate.device))
 
 
@@ -116,7 +100,7 @@ def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def save_checkpoint(run: "TrainingRun", save_dir: str, iteration: int, keep: int,
+def save_checkpoint(run: Checkpointable, save_dir: str, iteration: int, keep: int,
                     info: Callable[[str], None]) -> Path:
     """Save the state to continue at `iteration` as SAVE/iter_<iteration>; returns it."""
     start = time.perf_counter()
@@ -125,10 +109,9 @@ def save_checkpoint(run: "TrainingRun", save_dir: str, iteration: int, keep: int
     staging = directory.staging_path(iteration)
     if main:
         staging = directory.staging(iteration)
-        (staging / CONFIG_FILE).write_text(json.dumps({**_describe(run), "iteration": iteration},
+        (staging / CONFIG_FILE).write_text(json.dumps({**run.describe(), "iteration": iteration},
                                                       indent=1, sort_keys=True) + "\n")
-        files = run.checkpoint_files() if hasattr(run, "checkpoint_files") else {}
-        for name, data in files.items():     # e.g. a two-tower run's tokenizer
+        for name, data in run.checkpoint_files().items():     # e.g. a two-tower run's tokenizer
             (staging / name).write_bytes(data)
     _barrier(run)
     save_training_state(run, staging, iteration)
@@ -144,7 +127,7 @@ def save_checkpoint(run: "TrainingRun", save_dir: str, iteration: int, keep: int
     return final
 
 
-def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]) -> int:
+def resume(run: Checkpointable, load_dir: str | None, info: Callable[[str], None]) -> int:
     """Load the latest checkpoint of `load_dir` into `run`; returns the iteration to
     continue at (0 when there is nothing to load)."""
     if not load_dir:
@@ -155,14 +138,14 @@ def resume(run: "TrainingRun", load_dir: str | None, info: Callable[[str], None]
         return 0
     start = time.perf_counter()
     check_model_config(latest, run)
-    files = run.checkpoint_files() if hasattr(run, "checkpoint_files") else {}
-    for name, data in files.items():     # e.g. the tokenizer: its ids index the embedding
+    for name, data in run.checkpoint_files().items():     # e.g. the tokenizer: its ids index the embedding
         if (latest / name).is_file() and (latest / name).read_bytes() != data:
             raise CheckpointLoadError(f"{latest / name}: differs from this run's {name}; the "
                                       "checkpoint was trained with another one, not loaded")
-    check_pieces(latest, serial_meta_model(_describe(run), 1), prefix="model/")
+    description = run.describe()
+    check_pieces(latest, serial_meta_model(description, 1), prefix="model/")
     saved = json.loads((latest / CONFIG_FILE).read_text())["layout"]
-    same = saved == _describe(run)["layout"]
+    same = saved == description["layout"]
     iteration = load_training_state(run, latest, same_layout=same)
     if not same:
         info(f"checkpoint saved at {saved}; this run's layout differs: weights and optimizer "

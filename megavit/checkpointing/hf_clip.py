@@ -344,7 +344,7 @@ def _tokenizer_files(tt: TwoTower, source: Path | None) -> dict[str, bytes]:
     the model as `megavit_tokenizer.model` (transformers has no SentencePiece CLIP
     tokenizer). Nothing without a source or a tokenizer beside the tensors."""
     from megavit.data.tokenizer import load_for_text_tower
-    from megavit.training.contrastive_trainer import TOKENIZER_FILE
+    from megavit.data.tokenizer import TOKENIZER_FILE
 
     path = source / TOKENIZER_FILE if source is not None else None
     if path is None or not path.is_file():
@@ -454,7 +454,7 @@ def _siglip_tokenizer(directory: Path, vocab_size: int) -> _SiglipVocab:
     settings say: with the model's pad piece, or with EOS (SigLIP's released tokenizers:
     pad_token "</s>"; megavit's --text-pad-with-eos)."""
     from megavit.data.tokenizer import Tokenizer, TokenizerError
-    from megavit.training.contrastive_trainer import TOKENIZER_FILE
+    from megavit.data.tokenizer import TOKENIZER_FILE
 
     path = directory / "spiece.model"
     if not path.is_file():

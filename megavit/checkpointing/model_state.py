@@ -21,6 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from megavit.checkpointing.errors import CheckpointLoadError
 from megavit.checkpointing.pieces import meta_model, piece_blocks, pieces_of
 from megavit.checkpointing.safe_reader import (SafeFileSystemReader, check_checkpoint,
                                                failure_causes)
@@ -54,10 +55,6 @@ def pieces_state(tensors: list[tuple[str, torch.Tensor, torch.Tensor]],
 def model_state_dict(model: nn.Module, pstate: ParallelState) -> dict[str, torch.Tensor]:
     """{piece name: this rank's block of it} for every parameter of this rank's stage."""
     return pieces_state([(n, p, p.detach()) for n, p in model.named_parameters()], pstate)
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint that does not fit the model; nothing was loaded."""
 
 
 def save_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike) -> None:

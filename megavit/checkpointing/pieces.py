@@ -71,7 +71,7 @@ def serial_meta_model(info: dict, tp: int) -> nn.Module:
     """The model a checkpoint description (`megavit_config.json`: "model", and for a
     two-tower run "text" and "contrastive") describes, on the meta device, as TP rank 0 of
     `tp` builds it."""
-    from megavit.checkpointing.model_state import CheckpointLoadError
+    from megavit.checkpointing.errors import CheckpointLoadError
 
     try:
         return _serial_meta_model(info, tp)

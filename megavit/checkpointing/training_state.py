@@ -24,25 +24,22 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed.checkpoint as dcp
 
+from megavit.checkpointing.checkpointable import Checkpointable
 from megavit.checkpointing.model_state import (check_loadable, load_state, model_state_dict,
                                                pieces_state)
-
-if TYPE_CHECKING:
-    from megavit.training.trainer import TrainingRun
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _keys(run: "TrainingRun") -> tuple[str, ...]:
+def _keys(run: Checkpointable) -> tuple[str, ...]:
     return MOMENTS + (("master",) if run.optimizer.separate_masters else ())
 
 
-def _ensure_adam_state(run: "TrainingRun") -> None:
+def _ensure_adam_state(run: Checkpointable) -> None:
     """Adam creates its state at the first step; a run about to load one needs it now."""
     for m in run.optimizer.masters:
         state = run.optimizer.adamw.state[m]
@@ -52,12 +49,12 @@ def _ensure_adam_state(run: "TrainingRun") -> None:
                 state[key] = torch.zeros_like(m, memory_format=torch.preserve_format)
 
 
-def _segment_tensor(run: "TrainingRun", master: torch.Tensor, key: str) -> torch.Tensor:
+def _segment_tensor(run: Checkpointable, master: torch.Tensor, key: str) -> torch.Tensor:
     t = master.detach() if key == "master" else run.optimizer.adamw.state[master][key]
     return t.reshape(-1)
 
 
-def _flat_buffers(run: "TrainingRun", gather: bool) -> dict[str, torch.Tensor]:
+def _flat_buffers(run: Checkpointable, gather: bool) -> dict[str, torch.Tensor]:
     """One flat buffer per key laid out like the gradient buffer; with `gather`, filled
     with this rank's optimizer state (all-gathered over dp when sharded)."""
     buffers = run.buffers
@@ -74,7 +71,7 @@ def _flat_buffers(run: "TrainingRun", gather: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _optimizer_state_dict(run: "TrainingRun", flats: dict[str, torch.Tensor]) -> dict:
+def _optimizer_state_dict(run: Checkpointable, flats: dict[str, torch.Tensor]) -> dict:
     buffers, out = run.buffers, {}
     for key, flat in flats.items():
         shaped = []
@@ -87,7 +84,7 @@ def _optimizer_state_dict(run: "TrainingRun", flats: dict[str, torch.Tensor]) ->
     return out
 
 
-def _scalars(run: "TrainingRun", iteration: int) -> dict[str, torch.Tensor]:
+def _scalars(run: Checkpointable, iteration: int) -> dict[str, torch.Tensor]:
     device = run.pstate.device
     first = run.optimizer.masters[0] if run.optimizer.masters else None
     step = run.optimizer.adamw.state[first]["step"] if first is not None and \
@@ -106,15 +103,15 @@ def _scalars(run: "TrainingRun", iteration: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rng_states(run: "TrainingRun") -> dict[str, torch.Tensor]:
-    rng = run.model.rt.rng
+def _rng_states(run: Checkpointable) -> dict[str, torch.Tensor]:
+    rng = run.rng
     if rng is None:
         return {}
     return {f"rng/rank{run.pstate.rank}/{name or 'default'}": state
             for name, state in rng.get_states().items()}
 
 
-def save_training_state(run: "TrainingRun", path: str | os.PathLike, iteration: int) -> None:
+def save_training_state(run: Checkpointable, path: str | os.PathLike, iteration: int) -> None:
     """Everything needed to continue at `iteration`, into the directory `path` (every rank
     calls it)."""
     _ensure_adam_state(run)
@@ -128,7 +125,7 @@ def save_training_state(run: "TrainingRun", path: str | os.PathLike, iteration: 
 
 
 @torch.no_grad()
-def load_training_state(run: "TrainingRun", path: str | os.PathLike,
+def load_training_state(run: Checkpointable, path: str | os.PathLike,
                         same_layout: bool = False) -> int:
     """Load a state written by `save_training_state` at any layout into `run`; returns the
     iteration to continue at. `same_layout`: it was saved at this run's layout, so the
@@ -155,7 +152,7 @@ def load_training_state(run: "TrainingRun", path: str | os.PathLike,
         prefix = f"rng/rank{run.pstate.rank}/"
         restored = {("" if k == prefix + "default" else k[len(prefix):]): v
                     for k, v in rng.items()}
-        run.model.rt.rng.set_states(restored)
+        run.rng.set_states(restored)
     if run.scaler is not None:
         scale, clean, allowances = scalars["scaler"].tolist()
         run.scaler.load_state_dict({"scale": scale, "clean_steps": int(clean),

@@ -1,7 +1,9 @@
-"""One optimizer step: the micro-batches through the pipeline schedule, data-parallel
-gradient reduction, the optimizer.
+"""One optimizer step: the task's forward and backward (for a `StageModel`, the
+micro-batches through the pipeline schedule), data-parallel gradient reduction, the
+optimizer.
 
     start the step: zero the gradient buffer                    (DataParallelBuffers)
+    the task's forward_backward, e.g. `pipeline_forward_backward`:
     run the schedule over this rank's M micro-batches           (1F1B / interleaved; one
         each micro-batch's loss / M, times the loss scale        stage: F0 B0 F1 B1 ... =
         gradients accumulate into the fp32 / 16-bit buffer        gradient accumulation)
@@ -16,12 +18,12 @@ is computed on the last pipeline stage and broadcast to the others.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megavit.config import Config
 from megavit.data.sampler import MicroBatch
 from megavit.parallel.data_parallel import DataParallelBuffers
 from megavit.parallel.pipeline_executor import PipelineExecutor, StepStats
@@ -45,15 +47,6 @@ class StepResult:
 class NonFiniteError(RuntimeError):
     """A NaN or inf in the loss or a gradient, found before any communication; the message
     names the iteration, the rank and the tensors."""
-
-
-def classification_loss(label_smoothing: float = 0.0) -> LossFn:
-    """Mean cross-entropy of logits [b, classes] against labels [b]."""
-
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-
-    return loss
 
 
 def activation_shape(stage: nn.Module, batch: int) -> tuple[int, int, int]:
@@ -109,31 +102,47 @@ def check_finite(total_loss: torch.Tensor, buffers: DataParallelBuffers,
                              "turns this check off)")
 
 
-def train_step(
-    stage: nn.Module,
-    buffers: DataParallelBuffers,
-    optimizer: MixedPrecisionOptimizer,
-    scaler,
-    lr: float,
-    micro_batches: list[MicroBatch],
-    pstate: ParallelState,
-    executor: PipelineExecutor,
-    loss_fn: LossFn,
-    clip_grad: float,
-    iteration: int = 0,
-    check_nan: bool = False,
-    on_gradients: Callable[[nn.Module], None] | None = None,
-    measure: bool = False,
-) -> StepResult:
-    """One optimizer step over this rank's micro-batches (all of equal size). `scaler`: a
-    loss scaler or None. `on_gradients`, if given, sees the model after the gradients are
-    reduced and before the optimizer: `p.main_grad` holds the reduced gradient — with the
-    distributed optimizer only inside this rank's shard of each bucket (elsewhere the local
-    gradient / d)."""
+class Engine(Protocol):
+    """What a step needs of the run (`training.run.Run` is one)."""
+
+    cfg: Config
+    task: Any                      # forward_backward(run, batch, scale, measure), micro_batch_count
+    pstate: ParallelState
+    model: nn.Module
+    buffers: DataParallelBuffers
+    optimizer: MixedPrecisionOptimizer
+    scaler: Any                    # a loss scaler or None
+    lr_schedule: Any               # lr_at(iteration)
+    executor: PipelineExecutor
+
+    @property
+    def is_last_stage(self) -> bool: ...
+
+
+def train_step(run: Engine, iteration: int, batch: Any,
+               on_gradients: Callable[[nn.Module], None] | None = None,
+               measure: bool = False) -> StepResult:
+    """One optimizer step over this rank's `batch`: the task's forward and backward (its
+    loss times the loss scale), then `finish_step`. `on_gradients`, if given, sees the
+    model after the gradients are reduced and before the optimizer: `p.main_grad` holds
+    the reduced gradient — with the distributed optimizer only inside this rank's shard of
+    each bucket (elsewhere the local gradient / d)."""
+    lr = run.lr_schedule.lr_at(iteration)
+    run.buffers.start_step(run.task.micro_batch_count(batch))
+    scale = run.scaler.scale if run.scaler is not None else None
+    total, stats = run.task.forward_backward(run, batch, scale, measure)
+    return finish_step(run, lr, total, iteration, on_gradients, stats)
+
+
+def pipeline_forward_backward(run: Engine, micro_batches: list[MicroBatch], loss_fn: LossFn,
+                              scale: float | None, measure: bool = False
+                              ) -> tuple[torch.Tensor, StepStats]:
+    """The forward and backward of a `StageModel` over `micro_batches` (all of equal
+    size) through the pipeline schedule, each micro-batch's `loss_fn(output, labels) / M`
+    (times the loss scale) back-propagated; returns their sum (on the last stage) and the
+    step's stats."""
     n = len(micro_batches)
-    buffers.start_step(n)
-    scale = scaler.scale if scaler is not None else None
-    total = torch.zeros((), device=pstate.device)
+    total = torch.zeros((), device=run.pstate.device)
 
     def share(mb: int, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         nonlocal total
@@ -141,30 +150,36 @@ def train_step(
         total = total + loss.detach()
         return loss * scale if scale is not None else loss
 
-    stats = run_micro_batches(stage, executor, micro_batches, pstate, share, measure=measure)
-    last = any(executor.layout.is_last(executor.stage, c) for c in range(executor.layout.chunks))
-    return finish_step(stage, buffers, optimizer, scaler, lr, total, pstate, clip_grad,
-                       iteration, check_nan, last, on_gradients, stats)
+    stats = run_micro_batches(run.model, run.executor, micro_batches, run.pstate, share,
+                              measure=measure)
+    return total, stats
 
 
-def finish_step(model: nn.Module, buffers: DataParallelBuffers,
-                optimizer: MixedPrecisionOptimizer, scaler, lr: float, total: torch.Tensor,
-                pstate: ParallelState, clip_grad: float, iteration: int, check_nan: bool,
-                last_stage: bool, on_gradients: Callable[[nn.Module], None] | None = None,
+def finish_step(run: Engine, lr: float, total: torch.Tensor, iteration: int,
+                on_gradients: Callable[[nn.Module], None] | None = None,
                 stats: StepStats | None = None) -> StepResult:
     """After backward: wait for the gradient reductions, the NaN check, `on_gradients`, the
     optimizer and the scaler; the step's loss (`total` on the last stage) averaged over dp
     and broadcast from the last stage to the others."""
+    pstate, scaler = run.pstate, run.scaler
     scale = scaler.scale if scaler is not None else None
-    buffers.finish()
-    if check_nan:
-        check_finite(total, buffers, pstate, iteration, last_stage)
+    run.buffers.finish()
+    if nan_check(run.cfg.precision):
+        check_finite(total, run.buffers, pstate, iteration, run.is_last_stage)
     if on_gradients is not None:
-        on_gradients(model)
-    outcome = optimizer.step(lr, clip_grad, scale)
+        on_gradients(run.model)
+    outcome = run.optimizer.step(lr, run.cfg.training.clip_grad, scale)
     if scaler is not None:
         scaler.update(outcome.skipped)
     loss = pstate.dp.all_reduce(total.reshape(1).float()).div_(pstate.dp.size)
     pstate.pp.broadcast(loss, src=pstate.pp.size - 1)   # the loss lives on the last stage
     return StepResult(loss=loss[0], grad_norm=outcome.grad_norm, lr=lr, stats=stats,
                       skipped=outcome.skipped, loss_scale=scale)
+
+
+def nan_check(precision) -> bool:
+    """--check-for-nan-in-loss-and-grad, defaulting to on unless a loss scaler (fp16 or
+    --loss-scale) handles overflows by skipping steps."""
+    if precision.check_for_nan_in_loss_and_grad is not None:
+        return precision.check_for_nan_in_loss_and_grad
+    return not precision.fp16 and precision.loss_scale is None

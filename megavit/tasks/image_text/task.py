@@ -1,0 +1,320 @@
+"""Contrastive image-text training (CLIP, SigLIP, LiT) as a task of the engine.
+
+One step on each rank:
+
+    indices = this DP rank's slice of iteration i's global batch   (layout-independent)
+    images, captions = dataset.get(indices, iteration=i); ids = tokenizer.encode(captions)
+    image, text embeddings [n, d] = model(images, ids)       (towers tensor-parallel inside)
+    loss = clip_loss / siglip_loss over the DP group          (the global batch's negatives)
+    backward (x loss scale) -> DataParallelBuffers reduce over DP -> optimizer
+
+There is one micro-batch per step: the loss needs every negative of the global batch at
+once, so the global batch is micro-batch x DP (validated). With pipeline parallelism the
+image tower's blocks are split over the stages (as in megavit.pretrain, without virtual
+stages) and the last stage holds the text tower, the projections and the loss: the loss is
+the pipeline executor's loss callback there. With --lock-image-tower the image tower is
+loaded from --image-checkpoint, runs a forward-only schedule (no activations kept) and is
+neither in the gradient buffer nor in the optimizer; the last stage then runs the text tower
+and the loss and back-propagates them alone.
+
+    run = image_text_run(cfg, pstate)     # the engine's Run of this task
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from megavit.checkpointing.checkpointer import (CONFIG_FILE, config_differences,
+                                                resolve_checkpoint)
+from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
+                                               load_state, model_state_dict)
+from megavit.config import Config, ModelConfig
+from megavit.contrastive_config import ContrastiveRunConfig
+from megavit.data.image_text import build_image_text, image_text_batches
+from megavit.data.tokenizer import TOKENIZER_FILE
+from megavit.models.two_tower import TwoTowerModel, build_two_tower
+from megavit.models.vit import Runtime
+from megavit.parallel.pipeline_layout import PipelineLayout
+from megavit.parallel.schedules import build_schedule
+from megavit.parallel.state import ParallelState
+from megavit.tasks.image_text.losses import ContrastiveQueue, clip_loss, siglip_loss
+from megavit.tasks.image_text.zero_shot import (class_embeddings, retrieval_recall,
+                                                zero_shot_correct)
+from megavit.training.loop import parameter_count
+from megavit.training.run import Run
+
+
+class ImageTextTask:
+    """A two-tower model aligned by a contrastive loss on image-caption pairs."""
+
+    throughput_unit = "pairs"
+
+    def __init__(self, cfg: ContrastiveRunConfig) -> None:
+        self.cfg = cfg
+        self.config: Config = cfg.base
+        self.tokenizer: Any = None
+        self.train_set: Any = None
+        self.heldout: Any = None       # digits / MNIST-5k captions (None for CSV / shards)
+        self.transfer: Any = None      # --zero-shot-transfer's held-out set
+        self.queue: ContrastiveQueue | None = None   # --contrastive-queue-size (CLIP)
+
+    def prepare(self, pstate: ParallelState) -> Config:
+        data = build_image_text(self.cfg, self.config.training.seed)
+        self.tokenizer, self.train_set = data.tokenizer, data.train
+        self.heldout, self.transfer = data.heldout, data.transfer
+        c = self.cfg.contrastive
+        if c.contrastive_queue_size:
+            self.queue = ContrastiveQueue(c.contrastive_queue_size, self.cfg.embed_dim,
+                                          pstate.device)
+        return self.config
+
+    def build_model(self, runtime: Runtime, layout: PipelineLayout, stage: int,
+                    pstate: ParallelState, dtype: torch.dtype) -> TwoTowerModel:
+        """The image tower's blocks of this stage; the last stage adds the text tower and
+        the projections. The text tower runs without SP or full recomputation (its
+        sequences are short), with selective recomputation if asked."""
+        b, c, tok = self.config, self.cfg.contrastive, self.tokenizer
+        t = b.training
+        text_rt = Runtime(tp=pstate.tp, seed=t.seed, rng=runtime.rng,
+                          recompute_granularity="selective"
+                          if b.parallel.recompute_granularity == "selective" else None,
+                          layernorm_impl=t.layernorm_impl)
+        model = build_two_tower(b.model, self.cfg.text, runtime, text_rt, t.seed,
+                                tok.vocab_size, tok.pad_id, tok.eos_id, self.cfg.embed_dim,
+                                c.loss, c.lock_image_tower, pstate.device, dtype,
+                                layout.chunk_layers(stage, 0), layout.is_first(stage, 0),
+                                layout.is_last(stage, 0), image_projection=c.image_projection)
+        if c.image_checkpoint:
+            load_image_tower(model, pstate, c.image_checkpoint, b.model)
+        return model
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return model.trainable_parameters()
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_set)
+
+    def batches(self, run: Run, start: int, stop: int) -> Iterator[tuple]:
+        """This DP rank's (images, token ids) for iterations [start, stop), each None where
+        this pipeline stage does not need it (only the first stage reads pixels, only the
+        last tokenizes); file-backed data is read ahead by --num-workers processes."""
+        dp = run.pstate.dp
+        return image_text_batches(self.train_set, self.tokenizer, run.sampler, start, stop,
+                                  dp.rank, dp.size, self.cfg.contrastive.num_workers,
+                                  images=run.pstate.pp.rank == 0, texts=run.is_last_stage)
+
+    def micro_batch_count(self, batch: tuple) -> int:
+        return 1
+
+    def loss(self, run: Run, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the contrastive loss over the DP group."""
+        m, c = run.model, self.cfg.contrastive
+        if c.loss == "clip":
+            return clip_loss(image, text, m.logit_scale.float(), run.pstate.dp, queue=self.queue)
+        return siglip_loss(image, text, m.logit_scale.float(), m.logit_bias.float(),
+                           run.pstate.dp, chunks=c.siglip_chunks)
+
+    def _activation_shape(self, run: Run, batch: int) -> tuple[int, int, int]:
+        """[tokens, images, width] passed between image-tower stages."""
+        image, t = run.model.image, run.pstate.tp.size
+        tokens = image.padded_length // t if image.rt.sequence_parallel else image.cfg.seq_length
+        return tokens, batch, image.cfg.hidden_size
+
+    def _run_image_tower(self, run: Run, images: torch.Tensor | None, batch: int,
+                         forward_only: bool, on_features) -> None:
+        """The image tower over the pipeline (one micro-batch; P = 1 is F0 B0): on the
+        last stage `on_features(features [b, h_img])` returns what to back-propagate."""
+
+        def forward(chunk: int, mb: int, x: torch.Tensor | None, meter) -> torch.Tensor:
+            return run.model.image(images.to(run.pstate.device, run.dtype) if x is None else x)
+
+        actions = build_schedule(1, run.layout.stages, run.pstate.pp.rank, 1, forward_only)
+        run.executor.run(actions, forward, lambda mb: self._activation_shape(run, batch),
+                         lambda mb, features: on_features(features), forward_only)
+
+    def forward_backward(self, run: Run, batch: tuple, loss_scale: float | None,
+                         measure: bool) -> tuple[torch.Tensor, None]:
+        """The image tower's blocks over the stages, the text tower and the loss on the
+        last; a locked image tower (LiT) runs a forward-only schedule and the last stage
+        back-propagates the text tower and the loss alone."""
+        pstate = run.pstate
+        images, ids = batch
+        n = run.sampler.global_batch_size // pstate.dp.size
+        lock = self.cfg.contrastive.lock_image_tower
+        held: dict[str, torch.Tensor] = {}
+
+        def text_and_loss(features: torch.Tensor) -> torch.Tensor:
+            text = run.model.encode_text(ids.to(pstate.device))
+            loss = self.loss(run, run.model.project_image(features), text)
+            held["loss"] = loss.detach()
+            return loss * loss_scale if loss_scale is not None else loss
+
+        def on_features(features: torch.Tensor) -> torch.Tensor:
+            if lock:               # forward-only image tower: the loss comes afterwards
+                held["features"] = features
+                return features.new_zeros(())
+            return text_and_loss(features)
+
+        self._run_image_tower(run, images, n, lock, on_features)
+        if lock and run.is_last_stage:
+            text_and_loss(held["features"]).backward()
+        return held.get("loss", torch.zeros((), device=pstate.device)), None
+
+    @torch.no_grad()
+    def encode_texts(self, run: Run, captions: list[str]) -> torch.Tensor:
+        return run.model.encode_text(self.tokenizer.encode(captions).to(run.pstate.device))
+
+    @torch.no_grad()
+    def _embed_split(self, run: Run, dataset) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+        """Image embeddings [N, d], labels [N] and captions of a held-out set on the last
+        pipeline stage (None elsewhere): each DP rank embeds a contiguous slice (through the
+        pipeline, forward only), gathered over DP (padded to equal slices, then trimmed)."""
+        dp, n = run.pstate.dp, len(dataset)
+        per_rank = -(-n // dp.size)
+        start = min(dp.rank * per_rank, n)
+        mine = torch.arange(start, min(start + per_rank, n))
+        pad = per_rank - len(mine)
+        padded = torch.cat([mine, mine.new_zeros(pad)]) if pad else mine
+        images, _ = dataset.get(padded, iteration=0, images=run.pstate.pp.rank == 0)
+        held = {}
+
+        def on_features(features: torch.Tensor) -> torch.Tensor:
+            held["embeddings"] = run.model.project_image(features)
+            return features.new_zeros(())
+
+        self._run_image_tower(run, images, per_rank, True, on_features)
+        if not run.is_last_stage:
+            return None
+        all_emb = dp.all_gather(held["embeddings"].contiguous())
+        keep = torch.cat([torch.arange(r * per_rank, r * per_rank + max(0, min(per_rank,
+                                                                              n - r * per_rank)))
+                          for r in range(dp.size)])
+        labels = dataset.labels_of(torch.arange(n))
+        _, all_captions = dataset.get(torch.arange(n), iteration=0, images=False)
+        return all_emb[keep], labels, all_captions
+
+    def _metric_names(self) -> list[str]:
+        names = []
+        if self.heldout is not None:
+            names += ["zero_shot_accuracy", "image_to_text_r1", "text_to_image_r1",
+                      "image_to_text_r5", "text_to_image_r5", "eval_images"]
+        if self.transfer is not None:
+            names.append(f"zero_shot_accuracy_{self.transfer.name.split('-')[0]}")
+        return names
+
+    @torch.no_grad()
+    def evaluate(self, run: Run) -> dict[str, float]:
+        """Zero-shot accuracy and retrieval recall@1/5 on the held-out split (and zero-shot
+        accuracy on --zero-shot-transfer's set), computed on the last pipeline stage and
+        shared with the others."""
+        run.model.eval()
+        out: dict[str, float] = {}
+        last = run.is_last_stage
+        encode = lambda captions: self.encode_texts(run, captions)  # noqa: E731
+        classes = None
+        if self.heldout is not None:     # CSV / shards have no held-out split yet
+            if last:
+                classes = class_embeddings(encode, self.heldout.class_prompts())
+            split = self._embed_split(run, self.heldout)
+            if last:
+                emb, labels, captions = split
+                out["zero_shot_accuracy"] = \
+                    zero_shot_correct(emb, labels, classes).item() / len(labels)
+                out.update(retrieval_recall(emb, encode(captions)))
+                out["eval_images"] = len(labels)
+        if self.transfer is not None:
+            if last and classes is None:
+                classes = class_embeddings(encode, self.transfer.class_prompts())
+            split = self._embed_split(run, self.transfer)
+            if last:
+                emb, labels, _ = split
+                out[f"zero_shot_accuracy_{self.transfer.name.split('-')[0]}"] = \
+                    zero_shot_correct(emb, labels, classes).item() / len(labels)
+        names = self._metric_names()
+        values = torch.tensor([out.get(k, 0.0) for k in names], dtype=torch.float64,
+                              device=run.pstate.device)
+        run.pstate.pp.broadcast(values, src=run.pstate.pp.size - 1)
+        out = dict(zip(names, values.tolist()))
+        if "eval_images" in out:
+            out["eval_images"] = int(out["eval_images"])
+        run.model.train()
+        return out
+
+    def describe(self) -> dict[str, dict]:
+        """The image tower ("model"), the text tower with its tokenizer ids, and the
+        contrastive setup, for a checkpoint's `megavit_config.json`."""
+        tok = self.tokenizer
+        return {"model": dataclasses.asdict(self.config.model),
+                "text": {**dataclasses.asdict(self.cfg.text), "vocab_size": tok.vocab_size,
+                         "pad_id": tok.pad_id, "eos_id": tok.eos_id},
+                "contrastive": {**dataclasses.asdict(self.cfg.contrastive),
+                                "embed_dim": self.cfg.embed_dim}}
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """The tokenizer, so a checkpoint is usable alone (tools/zero_shot.py, export)."""
+        return {TOKENIZER_FILE: self.tokenizer.model_proto}
+
+    def log_lines(self, run: Run) -> list[str]:
+        b, c, tx = self.config, self.cfg.contrastive, self.cfg.text
+        m, t = b.model, b.training
+        trainable = parameter_count(run, (p for _, p in run.model.trainable_parameters()))
+        total = parameter_count(run, run.model.parameters())
+        heldout = (f"{self.heldout.name} {len(self.heldout)} pairs" if self.heldout is not None
+                   else "no held-out split (zero-shot evaluation needs --image-text-data "
+                        "digits or mnist5k, or --zero-shot-transfer)")
+        return [
+            f"model: image {b.preset or 'custom'} (layers {m.num_layers}, hidden "
+            f"{m.hidden_size}, pooling {m.pooling}) | text {self.cfg.text_preset or 'custom'} "
+            f"(layers {tx.text_num_layers}, hidden {tx.text_hidden_size}, "
+            f"{'causal' if tx.text_causal else 'bidirectional'}, pooling {tx.text_pooling}, "
+            f"vocab {self.tokenizer.vocab_size}, context {tx.context_length}) | embed "
+            f"{self.cfg.embed_dim} | loss {c.loss} | parameters {total / 1e6:.2f} M, trained "
+            f"{trainable / 1e6:.2f} M{' (image tower locked)' if c.lock_image_tower else ''}",
+            f"data: {self.train_set.name} {len(self.train_set)} pairs | {heldout} | global "
+            f"batch {t.global_batch_size} = micro {t.micro_batch_size} x dp {run.pstate.dp.size}"
+            f" | tokenizer {self.tokenizer.path} ({self.tokenizer.vocab_size} pieces)"]
+
+    def flops_per_step(self, run: Run) -> None:
+        return None     # no FLOPs model of the two towers yet: no MFU
+
+    def train_fields(self, run: Run) -> dict[str, float]:
+        """The temperature and bias (they live on the last stage)."""
+        if not run.is_last_stage:
+            return {}
+        out = {"temperature": float(run.model.logit_scale.exp().item())}
+        if run.model.logit_bias is not None:
+            out["bias"] = float(run.model.logit_bias.item())
+        return out
+
+    def summary_fields(self, evaluation: dict[str, float]) -> dict[str, float]:
+        return dict(evaluation)
+
+
+def load_image_tower(model: TwoTowerModel, pstate: ParallelState, save_dir: str,
+                     image_cfg: ModelConfig) -> None:
+    """The image weights of the latest checkpoint of a megavit.pretrain --save directory
+    into `model.image` (its classifier is not loaded); the image model's flags must match
+    (the class count aside)."""
+    checkpoint = resolve_checkpoint(Path(save_dir))
+    saved = json.loads((checkpoint / CONFIG_FILE).read_text())["model"]
+    differ = config_differences(
+        "model", saved, dataclasses.asdict(image_cfg),
+        lambda k: k == "num_classes" or "dropout" in k or "drop_path" in k)
+    if differ:
+        raise CheckpointLoadError(f"--image-checkpoint {checkpoint}: a different image model, "
+                                  "not loaded: " + "; ".join(differ))
+    check_loadable(checkpoint)
+    state = {f"model/{k}": v for k, v in model_state_dict(model.image, pstate).items()}
+    load_state(state, checkpoint, pstate, "image tower")
+
+
+def image_text_run(cfg: ContrastiveRunConfig, pstate: ParallelState) -> Run:
+    """The engine's run of a two-tower model with the flags `cfg`, on this rank."""
+    return Run.build(ImageTextTask(cfg), pstate)

@@ -1,0 +1,186 @@
+"""THE training loop, for every task: resume, step, log / evaluate / save every N, summary.
+
+    summary = pretrain(task, pstate)     # build the run, train, evaluate; on every rank
+
+Per iteration: `run.step`; every --log-interval a training line (loss, lr, grad norm,
+throughput, step time, MFU when the task knows its FLOPs, loss scale, ETA and the task's
+own fields); every --eval-interval the task's evaluation; every --save-interval a
+checkpoint. Evaluation and saving are kept out of the throughput. At the end: a last
+evaluation and the summary line.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from megavit.checkpointing.checkpointer import resume, save_checkpoint
+from megavit.parallel.schedules import build_schedule, format_schedule, theoretical_bubble
+from megavit.parallel.state import ParallelState
+from megavit.training.grad_scaler import ConstantGradScaler
+from megavit.training.metrics import GpuMonitor, MetricsLogger, Stopwatch, format_eta
+from megavit.training.optimizer import formula_bytes_per_parameter
+from megavit.training.peak_flops import device_peak_flops
+from megavit.training.recompute_plan import GIB
+from megavit.training.run import Run, Task, param_dtype
+
+
+def pretrain(task: Task, pstate: ParallelState) -> dict[str, Any]:
+    """Train `task` for --train-iters steps and evaluate; returns the summary metrics."""
+    cfg = task.config
+    log = MetricsLogger(cfg.logging, pstate.is_main, cfg.training.train_iters)
+    try:
+        return train(Run.build(task, pstate), log)
+    finally:
+        log.close()
+
+
+def parameter_count(run: Run, params) -> float:
+    """The whole model's count of `params` (this stage's, TP shards at full size, summed
+    over the pipeline stages)."""
+    pstate = run.pstate
+    n = sum(p.numel() * (pstate.tp.size if getattr(p, "tp_shard", None) else 1) for p in params)
+    return pstate.pp.all_reduce(torch.tensor([float(n)], dtype=torch.float64,
+                                             device=pstate.device)).item()
+
+
+def memory_per_parameter_line(run: Run) -> str:
+    """The measured bytes per trained parameter on this rank, against the formula for this
+    setting and for the other optimizer form (sharded vs unsharded)."""
+    mem = run.optimizer.bytes_per_parameter()
+    p_bytes = next(run.model.parameters()).element_size()
+    g_bytes = run.buffers.grad_buffer.element_size()
+    master = run.optimizer.separate_masters
+    d = run.pstate.dp.size
+    shards = d if run.buffers.shard else 1
+    here = formula_bytes_per_parameter(p_bytes, g_bytes, master, shards)
+    other = formula_bytes_per_parameter(p_bytes, g_bytes, master, 1 if run.buffers.shard else d)
+    line = ("memory per trained parameter on this rank: " + " + ".join(
+        f"{k} {v:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()):.2f} bytes | formula "
+        f"{here:.2f} ({'sharded over ' + str(d) if run.buffers.shard else 'unsharded'})")
+    if d > 1:
+        line += f" | {'unsharded' if run.buffers.shard else 'sharded over ' + str(d)}: {other:.2f}"
+    return line
+
+
+def layout_lines(run: Run) -> list[str]:
+    """The start-up lines of the layout: groups, SP, recomputation, the pipeline split and
+    bubble, the printed schedule and the recompute plans when asked for."""
+    cfg, pstate, rt = run.cfg, run.pstate, run.model.rt
+    recompute = rt.recompute_granularity or "none"
+    if run.plans is not None:
+        recompute = "auto (per stage, see the plan below)"
+    elif rt.recompute_granularity == "full":
+        recompute += f" ({rt.recompute_method}, {rt.recompute_num_layers} layers)"
+    sp = rt.sequence_parallel or "off"
+    if cfg.parallel.sequence_parallel and pstate.tp.size == 1:
+        sp = "off (--sequence-parallel has no effect at TP=1)"
+    lines = [f"layout: {pstate.describe()} | sequence parallel {sp} | recompute {recompute}"]
+    layout, m = run.layout, run.micro_batches
+    if layout.stages > 1:
+        split = ", ".join(f"{k}: {'+'.join(str(len(layout.chunk_layers(k, c))) for c in range(layout.chunks))}"
+                          for k in range(layout.stages))
+        schedule = "interleaved" if layout.chunks > 1 else "1F1B"
+        lines.append(f"pipeline: {layout.stages} stages, {schedule}, blocks per stage {{{split}}}, "
+                     f"{m} micro-batches per step, bubble (P-1)/(v*m+P-1) = "
+                     f"{theoretical_bubble(m, layout.stages, layout.chunks):.3f}")
+    if cfg.logging.print_schedule:
+        lines.append("schedule:\n" + format_schedule(
+            [build_schedule(m, layout.stages, k, layout.chunks) for k in range(layout.stages)],
+            layout.chunks))
+    if run.plans is not None:
+        budget = cfg.parallel.activation_memory_budget_gb * GIB
+        lines += [f"recompute plan: {plan.describe(budget)}" for plan in run.plans]
+    return lines
+
+
+def precision_line(run: Run) -> str:
+    cfg, scaler = run.cfg, run.scaler
+    pr, p, dp = cfg.precision, cfg.parallel, run.pstate.dp
+    precision = "bf16" if pr.bf16 else "fp16" if pr.fp16 else "fp32"
+    scaling = ("none" if scaler is None else f"static {scaler.scale:g}"
+               if isinstance(scaler, ConstantGradScaler) else f"dynamic from {scaler.scale:g}")
+    return (f"precision: {precision} parameters and activations | gradients in "
+            f"{str(run.buffers.grad_buffer.dtype).replace('torch.', '')} | loss scaling "
+            f"{scaling} | optimizer {run.optimizer.implementation}, "
+            f"{'sharded over ' + str(dp.size) + ' DP ranks' if p.use_distributed_optimizer else 'not sharded'}"
+            f" | gradient buckets {len(run.buffers.buckets)}"
+            f"{', reduced during backward' if p.overlap_grad_reduce else ''}")
+
+
+def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
+    """The loop over iterations [resumed, --train-iters); returns the summary metrics."""
+    cfg, pstate, task = run.cfg, run.pstate, run.task
+    t, lg, ck = cfg.training, cfg.logging, cfg.checkpoint
+    flops_per_step = task.flops_per_step(run)
+    peak, peak_source = float("inf"), ""
+    # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
+    if flops_per_step is not None and pstate.is_main:
+        peak, peak_source = device_peak_flops(pstate.device, param_dtype(cfg.precision),
+                                              cfg.precision.tf32, lg.peak_tflops)
+    gpu = GpuMonitor(pstate.device)
+    for line in [*layout_lines(run), *task.log_lines(run), precision_line(run)]:
+        log.info(line)
+    if flops_per_step is not None:
+        log.info(f"mfu peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_source})")
+
+    watch = Stopwatch(pstate.device)
+    loss_sum, steps_since_log = torch.zeros((), device=pstate.device), 0
+    last: dict[str, Any] = {}
+    paused = 0.0        # seconds spent evaluating and saving
+    skipped = 0
+    memory_logged = False
+    first = resume(run, ck.load, log.info)
+    run.model.train()
+    for iteration, batch in zip(range(first, t.train_iters), run.batches(first, t.train_iters)):
+        result = run.step(iteration, batch)
+        if not memory_logged and not result.skipped:  # Adam's state exists after a real step
+            log.info(memory_per_parameter_line(run))
+            memory_logged = True
+        loss_sum += result.loss
+        skipped += int(result.skipped)
+        steps_since_log += 1
+        done = iteration + 1
+        log.progress(done)
+        if done % lg.log_interval == 0 or done == t.train_iters:
+            step_time = watch.lap() / steps_since_log
+            last = {"iteration": done, "loss": (loss_sum / steps_since_log).item(),
+                    "lr": result.lr, "grad_norm": result.grad_norm.item(),
+                    f"{task.throughput_unit}_per_second": t.global_batch_size / step_time,
+                    "step_time_ms": step_time * 1e3}
+            if flops_per_step is not None:
+                achieved = flops_per_step / step_time / pstate.world_size
+                last.update(tflops_per_device=achieved / 1e12, mfu=achieved / peak)
+            last.update(gpu.read())
+            if result.loss_scale is not None:
+                last.update(loss_scale=result.loss_scale, skipped_steps=skipped)
+            last["eta"] = format_eta(step_time * (t.train_iters - done))
+            last.update(task.train_fields(run))
+            log.train(last)
+            loss_sum.zero_()
+            steps_since_log = 0
+        if lg.eval_interval and done % lg.eval_interval == 0 and done != t.train_iters:
+            start = time.perf_counter()
+            if evaluation := run.evaluate():
+                log.eval({"iteration": done, **evaluation})
+            paused += time.perf_counter() - start
+            watch.lap()  # keep evaluation out of the training throughput
+        if ck.save and ((ck.save_interval and done % ck.save_interval == 0)
+                        or done == t.train_iters):
+            start = time.perf_counter()
+            save_checkpoint(run, ck.save, done, ck.keep_last_checkpoints, log.info)
+            paused += time.perf_counter() - start
+            watch.lap()  # nor saving
+    train_time = watch.total() - paused
+    evaluation = run.evaluate()
+    if evaluation:
+        log.eval({"iteration": t.train_iters, **evaluation})
+    summary = {"iteration": t.train_iters, "train_seconds": train_time,
+               "loss": last.get("loss", float("nan")), **task.summary_fields(evaluation),
+               f"{task.throughput_unit}_per_second":
+                   t.global_batch_size * (t.train_iters - first) / train_time
+                   if train_time > 0 else 0.0}
+    log.summary(summary)
+    return summary
