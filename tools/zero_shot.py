@@ -34,12 +34,11 @@ from megavit.checkpointing.pieces import serial_meta_model  # noqa: E402
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError  # noqa: E402
 from megavit.config import ModelConfig, TextConfig  # noqa: E402
 from megavit.data.datasets import DataError  # noqa: E402
-from megavit.data.tokenizer import (Tokenizer, TokenizerError,  # noqa: E402
-                                    load_for_text_tower)
+from megavit.data.tokenizer import (TOKENIZER_FILE, Tokenizer,  # noqa: E402
+                                    TokenizerError, load_for_text_tower)
 from megavit.models.two_tower import TwoTowerModel, build_two_tower  # noqa: E402
 from megavit.models.vit import Runtime  # noqa: E402
 from megavit.parallel.state import serial_state  # noqa: E402
-from megavit.training.contrastive_trainer import TOKENIZER_FILE  # noqa: E402
 from megavit.training.zero_shot import class_embeddings, prompts_for  # noqa: E402
 
 

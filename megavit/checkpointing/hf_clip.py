@@ -343,8 +343,7 @@ def _tokenizer_files(tt: TwoTower, source: Path | None) -> dict[str, bytes]:
     """SigLIP: the checkpoint's SentencePiece model as `SiglipTokenizer` reads it. CLIP:
     the model as `megavit_tokenizer.model` (transformers has no SentencePiece CLIP
     tokenizer). Nothing without a source or a tokenizer beside the tensors."""
-    from megavit.data.tokenizer import load_for_text_tower
-    from megavit.training.contrastive_trainer import TOKENIZER_FILE
+    from megavit.data.tokenizer import TOKENIZER_FILE, load_for_text_tower
 
     path = source / TOKENIZER_FILE if source is not None else None
     if path is None or not path.is_file():
@@ -453,8 +452,7 @@ def _siglip_tokenizer(directory: Path, vocab_size: int) -> _SiglipVocab:
     """A SigLIP directory's `spiece.model` as the checkpoint's tokenizer, padding as its
     settings say: with the model's pad piece, or with EOS (SigLIP's released tokenizers:
     pad_token "</s>"; megavit's --text-pad-with-eos)."""
-    from megavit.data.tokenizer import Tokenizer, TokenizerError
-    from megavit.training.contrastive_trainer import TOKENIZER_FILE
+    from megavit.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
 
     path = directory / "spiece.model"
     if not path.is_file():

@@ -30,6 +30,7 @@ import torch
 
 from megavit.contrastive_config import ContrastiveRunConfig
 from megavit.data.sampler import GlobalBatchSampler
+from megavit.data.tokenizer import TOKENIZER_FILE
 from megavit.checkpointing.checkpointer import resume, save_checkpoint
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
 from megavit.models.vit import Runtime
@@ -48,9 +49,6 @@ from megavit.training.step import StepResult, finish_step
 from megavit.training.trainer import (gradient_buffers, loss_scaler, lr_schedule, nan_check,
                                       param_dtype)
 from megavit.training.zero_shot import class_embeddings, retrieval_recall, zero_shot_correct
-
-
-TOKENIZER_FILE = "tokenizer.model"
 
 
 @dataclass
