@@ -164,7 +164,7 @@ def rss_growth(tool: str, *args: str) -> int:
         "sys.path.insert(0, sys.argv[1])\n"
         f"from tools.{tool} import main\n"
         "import megavit.models.vit, torch.distributed.checkpoint\n"
-        "import megavit.checkpointing.import_hf, megavit.checkpointing.hf_vit\n"
+        "import megavit.interop.import_hf, megavit.interop.hf_vit\n"
         "def peak():\n"
         "    status = open('/proc/self/status').read()\n"
         "    return int(status.split('VmHWM:')[1].split()[0])\n"

@@ -156,8 +156,8 @@ def test_transformers_vit_round_trip_through_megavit_at_tp2_pp2(tmp_path):
     and gives the original logits."""
     from transformers import ViTForImageClassification
 
-    from megavit.checkpointing.hf_vit import model_config_of
-    from megavit.checkpointing.mapping import model_flags
+    from megavit.interop.hf_vit import model_config_of
+    from megavit.interop.mapping import model_flags
     from megavit.data.datasets import load_digits
 
     original = _hf_vit(tmp_path)

@@ -142,9 +142,9 @@ def test_megavit_options_export_to_timm(tmp_path):
 def test_timm_refusals_name_what_does_not_map(tmp_path):
     """Checked in-process (the CLI's exit status 2 is checked once, at the end)."""
     from megavit.checkpointing.convert import ConvertError
-    from megavit.checkpointing.export_hf import export_plan
-    from megavit.checkpointing.import_hf import import_directory
-    from megavit.checkpointing.timm_vit import model_config_of, timm_config
+    from megavit.interop.export_hf import export_plan
+    from megavit.interop.import_hf import import_directory
+    from megavit.interop.timm_vit import model_config_of, timm_config
     from megavit.config import ModelConfig
 
     # megavit -> timm: a sequential-block ViT, a two-tower model

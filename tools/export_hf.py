@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if args.buffer_mb <= 0:
         p.error("--buffer-mb must be positive")
     try:
-        from megavit.checkpointing.export_hf import export_checkpoint
+        from megavit.interop.export_hf import export_checkpoint
 
         source = resolve_checkpoint(Path(args.load))
         print(f"export | source {source} | format {args.format}", flush=True)

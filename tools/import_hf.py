@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         p.error("--buffer-mb must be positive")
     if args.tensor_model_parallel_size < 1:
         p.error("--tensor-model-parallel-size must be at least 1")
-    from megavit.checkpointing.import_hf import import_directory
+    from megavit.interop.import_hf import import_directory
 
     try:
         path, plan = import_directory(args.input, args.save, args.tensor_model_parallel_size,

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 from megavit.config import ModelConfig
 
 EXPORT_ARCHITECTURE = "vit_base_patch16_xp_224"

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 from megavit.config import ModelConfig
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}   # megavit -> transformers

@@ -103,8 +103,8 @@ from typing import Callable
 import torch
 
 from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.hf_vit import FROM_HF_ACTIVATIONS as ACTIVATIONS, HF_ACTIVATIONS
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.interop.hf_vit import FROM_HF_ACTIVATIONS as ACTIVATIONS, HF_ACTIVATIONS
+from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 from megavit.config import ModelConfig, TextConfig
 
 TARGET = {"clip": "CLIPModel", "siglip": "SiglipModel"}

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from megavit.checkpointing.convert import ConvertError, read_config, write_safetensors
-from megavit.checkpointing.mapping import ExportPlan
+from megavit.interop.mapping import ExportPlan
 from megavit.config import ModelConfig
 
 FORMATS = ("timm", "transformers")
@@ -34,16 +34,16 @@ def export_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | Non
         if "text" in info:
             raise ConvertError("--format timm: a two-tower checkpoint; timm holds image "
                                "models (use --format transformers for CLIPModel / SiglipModel)")
-        from megavit.checkpointing import timm_vit
+        from megavit.interop import timm_vit
 
         return timm_vit.export_plan(info, cfg, dtype)
     if fmt != "transformers":
         raise ConvertError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if "text" in info:
-        from megavit.checkpointing import hf_clip
+        from megavit.interop import hf_clip
 
         return hf_clip.export_plan(info, cfg, dtype, source)
-    from megavit.checkpointing import hf_vit
+    from megavit.interop import hf_vit
 
     return hf_vit.export_plan(info, cfg, dtype)
 

@@ -34,24 +34,24 @@ from torch.distributed.checkpoint.metadata import TensorProperties
 from megavit.checkpointing.convert import ConvertError, OutputTensor, Progress, StoredTensor, \
     _batches, write_dcp
 from megavit.checkpointing.directory import CheckpointDirectory
-from megavit.checkpointing.mapping import ImportPlan
-from megavit.checkpointing.safetensors_files import SafetensorsFiles
+from megavit.interop.mapping import ImportPlan
+from megavit.interop.safetensors_files import SafetensorsFiles
 from megavit.config import PrecisionConfig
 
 
 def import_plan(directory: Path, config: dict) -> ImportPlan:
     """The mapping that reads `directory` (config.json already parsed as `config`)."""
     if "architecture" in config:
-        from megavit.checkpointing import timm_vit
+        from megavit.interop import timm_vit
 
         return timm_vit.import_plan(config)
     model_type = config.get("model_type")
     if model_type == "vit":
-        from megavit.checkpointing import hf_vit
+        from megavit.interop import hf_vit
 
         return hf_vit.import_plan(config)
     if model_type in ("clip", "siglip"):
-        from megavit.checkpointing import hf_clip
+        from megavit.interop import hf_clip
 
         return hf_clip.import_plan(directory, config)
     raise ConvertError(f"{directory / 'config.json'}: model_type {model_type!r}; megavit "
