@@ -369,7 +369,7 @@ def test_gelu_new_imports_as_gelu_tanh_the_same_formula(tmp_path):
 
 
 def test_import_refuses_a_tokenizer_that_pads_with_a_third_piece(tmp_path):
-    from megavit.checkpointing.convert import ConvertError
+    from megavit.checkpointing.offline import ConvertError
     from megavit.interop.hf_clip import two_tower_of
 
     _hf_model("siglip", tmp_path)
@@ -401,7 +401,7 @@ def test_import_refuses_other_architectures_missing_tensors_shapes_and_quick_gel
         "quick": (quick, tensors, "vision_config.hidden_act 'quick_gelu'; megavit's MLP "
                                   "has gelu, gelu_pytorch_tanh, gelu_new"),
     }
-    from megavit.checkpointing.convert import ConvertError
+    from megavit.checkpointing.offline import ConvertError
     from megavit.interop.import_hf import import_directory
 
     for name, (cfg, weights, message) in cases.items():     # in-process; the CLI once below

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megavit.checkpointing.convert import ConvertError  # noqa: E402
 from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
 from megavit.checkpointing.model_state import CheckpointLoadError  # noqa: E402
+from megavit.checkpointing.offline import ConvertError  # noqa: E402
 
 
 def main(argv=None) -> int:

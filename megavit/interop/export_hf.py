@@ -5,7 +5,7 @@ The mapping (which tensors, made how, and the config files) comes from the modul
 target (`mapping.py` lists them): `--format timm` -> `timm_vit.py`; `--format transformers`
 -> `hf_vit.py` for a ViT, `hf_clip.py` for a two-tower model. Each refuses a model that
 does not map with every difference listed. This driver streams the checkpoint into
-`model.safetensors` (`convert.write_safetensors`: at most `--buffer-mb` read at once, a
+`model.safetensors` (`consolidate.write_safetensors`: at most `--buffer-mb` read at once, a
 progress line per batch), writes the mapping's other files, and stages all of it in
 OUTPUT.partial/, renamed into place only when complete.
 """
@@ -20,9 +20,10 @@ from typing import Callable
 
 import torch
 
-from megavit.checkpointing.convert import ConvertError, read_config, write_safetensors
-from megavit.interop.mapping import ExportPlan
+from megavit.checkpointing.offline import ConvertError, read_config
 from megavit.config import ModelConfig
+from megavit.interop.consolidate import write_safetensors
+from megavit.interop.mapping import ExportPlan
 
 FORMATS = ("timm", "transformers")
 

@@ -102,10 +102,11 @@ from typing import Callable
 
 import torch
 
-from megavit.checkpointing.convert import ConvertError, OutputTensor
+from megavit.checkpointing.offline import ConvertError
+from megavit.config import ModelConfig, TextConfig
+from megavit.interop.consolidate import OutputTensor
 from megavit.interop.hf_vit import FROM_HF_ACTIVATIONS as ACTIVATIONS, HF_ACTIVATIONS
 from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
-from megavit.config import ModelConfig, TextConfig
 
 TARGET = {"clip": "CLIPModel", "siglip": "SiglipModel"}
 _LAYER = (("self_attn.out_proj", "proj"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2"),

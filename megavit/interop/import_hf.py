@@ -31,12 +31,13 @@ from typing import Callable
 import torch
 from torch.distributed.checkpoint.metadata import TensorProperties
 
-from megavit.checkpointing.convert import ConvertError, OutputTensor, Progress, StoredTensor, \
-    _batches, write_dcp
 from megavit.checkpointing.directory import CheckpointDirectory
+from megavit.checkpointing.offline import ConvertError, Progress, batched
+from megavit.checkpointing.reshard import StoredTensor, write_dcp
+from megavit.config import PrecisionConfig
+from megavit.interop.consolidate import OutputTensor
 from megavit.interop.mapping import ImportPlan
 from megavit.interop.safetensors_files import SafetensorsFiles
-from megavit.config import PrecisionConfig
 
 
 def import_plan(directory: Path, config: dict) -> ImportPlan:
@@ -183,7 +184,7 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            write_dcp(staging, stored, list(_batches(names, sizes, buffer_bytes)), read,
+            write_dcp(staging, stored, list(batched(names, sizes, buffer_bytes)), read,
                       Progress(len(names), sum(sizes.values()), report, "import"))
         for name, data in plan.side_files.items():
             (staging / name).write_bytes(data)
