@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
-from megavit.checkpointing.model_state import CheckpointLoadError  # noqa: E402
-from megavit.checkpointing.offline import ConvertError  # noqa: E402
+from megavit.checkpointing.directory import CheckpointDirectoryError
+from megavit.checkpointing.model_state import CheckpointLoadError
+from megavit.checkpointing.offline import ConvertError
 
 
 def main(argv=None) -> int:
