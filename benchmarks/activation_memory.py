@@ -1,7 +1,7 @@
 """Activation memory per block: measured against the formula of docs/activation_memory.md.
 
-    .venv/bin/python benchmarks/activation_memory.py            # all rows (~1 min, 2 cores)
-    .venv/bin/python benchmarks/activation_memory.py --quick    # fewer shapes
+    .venv/bin/python -m benchmarks.activation_memory            # all rows (~1 min, 2 cores)
+    .venv/bin/python -m benchmarks.activation_memory --quick    # fewer shapes
 
 For each shape, block type, TP size (real gloo processes, one per rank), sequence-parallel
 mode and recomputation setting, the blocks run forward once under a saved-tensors meter
@@ -19,14 +19,12 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from megavit.config import preset_model_config  # noqa: E402
-from megavit.models.activation_memory import (ActivationSetup, block_activation_bytes,  # noqa: E402
+from megavit.config import preset_model_config
+from megavit.models.activation_memory import (ActivationSetup, block_activation_bytes,
                                               measure_setup)
 
 SHAPES = {  # name: (hidden, heads, MLP, image, patch, pooling, micro-batch)
@@ -72,7 +70,6 @@ def run_tp(tp: int, rows: list[tuple]) -> list[float]:
     if tp == 1:
         from megavit.parallel.state import serial_state
         return measure_rows(serial_state(), rows)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.harness import run_distributed
     return run_distributed(tp, tp, {"rows": (measure_rows, (rows,))})["rows"][0]
 
@@ -92,7 +89,7 @@ def main(argv=None) -> int:
     print(f"# activation_memory: bytes kept for backward per block per micro-batch, fp32, "
           f"2 blocks; measured in gloo processes vs docs/activation_memory.md")
     print(f"# machine: {platform.processor() or platform.machine()}, torch {torch.__version__}; "
-          f"command: python benchmarks/activation_memory.py {' '.join(argv or sys.argv[1:])}")
+          f"command: python -m benchmarks.activation_memory {' '.join(argv or sys.argv[1:])}")
     print(f"| {'shape':<17} | {'block':<10} | tp | {'SP':<8} | {'recompute':<14} | "
           f"{'measured KiB':>12} | {'formula KiB':>11} | ratio |")
     print(f"|{'-' * 19}|{'-' * 12}|----|{'-' * 10}|{'-' * 16}|{'-' * 14}|{'-' * 13}|-------|")

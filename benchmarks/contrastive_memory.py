@@ -1,13 +1,13 @@
 """Peak memory of the contrastive losses per DP rank: megavit's against plain all-gather.
 
-    .venv/bin/python benchmarks/contrastive_memory.py                    # n=512, d=256, DP 1 2 4
-    .venv/bin/python benchmarks/contrastive_memory.py --rows 1024 --dp 1 2
+    .venv/bin/python -m benchmarks.contrastive_memory                    # n=512, d=256, DP 1 2 4
+    .venv/bin/python -m benchmarks.contrastive_memory --rows 1024 --dp 1 2
 
 DP gloo processes (one thread each) each hold a fixed slice of n L2-normalised image and
 text features of width d (the global batch grows with DP: N = n * DP) and run one forward
 and backward of each loss:
 
-    megavit SigLIP   megavit.training.contrastive.siglip_loss as the trainer calls it
+    megavit SigLIP   megavit.tasks.image_text.losses.siglip_loss as the task calls it
                      (default chunks): at DP > 1 each rank's texts travel the DP ring in
                      k = 8 row chunks of n / 8 rows, [n, n / 8] logits at a time,
                      recomputed in backward; at DP = 1 nothing is communicated and the
@@ -19,7 +19,7 @@ and backward of each loss:
                      communication): its ratios isolate what the ring itself costs (the
                      text chunks and gradient accumulators in flight)
     plain SigLIP     texts all-gathered (summing backward), [n, N] logits, plain autograd
-    megavit CLIP     megavit.training.contrastive.clip_loss: local rows against gathered
+    megavit CLIP     megavit.tasks.image_text.losses.clip_loss: local rows against gathered
                      columns, [n, N] logits each way
     plain CLIP       both sides all-gathered and the full [N, N] loss on every rank (what
                      a CLIP trainer does without local-loss)
@@ -39,13 +39,12 @@ import platform
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from megavit.parallel.memory import LiveBytesMeter  # noqa: E402
-from megavit.tasks.image_text.losses import clip_loss, gather_with_grad, siglip_loss  # noqa: E402
+from megavit.parallel.memory import LiveBytesMeter
+from megavit.tasks.image_text.losses import clip_loss, gather_with_grad, siglip_loss
 
 
 def plain_siglip(images, texts, t, b, group):

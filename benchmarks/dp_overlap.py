@@ -1,8 +1,8 @@
 """Data parallelism at DP=2 on gloo: gradient reduction after backward, overlapped with
 backward, and the distributed (ZeRO-1) optimizer.
 
-    .venv/bin/python benchmarks/dp_overlap.py                  # ViT-S width, 4 blocks
-    .venv/bin/python benchmarks/dp_overlap.py --layers 2 --steps 3
+    .venv/bin/python -m benchmarks.dp_overlap                  # ViT-S width, 4 blocks
+    .venv/bin/python -m benchmarks.dp_overlap --layers 2 --steps 3
 
 Each configuration trains the same model (vit-s widths, parallel blocks, MAP head, fp32,
 synthetic 224x224 images) through megavit's real training step on 2 gloo processes with
@@ -24,13 +24,11 @@ import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config  # noqa: E402
+from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config
 
 CONFIGS = {
     "reduce after backward": {},
@@ -145,7 +143,7 @@ def main(argv=None) -> int:
           f"2 ranks x 2 micro-batches x 4; buckets of {args.bucket_size:,} elements "
           f"({first['buckets']} buckets)")
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"torch {torch.__version__}; command: python benchmarks/dp_overlap.py "
+          f"torch {torch.__version__}; command: python -m benchmarks.dp_overlap "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")
     print("| configuration          | median step ms | vs after-backward | peak RSS growth MB "
           "(rank 0 / 1) | vs after-backward | params+grads+optimizer MB | bytes/param |")

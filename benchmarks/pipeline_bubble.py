@@ -1,7 +1,7 @@
 """Pipeline bubble: each stage's idle time in real gloo runs against (P-1)/(v*m+P-1).
 
-    .venv/bin/python benchmarks/pipeline_bubble.py             # P=2, m in 2 4 8, v in 1 2
-    .venv/bin/python benchmarks/pipeline_bubble.py --stages 4  # 4 processes
+    .venv/bin/python -m benchmarks.pipeline_bubble             # P=2, m in 2 4 8, v in 1 2
+    .venv/bin/python -m benchmarks.pipeline_bubble --stages 4  # 4 processes
 
 P gloo processes (one thread each) run the training step of a ViT with --layers blocks of
 ViT-S width (196 tokens, micro-batches of --micro-batch images) split evenly over the
@@ -22,15 +22,13 @@ import os
 import platform
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from megavit.config import Config, DataConfig, ParallelConfig, TrainingConfig, preset_model_config  # noqa: E402
-from megavit.parallel.schedules import theoretical_bubble  # noqa: E402
-from megavit.tasks.classification import classification_run  # noqa: E402
+from megavit.config import Config, DataConfig, ParallelConfig, TrainingConfig, preset_model_config
+from megavit.parallel.schedules import theoretical_bubble
+from megavit.tasks.classification import classification_run
 
 
 def measure(pstate, layers: int, micro: int, m: int, v: int, steps: int) -> dict:
@@ -89,7 +87,7 @@ def main(argv=None) -> int:
           f"196 tokens, micro-batch {args.micro_batch}, fp32; bubble = idle time / common "
           f"window, median of {args.steps} steps")
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"torch {torch.__version__}; command: python benchmarks/pipeline_bubble.py "
+          f"torch {torch.__version__}; command: python -m benchmarks.pipeline_bubble "
           f"{' '.join(argv or sys.argv[1:])}")
     header = " | ".join(f"stage {k}" for k in range(P))
     print(f"| m | v | theory | {header} | window s |")

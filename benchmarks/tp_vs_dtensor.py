@@ -1,7 +1,7 @@
 """Tensor parallelism: megavit's layers against PyTorch's DTensor tensor-parallel API.
 
-    .venv/bin/python benchmarks/tp_vs_dtensor.py                     # ViT-S-sized, 4 blocks
-    .venv/bin/python benchmarks/tp_vs_dtensor.py --layers 2 --steps 3
+    .venv/bin/python -m benchmarks.tp_vs_dtensor                     # ViT-S-sized, 4 blocks
+    .venv/bin/python -m benchmarks.tp_vs_dtensor --layers 2 --steps 3
 
 The same ViT — parallel (ViT-22B) blocks with LayerNorms without bias, MLP biases, GAP
 pooling, fp32, [s, b, h] activations — at TP=2 with sequence parallelism on 2 gloo processes
@@ -34,19 +34,17 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from megavit.config import preset_model_config  # noqa: E402
-from megavit.models.vit import Runtime, build_vit  # noqa: E402
-from benchmarks.step_vs_timm import make_megavit_step  # noqa: E402
-from megavit.config import TrainingConfig  # noqa: E402
+from megavit.config import preset_model_config
+from megavit.models.vit import Runtime, build_vit
+from benchmarks.step_vs_timm import make_megavit_step
+from megavit.config import TrainingConfig
 
 
 class RefProjIn(nn.Module):
@@ -261,7 +259,7 @@ def main(argv=None) -> int:
           f"{c['ffn_hidden_size']}, {(c['img_h'] // c['patch_dim']) ** 2} tokens, batch "
           f"{args.batch}; step = fwd + bwd + AdamW ({args.adam})")
     print(f"# machine: {platform.processor() or platform.machine()}; torch {torch.__version__}; "
-          f"command: python benchmarks/tp_vs_dtensor.py {' '.join(argv or sys.argv[1:])}")
+          f"command: python -m benchmarks.tp_vs_dtensor {' '.join(argv or sys.argv[1:])}")
     print(f"| {'run':<14} | median step ms | min ms | MB collective size | MB sent per rank "
           f"(ring) | collectives per step |")
     print(f"|{'-' * 16}|----------------|--------|--------------------|------------------------|"

@@ -1,7 +1,7 @@
 """megavit's layouts against PyTorch FSDP2 on the same model and global batch.
 
-    .venv/bin/python benchmarks/vs_fsdp.py                 # ViT-S width, 4 blocks, batch 16
-    .venv/bin/python benchmarks/vs_fsdp.py --layers 2 --steps 3
+    .venv/bin/python -m benchmarks.vs_fsdp                 # ViT-S width, 4 blocks, batch 16
+    .venv/bin/python -m benchmarks.vs_fsdp --layers 2 --steps 3
 
 The claim tested: megavit reaches >= 1.15x FSDP's throughput at <= 0.7x its peak memory.
 
@@ -38,17 +38,15 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from benchmarks.dp_overlap import (peak_rss_mb, reset_peak_rss, rss_follows_tensors,  # noqa: E402
-                                   rss_mb, timed_steps)  # noqa: E402
-from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config  # noqa: E402
+from benchmarks.dp_overlap import (peak_rss_mb, reset_peak_rss, rss_follows_tensors,
+                                   rss_mb, timed_steps)
+from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config
 
 GLOBAL_BATCH = 16
 MEGAVIT = {
@@ -181,7 +179,7 @@ def main(argv=None) -> int:
           f"(foreach); parameters: " + ", ".join(f"{n.split()[0]} {r[0]['params']:,}"
                                                  for n, r in list(results.items())[2:4]))
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"torch {torch.__version__}; command: python benchmarks/vs_fsdp.py "
+          f"torch {torch.__version__}; command: python -m benchmarks.vs_fsdp "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")
     print("| run                      | median step ms | images/s | peak RSS growth MB "
           "(max rank) |")

@@ -92,11 +92,11 @@ def _tampered(source: Path, target: Path, change) -> Path:
 
     import torch.distributed.checkpoint as dcp
 
-    from megavit.checkpointing.convert import _read
+    from megavit.checkpointing.offline import read_tensors
     from megavit.checkpointing.safe_reader import check_checkpoint
 
-    tensors = _read(source, check_checkpoint(source),
-                    list(check_checkpoint(source).state_dict_metadata))
+    tensors = read_tensors(source, check_checkpoint(source),
+                           list(check_checkpoint(source).state_dict_metadata))
     change(tensors)
     final = target / source.name
     dcp.save(tensors, checkpoint_id=str(final), no_dist=True)

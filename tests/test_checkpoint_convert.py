@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megavit.checkpointing.convert import _read
+from megavit.checkpointing.offline import read_tensors
 from megavit.checkpointing.safe_reader import check_checkpoint
 from tests.test_checkpoint_cli import COMMON, ROOT, pretrain, records
 
@@ -39,7 +39,7 @@ def convert(*args: str) -> subprocess.CompletedProcess:
 
 def stored(checkpoint: Path) -> dict[str, torch.Tensor]:
     metadata = check_checkpoint(checkpoint)
-    return _read(checkpoint, metadata, list(metadata.state_dict_metadata))
+    return read_tensors(checkpoint, metadata, list(metadata.state_dict_metadata))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_consolidated_safetensors_holds_the_serial_weights(saved, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from megavit.checkpointing.convert import read_config
+    from megavit.checkpointing.offline import read_config
     from megavit.checkpointing.model_state import load_state, model_state_dict
     from megavit.models.vit import build_vit
     from megavit.parallel.state import serial_state
@@ -164,7 +164,7 @@ def rss_growth(tool: str, *args: str) -> int:
         "sys.path.insert(0, sys.argv[1])\n"
         f"from tools.{tool} import main\n"
         "import megavit.models.vit, torch.distributed.checkpoint\n"
-        "import megavit.checkpointing.import_hf, megavit.checkpointing.hf_vit\n"
+        "import megavit.interop.import_hf, megavit.interop.hf_vit\n"
         "def peak():\n"
         "    status = open('/proc/self/status').read()\n"
         "    return int(status.split('VmHWM:')[1].split()[0])\n"

@@ -173,7 +173,7 @@ def test_contrastive_checkpoints_resume_exactly_and_convert(tmp_path):
     info = json.loads((save / "iter_0000003" / "megavit_config.json").read_text())
     assert info["text"]["vocab_size"] == 128 and info["contrastive"]["loss"] == "siglip"
 
-    from megavit.checkpointing.convert import _read
+    from megavit.checkpointing.offline import read_tensors
     from megavit.checkpointing.safe_reader import check_checkpoint
     from tests.test_checkpoint_convert import convert
 
@@ -181,8 +181,8 @@ def test_contrastive_checkpoints_resume_exactly_and_convert(tmp_path):
     proc = convert(str(save), "--to-safetensors", str(file))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     weights = load_file(str(file))
-    stored = _read(save / "iter_0000003", check_checkpoint(save / "iter_0000003"),
-                   ["model/logit_bias", "model/text.embedding.weight"])
+    stored = read_tensors(save / "iter_0000003", check_checkpoint(save / "iter_0000003"),
+                          ["model/logit_bias", "model/text.embedding.weight"])
     assert torch.equal(weights["logit_bias"], stored["model/logit_bias"])
     assert torch.equal(weights["text.embedding.weight"], stored["model/text.embedding.weight"])
     assert any(k.startswith("image.blocks.") for k in weights)

@@ -115,7 +115,7 @@ def _ids(kind: str, directory: Path, checkpoint: Path, captions: list[str]) -> t
     """The captions' ids [n, 16] as transformers' side tokenizes them (CLIP: megavit's digit
     tokenizer, its SentencePiece twin; SigLIP: the directory's SiglipTokenizer), checked to
     be the ids of megavit's tokenizer of the imported checkpoint."""
-    from megavit.checkpointing.hf_clip import TwoTower
+    from megavit.interop.hf_clip import TwoTower
     from megavit.data.captions import digit_tokenizer
     from megavit.data.image_text import default_cache_dir
     from megavit.data.tokenizer import load_for_text_tower
@@ -164,7 +164,7 @@ def test_transformers_clip_and_siglip_round_trip_through_megavit_at_tp2_pp2(tmp_
     """CLIPModel / SiglipModel -> import -> megavit at TP=2 x PP=2 (gloo) gives the
     transformers loss on captioned digits -> export -> the class loads it strictly and
     gives the original logits."""
-    from megavit.checkpointing.hf_clip import two_tower_of
+    from megavit.interop.hf_clip import two_tower_of
     from tests.harness import run_distributed
 
     images, captions = _digit_batch()
@@ -217,7 +217,7 @@ def trained(tmp_path_factory):
 
 def _megavit_model(checkpoint: Path):
     """The two-tower model of a checkpoint, in one process."""
-    from megavit.checkpointing.hf_clip import TwoTower
+    from megavit.interop.hf_clip import TwoTower
     from megavit.checkpointing.model_state import load_state, model_state_dict
     from megavit.models.two_tower import build_two_tower
     from megavit.models.vit import Runtime
@@ -238,7 +238,7 @@ def _same_model(trained: Path, imported: Path) -> None:
     transformers does not record, aside) and carries its SigLIP tokenizer."""
     import dataclasses
 
-    from megavit.checkpointing.hf_clip import TwoTower
+    from megavit.interop.hf_clip import TwoTower
 
     a, b = (TwoTower.of(json.loads((c / "megavit_config.json").read_text()))
             for c in (trained, imported))
@@ -262,7 +262,7 @@ def _zero_shot(encode_text, encode_image, prompts, images) -> torch.Tensor:
 def test_trained_model_exports_and_classifies_like_megavit(trained, kind):
     from megavit.checkpointing.checkpointer import resolve_checkpoint
     from megavit.config import ModelConfig
-    from megavit.checkpointing.hf_clip import TwoTower
+    from megavit.interop.hf_clip import TwoTower
     from megavit.data.image_text import captioned_digits
     from megavit.data.tokenizer import load_for_text_tower
 
@@ -355,7 +355,7 @@ def test_gelu_new_imports_as_gelu_tanh_the_same_formula(tmp_path):
     (F.gelu(approximate='tanh')) within float error, so it imports as it."""
     from transformers.activations import ACT2FN
 
-    from megavit.checkpointing.hf_clip import two_tower_of
+    from megavit.interop.hf_clip import two_tower_of
 
     x = torch.linspace(-8, 8, 10001)
     for name in ("gelu_new", "gelu_pytorch_tanh"):
@@ -369,8 +369,8 @@ def test_gelu_new_imports_as_gelu_tanh_the_same_formula(tmp_path):
 
 
 def test_import_refuses_a_tokenizer_that_pads_with_a_third_piece(tmp_path):
-    from megavit.checkpointing.convert import ConvertError
-    from megavit.checkpointing.hf_clip import two_tower_of
+    from megavit.checkpointing.offline import ConvertError
+    from megavit.interop.hf_clip import two_tower_of
 
     _hf_model("siglip", tmp_path)
     (tmp_path / "special_tokens_map.json").write_text('{"pad_token": "<unk>"}')
@@ -401,8 +401,8 @@ def test_import_refuses_other_architectures_missing_tensors_shapes_and_quick_gel
         "quick": (quick, tensors, "vision_config.hidden_act 'quick_gelu'; megavit's MLP "
                                   "has gelu, gelu_pytorch_tanh, gelu_new"),
     }
-    from megavit.checkpointing.convert import ConvertError
-    from megavit.checkpointing.import_hf import import_directory
+    from megavit.checkpointing.offline import ConvertError
+    from megavit.interop.import_hf import import_directory
 
     for name, (cfg, weights, message) in cases.items():     # in-process; the CLI once below
         directory = _variant(tmp_path, name, cfg, weights)

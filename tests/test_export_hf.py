@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
 def test_exported_vit_loads_strictly_and_predicts_like_megavit(trained):
     from transformers import ViTForImageClassification    # a test dependency (setup.cfg)
 
-    from megavit.checkpointing.convert import read_config
+    from megavit.checkpointing.offline import read_config
     from megavit.checkpointing.model_state import load_state, model_state_dict
     from megavit.data.datasets import load_digits
     from megavit.models.vit import build_vit
@@ -156,8 +156,8 @@ def test_transformers_vit_round_trip_through_megavit_at_tp2_pp2(tmp_path):
     and gives the original logits."""
     from transformers import ViTForImageClassification
 
-    from megavit.checkpointing.hf_vit import model_config_of
-    from megavit.checkpointing.mapping import model_flags
+    from megavit.interop.hf_vit import model_config_of
+    from megavit.interop.mapping import model_flags
     from megavit.data.datasets import load_digits
 
     original = _hf_vit(tmp_path)
@@ -226,7 +226,7 @@ def test_headless_vit_model_round_trip_and_tp_blocks(tmp_path):
     last_hidden_state[:, 0]; the export loads strictly into ViTModel again."""
     from transformers import ViTConfig, ViTModel
 
-    from megavit.checkpointing.convert import read_config
+    from megavit.checkpointing.offline import read_config
     from megavit.checkpointing.model_state import load_state, model_state_dict
     from megavit.checkpointing.safe_reader import check_checkpoint
     from megavit.models.vit import build_vit

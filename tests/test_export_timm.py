@@ -87,7 +87,7 @@ def test_timm_round_trip_through_megavit_at_tp2_pp2(tmp_path, args):
 def _megavit_vs_timm(tmp_path: Path, flags: list[str], iters: int):
     """Train megavit on digits, export to timm; (megavit's held-out logits, timm's and the
     transformers wrapper's, the labels)."""
-    from megavit.checkpointing.convert import read_config
+    from megavit.checkpointing.offline import read_config
     from megavit.checkpointing.model_state import load_state, model_state_dict
     from megavit.models.vit import build_vit
     from megavit.parallel.state import serial_state
@@ -141,10 +141,10 @@ def test_megavit_options_export_to_timm(tmp_path):
 
 def test_timm_refusals_name_what_does_not_map(tmp_path):
     """Checked in-process (the CLI's exit status 2 is checked once, at the end)."""
-    from megavit.checkpointing.convert import ConvertError
-    from megavit.checkpointing.export_hf import export_plan
-    from megavit.checkpointing.import_hf import import_directory
-    from megavit.checkpointing.timm_vit import model_config_of, timm_config
+    from megavit.checkpointing.offline import ConvertError
+    from megavit.interop.export_hf import export_plan
+    from megavit.interop.import_hf import import_directory
+    from megavit.interop.timm_vit import model_config_of, timm_config
     from megavit.config import ModelConfig
 
     # megavit -> timm: a sequential-block ViT, a two-tower model
@@ -211,7 +211,7 @@ def test_timm_refusals_name_what_does_not_map(tmp_path):
 def test_non_square_timm_model_imports_and_exports(tmp_path):
     """12x8 images (6 x 4 patches, row-major in both libraries), no classifier: megavit's
     serial features equal timm's, and the export gives them back."""
-    from megavit.checkpointing.convert import read_config
+    from megavit.checkpointing.offline import read_config
     from megavit.checkpointing.model_state import load_state, model_state_dict
     from megavit.models.vit import build_vit
     from megavit.parallel.state import serial_state

@@ -22,15 +22,15 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from megavit.checkpointing.checkpointer import resolve_checkpoint  # noqa: E402
-from megavit.checkpointing.convert import ConvertError, consolidate, reshard  # noqa: E402
-from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
-from megavit.checkpointing.model_state import CheckpointLoadError  # noqa: E402
-from megavit.checkpointing.safe_reader import UnsafeCheckpointError  # noqa: E402
+from megavit.checkpointing.checkpointer import resolve_checkpoint
+from megavit.checkpointing.directory import CheckpointDirectoryError
+from megavit.checkpointing.model_state import CheckpointLoadError
+from megavit.checkpointing.offline import ConvertError
+from megavit.checkpointing.reshard import reshard
+from megavit.checkpointing.safe_reader import UnsafeCheckpointError
+from megavit.interop.consolidate import consolidate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

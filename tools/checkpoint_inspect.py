@@ -19,12 +19,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint  # noqa: E402
-from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
-from megavit.checkpointing.safe_reader import (SafeFileSystemReader,  # noqa: E402
-                                               UnsafeCheckpointError)
+from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
+from megavit.checkpointing.directory import CheckpointDirectoryError
+from megavit.checkpointing.safe_reader import SafeFileSystemReader, UnsafeCheckpointError
 
 
 def group_of(name: str) -> str:

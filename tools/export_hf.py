@@ -25,15 +25,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from megavit.checkpointing.checkpointer import resolve_checkpoint  # noqa: E402
-from megavit.checkpointing.convert import ConvertError  # noqa: E402
-from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
-from megavit.checkpointing.model_state import CheckpointLoadError  # noqa: E402
-from megavit.checkpointing.safe_reader import UnsafeCheckpointError  # noqa: E402
+from megavit.checkpointing.checkpointer import resolve_checkpoint
+from megavit.checkpointing.directory import CheckpointDirectoryError
+from megavit.checkpointing.model_state import CheckpointLoadError
+from megavit.checkpointing.offline import ConvertError
+from megavit.checkpointing.safe_reader import UnsafeCheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,7 +52,7 @@ def main(argv=None) -> int:
     if args.buffer_mb <= 0:
         p.error("--buffer-mb must be positive")
     try:
-        from megavit.checkpointing.export_hf import export_checkpoint
+        from megavit.interop.export_hf import export_checkpoint
 
         source = resolve_checkpoint(Path(args.load))
         print(f"export | source {source} | format {args.format}", flush=True)

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megavit.checkpointing.convert import ConvertError  # noqa: E402
-from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
-from megavit.checkpointing.model_state import CheckpointLoadError  # noqa: E402
+from megavit.checkpointing.directory import CheckpointDirectoryError
+from megavit.checkpointing.model_state import CheckpointLoadError
+from megavit.checkpointing.offline import ConvertError
 
 
 def main(argv=None) -> int:
@@ -46,7 +43,7 @@ def main(argv=None) -> int:
         p.error("--buffer-mb must be positive")
     if args.tensor_model_parallel_size < 1:
         p.error("--tensor-model-parallel-size must be at least 1")
-    from megavit.checkpointing.import_hf import import_directory
+    from megavit.interop.import_hf import import_directory
 
     try:
         path, plan = import_directory(args.input, args.save, args.tensor_model_parallel_size,

@@ -32,12 +32,10 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from megavit.config import preset_model_config  # noqa: E402
-from megavit.data.datasets import DataError, load_digits, load_mnist5k  # noqa: E402
+from megavit.config import preset_model_config
+from megavit.data.datasets import DataError, load_digits, load_mnist5k
 
 _RAW_IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 

@@ -22,9 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megavit.data.tokenizer import CLEANINGS, TokenizerError, train_tokenizer  # noqa: E402
+from megavit.data.tokenizer import CLEANINGS, TokenizerError, train_tokenizer
 
 
 class _Progress:

@@ -21,26 +21,21 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint  # noqa: E402
-from megavit.checkpointing.directory import CheckpointDirectoryError  # noqa: E402
-from megavit.checkpointing.model_state import (CheckpointLoadError,  # noqa: E402
-                                               check_loadable, check_pieces, load_state,
-                                               model_state_dict)
-from megavit.checkpointing.pieces import serial_meta_model  # noqa: E402
-from megavit.checkpointing.safe_reader import UnsafeCheckpointError  # noqa: E402
-from megavit.config import ModelConfig, TextConfig  # noqa: E402
-from megavit.data.datasets import DataError  # noqa: E402
-from megavit.data.tokenizer import (Tokenizer, TokenizerError,  # noqa: E402
-                                    load_for_text_tower)
-from megavit.models.two_tower import TwoTowerModel, build_two_tower  # noqa: E402
-from megavit.models.vit import Runtime  # noqa: E402
-from megavit.parallel.state import serial_state  # noqa: E402
-from megavit.data.tokenizer import TOKENIZER_FILE  # noqa: E402
-from megavit.tasks.image_text.zero_shot import class_embeddings, prompts_for  # noqa: E402
+from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
+from megavit.checkpointing.directory import CheckpointDirectoryError
+from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable, check_pieces,
+                                               load_state, model_state_dict)
+from megavit.checkpointing.pieces import serial_meta_model
+from megavit.checkpointing.safe_reader import UnsafeCheckpointError
+from megavit.config import ModelConfig, TextConfig
+from megavit.data.datasets import DataError
+from megavit.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_for_text_tower
+from megavit.models.two_tower import TwoTowerModel, build_two_tower
+from megavit.models.vit import Runtime
+from megavit.parallel.state import serial_state
+from megavit.tasks.image_text.zero_shot import class_embeddings, prompts_for
 
 
 def load_two_tower(path: Path, tokenizer_model: str | None = None

@@ -51,9 +51,8 @@ if TYPE_CHECKING:
     from megavit.config import TextConfig
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
-# The tokenizer's file name beside a two-tower checkpoint's tensors.
+# The file name a two-tower checkpoint (and its export) keeps the sentencepiece model under.
 TOKENIZER_FILE = "tokenizer.model"
-
 _TRAIN_HINT = ("train one with `python tools/train_tokenizer.py --input captions.txt "
                "--output-prefix PREFIX --vocab-size N` and pass PREFIX.model")
 

@@ -46,9 +46,10 @@ from typing import Any
 
 import torch
 
-from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.checkpointing.offline import ConvertError
 from megavit.config import ModelConfig
+from megavit.interop.consolidate import OutputTensor
+from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 
 EXPORT_ARCHITECTURE = "vit_base_patch16_xp_224"
 

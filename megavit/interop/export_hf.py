@@ -5,7 +5,7 @@ The mapping (which tensors, made how, and the config files) comes from the modul
 target (`mapping.py` lists them): `--format timm` -> `timm_vit.py`; `--format transformers`
 -> `hf_vit.py` for a ViT, `hf_clip.py` for a two-tower model. Each refuses a model that
 does not map with every difference listed. This driver streams the checkpoint into
-`model.safetensors` (`convert.write_safetensors`: at most `--buffer-mb` read at once, a
+`model.safetensors` (`consolidate.write_safetensors`: at most `--buffer-mb` read at once, a
 progress line per batch), writes the mapping's other files, and stages all of it in
 OUTPUT.partial/, renamed into place only when complete.
 """
@@ -20,9 +20,10 @@ from typing import Callable
 
 import torch
 
-from megavit.checkpointing.convert import ConvertError, read_config, write_safetensors
-from megavit.checkpointing.mapping import ExportPlan
+from megavit.checkpointing.offline import ConvertError, read_config
 from megavit.config import ModelConfig
+from megavit.interop.consolidate import write_safetensors
+from megavit.interop.mapping import ExportPlan
 
 FORMATS = ("timm", "transformers")
 
@@ -34,16 +35,16 @@ def export_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | Non
         if "text" in info:
             raise ConvertError("--format timm: a two-tower checkpoint; timm holds image "
                                "models (use --format transformers for CLIPModel / SiglipModel)")
-        from megavit.checkpointing import timm_vit
+        from megavit.interop import timm_vit
 
         return timm_vit.export_plan(info, cfg, dtype)
     if fmt != "transformers":
         raise ConvertError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if "text" in info:
-        from megavit.checkpointing import hf_clip
+        from megavit.interop import hf_clip
 
         return hf_clip.export_plan(info, cfg, dtype, source)
-    from megavit.checkpointing import hf_vit
+    from megavit.interop import hf_vit
 
     return hf_vit.export_plan(info, cfg, dtype)
 

@@ -31,27 +31,28 @@ from typing import Callable
 import torch
 from torch.distributed.checkpoint.metadata import TensorProperties
 
-from megavit.checkpointing.convert import ConvertError, OutputTensor, Progress, StoredTensor, \
-    _batches, write_dcp
 from megavit.checkpointing.directory import CheckpointDirectory
-from megavit.checkpointing.mapping import ImportPlan
-from megavit.checkpointing.safetensors_files import SafetensorsFiles
+from megavit.checkpointing.offline import ConvertError, Progress, batched
+from megavit.checkpointing.reshard import StoredTensor, write_dcp
 from megavit.config import PrecisionConfig
+from megavit.interop.consolidate import OutputTensor
+from megavit.interop.mapping import ImportPlan
+from megavit.interop.safetensors_files import SafetensorsFiles
 
 
 def import_plan(directory: Path, config: dict) -> ImportPlan:
     """The mapping that reads `directory` (config.json already parsed as `config`)."""
     if "architecture" in config:
-        from megavit.checkpointing import timm_vit
+        from megavit.interop import timm_vit
 
         return timm_vit.import_plan(config)
     model_type = config.get("model_type")
     if model_type == "vit":
-        from megavit.checkpointing import hf_vit
+        from megavit.interop import hf_vit
 
         return hf_vit.import_plan(config)
     if model_type in ("clip", "siglip"):
-        from megavit.checkpointing import hf_clip
+        from megavit.interop import hf_clip
 
         return hf_clip.import_plan(directory, config)
     raise ConvertError(f"{directory / 'config.json'}: model_type {model_type!r}; megavit "
@@ -183,7 +184,7 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            write_dcp(staging, stored, list(_batches(names, sizes, buffer_bytes)), read,
+            write_dcp(staging, stored, list(batched(names, sizes, buffer_bytes)), read,
                       Progress(len(names), sum(sizes.values()), report, "import"))
         for name, data in plan.side_files.items():
             (staging / name).write_bytes(data)

@@ -102,10 +102,11 @@ from typing import Callable
 
 import torch
 
-from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.hf_vit import FROM_HF_ACTIVATIONS as ACTIVATIONS, HF_ACTIVATIONS
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.checkpointing.offline import ConvertError
 from megavit.config import ModelConfig, TextConfig
+from megavit.interop.consolidate import OutputTensor
+from megavit.interop.hf_vit import FROM_HF_ACTIVATIONS as ACTIVATIONS, HF_ACTIVATIONS
+from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 
 TARGET = {"clip": "CLIPModel", "siglip": "SiglipModel"}
 _LAYER = (("self_attn.out_proj", "proj"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2"),
@@ -343,8 +344,7 @@ def _tokenizer_files(tt: TwoTower, source: Path | None) -> dict[str, bytes]:
     """SigLIP: the checkpoint's SentencePiece model as `SiglipTokenizer` reads it. CLIP:
     the model as `megavit_tokenizer.model` (transformers has no SentencePiece CLIP
     tokenizer). Nothing without a source or a tokenizer beside the tensors."""
-    from megavit.data.tokenizer import load_for_text_tower
-    from megavit.data.tokenizer import TOKENIZER_FILE
+    from megavit.data.tokenizer import TOKENIZER_FILE, load_for_text_tower
 
     path = source / TOKENIZER_FILE if source is not None else None
     if path is None or not path.is_file():
@@ -453,8 +453,7 @@ def _siglip_tokenizer(directory: Path, vocab_size: int) -> _SiglipVocab:
     """A SigLIP directory's `spiece.model` as the checkpoint's tokenizer, padding as its
     settings say: with the model's pad piece, or with EOS (SigLIP's released tokenizers:
     pad_token "</s>"; megavit's --text-pad-with-eos)."""
-    from megavit.data.tokenizer import Tokenizer, TokenizerError
-    from megavit.data.tokenizer import TOKENIZER_FILE
+    from megavit.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
 
     path = directory / "spiece.model"
     if not path.is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megavit.checkpointing.convert import ConvertError
+from megavit.checkpointing.offline import ConvertError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,

@@ -4,8 +4,8 @@ drivers (`export_hf.py`, `import_hf.py`). One module per target library and arch
 `hf_clip.py`: transformers CLIPModel / SiglipModel) builds these plans; the drivers do the
 reading, streaming, staging and checking, the same for all.
 
-Both directions are lists of `OutputTensor`s (`convert.py`): a tensor to write, its shape,
-the names of the tensors it is made from and how. Export: made from megavit's serial
+Both directions are lists of `OutputTensor`s (`consolidate.py`): a tensor to write, its
+shape, the names of the tensors it is made from and how. Export: made from megavit's serial
 parameters, written into the target's `model.safetensors`. Import: made from the tensors of
 the directory's safetensors file, written as megavit's serial parameters (every one of the
 model's parameters must be made, in its shape).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from megavit.checkpointing.convert import OutputTensor
+from megavit.interop.consolidate import OutputTensor
 
 
 @dataclass

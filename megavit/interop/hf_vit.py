@@ -33,9 +33,10 @@ from typing import Callable
 
 import torch
 
-from megavit.checkpointing.convert import ConvertError, OutputTensor
-from megavit.checkpointing.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.checkpointing.offline import ConvertError
 from megavit.config import ModelConfig
+from megavit.interop.consolidate import OutputTensor
+from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}   # megavit -> transformers
 # transformers' hidden_act -> megavit's activation ("gelu_new" is the same tanh formula)
