@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from megavit.contrastive_config import ContrastiveRunConfig
+from megavit.config import ContrastiveRunConfig
 from megavit.data.sampler import GlobalBatchSampler
 from megavit.checkpointing.checkpointer import resume, save_checkpoint
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
