@@ -49,11 +49,12 @@ from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.checkpointing.pieces import piece_blocks, pieces_of, serial_meta_model
 from megavit.checkpointing.safe_reader import SafeFileSystemReader, check_checkpoint
 from megavit.config import ModelConfig
+from megavit.errors import UserError
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-class ConvertError(RuntimeError):
+class ConvertError(UserError, RuntimeError):
     """A conversion that cannot be done (bad target, a checkpoint that contradicts its
     config); nothing was written."""
 

@@ -24,6 +24,7 @@ from torch import nn
 from megavit.checkpointing.pieces import meta_model, piece_blocks, pieces_of
 from megavit.checkpointing.safe_reader import (SafeFileSystemReader, check_checkpoint,
                                                failure_causes)
+from megavit.errors import UserError
 from megavit.parallel.sharding import get_tp_shard
 from megavit.parallel.state import ParallelState
 
@@ -56,7 +57,7 @@ def model_state_dict(model: nn.Module, pstate: ParallelState) -> dict[str, torch
     return pieces_state([(n, p, p.detach()) for n, p in model.named_parameters()], pstate)
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(UserError, RuntimeError):
     """A checkpoint that does not fit the model; nothing was loaded."""
 
 

@@ -15,7 +15,8 @@ command line overrides the preset.
     validation.py  validate (one _check_<section> per section)
     contrastive.py the sections, parser and validation of megavit.pretrain_contrastive
 
-This package is the bottom layer: it imports nothing of megavit (see docs/architecture.md).
+This package is the bottom layer: of megavit it imports only `megavit.errors` (see
+docs/architecture.md).
 
     cfg = parse_args(["--preset", "vit-debug", "--tensor-model-parallel-size", "2"])
     validate(cfg, world_size=4)      # raises ConfigError naming the flag and the fix

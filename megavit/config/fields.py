@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from megavit.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user mistake in the configuration; the message names the flag and the fix."""
 
 
