@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from megavit.config import ConfigError
-from megavit.contrastive_config import PROG, parse_contrastive_args, validate_contrastive
+from megavit.config import ConfigError, parse_contrastive_args, validate_contrastive
+from megavit.config.contrastive import PROG
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,10 +3,12 @@ configuration is valid: start the process group, run the training, map failures 
 statuses and close the group.
 
     exit status 0   done
-    exit status 2   a user mistake found while starting or training: a configuration, data,
-                    tokenizer or checkpoint problem (one message naming the flag or file)
-    exit status 1   a NaN/inf (with the NaN check on) or a failed collective (a peer died or
-                    hung past --distributed-timeout-minutes; the message names the group)
+    exit status 2   a user mistake found while starting or training (`UserError`): a
+                    configuration, data, tokenizer or checkpoint problem (one message naming
+                    the flag or file)
+    exit status 1   the run failed (`RunFailure`): a NaN/inf (with the NaN check on) or a
+                    failed collective (a peer died or hung past
+                    --distributed-timeout-minutes; the message names the group)
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from megavit.config import ConfigError, ParallelConfig
+from megavit.config import ParallelConfig
+from megavit.errors import RunFailure, UserError
 
 
 def start_and_train(prog: str, parallel: ParallelConfig, local_world_size: int,
@@ -23,22 +26,14 @@ def start_and_train(prog: str, parallel: ParallelConfig, local_world_size: int,
     `train(pstate)`, and return the exit status."""
     import torch
 
-    from megavit.checkpointing.directory import CheckpointDirectoryError
-    from megavit.checkpointing.model_state import CheckpointLoadError
-    from megavit.checkpointing.safe_reader import UnsafeCheckpointError
-    from megavit.data.datasets import DataError
-    from megavit.data.tokenizer import TokenizerError
-    from megavit.parallel.comm import CollectiveError
-    from megavit.parallel.launcher import LaunchError
     from megavit.parallel.state import destroy_parallel_state, init_parallel_state
-    from megavit.training.step import NonFiniteError
 
     p = parallel
     try:
         pstate = init_parallel_state(p.tensor_model_parallel_size, p.distributed_backend,
                                      p.device, p.distributed_timeout_minutes,
                                      p.pipeline_model_parallel_size)
-    except (LaunchError, RuntimeError) as e:
+    except (UserError, RuntimeError) as e:   # a bad launch environment, a failed rendezvous
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if pstate.device.type == "cpu" and local_world_size > 1:
@@ -46,12 +41,11 @@ def start_and_train(prog: str, parallel: ParallelConfig, local_world_size: int,
         torch.set_num_threads(max(1, torch.get_num_threads() // local_world_size))
     try:
         train(pstate)
-    except (ConfigError, DataError, TokenizerError, CheckpointLoadError, UnsafeCheckpointError,
-            CheckpointDirectoryError) as e:
+    except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         destroy_parallel_state(pstate, barrier=False)
         return 2
-    except (NonFiniteError, CollectiveError) as e:
+    except RunFailure as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         destroy_parallel_state(pstate, barrier=False)
         return 1

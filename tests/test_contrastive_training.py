@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megavit.contrastive_config import parse_contrastive_args, validate_contrastive
+from megavit.config import parse_contrastive_args, validate_contrastive
 from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.tasks.image_text.task import image_text_run

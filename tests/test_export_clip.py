@@ -139,7 +139,7 @@ def _loss_at_layout(pstate, flags: list[str], save: str, images: torch.Tensor,
                     ids: torch.Tensor) -> float:
     """The contrastive loss of the imported checkpoint at this layout on (images, ids)."""
     from megavit.checkpointing.checkpointer import resume
-    from megavit.contrastive_config import parse_contrastive_args
+    from megavit.config import parse_contrastive_args
     from megavit.tasks.image_text.task import image_text_run
 
     run = image_text_run(parse_contrastive_args(flags), pstate)

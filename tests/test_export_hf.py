@@ -295,7 +295,7 @@ def test_imported_vit_is_a_lit_image_tower(tmp_path):
     """A transformers ViT imported by tools/import_hf.py serves as LiT's locked image tower
     (--image-checkpoint; its classifier dropped): megavit's image features are the
     transformers model's normed class token, and a step leaves them unchanged."""
-    from megavit.contrastive_config import parse_contrastive_args, validate_contrastive
+    from megavit.config import parse_contrastive_args, validate_contrastive
     from megavit.parallel.state import serial_state
     from megavit.tasks.image_text.task import image_text_run
 

@@ -140,8 +140,7 @@ def test_padding_with_eos_pools_the_first_eos():
 
 
 def test_padding_with_eos_is_refused_where_padding_is_masked_by_id():
-    from megavit.config import ConfigError
-    from megavit.contrastive_config import parse_contrastive_args, validate_contrastive
+    from megavit.config import ConfigError, parse_contrastive_args, validate_contrastive
 
     flags = ["--preset", "vit-debug", "--text-preset", "text-debug", "--global-batch-size", "8",
              "--micro-batch-size", "8", "--text-pad-with-eos",

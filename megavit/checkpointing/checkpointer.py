@@ -37,8 +37,7 @@ _MAY_CHANGE = {"hidden_dropout", "attention_dropout", "drop_path_rate", "lock_im
 def config_defaults(section: str) -> dict:
     """The defaults of a config section's fields (a checkpoint written before a field
     existed was built with its default)."""
-    from megavit.config import ModelConfig, TextConfig
-    from megavit.contrastive_config import ContrastiveConfig
+    from megavit.config import ContrastiveConfig, ModelConfig, TextConfig
 
     kind = {"model": ModelConfig, "text": TextConfig,
             "contrastive": ContrastiveConfig}.get(section)

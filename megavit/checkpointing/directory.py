@@ -24,11 +24,13 @@ import re
 import shutil
 from pathlib import Path
 
+from megavit.errors import UserError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 _NAME = re.compile(r"iter_(\d{7,})")
 
 
-class CheckpointDirectoryError(RuntimeError):
+class CheckpointDirectoryError(UserError, RuntimeError):
     """A save directory that cannot be used as asked; the message names the path."""
 
 

@@ -26,9 +26,10 @@ from megavit.checkpointing.checkpointer import CONFIG_FILE
 from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.checkpointing.safe_reader import SafeFileSystemReader
 from megavit.config import ModelConfig
+from megavit.errors import UserError
 
 
-class ConvertError(RuntimeError):
+class ConvertError(UserError, RuntimeError):
     """A conversion that cannot be done (bad target, a checkpoint that contradicts its
     config); nothing was written."""
 

@@ -17,6 +17,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from megavit.errors import UserError
+
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "TensorProperties",
@@ -28,7 +30,7 @@ _ALLOWED = {
 }
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint whose metadata names something outside the allowlist."""
 
 

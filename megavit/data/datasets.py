@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megavit.config import DataConfig, ModelConfig
+from megavit.errors import UserError
 
 # The held-out split never depends on the run's --seed: it is fixed per dataset.
 _SPLIT_SEED = 20260101
@@ -28,7 +29,7 @@ _HELDOUT_FRACTION = 0.2
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset cannot be read; the message names the file or package and the fix."""
 
 

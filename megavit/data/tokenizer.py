@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, Union
 import regex
 import torch
 
+from megavit.errors import UserError
+
 if TYPE_CHECKING:
     from megavit.config import TextConfig
 
@@ -57,7 +59,7 @@ _TRAIN_HINT = ("train one with `python tools/train_tokenizer.py --input captions
                "--output-prefix PREFIX --vocab-size N` and pass PREFIX.model")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer model cannot be loaded or trained; the message names the file or flag
     and the fix."""
 

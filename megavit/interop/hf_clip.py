@@ -181,7 +181,7 @@ class TwoTower:
 
     def info(self) -> dict:
         """The "model", "text" and "contrastive" sections a contrastive run records."""
-        from megavit.contrastive_config import ContrastiveConfig
+        from megavit.config import ContrastiveConfig
 
         contrastive = ContrastiveConfig(loss=self.loss, embed_dim=self.embed_dim,
                                         image_projection=self.image_projection)

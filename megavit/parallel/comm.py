@@ -22,6 +22,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megavit.errors import RunFailure
+
 # torch >= 2.13 renames the flat-tensor collectives; older builds (e.g. NGC) have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -62,7 +64,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class CollectiveError(RuntimeError):
+class CollectiveError(RunFailure, RuntimeError):
     """A collective or point-to-point operation failed; the message names the group."""
 
 

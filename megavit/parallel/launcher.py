@@ -23,8 +23,10 @@ from typing import Mapping
 
 import torch.distributed as dist
 
+from megavit.errors import UserError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UserError, RuntimeError):
     """The launcher's environment cannot start a process group; the message says why."""
 
 

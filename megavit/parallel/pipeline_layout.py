@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megavit.errors import UserError
 
-class PipelineLayoutError(ValueError):
+
+class PipelineLayoutError(UserError, ValueError):
     """A split of the blocks over the stages that cannot be made; says which flag to change."""
 
 

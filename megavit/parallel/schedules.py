@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from megavit.errors import UserError
+
 
 class Action(NamedTuple):
     kind: str         # "F" or "B"
@@ -33,7 +35,7 @@ class Action(NamedTuple):
         return f"{self.kind}{self.micro_batch}" + (f".{self.chunk}" if self.chunk else "")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """A schedule that cannot run with these sizes; says which flag to change."""
 
 

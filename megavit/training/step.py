@@ -25,6 +25,7 @@ from torch import nn
 
 from megavit.config import Config
 from megavit.data.sampler import MicroBatch
+from megavit.errors import RunFailure
 from megavit.parallel.data_parallel import DataParallelBuffers
 from megavit.parallel.pipeline_executor import PipelineExecutor, StepStats
 from megavit.parallel.schedules import build_schedule
@@ -44,7 +45,7 @@ class StepResult:
     loss_scale: float | None = None
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailure, RuntimeError):
     """A NaN or inf in the loss or a gradient, found before any communication; the message
     names the iteration, the rank and the tensors."""
 

