@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from megavit.checkpointing.convert import ConvertError
+from megavit.checkpointing.offline import ConvertError
 from megavit.checkpointing.directory import CheckpointDirectoryError
-from megavit.checkpointing.model_state import CheckpointLoadError
+from megavit.checkpointing.errors import CheckpointLoadError
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError
 from megavit.config import ConfigError
 from megavit.data.datasets import DataError
