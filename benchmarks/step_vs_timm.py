@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from megavit.config import TrainingConfig, preset_model_config
-from megavit.models.vit import Runtime, build_vit
+from megavit.models.transformer import Runtime
+from megavit.models.vit import build_vit
 from megavit.parallel.data_parallel import DataParallelBuffers
 from megavit.parallel.state import serial_state
 from megavit.training.optimizer import MixedPrecisionOptimizer

@@ -42,7 +42,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megavit.config import preset_model_config
-from megavit.models.vit import Runtime, build_vit
+from megavit.models.transformer import Runtime
+from megavit.models.vit import build_vit
 from benchmarks.step_vs_timm import make_megavit_step
 from megavit.config import TrainingConfig
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config
-from megavit.models.vit import (ForwardContext, MAPHead, ParallelBlock, Runtime,
-                                SequentialBlock)
+from megavit.models.transformer import (ForwardContext, MAPHead, ParallelBlock, Runtime,
+                                        SequentialBlock)
 from megavit.parallel.sharding import full_state, initialize_parameters
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.tasks.classification import classification_run

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
 
-from megavit.config import (PRESETS, Config, ConfigError, ModelConfig, flag_names, parse_args,
-                            validate)
+from megavit.config import (PRESETS, Config, ConfigError, ModelConfig, TextConfig,
+                            TransformerConfig, contrastive_parser, flag_names, parse_args,
+                            parse_contrastive_args, section_from_dict, section_to_dict, validate)
+from megavit.config.model import TEXT_BLOCK_FLAGS
 from megavit.pretrain import main
 
 # width / depth / heads / MLP / patch, as the issue lists them
@@ -54,6 +57,38 @@ def test_every_section_has_megatron_flag_names():
               "--num-attention-heads", "--ffn-hidden-size", "--num-classes", "--preset",
               "--dataset", "--data-path", "--seed", "--metrics-file"]:
         assert f in flags, f
+
+
+def test_both_towers_share_one_transformer_config():
+    """The image model is a TransformerConfig; the text tower holds one, set by the --text-*
+    flags (same names as before), with CLIP's fixed settings where no flag exists, and
+    written to megavit_config.json in the flat form the flags use."""
+    cfg = parse_contrastive_args(["--preset", "vit-debug", "--text-preset", "text-debug",
+                                  "--text-hidden-size", "48", "--text-activation", "gelu_tanh",
+                                  "--text-block-type", "parallel", "--text-norm-epsilon",
+                                  "1e-6", "--context-length", "12"])
+    assert isinstance(cfg.model, TransformerConfig)
+    blocks = cfg.text.blocks
+    assert type(blocks) is TransformerConfig
+    assert (blocks.hidden_size, blocks.num_layers, blocks.activation, blocks.block_type,
+            blocks.norm_epsilon) == (48, 2, "gelu_tanh", "parallel", 1e-6)
+    assert (blocks.add_qkv_bias, blocks.add_proj_bias, blocks.norm_bias, blocks.qk_layernorm,
+            blocks.hidden_dropout) == (True, True, True, False, 0.0)
+    flat = section_to_dict(cfg.text)
+    assert flat["text_hidden_size"] == 48 and flat["context_length"] == 12
+    assert "add_qkv_bias" not in flat and "text_add_qkv_bias" not in flat
+    assert section_from_dict(TextConfig, flat) == cfg.text
+    with pytest.raises(TypeError, match="text_dropout"):
+        section_from_dict(TextConfig, {**flat, "text_dropout": 0.1})
+    # every text block flag is a field of the one TransformerConfig
+    text_flags = {f for f in flag_names_of(contrastive_parser()) if f.startswith("--text-")}
+    for name in TEXT_BLOCK_FLAGS:
+        assert "--text-" + name.replace("_", "-") in text_flags
+        assert name in {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
+def flag_names_of(parser) -> set[str]:
+    return {s for action in parser._actions for s in action.option_strings}
 
 
 def test_help_explains_every_flag(capsys):

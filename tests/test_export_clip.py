@@ -220,7 +220,7 @@ def _megavit_model(checkpoint: Path):
     from megavit.interop.hf_clip import TwoTower
     from megavit.checkpointing.model_state import load_state, model_state_dict
     from megavit.models.two_tower import build_two_tower
-    from megavit.models.vit import Runtime
+    from megavit.models.transformer import Runtime
     from megavit.parallel.state import serial_state
 
     tt = TwoTower.of(json.loads((checkpoint / "megavit_config.json").read_text()))
@@ -365,7 +365,7 @@ def test_gelu_new_imports_as_gelu_tanh_the_same_formula(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["text_config"]["hidden_act"] = config["vision_config"]["hidden_act"] = "gelu_new"
     tt = two_tower_of(tmp_path, config)[0]
-    assert (tt.image.activation, tt.text.text_activation) == ("gelu_tanh", "gelu_tanh")
+    assert (tt.image.activation, tt.text.blocks.activation) == ("gelu_tanh", "gelu_tanh")
 
 
 def test_import_refuses_a_tokenizer_that_pads_with_a_third_piece(tmp_path):

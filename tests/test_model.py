@@ -7,7 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megavit.config import preset_model_config
-from megavit.models.vit import (Runtime, VisionTransformer, build_vit, resize_pos_embed,
+from megavit.models.transformer import Runtime
+from megavit.models.vit import (VisionTransformer, build_vit, resize_pos_embed,
                                 sincos_2d, vit_flops)
 from megavit.parallel.comm import CommStats, Group
 from megavit.parallel.state import serial_state

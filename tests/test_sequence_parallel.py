@@ -47,8 +47,9 @@ def test_sequential_block_with_sp(sp_blocks):
 # --- recomputation ------------------------------------------------------------------------
 
 from megavit.config import preset_model_config  # noqa: E402
-from megavit.models import vit  # noqa: E402
-from megavit.models.vit import Runtime, build_vit  # noqa: E402
+from megavit.models import transformer  # noqa: E402
+from megavit.models.transformer import Runtime  # noqa: E402
+from megavit.models.vit import build_vit  # noqa: E402
 from megavit.parallel.random import MODEL_PARALLEL, RNGTracker  # noqa: E402
 from megavit.parallel.state import serial_state  # noqa: E402
 from tests.scenarios import debug_config, train_steps  # noqa: E402
@@ -63,7 +64,7 @@ from tests.scenarios import debug_config, train_steps  # noqa: E402
 ])
 def test_recomputation_really_recomputes(monkeypatch, granularity, method, n, blocks, cores):
     calls = {"block": 0, "core": 0}
-    block_forward, core = vit.ParallelBlock.forward, vit._Attention.core
+    block_forward, core = transformer.ParallelBlock.forward, transformer.AttentionCore.core
 
     def counted_block(self, *a):
         calls["block"] += 1
@@ -73,8 +74,8 @@ def test_recomputation_really_recomputes(monkeypatch, granularity, method, n, bl
         calls["core"] += 1
         return core(self, *a)
 
-    monkeypatch.setattr(vit.ParallelBlock, "forward", counted_block)
-    monkeypatch.setattr(vit._Attention, "core", counted_core)
+    monkeypatch.setattr(transformer.ParallelBlock, "forward", counted_block)
+    monkeypatch.setattr(transformer.AttentionCore, "core", counted_core)
     cfg = preset_model_config("vit-debug", num_layers=4, num_classes=10)
     rt = Runtime(serial_state().tp, recompute_granularity=granularity, recompute_method=method,
                  recompute_num_layers=n)

@@ -9,28 +9,28 @@ pools the first EOS and is refused where padding is masked by id."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
-from megavit.config import TEXT_PRESETS, TextConfig
+from megavit.config import TEXT_PRESETS, TextConfig, section_from_dict
 from megavit.models.text import build_text_tower
-from megavit.models.vit import Runtime
+from megavit.models.transformer import Runtime
 from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.parallel.vocab_embedding import padded_vocab_size
 from tests.harness import run_distributed
 
 PAD, EOS = 0, 1
-VARIANTS = {
+VARIANTS = {   # flat names, as flags and presets give them
     "clip": dict(text_causal=True, text_pooling="eos"),
     "siglip": dict(text_causal=False, text_pooling="map", text_block_type="parallel"),
 }
 
 
-def _config(variant: str) -> TextConfig:
-    return dataclasses.replace(TextConfig(**TEXT_PRESETS["text-debug"]), **VARIANTS[variant])
+def _config(variant: str, **flat) -> TextConfig:
+    return section_from_dict(TextConfig, {**TEXT_PRESETS["text-debug"], **VARIANTS[variant],
+                                          **flat})
 
 
 def _ids(vocab: int, length: int) -> torch.Tensor:
@@ -105,20 +105,18 @@ def test_bad_lengths_and_vocabulary_splits_are_refused():
 
     group = Group("tp", (0, 1, 2), 0, None, CommStats())
     with pytest.raises(ValueError, match="does not divide the padded vocabulary of 16 rows"):
-        build_text_tower(dataclasses.replace(cfg, text_num_attention_heads=3,
-                                             text_hidden_size=48, text_ffn_hidden_size=96),
+        build_text_tower(_config("clip", text_num_attention_heads=3, text_hidden_size=48,
+                                 text_ffn_hidden_size=96),
                          Runtime(tp=group), 0, 13, PAD, EOS)
 
 
 def test_text_activation_reaches_every_block():
-    from megavit.models.text import block_config
-
-    cfg = dataclasses.replace(_config("siglip"), text_activation="gelu_tanh")
-    assert block_config(cfg).activation == "gelu_tanh"
+    cfg = _config("siglip", text_activation="gelu_tanh")
+    assert cfg.blocks.activation == "gelu_tanh"
     tower = build_text_tower(cfg, Runtime(tp=serial_state().tp), seed=1, vocab_size=13,
                              pad_id=PAD, eos_id=EOS)
     acts = [m for n, m in tower.named_modules() if n.endswith("act")]
-    assert len(acts) == cfg.text_num_layers + 1                 # the blocks' and MAP head's
+    assert len(acts) == cfg.blocks.num_layers + 1                 # the blocks' and MAP head's
     assert all(m.approximate == "tanh" for m in acts)
     exact = build_text_tower(_config("siglip"), Runtime(tp=serial_state().tp), seed=1,
                              vocab_size=13, pad_id=PAD, eos_id=EOS)
@@ -150,5 +148,5 @@ def test_padding_with_eos_is_refused_where_padding_is_masked_by_id():
     cfg = parse_contrastive_args(flags + ["--no-text-mask-padding", "--text-activation",
                                           "gelu_tanh", "--text-cleaning", "siglip"])
     validate_contrastive(cfg)
-    assert (cfg.text.text_pad_with_eos, cfg.text.text_activation, cfg.text.text_cleaning) == \
+    assert (cfg.text.text_pad_with_eos, cfg.text.blocks.activation, cfg.text.text_cleaning) == \
         (True, "gelu_tanh", "siglip")

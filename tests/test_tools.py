@@ -56,7 +56,8 @@ def test_vit22b_ranks_own_exactly_the_serial_parameters():
 
     import torch
 
-    from megavit.models.vit import Runtime, VisionTransformer
+    from megavit.models.transformer import Runtime
+    from megavit.models.vit import VisionTransformer
     from megavit.parallel.comm import CommStats, Group
 
     cfg = preset_model_config("vit-22b", num_classes=1000)

@@ -21,7 +21,8 @@ import sys
 import torch
 
 from megavit.config import PRESETS, ConfigError, flag_names, parse_args, validate
-from megavit.models.vit import Runtime, StageModel, VisionTransformer, vit_flops
+from megavit.models.transformer import Runtime
+from megavit.models.vit import StageModel, VisionTransformer, vit_flops
 from megavit.parallel.comm import CommStats, Group
 
 

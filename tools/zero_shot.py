@@ -29,11 +29,11 @@ from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadab
                                                load_state, model_state_dict)
 from megavit.checkpointing.pieces import serial_meta_model
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError
-from megavit.config import ModelConfig, TextConfig
+from megavit.config import ModelConfig, TextConfig, section_from_dict
 from megavit.data.datasets import DataError
 from megavit.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_for_text_tower
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
-from megavit.models.vit import Runtime
+from megavit.models.transformer import Runtime
 from megavit.parallel.state import serial_state
 from megavit.tasks.image_text.zero_shot import class_embeddings, prompts_for
 
@@ -49,7 +49,7 @@ def load_two_tower(path: Path, tokenizer_model: str | None = None
                                   "two-tower one (megavit.pretrain_contrastive)")
     text = dict(info["text"])
     vocab, pad, eos = text.pop("vocab_size"), text.pop("pad_id"), text.pop("eos_id")
-    text_cfg, c = TextConfig(**text), info["contrastive"]
+    text_cfg, c = section_from_dict(TextConfig, text), info["contrastive"]
     tok_path = tokenizer_model or checkpoint / TOKENIZER_FILE
     tokenizer = load_for_text_tower(tok_path, text_cfg)
     if tokenizer.vocab_size != vocab:

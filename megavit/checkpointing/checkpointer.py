@@ -11,7 +11,6 @@ it names, at whatever layout this run has.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -37,12 +36,11 @@ _MAY_CHANGE = {"hidden_dropout", "attention_dropout", "drop_path_rate", "lock_im
 def config_defaults(section: str) -> dict:
     """The defaults of a config section's fields (a checkpoint written before a field
     existed was built with its default)."""
-    from megavit.config import ContrastiveConfig, ModelConfig, TextConfig
+    from megavit.config import ContrastiveConfig, ModelConfig, TextConfig, section_to_dict
 
     kind = {"model": ModelConfig, "text": TextConfig,
             "contrastive": ContrastiveConfig}.get(section)
-    return {f.name: f.default for f in dataclasses.fields(kind)
-            if f.default is not dataclasses.MISSING} if kind else {}
+    return section_to_dict(kind()) if kind else {}
 
 
 def config_differences(section: str, saved: dict, current: dict,

@@ -59,7 +59,8 @@ def pieces_of(name: str, local: torch.Tensor, shard=None) -> list[Piece]:
 def meta_model(cfg: "ModelConfig", tp: int) -> nn.Module:
     """The model on the meta device, as tensor-parallel rank 0 of `tp` builds it (only the
     names, shapes and TP sharding of its parameters are used)."""
-    from megavit.models.vit import Runtime, VisionTransformer
+    from megavit.models.transformer import Runtime
+    from megavit.models.vit import VisionTransformer
     from megavit.parallel.comm import CommStats, Group
 
     group = Group("tp", tuple(range(tp)), 0, None, CommStats())
@@ -85,9 +86,9 @@ def _serial_meta_model(info: dict, tp: int) -> nn.Module:
 
     if "text" not in info:
         return meta_model(ModelConfig(**info["model"]), tp)
-    from megavit.config import TextConfig
+    from megavit.config import TextConfig, section_from_dict
     from megavit.models.two_tower import TwoTowerModel
-    from megavit.models.vit import Runtime
+    from megavit.models.transformer import Runtime
     from megavit.parallel.comm import CommStats, Group
 
     text = dict(info["text"])
@@ -95,7 +96,8 @@ def _serial_meta_model(info: dict, tp: int) -> nn.Module:
     c = info["contrastive"]
     rt = Runtime(tp=Group("tp", tuple(range(tp)), 0, None, CommStats()))
     with torch.device("meta"):
-        return TwoTowerModel(ModelConfig(**info["model"]), TextConfig(**text), rt, rt, vocab,
+        return TwoTowerModel(ModelConfig(**info["model"]), section_from_dict(TextConfig, text),
+                             rt, rt, vocab,
                              pad, eos, c["embed_dim"], c["loss"],
                              image_projection=c.get("image_projection", True))
 

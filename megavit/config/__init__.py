@@ -6,8 +6,10 @@ dashes (Megatron-LM's names, e.g. ``tensor_model_parallel_size`` is
 metadata. A preset (``--preset vit-b``) fills the model fields; any model flag given on the
 command line overrides the preset.
 
-    fields.py      field metadata -> flag; ConfigError
-    model.py       ModelConfig (the ViT), TextConfig (the text tower)
+    fields.py      field metadata -> flag (sub-configs flattened: --text-hidden-size);
+                   ConfigError; section_to_dict / section_from_dict (the flat form)
+    model.py       TransformerConfig (the blocks of both towers), ModelConfig (the ViT),
+                   TextConfig (the text tower)
     parallel.py    ParallelConfig
     run.py         Training-, Precision-, Data-, Logging-, CheckpointConfig; Config
     presets.py     --preset, --text-preset
@@ -25,10 +27,10 @@ docs/architecture.md).
 from megavit.config.contrastive import (ContrastiveConfig, ContrastiveRunConfig,
                                         contrastive_parser, parse_contrastive_args,
                                         validate_contrastive)
-from megavit.config.fields import ConfigError
+from megavit.config.fields import ConfigError, section_from_dict, section_to_dict
 from megavit.config.flags import (build_parser, config_from_sections, flag_names, parse_args,
                                   parse_sections)
-from megavit.config.model import ModelConfig, TextConfig
+from megavit.config.model import ModelConfig, TextConfig, TransformerConfig
 from megavit.config.parallel import ParallelConfig
 from megavit.config.presets import PRESETS, TEXT_PRESETS, preset_model_config
 from megavit.config.run import (CheckpointConfig, Config, DataConfig, LoggingConfig,
@@ -40,6 +42,6 @@ __all__ = [
     "DataConfig", "LoggingConfig", "ModelConfig", "PRESETS", "ParallelConfig",
     "PrecisionConfig", "TEXT_PRESETS", "TextConfig", "TrainingConfig", "build_parser",
     "config_from_sections", "contrastive_parser", "flag_names", "parse_args",
-    "parse_contrastive_args", "parse_sections", "preset_model_config", "validate",
-    "validate_contrastive",
+    "parse_contrastive_args", "parse_sections", "preset_model_config", "section_from_dict",
+    "section_to_dict", "TransformerConfig", "validate", "validate_contrastive",
 ]

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from megavit.config.fields import ConfigError, opt
+from megavit.config.fields import ConfigError, opt, section_from_dict
 from megavit.config.flags import build_parser, config_from_sections, parse_sections
 from megavit.config.model import ModelConfig, TextConfig
 from megavit.config.parallel import ParallelConfig
@@ -103,7 +103,7 @@ class ContrastiveRunConfig:
             return self.contrastive.embed_dim
         if not self.contrastive.image_projection:
             return self.base.model.hidden_size
-        return self.text.text_hidden_size
+        return self.text.blocks.hidden_size
 
     @property
     def model(self) -> ModelConfig:
@@ -141,8 +141,8 @@ def parse_contrastive_args(argv: Sequence[str] | None = None) -> ContrastiveRunC
     sections["model"].setdefault("num_classes", 0)
     base = config_from_sections(sections, presets["preset"])
     text_preset = presets["text_preset"]
-    text = TextConfig(**{**(TEXT_PRESETS[text_preset] if text_preset else {}),
-                         **sections["text"]})
+    text = section_from_dict(TextConfig, {**(TEXT_PRESETS[text_preset] if text_preset else {}),
+                                          **sections["text"]})
     return ContrastiveRunConfig(base, text, ContrastiveConfig(**sections["contrastive"]),
                                 text_preset)
 
@@ -168,73 +168,76 @@ def _check_image_tower(m: ModelConfig) -> list[str]:
     return []
 
 
-def _check_text_sizes(t: TextConfig) -> list[str]:
+def _check_text_sizes(text: TextConfig) -> list[str]:
+    blocks = text.blocks
     problems = [f"{flag} must be at least 1 (got {value})" for flag, value in {
-        "--text-num-layers": t.text_num_layers,
-        "--text-hidden-size": t.text_hidden_size,
-        "--text-num-attention-heads": t.text_num_attention_heads,
-        "--text-ffn-hidden-size": t.text_ffn_hidden_size,
-        "--make-vocab-size-divisible-by": t.make_vocab_size_divisible_by}.items() if value < 1]
-    if t.context_length < 2:
+        "--text-num-layers": blocks.num_layers,
+        "--text-hidden-size": blocks.hidden_size,
+        "--text-num-attention-heads": blocks.num_attention_heads,
+        "--text-ffn-hidden-size": blocks.ffn_hidden_size,
+        "--make-vocab-size-divisible-by": text.make_vocab_size_divisible_by}.items()
+        if value < 1]
+    if text.context_length < 2:
         problems.append(f"--context-length must be at least 2 (a token and EOS; got "
-                        f"{t.context_length})")
+                        f"{text.context_length})")
     return problems
 
 
-def _check_text(t: TextConfig, tp: int) -> list[str]:
+def _check_text(text: TextConfig, tp: int) -> list[str]:
     """What the text sizes must divide, and the text flags that need or exclude others."""
-    problems = []
-    if t.text_hidden_size % t.text_num_attention_heads:
-        problems.append(f"--text-hidden-size {t.text_hidden_size} is not divisible by "
-                        f"--text-num-attention-heads {t.text_num_attention_heads}")
-    if t.text_num_attention_heads % tp or t.text_ffn_hidden_size % tp:
+    blocks, problems = text.blocks, []
+    if blocks.hidden_size % blocks.num_attention_heads:
+        problems.append(f"--text-hidden-size {blocks.hidden_size} is not divisible by "
+                        f"--text-num-attention-heads {blocks.num_attention_heads}")
+    if blocks.num_attention_heads % tp or blocks.ffn_hidden_size % tp:
         problems.append(f"--tensor-model-parallel-size {tp} must divide --text-num-attention-"
-                        f"heads {t.text_num_attention_heads} and --text-ffn-hidden-size "
-                        f"{t.text_ffn_hidden_size}")
-    if t.make_vocab_size_divisible_by % tp:
+                        f"heads {blocks.num_attention_heads} and --text-ffn-hidden-size "
+                        f"{blocks.ffn_hidden_size}")
+    if text.make_vocab_size_divisible_by % tp:
         problems.append(f"--tensor-model-parallel-size {tp} must divide "
-                        f"--make-vocab-size-divisible-by {t.make_vocab_size_divisible_by} "
+                        f"--make-vocab-size-divisible-by {text.make_vocab_size_divisible_by} "
                         "(the padded vocabulary is split over TP)")
-    if t.text_causal and t.text_pooling not in ("eos", "last"):
-        problems.append(f"--text-pooling {t.text_pooling} with causal attention sees only the "
-                        "caption's start; use --text-pooling eos or last, or --no-text-causal")
-    if t.text_causal and not t.text_mask_padding:
+    if text.text_causal and text.text_pooling not in ("eos", "last"):
+        problems.append(f"--text-pooling {text.text_pooling} with causal attention sees only "
+                        "the caption's start; use --text-pooling eos or last, or "
+                        "--no-text-causal")
+    if text.text_causal and not text.text_mask_padding:
         problems.append("--no-text-mask-padding applies to bidirectional text attention; add "
                         "--no-text-causal (causal attention never lets a token see later "
                         "padding)")
-    if t.text_pad_with_eos and not t.text_causal and t.text_mask_padding:
+    if text.text_pad_with_eos and not text.text_causal and text.text_mask_padding:
         problems.append("--text-pad-with-eos: padding has EOS's id, so --text-mask-padding "
                         "would hide each caption's EOS too; add --no-text-mask-padding")
-    if t.text_norm_epsilon <= 0:
-        problems.append(f"--text-norm-epsilon must be positive (got {t.text_norm_epsilon})")
+    if blocks.norm_epsilon <= 0:
+        problems.append(f"--text-norm-epsilon must be positive (got {blocks.norm_epsilon})")
     return problems
 
 
 def _check_contrastive(cfg: ContrastiveRunConfig) -> list[str]:
     """The embedding, the loss, LiT and the image-text data."""
-    c, hidden = cfg.contrastive, cfg.base.model.hidden_size
+    contrastive, hidden = cfg.contrastive, cfg.base.model.hidden_size
     problems = []
-    if c.embed_dim is not None and c.embed_dim < 1:
-        problems.append(f"--embed-dim must be at least 1 (got {c.embed_dim})")
-    elif not c.image_projection and cfg.embed_dim != hidden:
+    if contrastive.embed_dim is not None and contrastive.embed_dim < 1:
+        problems.append(f"--embed-dim must be at least 1 (got {contrastive.embed_dim})")
+    elif not contrastive.image_projection and cfg.embed_dim != hidden:
         problems.append(f"--no-image-projection: the image features are the embeddings, so "
                         f"--embed-dim {cfg.embed_dim} must equal --hidden-size "
                         f"{hidden} (or be left unset)")
-    if c.siglip_chunks is not None and c.siglip_chunks < 1:
-        problems.append(f"--siglip-chunks must be at least 1 (got {c.siglip_chunks})")
-    if c.num_workers < 0:
-        problems.append(f"--num-workers must be 0 or more (got {c.num_workers})")
-    if c.contrastive_queue_size < 0:
+    if contrastive.siglip_chunks is not None and contrastive.siglip_chunks < 1:
+        problems.append(f"--siglip-chunks must be at least 1 (got {contrastive.siglip_chunks})")
+    if contrastive.num_workers < 0:
+        problems.append(f"--num-workers must be 0 or more (got {contrastive.num_workers})")
+    if contrastive.contrastive_queue_size < 0:
         problems.append("--contrastive-queue-size must be 0 or more")
-    elif c.contrastive_queue_size and c.loss != "clip":
+    elif contrastive.contrastive_queue_size and contrastive.loss != "clip":
         problems.append("--contrastive-queue-size adds negatives to the softmax of --loss clip; "
                         "SigLIP's pairwise loss has no queue here")
-    if c.lock_image_tower and not c.image_checkpoint:
+    if contrastive.lock_image_tower and not contrastive.image_checkpoint:
         problems.append("--lock-image-tower needs --image-checkpoint DIR (a locked random "
                         "tower learns nothing)")
-    if c.image_checkpoint and not os.path.isdir(c.image_checkpoint):
-        problems.append(f"--image-checkpoint {c.image_checkpoint}: no such directory")
-    return problems + _check_image_text_data(c)
+    if contrastive.image_checkpoint and not os.path.isdir(contrastive.image_checkpoint):
+        problems.append(f"--image-checkpoint {contrastive.image_checkpoint}: no such directory")
+    return problems + _check_image_text_data(contrastive)
 
 
 def _check_image_text_data(c: ContrastiveConfig) -> list[str]:

@@ -11,10 +11,10 @@ can be told apart from preset values (a preset fills the model, explicit flags w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any, Sequence
 
-from megavit.config.fields import ConfigError, field_type, flag_of
+from megavit.config.fields import (ConfigError, FlagField, field_type, flag_fields,
+                                   section_from_dict)
 from megavit.config.model import ModelConfig
 from megavit.config.parallel import ParallelConfig
 from megavit.config.presets import (PRESETS, TEXT_PRESETS, preset_help, preset_model_config,
@@ -55,23 +55,27 @@ def build_parser(prog: str = "python -m megavit.pretrain",
                             help=text_preset_help())
     for section, cls in sections:
         group = parser.add_argument_group(section, cls.__doc__)
-        for f in dataclasses.fields(cls):
-            group.add_argument(flag_of(f), **_argument(section, f))
+        for ff in flag_fields(cls):
+            group.add_argument(_flag(ff), **_argument(section, ff))
     return parser
 
 
-def _argument(section: str, f: dataclasses.Field) -> dict[str, Any]:
-    """argparse's keyword arguments for field `f` of `section` (dest "section.field")."""
-    typ = field_type(f)
-    help_text = f.metadata.get("help", "") + f" (default: {f.default})"
-    kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}",
+def _flag(ff: FlagField) -> str:
+    return "--" + ff.name.replace("_", "-")
+
+
+def _argument(section: str, ff: FlagField) -> dict[str, Any]:
+    """argparse's keyword arguments for flag `ff` of `section` (dest "section.flat_name")."""
+    typ = field_type(ff.field)
+    help_text = ff.help + f" (default: {ff.default})"
+    kwargs: dict[str, Any] = {"dest": f"{section}.{ff.name}",
                               "help": help_text.replace("%", "%%")}
     if typ is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif f.metadata.get("choices"):
-        kwargs.update(type=typ, choices=f.metadata["choices"])
+    elif ff.field.metadata.get("choices"):
+        kwargs.update(type=typ, choices=ff.field.metadata["choices"])
     else:
-        kwargs.update(type=typ, metavar=f.name.upper())
+        kwargs.update(type=typ, metavar=ff.name.upper())
     return kwargs
 
 
@@ -101,21 +105,14 @@ def config_from_sections(sections: dict[str, dict[str, Any]], preset: str | None
     """A Config from parsed sections; a missing section takes its defaults."""
     model = (preset_model_config(preset, **sections.get("model", {})) if preset
              else ModelConfig(**sections.get("model", {})))
-    return Config(
-        model=model,
-        parallel=ParallelConfig(**sections.get("parallel", {})),
-        training=TrainingConfig(**sections.get("training", {})),
-        precision=PrecisionConfig(**sections.get("precision", {})),
-        data=DataConfig(**sections.get("data", {})),
-        logging=LoggingConfig(**sections.get("logging", {})),
-        checkpoint=CheckpointConfig(**sections.get("checkpoint", {})),
-        preset=preset,
-    )
+    built = {name: section_from_dict(cls, sections.get(name, {}))
+             for name, cls in SECTIONS if name != "model"}
+    return Config(model=model, preset=preset, **built)
 
 
 def flag_names(section: str | None = None) -> list[str]:
     """Every flag the parser accepts, or those of one section ("model", "parallel", ...)."""
     if section is not None:
-        return [flag_of(f) for name, cls in SECTIONS if name == section
-                for f in dataclasses.fields(cls)]
-    return ["--preset"] + [flag_of(f) for _, cls in SECTIONS for f in dataclasses.fields(cls)]
+        return [_flag(ff) for name, cls in SECTIONS if name == section
+                for ff in flag_fields(cls)]
+    return ["--preset"] + [_flag(ff) for _, cls in SECTIONS for ff in flag_fields(cls)]

@@ -1,32 +1,25 @@
-"""The model sections: the ViT (`ModelConfig`, flags of `megavit.pretrain`) and the text tower
-of contrastive training (`TextConfig`, flags of `megavit.pretrain_contrastive`)."""
+"""The model sections: the transformer blocks both towers are made of (`TransformerConfig`),
+the ViT (`ModelConfig`, flags of `megavit.pretrain`) and the text tower of contrastive
+training (`TextConfig`, flags of `megavit.pretrain_contrastive`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megavit.config.fields import opt
+from megavit.config.fields import nested, opt
 
 
 @dataclass
-class ModelConfig:
-    """The ViT: sizes, block type and head. Defaults are ViT-B/16 with the ViT-22B recipe."""
+class TransformerConfig:
+    """The transformer blocks: depth, widths, block type, norms, biases, activation,
+    regularisation. Both towers are made of them: the image model's `ModelConfig` extends
+    it; the text tower holds one (`TextConfig.blocks`). Defaults: ViT-B with the ViT-22B
+    recipe."""
 
     num_layers: int = field(default=12, metadata=opt("Number of transformer blocks."))
     hidden_size: int = field(default=768, metadata=opt("Transformer width h."))
     num_attention_heads: int = field(default=12, metadata=opt("Attention heads per block."))
     ffn_hidden_size: int = field(default=3072, metadata=opt("MLP hidden width f."))
-    patch_dim: int = field(default=16, metadata=opt("Square patch size in pixels."))
-    img_h: int = field(default=224, metadata=opt("Input image height in pixels."))
-    img_w: int = field(default=224, metadata=opt("Input image width in pixels."))
-    num_channels: int = field(default=3, metadata=opt("Input image channels."))
-    num_classes: int | None = field(
-        default=None,
-        metadata=opt(
-            "Classifier outputs; default: the dataset's class count (synthetic: 1000); "
-            "0 = no classifier (the model returns pooled features)."
-        ),
-    )
     block_type: str = field(
         default="parallel",
         metadata=opt(
@@ -71,29 +64,6 @@ class ModelConfig:
             choices=("gelu", "gelu_tanh"),
         ),
     )
-    pre_norm: bool = field(
-        default=False,
-        metadata=opt(
-            "A norm over the embedded tokens before the first block (CLIP's vision tower, "
-            "timm's pre_norm; ViT-22B: none)."
-        ),
-    )
-    position_embedding_type: str = field(
-        default="learned",
-        metadata=opt(
-            "Position embeddings: 'learned' (resized by interpolation when the image size "
-            "changes) or fixed 'sincos2d'.",
-            choices=("learned", "sincos2d"),
-        ),
-    )
-    pooling: str = field(
-        default="map",
-        metadata=opt(
-            "How the tokens become one vector: 'map' (multihead attention pooling, "
-            "ViT-22B), 'gap' (mean of tokens) or 'cls' (a prepended class token).",
-            choices=("map", "gap", "cls"),
-        ),
-    )
     init_method_std: float = field(
         default=0.02, metadata=opt("Std of the truncated-normal init of weight matrices.")
     )
@@ -124,6 +94,47 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+
+@dataclass
+class ModelConfig(TransformerConfig):
+    """The ViT: its transformer blocks, the image stem and the head. Defaults are ViT-B/16
+    with the ViT-22B recipe."""
+
+    patch_dim: int = field(default=16, metadata=opt("Square patch size in pixels."))
+    img_h: int = field(default=224, metadata=opt("Input image height in pixels."))
+    img_w: int = field(default=224, metadata=opt("Input image width in pixels."))
+    num_channels: int = field(default=3, metadata=opt("Input image channels."))
+    num_classes: int | None = field(
+        default=None,
+        metadata=opt(
+            "Classifier outputs; default: the dataset's class count (synthetic: 1000); "
+            "0 = no classifier (the model returns pooled features)."
+        ),
+    )
+    pre_norm: bool = field(
+        default=False,
+        metadata=opt(
+            "A norm over the embedded tokens before the first block (CLIP's vision tower, "
+            "timm's pre_norm; ViT-22B: none)."
+        ),
+    )
+    position_embedding_type: str = field(
+        default="learned",
+        metadata=opt(
+            "Position embeddings: 'learned' (resized by interpolation when the image size "
+            "changes) or fixed 'sincos2d'.",
+            choices=("learned", "sincos2d"),
+        ),
+    )
+    pooling: str = field(
+        default="map",
+        metadata=opt(
+            "How the tokens become one vector: 'map' (multihead attention pooling, "
+            "ViT-22B), 'gap' (mean of tokens) or 'cls' (a prepended class token).",
+            choices=("map", "gap", "cls"),
+        ),
+    )
+
     @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (rows, columns)."""
@@ -136,23 +147,39 @@ class ModelConfig:
         return gh * gw + (1 if self.pooling == "cls" else 0)
 
 
+# The text tower's block settings that are flags (--text-<field>), with their help; the
+# others are fixed by `text_blocks`.
+TEXT_BLOCK_FLAGS = {
+    "num_layers": "Text transformer blocks.",
+    "hidden_size": "Text transformer width.",
+    "num_attention_heads": "Text attention heads.",
+    "ffn_hidden_size": "Text MLP hidden width.",
+    "block_type": "Text block: 'sequential' (pre-LN, CLIP) or 'parallel' (ViT-22B style).",
+    "qk_layernorm": "LayerNorm on the text queries and keys.",
+    "init_method_std": "Std of the text tower's weight and embedding init.",
+    "norm_epsilon": "Epsilon of the text tower's LayerNorms (CLIP 1e-5, SigLIP 1e-6).",
+    "activation": "The text MLP activation: 'gelu' (exact, erf) or 'gelu_tanh' (the tanh "
+                  "approximation: SigLIP's gelu_pytorch_tanh).",
+}
+
+
+def text_blocks() -> TransformerConfig:
+    """The text tower's blocks by default: CLIP's text transformer (sequential pre-LN
+    blocks, biases in every projection and norm, no QK-norm, LayerNorm epsilon 1e-5, no
+    dropout)."""
+    return TransformerConfig(num_layers=12, hidden_size=512, num_attention_heads=8,
+                             ffn_hidden_size=2048, block_type="sequential", qk_layernorm=False,
+                             add_qkv_bias=True, add_mlp_bias=True, add_proj_bias=True,
+                             norm_bias=True, norm_epsilon=1e-5)
+
 
 @dataclass
 class TextConfig:
-    """The text tower of contrastive training (megavit.pretrain_contrastive)."""
+    """The text tower of contrastive training (megavit.pretrain_contrastive): its
+    transformer blocks and what is particular to text."""
 
-    text_num_layers: int = field(default=12, metadata=opt("Text transformer blocks."))
-    text_hidden_size: int = field(default=512, metadata=opt("Text transformer width."))
-    text_num_attention_heads: int = field(default=8, metadata=opt("Text attention heads."))
-    text_ffn_hidden_size: int = field(default=2048, metadata=opt("Text MLP hidden width."))
-    text_block_type: str = field(
-        default="sequential",
-        metadata=opt("Text block: 'sequential' (pre-LN, CLIP) or 'parallel' (ViT-22B style).",
-                     choices=("parallel", "sequential")))
-    text_qk_layernorm: bool = field(default=False,
-                                    metadata=opt("LayerNorm on the text queries and keys."))
-    text_init_method_std: float = field(
-        default=0.02, metadata=opt("Std of the text tower's weight and embedding init."))
+    blocks: TransformerConfig = field(default_factory=text_blocks,
+                                      metadata=nested("text_", TEXT_BLOCK_FLAGS))
     context_length: int = field(
         default=64, metadata=opt("Tokens per caption, EOS included (padded / truncated)."))
     make_vocab_size_divisible_by: int = field(
@@ -176,18 +203,10 @@ class TextConfig:
                      "masked); --no-text-mask-padding: every token attends to every token, "
                      "padding included (SigLIP as its processor calls it: no attention "
                      "mask). Needs --no-text-causal."))
-    text_norm_epsilon: float = field(
-        default=1e-5,
-        metadata=opt("Epsilon of the text tower's LayerNorms (CLIP 1e-5, SigLIP 1e-6)."))
     text_projection_bias: bool = field(
         default=False,
         metadata=opt("A bias in the text projection to the embedding space (SigLIP's text "
                      "head has one; CLIP's has none)."))
-    text_activation: str = field(
-        default="gelu",
-        metadata=opt("The text MLP activation: 'gelu' (exact, erf) or 'gelu_tanh' (the tanh "
-                     "approximation: SigLIP's gelu_pytorch_tanh).",
-                     choices=("gelu", "gelu_tanh")))
     text_cleaning: str = field(
         default="megavit",
         metadata=opt("How captions and prompts are cleaned before SentencePiece (training, "

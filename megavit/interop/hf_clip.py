@@ -103,7 +103,7 @@ from typing import Callable
 import torch
 
 from megavit.checkpointing.offline import ConvertError
-from megavit.config import ModelConfig, TextConfig
+from megavit.config import ModelConfig, TextConfig, section_from_dict, section_to_dict
 from megavit.interop.consolidate import OutputTensor
 from megavit.interop.hf_vit import FROM_HF_ACTIVATIONS as ACTIVATIONS, HF_ACTIVATIONS
 from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
@@ -173,7 +173,7 @@ class TwoTower:
             text = dict(info["text"])
             ids = [text.pop(k) for k in ("vocab_size", "pad_id", "eos_id")]
             c = info["contrastive"]
-            return cls(ModelConfig(**info["model"]), TextConfig(**text), *ids,
+            return cls(ModelConfig(**info["model"]), section_from_dict(TextConfig, text), *ids,
                        c["embed_dim"], c["loss"], c.get("image_projection", True))
         except (KeyError, TypeError) as e:
             raise CheckpointLoadError(f"a two-tower description this megavit cannot build "
@@ -186,7 +186,7 @@ class TwoTower:
         contrastive = ContrastiveConfig(loss=self.loss, embed_dim=self.embed_dim,
                                         image_projection=self.image_projection)
         return {"model": dataclasses.asdict(self.image),
-                "text": {**dataclasses.asdict(self.text), "vocab_size": self.vocab_size,
+                "text": {**section_to_dict(self.text), "vocab_size": self.vocab_size,
                          "pad_id": self.pad_id, "eos_id": self.eos_id},
                 "contrastive": {**dataclasses.asdict(contrastive),
                                 "embed_dim": self.embed_dim}}
@@ -202,7 +202,7 @@ def differences(tt: TwoTower) -> list[str]:
     """What keeps `tt` from mapping onto transformers' model for its loss (empty: it maps)."""
     kind = tt.loss
     target = TARGET[kind]
-    sections = {"model": tt.image, "text": tt.text,
+    sections = {"model": tt.image, "text": section_to_dict(tt.text),
                 "contrastive": {"loss": tt.loss, "image_projection": tt.image_projection}}
     out = []
     for section, wanted in WANTED[kind].items():
@@ -234,7 +234,7 @@ def _pairs(tt: TwoTower) -> list[tuple[str, str]]:
     """(transformers name, megavit name) of every tensor both hold unchanged."""
     v, t = "vision_model", "text_model"
     pairs = (_encoder(v, "image", tt.image.num_layers)
-             + _encoder(t, "text", tt.text.text_num_layers)
+             + _encoder(t, "text", tt.text.blocks.num_layers)
              + [(f"{t}.embeddings.position_embedding.weight", "text.pos_embed")])
     for kind in ("weight", "bias"):
         pairs += [(f"{v}.post_layernorm.{kind}", f"image.norm.{kind}"),
@@ -275,16 +275,16 @@ def _processor(model_proto: bytes):
 
 def _export_special(tt: TwoTower) -> list[OutputTensor]:
     """The transformers tensors that are not a megavit tensor unchanged."""
-    c, t = tt.image, tt.text
-    h, p, ht = c.hidden_size, c.patch_dim, t.text_hidden_size
-    s = c.grid[0] * c.grid[1]
+    image, text_cfg = tt.image, tt.text
+    h, p, ht = image.hidden_size, image.patch_dim, text_cfg.blocks.hidden_size
+    s = image.grid[0] * image.grid[1]
     e = "vision_model.embeddings."
-    out = [OutputTensor(e + "patch_embedding.weight", (h, c.num_channels, p, p),
-                        ["image.patch_embed.proj.weight"], _reshape(h, c.num_channels, p, p)),
+    out = [OutputTensor(e + "patch_embedding.weight", (h, image.num_channels, p, p),
+                        ["image.patch_embed.proj.weight"], _reshape(h, image.num_channels, p, p)),
            OutputTensor("text_model.embeddings.token_embedding.weight", (tt.vocab_size, ht),
                         ["text.embedding.weight"], _rows(0, tt.vocab_size))]
-    for tower, ours, width, layers in (("vision_model", "image", h, c.num_layers),
-                                       ("text_model", "text", ht, t.text_num_layers)):
+    for tower, ours, width, layers in (("vision_model", "image", h, image.num_layers),
+                                       ("text_model", "text", ht, text_cfg.blocks.num_layers)):
         for i in range(layers):
             for kind in ("weight", "bias"):
                 for k, name in enumerate(_qkv(tower, i, kind)):
@@ -310,18 +310,20 @@ def _export_special(tt: TwoTower) -> list[OutputTensor]:
 
 def _hf_config(tt: TwoTower, dtype: torch.dtype | None):
     """transformers' CLIPConfig / SiglipConfig of `tt`."""
-    c, t = tt.image, tt.text
-    text = dict(vocab_size=tt.vocab_size, hidden_size=t.text_hidden_size,
-                intermediate_size=t.text_ffn_hidden_size, num_hidden_layers=t.text_num_layers,
-                num_attention_heads=t.text_num_attention_heads,
-                max_position_embeddings=t.context_length,
-                hidden_act=HF_ACTIVATIONS[t.text_activation],
-                layer_norm_eps=t.text_norm_epsilon, attention_dropout=0.0,
+    image, text_cfg = tt.image, tt.text
+    blocks = text_cfg.blocks
+    text = dict(vocab_size=tt.vocab_size, hidden_size=blocks.hidden_size,
+                intermediate_size=blocks.ffn_hidden_size, num_hidden_layers=blocks.num_layers,
+                num_attention_heads=blocks.num_attention_heads,
+                max_position_embeddings=text_cfg.context_length,
+                hidden_act=HF_ACTIVATIONS[blocks.activation],
+                layer_norm_eps=blocks.norm_epsilon, attention_dropout=0.0,
                 pad_token_id=tt.pad_id, eos_token_id=tt.eos_id, bos_token_id=None)
-    vision = dict(hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
-                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_attention_heads,
-                  num_channels=c.num_channels, image_size=c.img_h, patch_size=c.patch_dim,
-                  hidden_act=HF_ACTIVATIONS[c.activation], layer_norm_eps=c.norm_epsilon,
+    vision = dict(hidden_size=image.hidden_size, intermediate_size=image.ffn_hidden_size,
+                  num_hidden_layers=image.num_layers,
+                  num_attention_heads=image.num_attention_heads, num_channels=image.num_channels,
+                  image_size=image.img_h, patch_size=image.patch_dim,
+                  hidden_act=HF_ACTIVATIONS[image.activation], layer_norm_eps=image.norm_epsilon,
                   attention_dropout=0.0)
     if tt.loss == "clip":
         from transformers import CLIPConfig
@@ -513,12 +515,12 @@ def two_tower_of(directory: Path, config: dict) -> tuple[TwoTower, dict[str, byt
         num_channels=v["num_channels"], num_classes=0, norm_epsilon=v["layer_norm_eps"],
         activation=ACTIVATIONS[v["hidden_act"]], **WANTED[kind]["model"])
     wanted = WANTED[kind]["text"]
-    text = TextConfig(
+    text = section_from_dict(TextConfig, dict(
         text_num_layers=t["num_hidden_layers"], text_hidden_size=t["hidden_size"],
         text_num_attention_heads=t["num_attention_heads"],
         text_ffn_hidden_size=t["intermediate_size"],
         context_length=t["max_position_embeddings"], text_norm_epsilon=t["layer_norm_eps"],
-        text_activation=ACTIVATIONS[t["hidden_act"]], text_pad_with_eos=pad == eos, **wanted)
+        text_activation=ACTIVATIONS[t["hidden_act"]], text_pad_with_eos=pad == eos, **wanted))
     embed_dim = config.get("projection_dim", 512) if clip else v["hidden_size"]
     tt = TwoTower(image, text, t["vocab_size"], pad, eos, embed_dim, kind, clip)
     return tt, files
@@ -526,8 +528,8 @@ def two_tower_of(directory: Path, config: dict) -> tuple[TwoTower, dict[str, byt
 
 def _import_special(tt: TwoTower) -> list[OutputTensor]:
     """The megavit parameters that are not a transformers tensor unchanged."""
-    c, t = tt.image, tt.text
-    h, ht = c.hidden_size, t.text_hidden_size
+    image, text_cfg = tt.image, tt.text
+    h, ht = image.hidden_size, text_cfg.blocks.hidden_size
     e = "vision_model.embeddings."
     shapes = serial_shapes(tt.info())
     rows = shapes["text.embedding.weight"][0]
@@ -537,8 +539,8 @@ def _import_special(tt: TwoTower) -> list[OutputTensor]:
                         ["text_model.embeddings.token_embedding.weight"],
                         lambda ts: torch.cat([ts[0], ts[0].new_zeros(rows - ts[0].shape[0],
                                                                      ht)]))]
-    for tower, ours, width, layers in (("vision_model", "image", h, c.num_layers),
-                                       ("text_model", "text", ht, t.text_num_layers)):
+    for tower, ours, width, layers in (("vision_model", "image", h, image.num_layers),
+                                       ("text_model", "text", ht, text_cfg.blocks.num_layers)):
         for i in range(layers):
             for kind in ("weight", "bias"):
                 out.append(OutputTensor(f"{ours}.blocks.{i}.qkv.{kind}",

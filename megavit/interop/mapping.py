@@ -13,9 +13,9 @@ model's parameters must be made, in its shape).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
+from megavit.config import section_to_dict
 from megavit.interop.consolidate import OutputTensor
 
 
@@ -60,11 +60,10 @@ def model_flags(cfg) -> list[str]:
     """The command-line flags that build the config dataclass `cfg` (a ModelConfig: the
     megavit.pretrain model flags; a TextConfig: the text tower's)."""
     flags = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
+    for name, value in section_to_dict(cfg).items():
+        flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        elif value is not None and "dropout" not in f.name and "drop_path" not in f.name:
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif value is not None and "dropout" not in name and "drop_path" not in name:
             flags += [flag, str(value)]
     return flags

@@ -140,7 +140,8 @@ def measure_setup(cfg: ModelConfig, setup: ActivationSetup, tp: Group,
                   seed: int = 0) -> float:
     """Build `cfg` for `setup` on this rank (`tp`: its TP group, of size setup.tp) and
     measure the bytes its blocks keep per block for one micro-batch of random input."""
-    from megavit.models.vit import Runtime, build_vit
+    from megavit.models.transformer import Runtime
+    from megavit.models.vit import build_vit
     from megavit.parallel.random import RNGTracker
 
     rt = Runtime(tp, sequence_parallel=setup.sequence_parallel if tp.size > 1 else None,

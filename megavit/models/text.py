@@ -9,11 +9,12 @@ blocks.
            (--text-mask-padding, the default) or no mask at all (SigLIP)
       └─ norm ─► pool: the EOS token / the first token / the last position / MAP ─► [b, h]
 
-The blocks are the ViT's own (`megavit/models/vit.py`), configured by a `ModelConfig` made
-from the `TextConfig` (`block_config`): the same TP splits, selective recomputation, dropout
-streams and parameter names (`blocks.3.in_proj.weight`), so checkpoints reshard the same
-way. Sequence parallelism and full recomputation are not applied to the text tower (its
-sequences are short: 64-77 tokens); the image tower keeps them.
+The blocks are those of `megavit/models/transformer.py`, configured by the text config's
+own `TransformerConfig` (`TextConfig.blocks`): the same TP splits, selective recomputation,
+dropout streams and parameter names (`blocks.3.in_proj.weight`) as the ViT's, so
+checkpoints reshard the same way. Sequence parallelism and full recomputation are not
+applied to the text tower (its sequences are short: 64-77 tokens); the image tower keeps
+them.
 """
 
 from __future__ import annotations
@@ -21,24 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megavit.config import ModelConfig, TextConfig
-from megavit.models.vit import ForwardContext, MAPHead, ParallelBlock, Runtime, SequentialBlock
-from megavit.parallel.layers import layer_norm
+from megavit.config import TextConfig
+from megavit.models.transformer import (ForwardContext, MAPHead, Runtime, build_block,
+                                        norm_from_config)
 from megavit.parallel.sharding import initialize_parameters, set_init, trunc_normal
 from megavit.parallel.vocab_embedding import VocabParallelEmbedding, padded_vocab_size
-
-
-def block_config(cfg: TextConfig) -> ModelConfig:
-    """The ViT block settings of the text tower (CLIP's text transformer: biases in every
-    projection and norm, no QK-norm unless asked)."""
-    return ModelConfig(num_layers=cfg.text_num_layers, hidden_size=cfg.text_hidden_size,
-                       num_attention_heads=cfg.text_num_attention_heads,
-                       ffn_hidden_size=cfg.text_ffn_hidden_size,
-                       block_type=cfg.text_block_type, qk_layernorm=cfg.text_qk_layernorm,
-                       add_qkv_bias=True, add_mlp_bias=True, add_proj_bias=True, norm_bias=True,
-                       norm_epsilon=cfg.text_norm_epsilon, activation=cfg.text_activation,
-                       init_method_std=cfg.text_init_method_std,
-                       num_classes=0, pooling="map")
 
 
 class TextTransformer(nn.Module):
@@ -55,21 +43,20 @@ class TextTransformer(nn.Module):
             raise ValueError("the text tower runs without sequence parallelism or full "
                              "recomputation; pass it a Runtime without them")
         self.cfg, self.rt = cfg, rt
-        self.blocks_cfg = block_config(cfg)
+        blocks = cfg.blocks
         self.pad_id, self.eos_id = pad_id, eos_id
-        h, L = cfg.text_hidden_size, cfg.context_length
+        h, L = blocks.hidden_size, cfg.context_length
         self.vocab_size = vocab_size
         self.embedding = VocabParallelEmbedding(
             padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by), h, rt.tp,
-            cfg.text_init_method_std)
+            blocks.init_method_std)
         self.pos_embed = nn.Parameter(torch.empty(L, h))
         self.pos_embed.no_weight_decay = True  # type: ignore[attr-defined]
         set_init(self.pos_embed, trunc_normal(0.01))
-        block = ParallelBlock if cfg.text_block_type == "parallel" else SequentialBlock
-        self.blocks = nn.ModuleDict({str(i): block(self.blocks_cfg, rt, i)
-                                     for i in range(cfg.text_num_layers)})
-        self.norm = layer_norm(h, cfg.text_norm_epsilon, True, impl=rt.layernorm_impl)
-        self.map_head = (MAPHead(self.blocks_cfg, rt.tp, rt.layernorm_impl)
+        self.blocks = nn.ModuleDict({str(i): build_block(blocks, rt, i)
+                                     for i in range(blocks.num_layers)})
+        self.norm = norm_from_config(blocks, h, rt.layernorm_impl)
+        self.map_head = (MAPHead(blocks, rt.tp, rt.layernorm_impl)
                          if cfg.text_pooling == "map" else None)
         if cfg.text_causal:
             self.register_buffer("causal_mask", torch.empty(L, L), persistent=False)

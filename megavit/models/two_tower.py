@@ -26,7 +26,8 @@ from torch import nn
 
 from megavit.config import ModelConfig, TextConfig
 from megavit.models.text import TextTransformer
-from megavit.models.vit import Runtime, VisionTransformer
+from megavit.models.transformer import Runtime
+from megavit.models.vit import VisionTransformer
 from megavit.parallel.sharding import constant, initialize_parameters, lecun_normal, set_init
 
 INITIAL_LOGIT_SCALE = {"clip": math.log(1 / 0.07), "siglip": math.log(10.0)}
@@ -63,7 +64,7 @@ class TwoTowerModel(nn.Module):
         self.text = TextTransformer(text_cfg, text_rt, vocab_size, pad_id, eos_id)
         self.image_proj = (nn.Linear(image_cfg.hidden_size, embed_dim, bias=False)
                            if image_projection else None)
-        self.text_proj = nn.Linear(text_cfg.text_hidden_size, embed_dim,
+        self.text_proj = nn.Linear(text_cfg.blocks.hidden_size, embed_dim,
                                    bias=text_cfg.text_projection_bias)
         for proj in (self.image_proj, self.text_proj):
             if proj is not None:

@@ -1,8 +1,8 @@
-"""The Vision Transformer, written once for every parallel layout.
+"""The Vision Transformer, written once for every parallel layout: the image stem (patch
+embedding, positions, class token), the blocks of `models/transformer.py`, the head.
 
-Activations are [s, b, h]: s tokens, b images, width h. Model code only says which layer
-is column- or row-parallel; the group, sequence parallelism, recomputation and RNG streams
-come from the `Runtime` passed in.
+Activations are [s, b, h]: s tokens, b images, width h. The TP group, sequence
+parallelism, recomputation and RNG streams come from the `Runtime` passed in.
 
     images [b, c, H, W]
       └─ PatchEmbedding ─► [s, b, h] (+ position embedding, + class token when pooling=cls)
@@ -19,225 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavit.config import ModelConfig, ParallelConfig
+from megavit.config import ModelConfig
+from megavit.models.transformer import (ForwardContext, MAPHead, Runtime, build_block,
+                                       norm_from_config)
 from megavit.parallel.comm import Group
-from megavit.parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    layer_norm,
-    multi_head_attention,
-)
 from megavit.parallel.mappings import (gather_from_sequence_parallel,
                                        scatter_to_sequence_parallel)
-from megavit.parallel.random import MODEL_PARALLEL, RNGTracker, counter_uniform
 from megavit.parallel.recompute import recompute
-from megavit.parallel.sharding import (constant, lecun_normal, param_seed, set_init,
-                                       trunc_normal)
-
-
-@dataclass
-class Runtime:
-    """How this rank runs the model, besides its weights.
-
-    `sequence_parallel`: None, "keep" or "regather" (see `column_linear`).
-    `recompute_granularity`: None, "selective" or "full" (with `recompute_method` "uniform"
-    or "block" and `recompute_num_layers`). `rng`: the dropout streams (needed when dropout
-    is on). `seed`: keys the drop-path masks."""
-
-    tp: Group
-    sequence_parallel: str | None = None
-    recompute_granularity: str | None = None
-    recompute_method: str | None = None
-    recompute_num_layers: int = 1
-    rng: RNGTracker | None = None
-    seed: int = 0
-    layernorm_impl: str = "torch"
-
-    @classmethod
-    def from_config(cls, parallel: ParallelConfig, tp: Group, seed: int,
-                    rng: RNGTracker | None = None, layernorm_impl: str = "torch") -> "Runtime":
-        sp = None
-        if parallel.sequence_parallel and tp.size > 1:
-            sp = "regather" if parallel.sequence_parallel_regather else "keep"
-        return cls(tp=tp, sequence_parallel=sp,
-                   recompute_granularity=parallel.recompute_granularity,
-                   recompute_method=parallel.recompute_method,
-                   recompute_num_layers=parallel.recompute_num_layers or 1, rng=rng, seed=seed,
-                   layernorm_impl=layernorm_impl)
-
-
-class ForwardContext(NamedTuple):
-    """Per-forward inputs every block sees: the additive attention mask for padded tokens
-    (or None) and the global ids of the images (for drop-path; None when not training)."""
-
-    attn_mask: torch.Tensor | None
-    sample_ids: torch.Tensor | None
-
-
-def drop_path(y: torch.Tensor, sample_ids: torch.Tensor | None, rate: float, key: int) -> torch.Tensor:
-    """Zero image i's branch [s, b, h] with probability `rate`, from (key, sample id) alone,
-    and scale the kept ones by 1 / (1 - rate)."""
-    if sample_ids is None:
-        raise ValueError("drop-path needs the images' global ids (forward(..., sample_ids))")
-    keep = (counter_uniform(key, sample_ids.to(y.device)) >= rate).to(y.dtype) / (1 - rate)
-    return y * keep.view(1, -1, 1)
-
-
-class BranchRegularizer(nn.Module):
-    """What happens to a block's branch output before the residual add in training: hidden
-    dropout (on the tracker's model-parallel stream when the activations are sequence
-    shards, else the default stream, identical on every TP rank), then drop-path."""
-
-    def __init__(self, dropout: float, drop_path_rate: float, key: int, rt: Runtime) -> None:
-        super().__init__()
-        self.dropout, self.drop_path_rate, self.key, self.rt = dropout, drop_path_rate, key, rt
-
-    def forward(self, y: torch.Tensor, sample_ids: torch.Tensor | None) -> torch.Tensor:
-        if not self.training:
-            return y
-        if self.dropout > 0:
-            if self.rt.rng is None:
-                raise ValueError("hidden dropout needs an RNG tracker (Runtime.rng)")
-            stream = (self.rt.rng.fork(MODEL_PARALLEL) if self.rt.sequence_parallel
-                      else contextlib.nullcontext())
-            with stream:
-                y = F.dropout(y, self.dropout)
-        if self.drop_path_rate > 0:
-            y = drop_path(y, sample_ids, self.drop_path_rate, self.key)
-        return y
-
-
-def _regularizer(cfg: ModelConfig, rt: Runtime, layer: int, branch: str) -> BranchRegularizer:
-    rate = cfg.drop_path_rate * layer / max(cfg.num_layers - 1, 1)
-    return BranchRegularizer(cfg.hidden_dropout, rate,
-                             param_seed(rt.seed, f"drop-path.{layer}.{branch}"), rt)
-
-
-class Activation(nn.Module):
-    """The MLP activation: exact GELU, or its tanh approximation ("gelu_tanh")."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.approximate = {"gelu": "none", "gelu_tanh": "tanh"}[kind]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate=self.approximate)
-
-    def extra_repr(self) -> str:
-        return f"approximate={self.approximate!r}"
-
-
-def model_norm(cfg: ModelConfig, size: int, impl: str = "torch",
-               partial_grad: bool = False) -> nn.Module:
-    """The model's norm over `size` features: --normalization, --norm-epsilon, --norm-bias."""
-    return layer_norm(size, cfg.norm_epsilon, cfg.norm_bias, partial_grad, impl,
-                      cfg.normalization)
-
-
-def qk_norms(cfg: ModelConfig, rt: Runtime) -> tuple[nn.Module | None, nn.Module | None]:
-    """Per-head LayerNorms over the head dim for queries and keys (or None, None). One set
-    of weights is shared by all heads; each TP rank applies it to its own heads only, so its
-    gradient is partial and summed over TP after backward."""
-    if not cfg.qk_layernorm:
-        return None, None
-    return tuple(model_norm(cfg, cfg.head_dim, rt.layernorm_impl, partial_grad=True)
-                 for _ in range(2))
-
-
-class _Attention(nn.Module):
-    """The attention core of a block over this rank's heads — QK-norms, softmax(QK^T)V and
-    attention dropout — recomputed in backward under --recompute-granularity selective."""
-
-    def __init__(self, cfg: ModelConfig, rt: Runtime) -> None:
-        super().__init__()
-        self.head_dim, self.rt = cfg.head_dim, rt
-        self.q_norm, self.k_norm = qk_norms(cfg, rt)
-        self.dropout = cfg.attention_dropout
-
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             mask: torch.Tensor | None) -> torch.Tensor:
-        return multi_head_attention(q, k, v, self.head_dim, self.q_norm, self.k_norm, mask,
-                                    self.dropout if self.training else 0.0, self.rt.rng)
-
-    def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = qkv.chunk(3, dim=-1)                          # this rank's heads
-        if self.rt.recompute_granularity == "selective" and torch.is_grad_enabled():
-            return recompute(self.core, q, k, v, mask, rng=self.rt.rng)
-        return self.core(q, k, v, mask)
-
-
-class ParallelBlock(nn.Module):
-    """ViT-22B block: y = x + out_proj([attention(q, k, v) | gelu(u)]), where one
-    LayerNorm feeds one fused column-parallel projection to [q | k | v | u] and one fused
-    row-parallel projection maps [attention | MLP] back: one TP all-reduce forward
-    (out_proj) and one backward (in_proj's input gradient); with sequence parallelism an
-    all-gather and a reduce-scatter instead.
-
-    Each fused projection has one weight (one TP split) but runs as one matmul per output
-    group, so the MLP activation is contiguous and nothing is concatenated (see
-    `forward_groups`); the FLOPs are those of the fused matmul.
-
-    Per-rank shapes with TP size t: x [s, b, h] ([s/t, b, h] with SP); q, k, v [s, b, h/t]
-    (this rank's heads), u [s, b, f/t].
-    """
-
-    def __init__(self, cfg: ModelConfig, rt: Runtime, layer: int) -> None:
-        super().__init__()
-        h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
-        sp = rt.sequence_parallel
-        self.norm = model_norm(cfg, h, rt.layernorm_impl, partial_grad=sp is not None)
-        qkv_bias, mlp_bias = cfg.add_qkv_bias, cfg.add_mlp_bias
-        self.in_proj = ColumnParallelLinear(h, (h, h, h, f), rt.tp, init_std=std,
-                                            bias=(qkv_bias, qkv_bias, qkv_bias, mlp_bias),
-                                            sequence_parallel=sp)
-        self.attention = _Attention(cfg, rt)
-        self.act = Activation(cfg.activation)
-        self.out_proj = RowParallelLinear((h, f), h, rt.tp, init_std=std,
-                                          bias=mlp_bias or cfg.add_proj_bias,
-                                          sequence_parallel=sp is not None)
-        self.branch = _regularizer(cfg, rt, layer, "parallel")
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        qkv, u = self.in_proj.forward_groups(self.norm(x), [3, 1])  # [s,b,3h/t], [s,b,f/t]
-        a = self.attention(qkv, ctx.attn_mask)                  # [s, b, h/t]
-        y = self.out_proj.forward_groups([a, self.act(u)])      # the block's one all-reduce
-        return x + self.branch(y, ctx.sample_ids)               # [s, b, h]
-
-
-class SequentialBlock(nn.Module):
-    """Classic pre-LN ViT block: x + attn(LN(x)), then + MLP(LN(x)). Two TP all-reduces
-    each way (attention-out and MLP-out)."""
-
-    def __init__(self, cfg: ModelConfig, rt: Runtime, layer: int) -> None:
-        super().__init__()
-        h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
-        sp = rt.sequence_parallel
-        self.norm1 = model_norm(cfg, h, rt.layernorm_impl, partial_grad=sp is not None)
-        self.qkv = ColumnParallelLinear(h, (h, h, h), rt.tp, bias=cfg.add_qkv_bias, init_std=std,
-                                        sequence_parallel=sp)
-        self.attention = _Attention(cfg, rt)
-        self.proj = RowParallelLinear(h, h, rt.tp, bias=cfg.add_proj_bias, init_std=std,
-                                      sequence_parallel=sp is not None)
-        self.branch1 = _regularizer(cfg, rt, layer, "attention")
-        self.norm2 = model_norm(cfg, h, rt.layernorm_impl, partial_grad=sp is not None)
-        self.fc1 = ColumnParallelLinear(h, f, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
-                                        sequence_parallel=sp)
-        self.act = Activation(cfg.activation)
-        self.fc2 = RowParallelLinear(f, h, rt.tp, bias=cfg.add_mlp_bias, init_std=std,
-                                     sequence_parallel=sp is not None)
-        self.branch2 = _regularizer(cfg, rt, layer, "mlp")
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        a = self.attention(self.qkv(self.norm1(x)), ctx.attn_mask)   # [s, b, h/t]
-        x = x + self.branch1(self.proj(a), ctx.sample_ids)
-        return x + self.branch2(self.fc2(self.act(self.fc1(self.norm2(x)))), ctx.sample_ids)
+from megavit.parallel.sharding import constant, lecun_normal, set_init, trunc_normal
 
 
 class PatchEmbedding(nn.Module):
@@ -308,36 +102,6 @@ class LearnedPositionEmbedding(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class MAPHead(nn.Module):
-    """Multihead attention pooling: a learned probe attends over the tokens, then a
-    residual MLP. Tensor-parallel like a block (heads and MLP split over TP).
-    Input [s, b, h] (all tokens, replicated) -> [b, h]."""
-
-    def __init__(self, cfg: ModelConfig, tp: Group, layernorm_impl: str = "torch") -> None:
-        super().__init__()
-        h, f, std = cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std
-        self.head_dim = cfg.head_dim
-        self.probe = nn.Parameter(torch.empty(h))
-        set_init(self.probe, trunc_normal(std))
-        self.q = ColumnParallelLinear(h, h, tp, bias=True, init_std=std)
-        self.kv = ColumnParallelLinear(h, (h, h), tp, bias=True, init_std=std)
-        self.proj = RowParallelLinear(h, h, tp, bias=True, init_std=std)
-        self.norm = model_norm(cfg, h, layernorm_impl)
-        self.fc1 = ColumnParallelLinear(h, f, tp, bias=True, init_std=std)
-        self.act = Activation(cfg.activation)
-        self.fc2 = RowParallelLinear(f, h, tp, bias=True, init_std=std)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`key_mask`: additive [b, 1, 1, s] hiding padded tokens (text), or None."""
-        b = x.shape[1]
-        q = self.q(self.probe.view(1, 1, -1)).expand(1, b, -1)   # [1, b, h/t]
-        k, v = self.kv(x).chunk(2, dim=-1)                        # [s, b, h/t] each
-        y = self.proj(multi_head_attention(q, k, v, self.head_dim,
-                                           attn_mask=key_mask))   # [1, b, h]
-        y = y + self.fc2(self.act(self.fc1(self.norm(y))))
-        return y[0]
-
-
 class VisionTransformer(nn.Module):
     """A ViT, or the part of one that a pipeline stage holds.
 
@@ -375,12 +139,11 @@ class VisionTransformer(nn.Module):
                 self.cls_token = nn.Parameter(torch.empty(h))
                 set_init(self.cls_token, trunc_normal(cfg.init_method_std))
             if cfg.pre_norm:
-                self.pre_norm = model_norm(cfg, h, rt.layernorm_impl)
-        block = ParallelBlock if cfg.block_type == "parallel" else SequentialBlock
+                self.pre_norm = norm_from_config(cfg, h, rt.layernorm_impl)
         layers = range(cfg.num_layers) if layers is None else layers
-        self.blocks = nn.ModuleDict({str(i): block(cfg, rt, i) for i in layers})
+        self.blocks = nn.ModuleDict({str(i): build_block(cfg, rt, i) for i in layers})
         if post_process:
-            self.norm = model_norm(cfg, h, rt.layernorm_impl)
+            self.norm = norm_from_config(cfg, h, rt.layernorm_impl)
             self.map_head = (MAPHead(cfg, rt.tp, rt.layernorm_impl) if cfg.pooling == "map"
                              else None)
             self.head = nn.Linear(h, cfg.num_classes) if cfg.num_classes else None

@@ -24,7 +24,7 @@ from megavit.parallel.partial_grad import mark_partial_grad
 from megavit.parallel.mappings import reduce_from_tp, reduce_scatter_to_sequence_parallel
 from megavit.parallel.random import MODEL_PARALLEL, RNGTracker
 from megavit.parallel.sharding import TPShard, constant, set_init, set_tp_shard, trunc_normal
-from megavit.parallel.tp_linear import column_linear, row_linear
+from megavit.parallel.tp_linear import SequenceParallelMode, column_linear, row_linear
 
 
 def _segments(n: int | Sequence[int]) -> tuple[int, ...]:
@@ -52,7 +52,7 @@ class ColumnParallelLinear(nn.Module):
         group: Group,
         bias: bool | Sequence[bool] = True,
         init_std: float = 0.02,
-        sequence_parallel: str | None = None,
+        sequence_parallel: SequenceParallelMode | None = None,
     ) -> None:
         super().__init__()
         self.group = group
@@ -120,7 +120,8 @@ class RowParallelLinear(nn.Module):
     Input [..., sum(segments) / t], this rank's slice. Output [..., out], replicated.
     Collectives: forward all-reduces the output over `group`; the bias (replicated) is
     added after the reduction. With `sequence_parallel` the output is reduce-scattered to
-    this rank's sequence shard [s/t, b, out] instead (all-gather backward), and the bias
+    this rank's sequence shard [s/t, b, out] instead (all-gather backward; "keep" and
+    "regather" differ only in the column-parallel layer that feeds it), and the bias
     gradient, from this rank's tokens only, is summed over TP after backward.
     """
 
@@ -131,11 +132,13 @@ class RowParallelLinear(nn.Module):
         group: Group,
         bias: bool = True,
         init_std: float = 0.02,
-        sequence_parallel: bool = False,
+        sequence_parallel: SequenceParallelMode | None = None,
     ) -> None:
         super().__init__()
+        if sequence_parallel not in (None, "keep", "regather"):
+            raise ValueError(f"unknown sequence-parallel mode {sequence_parallel!r}")
         self.group = group
-        self.sequence_parallel = sequence_parallel and group.size > 1
+        self.sequence_parallel = sequence_parallel is not None and group.size > 1
         self.segments = _segments(in_features)
         t = group.size
         self.weight = nn.Parameter(torch.empty(out_features, sum(s // t for s in self.segments)))
@@ -214,8 +217,8 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def layer_norm(size: int, eps: float, bias: bool, partial_grad: bool = False,
-               impl: str = "torch", kind: str = "layernorm") -> nn.Module:
+def make_norm(size: int, eps: float, bias: bool, partial_grad: bool = False,
+              impl: str = "torch", kind: str = "layernorm") -> nn.Module:
     """A LayerNorm (or with `kind` "rmsnorm" an RMSNorm, which has no bias) replicated over
     TP, with weight 1 and, if present, bias 0. `partial_grad`: it sees only this rank's part
     of the work (a sequence shard, or its own heads), so its gradients are summed over TP

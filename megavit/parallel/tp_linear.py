@@ -22,11 +22,17 @@ Shapes: x [..., in]; activations keep their leading dims; weights are [out, in] 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
 from megavit.parallel.comm import Group
+
+SequenceParallelMode = Literal["keep", "regather"]
+"""How a TP region runs on sequence shards (None where it does not): "keep" saves the
+all-gathered input of a column-parallel layer for its weight gradient, "regather" saves
+only this rank's shard and all-gathers it again in backward. Row-parallel layers
+reduce-scatter their output in either mode."""
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +139,8 @@ class _RowLinear(torch.autograd.Function):
 
 def column_linear(x: torch.Tensor, weight: torch.Tensor, group: Group, rows: Sequence[int],
                   biases: Sequence[torch.Tensor | None],
-                  sequence_parallel: str | None = None) -> tuple[torch.Tensor, ...]:
+                  sequence_parallel: SequenceParallelMode | None = None
+                  ) -> tuple[torch.Tensor, ...]:
     """Outputs [..., rows[g]] for each consecutive row block of `weight` [sum(rows), in].
 
     `sequence_parallel` None: x [s, b, in] replicated; backward all-reduces dx over `group`.

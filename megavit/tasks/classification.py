@@ -22,7 +22,8 @@ from torch import nn
 from megavit.config import Config, ConfigError
 from megavit.data.datasets import Dataset, build_datasets
 from megavit.data.sampler import MicroBatch, eval_batches, train_batches
-from megavit.models.vit import Runtime, build_stage
+from megavit.models.transformer import Runtime
+from megavit.models.vit import build_stage
 from megavit.parallel.pipeline_executor import StepStats
 from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.state import ParallelState
@@ -111,7 +112,7 @@ class ClassificationTask:
         """Mean loss and top-1 accuracy over the held-out split (or its first --eval-iters
         global batches): the same images in every layout, run forward through the
         pipeline, summed over DP ranks and shared from the last stage with the others."""
-        pstate, model, t = run.pstate, run.model, self.config.training
+        pstate, model, training = run.pstate, run.model, self.config.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=pstate.device)  # loss, correct, count
 
@@ -122,8 +123,8 @@ class ClassificationTask:
             sums[2] += labels.numel()
             return logits.new_zeros(())
 
-        for micro_batches in eval_batches(self.heldout, t.global_batch_size, pstate.dp.rank,
-                                          pstate.dp.size, t.micro_batch_size,
+        for micro_batches in eval_batches(self.heldout, training.global_batch_size, pstate.dp.rank,
+                                          pstate.dp.size, training.micro_batch_size,
                                           self.config.logging.eval_iters, run.is_first_stage):
             micro_batches = [mb for mb in micro_batches if mb.labels.numel()]
             if micro_batches:

@@ -48,7 +48,7 @@ from torch import nn
 from megavit.config import Config, ConfigError
 from megavit.data.sampler import GlobalBatchSampler
 from megavit.models.activation_memory import ActivationSetup
-from megavit.models.vit import Runtime
+from megavit.models.transformer import Runtime
 from megavit.parallel.data_parallel import DataParallelBuffers
 from megavit.parallel.pipeline_executor import PipelineExecutor, StepStats
 from megavit.parallel.pipeline_layout import PipelineLayout, PipelineLayoutError

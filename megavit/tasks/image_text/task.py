@@ -34,11 +34,11 @@ from megavit.checkpointing.checkpointer import (CONFIG_FILE, config_differences,
                                                 resolve_checkpoint)
 from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
                                                load_state, model_state_dict)
-from megavit.config import Config, ContrastiveRunConfig, ModelConfig
+from megavit.config import Config, ContrastiveRunConfig, ModelConfig, section_to_dict
 from megavit.data.image_text import build_image_text, image_text_batches
 from megavit.data.tokenizer import TOKENIZER_FILE
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
-from megavit.models.vit import Runtime
+from megavit.models.transformer import Runtime
 from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.schedules import build_schedule
 from megavit.parallel.state import ParallelState
@@ -251,7 +251,7 @@ class ImageTextTask:
         contrastive setup, for a checkpoint's `megavit_config.json`."""
         tok = self.tokenizer
         return {"model": dataclasses.asdict(self.config.model),
-                "text": {**dataclasses.asdict(self.cfg.text), "vocab_size": tok.vocab_size,
+                "text": {**section_to_dict(self.cfg.text), "vocab_size": tok.vocab_size,
                          "pad_id": tok.pad_id, "eos_id": tok.eos_id},
                 "contrastive": {**dataclasses.asdict(self.cfg.contrastive),
                                 "embed_dim": self.cfg.embed_dim}}
@@ -271,7 +271,7 @@ class ImageTextTask:
         return [
             f"model: image {b.preset or 'custom'} (layers {m.num_layers}, hidden "
             f"{m.hidden_size}, pooling {m.pooling}) | text {self.cfg.text_preset or 'custom'} "
-            f"(layers {tx.text_num_layers}, hidden {tx.text_hidden_size}, "
+            f"(layers {tx.blocks.num_layers}, hidden {tx.blocks.hidden_size}, "
             f"{'causal' if tx.text_causal else 'bidirectional'}, pooling {tx.text_pooling}, "
             f"vocab {self.tokenizer.vocab_size}, context {tx.context_length}) | embed "
             f"{self.cfg.embed_dim} | loss {c.loss} | parameters {total / 1e6:.2f} M, trained "
