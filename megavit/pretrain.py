@@ -39,16 +39,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megavit.training.loop import pretrain
     from megavit.training.run import check_schedule, pipeline_layout
 
-    p = cfg.parallel
+    parallel = cfg.parallel
     try:   # the pipeline split and schedule, before any process group starts
-        dp = info.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        model_parallel = (parallel.tensor_model_parallel_size
+                          * parallel.pipeline_model_parallel_size)
+        dp = info.world_size // model_parallel
         check_schedule(cfg, pipeline_layout(cfg), dp)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     from megavit.run_entry import start_and_train
 
-    return start_and_train(prog, p, info.local_world_size, lambda pstate: pretrain(ClassificationTask(cfg), pstate))
+    return start_and_train(prog, parallel, info.local_world_size,
+                           lambda pstate: pretrain(ClassificationTask(cfg), pstate))
 
 
 if __name__ == "__main__":

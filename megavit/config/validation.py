@@ -202,18 +202,18 @@ def _check_model_shape(m: ModelConfig) -> list[str]:
 def _check_layout(cfg: Config, world_size: int) -> list[str]:
     """TP splits heads and MLP width; the world splits into TP x PP x DP; the global batch
     into micro-batches x DP."""
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    model, parallel, training = cfg.model, cfg.parallel, cfg.training
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     problems = []
-    if m.num_attention_heads % tp:
+    if model.num_attention_heads % tp:
         problems.append(
             f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
-            f"{m.num_attention_heads}; use a TP size that divides the head count"
+            f"{model.num_attention_heads}; use a TP size that divides the head count"
         )
-    if m.ffn_hidden_size % tp:
+    if model.ffn_hidden_size % tp:
         problems.append(
             f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size "
-            f"{m.ffn_hidden_size}; use a TP size that divides the MLP width"
+            f"{model.ffn_hidden_size}; use a TP size that divides the MLP width"
         )
     if world_size % (tp * pp):
         problems.append(
@@ -222,11 +222,11 @@ def _check_layout(cfg: Config, world_size: int) -> list[str]:
         )
     else:
         dp = world_size // (tp * pp)
-        per_step = t.micro_batch_size * dp
-        if t.global_batch_size % per_step:
+        per_step = training.micro_batch_size * dp
+        if training.global_batch_size % per_step:
             problems.append(
-                f"--global-batch-size {t.global_batch_size} is not divisible by "
-                f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp} "
+                f"--global-batch-size {training.global_batch_size} is not divisible by "
+                f"--micro-batch-size {training.micro_batch_size} x data-parallel size {dp} "
                 f"(= {per_step}); use a multiple of {per_step}"
             )
     return problems

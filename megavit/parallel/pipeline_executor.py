@@ -3,11 +3,11 @@ point-to-point messages between neighbouring stages.
 
 The executor runs one stage's action list (`megavit.parallel.schedules`). A forward of
 chunk c receives its input from the previous stage (unless c is the model's first chunk,
-which reads the images) and sends its output to the next stage (unless c is the last
+which reads the model's inputs) and sends its output to the next stage (unless c is the last
 chunk, which computes the loss). A backward receives the output's gradient from the next
 stage (or starts from the loss) and sends its input's gradient back. `messages` says, for
 an action, what it receives and sends; shapes are known in advance ([s/t or s, m, h] for a
-micro-batch of m images), so no shape is exchanged.
+micro-batch of m samples), so no shape is exchanged.
 
 Each direction between two neighbouring stages has its own communicator
 (`ParallelState.pp_channels`): a receive is posted right before its action runs and waited

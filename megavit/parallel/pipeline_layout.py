@@ -5,7 +5,7 @@ lives on stage g % P as its local chunk g // P, so with v > 1 each stage holds v
 non-adjacent pieces and activations go around the stages v times (the interleaved
 schedule). Stage p holds `stage_layers[p]` blocks, split evenly over its v chunks. By
 default every stage holds L / P blocks; `first` / `last` give the first and last stage
-fewer (they also run the patch embedding and the head), the middle stages share the rest
+fewer (they also run the input embedding and the head), the middle stages share the rest
 evenly. Block names stay global: the blocks of chunk g are `blocks.{start}` and on.
 
     layout = PipelineLayout(num_layers=48, stages=4)
@@ -113,9 +113,9 @@ class PipelineLayout:
         return range(start, start + counts[stage] // self.chunks)
 
     def is_first(self, stage: int, chunk: int) -> bool:
-        """This chunk embeds the images (the model's first chunk)."""
+        """This chunk embeds the inputs (the model's first chunk)."""
         return self.global_chunk(stage, chunk) == 0
 
     def is_last(self, stage: int, chunk: int) -> bool:
-        """This chunk pools, classifies and computes the loss (the model's last chunk)."""
+        """This chunk runs the head and the loss (the model's last chunk)."""
         return self.global_chunk(stage, chunk) == self.total_chunks - 1

@@ -143,7 +143,7 @@ class TruncNormal:
 @dataclass(frozen=True)
 class LecunNormal:
     """Truncated normal with std sqrt(1 / fan_in) after truncation (fan_in: the full
-    tensor's elements per output row), as used for patch embeddings."""
+    tensor's elements per output row), as used for input (e.g. patch) embeddings."""
 
     def sample(self, u: torch.Tensor, full_shape: torch.Size) -> torch.Tensor:
         fan_in = math.prod(full_shape[1:]) if len(full_shape) > 1 else full_shape[0]

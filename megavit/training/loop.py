@@ -25,6 +25,7 @@ from megavit.training.optimizer import formula_bytes_per_parameter
 from megavit.training.peak_flops import device_peak_flops
 from megavit.training.recompute_plan import GIB
 from megavit.training.run import Run, Task, param_dtype
+from megavit.training.step import StepResult
 
 
 def pretrain(task: Task, pstate: ParallelState) -> dict[str, Any]:
@@ -110,77 +111,101 @@ def precision_line(run: Run) -> str:
             f"{', reduced during backward' if p.overlap_grad_reduce else ''}")
 
 
+class TrainingLine:
+    """The fields of the training lines: the mean loss since the last line, throughput,
+    step time, MFU (when the task knows its FLOPs), GPU readings, the loss scale and
+    skipped steps, the ETA and the task's own fields."""
+
+    def __init__(self, run: Run, log: MetricsLogger) -> None:
+        cfg, pstate = run.cfg, run.pstate
+        self.run, self.training = run, cfg.training
+        self.flops_per_step = run.task.flops_per_step(run)
+        self.peak, source = float("inf"), ""
+        # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
+        if self.flops_per_step is not None and pstate.is_main:
+            self.peak, source = device_peak_flops(pstate.device, param_dtype(cfg.precision),
+                                                  cfg.precision.tf32, cfg.logging.peak_tflops)
+        if self.flops_per_step is not None:
+            log.info(f"mfu peak: {self.peak / 1e12:.3f} TFLOP/s per device ({source})")
+        self.gpu = GpuMonitor(pstate.device)
+        self.watch = Stopwatch(pstate.device)
+        self.loss_sum, self.steps = torch.zeros((), device=pstate.device), 0
+        self.skipped = 0
+
+    def add(self, result: StepResult) -> None:
+        self.loss_sum += result.loss
+        self.skipped += int(result.skipped)
+        self.steps += 1
+
+    def fields(self, done: int, result: StepResult) -> dict[str, Any]:
+        """The line after iteration `done` (the last step's `result`); starts a new span."""
+        step_time = self.watch.lap() / self.steps
+        task = self.run.task
+        line = {"iteration": done, "loss": (self.loss_sum / self.steps).item(),
+                "lr": result.lr, "grad_norm": result.grad_norm.item(),
+                f"{task.throughput_unit}_per_second":
+                    self.training.global_batch_size / step_time,
+                "step_time_ms": step_time * 1e3}
+        if self.flops_per_step is not None:
+            achieved = self.flops_per_step / step_time / self.run.pstate.world_size
+            line.update(tflops_per_device=achieved / 1e12, mfu=achieved / self.peak)
+        line.update(self.gpu.read())
+        if result.loss_scale is not None:
+            line.update(loss_scale=result.loss_scale, skipped_steps=self.skipped)
+        line["eta"] = format_eta(step_time * (self.training.train_iters - done))
+        line.update(task.train_fields(self.run))
+        self.loss_sum.zero_()
+        self.steps = 0
+        return line
+
+
+def every(interval: int | None, done: int) -> bool:
+    """Whether iteration `done` is a multiple of a (set) --*-interval."""
+    return bool(interval) and done % interval == 0
+
+
 def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
     """The loop over iterations [resumed, --train-iters); returns the summary metrics."""
-    cfg, pstate, task = run.cfg, run.pstate, run.task
-    t, lg, ck = cfg.training, cfg.logging, cfg.checkpoint
-    flops_per_step = task.flops_per_step(run)
-    peak, peak_source = float("inf"), ""
-    # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
-    if flops_per_step is not None and pstate.is_main:
-        peak, peak_source = device_peak_flops(pstate.device, param_dtype(cfg.precision),
-                                              cfg.precision.tf32, lg.peak_tflops)
-    gpu = GpuMonitor(pstate.device)
+    training, logging, checkpoint = run.cfg.training, run.cfg.logging, run.cfg.checkpoint
+    iters, task = training.train_iters, run.task
     for line in [*layout_lines(run), *task.log_lines(run), precision_line(run)]:
         log.info(line)
-    if flops_per_step is not None:
-        log.info(f"mfu peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_source})")
-
-    watch = Stopwatch(pstate.device)
-    loss_sum, steps_since_log = torch.zeros((), device=pstate.device), 0
+    lines = TrainingLine(run, log)
     last: dict[str, Any] = {}
-    paused = 0.0        # seconds spent evaluating and saving
-    skipped = 0
+    paused = 0.0        # seconds spent evaluating and saving, kept out of the throughput
     memory_logged = False
-    first = resume(run, ck.load, log.info)
+    first = resume(run, checkpoint.load, log.info)
     run.model.train()
-    for iteration, batch in zip(range(first, t.train_iters), run.batches(first, t.train_iters)):
+    for iteration, batch in zip(range(first, iters), run.batches(first, iters)):
         result = run.step(iteration, batch)
         if not memory_logged and not result.skipped:  # Adam's state exists after a real step
             log.info(memory_per_parameter_line(run))
             memory_logged = True
-        loss_sum += result.loss
-        skipped += int(result.skipped)
-        steps_since_log += 1
+        lines.add(result)
         done = iteration + 1
         log.progress(done)
-        if done % lg.log_interval == 0 or done == t.train_iters:
-            step_time = watch.lap() / steps_since_log
-            last = {"iteration": done, "loss": (loss_sum / steps_since_log).item(),
-                    "lr": result.lr, "grad_norm": result.grad_norm.item(),
-                    f"{task.throughput_unit}_per_second": t.global_batch_size / step_time,
-                    "step_time_ms": step_time * 1e3}
-            if flops_per_step is not None:
-                achieved = flops_per_step / step_time / pstate.world_size
-                last.update(tflops_per_device=achieved / 1e12, mfu=achieved / peak)
-            last.update(gpu.read())
-            if result.loss_scale is not None:
-                last.update(loss_scale=result.loss_scale, skipped_steps=skipped)
-            last["eta"] = format_eta(step_time * (t.train_iters - done))
-            last.update(task.train_fields(run))
+        if every(logging.log_interval, done) or done == iters:
+            last = lines.fields(done, result)
             log.train(last)
-            loss_sum.zero_()
-            steps_since_log = 0
-        if lg.eval_interval and done % lg.eval_interval == 0 and done != t.train_iters:
+        if every(logging.eval_interval, done) and done != iters:
             start = time.perf_counter()
             if evaluation := run.evaluate():
                 log.eval({"iteration": done, **evaluation})
             paused += time.perf_counter() - start
-            watch.lap()  # keep evaluation out of the training throughput
-        if ck.save and ((ck.save_interval and done % ck.save_interval == 0)
-                        or done == t.train_iters):
+            lines.watch.lap()
+        if checkpoint.save and (every(checkpoint.save_interval, done) or done == iters):
             start = time.perf_counter()
-            save_checkpoint(run, ck.save, done, ck.keep_last_checkpoints, log.info)
+            save_checkpoint(run, checkpoint.save, done, checkpoint.keep_last_checkpoints, log.info)
             paused += time.perf_counter() - start
-            watch.lap()  # nor saving
-    train_time = watch.total() - paused
+            lines.watch.lap()
+    train_time = lines.watch.total() - paused
     evaluation = run.evaluate()
     if evaluation:
-        log.eval({"iteration": t.train_iters, **evaluation})
-    summary = {"iteration": t.train_iters, "train_seconds": train_time,
+        log.eval({"iteration": iters, **evaluation})
+    summary = {"iteration": iters, "train_seconds": train_time,
                "loss": last.get("loss", float("nan")), **task.summary_fields(evaluation),
                f"{task.throughput_unit}_per_second":
-                   t.global_batch_size * (t.train_iters - first) / train_time
+                   training.global_batch_size * (iters - first) / train_time
                    if train_time > 0 else 0.0}
     log.summary(summary)
     return summary
