@@ -252,22 +252,23 @@ def _check_image_text_data(c: ContrastiveConfig) -> list[str]:
     return problems
 
 
-def _check_two_tower_layout(b: Config, world_size: int) -> list[str]:
+def _check_two_tower_layout(base: Config, world_size: int) -> list[str]:
     """What megavit.pretrain accepts but the two-tower pipeline and loss cannot run."""
-    p, tr = b.parallel, b.training
+    parallel, training = base.parallel, base.training
     problems = []
-    if p.num_layers_per_virtual_pipeline_stage is not None:
+    if parallel.num_layers_per_virtual_pipeline_stage is not None:
         problems.append("--num-layers-per-virtual-pipeline-stage: the two-tower pipeline "
                         "runs one micro-batch per step, so virtual stages cannot shrink its "
                         "bubble; leave it unset")
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     dp = world_size // model_parallel if world_size else 1
-    if tr.global_batch_size != tr.micro_batch_size * dp:
-        problems.append(f"--global-batch-size {tr.global_batch_size} must equal "
-                        f"--micro-batch-size {tr.micro_batch_size} x data-parallel size {dp}: "
+    if training.global_batch_size != training.micro_batch_size * dp:
+        problems.append(f"--global-batch-size {training.global_batch_size} must equal "
+                        f"--micro-batch-size {training.micro_batch_size} x data-parallel size "
+                        f"{dp}: "
                         "a contrastive loss needs every negative of the batch at once, so "
                         "there is no gradient accumulation")
-    if p.recompute_granularity == "auto":
+    if parallel.recompute_granularity == "auto":
         problems.append("--recompute-granularity auto plans megavit.pretrain's pipeline "
                         "stages; for two towers choose selective or full (with "
                         "--recompute-method and --recompute-num-layers)")

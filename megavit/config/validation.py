@@ -49,24 +49,25 @@ def _fraction(values: dict[str, float]) -> list[str]:
             if not 0.0 <= value < 1.0]
 
 
-def _check_model(m: ModelConfig) -> list[str]:
+def _check_model(model: ModelConfig) -> list[str]:
     problems = _at_least_1({
-        "--num-layers": m.num_layers, "--hidden-size": m.hidden_size,
-        "--num-attention-heads": m.num_attention_heads, "--ffn-hidden-size": m.ffn_hidden_size,
-        "--patch-dim": m.patch_dim, "--img-h": m.img_h, "--img-w": m.img_w,
-        "--num-channels": m.num_channels})
-    problems += _non_negative({"--num-classes": 0 if m.num_classes is None else m.num_classes})
-    if m.norm_epsilon <= 0:
-        problems.append(f"--norm-epsilon must be positive (got {m.norm_epsilon})")
-    if m.normalization == "rmsnorm" and m.norm_bias:
+        "--num-layers": model.num_layers, "--hidden-size": model.hidden_size,
+        "--num-attention-heads": model.num_attention_heads,
+        "--ffn-hidden-size": model.ffn_hidden_size,
+        "--patch-dim": model.patch_dim, "--img-h": model.img_h, "--img-w": model.img_w,
+        "--num-channels": model.num_channels})
+    problems += _non_negative({"--num-classes": model.num_classes or 0})
+    if model.norm_epsilon <= 0:
+        problems.append(f"--norm-epsilon must be positive (got {model.norm_epsilon})")
+    if model.normalization == "rmsnorm" and model.norm_bias:
         problems.append("--norm-bias: an RMSNorm has no bias; drop --norm-bias or use "
                         "--normalization layernorm")
-    if m.init_method_std <= 0:
-        problems.append(f"--init-method-std must be positive (got {m.init_method_std})")
-    problems += _fraction({"--hidden-dropout": m.hidden_dropout,
-                           "--attention-dropout": m.attention_dropout,
-                           "--drop-path-rate": m.drop_path_rate})
-    if m.drop_path_rate > 0 and m.num_layers == 1:
+    if model.init_method_std <= 0:
+        problems.append(f"--init-method-std must be positive (got {model.init_method_std})")
+    problems += _fraction({"--hidden-dropout": model.hidden_dropout,
+                           "--attention-dropout": model.attention_dropout,
+                           "--drop-path-rate": model.drop_path_rate})
+    if model.drop_path_rate > 0 and model.num_layers == 1:
         problems.append("--drop-path-rate has no effect with --num-layers 1 (the rate grows "
                         "from 0 at block 0); use more layers or leave it at 0")
     return problems
@@ -91,29 +92,30 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> list[str]:
         "--recompute-num-layers": p.recompute_num_layers})
 
 
-def _check_recompute(p: ParallelConfig, num_layers: int) -> list[str]:
+def _check_recompute(parallel: ParallelConfig, num_layers: int) -> list[str]:
     problems = []
-    if p.recompute_granularity == "auto":
-        if p.activation_memory_budget_gb is None or p.activation_memory_budget_gb <= 0:
+    if parallel.recompute_granularity == "auto":
+        budget = parallel.activation_memory_budget_gb
+        if budget is None or budget <= 0:
             problems.append("--recompute-granularity auto needs a positive "
                             "--activation-memory-budget-gb")
-        if p.recompute_method is not None or p.recompute_num_layers is not None:
+        if parallel.recompute_method is not None or parallel.recompute_num_layers is not None:
             problems.append("--recompute-granularity auto chooses the recomputed blocks itself; "
                             "drop --recompute-method / --recompute-num-layers")
-    elif p.activation_memory_budget_gb is not None:
+    elif parallel.activation_memory_budget_gb is not None:
         problems.append("--activation-memory-budget-gb applies to --recompute-granularity auto")
-    if p.recompute_granularity == "full":
-        if p.recompute_method is None:
+    if parallel.recompute_granularity == "full":
+        if parallel.recompute_method is None:
             problems.append("--recompute-granularity full needs --recompute-method uniform "
                             "or block")
-        if p.recompute_num_layers is None or p.recompute_num_layers < 1:
+        if parallel.recompute_num_layers is None or parallel.recompute_num_layers < 1:
             problems.append("--recompute-granularity full needs --recompute-num-layers N "
                             "(N >= 1)")
-        elif p.recompute_num_layers > num_layers:
-            problems.append(f"--recompute-num-layers {p.recompute_num_layers} is more than "
+        elif parallel.recompute_num_layers > num_layers:
+            problems.append(f"--recompute-num-layers {parallel.recompute_num_layers} is more than "
                             f"--num-layers {num_layers}")
-    elif p.recompute_granularity != "auto" and (p.recompute_method is not None
-                                                or p.recompute_num_layers is not None):
+    elif parallel.recompute_granularity != "auto" and (
+            parallel.recompute_method is not None or parallel.recompute_num_layers is not None):
         problems.append("--recompute-method and --recompute-num-layers apply to "
                         "--recompute-granularity full only")
     return problems
@@ -178,23 +180,24 @@ def _check_checkpoint(ck: CheckpointConfig) -> list[str]:
     return problems
 
 
-def _check_model_shape(m: ModelConfig) -> list[str]:
+def _check_model_shape(model: ModelConfig) -> list[str]:
     """Width by heads, sin-cos width by 4, the image by the patch."""
     problems = []
-    if m.hidden_size % m.num_attention_heads:
+    if model.hidden_size % model.num_attention_heads:
         problems.append(
-            f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
-            f"{m.num_attention_heads}; pick a head count that divides the width"
+            f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
+            f"{model.num_attention_heads}; pick a head count that divides the width"
         )
-    if m.position_embedding_type == "sincos2d" and m.hidden_size % 4:
+    if model.position_embedding_type == "sincos2d" and model.hidden_size % 4:
         problems.append(
             f"--position-embedding-type sincos2d needs --hidden-size divisible by 4 "
-            f"(got {m.hidden_size}); use learned position embeddings or another width"
+            f"(got {model.hidden_size}); use learned position embeddings or another width"
         )
-    if m.img_h % m.patch_dim or m.img_w % m.patch_dim:
+    if model.img_h % model.patch_dim or model.img_w % model.patch_dim:
         problems.append(
-            f"image {m.img_h}x{m.img_w} (--img-h x --img-w) is not divisible by "
-            f"--patch-dim {m.patch_dim}; resize the images or pick a patch size that divides both"
+            f"image {model.img_h}x{model.img_w} (--img-h x --img-w) is not divisible by "
+            f"--patch-dim {model.patch_dim}; resize the images or pick a patch size that "
+            "divides both"
         )
     return problems
 

@@ -232,7 +232,7 @@ class Run:
     @classmethod
     def build(cls, task: Task, pstate: ParallelState) -> "Run":
         cfg = task.prepare(pstate)
-        t, precision = cfg.training, cfg.precision
+        training, precision = cfg.training, cfg.precision
         configure_tf32(precision.tf32)
         layout = pipeline_layout(cfg)
         micro_batches = check_schedule(cfg, layout, pstate.dp.size)
@@ -243,10 +243,11 @@ class Run:
         buffers = gradient_buffers(task.trainable_parameters(model), cfg, pstate)
         return cls(
             cfg=cfg, task=task, pstate=pstate, model=model, buffers=buffers,
-            optimizer=MixedPrecisionOptimizer(buffers, t, pstate,
+            optimizer=MixedPrecisionOptimizer(buffers, training, pstate,
                                               master_weights=dtype != torch.float32),
-            scaler=loss_scaler(precision), lr_schedule=lr_schedule(t),
-            sampler=GlobalBatchSampler(task.train_size, t.global_batch_size, t.seed),
+            scaler=loss_scaler(precision), lr_schedule=lr_schedule(training),
+            sampler=GlobalBatchSampler(task.train_size, training.global_batch_size,
+                                       training.seed),
             layout=layout,
             executor=PipelineExecutor(layout, stage, pstate.pp_channels, pstate.device, dtype),
             micro_batches=micro_batches, plans=plans)

@@ -78,19 +78,20 @@ class ImageTextTask:
         """The image tower's blocks of this stage; the last stage adds the text tower and
         the projections. The text tower runs without SP or full recomputation (its
         sequences are short), with selective recomputation if asked."""
-        b, c, tok = self.config, self.cfg.contrastive, self.tokenizer
-        t = b.training
-        text_rt = Runtime(tp=pstate.tp, seed=t.seed, rng=runtime.rng,
+        base, contrastive, tok = self.config, self.cfg.contrastive, self.tokenizer
+        training = base.training
+        text_rt = Runtime(tp=pstate.tp, seed=training.seed, rng=runtime.rng,
                           recompute_granularity="selective"
-                          if b.parallel.recompute_granularity == "selective" else None,
-                          layernorm_impl=t.layernorm_impl)
-        model = build_two_tower(b.model, self.cfg.text, runtime, text_rt, t.seed,
+                          if base.parallel.recompute_granularity == "selective" else None,
+                          layernorm_impl=training.layernorm_impl)
+        model = build_two_tower(base.model, self.cfg.text, runtime, text_rt, training.seed,
                                 tok.vocab_size, tok.pad_id, tok.eos_id, self.cfg.embed_dim,
-                                c.loss, c.lock_image_tower, pstate.device, dtype,
-                                layout.chunk_layers(stage, 0), layout.is_first(stage, 0),
-                                layout.is_last(stage, 0), image_projection=c.image_projection)
-        if c.image_checkpoint:
-            load_image_tower(model, pstate, c.image_checkpoint, b.model)
+                                contrastive.loss, contrastive.lock_image_tower, pstate.device,
+                                dtype, layout.chunk_layers(stage, 0), layout.is_first(stage, 0),
+                                layout.is_last(stage, 0),
+                                image_projection=contrastive.image_projection)
+        if contrastive.image_checkpoint:
+            load_image_tower(model, pstate, contrastive.image_checkpoint, base.model)
         return model
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -261,23 +262,26 @@ class ImageTextTask:
         return {TOKENIZER_FILE: self.tokenizer.model_proto}
 
     def log_lines(self, run: Run) -> list[str]:
-        b, c, tx = self.config, self.cfg.contrastive, self.cfg.text
-        m, t = b.model, b.training
+        base, contrastive, text = self.config, self.cfg.contrastive, self.cfg.text
+        model, training = base.model, base.training
         trainable = parameter_count(run, (p for _, p in run.model.trainable_parameters()))
         total = parameter_count(run, run.model.parameters())
         heldout = (f"{self.heldout.name} {len(self.heldout)} pairs" if self.heldout is not None
                    else "no held-out split (zero-shot evaluation needs --image-text-data "
                         "digits or mnist5k, or --zero-shot-transfer)")
         return [
-            f"model: image {b.preset or 'custom'} (layers {m.num_layers}, hidden "
-            f"{m.hidden_size}, pooling {m.pooling}) | text {self.cfg.text_preset or 'custom'} "
-            f"(layers {tx.blocks.num_layers}, hidden {tx.blocks.hidden_size}, "
-            f"{'causal' if tx.text_causal else 'bidirectional'}, pooling {tx.text_pooling}, "
-            f"vocab {self.tokenizer.vocab_size}, context {tx.context_length}) | embed "
-            f"{self.cfg.embed_dim} | loss {c.loss} | parameters {total / 1e6:.2f} M, trained "
-            f"{trainable / 1e6:.2f} M{' (image tower locked)' if c.lock_image_tower else ''}",
+            f"model: image {base.preset or 'custom'} (layers {model.num_layers}, hidden "
+            f"{model.hidden_size}, pooling {model.pooling}) | text "
+            f"{self.cfg.text_preset or 'custom'} "
+            f"(layers {text.blocks.num_layers}, hidden {text.blocks.hidden_size}, "
+            f"{'causal' if text.text_causal else 'bidirectional'}, pooling {text.text_pooling}, "
+            f"vocab {self.tokenizer.vocab_size}, context {text.context_length}) | embed "
+            f"{self.cfg.embed_dim} | loss {contrastive.loss} | parameters {total / 1e6:.2f} M, "
+            f"trained {trainable / 1e6:.2f} M"
+            f"{' (image tower locked)' if contrastive.lock_image_tower else ''}",
             f"data: {self.train_set.name} {len(self.train_set)} pairs | {heldout} | global "
-            f"batch {t.global_batch_size} = micro {t.micro_batch_size} x dp {run.pstate.dp.size}"
+            f"batch {training.global_batch_size} = micro {training.micro_batch_size} x dp "
+            f"{run.pstate.dp.size}"
             f" | tokenizer {self.tokenizer.path} ({self.tokenizer.vocab_size} pieces)"]
 
     def flops_per_step(self, run: Run) -> None:
