@@ -53,10 +53,12 @@ def debug_config(variant: str = "vit22b", tp: int = 1, parallel: dict | None = N
     return cfg
 
 
-def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2) -> dict[str, Any]:
+def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2,
+                run: Any = None) -> dict[str, Any]:
     """Losses, grad norms and full-shape gradients of each step, and the full-shape
-    weights after the last, through the real training step."""
-    run = classification_run(cfg, pstate)
+    weights after the last, through the real training step (of `run`, e.g. one that
+    loaded weights; default: a fresh classification run of `cfg`)."""
+    run = run if run is not None else classification_run(cfg, pstate)
     out: dict[str, Any] = {"loss": [], "grad_norm": [], "grads": [],
                            "initial": uncounted(pstate, full_state, run.model, pstate.tp)}
     pstate.stats.reset()

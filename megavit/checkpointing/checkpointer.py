@@ -19,64 +19,13 @@ from typing import Callable
 import torch
 
 from megavit.checkpointing.checkpointable import Checkpointable
-from megavit.checkpointing.directory import CheckpointDirectory, CheckpointDirectoryError
+from megavit.checkpointing.directory import (TRACKER, CheckpointDirectory,
+                                             CheckpointDirectoryError)
+from megavit.checkpointing.model_config import CONFIG_FILE, check_model_config
 from megavit.checkpointing.model_state import CheckpointLoadError, check_pieces
 from megavit.checkpointing.pieces import serial_meta_model
 from megavit.checkpointing.training_state import load_training_state, save_training_state
 
-CONFIG_FILE = "megavit_config.json"
-
-
-_MAY_CHANGE = {"hidden_dropout", "attention_dropout", "drop_path_rate", "lock_image_tower",
-               "image_checkpoint", "contrastive_queue_size", "image_text_data",
-               "image_text_path", "fatal_data_errors", "tokenizer_model", "zero_shot_transfer",
-               "num_workers", "siglip_chunks"}
-
-
-def config_defaults(section: str) -> dict:
-    """The defaults of a config section's fields (a checkpoint written before a field
-    existed was built with its default)."""
-    from megavit.config import ContrastiveConfig, ModelConfig, TextConfig, section_to_dict
-
-    kind = {"model": ModelConfig, "text": TextConfig,
-            "contrastive": ContrastiveConfig}.get(section)
-    return section_to_dict(kind()) if kind else {}
-
-
-def config_differences(section: str, saved: dict, current: dict,
-                       may_change: Callable[[str], bool]) -> list[str]:
-    """"--flag A in the checkpoint, B here" for each field of `current` that the `saved`
-    section (its missing fields taken at their defaults) has otherwise, but those
-    `may_change` allows."""
-    saved = {**config_defaults(section), **saved}    # fields added since it was written
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
-            for k, v in current.items() if saved.get(k) != v and not may_change(k)]
-
-
-def check_model_config(checkpoint: Path, run: Checkpointable) -> None:
-    """Refuse a checkpoint of another model, naming every field that differs (the fields of
-    `_MAY_CHANGE` — regularisation and, for two towers, data and LiT settings — may change
-    between runs)."""
-    path = checkpoint / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointLoadError(f"{path}: missing; not a megavit checkpoint")
-    saved_info = json.loads(path.read_text())
-    current_info = run.describe()
-    differ = []
-    for section in ("model", "text", "contrastive"):
-        saved, current = saved_info.get(section), current_info.get(section)
-        if saved is None and current is None:
-            continue
-        if saved is None or current is None:
-            differ.append(f"a {'two-tower' if saved is not None else 'ViT'} checkpoint, a "
-                          f"{'two-tower' if current is not None else 'ViT'} run here")
-            continue
-        differ += config_differences(section, saved, current, _MAY_CHANGE.__contains__)
-        differ += [f"{k} {saved[k]!r} in the checkpoint, unknown here"
-                   for k in saved if k not in current]
-    if differ:
-        raise CheckpointLoadError(f"{checkpoint}: a different model, not loaded: "
-                                  + "; ".join(differ))
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory itself, or the latest one of a --save directory."""
@@ -124,15 +73,80 @@ def save_checkpoint(run: Checkpointable, save_dir: str, iteration: int, keep: in
     return final
 
 
-def resume(run: Checkpointable, load_dir: str | None, info: Callable[[str], None]) -> int:
-    """Load the latest checkpoint of `load_dir` into `run`; returns the iteration to
-    continue at (0 when there is nothing to load)."""
-    if not load_dir:
+def checkpoint_to_load(flag: str, path: str) -> Path | None:
+    """The checkpoint that `flag` (--load, --pretrained-checkpoint) names with `path`: a
+    checkpoint directory itself (iter_N/) or the latest of a --save directory; None for a
+    missing or empty directory (or one holding only an unfinished first save).
+    CheckpointDirectoryError naming what any other directory holds."""
+    root = Path(path)
+    if (root / CONFIG_FILE).is_file():
+        return root
+    if not root.is_dir():
+        if root.exists():
+            raise CheckpointDirectoryError(f"{flag} {path}: a file, not a checkpoint "
+                                           "directory")
+        return None
+    latest = CheckpointDirectory(root).latest()
+    if latest is not None:
+        return latest
+    entries = sorted(p.name for p in root.iterdir())
+    if all(e.startswith(".staging-") for e in entries):
+        return None
+    raise CheckpointDirectoryError(_not_a_checkpoint(flag, root, entries))
+
+
+def _not_a_checkpoint(flag: str, root: Path, entries: list[str]) -> str:
+    """What a directory without a checkpoint holds, and where a checkpoint may be."""
+    shown = ", ".join(e + ("/" if (root / e).is_dir() else "") for e in entries[:6])
+    more = f" and {len(entries) - 6} more" if len(entries) > 6 else ""
+    iters = [e for e in entries if e.startswith("iter_") and (root / e / CONFIG_FILE).is_file()]
+    if iters:
+        hint = (f"; its latest_checkpointed_iteration.txt is missing: pass {flag} "
+                f"{root / iters[-1]}")
+    else:
+        below = sorted(str(t.parent) for t in root.glob(f"*/{TRACKER}"))
+        below += sorted(str(t.parent) for t in root.glob(f"*/*/{TRACKER}"))
+        hint = f"; did you mean {flag} {below[0]}?" if below else ""
+    return (f"{flag} {root}: neither a checkpoint (no {CONFIG_FILE}) nor a --save directory "
+            f"(no {TRACKER}); it holds {shown}{more}{hint}")
+
+
+def resume(run: Checkpointable, load_dir: str | None, info: Callable[[str], None],
+           finetune: bool = False, pretrained: str | None = None,
+           reset_classifier: bool = False) -> int:
+    """Start `run` as the checkpoint flags say; returns the iteration to continue at.
+
+    --load's checkpoint: the whole training state (resume), or with `finetune` its weights
+    only (iteration 0). A missing or empty --load starts from scratch (the --load = --save
+    restart pattern), or from `pretrained`'s weights (--pretrained-checkpoint)."""
+    from megavit.checkpointing.pretrained import load_pretrained_weights
+
+    latest = checkpoint_to_load("--load", load_dir) if load_dir else None
+    if finetune:
+        if latest is None:
+            raise CheckpointDirectoryError(f"--finetune: --load {load_dir} holds no checkpoint "
+                                           "to take the weights from")
+        load_pretrained_weights(run, latest, info, reset_classifier)
         return 0
-    latest = CheckpointDirectory(load_dir).latest()
-    if latest is None:
-        info(f"no checkpoint in {load_dir}: starting from scratch")
-        return 0
+    if latest is not None:
+        return resume_training_state(run, latest, info)
+    if load_dir:
+        info(f"no checkpoint in {load_dir}: " + (f"fine-tuning from --pretrained-checkpoint "
+                                                 f"{pretrained}" if pretrained else
+                                                 "starting from scratch"))
+    if pretrained:
+        source = checkpoint_to_load("--pretrained-checkpoint", pretrained)
+        if source is None:
+            raise CheckpointDirectoryError(f"--pretrained-checkpoint {pretrained}: no "
+                                           "checkpoint there (missing or empty directory)")
+        load_pretrained_weights(run, source, info, reset_classifier)
+    return 0
+
+
+def resume_training_state(run: Checkpointable, latest: Path, info: Callable[[str], None]
+                          ) -> int:
+    """Load the whole training state of checkpoint `latest` into `run`; returns the
+    iteration to continue at."""
     start = time.perf_counter()
     check_model_config(latest, run)
     for name, data in run.checkpoint_files().items():     # e.g. the tokenizer: its ids index the embedding
@@ -141,12 +155,25 @@ def resume(run: Checkpointable, load_dir: str | None, info: Callable[[str], None
                                       "checkpoint was trained with another one, not loaded")
     description = run.describe()
     check_pieces(latest, serial_meta_model(description, 1), prefix="model/")
-    saved = json.loads((latest / CONFIG_FILE).read_text())["layout"]
+    saved_info = json.loads((latest / CONFIG_FILE).read_text())
+    saved = saved_info["layout"]
     same = saved == description["layout"]
     iteration = load_training_state(run, latest, same_layout=same)
     if not same:
         info(f"checkpoint saved at {saved}; this run's layout differs: weights and optimizer "
              "state resharded, dropout RNG streams start afresh")
+    if changed := schedule_changes(saved_info.get("schedule"), description.get("schedule")):
+        info(f"resumed with another schedule: {changed}; the lr and the data order from "
+             f"iteration {iteration} on follow this run's flags")
     info(f"loaded checkpoint | iteration {iteration} | path {latest} | seconds "
          f"{time.perf_counter() - start:.2f}")
     return iteration
+
+
+def schedule_changes(saved: dict | None, current: dict | None) -> str:
+    """"--train-iters 100 in the checkpoint, 200 here; ..." for the schedule flags that
+    differ (empty when none does, or the checkpoint predates recording them)."""
+    if not saved or not current:
+        return ""
+    return "; ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {v!r} here"
+                     for k, v in current.items() if k in saved and saved[k] != v)

@@ -268,6 +268,10 @@ def _check_two_tower_layout(base: Config, world_size: int) -> list[str]:
                         f"{dp}: "
                         "a contrastive loss needs every negative of the batch at once, so "
                         "there is no gradient accumulation")
+    if training.layer_decay not in (None, 1.0) or training.freeze_backbone:
+        problems.append("--layer-decay and --freeze-backbone fine-tune megavit.pretrain's "
+                        "classifier; a two-tower run locks its image tower with "
+                        "--lock-image-tower (LiT)")
     if parallel.recompute_granularity == "auto":
         problems.append("--recompute-granularity auto plans megavit.pretrain's pipeline "
                         "stages; for two towers choose selective or full (with "

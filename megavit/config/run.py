@@ -80,6 +80,21 @@ class TrainingConfig:
     label_smoothing: float = field(
         default=0.0, metadata=opt("Label smoothing of the cross-entropy loss.")
     )
+    layer_decay: float | None = field(
+        default=None,
+        metadata=opt(
+            "Layer-wise lr decay for fine-tuning (BEiT, timm): block i of L trains at "
+            "lr x decay^(L - i), the embeddings at lr x decay^(L + 1), the final norm and "
+            "head at lr. Unset or 1: every parameter at lr."
+        ),
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata=opt(
+            "Linear probe: train only the classifier, on the pooled features of the frozen "
+            "model (which runs forward only, in eval mode: no dropout or drop-path)."
+        ),
+    )
     seed: int = field(
         default=1234,
         metadata=opt(
@@ -251,9 +266,33 @@ class CheckpointConfig:
     )
     load: str | None = field(
         default=None,
-        metadata=opt("Resume from the latest checkpoint in this directory (weights, "
-                     "optimizer, loss scaler, iteration); a directory without one starts "
-                     "from scratch."),
+        metadata=opt("Resume from this --save directory's latest checkpoint, or from one "
+                     "checkpoint directory (iter_NNNNNNN/): weights, optimizer, loss "
+                     "scaler, iteration. A missing or empty directory starts from scratch "
+                     "(the --load = --save restart pattern); a directory holding anything "
+                     "else is an error."),
+    )
+    finetune: bool = field(
+        default=False,
+        metadata=opt("With --load: load the weights only; the optimizer, loss scaler, "
+                     "iteration, data position and lr schedule start fresh. A different "
+                     "--num-classes re-initialises the classifier and a different --img-h / "
+                     "--img-w resizes learned position tables (both logged); any other "
+                     "difference is refused. For a run that may restart, prefer "
+                     "--pretrained-checkpoint."),
+    )
+    reset_classifier: bool = field(
+        default=False,
+        metadata=opt("With --finetune / --pretrained-checkpoint: start the classifier afresh "
+                     "even when --num-classes matches the checkpoint's (a new task with the "
+                     "same class count)."),
+    )
+    pretrained_checkpoint: str | None = field(
+        default=None,
+        metadata=opt("Fine-tune from the weights of this checkpoint (a --save directory, a "
+                     "checkpoint directory, or tools/import_hf.py's output) as --finetune "
+                     "does, unless --load holds a checkpoint: then that run resumes, so "
+                     "--load DIR --save DIR --pretrained-checkpoint P restarts safely."),
     )
     keep_last_checkpoints: int = field(
         default=0,

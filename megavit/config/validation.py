@@ -26,7 +26,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     m, p = cfg.model, cfg.parallel
     problems = (_check_model(m) + _check_parallel(p, m) + _check_training(cfg.training)
                 + _check_precision(cfg.precision) + _check_data(cfg.data)
-                + _check_logging(cfg.logging) + _check_checkpoint(cfg.checkpoint))
+                + _check_logging(cfg.logging) + _check_checkpoint(cfg.checkpoint)
+                + _check_probe(cfg))
     if not problems:  # the checks below divide by the sizes checked above
         problems = (_check_model_shape(m) + _check_layout(cfg, world_size)
                     + _check_data_source(cfg.data, m) + _check_backend(p))
@@ -134,6 +135,12 @@ def _check_training(t: TrainingConfig) -> list[str]:
     if not 0.0 <= t.label_smoothing < 1.0:
         problems.append(f"--label-smoothing must be in [0, 1) (got {t.label_smoothing})")
     problems += _fraction({"--adam-beta1": t.adam_beta1, "--adam-beta2": t.adam_beta2})
+    if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
+        problems.append(f"--layer-decay must be in (0, 1] (got {t.layer_decay}); 0.65-0.75 "
+                        "is usual for fine-tuning a ViT-B")
+    if t.layer_decay is not None and t.layer_decay != 1.0 and t.freeze_backbone:
+        problems.append("--layer-decay scales the lr of the backbone's layers, which "
+                        "--freeze-backbone does not train; drop one of them")
     return problems + _at_least_1({"--lr-decay-iters": t.lr_decay_iters})
 
 
@@ -177,7 +184,44 @@ def _check_checkpoint(ck: CheckpointConfig) -> list[str]:
         problems.append("--save-interval / --keep-last-checkpoints need --save DIR")
     if ck.load and not os.path.isdir(ck.load) and ck.load != ck.save:
         problems.append(f"--load {ck.load}: no such directory")
-    return problems
+    if ck.finetune and not ck.load:
+        problems.append("--finetune loads the weights of --load DIR; add --load (or use "
+                        "--pretrained-checkpoint DIR)")
+    if ck.reset_classifier and not (ck.finetune or ck.pretrained_checkpoint):
+        problems.append("--reset-classifier applies when fine-tuning: add --pretrained-"
+                        "checkpoint DIR (or --load DIR --finetune)")
+    if ck.finetune and ck.pretrained_checkpoint:
+        problems.append("--finetune and --pretrained-checkpoint both choose the weights to "
+                        "fine-tune from; keep one")
+    if ck.pretrained_checkpoint and not os.path.isdir(ck.pretrained_checkpoint):
+        problems.append(f"--pretrained-checkpoint {ck.pretrained_checkpoint}: no such "
+                        "directory")
+    return problems + _check_save_directory(ck.save)
+
+
+def _check_probe(cfg: Config) -> list[str]:
+    checkpoint = cfg.checkpoint
+    if cfg.training.freeze_backbone and not (checkpoint.load or checkpoint.pretrained_checkpoint):
+        return ["--freeze-backbone trains a classifier on a frozen model: give it weights "
+                "with --pretrained-checkpoint DIR (or --load DIR --finetune)"]
+    return []
+
+
+def _check_save_directory(save: str | None) -> list[str]:
+    """--save must be creatable and writable now, not found wrong at the first save."""
+    if not save:
+        return []
+    path = os.path.abspath(save)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return [f"--save {save}: exists and is not a directory"]
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return [f"--save {save}: {parent} is a file, so the directory cannot be made"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"--save {save}: {parent} is not writable"]
+    return []
 
 
 def _check_model_shape(model: ModelConfig) -> list[str]:

@@ -220,16 +220,18 @@ class VisionTransformer(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None,
-                block_meter: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+                block_meter: contextlib.AbstractContextManager | None = None,
+                apply_head: bool = True) -> torch.Tensor:
         """`block_meter`, if given, is entered around the blocks only (e.g. a
-        SavedTensorMeter measuring their activations)."""
+        SavedTensorMeter measuring their activations). `apply_head` False: the last part
+        returns the pooled features [b, h] even when there is a classifier."""
         if self.pre_process:
             x = self.scatter_sequence(self.embed(x))
         with block_meter if block_meter is not None else contextlib.nullcontext():
             x = self.run_blocks(x, sample_ids)
         if self.post_process:
             x = self.pool(self.gather_sequence(x))
-            if self.head is not None:
+            if self.head is not None and apply_head:
                 x = self.head(x)
         return x
 
@@ -238,6 +240,20 @@ class VisionTransformer(nn.Module):
         the forward pass, or forward + backward (3x) when `training` (recomputation and
         sequence padding not counted: model FLOPs, as MFU uses)."""
         return vit_flops(self.cfg, batch_size, training)
+
+
+EMBEDDING_PARAMETERS = ("patch_embed.", "pos_embed.", "cls_token", "pre_norm.")
+
+
+def vit_layer_id(name: str, num_layers: int) -> int:
+    """The depth of parameter `name` for layer-wise lr decay: 0 for the embeddings (patches,
+    positions, class token, pre-norm), i + 1 for `blocks.i`, num_layers + 1 for the final
+    norm, the pooling head and the classifier."""
+    if name.startswith(EMBEDDING_PARAMETERS):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
 
 
 def vit_flops(cfg: ModelConfig, batch_size: int, training: bool = True) -> int:

@@ -238,6 +238,8 @@ class DataParallelBuffers:
     def bytes_per_parameter(self) -> dict[str, float]:
         """Bytes this rank keeps per parameter it trains, for parameters and gradients."""
         n = sum(p.numel() for b in self.buckets for p in b.params)
+        if n == 0:     # nothing trained on this rank (e.g. a frozen pipeline stage)
+            return {"params": 0.0, "grads": 0.0}
         params = sum(p.numel() * p.element_size() for b in self.buckets for p in b.params)
         return {"params": params / n,
                 "grads": self.grad_buffer.numel() * self.grad_buffer.element_size() / n}

@@ -4,7 +4,11 @@
                 sample ids), augmented per sample (data/sampler.py)
     model       this stage's chunks of the ViT (models/vit.py `build_stage`)
     loss        cross-entropy (with --label-smoothing) on the last stage, per micro-batch,
-                through the pipeline schedule (training/step.py `pipeline_forward_backward`)
+                through the pipeline schedule (training/step.py `pipeline_forward_backward`);
+                with --freeze-backbone (a linear probe) the model runs forward only and
+                only the classifier is trained
+    lr          --layer-decay: each parameter's lr scaled by its depth (models/vit.py
+                `vit_layer_id`)
     evaluate    held-out loss and top-1 accuracy, summed over DP, shared from the last stage
 
     run = classification_run(cfg, pstate)     # the engine's Run of this task
@@ -23,7 +27,7 @@ from megavit.config import Config, ConfigError
 from megavit.data.datasets import Dataset, build_datasets
 from megavit.data.sampler import MicroBatch, eval_batches, train_batches
 from megavit.models.transformer import Runtime
-from megavit.models.vit import build_stage
+from megavit.models.vit import build_stage, vit_layer_id
 from megavit.parallel.pipeline_executor import StepStats
 from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.state import ParallelState
@@ -57,6 +61,11 @@ def resolve_num_classes(cfg: Config, train: Dataset) -> Config:
     return cfg
 
 
+def is_classifier(name: str) -> bool:
+    """The parameters of the classifier on top of the pooled features (`head.*`)."""
+    return name.startswith("head.")
+
+
 def _count(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
@@ -83,11 +92,24 @@ class ClassificationTask:
 
     def build_model(self, runtime: Runtime, layout: PipelineLayout, stage: int,
                     pstate: ParallelState, dtype: torch.dtype) -> nn.Module:
-        return build_stage(self.config.model, runtime, self.config.training.seed, layout,
-                           stage, pstate.device, dtype)
+        model = build_stage(self.config.model, runtime, self.config.training.seed, layout,
+                            stage, pstate.device, dtype)
+        if self.config.training.freeze_backbone:
+            for name, param in model.named_parameters():
+                param.requires_grad_(is_classifier(name))
+        return model
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return list(model.named_parameters())
+        """Every parameter; with --freeze-backbone the classifier's only."""
+        return [(name, p) for name, p in model.named_parameters()
+                if not self.config.training.freeze_backbone or is_classifier(name)]
+
+    def lr_scale(self, name: str) -> float:
+        """--layer-decay d: d^(L + 1 - depth) (1 for the head; 1 everywhere without it)."""
+        decay, layers = self.config.training.layer_decay, self.config.model.num_layers
+        if decay is None or decay == 1.0:
+            return 1.0
+        return decay ** (layers + 1 - vit_layer_id(name, layers))
 
     @property
     def train_size(self) -> int:
@@ -105,7 +127,35 @@ class ClassificationTask:
 
     def forward_backward(self, run: Run, batch: list[MicroBatch], loss_scale: float | None,
                          measure: bool) -> tuple[torch.Tensor, StepStats]:
+        if self.config.training.freeze_backbone:
+            return self.probe_forward_backward(run, batch, loss_scale)
         return pipeline_forward_backward(run, batch, self.loss_fn, loss_scale, measure)
+
+    def probe_forward_backward(self, run: Run, micro_batches: list[MicroBatch],
+                               loss_scale: float | None) -> tuple[torch.Tensor, StepStats]:
+        """--freeze-backbone: the model forward only, in eval mode, through a forward-only
+        pipeline schedule (no activations kept, no gradient between stages); on the last
+        stage the classifier's forward and backward on each micro-batch's pooled features
+        [m, h] (its loss / M, times the loss scale). Returns the summed loss (last stage)."""
+        n = len(micro_batches)
+        total = torch.zeros((), device=run.pstate.device)
+        head = run.model.chunks[-1].head if run.is_last_stage else None
+
+        def train_head(mb: int, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            with torch.enable_grad():
+                loss = self.loss_fn(head(features), labels) / n
+                (loss * loss_scale if loss_scale is not None else loss).backward()
+            total = total + loss.detach()
+            return features.new_zeros(())
+
+        run.model.eval()
+        try:
+            stats = run_micro_batches(run.model, run.executor, micro_batches, run.pstate,
+                                      train_head, forward_only=True, apply_head=False)
+        finally:
+            run.model.train()
+        return total, stats
 
     @torch.no_grad()
     def evaluate(self, run: Run) -> dict[str, float]:
@@ -147,6 +197,25 @@ class ClassificationTask:
     def log_lines(self, run: Run) -> list[str]:
         cfg, m, t = self.config, self.config.model, self.config.training
         total = parameter_count(run, run.model.parameters())
+        return self._lines(run, total) + self._finetuning_lines(run, total)
+
+    def _finetuning_lines(self, run: Run, total: float) -> list[str]:
+        training, layers = self.config.training, self.config.model.num_layers
+        lines = []
+        if training.freeze_backbone:
+            trained = parameter_count(run, (p for _, p in self.trainable_parameters(run.model)))
+            lines.append(f"linear probe: the backbone is frozen (forward only, eval mode); "
+                         f"training the classifier's {int(trained):,} of {int(total):,} "
+                         "parameters")
+        if training.layer_decay not in (None, 1.0):
+            decay = training.layer_decay
+            lines.append(f"layer-wise lr decay {decay}: embeddings x{decay ** (layers + 1):.3g}, "
+                         f"block 0 x{decay ** layers:.3g}, block {layers - 1} x{decay:.3g}, "
+                         "final norm and head x1")
+        return lines
+
+    def _lines(self, run: Run, total: float) -> list[str]:
+        cfg, m, t = self.config, self.config.model, self.config.training
         return [
             f"model: {cfg.preset or 'custom'} | block {m.block_type} | layers {m.num_layers} "
             f"| hidden {m.hidden_size} | heads {m.num_attention_heads} | ffn {m.ffn_hidden_size} "

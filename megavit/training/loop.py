@@ -50,6 +50,9 @@ def parameter_count(run: Run, params) -> float:
 def memory_per_parameter_line(run: Run) -> str:
     """The measured bytes per trained parameter on this rank, against the formula for this
     setting and for the other optimizer form (sharded vs unsharded)."""
+    if not run.optimizer.masters:
+        return ("memory per trained parameter on this rank: nothing is trained on this rank "
+                "(frozen or locked)")
     mem = run.optimizer.bytes_per_parameter()
     p_bytes = next(run.model.parameters()).element_size()
     g_bytes = run.buffers.grad_buffer.element_size()
@@ -174,7 +177,8 @@ def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
     last: dict[str, Any] = {}
     paused = 0.0        # seconds spent evaluating and saving, kept out of the throughput
     memory_logged = False
-    first = resume(run, checkpoint.load, log.info)
+    first = resume(run, checkpoint.load, log.info, checkpoint.finetune,
+                   checkpoint.pretrained_checkpoint, checkpoint.reset_classifier)
     run.model.train()
     for iteration, batch in zip(range(first, iters), run.batches(first, iters)):
         result = run.step(iteration, batch)

@@ -13,7 +13,8 @@ A step: gradients (reduced over DP by `DataParallelBuffers`) -> divide by the lo
 inf/NaN anywhere? (one all-reduce over all ranks; if so every rank skips the step) -> clip
 by the global norm (TP once for replicated parameters, PP, and DP shards when sharded) ->
 AdamW -> copy back / all-gather. No weight decay on norms, biases, position embeddings,
-the class token or the MAP probe.
+the class token or the MAP probe. Each parameter may train at its own multiple of the lr
+(`lr_scale`, e.g. layer-wise decay): one AdamW group per (weight decay, lr scale).
 
 Bytes per parameter on a rank (bf16 parameters, fp32 gradients): 2 + 4 + 12 (master and two
 moments) = 18 unsharded, 2 + 4 + 12/d sharded; fp32 parameters need no separate master (the
@@ -24,6 +25,7 @@ and 4 + 4 + 8/d. `bytes_per_parameter` reports the measured figures.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -93,7 +95,9 @@ class MixedPrecisionOptimizer:
     """AdamW for this rank's parameters, reading gradients from `buffers`."""
 
     def __init__(self, buffers: DataParallelBuffers, cfg: TrainingConfig, pstate: ParallelState,
-                 master_weights: bool) -> None:
+                 master_weights: bool, lr_scale: Callable[[str], float] | None = None) -> None:
+        """`lr_scale(parameter name)`: the multiple of the scheduled lr it trains at
+        (default 1 for every parameter)."""
         self.buffers, self.cfg, self.pstate = buffers, cfg, pstate
         self.segments = buffers.segments()
         self.own_params = not master_weights and not buffers.shard
@@ -109,10 +113,13 @@ class MixedPrecisionOptimizer:
             for s in self.segments:
                 a, b = s.param_range
                 self.masters.append(nn.Parameter(s.param.detach().reshape(-1)[a:b].float().clone()))
-        groups = [{"params": [m for m, s in zip(self.masters, self.segments) if d ==
-                              decays(s.name, s.param)], "weight_decay": wd}
-                  for d, wd in ((True, cfg.weight_decay), (False, 0.0))]
-        groups = [g for g in groups if g["params"]]
+        by_group: dict[tuple[bool, float], list[nn.Parameter]] = {}
+        for m, s in zip(self.masters, self.segments):
+            key = (decays(s.name, s.param), lr_scale(s.name) if lr_scale else 1.0)
+            by_group.setdefault(key, []).append(m)
+        groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                   "lr_scale": scale}
+                  for (decay, scale), params in sorted(by_group.items(), reverse=True)]
         # a rank may train nothing (a locked image tower's pipeline stage under LiT); it still
         # joins the step's collectives (found-inf, gradient norm)
         self.adamw, self.implementation = (_adamw(groups, cfg) if groups else
@@ -148,7 +155,7 @@ class MixedPrecisionOptimizer:
         for m, g in zip(self.masters, grads):
             m.grad = g.view_as(m)
         for group in self.adamw.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         self.adamw.step()
         for m in self.masters:
             m.grad = None
@@ -174,6 +181,15 @@ class MixedPrecisionOptimizer:
     def separate_masters(self) -> bool:
         """fp32 master copies apart from the parameters (16-bit parameters)."""
         return not (self.own_params or self.masters_are_views)
+
+    @torch.no_grad()
+    def copy_params_to_masters(self) -> None:
+        """After the parameters were loaded (fine-tuning from weights only): the fp32
+        masters follow them (with fp32 parameters the masters are the parameters or views
+        of their buffer already)."""
+        for s, m in zip(self.segments, self.masters if self.separate_masters else []):
+            a, b = s.param_range
+            m.detach().copy_(s.param.detach().reshape(-1)[a:b].float())
 
     @torch.no_grad()
     def copy_masters_to_params(self) -> None:

@@ -20,6 +20,8 @@ A task supplies only what is particular to its workload:
                                count the dataset fixed)
     build_model(...)           this pipeline stage's part of the model
     trainable_parameters(m)    what the gradient buffer and the optimizer hold
+    lr_scale(name)             the multiple of the lr a parameter trains at (1; e.g.
+                               layer-wise decay)
     train_size, batches(...)   the training set's size (the sampler's range) and this
                                rank's batches of iterations [start, stop)
     micro_batch_count(batch)   how many micro-batches one step's batch holds
@@ -76,6 +78,8 @@ class Task(Protocol):
                     pstate: ParallelState, dtype: torch.dtype) -> nn.Module: ...
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]: ...
+
+    def lr_scale(self, name: str) -> float: ...
 
     @property
     def train_size(self) -> int: ...
@@ -137,6 +141,14 @@ def lr_schedule(training) -> LRSchedule:
     """--lr, --min-lr, warm-up and decay (over --lr-decay-iters, default --train-iters)."""
     return LRSchedule(training.lr, training.min_lr, training.lr_warmup_iters,
                       training.lr_decay_iters or training.train_iters, training.lr_decay_style)
+
+
+def schedule_description(training) -> dict[str, Any]:
+    """The flags that fix the lr and the data position of every iteration (recorded in a
+    checkpoint, so a resume with other values can say so)."""
+    return {k: getattr(training, k) for k in (
+        "train_iters", "global_batch_size", "lr", "min_lr", "lr_warmup_iters",
+        "lr_decay_iters", "lr_decay_style", "seed")}
 
 
 def pipeline_layout(cfg: Config) -> PipelineLayout:
@@ -244,7 +256,8 @@ class Run:
         return cls(
             cfg=cfg, task=task, pstate=pstate, model=model, buffers=buffers,
             optimizer=MixedPrecisionOptimizer(buffers, training, pstate,
-                                              master_weights=dtype != torch.float32),
+                                              master_weights=dtype != torch.float32,
+                                              lr_scale=task.lr_scale),
             scaler=loss_scaler(precision), lr_schedule=lr_schedule(training),
             sampler=GlobalBatchSampler(task.train_size, training.global_batch_size,
                                        training.seed),
@@ -292,7 +305,8 @@ class Run:
                 "layout": {"tp": p.tp.size, "pp": p.pp.size, "dp": p.dp.size,
                            "virtual_stages": self.layout.chunks,
                            "distributed_optimizer": self.buffers.shard},
-                "precision": dataclasses.asdict(self.cfg.precision)}
+                "precision": dataclasses.asdict(self.cfg.precision),
+                "schedule": schedule_description(self.cfg.training)}
 
     def checkpoint_files(self) -> dict[str, bytes]:
         return self.task.checkpoint_files()

@@ -62,10 +62,12 @@ def activation_shape(stage: nn.Module, batch: int) -> tuple[int, int, int]:
 def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
                       micro_batches: list[MicroBatch], pstate: ParallelState,
                       on_logits: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
-                      forward_only: bool = False, measure: bool = False) -> StepStats:
+                      forward_only: bool = False, measure: bool = False,
+                      apply_head: bool = True) -> StepStats:
     """Run this stage's schedule over `micro_batches`. On the model's last chunk,
     `on_logits(mb, logits, labels)` returns what to back-propagate (the micro-batch's
-    share of the loss). `measure`: record the blocks' saved activation bytes."""
+    share of the loss). `measure`: record the blocks' saved activation bytes.
+    `apply_head` False: the last chunk hands `on_logits` the pooled features instead."""
     device = pstate.device
     actions = build_schedule(len(micro_batches), executor.layout.stages, executor.stage,
                              executor.layout.chunks, forward_only)
@@ -75,7 +77,8 @@ def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
     def forward(chunk: int, mb: int, x: torch.Tensor | None, meter) -> torch.Tensor:
         batch = micro_batches[mb]
         inputs = batch.images.to(device, dtype, non_blocking=True) if x is None else x
-        return stage.chunks[chunk](inputs, batch.sample_ids, block_meter=meter)
+        return stage.chunks[chunk](inputs, batch.sample_ids, block_meter=meter,
+                                   apply_head=apply_head)
 
     def loss(mb: int, logits: torch.Tensor) -> torch.Tensor:
         return on_logits(mb, logits, micro_batches[mb].labels.to(device, non_blocking=True))

@@ -30,8 +30,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from megavit.checkpointing.checkpointer import (CONFIG_FILE, config_differences,
-                                                resolve_checkpoint)
+from megavit.checkpointing.checkpointer import resolve_checkpoint
+from megavit.checkpointing.model_config import CONFIG_FILE, config_differences
 from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
                                                load_state, model_state_dict)
 from megavit.config import Config, ContrastiveRunConfig, ModelConfig, section_to_dict
@@ -96,6 +96,9 @@ class ImageTextTask:
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return model.trainable_parameters()
+
+    def lr_scale(self, name: str) -> float:
+        return 1.0
 
     @property
     def train_size(self) -> int:
