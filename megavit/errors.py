@@ -4,6 +4,8 @@
                  checkpoint, launch environment, a model that does not convert
     RunFailure   exit status 1: the run itself failed — a NaN/inf loss or gradient, a
                  collective whose peer died or hung
+    StoppedBySignal  exit status 128 + signal: SIGTERM / SIGINT stopped the run after a
+                 step, its checkpoint saved (not an error: the run can resume)
 
 Every error class of the package subclasses one of them and keeps its older base too
 (`ConfigError(UserError, ValueError)`, `CollectiveError(RunFailure, RuntimeError)`), so
@@ -22,3 +24,14 @@ class UserError(Exception):
 class RunFailure(Exception):
     """The run failed while training: a NaN/inf, a failed collective (exit status 1); the
     message names the iteration, rank or group."""
+
+
+class StoppedBySignal(Exception):
+    """The run stopped early on SIGTERM / SIGINT after a consistent step (and a checkpoint
+    when --save is set); the training log said where. Exit status 128 + the signal number
+    (143 for SIGTERM, 130 for SIGINT), as a shell reports a signalled process."""
+
+    def __init__(self, message: str, signal_number: int, logged: bool = True) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
+        self.logged = logged      # the training log has said it already

@@ -22,6 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m megavit.pretrain"
     from megavit.parallel.launcher import LaunchError, detect_launch
 
+    from megavit.run_entry import report_config_error
+
+    info = None
     try:
         cfg = parse_args(argv)
         info = detect_launch()
@@ -30,8 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--num-classes 0 builds a feature extractor; pretraining needs a "
                               "classifier (leave --num-classes unset to use the dataset's)")
     except (ConfigError, LaunchError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return report_config_error(prog, e, info.rank if info else None)
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
@@ -46,12 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         dp = info.world_size // model_parallel
         check_schedule(cfg, pipeline_layout(cfg), dp)
     except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return report_config_error(prog, e, info.rank)
     from megavit.run_entry import start_and_train
 
     return start_and_train(prog, parallel, info.local_world_size,
-                           lambda pstate: pretrain(ClassificationTask(cfg), pstate))
+                           lambda pstate: pretrain(ClassificationTask(cfg), pstate),
+                           cfg.checkpoint.exit_signal_handler)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ from megavit.config.contrastive import PROG
 
 def main(argv: Sequence[str] | None = None) -> int:
     from megavit.parallel.launcher import LaunchError, detect_launch
+    from megavit.run_entry import report_config_error
 
+    info = None
     try:
         cfg = parse_contrastive_args(argv)
         info = detect_launch()
         validate_contrastive(cfg, world_size=info.world_size)
     except (ConfigError, LaunchError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return report_config_error(PROG, e, info.rank if info else None)
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
@@ -38,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megavit.training.loop import pretrain
 
     return start_and_train(PROG, cfg.base.parallel, info.local_world_size,
-                           lambda pstate: pretrain(ImageTextTask(cfg), pstate))
+                           lambda pstate: pretrain(ImageTextTask(cfg), pstate),
+                           cfg.base.checkpoint.exit_signal_handler)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.checkpointing.offline import ConvertError
 from megavit.checkpointing.reshard import reshard
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError
+from megavit.config.fields import finite_float
 from megavit.interop.consolidate import consolidate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,7 +38,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None) -> argparse.Namespace:
     intro, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(description=intro, epilog=rest,
+    p = argparse.ArgumentParser(allow_abbrev=False, description=intro, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a checkpoint (iter_N/) or a --save directory (its latest)")
     what = p.add_mutually_exclusive_group(required=True)
@@ -50,7 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(same iteration number; the pointer names it)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="consolidate: the weights' dtype (default: as stored)")
-    p.add_argument("--buffer-mb", type=float, default=1024.0,
+    p.add_argument("--overwrite", action="store_true",
+                   help="consolidate: replace an existing --to-safetensors file (refused "
+                        "without it)")
+    p.add_argument("--buffer-mb", type=finite_float, default=1024.0,
                    help="read at most this many MiB of stored tensors at once (a larger "
                         "tensor is read alone); default 1024")
     args = p.parse_args(argv)
@@ -64,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     elif args.output:
         p.error("--output applies to --target-tensor-parallel-size; --to-safetensors names "
                 "its file")
+    if args.overwrite and not args.to_safetensors:
+        p.error("--overwrite applies to --to-safetensors (a reshard --output directory that "
+                "exists is refused; remove it first)")
     if args.buffer_mb <= 0:
         p.error("--buffer-mb must be positive")
     return args
@@ -81,6 +88,9 @@ def main(argv=None) -> int:
             if out.is_dir() or not out.parent.is_dir():
                 raise ConvertError(f"--to-safetensors {out}: must name a file in an existing "
                                    "directory")
+            if out.exists() and not args.overwrite:
+                raise ConvertError(f"--to-safetensors {out}: exists; pass --overwrite to "
+                                   "replace it")
             consolidate(source, out, DTYPES.get(args.dtype), buffer, report)
         else:
             reshard(source, args.output, args.target_tensor_parallel_size, buffer, report)

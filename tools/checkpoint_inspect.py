@@ -3,11 +3,14 @@
     python tools/checkpoint_inspect.py runs/vit22b/ckpt            # the latest checkpoint
     python tools/checkpoint_inspect.py runs/vit22b/ckpt/iter_0002000 --tensors
 
-Prints the iteration, the layout it was saved at, the model flags, the number of stored
-tensors and their total size by group (model, optimizer moments, masters); `--tensors` lists
-every tensor with its serial shape, dtype and size. Reads only `megavit_config.json` and the
-DCP metadata (through the allowlisting reader: nothing in the file can run code), so it is
-instant even for ViT-22B. Exit status 2 with a message for a path that is not a checkpoint.
+Prints the iteration, the layout it was saved at, the model flags (as they are passed to
+megavit.pretrain: paste them back), the number of stored tensors and their total size by
+group (model, optimizer moments, masters); `--tensors` lists every tensor with its serial
+shape, dtype and size. Reads only `megavit_config.json`, the DCP metadata (through the
+allowlisting reader: nothing in the file can run code) and the sizes of the shard files
+(a missing or truncated one is an error, as loading would find), so it is instant even for
+ViT-22B. Exit status 2 with a message for a path that is not a checkpoint or is
+incomplete.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from pathlib import Path
 
 from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
 from megavit.checkpointing.directory import CheckpointDirectoryError
-from megavit.checkpointing.safe_reader import SafeFileSystemReader, UnsafeCheckpointError
+from megavit.checkpointing.safe_reader import UnsafeCheckpointError, check_checkpoint
+from megavit.config import ModelConfig, TextConfig, section_from_dict
+from megavit.interop.mapping import model_flags
 
 
 def group_of(name: str) -> str:
@@ -30,14 +35,14 @@ def group_of(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("path", help="a checkpoint (iter_N/) or a --save directory (its latest)")
     p.add_argument("--tensors", action="store_true", help="list every stored tensor")
     args = p.parse_args(argv)
     try:
         ckpt = resolve_checkpoint(Path(args.path))
         info = json.loads((ckpt / CONFIG_FILE).read_text())
-        metadata = SafeFileSystemReader(str(ckpt)).read_metadata()
+        metadata = check_checkpoint(ckpt)      # also: every shard file there, none truncated
     except (CheckpointDirectoryError, UnsafeCheckpointError, FileNotFoundError,
             json.JSONDecodeError) as e:
         print(f"checkpoint_inspect: error: {e}", file=sys.stderr)
@@ -52,8 +57,11 @@ def main(argv=None) -> int:
         src = layout["resharded_from"]
         print(f"resharded offline from: tp {src['tp']} x pp {src['pp']} x dp {src['dp']} (stored "
               f"blocks are tp {layout['tp']}'s; RNG streams dropped)")
-    model = info["model"]
-    print("model: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(model.items())))
+    print("model flags: " + " ".join(model_flags(ModelConfig(**info["model"]))))
+    if "text" in info:
+        text = {k: v for k, v in info["text"].items() if k not in ("vocab_size", "pad_id",
+                                                                   "eos_id")}
+        print("text tower flags: " + " ".join(model_flags(section_from_dict(TextConfig, text))))
     sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     rows = []
     for name, md in sorted(metadata.state_dict_metadata.items()):

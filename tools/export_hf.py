@@ -32,13 +32,14 @@ from megavit.checkpointing.directory import CheckpointDirectoryError
 from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.checkpointing.offline import ConvertError
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError
+from megavit.config.fields import finite_float
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None) -> int:
     intro, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(description=intro, epilog=rest,
+    p = argparse.ArgumentParser(allow_abbrev=False, description=intro, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True,
                    help="a checkpoint (iter_N/) or a --save directory (its latest)")
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
                    help="the target library (see above for what maps where)")
     p.add_argument("--output", required=True, help="a new directory to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: stored)")
-    p.add_argument("--buffer-mb", type=float, default=1024.0,
+    p.add_argument("--buffer-mb", type=finite_float, default=1024.0,
                    help="read at most this many MiB of tensors at once (default 1024)")
     args = p.parse_args(argv)
     if args.buffer_mb <= 0:

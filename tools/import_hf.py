@@ -24,18 +24,19 @@ import sys
 from megavit.checkpointing.directory import CheckpointDirectoryError
 from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.checkpointing.offline import ConvertError
+from megavit.config.fields import finite_float
 
 
 def main(argv=None) -> int:
     intro, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(description=intro, epilog=rest,
+    p = argparse.ArgumentParser(allow_abbrev=False, description=intro, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="a timm or transformers model directory")
     p.add_argument("--save", required=True, help="the --save directory to write iteration 0 of")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="store the tensors in the blocks this TP size reads (default 1; any "
                         "layout loads the checkpoint)")
-    p.add_argument("--buffer-mb", type=float, default=1024.0,
+    p.add_argument("--buffer-mb", type=finite_float, default=1024.0,
                    help="make and write at most this many MiB of training state at once "
                         "(default 1024)")
     args = p.parse_args(argv)

@@ -111,7 +111,7 @@ def write_shards(samples: Iterator[dict], output: Path, per_shard: int) -> tuple
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--from", dest="source", choices=("digits", "mnist5k", "csv"), required=True,
                    help="the embedded captioned digits / MNIST-5k, or a --csv file")

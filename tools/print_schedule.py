@@ -17,7 +17,7 @@ from megavit.parallel.schedules import ScheduleError, build_schedule, format_sch
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--pipeline-model-parallel-size", type=int, required=True, metavar="P",
                    help="pipeline stages")
     p.add_argument("--micro-batches", type=int, required=True, metavar="M",

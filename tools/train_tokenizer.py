@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from megavit.config.fields import finite_float
 from megavit.data.tokenizer import CLEANINGS, TokenizerError, train_tokenizer
 
 
@@ -45,7 +46,7 @@ class _Progress:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True,
                    help="UTF-8 text file, one caption per line (empty lines are skipped)")
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
                         "--lowercase and --strip-punctuation above) or 'siglip' "
                         "(transformers' SiglipTokenizer: lower-cased, ASCII punctuation "
                         "deleted; --lowercase still applies, --strip-punctuation does not)")
-    p.add_argument("--character-coverage", type=float, default=0.9995,
+    p.add_argument("--character-coverage", type=finite_float, default=0.9995,
                    help="share of the corpus's characters the vocabulary must cover (1.0: "
                         "all; rarer characters become <unk> otherwise)")
     p.add_argument("--max-sentences", type=int, default=None,

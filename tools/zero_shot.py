@@ -79,7 +79,7 @@ def _image_folder(root: Path, model_cfg: ModelConfig):
 
 def main(argv=None) -> int:
     intro, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(description=intro, epilog=rest,
+    p = argparse.ArgumentParser(allow_abbrev=False, description=intro, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a two-tower checkpoint (iter_N/) or a --save directory")
     source = p.add_mutually_exclusive_group(required=True)

@@ -12,6 +12,7 @@ it names, at whatever layout this run has.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,17 @@ def _size_mb(path: Path) -> float:
 def save_checkpoint(run: Checkpointable, save_dir: str, iteration: int, keep: int,
                     info: Callable[[str], None]) -> Path:
     """Save the state to continue at `iteration` as SAVE/iter_<iteration>; returns it."""
+    try:
+        return _save(run, save_dir, iteration, keep, info)
+    except BaseException:   # e.g. Ctrl-C twice, a failed collective: leave no half save
+        if run.pstate.rank == 0:
+            shutil.rmtree(CheckpointDirectory(save_dir).staging_path(iteration),
+                          ignore_errors=True)
+        raise
+
+
+def _save(run: Checkpointable, save_dir: str, iteration: int, keep: int,
+          info: Callable[[str], None]) -> Path:
     start = time.perf_counter()
     directory = CheckpointDirectory(save_dir)
     main = run.pstate.rank == 0

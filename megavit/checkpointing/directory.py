@@ -135,6 +135,13 @@ class CheckpointDirectory:
                  if p.is_dir() and (m := _NAME.fullmatch(p.name))]
         return sorted(found)
 
+    def remove_staging(self) -> list[Path]:
+        """Remove what saves that never finished left (`.staging-*`); returns it."""
+        removed = sorted(self.root.glob(".staging-*")) if self.root.is_dir() else []
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
+
     def prune(self, keep: int) -> list[Path]:
         """Remove all but the newest `keep` complete checkpoints (never the latest), and
         leftovers of crashed saves; returns what was removed."""

@@ -23,8 +23,8 @@ from torch import nn
 
 from megavit.checkpointing.errors import CheckpointLoadError
 from megavit.checkpointing.pieces import meta_model, piece_blocks, pieces_of
-from megavit.checkpointing.safe_reader import (SafeFileSystemReader, check_checkpoint,
-                                               failure_causes)
+from megavit.checkpointing.safe_reader import (CorruptCheckpointError, SafeFileSystemReader,
+                                               check_checkpoint, failure_causes)
 from megavit.parallel.sharding import get_tp_shard
 from megavit.parallel.state import ParallelState
 
@@ -111,6 +111,10 @@ def load_state(state: dict[str, torch.Tensor], path: str | os.PathLike, pstate: 
                      storage_reader=SafeFileSystemReader(os.fspath(path)),
                      no_dist=pstate.mesh is None)
     except CheckpointException as e:
+        for failure in getattr(e, "failures", {}).values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, CorruptCheckpointError):
+                raise CorruptCheckpointError(str(cause)) from e
         raise CheckpointLoadError(f"{path}: does not fit this {what}, nothing was loaded: "
                                   + failure_causes(e)) from e
 

@@ -34,6 +34,10 @@ class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint whose metadata names something outside the allowlist."""
 
 
+class CorruptCheckpointError(UserError, RuntimeError):
+    """A checkpoint data file whose bytes do not decode (the message names the file)."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def __init__(self, file, path: Path) -> None:
         super().__init__(file)
@@ -78,7 +82,29 @@ def failure_causes(error: Exception) -> str:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """A `FileSystemReader` whose metadata is read through the allowlist above."""
+    """A `FileSystemReader` whose metadata is read through the allowlist above, and whose
+    data files, when their bytes do not decode, are named as corrupt."""
+
+    def read_data(self, plan, planner):
+        opened: list[str] = []
+        create_stream = self.fs.create_stream
+
+        def tracked(path, mode):
+            opened.append(os.fspath(path))
+            return create_stream(path, mode)
+
+        self.fs.create_stream = tracked
+        try:
+            return super().read_data(plan, planner)
+        except (pickle.UnpicklingError, UnicodeDecodeError, EOFError, RuntimeError,
+                ValueError, OSError) as e:
+            where = opened[-1] if opened else os.fspath(self.path)
+            detail = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+            raise CorruptCheckpointError(
+                f"{where}: corrupt ({type(e).__name__}: {detail}); its bytes do not decode, "
+                "so this checkpoint cannot be loaded: load an earlier one") from e
+        finally:
+            self.fs.create_stream = create_stream
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = Path(os.fspath(self.path)) / ".metadata"

@@ -13,6 +13,7 @@ flag, e.g. ``text_hidden_size`` — is what the parser produces, what presets gi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +27,17 @@ class ConfigError(UserError, ValueError):
 def opt(help: str, choices: Sequence[Any] | None = None) -> dict:
     """Metadata for a config field: its help text and optional choices."""
     return {"help": help, "choices": choices}
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a number, not nan or inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+finite_float.__name__ = "finite number"   # argparse: "invalid finite number value: 'nan'"
 
 
 def field_type(f: dataclasses.Field) -> type:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from megavit.config.fields import (ConfigError, FlagField, field_type, flag_fields,
-                                   section_from_dict)
+from megavit.config.fields import (ConfigError, FlagField, field_type, finite_float,
+                                   flag_fields, section_from_dict)
 from megavit.config.model import ModelConfig
 from megavit.config.parallel import ParallelConfig
 from megavit.config.presets import (PRESETS, TEXT_PRESETS, preset_help, preset_model_config,
@@ -48,7 +48,7 @@ def build_parser(prog: str = "python -m megavit.pretrain",
     """The argument parser, one group per config dataclass; defaults are left unset so
     that explicit flags can be told apart from preset values."""
     parser = _ArgumentParser(prog=prog, description=description,
-                             argument_default=argparse.SUPPRESS)
+                             argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--preset", choices=tuple(PRESETS), help=preset_help())
     if any(name == "text" for name, _ in sections):
         parser.add_argument("--text-preset", choices=tuple(TEXT_PRESETS),
@@ -67,15 +67,16 @@ def _flag(ff: FlagField) -> str:
 def _argument(section: str, ff: FlagField) -> dict[str, Any]:
     """argparse's keyword arguments for flag `ff` of `section` (dest "section.flat_name")."""
     typ = field_type(ff.field)
+    parse = finite_float if typ is float else typ
     help_text = ff.help + f" (default: {ff.default})"
     kwargs: dict[str, Any] = {"dest": f"{section}.{ff.name}",
                               "help": help_text.replace("%", "%%")}
     if typ is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif ff.field.metadata.get("choices"):
-        kwargs.update(type=typ, choices=ff.field.metadata["choices"])
+        kwargs.update(type=parse, choices=ff.field.metadata["choices"])
     else:
-        kwargs.update(type=typ, metavar=ff.name.upper())
+        kwargs.update(type=parse, metavar=ff.name.upper())
     return kwargs
 
 

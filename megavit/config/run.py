@@ -253,7 +253,7 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     """Where training state is saved and resumed from (torch.distributed.checkpoint;
-    readable at any parallel layout)."""
+    readable at any parallel layout), and how a run stops early without losing it."""
 
     save: str | None = field(
         default=None,
@@ -297,6 +297,19 @@ class CheckpointConfig:
     keep_last_checkpoints: int = field(
         default=0,
         metadata=opt("Keep only this many newest checkpoints in --save (0: keep all)."),
+    )
+    exit_signal_handler: bool = field(
+        default=True,
+        metadata=opt("On SIGTERM or SIGINT (Slurm preemption, Ctrl-C, torchrun forwarding "
+                     "either) every rank finishes the step it is in, saves a checkpoint if "
+                     "--save is set, and exits with 128 + the signal number; a second Ctrl-C "
+                     "(after 2 s) aborts at once. Under torchrun give the save time: "
+                     "--shutdown-timeout. --no-exit-signal-handler: signals act as usual."),
+    )
+    exit_duration_in_mins: float | None = field(
+        default=None,
+        metadata=opt("Stop after this many minutes of wall time (checked after each step, "
+                     "agreed by every rank), save a checkpoint if --save is set, exit 0."),
     )
 
 

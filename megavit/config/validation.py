@@ -184,6 +184,9 @@ def _check_checkpoint(ck: CheckpointConfig) -> list[str]:
         problems.append("--save-interval / --keep-last-checkpoints need --save DIR")
     if ck.load and not os.path.isdir(ck.load) and ck.load != ck.save:
         problems.append(f"--load {ck.load}: no such directory")
+    if ck.exit_duration_in_mins is not None and ck.exit_duration_in_mins <= 0:
+        problems.append(f"--exit-duration-in-mins must be positive (got "
+                        f"{ck.exit_duration_in_mins})")
     if ck.finetune and not ck.load:
         problems.append("--finetune loads the weights of --load DIR; add --load (or use "
                         "--pretrained-checkpoint DIR)")

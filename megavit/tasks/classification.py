@@ -195,7 +195,6 @@ class ClassificationTask:
         return {}
 
     def log_lines(self, run: Run) -> list[str]:
-        cfg, m, t = self.config, self.config.model, self.config.training
         total = parameter_count(run, run.model.parameters())
         return self._lines(run, total) + self._finetuning_lines(run, total)
 

@@ -12,11 +12,14 @@ evaluation and the summary line.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from megavit.checkpointing.checkpointer import resume, save_checkpoint
+from megavit.checkpointing.directory import CheckpointDirectory
+from megavit.errors import StoppedBySignal
 from megavit.parallel.schedules import build_schedule, format_schedule, theoretical_bubble
 from megavit.parallel.state import ParallelState
 from megavit.training.grad_scaler import ConstantGradScaler
@@ -26,6 +29,7 @@ from megavit.training.peak_flops import device_peak_flops
 from megavit.training.recompute_plan import GIB
 from megavit.training.run import Run, Task, param_dtype
 from megavit.training.step import StepResult
+from megavit.training.stopping import StopRequests
 
 
 def pretrain(task: Task, pstate: ParallelState) -> dict[str, Any]:
@@ -167,8 +171,23 @@ def every(interval: int | None, done: int) -> bool:
     return bool(interval) and done % interval == 0
 
 
+def finished_run(run: Run, log: MetricsLogger, iteration: int) -> dict[str, Any]:
+    """A resumed run with nothing left to train: say so, evaluate, and summarise."""
+    log.info(f"nothing to train: the checkpoint is at iteration {iteration} and --train-iters "
+             f"is {run.cfg.training.train_iters}; evaluating it (raise --train-iters to train "
+             "on)")
+    evaluation = run.evaluate()
+    if evaluation:
+        log.eval({"iteration": iteration, **evaluation})
+    summary = {"iteration": iteration, "trained_iterations": 0,
+               **run.task.summary_fields(evaluation)}
+    log.summary(summary)
+    return summary
+
+
 def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
-    """The loop over iterations [resumed, --train-iters); returns the summary metrics."""
+    """The loop over iterations [resumed, --train-iters); returns the summary metrics
+    (raises StoppedBySignal after saving when SIGTERM / SIGINT stopped it)."""
     training, logging, checkpoint = run.cfg.training, run.cfg.logging, run.cfg.checkpoint
     iters, task = training.train_iters, run.task
     for line in [*layout_lines(run), *task.log_lines(run), precision_line(run)]:
@@ -177,31 +196,47 @@ def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
     last: dict[str, Any] = {}
     paused = 0.0        # seconds spent evaluating and saving, kept out of the throughput
     memory_logged = False
+    if checkpoint.save and run.pstate.is_main:   # what a killed save left behind
+        CheckpointDirectory(checkpoint.save).remove_staging()
     first = resume(run, checkpoint.load, log.info, checkpoint.finetune,
                    checkpoint.pretrained_checkpoint, checkpoint.reset_classifier)
+    if first >= iters:
+        return finished_run(run, log, first)
     run.model.train()
-    for iteration, batch in zip(range(first, iters), run.batches(first, iters)):
-        result = run.step(iteration, batch)
-        if not memory_logged and not result.skipped:  # Adam's state exists after a real step
-            log.info(memory_per_parameter_line(run))
-            memory_logged = True
-        lines.add(result)
-        done = iteration + 1
-        log.progress(done)
-        if every(logging.log_interval, done) or done == iters:
-            last = lines.fields(done, result)
-            log.train(last)
-        if every(logging.eval_interval, done) and done != iters:
-            start = time.perf_counter()
-            if evaluation := run.evaluate():
-                log.eval({"iteration": done, **evaluation})
-            paused += time.perf_counter() - start
-            lines.watch.lap()
-        if checkpoint.save and (every(checkpoint.save_interval, done) or done == iters):
-            start = time.perf_counter()
-            save_checkpoint(run, checkpoint.save, done, checkpoint.keep_last_checkpoints, log.info)
-            paused += time.perf_counter() - start
-            lines.watch.lap()
+    stop, batches = StopRequests(checkpoint, run.pstate), run.batches(first, iters)
+    try:
+        for iteration, batch in zip(range(first, iters), batches):
+            result = run.step(iteration, batch)
+            if not memory_logged and not result.skipped:  # Adam's state exists after a step
+                log.info(memory_per_parameter_line(run))
+                memory_logged = True
+            lines.add(result)
+            done = iteration + 1
+            log.progress(done)
+            if every(logging.log_interval, done) or done == iters:
+                last = lines.fields(done, result)
+                log.train(last)
+            if every(logging.eval_interval, done) and done != iters:
+                start = time.perf_counter()
+                if evaluation := run.evaluate():
+                    log.eval({"iteration": done, **evaluation})
+                paused += time.perf_counter() - start
+                lines.watch.lap()
+            saved = None
+            if checkpoint.save and (every(checkpoint.save_interval, done) or done == iters):
+                start = time.perf_counter()
+                saved = save_checkpoint(run, checkpoint.save, done,
+                                        checkpoint.keep_last_checkpoints, log.info)
+                paused += time.perf_counter() - start
+                lines.watch.lap()
+            if done < iters and (reason := stop.check()) is not None:
+                return stop_early(run, log, stop, reason, done, saved,
+                                  {"iteration": done, "train_seconds":
+                                   lines.watch.total() - paused,
+                                   "loss": last.get("loss", float("nan"))})
+    finally:
+        stop.close()
+        getattr(batches, "close", lambda: None)()    # loader workers end with the loop
     train_time = lines.watch.total() - paused
     evaluation = run.evaluate()
     if evaluation:
@@ -212,4 +247,23 @@ def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
                    training.global_batch_size * (iters - first) / train_time
                    if train_time > 0 else 0.0}
     log.summary(summary)
+    return summary
+
+
+def stop_early(run: Run, log: MetricsLogger, stop: StopRequests, reason: str, done: int,
+               saved: Path | None, summary: dict[str, Any]) -> dict[str, Any]:
+    """Every rank agreed to stop after iteration `done`: save (unless this iteration was
+    just saved), say where, and end — by StoppedBySignal for a signal, by returning the
+    summary (no evaluation) for the wall-clock budget."""
+    checkpoint = run.cfg.checkpoint
+    if checkpoint.save and saved is None:
+        saved = save_checkpoint(run, checkpoint.save, done, checkpoint.keep_last_checkpoints,
+                                log.info)
+    where = (f"checkpoint {saved} (resume with --load {checkpoint.save})" if saved else
+             "no checkpoint (no --save)")
+    message = f"stopped | {reason} after iteration {done} | {where}"
+    log.info(message)
+    if stop.stopped_by:
+        raise StoppedBySignal(message, stop.stopped_by)
+    log.summary({**summary, "stopped_early": 1})
     return summary

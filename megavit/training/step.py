@@ -169,7 +169,8 @@ def finish_step(run: Engine, lr: float, total: torch.Tensor, iteration: int,
     scale = scaler.scale if scaler is not None else None
     run.buffers.finish()
     if nan_check(run.cfg.precision):
-        check_finite(total, run.buffers, pstate, iteration, run.is_last_stage)
+        # named as the logs count: the step of (0-based) `iteration` ends iteration + 1
+        check_finite(total, run.buffers, pstate, iteration + 1, run.is_last_stage)
     if on_gradients is not None:
         on_gradients(run.model)
     outcome = run.optimizer.step(lr, run.cfg.training.clip_grad, scale)
