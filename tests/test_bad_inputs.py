@@ -1,0 +1,128 @@
+"""Inputs a new user got wrong end in one clear message (exit status 2, nothing written),
+and the tools say what they found (issue 16's list; in-process, one process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from megavit.checkpointing.checkpointer import save_checkpoint
+from megavit.parallel.state import serial_state
+from megavit.pretrain import main
+from megavit.tasks.classification import ClassificationTask, classification_run
+from megavit.training.loop import pretrain
+from tests.scenarios import debug_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool(name: str):
+    """tools/NAME.py as a module (its main(argv) runs in this process)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A --save directory holding a serial vit-debug checkpoint at iteration 2."""
+    save = tmp_path_factory.mktemp("bad") / "ck"
+    save_checkpoint(classification_run(debug_config(), serial_state()), str(save), 2, 0,
+                    lambda line: None)
+    return save
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tensor-model", "2"], "unrecognized arguments: --tensor-model 2"),
+    (["--lr", "nan"], "argument --lr: invalid finite number value: 'nan'"),
+    (["--clip-grad", "inf"], "argument --clip-grad: invalid finite number value: 'inf'"),
+    (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins must be positive"),
+])
+def test_flag_mistakes_exit_2(argv, message, capsys):
+    assert main(["--preset", "vit-debug", "--dataset", "digits", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_configuration_error_is_printed_by_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    for rank, printed in ((0, True), (1, False)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert main(["--preset", "vit-debug", "--tensor-model-parallel-size", "3"]) == 2
+        assert ("--tensor-model-parallel-size 3" in capsys.readouterr().err) == printed
+
+
+def test_a_corrupt_checkpoint_is_named_as_corrupt(checkpoint, tmp_path):
+    from megavit.checkpointing.checkpointer import resume
+    from megavit.checkpointing.safe_reader import CorruptCheckpointError
+
+    bad = tmp_path / "ck"
+    shutil.copytree(checkpoint, bad)
+    data = next((bad / "iter_0000002").glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    for i in range(64, len(raw), 512):
+        raw[i] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match=rf"{data.name}: corrupt .* load an "
+                       "earlier one"):
+        resume(classification_run(debug_config(), serial_state()), str(bad), print)
+
+
+def test_resuming_a_finished_run_evaluates_and_says_so(checkpoint, capsys):
+    cfg = debug_config(train_iters=2)
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, load=str(checkpoint))
+    summary = pretrain(ClassificationTask(cfg), serial_state())
+    out = capsys.readouterr().out
+    assert "nothing to train: the checkpoint is at iteration 2 and --train-iters is 2" in out
+    assert summary["iteration"] == 2 and summary["trained_iterations"] == 0
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and "images_per_second" not in summary
+
+
+def test_checkpoint_inspect_prints_pasteable_flags_and_finds_truncated_shards(
+        checkpoint, tmp_path, capsys):
+    from megavit.config import parse_args
+
+    inspect = tool("checkpoint_inspect")
+    assert inspect.main([str(checkpoint)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("model flags: "))
+    flags = line[len("model flags: "):].split()
+    assert "--qk-layernorm" in flags and "--no-add-qkv-bias" in flags
+    saved = json.loads((checkpoint / "iter_0000002" / "megavit_config.json").read_text())
+    pasted = dataclasses.asdict(parse_args(flags).model)      # pasted back: the same model,
+    assert {k: v for k, v in pasted.items() if "drop" not in k} == \
+        {k: v for k, v in saved["model"].items() if "drop" not in k}   # regularisation aside
+    cut = tmp_path / "cut"
+    shutil.copytree(checkpoint, cut)
+    data = next((cut / "iter_0000002").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:1000])
+    assert inspect.main([str(cut)]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_checkpoint_convert_refuses_an_existing_file_unless_overwrite(checkpoint, tmp_path,
+                                                                      capsys):
+    convert = tool("checkpoint_convert")
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"keep me")
+    assert convert.main([str(checkpoint), "--to-safetensors", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    assert convert.main([str(checkpoint), "--to-safetensors", str(out), "--overwrite"]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_tools_refuse_flag_prefixes(checkpoint):
+    with pytest.raises(SystemExit) as e:
+        tool("checkpoint_convert").parse_args([str(checkpoint), "--target-tensor", "2"])
+    assert e.value.code == 2
