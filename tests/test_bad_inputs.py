@@ -82,6 +82,7 @@ def test_a_corrupt_checkpoint_is_named_as_corrupt(checkpoint, tmp_path):
 def test_resuming_a_finished_run_evaluates_and_says_so(checkpoint, capsys):
     cfg = debug_config(train_iters=2)
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, load=str(checkpoint))
+    cfg.logging = dataclasses.replace(cfg.logging, eval_iters=2)
     summary = pretrain(ClassificationTask(cfg), serial_state())
     out = capsys.readouterr().out
     assert "nothing to train: the checkpoint is at iteration 2 and --train-iters is 2" in out

@@ -86,6 +86,7 @@ def probe_loop(pstate: ParallelState, cfg, checkpoint: str) -> dict:
     """The whole training loop of a linear probe (logging, evaluation, summary)."""
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(
         cfg.training, freeze_backbone=True, train_iters=2))
+    cfg.logging = dataclasses.replace(cfg.logging, eval_iters=2, peak_tflops=1.0)
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, pretrained_checkpoint=checkpoint)
     return pretrain(ClassificationTask(cfg), pstate)
 

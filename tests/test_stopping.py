@@ -35,7 +35,7 @@ ITERS = 6
 def _config(save: Path, **checkpoint):
     cfg = debug_config(train_iters=ITERS)
     cfg.logging = dataclasses.replace(cfg.logging, progress_bar="off", peak_tflops=1.0,
-                                      log_interval=1)
+                                      log_interval=1, eval_iters=2)
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, save=str(save), load=str(save),
                                          **checkpoint)
     return cfg

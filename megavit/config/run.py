@@ -231,9 +231,16 @@ class LoggingConfig:
     progress_bar: str = field(
         default="auto",
         metadata=opt(
-            "Progress bar on stderr: 'auto' (only when stderr is a terminal), 'on', 'off'.",
+            "Progress on stderr: 'auto' (a bar when stderr is a terminal, else a 'progress' "
+            "line with the ETA every --progress-interval-seconds), 'on' (always a bar), "
+            "'off' (neither).",
             choices=("auto", "on", "off"),
         ),
+    )
+    progress_interval_seconds: float = field(
+        default=60.0,
+        metadata=opt("Without a terminal (--progress-bar auto): print a progress line at "
+                     "most this often when no other line was printed in that time."),
     )
     print_schedule: bool = field(
         default=False,

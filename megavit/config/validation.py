@@ -171,6 +171,9 @@ def _check_data(d: DataConfig) -> list[str]:
 def _check_logging(lg: LoggingConfig) -> list[str]:
     problems = _at_least_1({"--log-interval": lg.log_interval})
     problems += _non_negative({"--eval-interval": lg.eval_interval})
+    if lg.progress_interval_seconds <= 0:
+        problems.append(f"--progress-interval-seconds must be positive (got "
+                        f"{lg.progress_interval_seconds})")
     if lg.peak_tflops is not None and lg.peak_tflops <= 0:
         problems.append(f"--peak-tflops must be positive (got {lg.peak_tflops})")
     return problems + _at_least_1({"--eval-iters": lg.eval_iters})

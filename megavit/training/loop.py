@@ -127,13 +127,17 @@ class TrainingLine:
         cfg, pstate = run.cfg, run.pstate
         self.run, self.training = run, cfg.training
         self.flops_per_step = run.task.flops_per_step(run)
-        self.peak, source = float("inf"), ""
+        self.peak, source = float("inf"), "none"
         # Only the logging rank needs the MFU denominator (measuring it on CPU takes a moment).
         if self.flops_per_step is not None and pstate.is_main:
             self.peak, source = device_peak_flops(pstate.device, param_dtype(cfg.precision),
                                                   cfg.precision.tf32, cfg.logging.peak_tflops)
+        # a measured peak (CPU) varies with the machine's load: never report MFU above 100 %
+        self.peak_is_measured = source.startswith("measured")
         if self.flops_per_step is not None:
-            log.info(f"mfu peak: {self.peak / 1e12:.3f} TFLOP/s per device ({source})")
+            note = ("; an estimate: raised to the best rate a step reaches if one exceeds it"
+                    if self.peak_is_measured else "")
+            log.info(f"mfu peak: {self.peak / 1e12:.3f} TFLOP/s per device ({source}{note})")
         self.gpu = GpuMonitor(pstate.device)
         self.watch = Stopwatch(pstate.device)
         self.loss_sum, self.steps = torch.zeros((), device=pstate.device), 0
@@ -155,6 +159,8 @@ class TrainingLine:
                 "step_time_ms": step_time * 1e3}
         if self.flops_per_step is not None:
             achieved = self.flops_per_step / step_time / self.run.pstate.world_size
+            if self.peak_is_measured and achieved > self.peak:
+                self.peak = achieved
             line.update(tflops_per_device=achieved / 1e12, mfu=achieved / self.peak)
         line.update(self.gpu.read())
         if result.loss_scale is not None:

@@ -111,6 +111,11 @@ class MetricsLogger:
                 raise ConfigError(f"--tensorboard-dir {cfg.tensorboard_dir}: cannot write "
                                   f"({e.strerror})") from None
         show_bar = cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and sys.stderr.isatty())
+        # without a bar: a progress line when nothing was printed for this long
+        self.progress_every = (cfg.progress_interval_seconds
+                               if cfg.progress_bar == "auto" and not show_bar else None)
+        self.started = self.last_line = time.monotonic()
+        self.first_iteration: int | None = None
         if show_bar:
             from tqdm import tqdm
 
@@ -122,6 +127,7 @@ class MetricsLogger:
             self._print(f"{PREFIX} {message}")
 
     def _print(self, line: str) -> None:
+        self.last_line = time.monotonic()
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)
         else:
@@ -153,11 +159,26 @@ class MetricsLogger:
         self._record("eval", record, record["iteration"])
 
     def progress(self, iteration: int, loss: float | None = None) -> None:
+        """After iteration `iteration`: the bar, or (no terminal) a line such as
+        "[megavit] progress | iteration 120/2400 | 5.0% | eta 0:01:40" when no line was
+        printed for --progress-interval-seconds."""
         if self.bar is not None:
             self.bar.n = iteration
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.refresh()
+            return
+        if not self.enabled or self.progress_every is None:
+            return
+        if self.first_iteration is None:       # a resumed run starts past 0
+            self.first_iteration, self.started = iteration - 1, time.monotonic()
+        now = time.monotonic()
+        if now - self.last_line < self.progress_every:
+            return
+        done = iteration - self.first_iteration
+        eta = (now - self.started) / max(done, 1) * (self.total_iters - iteration)
+        self._print(f"{PREFIX} progress | iteration {iteration}/{self.total_iters} | "
+                    f"{100 * iteration / max(self.total_iters, 1):.1f}% | eta {format_eta(eta)}")
 
     def summary(self, record: dict[str, Any]) -> None:
         if not self.enabled:

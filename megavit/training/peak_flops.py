@@ -23,7 +23,7 @@ _GPU_PEAKS: tuple[tuple[str, float, float, float], ...] = (
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32,
-                          n: int = 1024, repeats: int = 5) -> float:
+                          n: int = 1024, repeats: int = 10) -> float:
     """FLOP/s of the fastest of `repeats` n x n x n matmuls on `device`."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
