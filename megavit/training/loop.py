@@ -138,6 +138,10 @@ class TrainingLine:
             note = ("; an estimate: raised to the best rate a step reaches if one exceeds it"
                     if self.peak_is_measured else "")
             log.info(f"mfu peak: {self.peak / 1e12:.3f} TFLOP/s per device ({source}{note})")
+            warning = slow_run_warning(self.flops_per_step / pstate.world_size / self.peak,
+                                       cfg.training.train_iters)
+            if pstate.device.type == "cpu" and warning:
+                log.info(warning)
         self.gpu = GpuMonitor(pstate.device)
         self.watch = Stopwatch(pstate.device)
         self.loss_sum, self.steps = torch.zeros((), device=pstate.device), 0
@@ -170,6 +174,18 @@ class TrainingLine:
         self.loss_sum.zero_()
         self.steps = 0
         return line
+
+
+def slow_run_warning(step_seconds: float, iterations: int) -> str | None:
+    """On a CPU, a warning when a step takes over a second even at the measured peak (the
+    defaults, ViT-B at 224 px, take minutes per step): what it will cost, and what to run
+    instead."""
+    if step_seconds < 1.0:
+        return None
+    return (f"warning: on this CPU a step takes at least {step_seconds:.1f} s (FLOPs per step "
+            f"/ the measured peak), so --train-iters {iterations} takes at least "
+            f"{format_eta(step_seconds * iterations)}; for a first run on a CPU try `make "
+            "quickstart` (a small ViT on 8x8 digits, ~1.5 min) or --preset vit-debug")
 
 
 def every(interval: int | None, done: int) -> bool:
