@@ -3,7 +3,8 @@
     python tools/checkpoint_inspect.py runs/vit22b/ckpt            # the latest checkpoint
     python tools/checkpoint_inspect.py runs/vit22b/ckpt/iter_0002000 --tensors
 
-Prints the iteration, the layout it was saved at, the model flags, the number of stored
+Prints the iteration, the layout it was saved at, the model flags, the training images'
+preprocessing (mean, std, resizing: what tools and exports apply), the number of stored
 tensors and their total size by group (model, optimizer moments, masters); `--tensors` lists
 every tensor with its serial shape, dtype and size. Reads only `megavit_config.json` and the
 DCP metadata (through the allowlisting reader: nothing in the file can run code), so it is
@@ -54,6 +55,10 @@ def main(argv=None) -> int:
               f"blocks are tp {layout['tp']}'s; RNG streams dropped)")
     model = info["model"]
     print("model: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(model.items())))
+    pre = info.get("preprocessing")
+    print("preprocessing: " + (" | ".join(f"{k} {v}" for k, v in sorted(pre.items())) if pre
+                               else "not recorded (a checkpoint from before megavit recorded "
+                                    "it, or of synthetic images)"))
     sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     rows = []
     for name, md in sorted(metadata.state_dict_metadata.items()):
