@@ -9,7 +9,9 @@ as timm's `pretrained_cfg` and transformers' `preprocessor_config.json`
     image file ─ decode ─► RGB (channels 3) or greyscale, PIL's "L" (channels 1), uint8
       ─ resize ─► crop_mode "squash": to (height, width) / crop_pct, the aspect ratio not
                   kept; "center": the shorter side to min(height, width) / crop_pct
-      ─ centre crop to height x width (nothing is cut with "squash" and crop_pct 1.0)
+      ─ centre crop to height x width (nothing is cut with "squash" and crop_pct 1.0;
+        an odd margin puts the extra pixel first, as torchvision's CenterCrop and so timm
+        do; transformers' processors put it last)
       ─ / 255 ─► [c, height, width] in [0, 1] ─ (x - mean) / std ─► the model's input
 
 `interpolation` names a PIL filter (`PIL_FILTERS`); PIL's bilinear and bicubic filters
