@@ -4,11 +4,12 @@
     python tools/checkpoint_inspect.py runs/vit22b/ckpt/iter_0002000 --tensors
 
 Prints the iteration, the layout it was saved at, the model flags (as they are passed to
-megavit.pretrain: paste them back), the number of stored tensors and their total size by
-group (model, optimizer moments, masters); `--tensors` lists every tensor with its serial
+megavit.pretrain: paste them back), the training images' preprocessing (mean, std,
+resizing: what tools and exports apply), the number of stored tensors and their total size
+by group (model, optimizer moments, masters); `--tensors` lists every tensor with its serial
 shape, dtype and size. Reads only `megavit_config.json`, the DCP metadata (through the
-allowlisting reader: nothing in the file can run code) and the sizes of the shard files
-(a missing or truncated one is an error, as loading would find), so it is instant even for
+allowlisting reader: nothing in the file can run code) and the sizes of the shard files (a
+missing or truncated one is an error, as loading would find), so it is instant even for
 ViT-22B. Exit status 2 with a message for a path that is not a checkpoint or is
 incomplete.
 """
@@ -62,6 +63,10 @@ def main(argv=None) -> int:
         text = {k: v for k, v in info["text"].items() if k not in ("vocab_size", "pad_id",
                                                                    "eos_id")}
         print("text tower flags: " + " ".join(model_flags(section_from_dict(TextConfig, text))))
+    pre = info.get("preprocessing")
+    print("preprocessing: " + (" | ".join(f"{k} {v}" for k, v in sorted(pre.items())) if pre
+                               else "not recorded (a checkpoint from before megavit recorded "
+                                    "it, or of synthetic images)"))
     sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     rows = []
     for name, md in sorted(metadata.state_dict_metadata.items()):

@@ -7,9 +7,12 @@
     python tools/zero_shot.py runs/clip/ckpt --dataset digits
 
 Loads the latest checkpoint of a --save directory (or a checkpoint itself) in one process:
-both towers' weights at any saved layout, and the tokenizer saved beside them. Each class's
-prompts (every template filled with its name) are embedded, averaged and re-normalised; each
-image goes to the class of highest cosine similarity. Prints one line per class and
+both towers' weights at any saved layout, and the tokenizer saved beside them. Images of
+--image-folder are prepared as the checkpoint's "preprocessing" section says (the training
+images' mean, std and resizing; a checkpoint written before megavit recorded it gets
+megavit's image-file reading, with a warning). Each class's prompts (every template filled
+with its name) are embedded, averaged and re-normalised; each image goes to the class of
+highest cosine similarity. Prints one line per class and
 `zero_shot | accuracy A | images N | classes C`. Exit status 2 with a message for a path that
 is not a two-tower checkpoint, an empty folder, or class names that do not match.
 """
@@ -31,6 +34,7 @@ from megavit.checkpointing.pieces import serial_meta_model
 from megavit.checkpointing.safe_reader import UnsafeCheckpointError
 from megavit.config import ModelConfig, TextConfig, section_from_dict
 from megavit.data.datasets import DataError
+from megavit.data.preprocessing import Preprocessing, PreprocessingError, checkpoint_preprocessing
 from megavit.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_for_text_tower
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
 from megavit.models.transformer import Runtime
@@ -66,7 +70,7 @@ def load_two_tower(path: Path, tokenizer_model: str | None = None
     return model.eval(), tokenizer, info
 
 
-def _image_folder(root: Path, model_cfg: ModelConfig):
+def _image_folder(root: Path, model_cfg: ModelConfig, pre: Preprocessing):
     from megavit.data.datasets import ImageFolderDataset
 
     if not root.is_dir():
@@ -74,7 +78,7 @@ def _image_folder(root: Path, model_cfg: ModelConfig):
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"--image-folder {root}: no class folders (expected {root}/CLASS/*.png)")
-    return ImageFolderDataset(root, classes, model_cfg, root.name), classes
+    return ImageFolderDataset(root, classes, model_cfg, root.name, pre), classes
 
 
 def main(argv=None) -> int:
@@ -108,7 +112,11 @@ def main(argv=None) -> int:
             names = [f"{k}" for k in range(10)]
             prompts = data.class_prompts()
         else:
-            data, names = _image_folder(Path(args.image_folder), model_cfg)
+            where = resolve_checkpoint(Path(args.path)) / CONFIG_FILE
+            pre, note = checkpoint_preprocessing(info, model_cfg, str(where))
+            if note:
+                print(f"zero_shot: warning: {note}", file=sys.stderr)
+            data, names = _image_folder(Path(args.image_folder), model_cfg, pre)
             if args.class_names:
                 given = [n.strip() for n in args.class_names.split(",")]
                 if len(given) != len(names):
@@ -117,7 +125,7 @@ def main(argv=None) -> int:
                 names = given
             prompts = prompts_for([n.replace("_", " ") for n in names], args.templates)
     except (CheckpointLoadError, CheckpointDirectoryError, UnsafeCheckpointError, DataError,
-            TokenizerError, FileNotFoundError) as e:
+            PreprocessingError, TokenizerError, FileNotFoundError) as e:
         print(f"zero_shot: error: {e}", file=sys.stderr)
         return 2
     with torch.no_grad():

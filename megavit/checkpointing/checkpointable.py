@@ -49,7 +49,8 @@ class Checkpointable(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """megavit_config.json: "model" (and a two-tower run's "text" and "contrastive"),
-        "layout" and "precision"."""
+        "preprocessing" (the training images', when made from pixels), "layout" and
+        "precision"."""
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """{file name: bytes} saved beside the tensors (e.g. the tokenizer)."""

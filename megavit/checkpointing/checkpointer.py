@@ -28,6 +28,17 @@ from megavit.checkpointing.pieces import serial_meta_model
 from megavit.checkpointing.training_state import load_training_state, save_training_state
 
 
+
+def preprocessing_change(saved_info: dict, current_info: dict) -> str | None:
+    """A note when the run's images are prepared otherwise than the checkpoint's were (its
+    "preprocessing" section: data, not the model, so it never refuses a load; a checkpoint
+    written before the section existed has none), else None."""
+    saved, current = saved_info.get("preprocessing"), current_info.get("preprocessing")
+    if saved is None or saved == current:
+        return None
+    return (f"the checkpoint was trained on images preprocessed as {saved}; this run's are "
+            f"{current} and its checkpoints record that")
+
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory itself, or the latest one of a --save directory."""
     if (path / CONFIG_FILE).is_file():
@@ -171,6 +182,8 @@ def resume_training_state(run: Checkpointable, latest: Path, info: Callable[[str
     saved = saved_info["layout"]
     same = saved == description["layout"]
     iteration = load_training_state(run, latest, same_layout=same)
+    if note := preprocessing_change(saved_info, description):
+        info(note)
     if not same:
         info(f"checkpoint saved at {saved}; this run's layout differs: weights and optimizer "
              "state resharded, dropout RNG streams start afresh")

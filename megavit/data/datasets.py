@@ -3,7 +3,10 @@ reader for real datasets, and synthetic images for benchmarks.
 
 Every dataset honours the model's image size and channel count: images are resized
 (bilinear) to --img-h x --img-w and grey images repeated over --num-channels (colour
-images are averaged to one channel when --num-channels 1).
+images are averaged to one channel when --num-channels 1). Each dataset made from pixels
+carries its `Preprocessing` (megavit/data/preprocessing.py: mean, std, resizing), which a
+checkpoint records so that tools and exports prepare images as training did; synthetic
+images have none.
 
     train, heldout = build_datasets(data_cfg, model_cfg, seed)
     images, labels = train.get(torch.tensor([0, 5, 7]))   # [3, c, H, W] float, [3] int64
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from megavit.config import DataConfig, ModelConfig
+from megavit.data.preprocessing import Preprocessing, file_preprocessing, read_pixels
 from megavit.errors import UserError
 
 # The held-out split never depends on the run's --seed: it is fixed per dataset.
@@ -37,6 +41,7 @@ class Dataset(Protocol):
     name: str
     num_classes: int
     in_memory: bool  # True: `get` is a cheap tensor index; False: it reads files
+    preprocessing: Preprocessing | None  # how its images were made from pixels (None: not)
 
     def __len__(self) -> int: ...
 
@@ -73,6 +78,7 @@ class TensorDataset:
     images: torch.Tensor  # [n, c, H, W] float32
     labels: torch.Tensor  # [n] int64
     num_classes: int
+    preprocessing: Preprocessing | None = None
     in_memory: bool = True
 
     def __len__(self) -> int:
@@ -87,7 +93,8 @@ class TensorDataset:
 
 def _split(name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
            model: ModelConfig) -> tuple[TensorDataset, TensorDataset]:
-    """Fixed train / held-out split, resize, and normalise with the train split's stats."""
+    """Fixed train / held-out split, resize, and normalise with the train split's stats
+    (`images` [n, c0, h0, w0] in [0, 1]; both splits record that preprocessing)."""
     n = labels.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
     n_held = int(round(n * _HELDOUT_FRACTION))
@@ -95,8 +102,13 @@ def _split(name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: i
     images = _fit_images(images, model.img_h, model.img_w, model.num_channels)
     mean, std = images[train].mean(), images[train].std()
     images = (images - mean) / std
-    return (TensorDataset(f"{name}-train", images[train].contiguous(), labels[train], num_classes),
-            TensorDataset(f"{name}-heldout", images[held].contiguous(), labels[held], num_classes))
+    c = model.num_channels
+    pre = Preprocessing(mean=(mean.item(),) * c, std=(std.item(),) * c, channels=c,
+                        height=model.img_h, width=model.img_w)
+    return (TensorDataset(f"{name}-train", images[train].contiguous(), labels[train], num_classes,
+                          pre),
+            TensorDataset(f"{name}-heldout", images[held].contiguous(), labels[held], num_classes,
+                          pre))
 
 
 def load_digits(model: ModelConfig) -> tuple[TensorDataset, TensorDataset]:
@@ -131,6 +143,7 @@ class SyntheticDataset:
     pool: torch.Tensor  # [p, c, H, W]
     num_classes: int
     in_memory: bool = True
+    preprocessing: None = None  # not made from pixels
 
     def __len__(self) -> int:
         return self.size
@@ -151,12 +164,15 @@ def synthetic(model: ModelConfig, size: int, seed: int, num_classes: int,
 
 
 class ImageFolderDataset:
-    """ROOT/CLASS/IMAGE files read with Pillow on demand (in loader workers)."""
+    """ROOT/CLASS/IMAGE files read with Pillow on demand (in loader workers), prepared as
+    `preprocessing` says (default: megavit's `file_preprocessing`)."""
 
     in_memory = False
 
-    def __init__(self, root: Path, classes: list[str], model: ModelConfig, name: str) -> None:
+    def __init__(self, root: Path, classes: list[str], model: ModelConfig, name: str,
+                 preprocessing: Preprocessing | None = None) -> None:
         self.name = name
+        self.preprocessing = preprocessing or file_preprocessing(model)
         self.root = root
         self.classes = classes
         self.num_classes = len(classes)
@@ -174,25 +190,17 @@ class ImageFolderDataset:
         return len(self.files)
 
     def read(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
+        """Image i's pixels [c, H, W] in [0, 1]."""
         path, _ = self.files[i]
-        m = self.model
         try:
-            with Image.open(path) as im:
-                im = im.convert("L" if m.num_channels == 1 else "RGB")
-                im = im.resize((m.img_w, m.img_h), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+            return read_pixels(path, self.preprocessing)
         except Exception as e:  # noqa: BLE001 — a corrupt file names itself
             raise DataError(f"{path}: cannot read image ({e})") from None
-        x = torch.from_numpy(arr.copy())
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        return _fit_images(x.unsqueeze(0), m.img_h, m.img_w, m.num_channels)[0]
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([self.read(int(i)) for i in indices]) if len(indices) else \
             torch.empty(0, self.model.num_channels, self.model.img_h, self.model.img_w)
-        return (images - 0.5) / 0.5, self.labels_of(indices)
+        return self.preprocessing.normalise(images), self.labels_of(indices)
 
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self.files[int(i)][1] for i in indices], dtype=torch.long)

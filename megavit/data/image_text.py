@@ -17,8 +17,9 @@ Three sources:
 - `WebDatasetShards`: uncompressed webdataset .tar shards.
 
 Images go through the rules of megavit.data.datasets: resized (bilinear) to --img-h x
---img-w, channels adapted to --num-channels (`_fit_images`); file-backed images are scaled
-to [-1, 1] like `ImageFolderDataset`, the digits keep their dataset-wide normalisation.
+--img-w with --num-channels channels; file-backed images are read as `ImageFolderDataset`
+reads them (RGB or greyscale, scaled to [-1, 1]), the digits keep their dataset-wide
+normalisation; each dataset's `preprocessing` says which (megavit/data/preprocessing.py).
 
 Bad samples (CSV and shards): an unreadable or undecodable image, a missing image file, a
 missing or empty caption. With `strict=False` each is counted in `dataset.bad` (index ->
@@ -50,7 +51,8 @@ import torch
 from megavit.config import ModelConfig
 from megavit.data.captions import (CAPTION_TEMPLATES, digit_captions, digit_tokenizer,
                                    zero_shot_texts)
-from megavit.data.datasets import DataError, _fit_images, load_digits, load_mnist5k
+from megavit.data.datasets import DataError, load_digits, load_mnist5k
+from megavit.data.preprocessing import Preprocessing, file_preprocessing, read_pixels
 from megavit.data.tokenizer import Tokenizer
 
 
@@ -61,6 +63,7 @@ class DataWarning(UserWarning):
 class ImageTextDataset(Protocol):
     name: str
     in_memory: bool  # True: `get` is a cheap tensor index; False: it reads files
+    preprocessing: Preprocessing  # how its images were made from pixels
 
     def __len__(self) -> int: ...
 
@@ -88,6 +91,7 @@ class CaptionedDigits:
     seed: int
     templates: tuple[str, ...] = CAPTION_TEMPLATES
     in_memory: bool = True
+    preprocessing: Preprocessing | None = None   # the digits' (their training split's stats)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -117,8 +121,10 @@ def captioned_digits(model: ModelConfig, seed: int,
     if source not in loaders:
         raise DataError(f"captioned dataset {source!r}: expected 'digits' or 'mnist5k'")
     train, held = loaders[source](model)
-    return (CaptionedDigits(f"{source}-captions-train", train.images, train.labels, seed),
-            CaptionedDigits(f"{source}-captions-heldout", held.images, held.labels, seed))
+    return (CaptionedDigits(f"{source}-captions-train", train.images, train.labels, seed,
+                            preprocessing=train.preprocessing),
+            CaptionedDigits(f"{source}-captions-heldout", held.images, held.labels, seed,
+                            preprocessing=held.preprocessing))
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,23 +137,19 @@ class _BadSample(Exception):
 
 
 def _decode_image(data: bytes, model: ModelConfig) -> torch.Tensor:
-    """Encoded image bytes -> [c, H, W] float32 in [-1, 1]. Raises _BadSample."""
+    """Encoded image bytes -> [c, H, W] float32 in [-1, 1] (`file_preprocessing`). Raises
+    _BadSample."""
     try:
-        from PIL import Image
+        import PIL  # noqa: F401
     except ImportError:
         raise DataError("reading image files needs Pillow: pip install 'megavit[data]'") from None
 
+    pre = file_preprocessing(model)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("L" if model.num_channels == 1 else "RGB")  # decodes: finds truncation
-            im = im.resize((model.img_w, model.img_h), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+        x = read_pixels(io.BytesIO(data), pre)    # converting decodes: finds truncation
     except Exception as e:  # noqa: BLE001 — PIL raises many types; the sample names itself
         raise _BadSample(f"cannot decode the image ({type(e).__name__}: {e})") from None
-    x = torch.from_numpy(arr.copy())
-    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-    x = _fit_images(x.unsqueeze(0), model.img_h, model.img_w, model.num_channels)[0]
-    return (x - 0.5) / 0.5
+    return pre.normalise(x.unsqueeze(0))[0]
 
 
 class _ReadsWithReplacement:
@@ -159,6 +161,11 @@ class _ReadsWithReplacement:
     model: ModelConfig
     strict: bool
     bad: dict[int, str]   # index -> why it was skipped (this process's reads)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """megavit's image-file reading (`file_preprocessing`)."""
+        return file_preprocessing(self.model)
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -141,7 +141,7 @@ def consolidate(source: Path, output: str | os.PathLike, dtype: torch.dtype | No
         {"format": "pt", "iteration": str(info["iteration"]),
          **{f"megavit_{k}" if k != "model" else "megavit_config": json.dumps(info[k],
                                                                               sort_keys=True)
-            for k in ("model", "text", "contrastive") if k in info}}, report)
+            for k in ("model", "text", "contrastive", "preprocessing") if k in info}}, report)
     report(f"consolidated checkpoint | iteration {info['iteration']} | path {output} | "
            f"tensors {len(entries)} | MiB {output.stat().st_size / 2**20:.1f}")
     return output

@@ -4,10 +4,13 @@ tensor, from any saved layout.
 The mapping (which tensors, made how, and the config files) comes from the module of the
 target (`mapping.py` lists them): `--format timm` -> `timm_vit.py`; `--format transformers`
 -> `hf_vit.py` for a ViT, `hf_clip.py` for a two-tower model. Each refuses a model that
-does not map with every difference listed. This driver streams the checkpoint into
-`model.safetensors` (`consolidate.write_safetensors`: at most `--buffer-mb` read at once, a
-progress line per batch), writes the mapping's other files, and stages all of it in
-OUTPUT.partial/, renamed into place only when complete.
+does not map with every difference listed. The checkpoint's "preprocessing" section goes
+to the mapping, which writes it as the library reads it (`preprocessor_configs.py`); a
+checkpoint written before megavit recorded it exports megavit's image-file reading, with a
+warning. This driver streams the checkpoint into `model.safetensors`
+(`consolidate.write_safetensors`: at most `--buffer-mb` read at once, a progress line per
+batch), writes the mapping's other files, and stages all of it in OUTPUT.partial/, renamed
+into place only when complete.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import Callable
 
 import torch
 
+from megavit.checkpointing.checkpointer import CONFIG_FILE
 from megavit.checkpointing.offline import ConvertError, read_config
 from megavit.config import ModelConfig
+from megavit.data.preprocessing import Preprocessing, checkpoint_preprocessing
 from megavit.interop.consolidate import write_safetensors
 from megavit.interop.mapping import ExportPlan
 
@@ -30,23 +35,33 @@ FORMATS = ("timm", "transformers")
 
 def export_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | None,
                 source: Path | None = None) -> ExportPlan:
-    """The mapping of the checkpoint `source` (`info`: its megavit_config.json) onto `fmt`."""
+    """The mapping of the checkpoint `source` (`info`: its megavit_config.json) onto `fmt`,
+    with its preprocessing (a note in `notes` where it is assumed)."""
+    pre, note = checkpoint_preprocessing(info, cfg, str(source / CONFIG_FILE) if source
+                                         else CONFIG_FILE)
+    plan = _mapping_plan(fmt, info, cfg, dtype, source, pre)
+    plan.notes += [note] if note else []
+    return plan
+
+
+def _mapping_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | None,
+                  source: Path | None, pre: Preprocessing) -> ExportPlan:
     if fmt == "timm":
         if "text" in info:
             raise ConvertError("--format timm: a two-tower checkpoint; timm holds image "
                                "models (use --format transformers for CLIPModel / SiglipModel)")
         from megavit.interop import timm_vit
 
-        return timm_vit.export_plan(info, cfg, dtype)
+        return timm_vit.export_plan(info, cfg, dtype, pre)
     if fmt != "transformers":
         raise ConvertError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if "text" in info:
         from megavit.interop import hf_clip
 
-        return hf_clip.export_plan(info, cfg, dtype, source)
+        return hf_clip.export_plan(info, cfg, dtype, source, pre)
     from megavit.interop import hf_vit
 
-    return hf_vit.export_plan(info, cfg, dtype)
+    return hf_vit.export_plan(info, cfg, dtype, pre)
 
 
 def export_checkpoint(source: Path, fmt: str, output: str | os.PathLike,
@@ -67,6 +82,8 @@ def export_checkpoint(source: Path, fmt: str, output: str | os.PathLike,
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    for note in plan.notes:
+        report(f"export | warning: {note}")
     try:
         write_safetensors(source, staging / "model.safetensors", plan.entries, dtype,
                           buffer_bytes, {"format": "pt"}, report, "export")
@@ -74,7 +91,8 @@ def export_checkpoint(source: Path, fmt: str, output: str | os.PathLike,
             (staging / name).write_bytes(data)
         (staging / "megavit_export.json").write_text(json.dumps(
             {"source": str(source), "iteration": info["iteration"], "target": plan.target,
-             **{k: info[k] for k in ("model", "text", "contrastive") if k in info}},
+             **{k: info[k] for k in ("model", "text", "contrastive", "preprocessing")
+                if k in info}},
             indent=1, sort_keys=True) + "\n")
         os.replace(staging, final)
     finally:

@@ -87,6 +87,10 @@ reads the letters; every other text gives the same ids. A CLIP directory gives n
 tokenizer: the run's --tokenizer-model must have the same vocabulary size and pad / EOS ids
 (the resumed run checks), or the text tower learns new ids.
 
+Images: the export's preprocessor_config.json (`CLIPImageProcessor` / `SiglipImageProcessor`,
+`preprocessor_configs.py`) holds the checkpoint's preprocessing; import records a
+directory's as the checkpoint's "preprocessing" section (the import driver).
+
 The names are transformers' on-disk names (what `save_pretrained` writes);
 tests/test_export_clip.py loads the files with the real classes and requires nothing
 missing, unexpected or mismatched.
@@ -104,11 +108,14 @@ import torch
 
 from megavit.checkpointing.offline import ConvertError
 from megavit.config import ModelConfig, TextConfig, section_from_dict, section_to_dict
+from megavit.data.preprocessing import Preprocessing, default_preprocessing
 from megavit.interop.consolidate import OutputTensor
 from megavit.interop.hf_vit import FROM_HF_ACTIVATIONS as ACTIVATIONS, HF_ACTIVATIONS
 from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.interop.preprocessor_configs import hf_image_processor
 
 TARGET = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+PROCESSOR = {"clip": "CLIPImageProcessor", "siglip": "SiglipImageProcessor"}
 _LAYER = (("self_attn.out_proj", "proj"), ("layer_norm1", "norm1"), ("layer_norm2", "norm2"),
           ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"))
 _MAP_HEAD = (("attention.out_proj", "proj"), ("layernorm", "norm"), ("mlp.fc1", "fc1"),
@@ -373,9 +380,11 @@ def _tokenizer_files(tt: TwoTower, source: Path | None) -> dict[str, bytes]:
 
 
 def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None,
-                source: Path | None = None) -> ExportPlan:
+                source: Path | None = None, pre: Preprocessing | None = None) -> ExportPlan:
     """`CLIPModel` (--loss clip) or `SiglipModel` (--loss siglip) of the checkpoint `source`
-    described by `info`; ConvertError listing every difference when it does not map."""
+    described by `info`, with a `CLIPImageProcessor` / `SiglipImageProcessor` doing `pre`
+    (default: megavit's image-file reading); ConvertError listing every difference when it
+    does not map."""
     tt = TwoTower.of(info)
     if problems := differences(tt):
         raise ConvertError(f"this two-tower model does not map onto transformers' "
@@ -385,7 +394,10 @@ def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None,
     for theirs, ours in _pairs(tt):
         entries.append(OutputTensor(theirs, shapes[ours], [ours]))
     config = _hf_config(tt, dtype)
-    files = {"config.json": config.to_json_string().encode(), **_tokenizer_files(tt, source)}
+    processor = hf_image_processor(pre or default_preprocessing(cfg), PROCESSOR[tt.loss])
+    files = {"config.json": config.to_json_string().encode(),
+             "preprocessor_config.json": (json.dumps(processor, indent=2) + "\n").encode(),
+             **_tokenizer_files(tt, source)}
     return ExportPlan(f"transformers {TARGET[tt.loss]}", entries, files)
 
 

@@ -18,7 +18,9 @@ zero row; import folds the row into the class token (nothing else reads it), whi
 exactly the same. A model without a classifier (`--num-classes 0`) exports as `ViTModel`,
 whose `last_hidden_state[:, 0]` is megavit's features; load it with
 `ViTModel.from_pretrained(DIR, add_pooling_layer=False)` (megavit has no tanh pooler, and
-importing a ViTModel drops the pooler, saying so).
+importing a ViTModel drops the pooler, saying so). The export's preprocessor_config.json
+(`ViTImageProcessor`) holds the checkpoint's preprocessing, so
+`AutoImageProcessor.from_pretrained(DIR)` prepares images as megavit's training did.
 
 The names are transformers' on-disk (Hub) names, which `save_pretrained` writes and every
 version reads (5.x renames some in memory and converts when loading);
@@ -29,14 +31,17 @@ unexpected or mismatched.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable
 
 import torch
 
 from megavit.checkpointing.offline import ConvertError
 from megavit.config import ModelConfig
+from megavit.data.preprocessing import Preprocessing
 from megavit.interop.consolidate import OutputTensor
 from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.interop.preprocessor_configs import hf_image_processor
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}   # megavit -> transformers
 # transformers' hidden_act -> megavit's activation ("gelu_new" is the same tanh formula)
@@ -81,9 +86,11 @@ def _qkv(cfg: ModelConfig, i: int, kind: str) -> list[str]:
             for x in ("query", "key", "value")]
 
 
-def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None) -> ExportPlan:
-    """`ViTForImageClassification` (or `ViTModel` without a classifier); ConvertError
-    listing every difference when `cfg` does not map."""
+def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None,
+                pre: Preprocessing) -> ExportPlan:
+    """`ViTForImageClassification` (or `ViTModel` without a classifier) with a
+    `ViTImageProcessor` doing `pre`; ConvertError listing every difference when `cfg` does
+    not map."""
     if problems := differences(cfg):
         raise ConvertError("this ViT does not map onto transformers' ViT: "
                            + "; ".join(problems))
@@ -120,8 +127,11 @@ def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None) -> Expo
                        num_labels=cfg.num_classes or 2, architectures=[kind])
     if dtype is not None:
         config.torch_dtype = str(dtype).replace("torch.", "")
+    processor = hf_image_processor(pre, "ViTImageProcessor")
     return ExportPlan(f"transformers {kind}", entries,
-                      {"config.json": config.to_json_string().encode()})
+                      {"config.json": config.to_json_string().encode(),
+                       "preprocessor_config.json": (json.dumps(processor, indent=2)
+                                                    + "\n").encode()})
 
 
 def model_config_of(config: dict) -> ModelConfig:

@@ -10,6 +10,10 @@ tensor it needs present, every tensor present used, every made tensor shaped as 
 says), then writes iteration 0 of a --save directory: the weights, fp32 masters equal to
 them, zero Adam moments, Adam step 0 and the default loss-scaler state — so
 `--load` with the printed model flags starts fine-tuning there at any TP / PP / DP layout.
+The directory's preprocessing (timm: config.json's pretrained_cfg; transformers:
+preprocessor_config.json) becomes the checkpoint's "preprocessing" section
+(`preprocessor_configs.imported_preprocessing`); where it is missing or says what megavit
+cannot describe, none is recorded and a line says why.
 
 The pieces are stored in the blocks a `tp`-way run reads (any layout loads them; at that
 TP size each rank reads exactly its own). Memory: parameters are made and written in batches of at most `buffer_bytes` of output (a larger
@@ -34,9 +38,10 @@ from torch.distributed.checkpoint.metadata import TensorProperties
 from megavit.checkpointing.directory import CheckpointDirectory
 from megavit.checkpointing.offline import ConvertError, Progress, batched
 from megavit.checkpointing.reshard import StoredTensor, write_dcp
-from megavit.config import PrecisionConfig
+from megavit.config import ModelConfig, PrecisionConfig
 from megavit.interop.consolidate import OutputTensor
 from megavit.interop.mapping import ImportPlan
+from megavit.interop.preprocessor_configs import imported_preprocessing
 from megavit.interop.safetensors_files import SafetensorsFiles
 
 
@@ -143,6 +148,12 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
         plan = import_plan(src, config)
     except KeyError as e:
         raise ConvertError(f"{src / 'config.json'}: {e} missing") from None
+    section, why_not = imported_preprocessing(src, config, ModelConfig(**plan.info["model"]))
+    if section is not None:
+        plan.info["preprocessing"] = section
+    else:
+        report(f"preprocessing | not recorded: {why_not}; tools will assume megavit's "
+               "image-file reading")
     serial = dict(serial_meta_model(plan.info, 1).named_parameters())
     try:
         blocks = piece_blocks(serial_meta_model(plan.info, tp), tp)

@@ -23,18 +23,20 @@ from megavit.interop.consolidate import OutputTensor
 class ExportPlan:
     """An export: `target` names the library class (log lines, `megavit_export.json`);
     `entries` are the tensors of `model.safetensors`; `files` the other files of the output
-    directory (`config.json`, a tokenizer, ...), written as given."""
+    directory (`config.json`, `preprocessor_config.json`, a tokenizer, ...), written as
+    given; `notes` are lines the driver reports (e.g. an assumed preprocessing)."""
 
     target: str
     entries: list[OutputTensor]
     files: dict[str, bytes] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class ImportPlan:
     """An import: `source` names the library class; `info` the megavit model it becomes, as
     `megavit_config.json` records one ("model", and for two towers "text" and
-    "contrastive"); `entries` make megavit's serial parameters from the directory's tensors;
+    "contrastive"; the import driver adds "preprocessing"); `entries` make megavit's serial parameters from the directory's tensors;
     `side_files` are written beside the checkpoint's tensors (a two-tower tokenizer:
     `tokenizer.model`); `flags` are the command-line flags that build this model; `ignored`
     are name prefixes of the directory's tensors that megavit has no use for (reported when

@@ -29,8 +29,10 @@ megavit model without `--norm-bias` exports zero biases), `rmsnorm` timm's RmsNo
 norms use eps 1e-6, as megavit by default. The export writes config.json for the registered
 parallel-block architecture `vit_base_patch16_xp_224` with `model_args` replacing every
 setting that differs, so `timm.create_model('local-dir:DIR', pretrained=True)` builds the
-model (strictly loaded) and transformers' `TimmWrapperModel` too. Preprocessing is megavit's
-(`mean` 0, `std` 1 in pretrained_cfg: the images as megavit's data pipeline normalises them).
+model (strictly loaded) and transformers' `TimmWrapperModel` too. Its pretrained_cfg holds
+the checkpoint's preprocessing (mean, std, interpolation, crop_pct, crop_mode "squash",
+input_size: `preprocessor_configs.timm_pretrained_cfg`), so timm's
+`create_transform(**resolve_data_config(model=m))` prepares images as megavit's training did.
 
 Import reads timm's config.json: `model_args` over the registered architecture's settings
 (`ARCHITECTURES`, facts from timm 1.0's model registry) over `VisionTransformer`'s
@@ -48,8 +50,10 @@ import torch
 
 from megavit.checkpointing.offline import ConvertError
 from megavit.config import ModelConfig
+from megavit.data.preprocessing import Preprocessing, default_preprocessing
 from megavit.interop.consolidate import OutputTensor
 from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.interop.preprocessor_configs import timm_pretrained_cfg
 
 EXPORT_ARCHITECTURE = "vit_base_patch16_xp_224"
 
@@ -102,10 +106,11 @@ def _pool(cfg: ModelConfig) -> str:
     return {"map": "map", "gap": "avg", "cls": "token"}[cfg.pooling]
 
 
-def timm_config(cfg: ModelConfig) -> dict:
+def timm_config(cfg: ModelConfig, pre: Preprocessing | None = None) -> dict:
     """config.json: the architecture, `model_args` that turn it into `cfg`, and a
-    pretrained_cfg (input size; megavit's inputs are already normalised). The class count
-    is top-level only: transformers' timm wrapper passes it to timm itself."""
+    pretrained_cfg with the preprocessing `pre` (default: megavit's image-file reading).
+    The class count is top-level only: transformers' timm wrapper passes it to timm
+    itself."""
     has_out_bias = cfg.add_mlp_bias or cfg.add_proj_bias
     args = {"img_size": [cfg.img_h, cfg.img_w], "patch_size": cfg.patch_dim,
             "in_chans": cfg.num_channels, "global_pool": _pool(cfg), "embed_dim": cfg.hidden_size, "depth": cfg.num_layers,
@@ -115,10 +120,8 @@ def timm_config(cfg: ModelConfig) -> dict:
             "proj_bias": has_out_bias, "class_token": cfg.pooling == "cls",
             "no_embed_class": True, "pre_norm": cfg.pre_norm, "fc_norm": False,
             "norm_layer": cfg.normalization, "act_layer": cfg.activation}
-    c = cfg.num_channels
-    pretrained = {"input_size": [c, cfg.img_h, cfg.img_w], "fixed_input_size": True,
-                  "mean": [0.0] * c, "std": [1.0] * c, "crop_pct": 1.0,
-                  "interpolation": "bicubic", "num_classes": cfg.num_classes or 0,
+    pretrained = {**timm_pretrained_cfg(pre or default_preprocessing(cfg)),
+                  "fixed_input_size": True, "num_classes": cfg.num_classes or 0,
                   "first_conv": "patch_embed.proj", "classifier": "head"}
     return {"architecture": EXPORT_ARCHITECTURE, "num_classes": cfg.num_classes or 0,
             "num_features": cfg.hidden_size, "global_pool": _pool(cfg), "model_args": args,
@@ -152,9 +155,10 @@ def _linear_entries(timm: str, ours: str, shape: tuple[int, int]) -> list[Output
             OutputTensor(timm + ".bias", shape[:1], [ours + ".bias"])]
 
 
-def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None) -> ExportPlan:
-    """timm's parallel-block VisionTransformer; ConvertError listing every difference when
-    `cfg` does not map."""
+def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None,
+                pre: Preprocessing) -> ExportPlan:
+    """timm's parallel-block VisionTransformer, its pretrained_cfg preprocessing as `pre`;
+    ConvertError listing every difference when `cfg` does not map."""
     if problems := differences(cfg):
         raise ConvertError("this model does not map onto timm's parallel-block ViT: "
                            + "; ".join(problems))
@@ -214,7 +218,8 @@ def export_plan(info: dict, cfg: ModelConfig, dtype: torch.dtype | None) -> Expo
     if cfg.num_classes:
         entries += _linear_entries("head", "head", (cfg.num_classes, h))
     return ExportPlan("timm VisionTransformer (ParallelScalingBlock)", entries,
-                      {"config.json": (json.dumps(timm_config(cfg), indent=2) + "\n").encode()})
+                      {"config.json": (json.dumps(timm_config(cfg, pre), indent=2)
+                                       + "\n").encode()})
 
 
 def settings_of(config: dict) -> dict[str, Any]:

@@ -188,8 +188,12 @@ class ClassificationTask:
                 "eval_images": int(sums[2].item())}
 
     def describe(self) -> dict[str, dict]:
-        """The model, after the dataset fixed the class count."""
-        return {"model": dataclasses.asdict(self.config.model)}
+        """The model, after the dataset fixed the class count, and the preprocessing its
+        training images had (none for synthetic images)."""
+        out = {"model": dataclasses.asdict(self.config.model)}
+        if self.train_set.preprocessing is not None:
+            out["preprocessing"] = self.train_set.preprocessing.to_dict()
+        return out
 
     def checkpoint_files(self) -> dict[str, bytes]:
         return {}

@@ -251,14 +251,16 @@ class ImageTextTask:
         return out
 
     def describe(self) -> dict[str, dict]:
-        """The image tower ("model"), the text tower with its tokenizer ids, and the
-        contrastive setup, for a checkpoint's `megavit_config.json`."""
+        """The image tower ("model"), the text tower with its tokenizer ids, the
+        contrastive setup and the training images' preprocessing, for a checkpoint's
+        `megavit_config.json`."""
         tok = self.tokenizer
         return {"model": dataclasses.asdict(self.config.model),
                 "text": {**section_to_dict(self.cfg.text), "vocab_size": tok.vocab_size,
                          "pad_id": tok.pad_id, "eos_id": tok.eos_id},
                 "contrastive": {**dataclasses.asdict(self.cfg.contrastive),
-                                "embed_dim": self.cfg.embed_dim}}
+                                "embed_dim": self.cfg.embed_dim},
+                "preprocessing": self.train_set.preprocessing.to_dict()}
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """The tokenizer, so a checkpoint is usable alone (tools/zero_shot.py, export)."""
