@@ -127,3 +127,54 @@ def test_tools_refuse_flag_prefixes(checkpoint):
     with pytest.raises(SystemExit) as e:
         tool("checkpoint_convert").parse_args([str(checkpoint), "--target-tensor", "2"])
     assert e.value.code == 2
+
+
+def _image_folder(root: Path) -> Path:
+    """train/ and val/ with 2 classes x 3 PNGs of real digits; train/b/1.png is corrupt."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (root / split / cls).mkdir(parents=True)
+            for k in range(3):
+                pixels = (digits.images[c + 10 * k] * 15).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{k}.png")
+    (root / "train" / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def test_an_undecodable_image_is_skipped_the_same_way_on_every_stage_or_fatal(tmp_path,
+                                                                              capsys):
+    import torch
+
+    from megavit.config import ModelConfig
+    from megavit.data.bad_samples import DataWarning
+    from megavit.data.datasets import DataError, image_folder
+
+    root = _image_folder(tmp_path / "images")
+    model = ModelConfig(img_h=8, img_w=8, num_channels=1, patch_dim=2)
+    train, _ = image_folder(str(root), model)
+    indices = torch.tensor([3, 4, 5, 4])          # b/0, b/1 (corrupt), b/2, b/1 again
+    with pytest.warns(DataWarning, match=r"b/1\.png: cannot read image .*: skipped"):
+        images, labels = train.get(indices)
+    assert images.shape == (4, 1, 8, 8) and labels.tolist() == [1, 1, 1, 1]
+    assert torch.equal(images[1], images[2])      # replaced by the next readable image
+    assert list(train.bad) == [4]
+    stage_without_images, _ = image_folder(str(root), model)     # another process's view
+    with pytest.warns(DataWarning):
+        assert torch.equal(stage_without_images.labels_of(indices), labels)
+    strict, _ = image_folder(str(root), model, strict=True)
+    with pytest.raises(DataError, match=r"b/1\.png: cannot read image .*drop "
+                       "--fatal-data-errors"):
+        strict.get(indices)
+    argv = ["--dataset", "image-folder", "--data-path", str(root), "--img-h", "8", "--img-w",
+            "8", "--num-channels", "1", "--patch-dim", "2", "--preset", "vit-debug",
+            "--micro-batch-size", "6", "--global-batch-size", "6", "--train-iters", "1",
+            "--num-workers", "0", "--progress-bar", "off", "--peak-tflops", "1"]
+    assert main(argv + ["--fatal-data-errors"]) == 2
+    assert "b/1.png: cannot read image" in capsys.readouterr().err
+    with pytest.warns(DataWarning):
+        assert main(argv) == 0

@@ -125,8 +125,13 @@ def test_image_folder_errors_name_the_problem(tmp_path):
     _write_folder(tmp_path / "ok", classes=("a",), per_class=1)
     (tmp_path / "ok" / "val").rename(tmp_path / "val")
     (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not a png")
-    train, _ = build_datasets(DataConfig(dataset="image-folder", data_path=str(tmp_path)), model, 0)
+    train, _ = build_datasets(DataConfig(dataset="image-folder", data_path=str(tmp_path),
+                                         fatal_data_errors=True), model, 0)
     with pytest.raises(DataError, match="broken.png: cannot read image"):
+        train.get(torch.tensor([0]))
+    train, _ = build_datasets(DataConfig(dataset="image-folder", data_path=str(tmp_path)), model, 0)
+    with pytest.warns(UserWarning, match="broken.png: cannot read image"), \
+            pytest.raises(DataError, match="none of its 1 samples is readable"):
         train.get(torch.tensor([0]))
 
 

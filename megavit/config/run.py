@@ -190,6 +190,12 @@ class DataConfig:
     num_workers: int = field(
         default=2, metadata=opt("Loader worker processes for the image-folder dataset.")
     )
+    fatal_data_errors: bool = field(
+        default=False,
+        metadata=opt("Stop at the first image file that does not decode instead of "
+                     "skipping it with a warning (it is replaced by the next readable image, "
+                     "the same in every layout)."),
+    )
     augment: str = field(
         default="none",
         metadata=opt(

@@ -24,17 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from megavit.config import DataConfig, ModelConfig
+from megavit.data.bad_samples import BadSample, DataError, read_or_replace
 from megavit.data.preprocessing import Preprocessing, file_preprocessing, read_pixels
-from megavit.errors import UserError
 
 # The held-out split never depends on the run's --seed: it is fixed per dataset.
 _SPLIT_SEED = 20260101
 _HELDOUT_FRACTION = 0.2
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DataError(UserError, RuntimeError):
-    """A dataset cannot be read; the message names the file or package and the fix."""
 
 
 class Dataset(Protocol):
@@ -165,13 +161,17 @@ def synthetic(model: ModelConfig, size: int, seed: int, num_classes: int,
 
 class ImageFolderDataset:
     """ROOT/CLASS/IMAGE files read with Pillow on demand (in loader workers), prepared as
-    `preprocessing` says (default: megavit's `file_preprocessing`)."""
+    `preprocessing` says (default: megavit's `file_preprocessing`). An image that does not
+    decode is skipped with a warning and replaced by the next readable one in every layout,
+    or with `strict` (--fatal-data-errors) stops the run (`megavit/data/bad_samples.py`)."""
 
     in_memory = False
 
     def __init__(self, root: Path, classes: list[str], model: ModelConfig, name: str,
-                 preprocessing: Preprocessing | None = None) -> None:
-        self.name = name
+                 preprocessing: Preprocessing | None = None, strict: bool = False) -> None:
+        self.name, self.strict = name, strict
+        self.bad: dict[int, str] = {}        # index -> why it was skipped (this process)
+        self.readable: set[int] = set()      # indices this process decoded
         self.preprocessing = preprocessing or file_preprocessing(model)
         self.root = root
         self.classes = classes
@@ -189,24 +189,43 @@ class ImageFolderDataset:
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, i: int) -> torch.Tensor:
-        """Image i's pixels [c, H, W] in [0, 1]."""
-        path, _ = self.files[i]
+    def read(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i's pixels [c, H, W] in [0, 1] and its label; BadSample when the file
+        does not decode."""
+        path, label = self.files[i]
         try:
-            return read_pixels(path, self.preprocessing)
-        except Exception as e:  # noqa: BLE001 — a corrupt file names itself
-            raise DataError(f"{path}: cannot read image ({e})") from None
+            pixels = read_pixels(path, self.preprocessing)
+        except Exception as e:  # noqa: BLE001 — PIL raises many types; the file names itself
+            raise BadSample(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        self.readable.add(i)
+        return pixels, label
+
+    def sample(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i, or the next readable one if i's file does not decode."""
+        return read_or_replace(i, len(self.files), self.read, self.bad, self.strict, self.name)
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([self.read(int(i)) for i in indices]) if len(indices) else \
-            torch.empty(0, self.model.num_channels, self.model.img_h, self.model.img_w)
-        return self.preprocessing.normalise(images), self.labels_of(indices)
+        if not len(indices):
+            return (torch.empty(0, self.model.num_channels, self.model.img_h, self.model.img_w),
+                    torch.empty(0, dtype=torch.long))
+        images, labels = zip(*(self.sample(int(i)) for i in indices))
+        return (self.preprocessing.normalise(torch.stack(images)),
+                torch.tensor(labels, dtype=torch.long))
 
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.files[int(i)][1] for i in indices], dtype=torch.long)
+        """The labels `get` returns, for a pipeline stage without images: an index not yet
+        decoded in this process is decoded once (its image may be replaced)."""
+        labels = []
+        for i in indices.tolist():
+            if i in self.readable:
+                labels.append(self.files[i][1])
+            else:
+                labels.append(self.sample(i)[1])
+        return torch.tensor(labels, dtype=torch.long)
 
 
-def image_folder(root: str, model: ModelConfig) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+def image_folder(root: str, model: ModelConfig, strict: bool = False
+                 ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     try:
         import PIL  # noqa: F401
     except ImportError:
@@ -222,8 +241,8 @@ def image_folder(root: str, model: ModelConfig) -> tuple[ImageFolderDataset, Ima
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{train_dir}: no class folders")
-    return (ImageFolderDataset(train_dir, classes, model, f"{base.name}-train"),
-            ImageFolderDataset(val_dir, classes, model, f"{base.name}-val"))
+    return (ImageFolderDataset(train_dir, classes, model, f"{base.name}-train", strict=strict),
+            ImageFolderDataset(val_dir, classes, model, f"{base.name}-val", strict=strict))
 
 
 def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Dataset, Dataset]:
@@ -233,7 +252,8 @@ def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Dat
     if data.dataset == "mnist5k":
         return load_mnist5k(model)
     if data.dataset == "image-folder":
-        return image_folder(os.path.expanduser(str(data.data_path)), model)
+        return image_folder(os.path.expanduser(str(data.data_path)), model,
+                            data.fatal_data_errors)
     classes = model.num_classes or 1000
     return (synthetic(model, data.synthetic_size, seed, classes),
             synthetic(model, max(data.synthetic_size // 8, 1), seed + 1, classes))

@@ -51,13 +51,10 @@ import torch
 from megavit.config import ModelConfig
 from megavit.data.captions import (CAPTION_TEMPLATES, digit_captions, digit_tokenizer,
                                    zero_shot_texts)
-from megavit.data.datasets import DataError, load_digits, load_mnist5k
+from megavit.data.bad_samples import BadSample, DataError, DataWarning, read_or_replace
+from megavit.data.datasets import load_digits, load_mnist5k
 from megavit.data.preprocessing import Preprocessing, file_preprocessing, read_pixels
 from megavit.data.tokenizer import Tokenizer
-
-
-class DataWarning(UserWarning):
-    """A sample was skipped; the message names the file and the row or key."""
 
 
 class ImageTextDataset(Protocol):
@@ -132,13 +129,9 @@ def captioned_digits(model: ModelConfig, seed: int,
 # ---------------------------------------------------------------------------------------
 
 
-class _BadSample(Exception):
-    """Raised by `_read`: str(e) says where (file, row or key) and what is wrong."""
-
-
 def _decode_image(data: bytes, model: ModelConfig) -> torch.Tensor:
     """Encoded image bytes -> [c, H, W] float32 in [-1, 1] (`file_preprocessing`). Raises
-    _BadSample."""
+    BadSample."""
     try:
         import PIL  # noqa: F401
     except ImportError:
@@ -148,7 +141,7 @@ def _decode_image(data: bytes, model: ModelConfig) -> torch.Tensor:
     try:
         x = read_pixels(io.BytesIO(data), pre)    # converting decodes: finds truncation
     except Exception as e:  # noqa: BLE001 — PIL raises many types; the sample names itself
-        raise _BadSample(f"cannot decode the image ({type(e).__name__}: {e})") from None
+        raise BadSample(f"cannot decode the image ({type(e).__name__}: {e})") from None
     return pre.normalise(x.unsqueeze(0))[0]
 
 
@@ -171,7 +164,7 @@ class _ReadsWithReplacement:
         raise NotImplementedError
 
     def _read(self, i: int) -> tuple[torch.Tensor, str]:
-        """Sample i's image [c, H, W] and caption; raises _BadSample('FILE ROW/KEY: what')."""
+        """Sample i's image [c, H, W] and caption; raises BadSample('FILE ROW/KEY: what')."""
         raise NotImplementedError
 
     def _end_reads(self) -> None:
@@ -199,23 +192,7 @@ class _ReadsWithReplacement:
         return torch.stack(xs), captions
 
     def _read_or_replace(self, i: int) -> tuple[torch.Tensor, str]:
-        n = len(self)
-        if not 0 <= i < n:
-            raise IndexError(f"{self.name}: index {i} out of range [0, {n})")
-        for step in range(n):
-            j = (i + step) % n
-            if j in self.bad:
-                continue
-            try:
-                return self._read(j)
-            except _BadSample as e:
-                self.bad[j] = str(e)
-                if self.strict:
-                    raise DataError(f"{e} (sample {j} of {self.name}; drop --fatal-data-errors "
-                                    "to skip bad samples)") from None
-                warnings.warn(f"{e}: skipped (sample {j} of {self.name} reads the next readable "
-                              "sample instead, in every layout)", DataWarning, stacklevel=3)
-        raise DataError(f"{self.name}: none of its {n} samples is readable (see the warnings)")
+        return read_or_replace(i, len(self), self._read, self.bad, self.strict, self.name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,18 +264,18 @@ class CsvImageText(_ReadsWithReplacement):
     def _read(self, i: int) -> tuple[torch.Tensor, str]:
         where = f"{self.path} line {self.lines[i]}"
         if not self.captions[i]:
-            raise _BadSample(f"{where}: missing caption")
+            raise BadSample(f"{where}: missing caption")
         if not self.images[i]:
-            raise _BadSample(f"{where}: missing image path")
+            raise BadSample(f"{where}: missing image path")
         image = self.image_path(i)
         try:
             data = image.read_bytes()
         except OSError as e:
-            raise _BadSample(f"{where}: cannot read image {image} ({e.strerror})") from None
+            raise BadSample(f"{where}: cannot read image {image} ({e.strerror})") from None
         try:
             return _decode_image(data, self.model), self.captions[i]
-        except _BadSample as e:
-            raise _BadSample(f"{where}: {image}: {e}") from None
+        except BadSample as e:
+            raise BadSample(f"{where}: {image}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,7 +406,7 @@ class WebDatasetShards(_ReadsWithReplacement):
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
-            raise _BadSample(f"{self.sample_name(i)}: member truncated ({len(data)} of {size} "
+            raise BadSample(f"{self.sample_name(i)}: member truncated ({len(data)} of {size} "
                              "bytes; the shard ends early)")
         return data
 
@@ -441,16 +418,16 @@ class WebDatasetShards(_ReadsWithReplacement):
     def _read(self, i: int) -> tuple[torch.Tensor, str]:
         where = self.sample_name(i)
         if self.caption_at[i, 0] < 0:
-            raise _BadSample(f"{where}: missing caption (no .txt or .json member)")
+            raise BadSample(f"{where}: missing caption (no .txt or .json member)")
         if self.image_at[i, 0] < 0:
-            raise _BadSample(f"{where}: missing image (no {'/'.join('.' + e for e in _IMAGE_EXTS)} "
+            raise BadSample(f"{where}: missing image (no {'/'.join('.' + e for e in _IMAGE_EXTS)} "
                              "member)")
         caption = self._caption(i, where)
         data = self._member(i, self.image_at[i])
         try:
             return _decode_image(data, self.model), caption
-        except _BadSample as e:
-            raise _BadSample(f"{where}: {e}") from None
+        except BadSample as e:
+            raise BadSample(f"{where}: {e}") from None
 
     def _caption(self, i: int, where: str) -> str:
         raw = self._member(i, self.caption_at[i])
@@ -461,9 +438,9 @@ class WebDatasetShards(_ReadsWithReplacement):
                 text = meta.get("caption", meta.get("text", "")) if isinstance(meta, dict) else ""
                 text = text if isinstance(text, str) else ""
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _BadSample(f"{where}: unreadable caption ({e})") from None
+            raise BadSample(f"{where}: unreadable caption ({e})") from None
         if not text.strip():
-            raise _BadSample(f"{where}: missing caption (empty)")
+            raise BadSample(f"{where}: missing caption (empty)")
         return text.strip()
 
 
