@@ -292,3 +292,33 @@ def test_fine_tuning_mistakes_exit_2(argv, message, tmp_path, capsys):
     argv = [a.replace("SAVE_UNDER_FILE", str(tmp_path / "file")) for a in argv]
     assert main(["--preset", "vit-debug", "--dataset", "digits", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_fine_tunes_an_imported_transformers_vit(tmp_path):
+    """tools/import_hf.py's output (a headless ViTModel at 8 px) fine-tuned as a 10-class
+    classifier at 16 px: the classifier starts fresh, the position table is resized."""
+    import json
+
+    from transformers import ViTConfig, ViTModel
+
+    from megavit.config import ModelConfig
+    from tests.test_bad_inputs import tool
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, image_size=8, patch_size=2, num_channels=1,
+                       layer_norm_eps=1e-6)).save_pretrained(str(tmp_path / "hf"))
+    assert tool("import_hf").main(["--input", str(tmp_path / "hf"), "--save",
+                                   str(tmp_path / "ck")]) == 0
+    imported = json.loads((tmp_path / "ck" / "iter_0000000" / "megavit_config.json").read_text())
+    cfg = debug_config(layers=2, train_iters=1)
+    cfg.model = dataclasses.replace(ModelConfig(**imported["model"]), img_h=16, img_w=16,
+                                    num_classes=None)
+    run = classification_run(cfg, serial_state())
+    lines: list[str] = []
+    assert resume(run, None, lines.append, pretrained=str(tmp_path / "ck")) == 0
+    assert any("classifier re-initialised: 0 classes in the checkpoint, 10 here" in line
+               for line in lines), lines
+    assert any("position table resized from 4x4 to 8x8 patches" in line for line in lines)
+    result = run.step(0, next(iter(run.batches(0, 1))))
+    assert torch.isfinite(result.loss)
