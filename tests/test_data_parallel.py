@@ -220,7 +220,8 @@ def test_fp16_overflow_skips_the_step_on_every_rank(dp2_results):
 def test_nan_gradient_stops_every_rank_naming_rank_and_tensor(dp2_results, job):
     """All-reduced or reduce-scattered (9 buckets), the names come from rank 1 only."""
     on_rank1 = dp2_results[job][1]
-    assert "iteration 3" in on_rank1 and "on rank 1 in blocks.1.out_proj.weight," in on_rank1
+    # run.step(3, ...) is the 4th step: the logs call it iteration 4, and so does the error
+    assert "iteration 4:" in on_rank1 and "on rank 1 in blocks.1.out_proj.weight," in on_rank1
     assert "on rank 1 (this is rank 0)" in dp2_results[job][0]
 
 
