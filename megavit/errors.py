@@ -31,7 +31,6 @@ class StoppedBySignal(Exception):
     when --save is set); the training log said where. Exit status 128 + the signal number
     (143 for SIGTERM, 130 for SIGINT), as a shell reports a signalled process."""
 
-    def __init__(self, message: str, signal_number: int, logged: bool = True) -> None:
+    def __init__(self, message: str, signal_number: int) -> None:
         super().__init__(message)
         self.exit_status = 128 + signal_number
-        self.logged = logged      # the training log has said it already

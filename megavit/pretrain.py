@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--num-classes 0 builds a feature extractor; pretraining needs a "
                               "classifier (leave --num-classes unset to use the dataset's)")
     except (ConfigError, LaunchError) as e:
-        return report_config_error(prog, e, info.rank if info else None)
+        return report_config_error(prog, e, info)
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
@@ -48,12 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         dp = info.world_size // model_parallel
         check_schedule(cfg, pipeline_layout(cfg), dp)
     except ConfigError as e:
-        return report_config_error(prog, e, info.rank)
+        return report_config_error(prog, e, info)
     from megavit.run_entry import start_and_train
 
     return start_and_train(prog, parallel, info.local_world_size,
-                           lambda pstate: pretrain(ClassificationTask(cfg), pstate),
-                           cfg.checkpoint.exit_signal_handler)
+                           lambda pstate, stop: pretrain(ClassificationTask(cfg), pstate, stop),
+                           cfg.checkpoint)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = detect_launch()
         validate_contrastive(cfg, world_size=info.world_size)
     except (ConfigError, LaunchError) as e:
-        return report_config_error(PROG, e, info.rank if info else None)
+        return report_config_error(PROG, e, info)
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
@@ -39,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megavit.training.loop import pretrain
 
     return start_and_train(PROG, cfg.base.parallel, info.local_world_size,
-                           lambda pstate: pretrain(ImageTextTask(cfg), pstate),
-                           cfg.base.checkpoint.exit_signal_handler)
+                           lambda pstate, stop: pretrain(ImageTextTask(cfg), pstate, stop),
+                           cfg.base.checkpoint)
 
 
 if __name__ == "__main__":

@@ -15,37 +15,38 @@ statuses and close the group.
 
 from __future__ import annotations
 
-import signal
 import sys
+import time
 from typing import Any, Callable
 
 from megavit.config import ParallelConfig
 from megavit.errors import RunFailure, StoppedBySignal, UserError
 
 
-def report_config_error(prog: str, error: Exception, rank: int | None) -> int:
-    """Print a configuration mistake found before the process group starts — once: every
-    rank finds the same one, so only global rank 0 (or a process whose rank is unknown)
-    prints it. Returns the exit status, 2."""
-    if not rank:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+def report_config_error(prog: str, error: Exception, launch: Any = None) -> int:
+    """Print a configuration mistake found before the process group starts, once per node:
+    every rank of a node finds the same one (paths are checked on each node's own file
+    system, so another node may find another), so the node's first process prints it
+    (`launch`: the LaunchInfo; None, e.g. the launch itself was wrong: print). Returns the
+    exit status, 2."""
+    if launch is None or launch.local_rank == 0:
+        where = f" (rank {launch.rank})" if launch is not None and launch.rank else ""
+        print(f"{prog}: error{where}: {error}", file=sys.stderr)
     return 2
 
 
-def _stop_before_training(signum: int, frame) -> None:
-    raise StoppedBySignal(f"stopped | {signal.Signals(signum).name} before training started "
-                          "| nothing to save", signum, logged=False)
-
-
 def start_and_train(prog: str, parallel: ParallelConfig, local_world_size: int,
-                    train: Callable[[Any], Any], exit_signal_handler: bool = True) -> int:
+                    train: Callable[[Any, Any], Any], checkpoint: Any) -> int:
     """Initialise the parallel state from `parallel` and the launcher's environment, run
-    `train(pstate)`, and return the exit status. With `exit_signal_handler`, SIGTERM
-    before the training loop starts ends the run with a message (the loop then handles
-    signals itself, see training/stopping.py)."""
+    `train(pstate, stop)`, and return the exit status. `stop` (training/stopping.py) turns
+    SIGTERM / SIGINT into a flag from here on, as the checkpoint flags (`checkpoint`:
+    --exit-signal-handler, --exit-duration-in-mins, counted from this call) say."""
     import torch
 
-    from megavit.parallel.state import destroy_parallel_state, init_parallel_state
+    from megavit.parallel.state import init_parallel_state
+    from megavit.training.stopping import StopRequests
+
+    started = time.monotonic()
 
     p = parallel
     try:
@@ -55,13 +56,21 @@ def start_and_train(prog: str, parallel: ParallelConfig, local_world_size: int,
     except (UserError, RuntimeError) as e:   # a bad launch environment, a failed rendezvous
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    if exit_signal_handler:     # until the loop takes over: SIGTERM ends the start-up
-        signal.signal(signal.SIGTERM, _stop_before_training)
+    stop = StopRequests(checkpoint, pstate, started)
     if pstate.device.type == "cpu" and local_world_size > 1:
         # Processes on one host share its cores; oversubscribed threads slow everything down.
         torch.set_num_threads(max(1, torch.get_num_threads() // local_world_size))
     try:
-        train(pstate)
+        return _train(prog, pstate, stop, train)
+    finally:
+        stop.close()          # the process's own signal handlers again
+
+
+def _train(prog: str, pstate: Any, stop: Any, train: Callable[[Any, Any], Any]) -> int:
+    from megavit.parallel.state import destroy_parallel_state
+
+    try:
+        train(pstate, stop)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         destroy_parallel_state(pstate, barrier=False)
@@ -71,11 +80,9 @@ def start_and_train(prog: str, parallel: ParallelConfig, local_world_size: int,
         destroy_parallel_state(pstate, barrier=False)
         return 1
     except StoppedBySignal as e:    # the log said where the checkpoint is
-        if not e.logged:
-            print(f"{prog}: {e}", file=sys.stderr)
         destroy_parallel_state(pstate, barrier=False)
         return e.exit_status
-    except KeyboardInterrupt:       # Ctrl-C before the loop, or twice
+    except KeyboardInterrupt:       # Ctrl-C twice
         print(f"{prog}: interrupted (no checkpoint saved by this interruption)",
               file=sys.stderr)
         destroy_parallel_state(pstate, barrier=False)

@@ -12,6 +12,7 @@ it names, at whatever layout this run has.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -96,11 +97,15 @@ def _save(run: Checkpointable, save_dir: str, iteration: int, keep: int,
     return final
 
 
-def checkpoint_to_load(flag: str, path: str) -> Path | None:
+def checkpoint_to_load(flag: str, path: str, info: Callable[[str], None] = print,
+                       save_dir: str | None = None) -> Path | None:
     """The checkpoint that `flag` (--load, --pretrained-checkpoint) names with `path`: a
-    checkpoint directory itself (iter_N/) or the latest of a --save directory; None for a
-    missing or empty directory (or one holding only an unfinished first save).
-    CheckpointDirectoryError naming what any other directory holds."""
+    checkpoint directory itself (iter_N/), the latest of a --save directory, or — when the
+    pointer file is missing (a save killed between its rename and the pointer) — the
+    newest complete iter_N/ in it, with a note. None for a missing or empty directory (or
+    one holding only an unfinished first save), and for the run's own --save directory
+    (`save_dir`) holding no checkpoint yet whatever else it holds (metrics, logs), with a
+    note. CheckpointDirectoryError naming what any other directory holds."""
     root = Path(path)
     if (root / CONFIG_FILE).is_file():
         return root
@@ -109,11 +114,23 @@ def checkpoint_to_load(flag: str, path: str) -> Path | None:
             raise CheckpointDirectoryError(f"{flag} {path}: a file, not a checkpoint "
                                            "directory")
         return None
-    latest = CheckpointDirectory(root).latest()
+    directory = CheckpointDirectory(root)
+    latest = directory.latest()
     if latest is not None:
         return latest
+    complete = [p for _, p in directory.complete() if (p / CONFIG_FILE).is_file()
+                and (p / ".metadata").is_file()]
+    if complete:
+        info(f"{flag} {path}: no {TRACKER} (a save stopped before writing it); using the "
+             f"newest complete checkpoint, {complete[-1].name}")
+        return complete[-1]
     entries = sorted(p.name for p in root.iterdir())
-    if all(e.startswith(".staging-") for e in entries):
+    others = [e for e in entries if not e.startswith(".staging-")]
+    if not others:
+        return None
+    if save_dir and os.path.realpath(save_dir) == os.path.realpath(root):
+        info(f"{flag} {path}: no checkpoint yet (it holds {', '.join(others[:4])}"
+             f"{' ...' if len(others) > 4 else ''})")
         return None
     raise CheckpointDirectoryError(_not_a_checkpoint(flag, root, entries))
 
@@ -122,21 +139,16 @@ def _not_a_checkpoint(flag: str, root: Path, entries: list[str]) -> str:
     """What a directory without a checkpoint holds, and where a checkpoint may be."""
     shown = ", ".join(e + ("/" if (root / e).is_dir() else "") for e in entries[:6])
     more = f" and {len(entries) - 6} more" if len(entries) > 6 else ""
-    iters = [e for e in entries if e.startswith("iter_") and (root / e / CONFIG_FILE).is_file()]
-    if iters:
-        hint = (f"; its latest_checkpointed_iteration.txt is missing: pass {flag} "
-                f"{root / iters[-1]}")
-    else:
-        below = sorted(str(t.parent) for t in root.glob(f"*/{TRACKER}"))
-        below += sorted(str(t.parent) for t in root.glob(f"*/*/{TRACKER}"))
-        hint = f"; did you mean {flag} {below[0]}?" if below else ""
+    below = sorted(str(t.parent) for t in root.glob(f"*/{TRACKER}"))
+    below += sorted(str(t.parent) for t in root.glob(f"*/*/{TRACKER}"))
+    hint = f"; did you mean {flag} {below[0]}?" if below else ""
     return (f"{flag} {root}: neither a checkpoint (no {CONFIG_FILE}) nor a --save directory "
             f"(no {TRACKER}); it holds {shown}{more}{hint}")
 
 
 def resume(run: Checkpointable, load_dir: str | None, info: Callable[[str], None],
            finetune: bool = False, pretrained: str | None = None,
-           reset_classifier: bool = False) -> int:
+           reset_classifier: bool = False, save_dir: str | None = None) -> int:
     """Start `run` as the checkpoint flags say; returns the iteration to continue at.
 
     --load's checkpoint: the whole training state (resume), or with `finetune` its weights
@@ -144,7 +156,7 @@ def resume(run: Checkpointable, load_dir: str | None, info: Callable[[str], None
     restart pattern), or from `pretrained`'s weights (--pretrained-checkpoint)."""
     from megavit.checkpointing.pretrained import load_pretrained_weights
 
-    latest = checkpoint_to_load("--load", load_dir) if load_dir else None
+    latest = checkpoint_to_load("--load", load_dir, info, save_dir) if load_dir else None
     if finetune:
         if latest is None:
             raise CheckpointDirectoryError(f"--finetune: --load {load_dir} holds no checkpoint "
@@ -158,7 +170,7 @@ def resume(run: Checkpointable, load_dir: str | None, info: Callable[[str], None
                                                  f"{pretrained}" if pretrained else
                                                  "starting from scratch"))
     if pretrained:
-        source = checkpoint_to_load("--pretrained-checkpoint", pretrained)
+        source = checkpoint_to_load("--pretrained-checkpoint", pretrained, info)
         if source is None:
             raise CheckpointDirectoryError(f"--pretrained-checkpoint {pretrained}: no "
                                            "checkpoint there (missing or empty directory)")

@@ -23,7 +23,7 @@ from torch import nn
 
 from megavit.checkpointing.errors import CheckpointLoadError
 from megavit.checkpointing.pieces import meta_model, piece_blocks, pieces_of
-from megavit.checkpointing.safe_reader import (CorruptCheckpointError, SafeFileSystemReader,
+from megavit.checkpointing.safe_reader import (CheckpointReadError, SafeFileSystemReader,
                                                check_checkpoint, failure_causes)
 from megavit.parallel.sharding import get_tp_shard
 from megavit.parallel.state import ParallelState
@@ -113,8 +113,8 @@ def load_state(state: dict[str, torch.Tensor], path: str | os.PathLike, pstate: 
     except CheckpointException as e:
         for failure in getattr(e, "failures", {}).values():
             cause = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(cause, CorruptCheckpointError):
-                raise CorruptCheckpointError(str(cause)) from e
+            if isinstance(cause, CheckpointReadError):
+                raise type(cause)(str(cause)) from e
         raise CheckpointLoadError(f"{path}: does not fit this {what}, nothing was loaded: "
                                   + failure_causes(e)) from e
 

@@ -52,10 +52,11 @@ def _plan(saved_info: dict, current_info: dict, stored: dict[str, torch.Size],
     saved_model, model = saved_info["model"], current_info["model"]
     classes_differ = (saved_model.get("num_classes") != model.get("num_classes")
                       or reset_classifier)
-    grid_differs = any(saved_model.get(k) != model.get(k) for k in RESOLUTION_FIELDS)
+    # the grid, not the table's shape: 32x16 px and 16x32 px hold as many patches
+    grid_differs = _grid(saved_model) != _grid(model)
     fresh = {k for k in expected if classes_differ and k in CLASSIFIER}
     resize = {k for k in expected if grid_differs and k.endswith(POSITION_TABLE)
-              and k in stored and stored[k] != expected[k]}
+              and k in stored}
     problems = []
     for name, shape in expected.items():
         if name in fresh or name in resize:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,8 +35,22 @@ class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint whose metadata names something outside the allowlist."""
 
 
-class CorruptCheckpointError(UserError, RuntimeError):
+class CheckpointReadError(UserError, RuntimeError):
+    """A checkpoint data file that cannot be read (the message names the file and why)."""
+
+
+class CorruptCheckpointError(CheckpointReadError):
     """A checkpoint data file whose bytes do not decode (the message names the file)."""
+
+
+def _does_not_decode(error: Exception) -> bool:
+    """What torch.load raises for bytes that are not a saved tensor."""
+    if isinstance(error, (pickle.UnpicklingError, EOFError, UnicodeDecodeError,
+                          zipfile.BadZipFile)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("PytorchStreamReader" in text
+                                                 or "zip archive" in text)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -96,13 +111,17 @@ class SafeFileSystemReader(FileSystemReader):
         self.fs.create_stream = tracked
         try:
             return super().read_data(plan, planner)
-        except (pickle.UnpicklingError, UnicodeDecodeError, EOFError, RuntimeError,
-                ValueError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 — sorted below; anything else goes on as is
             where = opened[-1] if opened else os.fspath(self.path)
             detail = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
-            raise CorruptCheckpointError(
-                f"{where}: corrupt ({type(e).__name__}: {detail}); its bytes do not decode, "
-                "so this checkpoint cannot be loaded: load an earlier one") from e
+            if _does_not_decode(e):
+                raise CorruptCheckpointError(
+                    f"{where}: corrupt ({type(e).__name__}: {detail}); its bytes do not "
+                    "decode, so this checkpoint cannot be loaded: load an earlier one") from e
+            if isinstance(e, OSError):    # permissions, a failing file system: not the bytes
+                raise CheckpointReadError(f"{where}: cannot be read ({type(e).__name__}: "
+                                          f"{detail})") from e
+            raise
         finally:
             self.fs.create_stream = create_stream
 

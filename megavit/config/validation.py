@@ -185,8 +185,9 @@ def _check_checkpoint(ck: CheckpointConfig) -> list[str]:
         problems.append("--save-interval and --keep-last-checkpoints must be 0 or more")
     if (ck.save_interval or ck.keep_last_checkpoints) and not ck.save:
         problems.append("--save-interval / --keep-last-checkpoints need --save DIR")
-    if ck.load and not os.path.isdir(ck.load) and ck.load != ck.save:
-        problems.append(f"--load {ck.load}: no such directory")
+    if ck.load and not os.path.isdir(ck.load) and not _same_path(ck.load, ck.save):
+        problems.append(f"--load {ck.load}: no such directory (a missing --load starts from "
+                        "scratch only when it is also --save)")
     if ck.exit_duration_in_mins is not None and ck.exit_duration_in_mins <= 0:
         problems.append(f"--exit-duration-in-mins must be positive (got "
                         f"{ck.exit_duration_in_mins})")
@@ -202,12 +203,23 @@ def _check_checkpoint(ck: CheckpointConfig) -> list[str]:
     if ck.pretrained_checkpoint and not os.path.isdir(ck.pretrained_checkpoint):
         problems.append(f"--pretrained-checkpoint {ck.pretrained_checkpoint}: no such "
                         "directory")
+    source = ck.pretrained_checkpoint or (ck.load if ck.finetune else None)
+    if source and ck.save and (_same_path(source, ck.save)
+                               or _same_path(os.path.dirname(os.path.abspath(source)), ck.save)):
+        problems.append(f"--save {ck.save} is where the weights to fine-tune come from: its "
+                        "checkpoints (and --keep-last-checkpoints) would replace them; save "
+                        "the fine-tuning elsewhere")
     return problems + _check_save_directory(ck.save)
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def _check_probe(cfg: Config) -> list[str]:
     checkpoint = cfg.checkpoint
-    if cfg.training.freeze_backbone and not (checkpoint.load or checkpoint.pretrained_checkpoint):
+    if cfg.training.freeze_backbone and not (checkpoint.finetune
+                                             or checkpoint.pretrained_checkpoint):
         return ["--freeze-backbone trains a classifier on a frozen model: give it weights "
                 "with --pretrained-checkpoint DIR (or --load DIR --finetune)"]
     return []

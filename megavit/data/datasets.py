@@ -46,7 +46,8 @@ class Dataset(Protocol):
         ...
 
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
-        """Labels [n] only (no image is read)."""
+        """Labels [n] only (in memory: nothing is read; from files: an image not yet read
+        may be decoded, as it may be replaced)."""
         ...
 
 
@@ -238,8 +239,9 @@ class ImageFolderDataset:
                 torch.tensor(labels, dtype=torch.long))
 
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
-        """The labels `get` returns, for a pipeline stage without images: an index not yet
-        decoded in this process is decoded once (its image may be replaced)."""
+        """The labels `get` returns: an index not yet decoded in this process is decoded
+        once (its image may be replaced). Training hands a pipeline's later stages the first
+        stage's labels instead (`sampler.labels_from_first_stage`), so they decode nothing."""
         labels = []
         for i in indices.tolist():
             if i in self.readable:

@@ -10,8 +10,9 @@ as timm's `pretrained_cfg` and transformers' `preprocessor_config.json`
       ─ resize ─► crop_mode "squash": to (height, width) / crop_pct, the aspect ratio not
                   kept; "center": the shorter side to min(height, width) / crop_pct
       ─ centre crop to height x width (nothing is cut with "squash" and crop_pct 1.0;
-        an odd margin puts the extra pixel first, as torchvision's CenterCrop and so timm
-        do; transformers' processors put it last)
+        an odd margin is split as torchvision's CenterCrop, and so timm, split it: the
+        offset is round(margin / 2), Python's round, halves to even; transformers'
+        processors may put the extra pixel on the other side)
       ─ / 255 ─► [c, height, width] in [0, 1] ─ (x - mean) / std ─► the model's input
 
 `interpolation` names a PIL filter (`PIL_FILTERS`); PIL's bilinear and bicubic filters

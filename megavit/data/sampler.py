@@ -16,6 +16,7 @@ import torch
 
 from megavit.data.augment import affine_params, apply_affine
 from megavit.data.datasets import Dataset
+from megavit.parallel.comm import Group
 from megavit.parallel.sharding import param_seed
 
 
@@ -92,22 +93,26 @@ def _as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torc
 def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, stop: int,
                   dp_rank: int, dp_size: int, micro_batch_size: int,
                   num_workers: int = 0, augment: str = "none",
-                  with_images: bool = True) -> Iterator[list[MicroBatch]]:
+                  with_images: bool = True, with_labels: bool = True
+                  ) -> Iterator[list[MicroBatch]]:
     """For each iteration in [start, stop): this rank's micro-batches, in order, each with
     the global ids of its images (iteration * G + position in the global batch, which key
     per-image randomness such as drop-path). In-memory datasets are indexed directly;
     others are read by a DataLoader with `num_workers` processes prefetching ahead.
     `augment` ('none' or 'affine') draws its randomness per global-batch position (see
     megavit.data.augment). `with_images=False` (pipeline stages after the first) reads only
-    the labels."""
+    the labels, or with `with_labels=False` nothing: the labels are zeros to be filled by
+    `labels_from_first_stage`."""
     g = sampler.global_batch_size
     per_rank = g // dp_size
     if not with_images:
         for iteration in range(start, stop):
             idx = sampler.local_indices(iteration, dp_rank, dp_size)
             ids = iteration * g + dp_rank * per_rank + torch.arange(per_rank)
-            yield [MicroBatch(None, labels, i.clone()) for labels, i in
-                   zip(dataset.labels_of(idx).split(micro_batch_size), ids.split(micro_batch_size))]
+            labels = (dataset.labels_of(idx) if with_labels
+                      else torch.zeros(per_rank, dtype=torch.long))
+            yield [MicroBatch(None, y, i.clone()) for y, i in
+                   zip(labels.split(micro_batch_size), ids.split(micro_batch_size))]
         return
     if dataset.in_memory or num_workers == 0:
         local = (dataset.get(sampler.local_indices(it, dp_rank, dp_size))
@@ -131,16 +136,34 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
 
 def eval_batches(dataset: Dataset, global_batch_size: int, dp_rank: int, dp_size: int,
                  micro_batch_size: int, max_batches: int | None = None,
-                 with_images: bool = True) -> Iterator[list[MicroBatch]]:
+                 with_images: bool = True, with_labels: bool = True
+                 ) -> Iterator[list[MicroBatch]]:
     """The held-out split in order, in global batches of `global_batch_size` images (the
     first `max_batches` of them); for each, this rank's contiguous share in micro-batches of
     at most `micro_batch_size` (the last batch may leave a rank fewer or none). Which images
-    are evaluated depends only on the split and the global batch size, not on the layout."""
+    are evaluated depends only on the split and the global batch size, not on the layout.
+    `with_images` / `with_labels` as for `train_batches`."""
     n = len(dataset)
     for b, start in enumerate(range(0, n, global_batch_size)):
         if max_batches is not None and b >= max_batches:
             return
         share = torch.arange(start, min(start + global_batch_size, n)).tensor_split(dp_size)[dp_rank]
         yield [MicroBatch(*dataset.get(idx), idx) if with_images else
-               MicroBatch(None, dataset.labels_of(idx), idx)
+               MicroBatch(None, dataset.labels_of(idx) if with_labels else
+                          torch.zeros(len(idx), dtype=torch.long), idx)
                for idx in share.split(micro_batch_size)]
+
+
+def labels_from_first_stage(batches: Iterator[list[MicroBatch]], pp: Group
+                            ) -> Iterator[list[MicroBatch]]:
+    """`batches` with every stage's labels those the first pipeline stage read (one
+    broadcast of [m_total] int64 per step on the pipeline group `pp`): a file-backed
+    dataset may replace an unreadable image (and its label) by the next readable one, which
+    only the stage that decodes the images knows. Every stage of `pp` iterates alike."""
+    for micro_batches in batches:
+        if not micro_batches:
+            yield micro_batches
+            continue
+        sizes = [len(mb.labels) for mb in micro_batches]
+        labels = pp.broadcast(torch.cat([mb.labels for mb in micro_batches]), src=0)
+        yield [mb._replace(labels=y) for mb, y in zip(micro_batches, labels.split(sizes))]

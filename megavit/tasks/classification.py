@@ -25,7 +25,8 @@ from torch import nn
 
 from megavit.config import Config, ConfigError
 from megavit.data.datasets import Dataset, build_datasets
-from megavit.data.sampler import MicroBatch, eval_batches, train_batches
+from megavit.data.sampler import (MicroBatch, eval_batches, labels_from_first_stage,
+                                  train_batches)
 from megavit.models.transformer import Runtime
 from megavit.models.vit import build_stage, vit_layer_id
 from megavit.parallel.pipeline_executor import StepStats
@@ -117,10 +118,20 @@ class ClassificationTask:
 
     def batches(self, run: Run, start: int, stop: int) -> Iterator[list[MicroBatch]]:
         """This rank's micro-batches for iterations [start, stop) (images only on the
-        stage holding the model's first chunk)."""
+        stage holding the model's first chunk; the labels of a file-backed dataset come
+        from that stage, see `labels_from_first_stage`)."""
         t, d, dp = self.config.training, self.config.data, run.pstate.dp
-        return train_batches(self.train_set, run.sampler, start, stop, dp.rank, dp.size,
-                             t.micro_batch_size, d.num_workers, d.augment, run.is_first_stage)
+        handed = self._labels_handed_on(run, self.train_set)
+        batches = train_batches(self.train_set, run.sampler, start, stop, dp.rank, dp.size,
+                                t.micro_batch_size, d.num_workers, d.augment,
+                                run.is_first_stage, with_labels=not handed)
+        return labels_from_first_stage(batches, run.pstate.pp) if handed else batches
+
+    @staticmethod
+    def _labels_handed_on(run: Run, dataset: Dataset) -> bool:
+        """Under pipeline parallelism a file-backed dataset's labels travel from the first
+        stage (it alone decodes the images, and so knows which were replaced)."""
+        return run.pstate.pp.size > 1 and not dataset.in_memory
 
     def micro_batch_count(self, batch: list[MicroBatch]) -> int:
         return len(batch)
@@ -173,9 +184,13 @@ class ClassificationTask:
             sums[2] += labels.numel()
             return logits.new_zeros(())
 
-        for micro_batches in eval_batches(self.heldout, training.global_batch_size, pstate.dp.rank,
-                                          pstate.dp.size, training.micro_batch_size,
-                                          self.config.logging.eval_iters, run.is_first_stage):
+        handed = self._labels_handed_on(run, self.heldout)
+        batches = eval_batches(self.heldout, training.global_batch_size, pstate.dp.rank,
+                               pstate.dp.size, training.micro_batch_size,
+                               self.config.logging.eval_iters, run.is_first_stage,
+                               with_labels=not handed)
+        for micro_batches in (labels_from_first_stage(batches, pstate.pp) if handed
+                              else batches):
             micro_batches = [mb for mb in micro_batches if mb.labels.numel()]
             if micro_batches:
                 run_micro_batches(model, run.executor, micro_batches, pstate, tally,

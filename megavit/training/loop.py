@@ -32,14 +32,21 @@ from megavit.training.step import StepResult
 from megavit.training.stopping import StopRequests
 
 
-def pretrain(task: Task, pstate: ParallelState) -> dict[str, Any]:
-    """Train `task` for --train-iters steps and evaluate; returns the summary metrics."""
+def pretrain(task: Task, pstate: ParallelState, stop: StopRequests | None = None
+             ) -> dict[str, Any]:
+    """Train `task` for --train-iters steps and evaluate; returns the summary metrics.
+    `stop`: the run's StopRequests, installed by the entry point before anything is built
+    (default: made here, from the checkpoint flags)."""
     cfg = task.config
+    own = stop is None
+    stop = StopRequests(cfg.checkpoint, pstate) if own else stop
     log = MetricsLogger(cfg.logging, pstate.is_main, cfg.training.train_iters)
     try:
-        return train(Run.build(task, pstate), log)
+        return train(Run.build(task, pstate), log, stop)
     finally:
         log.close()
+        if own:
+            stop.close()
 
 
 def parameter_count(run: Run, params) -> float:
@@ -207,9 +214,11 @@ def finished_run(run: Run, log: MetricsLogger, iteration: int) -> dict[str, Any]
     return summary
 
 
-def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
+def train(run: Run, log: MetricsLogger, stop: StopRequests) -> dict[str, Any]:
     """The loop over iterations [resumed, --train-iters); returns the summary metrics
-    (raises StoppedBySignal after saving when SIGTERM / SIGINT stopped it)."""
+    (raises StoppedBySignal after saving when SIGTERM / SIGINT stopped it). `stop` is
+    checked once after resuming (a signal during start-up: every rank leaves before the
+    first step) and after every step."""
     training, logging, checkpoint = run.cfg.training, run.cfg.logging, run.cfg.checkpoint
     iters, task = training.train_iters, run.task
     for line in [*layout_lines(run), *task.log_lines(run), precision_line(run)]:
@@ -221,11 +230,16 @@ def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
     if checkpoint.save and run.pstate.is_main:   # what a killed save left behind
         CheckpointDirectory(checkpoint.save).remove_staging()
     first = resume(run, checkpoint.load, log.info, checkpoint.finetune,
-                   checkpoint.pretrained_checkpoint, checkpoint.reset_classifier)
+                   checkpoint.pretrained_checkpoint, checkpoint.reset_classifier,
+                   checkpoint.save)
+    if (reason := stop.check(budget=False)) is not None:    # a signal during start-up
+        message = f"stopped | {reason} before the first step | nothing new to save"
+        log.info(message)
+        raise StoppedBySignal(message, stop.stopped_by)
     if first >= iters:
         return finished_run(run, log, first)
     run.model.train()
-    stop, batches = StopRequests(checkpoint, run.pstate), run.batches(first, iters)
+    batches = run.batches(first, iters)
     try:
         for iteration, batch in zip(range(first, iters), batches):
             result = run.step(iteration, batch)
@@ -257,7 +271,6 @@ def train(run: Run, log: MetricsLogger) -> dict[str, Any]:
                                    lines.watch.total() - paused,
                                    "loss": last.get("loss", float("nan"))})
     finally:
-        stop.close()
         getattr(batches, "close", lambda: None)()    # loader workers end with the loop
     train_time = lines.watch.total() - paused
     evaluation = run.evaluate()

@@ -1,14 +1,17 @@
 """Stopping a run early without losing it: SIGTERM / SIGINT and a wall-clock budget.
 
-A signal only sets a flag (`--exit-signal-handler`, on by default); after each step every
-rank tells the others what it has seen — one all-reduce (MAX) of two numbers on the world
-group — so all ranks stop after the same iteration, whichever of them was signalled (under
-torchrun all are; under Slurm or mpirun perhaps only some). The loop then saves a checkpoint
-when --save is set and exits. A step is never cut in half: the signal is acted on when the
-step in progress, and any evaluation or save of that iteration, has finished.
+A signal only sets a flag (`--exit-signal-handler`, on by default; the entry point installs
+it as soon as the process group exists, so building the run and loading a checkpoint are
+covered too). After resuming, and after each step, every rank tells the others what it has
+seen — one all-reduce (MAX) of two numbers on the world group — so all ranks stop at the
+same point, whichever of them was signalled (under torchrun all are; under Slurm or mpirun
+perhaps only some). The loop then saves a checkpoint when --save is set and exits. A step is
+never cut in half: the signal is acted on when the step in progress, and any evaluation or
+save of that iteration, has finished. A signal during the final evaluation is ignored (the
+last checkpoint exists).
 
-    stop = StopRequests(cfg.checkpoint, pstate)
-    ...after each step...
+    stop = StopRequests(cfg.checkpoint, pstate, started)
+    ...after resuming and after each step...
     if (reason := stop.check()) is not None: save, log, stop
 
 A second SIGINT more than 2 s after the first (a user pressing Ctrl-C again; torchrun's
@@ -33,14 +36,17 @@ class StopRequests:
     """The signals this process received and the --exit-duration-in-mins budget; `check`
     agrees on them with every rank."""
 
-    def __init__(self, checkpoint_cfg, pstate: ParallelState) -> None:
+    def __init__(self, checkpoint_cfg, pstate: ParallelState,
+                 started: float | None = None) -> None:
+        """`started`: time.monotonic() when the run began (the budget counts from there;
+        default: now)."""
         self.pstate = pstate
         self.budget_s = (checkpoint_cfg.exit_duration_in_mins * 60
                          if checkpoint_cfg.exit_duration_in_mins else None)
         self.received: int | None = None       # the first signal this process saw
         self.received_at = 0.0
         self.stopped_by = 0                     # the signal every rank agreed to stop on
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self._previous: dict[int, object] = {}
         # handlers can be installed from the main thread only (a harness thread keeps
         # the default behaviour)
@@ -62,12 +68,14 @@ class StopRequests:
         if self.received is None:
             self.received, self.received_at = signum, now
 
-    def check(self) -> str | None:
-        """After a step, on every rank: why the run stops now ("SIGTERM", "SIGINT",
-        "--exit-duration-in-mins 30 reached"), or None to go on."""
+    def check(self, budget: bool = True) -> str | None:
+        """On every rank: why the run stops now ("SIGTERM", "SIGINT", "--exit-duration-in-mins
+        30 reached"), or None to go on. `budget` False: signals only (before the first
+        step, so a run always makes a step of progress within its budget)."""
         if not self.active:
             return None
-        over = self.budget_s is not None and time.monotonic() - self.started > self.budget_s
+        over = (budget and self.budget_s is not None
+                and time.monotonic() - self.started > self.budget_s)
         flags = torch.tensor([float(self.received or 0), float(over)],
                              device=self.pstate.device)
         signum, out_of_time = self.pstate.world.all_reduce(
