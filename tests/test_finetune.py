@@ -294,12 +294,16 @@ def test_finetuning_refuses_other_models_and_a_resume_reports_a_new_schedule(pre
     (["--save", "SAVE_UNDER_FILE/ck"], "is a file, so the directory cannot be made"),
     (["--pretrained-checkpoint", "/nonexistent"], "--pretrained-checkpoint /nonexistent: no "
                                                   "such directory"),
+    (["--freeze-backbone", "--load", "TMP"], "--freeze-backbone trains a classifier"),
+    (["--pretrained-checkpoint", "TMP", "--save", "TMP/"], "is where the weights to "
+                                                          "fine-tune come from"),
 ])
 def test_fine_tuning_mistakes_exit_2(argv, message, tmp_path, capsys):
     from megavit.pretrain import main
 
     (tmp_path / "file").write_text("x")
-    argv = [a.replace("SAVE_UNDER_FILE", str(tmp_path / "file")) for a in argv]
+    argv = [a.replace("SAVE_UNDER_FILE", str(tmp_path / "file")).replace("TMP", str(tmp_path))
+            for a in argv]
     assert main(["--preset", "vit-debug", "--dataset", "digits", *argv]) == 2
     assert message in capsys.readouterr().err
 
