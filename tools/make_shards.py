@@ -101,10 +101,13 @@ def write_shards(samples: Iterator[dict], output: Path, per_shard: int) -> tuple
             written.append(tmp)
             with open(tmp, "wb") as f:
                 writer = wds.TarWriter(f, mtime=0)   # fixed mtime: reproducible shards
-                for sample in itertools.chain([first], itertools.islice(samples, per_shard - 1)):
-                    nbytes += writer.write(sample)
-                    total += 1
-                writer.close()
+                try:
+                    for sample in itertools.chain([first],
+                                                  itertools.islice(samples, per_shard - 1)):
+                        nbytes += writer.write(sample)
+                        total += 1
+                finally:
+                    writer.close()   # before the file closes, also when interrupted
             os.replace(tmp, name)
             written.append(name)
             shards += 1
