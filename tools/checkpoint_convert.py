@@ -25,12 +25,10 @@ from pathlib import Path
 import torch
 
 from megavit.checkpointing.checkpointer import resolve_checkpoint
-from megavit.checkpointing.directory import CheckpointDirectoryError
-from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.checkpointing.offline import ConvertError
 from megavit.checkpointing.reshard import reshard
-from megavit.checkpointing.safe_reader import UnsafeCheckpointError
 from megavit.config.fields import finite_float
+from megavit.errors import UserError
 from megavit.interop.consolidate import consolidate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,10 +92,12 @@ def main(argv=None) -> int:
             consolidate(source, out, DTYPES.get(args.dtype), buffer, report)
         else:
             reshard(source, args.output, args.target_tensor_parallel_size, buffer, report)
-    except (ConvertError, CheckpointLoadError, CheckpointDirectoryError, UnsafeCheckpointError,
-            FileNotFoundError) as e:
+    except (UserError, OSError) as e:    # a bad path or target, a corrupt checkpoint
         print(f"checkpoint_convert: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("checkpoint_convert: interrupted; nothing written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -17,16 +17,16 @@ incomplete.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
-from megavit.checkpointing.directory import CheckpointDirectoryError
-from megavit.checkpointing.safe_reader import UnsafeCheckpointError, check_checkpoint
+from megavit.checkpointing.checkpointer import resolve_checkpoint
+from megavit.checkpointing.model_config import read_checkpoint_info
+from megavit.checkpointing.safe_reader import check_checkpoint
 from megavit.config import ModelConfig, TextConfig, section_from_dict
+from megavit.errors import UserError
 from megavit.interop.mapping import model_flags
 
 
@@ -42,12 +42,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         ckpt = resolve_checkpoint(Path(args.path))
-        info = json.loads((ckpt / CONFIG_FILE).read_text())
+        info = read_checkpoint_info(ckpt)
         metadata = check_checkpoint(ckpt)      # also: every shard file there, none truncated
-    except (CheckpointDirectoryError, UnsafeCheckpointError, FileNotFoundError,
-            json.JSONDecodeError) as e:
+    except (UserError, OSError) as e:
         print(f"checkpoint_inspect: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("checkpoint_inspect: interrupted", file=sys.stderr)
+        return 130
     layout = info["layout"]
     print(f"checkpoint: {ckpt}")
     print(f"iteration: {info['iteration']}")

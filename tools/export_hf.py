@@ -28,11 +28,8 @@ from pathlib import Path
 import torch
 
 from megavit.checkpointing.checkpointer import resolve_checkpoint
-from megavit.checkpointing.directory import CheckpointDirectoryError
-from megavit.checkpointing.model_state import CheckpointLoadError
-from megavit.checkpointing.offline import ConvertError
-from megavit.checkpointing.safe_reader import UnsafeCheckpointError
 from megavit.config.fields import finite_float
+from megavit.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +52,7 @@ def main(argv=None) -> int:
     try:
         from megavit.interop.export_hf import export_checkpoint
 
-        source = resolve_checkpoint(Path(args.load))
+        source = resolve_checkpoint(Path(args.load), "--load")
         print(f"export | source {source} | format {args.format}", flush=True)
         export_checkpoint(source, args.format, args.output, DTYPES.get(args.dtype),
                           int(args.buffer_mb * 2**20), lambda line: print(line, flush=True))
@@ -65,10 +62,12 @@ def main(argv=None) -> int:
         print(f"export_hf: error: --format transformers needs the transformers package "
               f"(pip install 'megavit[hf]'): {e}", file=sys.stderr)
         return 2
-    except (ConvertError, CheckpointLoadError, CheckpointDirectoryError, UnsafeCheckpointError,
-            OSError, ValueError) as e:      # ValueError: e.g. an unusable tokenizer file
+    except (UserError, OSError, ValueError) as e:   # ValueError: e.g. an unusable tokenizer
         print(f"export_hf: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("export_hf: interrupted; nothing written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megavit.checkpointing.directory import CheckpointDirectoryError
-from megavit.checkpointing.model_state import CheckpointLoadError
-from megavit.checkpointing.offline import ConvertError
 from megavit.config.fields import finite_float
+from megavit.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -50,10 +48,12 @@ def main(argv=None) -> int:
         path, plan = import_directory(args.input, args.save, args.tensor_model_parallel_size,
                                       int(args.buffer_mb * 2**20),
                                       lambda line: print(line, flush=True))
-    except (ConvertError, CheckpointDirectoryError, CheckpointLoadError, OSError, KeyError,
-            ValueError) as e:
+    except (UserError, OSError, KeyError, ValueError) as e:
         print(f"import_hf: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("import_hf: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"imported | {plan.source} | tp {args.tensor_model_parallel_size} | path {path}")
     print("model flags: " + " ".join(plan.flags))
     return 0

@@ -35,14 +35,19 @@ def write_image_folder(dataset: str, output: Path) -> dict[str, int]:
     if partial.exists():
         shutil.rmtree(partial)
     counts = {}
-    for split, indices in (("train", train), ("val", held)):
-        for words, _ in DIGIT_CLASS_NAMES:
-            (partial / split / words).mkdir(parents=True)
-        for i in indices.tolist():
-            folder = partial / split / DIGIT_CLASS_NAMES[int(labels[i])][0]
-            Image.fromarray(images[i], mode="L").save(folder / f"{i:05d}.png")
-        counts[split] = len(indices)
-    os.replace(partial, output)
+    try:
+        for split, indices in (("train", train), ("val", held)):
+            for words, _ in DIGIT_CLASS_NAMES:
+                (partial / split / words).mkdir(parents=True)
+            for i in indices.tolist():
+                folder = partial / split / DIGIT_CLASS_NAMES[int(labels[i])][0]
+                Image.fromarray(images[i], mode="L").save(folder / f"{i:05d}.png")
+            counts[split] = len(indices)
+        os.replace(partial, output)
+    except OSError as e:     # no permission, disk full
+        raise DataError(f"--output {output}: cannot write ({e.strerror})") from None
+    finally:                 # also on Ctrl-C: OUTPUT is complete or absent
+        shutil.rmtree(partial, ignore_errors=True)
     return counts
 
 
@@ -63,6 +68,9 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"make_image_folder: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("make_image_folder: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"make_image_folder | {args.dataset} | train {counts['train']} images | val "
           f"{counts['val']} images | 10 classes | path {args.output}")
     return 0

@@ -17,7 +17,9 @@ mapped back to [0, 255] by the train split's min and max. Captions are those of 
 relative paths against the file's folder); a row without a readable image file, with
 another image type, or without a caption is skipped with a warning.
 
-Exit status 2 with a message for a missing or malformed input or when no sample is left.
+Exit status 2 with a message for a missing or malformed input, when no sample is left, or
+for an --output that cannot be written or already holds .tar shards; a run that fails or is
+interrupted removes the shards it wrote.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import io
 import itertools
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -90,23 +93,30 @@ def write_shards(samples: Iterator[dict], output: Path, per_shard: int) -> tuple
     start = time.perf_counter()
     total = shards = nbytes = 0
     samples = iter(samples)
-    while (first := next(samples, None)) is not None:
-        name = output / f"{shards:06d}.tar"
-        tmp = name.with_suffix(".tar.tmp")
-        try:
+    written: list[Path] = []
+    try:
+        while (first := next(samples, None)) is not None:
+            name = output / f"{shards:06d}.tar"
+            tmp = name.with_suffix(".tar.tmp")
+            written.append(tmp)
             with open(tmp, "wb") as f:
                 writer = wds.TarWriter(f, mtime=0)   # fixed mtime: reproducible shards
-                for sample in itertools.chain([first], itertools.islice(samples, per_shard - 1)):
-                    nbytes += writer.write(sample)
-                    total += 1
-                writer.close()
+                try:
+                    for sample in itertools.chain([first],
+                                                  itertools.islice(samples, per_shard - 1)):
+                        nbytes += writer.write(sample)
+                        total += 1
+                finally:
+                    writer.close()   # before the file closes, also when interrupted
             os.replace(tmp, name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)   # leave nothing half-written
-            raise
-        shards += 1
-        print(f"make_shards | shard {name.name} | samples {total} | MiB {nbytes / 2**20:.1f} | "
-              f"{time.perf_counter() - start:.1f} s", flush=True)
+            written.append(name)
+            shards += 1
+            print(f"make_shards | shard {name.name} | samples {total} | MiB "
+                  f"{nbytes / 2**20:.1f} | {time.perf_counter() - start:.1f} s", flush=True)
+    except BaseException:     # a bad input, Ctrl-C: leave no shard of an unfinished set
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return total, shards
 
 
@@ -133,17 +143,34 @@ def main(argv=None) -> int:
         return fail(f"--samples-per-shard {args.samples_per_shard}: must be at least 1")
     if args.source == "csv" and not args.csv:
         return fail("--from csv needs --csv FILE")
+    if args.source != "csv" and args.csv:
+        return fail(f"--csv applies to --from csv (not --from {args.source})")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         return fail(f"--output {output}: exists and is not a folder")
+    if output.is_dir() and any(output.glob("*.tar")):
+        return fail(f"--output {output}: already holds .tar shards; choose a new folder (new "
+                    "shards would mix with them)")
+    blocker = output
+    while not blocker.exists():
+        blocker = blocker.parent
+    if not blocker.is_dir():
+        return fail(f"--output {output}: {blocker} is a file, so the folder cannot be made")
+    created = not output.exists()
     try:
         samples = (csv_samples(args.csv) if args.source == "csv"
                    else digit_samples(args.source, args.split, args.seed))
         total, shards = write_shards(samples, output, args.samples_per_shard)
-    except DataError as e:
-        return fail(str(e))
-    if total == 0:
-        return fail(f"no readable sample in {args.csv} (see the warnings above)")
+        if total == 0:
+            raise DataError(f"no readable sample in {args.csv} (see the warnings above)")
+    except (DataError, OSError, KeyboardInterrupt) as e:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            print("make_shards: interrupted; no shard left", file=sys.stderr)
+            return 130
+        return fail(str(e) if isinstance(e, DataError)
+                    else f"--output {output}: cannot write ({e.strerror})")
     print(f"make_shards | wrote {total} samples in {shards} shards | --image-text-data shards "
           f"--image-text-path '{output}/{{000000..{shards - 1:06d}}}.tar'", flush=True)
     return 0

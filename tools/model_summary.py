@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from megavit.config import PRESETS, ConfigError, flag_names, parse_args, validate
+from megavit.config import PRESETS, flag_names, parse_args, validate
+from megavit.errors import UserError
 from megavit.models.transformer import Runtime
 from megavit.models.vit import StageModel, VisionTransformer, vit_flops
 from megavit.parallel.comm import CommStats, Group
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [(n, dataclasses.replace(m, num_classes=m.num_classes if m.num_classes
                                           is not None else 1000)) for n, m in models]
         layouts = [pipeline_layout(dataclasses.replace(cfg, model=m)) for _, m in models]
-    except ConfigError as e:
+    except UserError as e:     # a flag mistake, a pipeline split that does not work
         print(f"model_summary: error: {e}", file=sys.stderr)
         return 2
     print(f"| model | tokens | parameters | stage: blocks | params / rank (TP={tp}) "

@@ -8,7 +8,8 @@ when evaluated), learning rate, gradient norm, throughput (images or pairs per s
 MFU, loss scale (fp16), and the held-out metrics (accuracy, zero-shot accuracy, recall...).
 Each run is one colour in every panel. Panels nobody logged are left out. The figure is
 written to a temporary file and renamed into place. Exit status 2 with a message for a
-missing or malformed file.
+missing or malformed file, or an --output that cannot be written (a folder, a format
+matplotlib does not write, no permission).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import math
 import os
 import sys
 from pathlib import Path
+
+from megavit.errors import UserError
 
 # (panel title, the keys drawn in it, y axis in log scale)
 TRAIN_PANELS = (
@@ -32,29 +35,35 @@ TRAIN_PANELS = (
 EVAL_SKIP = {"iteration", "kind", "eval_images", "eval_pairs"}
 
 
-class MetricsError(Exception):
+class MetricsError(UserError):
     """A metrics file that cannot be plotted; the message names the file and line."""
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """(training records, evaluation records) of a --metrics-file."""
     if not path.is_file():
-        raise MetricsError(f"{path}: no such file")
+        raise MetricsError(f"{path}: " + ("a directory, not a --metrics-file" if path.is_dir()
+                                          else "no such file"))
     train, evals = [], []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetricsError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-            if not isinstance(record, dict) or "iteration" not in record:
-                raise MetricsError(f"{path}:{number}: not a megavit metrics record")
-            if record.get("kind") == "train":
-                train.append(record)
-            elif record.get("kind") == "eval":
-                evals.append(record)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MetricsError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+                if not isinstance(record, dict) or "iteration" not in record:
+                    raise MetricsError(f"{path}:{number}: not a megavit metrics record")
+                if record.get("kind") == "train":
+                    train.append(record)
+                elif record.get("kind") == "eval":
+                    evals.append(record)
+    except UnicodeDecodeError:
+        raise MetricsError(f"{path}: not UTF-8 text, so not a --metrics-file") from None
+    except OSError as e:
+        raise MetricsError(f"{path}: cannot read ({e.strerror})") from None
     if not train and not evals:
         raise MetricsError(f"{path}: no training or evaluation records (is it a "
                            "--metrics-file of megavit.pretrain?)")
@@ -115,10 +124,22 @@ def plot(runs: list[tuple[str, list[dict], list[dict]]], output: Path) -> list[s
         axes[index // cols][index % cols].set_visible(False)
     fig.tight_layout()
     partial = output.with_name(f".{output.name}.partial{output.suffix}")
-    fig.savefig(partial, dpi=110)
-    plt.close(fig)
-    os.replace(partial, output)
+    try:
+        fig.savefig(partial, dpi=110)
+        os.replace(partial, output)
+    except OSError as e:
+        raise MetricsError(f"--output {output}: cannot write ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+        partial.unlink(missing_ok=True)
     return [title for title, _, _ in panels]
+
+
+def _figure_formats() -> list[str]:
+    """The file formats matplotlib writes (png, pdf, svg, ...), by suffix."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
 
 
 def main(argv=None) -> int:
@@ -135,6 +156,13 @@ def main(argv=None) -> int:
         p.error(f"--labels gives {len(args.labels)} labels for {len(args.metrics)} files")
     if not args.output.parent.is_dir():
         p.error(f"--output {args.output}: {args.output.parent} is not a directory")
+    if args.output.is_dir():
+        p.error(f"--output {args.output}: a directory; name the figure file (e.g. "
+                f"{args.output / 'curves.png'})")
+    formats = _figure_formats()
+    if args.output.suffix.lower().lstrip(".") not in formats:
+        p.error(f"--output {args.output}: the suffix names the figure format, one of "
+                + ", ".join(f".{f}" for f in formats))
     labels = args.labels or [m.stem if m.stem != "metrics" else m.parent.name or m.stem
                              for m in args.metrics]
     try:
@@ -143,6 +171,9 @@ def main(argv=None) -> int:
     except MetricsError as e:
         print(f"plot_metrics: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("plot_metrics: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"plot_metrics | {len(runs)} run{'s' if len(runs) > 1 else ''} | panels "
           f"{', '.join(panels)} | output {args.output}")
     return 0

@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="model chunks per stage (interleaved schedule when > 1; default 1)")
     args = p.parse_args(argv)
     P, m, v = args.pipeline_model_parallel_size, args.micro_batches, args.virtual_stages
-    if P < 1 or m < 1 or v < 1:
-        print("print_schedule: error: sizes must be at least 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--pipeline-model-parallel-size", P), ("--micro-batches", m),
+                        ("--virtual-stages", v)):
+        if value < 1:
+            print(f"print_schedule: error: {flag} {value}: must be at least 1", file=sys.stderr)
+            return 2
     try:
         print(format_schedule([build_schedule(m, P, k, v) for k in range(P)], v))
     except ScheduleError as e:

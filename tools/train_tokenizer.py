@@ -11,8 +11,9 @@ Progress while the input is read, one line every half second and one at its end:
     train_tokenizer | lines 120000 | MiB 12.3 | MiB/s 45.6 | 0.3 s
     train_tokenizer | lines 300000 | MiB 11.2 | MiB/s 40.1 | 0.3 s | input read, training
 
-Exit status 2 with a message for a missing input file or a vocabulary size the corpus
-cannot give (the message names the largest one it allows).
+Exit status 2 with a message for a missing or binary input file, an output prefix that
+cannot be written, or a vocabulary size the corpus cannot give (the message names the
+largest one it allows).
 """
 
 from __future__ import annotations
@@ -43,6 +44,32 @@ class _Progress:
         print(f"train_tokenizer | lines {lines} | MiB {mib:.1f} | "
               f"MiB/s {mib / max(elapsed, 1e-9):.1f} | {elapsed:.1f} s"
               f"{' | input read, training' if done else ''}", flush=True)
+
+
+def _input_problem(path: Path) -> str | None:
+    """Why --input cannot be read as captions, or None."""
+    if not path.exists():
+        return f"--input {path}: no such file"
+    if not path.is_file():
+        return (f"--input {path}: " + ("a directory" if path.is_dir() else "not a regular file "
+                                       "(a pipe?)") + "; give a text file, one caption per line")
+    try:
+        with open(path, "rb") as f:
+            binary = b"\0" in f.read(1 << 16)
+    except OSError as e:
+        return f"--input {path}: cannot read ({e.strerror})"
+    return (f"--input {path}: a binary file, not text with one caption per line" if binary
+            else None)
+
+
+def _prefix_problem(prefix: Path) -> str | None:
+    """Why PREFIX.model cannot be written (a file where a folder should be), or None."""
+    folder = prefix.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"--output-prefix {prefix}: {folder} is a file, so the folder cannot be made"
+    return None
 
 
 def main(argv=None) -> int:
@@ -76,8 +103,8 @@ def main(argv=None) -> int:
                         "whole corpus in memory: cap it for very large inputs)")
     args = p.parse_args(argv)
 
-    if not Path(args.input).is_file():
-        print(f"train_tokenizer: error: --input {args.input}: no such file", file=sys.stderr)
+    if problem := _input_problem(Path(args.input)) or _prefix_problem(Path(args.output_prefix)):
+        print(f"train_tokenizer: error: {problem}", file=sys.stderr)
         return 2
     if args.max_sentences is not None and args.max_sentences < 1:
         print(f"train_tokenizer: error: --max-sentences {args.max_sentences}: must be at least 1",
@@ -93,6 +120,9 @@ def main(argv=None) -> int:
     except TokenizerError as e:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train_tokenizer: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"train_tokenizer | wrote {model} and {model.with_suffix('.vocab')} | vocab "
           f"{args.vocab_size} | {args.model_type} | "
           f"{'lowercase' if args.lowercase else 'cased'} | cleaning {args.text_cleaning} | "

@@ -12,30 +12,32 @@ both towers' weights at any saved layout, and the tokenizer saved beside them. I
 images' mean, std and resizing; a checkpoint written before megavit recorded it gets
 megavit's image-file reading, with a warning). Each class's prompts (every template filled
 with its name) are embedded, averaged and re-normalised; each image goes to the class of
-highest cosine similarity. Prints one line per class and
+highest cosine similarity. An image file that does not decode is left out with a warning
+naming it (and counted: `| unreadable K`). Prints one line per class and
 `zero_shot | accuracy A | images N | classes C`. Exit status 2 with a message for a path that
-is not a two-tower checkpoint, an empty folder, or class names that do not match.
+is not a two-tower checkpoint, an empty folder or one without a readable image, or class
+names or templates that do not fit.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
-from megavit.checkpointing.directory import CheckpointDirectoryError
+from megavit.checkpointing.model_config import read_checkpoint_info
 from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable, check_pieces,
                                                load_state, model_state_dict)
 from megavit.checkpointing.pieces import serial_meta_model
-from megavit.checkpointing.safe_reader import UnsafeCheckpointError
 from megavit.config import ModelConfig, TextConfig, section_from_dict
-from megavit.data.datasets import DataError
-from megavit.data.preprocessing import Preprocessing, PreprocessingError, checkpoint_preprocessing
+from megavit.data.bad_samples import BadSample
+from megavit.data.datasets import DataError, ImageFolderDataset
+from megavit.data.preprocessing import Preprocessing, checkpoint_preprocessing
 from megavit.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_for_text_tower
+from megavit.errors import UserError
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
 from megavit.models.transformer import Runtime
 from megavit.parallel.state import serial_state
@@ -47,7 +49,7 @@ def load_two_tower(path: Path, tokenizer_model: str | None = None
     """The model and tokenizer of a two-tower checkpoint (or --save directory), in one
     process on the CPU."""
     checkpoint = resolve_checkpoint(path)
-    info = json.loads((checkpoint / CONFIG_FILE).read_text())
+    info = read_checkpoint_info(checkpoint)
     if "text" not in info:
         raise CheckpointLoadError(f"{checkpoint}: a ViT checkpoint (megavit.pretrain), not a "
                                   "two-tower one (megavit.pretrain_contrastive)")
@@ -71,8 +73,6 @@ def load_two_tower(path: Path, tokenizer_model: str | None = None
 
 
 def _image_folder(root: Path, model_cfg: ModelConfig, pre: Preprocessing):
-    from megavit.data.datasets import ImageFolderDataset
-
     if not root.is_dir():
         raise DataError(f"--image-folder {root}: no such directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -100,8 +100,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-model", help="a .model file, when the checkpoint has none")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     args = p.parse_args(argv)
-    if any("{}" not in t for t in args.templates):
-        p.error("every --templates entry needs a {} for the class name")
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: must be at least 1")
+    for t in args.templates:
+        try:
+            filled = t.format("CLASS")
+        except (IndexError, KeyError, ValueError):
+            filled = ""
+        if "{}" not in t or filled != t.replace("{}", "CLASS"):
+            p.error(f"--templates {t!r}: needs exactly one {{}} for the class name (and no "
+                    "other braces)")
     try:
         model, tokenizer, info = load_two_tower(Path(args.path), args.tokenizer_model)
         model_cfg = ModelConfig(**info["model"])
@@ -117,37 +125,69 @@ def main(argv=None) -> int:
             if note:
                 print(f"zero_shot: warning: {note}", file=sys.stderr)
             data, names = _image_folder(Path(args.image_folder), model_cfg, pre)
-            if args.class_names:
+            if args.class_names is not None:
                 given = [n.strip() for n in args.class_names.split(",")]
-                if len(given) != len(names):
-                    raise DataError(f"--class-names gives {len(given)} names for the "
+                if len(given) != len(names) or not all(given):
+                    raise DataError(f"--class-names gives {len(given)} names"
+                                    f"{' (some empty)' if not all(given) else ''} for the "
                                     f"{len(names)} class folders {names}")
                 names = given
             prompts = prompts_for([n.replace("_", " ") for n in names], args.templates)
-    except (CheckpointLoadError, CheckpointDirectoryError, UnsafeCheckpointError, DataError,
-            PreprocessingError, TokenizerError, FileNotFoundError) as e:
+        correct, count, unreadable = evaluate(model, tokenizer, data, prompts, args.batch_size)
+        if not int(count.sum()):
+            raise DataError(f"--image-folder {args.image_folder}: none of its {len(data)} "
+                            "images is readable (see the warnings)")
+    except (UserError, OSError) as e:
         print(f"zero_shot: error: {e}", file=sys.stderr)
         return 2
-    with torch.no_grad():
-        classes = class_embeddings(lambda t: model.encode_text(tokenizer.encode(t)), prompts)
-        correct = torch.zeros(len(names), dtype=torch.long)
-        count = torch.zeros(len(names), dtype=torch.long)
-        for start in range(0, len(data), args.batch_size):
-            idx = torch.arange(start, min(start + args.batch_size, len(data)))
-            images = data.get(idx)[0]
-            labels = data.labels_of(idx)
-            predicted = (model.encode_image(images) @ classes.t()).argmax(dim=-1)
-            correct += torch.bincount(labels[predicted == labels], minlength=len(names))
-            count += torch.bincount(labels, minlength=len(names))
-            print(f"zero_shot | images {int(count.sum())}/{len(data)}", flush=True)
+    except KeyboardInterrupt:
+        print("zero_shot: interrupted", file=sys.stderr)
+        return 130
     for k, name in enumerate(names):
         print(f"  {name:<24} {int(correct[k]):6d}/{int(count[k]):<6d} "
               f"{correct[k] / max(int(count[k]), 1):.4f}")
     total = int(count.sum())
     print(f"zero_shot | accuracy {int(correct.sum()) / max(total, 1):.4f} | images {total} | "
-          f"classes {len(names)}")
+          f"classes {len(names)}" + (f" | unreadable {unreadable}" if unreadable else ""))
     return 0
 
+
+@torch.no_grad()
+def evaluate(model: TwoTowerModel, tokenizer: Tokenizer, data, prompts: list[list[str]],
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(correct, images) per class and the number of unreadable images left out."""
+    classes = class_embeddings(lambda t: model.encode_text(tokenizer.encode(t)), prompts)
+    correct = torch.zeros(len(prompts), dtype=torch.long)
+    count = torch.zeros(len(prompts), dtype=torch.long)
+    unreadable = 0
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        images, labels = _readable(data, idx)
+        unreadable += len(idx) - len(labels)
+        if len(labels):
+            predicted = (model.encode_image(images) @ classes.t()).argmax(dim=-1)
+            correct += torch.bincount(labels[predicted == labels], minlength=len(prompts))
+            count += torch.bincount(labels, minlength=len(prompts))
+        print(f"zero_shot | images {int(count.sum())}/{len(data)}", flush=True)
+    return correct, count, unreadable
+
+
+def _readable(data, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of `idx`; an image-folder file that does not decode is left out
+    with a warning naming it (not replaced, as training does: each image counts once)."""
+    if not isinstance(data, ImageFolderDataset):
+        return data.get(idx)[0], data.labels_of(idx)
+    read = []
+    for i in idx.tolist():
+        try:
+            read.append(data.read(i))
+        except BadSample as e:
+            print(f"zero_shot: warning: {e}: left out", file=sys.stderr)
+    if not read:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    images, labels = zip(*read)
+    return (data.preprocessing.normalise(torch.stack(images)),
+            torch.tensor(labels, dtype=torch.long))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,8 @@ import torch
 from megavit.checkpointing.checkpointable import Checkpointable
 from megavit.checkpointing.directory import (TRACKER, CheckpointDirectory,
                                              CheckpointDirectoryError)
-from megavit.checkpointing.model_config import CONFIG_FILE, check_model_config
+from megavit.checkpointing.model_config import (CONFIG_FILE, check_model_config,
+                                                read_checkpoint_info)
 from megavit.checkpointing.model_state import CheckpointLoadError, check_pieces
 from megavit.checkpointing.pieces import serial_meta_model
 from megavit.checkpointing.training_state import load_training_state, save_training_state
@@ -40,15 +41,19 @@ def preprocessing_change(saved_info: dict, current_info: dict) -> str | None:
     return (f"the checkpoint was trained on images preprocessed as {saved}; this run's are "
             f"{current} and its checkpoints record that")
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory itself, or the latest one of a --save directory."""
-    if (path / CONFIG_FILE).is_file():
-        return path
-    latest = CheckpointDirectory(path).latest()
+def resolve_checkpoint(path: Path, flag: str = "") -> Path:
+    """A checkpoint directory itself, or the latest one of a --save directory. Errors name
+    `path` (after `flag`, e.g. '--load', when given) and what it is instead."""
+    latest = checkpoint_to_load(flag, str(path))
     if latest is None:
-        raise CheckpointDirectoryError(f"{path}: neither a checkpoint nor a --save directory "
-                                       "with one")
+        why = "no such directory" if not path.exists() else "it is empty"
+        raise CheckpointDirectoryError(f"{_named(flag, path)}: neither a checkpoint nor a --save "
+                                       f"directory with one ({why})")
     return latest
+
+
+def _named(flag: str, path: str | Path) -> str:
+    return f"{flag} {path}" if flag else str(path)
 
 
 def _barrier(run: Checkpointable) -> None:
@@ -111,7 +116,7 @@ def checkpoint_to_load(flag: str, path: str, info: Callable[[str], None] = print
         return root
     if not root.is_dir():
         if root.exists():
-            raise CheckpointDirectoryError(f"{flag} {path}: a file, not a checkpoint "
+            raise CheckpointDirectoryError(f"{_named(flag, path)}: a file, not a checkpoint "
                                            "directory")
         return None
     directory = CheckpointDirectory(root)
@@ -141,8 +146,9 @@ def _not_a_checkpoint(flag: str, root: Path, entries: list[str]) -> str:
     more = f" and {len(entries) - 6} more" if len(entries) > 6 else ""
     below = sorted(str(t.parent) for t in root.glob(f"*/{TRACKER}"))
     below += sorted(str(t.parent) for t in root.glob(f"*/*/{TRACKER}"))
-    hint = f"; did you mean {flag} {below[0]}?" if below else ""
-    return (f"{flag} {root}: neither a checkpoint (no {CONFIG_FILE}) nor a --save directory "
+    hint = f"; did you mean {_named(flag, below[0])}?" if below else ""
+    return (f"{_named(flag, root)}: neither a checkpoint (no {CONFIG_FILE}) nor a --save "
+            "directory "
             f"(no {TRACKER}); it holds {shown}{more}{hint}")
 
 
@@ -190,7 +196,7 @@ def resume_training_state(run: Checkpointable, latest: Path, info: Callable[[str
                                       "checkpoint was trained with another one, not loaded")
     description = run.describe()
     check_pieces(latest, serial_meta_model(description, 1), prefix="model/")
-    saved_info = json.loads((latest / CONFIG_FILE).read_text())
+    saved_info = read_checkpoint_info(latest)
     saved = saved_info["layout"]
     same = saved == description["layout"]
     iteration = load_training_state(run, latest, same_layout=same)

@@ -83,7 +83,15 @@ class CheckpointDirectory:
         path = self.staging_path(iteration)
         if path.exists():
             shutil.rmtree(path)
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            blocker = self.root
+            while not blocker.exists():
+                blocker = blocker.parent
+            why = (f"{blocker} is a file, so the directory cannot be made"
+                   if not blocker.is_dir() else f"cannot write there ({e.strerror})")
+            raise CheckpointDirectoryError(f"{self.root}: {why}") from None
         return path
 
     def commit(self, iteration: int) -> Path:

@@ -46,14 +46,30 @@ def config_differences(section: str, saved: dict, current: dict,
             for k, v in current.items() if saved.get(k) != v and not may_change(k)]
 
 
+def read_checkpoint_info(checkpoint: Path) -> dict:
+    """A checkpoint's `megavit_config.json`; CheckpointLoadError naming the file when it is
+    missing, does not parse, or lacks the "model", "layout" and "iteration" it records."""
+    path = checkpoint / CONFIG_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointLoadError(f"{path}: missing; not a megavit checkpoint") from None
+    except (OSError, ValueError) as e:     # also a UnicodeDecodeError or JSONDecodeError
+        raise CheckpointLoadError(f"{path}: unreadable ({e}); the checkpoint is damaged: "
+                                  "load an earlier one") from None
+    if not (isinstance(info, dict) and isinstance(info.get("model"), dict)
+            and isinstance(info.get("layout"), dict) and isinstance(info.get("iteration"), int)):
+        raise CheckpointLoadError(f"{path}: not a megavit checkpoint description (no \"model\", "
+                                  "\"layout\" or \"iteration\"); the checkpoint is damaged: "
+                                  "load an earlier one")
+    return info
+
+
 def check_model_config(checkpoint: Path, run: Checkpointable) -> None:
     """Refuse a checkpoint of another model, naming every field that differs (the fields of
     `MAY_CHANGE` — regularisation and, for two towers, data and LiT settings — may change
     between runs)."""
-    path = checkpoint / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointLoadError(f"{path}: missing; not a megavit checkpoint")
-    differ = model_differences(json.loads(path.read_text()), run.describe(),
+    differ = model_differences(read_checkpoint_info(checkpoint), run.describe(),
                                MAY_CHANGE.__contains__)
     if differ:
         raise CheckpointLoadError(f"{checkpoint}: a different model, not loaded: "
@@ -68,15 +84,15 @@ def finetune_differences(saved_info: dict, current_info: dict) -> list[str]:
 
 def model_differences(saved_info: dict, current_info: dict,
                       may_change: Callable[[str], bool]) -> list[str]:
-    """Every difference of two descriptions' model sections but those `may_change` allows."""
+    """Every difference of two descriptions' model sections but those `may_change` allows
+    (only the kind when one is a ViT and the other two towers)."""
+    kinds = ["two-tower" if "text" in info else "ViT" for info in (saved_info, current_info)]
+    if kinds[0] != kinds[1]:
+        return [f"a {kinds[0]} checkpoint, a {kinds[1]} run here"]
     differ = []
     for section in ("model", "text", "contrastive"):
         saved, current = saved_info.get(section), current_info.get(section)
         if saved is None and current is None:
-            continue
-        if saved is None or current is None:
-            differ.append(f"a {'two-tower' if saved is not None else 'ViT'} checkpoint, a "
-                          f"{'two-tower' if current is not None else 'ViT'} run here")
             continue
         differ += config_differences(section, saved, current, may_change)
         differ += [f"{k} {saved[k]!r} in the checkpoint, unknown here"

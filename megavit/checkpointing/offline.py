@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -20,11 +19,14 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from megavit.checkpointing.checkpointer import CONFIG_FILE
+from megavit.checkpointing.model_config import read_checkpoint_info
 from megavit.checkpointing.model_state import CheckpointLoadError
-from megavit.checkpointing.safe_reader import SafeFileSystemReader
+from megavit.checkpointing.safe_reader import (CorruptCheckpointError, SafeFileSystemReader,
+                                               failure_causes)
 from megavit.config import ModelConfig
 from megavit.errors import UserError
 
@@ -63,9 +65,7 @@ class Progress:
 
 def read_config(checkpoint: Path) -> tuple[dict, ModelConfig]:
     path = checkpoint / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointLoadError(f"{path}: missing; not a megavit checkpoint")
-    info = json.loads(path.read_text())
+    info = read_checkpoint_info(checkpoint)
     try:
         return info, ModelConfig(**info["model"])
     except TypeError as e:
@@ -92,8 +92,15 @@ def read_tensors(checkpoint: Path, metadata: Metadata, names: list[str]) -> dict
     for name in names:
         md = metadata.state_dict_metadata[name]
         state[name] = torch.empty(md.size, dtype=md.properties.dtype)
-    with warnings.catch_warnings():   # "assuming the intent is to load in a single process"
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=SafeFileSystemReader(os.fspath(checkpoint)),
-                 no_dist=True)
+    try:
+        with warnings.catch_warnings():   # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=SafeFileSystemReader(os.fspath(checkpoint)),
+                     no_dist=True)
+    except CheckpointException as e:      # DCP wraps what the reader raised
+        for failure in getattr(e, "failures", {}).values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, CorruptCheckpointError):
+                raise CorruptCheckpointError(str(cause)) from e
+        raise CheckpointLoadError(f"{checkpoint}: cannot be read ({failure_causes(e)})") from e
     return state

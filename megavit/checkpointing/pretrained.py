@@ -18,7 +18,6 @@ field as on resume:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ import torch
 
 from megavit.checkpointing.checkpointable import Checkpointable
 from megavit.checkpointing.errors import CheckpointLoadError
-from megavit.checkpointing.model_config import CONFIG_FILE, finetune_differences
+from megavit.checkpointing.model_config import finetune_differences, read_checkpoint_info
 from megavit.checkpointing.model_state import check_loadable, load_state, model_state_dict
 from megavit.checkpointing.pieces import piece_blocks, serial_meta_model
 from megavit.checkpointing.safe_reader import check_checkpoint
@@ -95,7 +94,7 @@ def load_pretrained_weights(run: Checkpointable, checkpoint: Path,
     refusal is raised everywhere before any tensor is read."""
     start = time.perf_counter()
     check_loadable(checkpoint)
-    saved_info = json.loads((checkpoint / CONFIG_FILE).read_text())
+    saved_info = read_checkpoint_info(checkpoint)
     current_info = run.describe()
     if differ := finetune_differences(saved_info, current_info):
         raise CheckpointLoadError(f"{checkpoint}: a different model, not loaded: "

@@ -149,24 +149,33 @@ def reshard(source: Path, output: str | os.PathLike, tp: int, buffer_bytes: int,
             return [((0,) * len(stored[name].size), tuple(stored[name].size))]
         return chunks[piece][1]
 
+    if Path(output).exists() and not Path(output).is_dir():
+        raise ConvertError(f"--output {output}: exists and is not a directory")
     directory = CheckpointDirectory(output)
     iteration = int(info["iteration"])
     if directory.path_of(iteration).exists():
         raise ConvertError(f"{directory.path_of(iteration)}: exists; choose another --output")
+    created = not Path(output).exists()
     staging = directory.staging(iteration)
     progress = Progress(len(names), sum(sizes.values()), report)
-    write_dcp(staging, {n: StoredTensor(stored[n].size, stored[n].properties, blocks(n))
-                        for n in names},
-              list(batched(names, sizes, buffer_bytes)),
-              lambda batch: read_tensors(source, metadata, batch), progress)
-    for side in source.iterdir():   # files beside the tensors, e.g. a two-tower tokenizer
-        if side.is_file() and side.name not in (CONFIG_FILE, ".metadata") \
-                and side.suffix != ".distcp":
-            shutil.copy2(side, staging / side.name)
-    layout = {"tp": tp, "pp": 1, "dp": 1, "virtual_stages": 1, "distributed_optimizer": False,
-              "resharded_from": info["layout"]}
-    (staging / CONFIG_FILE).write_text(json.dumps({**info, "layout": layout}, indent=1,
-                                                  sort_keys=True) + "\n")
+    try:
+        write_dcp(staging, {n: StoredTensor(stored[n].size, stored[n].properties, blocks(n))
+                            for n in names},
+                  list(batched(names, sizes, buffer_bytes)),
+                  lambda batch: read_tensors(source, metadata, batch), progress)
+        for side in source.iterdir():   # files beside the tensors, e.g. a two-tower tokenizer
+            if side.is_file() and side.name not in (CONFIG_FILE, ".metadata") \
+                    and side.suffix != ".distcp":
+                shutil.copy2(side, staging / side.name)
+        layout = {"tp": tp, "pp": 1, "dp": 1, "virtual_stages": 1,
+                  "distributed_optimizer": False, "resharded_from": info["layout"]}
+        (staging / CONFIG_FILE).write_text(json.dumps({**info, "layout": layout}, indent=1,
+                                                      sort_keys=True) + "\n")
+    except BaseException:      # a corrupt source, Ctrl-C: leave nothing half-written
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     final = directory.commit(iteration)
     dropped = len(metadata.state_dict_metadata) - len(stored)
     report(f"resharded checkpoint | iteration {iteration} | tp {info['layout']['tp']} -> {tp} | "

@@ -326,13 +326,19 @@ class WebDatasetShards(_ReadsWithReplacement):
         self.name = name or Path(pattern.split("::")[0]).parent.name or "shards"
         self.bad: dict[int, str] = {}
         self.shards: list[str] = []
-        for url in expand_urls(os.path.expanduser(pattern)):
+        try:
+            urls = expand_urls(os.path.expanduser(pattern))
+        except ValueError as e:       # braceexpand's UnbalancedBracesError
+            raise DataError(f"--image-text-path {pattern}: not a shard pattern ({e}); write "
+                            "e.g. shards/{000000..000009}.tar") from None
+        for url in urls:
             if re.match(r"^[a-z0-9+]+:", url) and not os.path.exists(url):
                 raise DataError(f"--image-text-path {pattern}: {url} is not a local file; random "
                                 "access by index needs the shards on a local or mounted file "
                                 "system")
             if not os.path.isfile(url):
-                raise DataError(f"--image-text-path {pattern}: shard {url} does not exist")
+                raise DataError(f"--image-text-path {pattern}: shard {url} "
+                                + _not_a_shard_file(url))
             self.shards.append(url)
         if not self.shards:
             raise DataError(f"--image-text-path {pattern}: matches no shard")
@@ -447,6 +453,20 @@ class WebDatasetShards(_ReadsWithReplacement):
 # ---------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------
+
+
+def _not_a_shard_file(url: str) -> str:
+    """Why `url` (no file) is not a shard, and the pattern that names the shards it may mean."""
+    if os.path.isdir(url):
+        tars = sorted(p.name[:-len(".tar")] for p in Path(url).glob("*.tar"))
+        if not tars:
+            return "is a directory without .tar shards"
+        example = f"{url.rstrip('/')}/{{{tars[0]}..{tars[-1]}}}.tar"
+        return f"is a directory; name its shards with a brace pattern such as '{example}'"
+    if any(c in url for c in "*?["):
+        return ("does not exist (wildcards are not expanded: name the shards with a brace "
+                "pattern such as 'shards/{000000..000009}.tar')")
+    return "does not exist"
 
 
 def open_image_text(path: str, model: ModelConfig, strict: bool = False) -> ImageTextDataset:

@@ -15,6 +15,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from megavit.data.augment import affine_params, apply_affine
+from megavit.data.bad_samples import DataError
 from megavit.data.datasets import Dataset
 from megavit.parallel.comm import Group
 from megavit.parallel.sharding import param_seed
@@ -79,8 +80,11 @@ class _ByIndexList(torch.utils.data.Dataset):
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dataset.get(torch.tensor(indices, dtype=torch.long))
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | str:
+        try:
+            return self.dataset.get(torch.tensor(indices, dtype=torch.long))
+        except DataError as e:     # its message, raised again in the training process (a
+            return str(e)          # DataLoader would wrap it in the worker's traceback)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -123,7 +127,10 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
                                                                    dp_rank, dp_size),
             num_workers=num_workers, collate_fn=_as_is,
         ))
-    for iteration, (images, labels) in enumerate(local, start):
+    for iteration, batch in enumerate(local, start):
+        if isinstance(batch, str):     # a loader worker's DataError
+            raise DataError(batch)
+        images, labels = batch
         if augment == "affine":
             theta = affine_params(g, sampler.seed, iteration)
             images = apply_affine(images, theta[dp_rank * per_rank:(dp_rank + 1) * per_rank])

@@ -147,6 +147,9 @@ class Tokenizer:
         if context_length < 2:
             raise TokenizerError(f"context length {context_length} is too small: a row holds at "
                                  "least one token and EOS; use --context-length 2 or more")
+        if not model_proto:
+            raise TokenizerError(f"{path}: an empty file, not a SentencePiece model; "
+                                 f"{_TRAIN_HINT}")
         try:
             sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError:
@@ -332,6 +335,9 @@ def train_tokenizer(texts: Iterable[str] | str | os.PathLike, model_prefix: str 
     if vocab_size <= 4:
         raise TokenizerError(f"--vocab-size {vocab_size} is too small: the vocabulary holds 4 "
                              "special pieces (pad, EOS, unk, BOS) plus the corpus's characters")
+    if not 0.98 <= character_coverage <= 1.0:
+        raise TokenizerError(f"--character-coverage {character_coverage}: SentencePiece takes "
+                             "0.98 to 1.0")
     if isinstance(texts, (str, os.PathLike)):
         texts = Path(os.path.expanduser(str(texts)))
         if not texts.is_file():
@@ -381,10 +387,10 @@ def _write_model(proto: bytes, prefix: Path) -> Path:
     sp = spm.SentencePieceProcessor(model_proto=proto)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
                     for i in range(sp.get_piece_size()))
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     final = {".model": proto, ".vocab": vocab.encode("utf-8")}
     staged: dict[str, str] = {}
     try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
         for suffix, data in final.items():
             # (not mkstemp: its 0600 mode would survive the rename; "xb" honours the umask)
             tmp = f"{prefix.parent}/.{prefix.name}{suffix}.{os.getpid()}.{secrets.token_hex(4)}"
@@ -393,6 +399,9 @@ def _write_model(proto: bytes, prefix: Path) -> Path:
                 f.write(data)
         for suffix, tmp in staged.items():
             os.replace(tmp, f"{prefix}{suffix}")
+    except OSError as e:      # a file where a folder should be, no permission, disk full
+        raise TokenizerError(f"--output-prefix {prefix}: cannot write there "
+                             f"({e.strerror})") from None
     finally:
         for tmp in staged.values():
             if os.path.exists(tmp):

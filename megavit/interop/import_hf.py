@@ -133,6 +133,10 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
     from megavit.checkpointing.pieces import piece_blocks, serial_meta_model
 
     src = Path(directory)
+    if not src.is_dir():
+        raise ConvertError(f"--input {src}: " + ("a file; give the model's directory (config.json "
+                                                 "and model.safetensors)" if src.exists()
+                                                 else "no such directory"))
     if not (src / "config.json").is_file():
         raise ConvertError(f"{src / 'config.json'}: missing")
     if not any((src / n).is_file() for n in ("model.safetensors",
@@ -144,6 +148,8 @@ def import_directory(directory: str | os.PathLike, save: str | os.PathLike, tp: 
         config = json.loads((src / "config.json").read_text())
     except ValueError as e:
         raise ConvertError(f"{src / 'config.json'}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"{src / 'config.json'}: not a model configuration (a JSON object)")
     try:
         plan = import_plan(src, config)
     except KeyError as e:

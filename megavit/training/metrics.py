@@ -98,7 +98,8 @@ class MetricsLogger:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.metrics = open(path, "w", buffering=1)
             except OSError as e:
-                raise ConfigError(f"--metrics-file {path}: cannot write ({e.strerror})") from None
+                raise ConfigError(f"--metrics-file {path}: cannot write ({e.strerror}: "
+                                  f"{e.filename})") from None
         if cfg.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -109,7 +110,7 @@ class MetricsLogger:
                 self.tb = SummaryWriter(cfg.tensorboard_dir)
             except OSError as e:
                 raise ConfigError(f"--tensorboard-dir {cfg.tensorboard_dir}: cannot write "
-                                  f"({e.strerror})") from None
+                                  f"({e.strerror}: {e.filename})") from None
         show_bar = cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and sys.stderr.isatty())
         # without a bar: a progress line when nothing was printed for this long
         self.progress_every = (cfg.progress_interval_seconds

@@ -23,7 +23,6 @@ and the loss and back-propagates them alone.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from megavit.checkpointing.checkpointer import resolve_checkpoint
-from megavit.checkpointing.model_config import CONFIG_FILE, config_differences
+from megavit.checkpointing.model_config import config_differences, read_checkpoint_info
 from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
                                                load_state, model_state_dict)
 from megavit.config import Config, ContrastiveRunConfig, ModelConfig, section_to_dict
@@ -310,8 +309,8 @@ def load_image_tower(model: TwoTowerModel, pstate: ParallelState, save_dir: str,
     """The image weights of the latest checkpoint of a megavit.pretrain --save directory
     into `model.image` (its classifier is not loaded); the image model's flags must match
     (the class count aside)."""
-    checkpoint = resolve_checkpoint(Path(save_dir))
-    saved = json.loads((checkpoint / CONFIG_FILE).read_text())["model"]
+    checkpoint = resolve_checkpoint(Path(save_dir), "--image-checkpoint")
+    saved = read_checkpoint_info(checkpoint)["model"]
     differ = config_differences(
         "model", saved, dataclasses.asdict(image_cfg),
         lambda k: k == "num_classes" or "dropout" in k or "drop_path" in k)
