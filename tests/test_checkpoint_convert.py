@@ -26,6 +26,7 @@ import torch
 
 from megavit.checkpointing.offline import read_tensors
 from megavit.checkpointing.safe_reader import check_checkpoint
+from tests import cli
 from tests.test_checkpoint_cli import COMMON, ROOT, pretrain, records
 
 CONVERT = str(ROOT / "tools" / "checkpoint_convert.py")
@@ -33,8 +34,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, CONVERT, *args], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    return cli.run([sys.executable, CONVERT, *args], capture_output=True, text=True,
+                   timeout=300, env=ENV)
 
 
 def stored(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from megavit.config import parse_contrastive_args, validate_contrastive
 from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.tasks.image_text.task import image_text_run
+from tests import cli
 from tests.harness import run_distributed
 
 GLOBAL_BATCH = 16
@@ -133,17 +134,16 @@ def test_lit_refuses_an_image_checkpoint_of_another_model(tmp_path):
 
 def _cli(*args: str):
     import os
-    import subprocess
     import sys
 
     from tests.test_checkpoint_cli import ROOT
 
-    return subprocess.run([sys.executable, "-m", "megavit.pretrain_contrastive",
-                           *_flags("siglip", 1, 1, ("--hidden-dropout", "0.1",
-                                                    "--log-interval", "1",
-                                                    "--progress-bar", "off")), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return cli.run([sys.executable, "-m", "megavit.pretrain_contrastive",
+                    *_flags("siglip", 1, 1, ("--hidden-dropout", "0.1",
+                                             "--log-interval", "1",
+                                             "--progress-bar", "off")), *args],
+                   capture_output=True, text=True, timeout=300, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_contrastive_checkpoints_resume_exactly_and_convert(tmp_path):

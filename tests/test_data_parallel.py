@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from megavit.training.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megavit.training.step import NonFiniteError
 from megavit.tasks.classification import classification_run
 from megavit.training.loop import memory_per_parameter_line
+from tests import cli
 from tests.harness import run_distributed
 from tests.scenarios import debug_config, uncounted
 
@@ -225,13 +225,13 @@ def test_nan_gradient_stops_every_rank_naming_rank_and_tensor(dp2_results, job):
 
 
 def test_diverging_run_exits_1_with_the_nan_message(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug", "--dataset",
-         "digits", "--train-iters", "5", "--micro-batch-size", "8", "--global-batch-size", "8",
-         "--lr", "1e30", "--lr-warmup-iters", "0", "--clip-grad", "0", "--eval-interval", "0",
-         "--progress-bar", "off"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = cli.run(
+ [sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug", "--dataset",
+  "digits", "--train-iters", "5", "--micro-batch-size", "8", "--global-batch-size", "8",
+  "--lr", "1e30", "--lr-warmup-iters", "0", "--clip-grad", "0", "--eval-interval", "0",
+  "--progress-bar", "off"],
+ capture_output=True, text=True, timeout=300, cwd=ROOT,
+ env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "NaN or inf" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
@@ -324,13 +324,13 @@ def test_gradient_dtype_and_nan_check_defaults(precision, grad_dtype, checks_nan
 def test_fp16_memory_line_waits_for_a_real_step():
     """With the default initial scale 2**32 the first fp16 steps overflow and are skipped;
     the bytes-per-parameter line comes after the first real step, with Adam's state."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug", "--dataset",
-         "digits", "--num-channels", "1", "--img-h", "16", "--img-w", "16", "--fp16",
-         "--train-iters", "40", "--micro-batch-size", "8", "--global-batch-size", "8",
-         "--log-interval", "40", "--progress-bar", "off"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = cli.run(
+ [sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug", "--dataset",
+  "digits", "--num-channels", "1", "--img-h", "16", "--img-w", "16", "--fp16",
+  "--train-iters", "40", "--micro-batch-size", "8", "--global-batch-size", "8",
+  "--log-interval", "40", "--progress-bar", "off"],
+ capture_output=True, text=True, timeout=300, cwd=ROOT,
+ env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if "memory per trained parameter" in x)
     assert "params 2.00 + grads 2.00 + optimizer 12.00 = 16.00 bytes | formula 16.00" in line

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from tests import cli
 from tests.test_checkpoint_cli import ROOT
 from tests.test_checkpoint_convert import convert
 
@@ -27,8 +28,8 @@ SEQUENTIAL = ["--dataset", "digits", "--img-h", "8", "--img-w", "8", "--num-chan
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return cli.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                   cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _export(load, output, *extra, fmt: str = "transformers") -> subprocess.CompletedProcess:

@@ -14,14 +14,15 @@ import sys
 
 import pytest
 
+from tests import cli
 from tests.test_checkpoint_cli import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=ENV)
+    return cli.run([sys.executable, *args], capture_output=True, text=True,
+                   timeout=300, cwd=ROOT, env=ENV)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "model_summary.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+    return cli.run([sys.executable, str(ROOT / "tools" / "model_summary.py"), *args],
+                   capture_output=True, text=True, timeout=120)
 
 
 def test_model_summary_vit22b_tp8():
@@ -32,16 +34,16 @@ def test_model_summary_lists_every_preset_and_refuses_bad_tp():
 
 
 def test_print_schedule_tool():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
-                           "--pipeline-model-parallel-size", "4", "--micro-batches", "8",
-                           "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
+    proc = cli.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
+                    "--pipeline-model-parallel-size", "4", "--micro-batches", "8",
+                    "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 5 and all("bubble 0.158" in line for line in lines[:4])
     assert lines[-1] == "theory (P-1)/(v*m+P-1) = 0.158 (P=4, v=2, m=8)"
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
-                          "--pipeline-model-parallel-size", "4", "--micro-batches", "6",
-                          "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
+    bad = cli.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
+                   "--pipeline-model-parallel-size", "4", "--micro-batches", "6",
+                   "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "multiple of --pipeline-model-parallel-size 4" in bad.stderr
 
 
@@ -95,3 +97,34 @@ def test_every_benchmark_imports_against_the_current_code():
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ok ") == len(list((ROOT / "benchmarks").glob("*.py")))
+
+
+def test_every_entry_point_starts_in_a_fresh_interpreter():
+    """The other tests run entry points through tests/cli.py, forked from the test process
+    with its modules loaded. Here one new interpreter imports and starts each tool and
+    `python -m megavit.pretrain(_contrastive)` in turn, as `python SCRIPT --help` /
+    `python -m MODULE --help` do (runpy, as __main__): each prints its usage and exits 0."""
+    import json
+
+    targets = [["module", "megavit.pretrain"], ["module", "megavit.pretrain_contrastive"]] + [
+        ["script", str(p)] for p in sorted((ROOT / "tools").glob("*.py"))]
+    code = ("import contextlib, io, json, runpy, sys\n"
+            "for kind, target in json.loads(sys.argv[1]):\n"
+            "    sys.argv = [target, '--help']\n"
+            "    out = io.StringIO()\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(out):\n"
+            "            if kind == 'module':\n"
+            "                runpy.run_module(target, run_name='__main__', alter_sys=True)\n"
+            "            else:\n"
+            "                runpy.run_path(target, run_name='__main__')\n"
+            "        status = 0\n"
+            "    except SystemExit as e:\n"
+            "        status = e.code\n"
+            "    assert status in (0, None), (target, status)\n"
+            "    assert 'usage:' in out.getvalue(), (target, out.getvalue())\n"
+            "    print('ok', target)\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(targets)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ok ") == len(targets) == 11, proc.stdout
