@@ -97,3 +97,20 @@ def run_distributed(world_size: int, tp: int, jobs: dict[str, Job], timeout: flo
         if errors:
             raise RuntimeError("distributed workers failed:\n" + "\n".join(errors))
     return {name: [results[r][name] for r in range(world_size)] for name in jobs}
+
+
+def training_loop(pstate, flags: list[str]) -> str:
+    """`python -m megavit.pretrain FLAGS`'s training (megavit.training.loop.pretrain on a
+    ClassificationTask) in this worker's process group: what it printed."""
+    import contextlib
+
+    from megavit.config import parse_args, validate
+    from megavit.tasks.classification import ClassificationTask
+    from megavit.training.loop import pretrain
+
+    cfg = parse_args(flags)
+    validate(cfg, world_size=pstate.world_size)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pretrain(ClassificationTask(cfg), pstate)
+    return out.getvalue()

@@ -8,7 +8,8 @@ the first failing rank, so these tests run their own two processes.
 
 Under `torchrun --max-restarts 1` with `--load` = `--save`, a worker killed mid-run is
 restarted with its peer, the run resumes from the latest complete checkpoint and finishes
-with the same final checkpoint, bit for bit, as a run nobody killed.
+with the same final checkpoint, bit for bit, as a run nobody killed (the same training loop
+and flags in two gloo processes of tests/harness.py).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def test_each_torchrun_attempt_meets_in_its_own_key_space():
     assert first.check(["rank0_address"])
 
 
-ITERS = 600
+ITERS = 150      # saves at 50, 100, 150; the kill lands soon after 50
 
 
 def _free_port() -> int:
@@ -118,35 +119,42 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _torchrun_dp2(save: Path, kill_after: int | None) -> str:
-    """A DP=2 run of ITERS iterations saving every 50, under torchrun with one restart
-    allowed; with `kill_after`, one worker is SIGKILLed once that checkpoint exists."""
+def _flags(save: Path) -> list[str]:
+    """DP=2 (two processes) for ITERS iterations, saving every 50 and resuming from the latest."""
+    return [*COMMON, "--train-iters", str(ITERS), "--lr-decay-iters", str(ITERS),
+            "--log-interval", "50", "--save", str(save), "--save-interval", "50",
+            "--keep-last-checkpoints", "2", "--load", str(save)]
+
+
+def _torchrun_dp2_killed(save: Path, kill_after: int) -> str:
+    """The run under torchrun with one restart allowed; one worker is SIGKILLed once the
+    checkpoint of iteration `kill_after` exists."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()), "--max-restarts", "1", "-m", "megavit.pretrain",
-           *COMMON, "--train-iters", str(ITERS), "--lr-decay-iters", str(ITERS),
-           "--log-interval", "100", "--save", str(save), "--save-interval", "50",
-           "--keep-last-checkpoints", "2", "--load", str(save)]
+           *_flags(save)]
     with open(save.parent / f"{save.name}.log", "w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**env, "OMP_NUM_THREADS": "1"})
-        if kill_after is not None:
-            deadline = time.monotonic() + 120
-            while not (save / f"iter_{kill_after:07d}").is_dir():
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.02)
-            workers = _children(proc.pid)
-            assert len(workers) == 2, workers
-            os.kill(workers[-1], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not (save / f"iter_{kill_after:07d}").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
         assert proc.wait(timeout=120) == 0
         log.seek(0)
         return log.read()
 
 
 def test_torchrun_restarts_a_killed_rank_and_finishes_like_an_uninterrupted_run(tmp_path):
-    straight = _torchrun_dp2(tmp_path / "straight", kill_after=None)
-    killed = _torchrun_dp2(tmp_path / "killed", kill_after=50)
+    from tests.harness import run_distributed, training_loop
+
+    straight = run_distributed(2, 1, {"straight": (training_loop, (_flags(
+        tmp_path / "straight"),))})["straight"][0]
+    killed = _torchrun_dp2_killed(tmp_path / "killed", kill_after=50)
     assert "loaded checkpoint" not in straight
     assert "no checkpoint in" in killed                     # the first attempt
     resumed = [line for line in killed.splitlines() if "loaded checkpoint | iteration" in line]
