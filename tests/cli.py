@@ -16,6 +16,9 @@ must reach its stderr), the root logger has no handler, faulthandler is off, and
 intra-op thread (`OMP_NUM_THREADS=1` is put in its environment: after a fork only one
 thread exists, so the child must not use the parent's OpenMP pool).
 
+`start(argv)` starts a command without waiting (`.wait()` gives its CompletedProcess), so
+two independent runs can share the 2 cores: `run_parallel(start(a), start(b))`.
+
 Imports are what a new interpreter spends its time on (torch, torch.distributed.checkpoint,
 scikit-learn, torch._dynamo through the optimizer, transformers for the exports). `prewarm`
 imports the common ones here once; and a child reports the modules it had to import, which
@@ -159,23 +162,25 @@ def _exit_status(code) -> int:
     return 1
 
 
-def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike | None = None, timeout: float = 300,
-        capture_output: bool = True, text: bool = True) -> subprocess.CompletedProcess:
-    """subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd,
-    timeout=timeout), forked from this process for `python -m MODULE` / `python SCRIPT`
-    (see the module's docstring); a real subprocess for anything else."""
-    assert capture_output and text, "tests.cli.run always captures text output"
-    target = _target(argv)
-    env = dict(os.environ if env is None else env)
-    if target is None:
-        return subprocess.run(list(map(str, argv)), capture_output=True, text=True, env=env,
-                              cwd=cwd, timeout=timeout)
-    env["OMP_NUM_THREADS"] = "1"
-    kind, name, args = target
-    prewarm()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-            tempfile.TemporaryFile() as imports:
+class Started:
+    """A started command: `wait()` gives its CompletedProcess."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], cwd, timeout: float) -> None:
+        self.argv = list(map(str, argv))
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        target = _target(argv)
+        if target is None:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+            return
+        env["OMP_NUM_THREADS"] = "1"
+        kind, name, args = target
+        prewarm()
+        self.files = [tempfile.TemporaryFile() for _ in range(3)]   # stdout, stderr, imports
+        out, err, imports = (f.fileno() for f in self.files)
         before = set(sys.modules)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -184,7 +189,7 @@ def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
             status = 1
             try:
                 status = _child(kind, name, args, env, None if cwd is None else str(cwd),
-                                out.fileno(), err.fileno())
+                                out, err)
             except SystemExit as e:
                 status = _exit_status(e.code)
             except BaseException:                      # as the interpreter reports it
@@ -194,7 +199,7 @@ def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                 status = 1
             finally:
                 try:
-                    _report_imports(before, imports.fileno())
+                    _report_imports(before, imports)
                 except BaseException:                   # noqa: BLE001 — exiting anyway
                     pass
                 for stream in (sys.stdout, sys.stderr):
@@ -203,25 +208,60 @@ def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                     except BaseException:               # noqa: BLE001 — exiting anyway
                         pass
                 os._exit(status)
-        deadline = time.monotonic() + timeout
+        self.pid = pid
+
+    def wait(self) -> subprocess.CompletedProcess:
+        if self.proc is not None:
+            try:
+                out, err = self.proc.communicate(
+                    timeout=max(0.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+                raise
+            return subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
         delay = 0.001
         while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(self.pid, os.WNOHANG)
             if done:
                 break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                raise subprocess.TimeoutExpired(list(map(str, argv)), timeout)
+            if time.monotonic() > self.deadline:
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+                raise subprocess.TimeoutExpired(self.argv, self.timeout)
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-        returncode = os.waitstatus_to_exitcode(status)
-        imports.seek(0)
-        prewarm([m for m in imports.read().decode().split("\n") if m])
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(list(map(str, argv)), returncode,
-                                           _text(out.read()), _text(err.read()))
+        out, err, imports = self.files
+        try:
+            imports.seek(0)
+            prewarm([m for m in imports.read().decode().split("\n") if m])
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(self.argv, os.waitstatus_to_exitcode(status),
+                                               _text(out.read()), _text(err.read()))
+        finally:
+            for f in self.files:
+                f.close()
+
+
+def start(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+          cwd: str | os.PathLike | None = None, timeout: float = 300,
+          capture_output: bool = True, text: bool = True) -> Started:
+    """Start `argv` as `run` does, without waiting: `.wait()` gives the CompletedProcess."""
+    assert capture_output and text, "tests.cli always captures text output"
+    return Started(argv, dict(os.environ if env is None else env), cwd, timeout)
+
+
+def run(argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd,
+    timeout=timeout), forked from this process for `python -m MODULE` / `python SCRIPT`
+    (see the module's docstring); a real subprocess for anything else."""
+    return start(argv, **kwargs).wait()
+
+
+def run_parallel(*started: Started) -> list[subprocess.CompletedProcess]:
+    """Wait for commands started side by side (independent ones: 2 cores, one thread each)."""
+    return [s.wait() for s in started]
 
 
 def _text(data: bytes) -> str:
