@@ -19,10 +19,14 @@ COMMON = ["--preset", "vit-debug", "--num-channels", "1", "--img-h", "16", "--im
           "--eval-iters", "2", "--progress-bar", "off"]
 
 
+def start_pretrain(*args: str) -> cli.Started:
+    """`python -m megavit.pretrain COMMON ARGS`, started (tests/cli.py)."""
+    return cli.start([sys.executable, "-m", "megavit.pretrain", *COMMON, *args],
+                     timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def pretrain(*args: str) -> subprocess.CompletedProcess:
-    return cli.run([sys.executable, "-m", "megavit.pretrain", *COMMON, *args],
-                   capture_output=True, text=True, timeout=300, cwd=ROOT,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return start_pretrain(*args).wait()
 
 
 def records(path: Path, kind: str) -> list[dict]:
@@ -31,9 +35,11 @@ def records(path: Path, kind: str) -> list[dict]:
 
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     save = tmp_path / "ckpt"
-    straight = pretrain("--train-iters", "6", "--metrics-file", str(tmp_path / "s.jsonl"))
-    first = pretrain("--train-iters", "3", "--save", str(save), "--save-interval", "1",
-                     "--keep-last-checkpoints", "2", "--metrics-file", str(tmp_path / "a.jsonl"))
+    straight, first = cli.run_parallel(   # independent: side by side
+        start_pretrain("--train-iters", "6", "--metrics-file", str(tmp_path / "s.jsonl")),
+        start_pretrain("--train-iters", "3", "--save", str(save), "--save-interval", "1",
+                       "--keep-last-checkpoints", "2",
+                       "--metrics-file", str(tmp_path / "a.jsonl")))
     second = pretrain("--train-iters", "6", "--load", str(save), "--save", str(save),
                       "--keep-last-checkpoints", "2", "--metrics-file", str(tmp_path / "b.jsonl"))
     for proc in (straight, first, second):
