@@ -6,7 +6,7 @@ runs examples/quickstart_clip.sh for 800 (93.9 % zero-shot measured, ~40 s). Tho
 are measured by hand. Here each script runs a short schedule (its ITERS variable, one
 intra-op thread) and the test checks what CI can check quickly: it runs to the end, logs
 the pinned keys in the pinned format, and learns clearly above chance (10 classes) — a bar
-for a short schedule, not the quickstart's target.
+for a short schedule, not the quickstart's target. The two scripts run side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,18 +70,51 @@ def _env(iters: int, **extra: str) -> dict[str, str]:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def test_quickstart_script_trains_digits(tmp_path):
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, list[dict]]]:
+    """Both quickstart scripts, run side by side (one thread each, 2 cores):
+    {name: (the finished run, its --metrics-file records)}."""
+    base = tmp_path_factory.mktemp("quickstart")
+    runs = {   # name: (script, its extra flags, environment)
+        "digits": ("quickstart_digits.sh", ["--log-interval", "50", "--eval-interval", "100"],
+                   _env(200)),
+        "clip": ("quickstart_clip.sh", ["--log-interval", "50"],
+                 _env(100, MEGAVIT_CACHE_DIR=str(base / "cache"))),
+    }
+    procs = {}
+    for name, (script, flags, env) in runs.items():
+        out, err = open(base / f"{name}.out", "w+"), open(base / f"{name}.err", "w+")
+        cmd = ["bash", str(ROOT / "examples" / script), "--metrics-file",
+               str(base / f"{name}.jsonl"), "--progress-bar", "off", *flags]
+        procs[name] = (subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env,
+                                        cwd=ROOT), out, err)
+    done = {}
+    for name, (proc, out, err) in procs.items():
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        finished = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(),
+                                               err.read())
+        out.close()
+        err.close()
+        metrics = base / f"{name}.jsonl"
+        records = ([json.loads(x) for x in metrics.read_text().splitlines()]
+                   if metrics.exists() else [])
+        done[name] = (finished, records)
+    return done
+
+
+def test_quickstart_script_trains_digits(scripts):
     """200 iterations (cosine schedule to 0 over them): 49.9 % held-out accuracy measured
     (OMP_NUM_THREADS=1); it must reach 35 %, chance being 10 %."""
-    metrics = tmp_path / "quickstart.jsonl"
-    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart_digits.sh"),
-                           "--metrics-file", str(metrics), "--progress-bar", "off",
-                           "--log-interval", "50", "--eval-interval", "100"],
-                          capture_output=True, text=True, timeout=600, env=_env(200), cwd=ROOT)
+    proc, records = scripts["digits"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[-1].startswith("[megavit] done | iteration 200 |")
-    records = [json.loads(x) for x in metrics.read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["iteration"] for r in train] == [50, 100, 150, 200]
     for key in ("loss", "lr", "grad_norm", "images_per_second", "step_time_ms", "mfu"):
@@ -93,18 +128,12 @@ def test_quickstart_script_trains_digits(tmp_path):
     check_keys(proc.stdout, records, CLASSIFIER_KEYS)
 
 
-def test_quickstart_clip_script_aligns_captions(tmp_path):
+def test_quickstart_clip_script_aligns_captions(scripts):
     """100 iterations, the tokenizer trained afresh (an empty cache): 66.3 % zero-shot
     accuracy on the held-out digits measured (OMP_NUM_THREADS=1); it must reach 45 %, chance
     being 10 %."""
-    metrics = tmp_path / "clip.jsonl"
-    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart_clip.sh"),
-                           "--metrics-file", str(metrics), "--progress-bar", "off",
-                           "--log-interval", "50"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=_env(100, MEGAVIT_CACHE_DIR=str(tmp_path / "cache")))
+    proc, records = scripts["clip"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    records = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [50, 100]
     final = [r for r in records if r["kind"] == "eval"][-1]
     assert final["iteration"] == 100 and final["eval_images"] == 359
