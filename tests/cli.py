@@ -3,12 +3,12 @@
 `run([sys.executable, "-m", "megavit.pretrain", ...])` and `run([sys.executable,
 "tools/export_hf.py", ...])` fork this (test) process, which has torch, megavit and the data
 libraries imported already, and in the child run the module or script as `__main__`, exactly
-as `python -m MODULE` / `python SCRIPT` would (`runpy`, with `sys.argv`, `sys.path[0]`, the
-working directory and the environment set as for that command). The child is a real process:
-its exit status, and everything written to file descriptors 1 and 2, come back as a
-`subprocess.CompletedProcess`, so a test checks the status, the messages and the files
-written as it would of a subprocess. What the child changes (process groups, seeds, threads,
-the environment) ends with it.
+as `python -m MODULE` / `python SCRIPT` would (`runpy`, with `sys.argv`, the script's or the
+working directory first on `sys.path`, the working directory and the environment set as for
+that command). The child is a real process: its exit status, and everything written to file
+descriptors 1 and 2, come back as a `subprocess.CompletedProcess`, so a test checks the
+status, the messages and the files written as it would of a subprocess. What the child
+changes (process groups, seeds, threads, the environment) ends with it.
 
 The child starts as a fresh `python` would in what it can observe: stdin is /dev/null, the
 warning filters are Python's defaults (pytest records warnings in-process; a CLI's warnings
@@ -26,11 +26,11 @@ this process then imports, so the next child finds them loaded (and so do the gl
 that tests/harness.py forks). Neither changes what a child runs.
 
 What this does not check is that an entry point imports cleanly in a new interpreter:
-tests/test_tools.py::test_every_entry_point_starts_in_a_fresh_interpreter does, for every
-tool and entry point, and the launcher, quickstart and fault-tolerance tests start
-`python -m megavit.pretrain` / `megavit.pretrain_contrastive` fresh under torchrun, mpiexec
-and bash. Anything else (torchrun, mpiexec, bash, `python -c`, another interpreter) runs as
-a real subprocess.
+tests/test_tools.py::test_every_entry_point_starts_in_a_fresh_interpreter starts every tool
+and entry point in one (with --help: their module-level imports), and the launcher,
+quickstart and fault-tolerance tests run `python -m megavit.pretrain` /
+`megavit.pretrain_contrastive` fresh under torchrun, mpiexec and bash, all the way. Anything
+else (torchrun, mpiexec, bash, `python -c`, another interpreter) runs as a real subprocess.
 """
 
 from __future__ import annotations
