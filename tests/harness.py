@@ -7,6 +7,9 @@ layout's group starts once for many checks:
 
     results = run_distributed(world_size=4, tp=2, jobs={"equiv": (fn, args), ...})
     results["equiv"][rank]   # what fn(pstate, *args) returned on that rank
+
+`run_in_processes(jobs)` runs independent single-process computations (serial references,
+precision curves) side by side in forked processes, so they use both cores too.
 """
 
 from __future__ import annotations
@@ -97,3 +100,74 @@ def run_distributed(world_size: int, tp: int, jobs: dict[str, Job], timeout: flo
         if errors:
             raise RuntimeError("distributed workers failed:\n" + "\n".join(errors))
     return {name: [results[r][name] for r in range(world_size)] for name in jobs}
+
+
+def training_loop(pstate, flags: list[str]) -> str:
+    """`python -m megavit.pretrain FLAGS`'s training (megavit.training.loop.pretrain on a
+    ClassificationTask) in this worker's process group: what it printed."""
+    import contextlib
+
+    from megavit.config import parse_args, validate
+    from megavit.tasks.classification import ClassificationTask
+    from megavit.training.loop import pretrain
+
+    cfg = parse_args(flags)
+    validate(cfg, world_size=pstate.world_size)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pretrain(ClassificationTask(cfg), pstate)
+    return out.getvalue()
+
+
+def _serial_worker(jobs: dict[str, Job], conn) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        buf = io.BytesIO()
+        torch.save({name: fn(*args) for name, (fn, args) in jobs.items()}, buf)
+        conn.send(("ok", buf.getvalue()))
+    except BaseException:  # noqa: BLE001 — report any failure to the parent
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_in_processes(jobs: dict[str, Job], processes: int = 2,
+                     timeout: float = 300.0) -> dict[str, Any]:
+    """Independent single-process computations side by side: {name: fn(*args)}, the jobs
+    dealt in turn to `processes` forked processes (one thread each, no process group)."""
+    ctx = mp.get_context("fork")
+    names = list(jobs)
+    shares = [{n: jobs[n] for n in names[i::processes]} for i in range(processes)]
+    pipes, procs = [], []
+    for share in shares:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_serial_worker, args=(share, child))
+        p.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(p)
+    results, errors = {}, []
+    try:
+        deadline = time.monotonic() + timeout
+        for i, conn in enumerate(pipes):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                errors.append(f"process {i} gave no result within {timeout:.0f} s")
+                continue
+            try:
+                status, payload = conn.recv()
+            except EOFError:
+                status, payload = "error", "the process died without a result"
+            if status == "ok":
+                results.update(torch.load(io.BytesIO(payload), weights_only=True))
+            else:
+                errors.append(f"--- process {i} ---\n{payload}")
+    finally:
+        for p in procs:
+            p.join(timeout=0 if errors else 30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise RuntimeError("worker processes failed:\n" + "\n".join(errors))
+    return {name: results[name] for name in jobs}

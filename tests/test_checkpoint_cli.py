@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--preset", "vit-debug", "--num-channels", "1", "--img-h", "16", "--img-w", "16",
           "--dataset", "digits", "--micro-batch-size", "8", "--global-batch-size", "16",
@@ -17,10 +19,14 @@ COMMON = ["--preset", "vit-debug", "--num-channels", "1", "--img-h", "16", "--im
           "--eval-iters", "2", "--progress-bar", "off"]
 
 
+def start_pretrain(*args: str) -> cli.Started:
+    """`python -m megavit.pretrain COMMON ARGS`, started (tests/cli.py)."""
+    return cli.start([sys.executable, "-m", "megavit.pretrain", *COMMON, *args],
+                     timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def pretrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megavit.pretrain", *COMMON, *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return start_pretrain(*args).wait()
 
 
 def records(path: Path, kind: str) -> list[dict]:
@@ -29,9 +35,11 @@ def records(path: Path, kind: str) -> list[dict]:
 
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     save = tmp_path / "ckpt"
-    straight = pretrain("--train-iters", "6", "--metrics-file", str(tmp_path / "s.jsonl"))
-    first = pretrain("--train-iters", "3", "--save", str(save), "--save-interval", "1",
-                     "--keep-last-checkpoints", "2", "--metrics-file", str(tmp_path / "a.jsonl"))
+    straight, first = cli.run_parallel(   # independent: side by side
+        start_pretrain("--train-iters", "6", "--metrics-file", str(tmp_path / "s.jsonl")),
+        start_pretrain("--train-iters", "3", "--save", str(save), "--save-interval", "1",
+                       "--keep-last-checkpoints", "2",
+                       "--metrics-file", str(tmp_path / "a.jsonl")))
     second = pretrain("--train-iters", "6", "--load", str(save), "--save", str(save),
                       "--keep-last-checkpoints", "2", "--metrics-file", str(tmp_path / "b.jsonl"))
     for proc in (straight, first, second):
@@ -73,16 +81,16 @@ def test_a_checkpoint_of_another_model_is_refused_naming_each_field(tmp_path):
 def test_checkpoint_inspect_reports_iteration_layout_and_tensors(tmp_path):
     save = tmp_path / "ckpt"
     assert pretrain("--train-iters", "2", "--save", str(save)).returncode == 0
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "checkpoint_inspect.py"),
-                           str(save), "--tensors"], capture_output=True, text=True, timeout=120)
+    proc = cli.run([sys.executable, str(ROOT / "tools" / "checkpoint_inspect.py"),
+                    str(save), "--tensors"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"checkpoint: {save / 'iter_0000002'}" in out and "iteration: 2" in out
     assert "saved at: tp 1 x pp 1 x dp 1" in out and "--hidden-size 32" in out
     assert "model/blocks.0.in_proj.weight/3" in out and "[128, 32]" in out
     assert "optimizer/exp_avg_sq" in out
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "checkpoint_inspect.py"),
-                          str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
+    bad = cli.run([sys.executable, str(ROOT / "tools" / "checkpoint_inspect.py"),
+                   str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "neither a checkpoint nor a --save directory" in bad.stderr
 
 

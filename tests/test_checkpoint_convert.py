@@ -2,8 +2,8 @@
 safetensors file, tensor by tensor.
 
 - A TP=1 checkpoint resharded to TP=2 stores each sharded piece as TP=2 ranks hold it, drops
-  the RNG streams, resumes under torchrun at TP=2 exactly as the original does, and converted
-  back to TP=1 holds bit-identical tensors.
+  the RNG streams, resumes at TP=2 (the training loop in two gloo processes) exactly as the
+  original does, and converted back to TP=1 holds bit-identical tensors.
 - The consolidated file holds the serial model's parameters, bit-identical to the weights
   `load_model` reads (and rounded like `.to(bf16)` with --dtype bf16).
 - Bounded memory: converting a 260 MB checkpoint with an 8 MiB buffer grows the process's
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,8 @@ import torch
 
 from megavit.checkpointing.offline import read_tensors
 from megavit.checkpointing.safe_reader import check_checkpoint
+from tests import cli
+from tests.harness import run_distributed
 from tests.test_checkpoint_cli import COMMON, ROOT, pretrain, records
 
 CONVERT = str(ROOT / "tools" / "checkpoint_convert.py")
@@ -33,8 +34,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, CONVERT, *args], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    return cli.run([sys.executable, CONVERT, *args], capture_output=True, text=True,
+                   timeout=300, env=ENV)
 
 
 def stored(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -51,22 +52,16 @@ def saved(tmp_path_factory) -> Path:
     return save
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _resumed_at_tp2(pstate, loads: dict[str, Path], tmp: Path) -> dict[str, str]:
+    """Each of `loads` resumed for 3 more iterations at TP=2 (this group), as
+    `python -m megavit.pretrain --load ...` would: {name: what it printed}; metrics in
+    tmp/NAME.jsonl."""
+    from tests.harness import training_loop
 
-
-def _torchrun_tp2(load: Path, metrics: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(_free_port()), "-m", "megavit.pretrain", *COMMON,
-         "--hidden-dropout", "0.1", "--train-iters", "6", "--tensor-model-parallel-size", "2",
-         "--load", str(load), "--metrics-file", str(metrics)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={k: v for k, v in ENV.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    return {name: training_loop(pstate, [
+        *COMMON, "--hidden-dropout", "0.1", "--train-iters", "6",
+        "--tensor-model-parallel-size", "2", "--load", str(load),
+        "--metrics-file", str(tmp / f"{name}.jsonl")]) for name, load in loads.items()}
 
 
 def test_reshard_to_tp2_stores_tp2_blocks_resumes_identically_and_round_trips(saved, tmp_path):
@@ -97,11 +92,12 @@ def test_reshard_to_tp2_stores_tp2_blocks_resumes_identically_and_round_trips(sa
     assert blocks("model/blocks.0.out_proj.weight/1") == [([0, 0], [32, 64]), ([0, 64], [32, 64])]
     assert blocks("model/blocks.0.norm.weight") == [([0], [32])]
 
-    # resumed at TP=2 under torchrun: the converted checkpoint and the original give the
-    # same losses and evaluation
+    # resumed at TP=2 (two gloo processes, the training loop of megavit.pretrain): the
+    # converted checkpoint and the original give the same losses and evaluation
+    printed = run_distributed(2, 2, {"r": (_resumed_at_tp2, (
+        {"a": saved, "b": out}, tmp_path))})["r"][0]
+    assert f"loaded checkpoint | iteration 3 | path {converted}" in printed["b"]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    _torchrun_tp2(saved, a)
-    assert f"loaded checkpoint | iteration 3 | path {converted}" in _torchrun_tp2(out, b)
     losses = [{r["iteration"]: r["loss"] for r in records(m, "train")} for m in (a, b)]
     assert losses[0] == losses[1] and sorted(losses[0]) == [4, 5, 6]
     assert records(a, "eval")[-1] == records(b, "eval")[-1]
@@ -155,10 +151,11 @@ def test_consolidated_safetensors_holds_the_serial_weights(saved, tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def rss_growth(tool: str, *args: str) -> int:
-    """Peak RSS growth (bytes) of a process that runs tools/`tool`.py with `args` after
-    importing everything: VmHWM after minus before. (Not ru_maxrss: Linux carries that over
-    exec from the forked parent, so under a large pytest process it would read flat.)"""
+def rss_growths(tool: str, *runs: list[str]) -> list[int]:
+    """Peak RSS growth (bytes) of processes that each run tools/`tool`.py with one of `runs`
+    (its arguments) after importing everything: VmHWM after minus before. (Not ru_maxrss:
+    Linux carries that over exec from the forked parent, so under a large pytest process it
+    would read flat.) The processes run side by side; each measures only itself."""
     code = (
         "import sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
@@ -171,15 +168,21 @@ def rss_growth(tool: str, *args: str) -> int:
         "before = peak()\n"
         "assert main(sys.argv[2:]) == 0\n"
         "print('growth_kib', peak() - before)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True,
-                          text=True, timeout=300, env=ENV)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return int(proc.stdout.split("growth_kib")[-1]) * 1024
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT), *args], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+             for args in runs]
+    growths = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out + err
+        growths.append(int(out.split("growth_kib")[-1]) * 1024)
+    return growths
 
 
-def _rss_growth(source: Path, output: Path, buffer_mb: float) -> int:
-    return rss_growth("checkpoint_convert", str(source), "--target-tensor-parallel-size", "2",
-                      "--output", str(output), "--buffer-mb", str(buffer_mb))
+def _rss_growths(source: Path, output: Path, *buffers_mb: float) -> list[int]:
+    return rss_growths("checkpoint_convert", *[
+        [str(source), "--target-tensor-parallel-size", "2", "--output", f"{output}_{mb}",
+         "--buffer-mb", str(mb)] for mb in buffers_mb])
 
 
 def test_conversion_memory_is_bounded_by_the_buffer_not_the_checkpoint(tmp_path):
@@ -188,8 +191,7 @@ def test_conversion_memory_is_bounded_by_the_buffer_not_the_checkpoint(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     size = sum(f.stat().st_size for f in (save / "iter_0000001").glob("*.distcp"))
     assert size > 200 * 2**20         # 22M parameters x (weights + two Adam moments), fp32
-    bounded = _rss_growth(save, tmp_path / "small", 8)
-    unbounded = _rss_growth(save, tmp_path / "large", 4096)
+    bounded, unbounded = _rss_growths(save, tmp_path / "converted", 8, 4096)
     assert bounded < size / 4, (bounded, size)
     assert unbounded > size / 2, (unbounded, size)
 

@@ -4,10 +4,9 @@ incomplete checkpoint."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 from megavit.checkpointing.directory import (TRACKER, CheckpointDirectory,
                                              CheckpointDirectoryError, checkpoint_name)
 
-ROOT = Path(__file__).resolve().parents[1]
 FILES, SIZE = 3, 1 << 20
 
 
@@ -67,35 +65,42 @@ def test_bad_pointer_and_paths_are_clear_errors(tmp_path):
         d.prune(0)
 
 
-SAVER = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from tests.test_checkpoint_directory import save
-from megavit.checkpointing.directory import CheckpointDirectory
-d = CheckpointDirectory(sys.argv[1])
-latest = d.latest()
-it = int(latest.name.split("_")[1]) if latest else 0
-print("ready", flush=True)
-while True:
-    it += 1
-    save(d, it)
-    d.prune(keep=2)
-"""
+def _saver(root: Path, ready: int) -> None:
+    """Save iteration after iteration into `root` (pruning to 2), from the newest complete
+    one on; writes b"ready" to the fd `ready` first. Never returns."""
+    d = CheckpointDirectory(root)
+    latest = d.latest()
+    it = int(latest.name.split("_")[1]) if latest else 0
+    os.write(ready, b"ready")
+    while True:
+        it += 1
+        save(d, it)
+        d.prune(keep=2)
 
 
 def test_killed_saves_leave_the_pointer_on_a_complete_checkpoint(tmp_path):
-    """12 saver processes in a row on one directory, each killed (SIGKILL) at a random
-    moment; after each, the pointer names a complete checkpoint, and saving resumes."""
+    """12 saver processes in a row on one directory (forked from this one), each killed
+    (SIGKILL) at a random moment; after each, the pointer names a complete checkpoint, and
+    saving resumes."""
     rng = random.Random(0)
     root = tmp_path / "ckpt"
     seen = []
     for _ in range(12):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(root)],
-                                stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:                       # the saver: runs until it is killed
+            try:
+                os.close(read_end)
+                _saver(root, write_end)
+            finally:
+                os._exit(1)
+        os.close(write_end)
+        assert os.read(read_end, 5) == b"ready"
+        os.close(read_end)
         time.sleep(rng.uniform(0.02, 0.3))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
         latest = CheckpointDirectory(root).latest()
         if latest is not None:
             assert_complete(latest)

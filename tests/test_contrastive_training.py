@@ -15,6 +15,8 @@ parameter, and the text tower learns.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from megavit.config import parse_contrastive_args, validate_contrastive
 from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.tasks.image_text.task import image_text_run
+from tests import cli
 from tests.harness import run_distributed
 
 GLOBAL_BATCH = 16
@@ -54,6 +57,12 @@ def _three_steps(pstate: ParallelState, flags: list[str]) -> dict:
             "eval": run.evaluate()}
 
 
+@functools.lru_cache(maxsize=None)
+def _serial(loss: str, extra: tuple[str, ...] = ()) -> dict:
+    """The serial reference of `_flags(loss, 1, 1, extra)` (computed once per module)."""
+    return _three_steps(serial_state(), _flags(loss, 1, 1, extra))
+
+
 def _check(results: list[dict], serial: dict) -> None:
     for r in results:
         assert r["losses"] == pytest.approx(serial["losses"], rel=1e-5)
@@ -79,23 +88,31 @@ def test_dp2_matches_serial():
     results = run_distributed(2, 1, {k: (_three_steps, (_flags(loss, tp, dp, extra),))
                                      for k, (loss, tp, dp, extra) in CASES.items()})
     for job, (loss, _, _, extra) in CASES.items():
-        _check(results[job], _three_steps(serial_state(), _flags(loss, 1, 1, extra)))
+        _check(results[job], _serial(loss, extra))
 
 
 def test_tp2_and_tp2_dp2_match_serial():
     tp2 = run_distributed(2, 2, {"clip": (_three_steps, (_flags("clip", 2, 1),))})["clip"]
-    _check(tp2, _three_steps(serial_state(), _flags("clip", 1, 1)))
+    _check(tp2, _serial("clip"))
     extra = ("--use-distributed-optimizer", "--ddp-bucket-size", "3000")
     both = run_distributed(4, 2, {"siglip": (_three_steps, (_flags("siglip", 2, 2, extra),))})
-    _check(both["siglip"], _three_steps(serial_state(), _flags("siglip", 1, 1)))
+    _check(both["siglip"], _serial("siglip"))
 
 
-def test_lit_keeps_the_loaded_image_tower_fixed_and_out_of_the_optimizer(tmp_path):
+@pytest.fixture(scope="module")
+def image_checkpoint(tmp_path_factory):
+    """A megavit.pretrain checkpoint (vit-debug on digits, 1 iteration) for LiT's image
+    tower; tests only read it."""
     from tests.test_checkpoint_cli import pretrain
 
-    save = tmp_path / "image"
-    proc = pretrain("--train-iters", "2", "--save", str(save))     # vit-debug on digits
+    save = tmp_path_factory.mktemp("lit") / "image"
+    proc = pretrain("--train-iters", "1", "--save", str(save))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return save
+
+
+def test_lit_keeps_the_loaded_image_tower_fixed_and_out_of_the_optimizer(image_checkpoint):
+    save = image_checkpoint
     flags = _flags("siglip", 1, 1, ("--lock-image-tower", "--image-checkpoint", str(save)))
     cfg = parse_contrastive_args(flags)
     validate_contrastive(cfg)
@@ -119,31 +136,31 @@ def test_lit_keeps_the_loaded_image_tower_fixed_and_out_of_the_optimizer(tmp_pat
     assert not image_ids & {id(p) for p in run.optimizer.adamw.state}
 
 
-def test_lit_refuses_an_image_checkpoint_of_another_model(tmp_path):
+def test_lit_refuses_an_image_checkpoint_of_another_model(image_checkpoint):
     from megavit.checkpointing.model_state import CheckpointLoadError
-    from tests.test_checkpoint_cli import pretrain
 
-    save = tmp_path / "image"
-    assert pretrain("--train-iters", "1", "--save", str(save)).returncode == 0
+    save = image_checkpoint
     flags = _flags("clip", 1, 1, ("--lock-image-tower", "--image-checkpoint", str(save),
                                   "--hidden-size", "64"))
     with pytest.raises(CheckpointLoadError, match="--hidden-size 32 in the checkpoint, 64 here"):
         image_text_run(parse_contrastive_args(flags), serial_state())
 
 
-def _cli(*args: str):
+def _start_cli(*args: str) -> cli.Started:
     import os
-    import subprocess
     import sys
 
     from tests.test_checkpoint_cli import ROOT
 
-    return subprocess.run([sys.executable, "-m", "megavit.pretrain_contrastive",
-                           *_flags("siglip", 1, 1, ("--hidden-dropout", "0.1",
-                                                    "--log-interval", "1",
-                                                    "--progress-bar", "off")), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return cli.start([sys.executable, "-m", "megavit.pretrain_contrastive",
+                      *_flags("siglip", 1, 1, ("--hidden-dropout", "0.1",
+                                               "--log-interval", "1",
+                                               "--progress-bar", "off")), *args],
+                     timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _cli(*args: str):
+    return _start_cli(*args).wait()
 
 
 def test_contrastive_checkpoints_resume_exactly_and_convert(tmp_path):
@@ -157,11 +174,12 @@ def test_contrastive_checkpoints_resume_exactly_and_convert(tmp_path):
     from tests.test_checkpoint_cli import pretrain, records
 
     save = tmp_path / "ckpt"
-    runs = {"straight": _cli("--train-iters", "6", "--metrics-file", str(tmp_path / "s.jsonl")),
-            "first": _cli("--train-iters", "3", "--save", str(save),
-                          "--metrics-file", str(tmp_path / "a.jsonl")),
-            "second": _cli("--train-iters", "6", "--load", str(save),
-                           "--metrics-file", str(tmp_path / "b.jsonl"))}
+    runs = dict(zip(["straight", "first"], cli.run_parallel(   # independent: side by side
+        _start_cli("--train-iters", "6", "--metrics-file", str(tmp_path / "s.jsonl")),
+        _start_cli("--train-iters", "3", "--save", str(save),
+                   "--metrics-file", str(tmp_path / "a.jsonl")))))
+    runs["second"] = _cli("--train-iters", "6", "--load", str(save),
+                          "--metrics-file", str(tmp_path / "b.jsonl"))
     for name, proc in runs.items():
         assert proc.returncode == 0, (name, proc.stdout + proc.stderr)
     assert f"loaded checkpoint | iteration 3 | path {save / 'iter_0000003'}" in \
@@ -219,11 +237,11 @@ def test_pp2_matches_serial_with_the_text_tower_and_loss_on_the_last_stage():
     is rank 2k + d at PP=2 x DP=2."""
     pp = ("--pipeline-model-parallel-size", "2")
     got = run_distributed(2, 1, {"clip": (_three_steps, (_flags("clip", 1, 1, pp),))}, pp=2)
-    _check([_merged(got["clip"])], _three_steps(serial_state(), _flags("clip", 1, 1)))
+    _check([_merged(got["clip"])], _serial("clip"))
     got = run_distributed(4, 1, {"siglip": (_three_steps, (_flags("siglip", 1, 2, pp),))},
                           pp=2)["siglip"]
     _check([_merged([got[d], got[2 + d]]) for d in range(2)],
-           _three_steps(serial_state(), _flags("siglip", 1, 1)))
+           _serial("siglip"))
 
 
 def _lit_steps(pstate: ParallelState, flags: list[str]) -> dict:
@@ -235,12 +253,8 @@ def _lit_steps(pstate: ParallelState, flags: list[str]) -> dict:
                                if any(p is q for q in run.model.image.parameters()))}
 
 
-def test_lit_at_pp2_runs_the_image_tower_forward_only_and_matches_serial(tmp_path):
-    from tests.test_checkpoint_cli import pretrain
-
-    save = tmp_path / "image"
-    assert pretrain("--train-iters", "1", "--save", str(save)).returncode == 0
-    lit = ("--lock-image-tower", "--image-checkpoint", str(save))
+def test_lit_at_pp2_runs_the_image_tower_forward_only_and_matches_serial(image_checkpoint):
+    lit = ("--lock-image-tower", "--image-checkpoint", str(image_checkpoint))
     got = run_distributed(2, 1, {"lit": (_lit_steps, (_flags("clip", 1, 1, lit + (
         "--pipeline-model-parallel-size", "2")),))}, pp=2)["lit"]
     serial = _lit_steps(serial_state(), _flags("clip", 1, 1, lit))
@@ -307,16 +321,13 @@ def _lit_resumed(pstate: ParallelState, flags: list[str], save: str) -> dict:
     return {"losses": losses, "resumed": resumed, "start": start}
 
 
-def test_lit_at_pp2_resumes_exactly(tmp_path):
+def test_lit_at_pp2_resumes_exactly(tmp_path, image_checkpoint):
     """LiT over two stages (stage 0 trains nothing) resumes exactly: 2 + save + 2 steps give
     the losses of 4 straight steps. (Stage 0 has no Adam step of its own; every rank stores
     the same step value, so whichever copy DCP keeps is right. Here DCP kept the trained
     stage's copy even without that, so this test does not single it out.)"""
-    from tests.test_checkpoint_cli import pretrain
-
-    image = tmp_path / "image"
-    assert pretrain("--train-iters", "1", "--save", str(image)).returncode == 0
-    flags = _flags("clip", 1, 1, ("--lock-image-tower", "--image-checkpoint", str(image),
+    flags = _flags("clip", 1, 1, ("--lock-image-tower", "--image-checkpoint",
+                                  str(image_checkpoint),
                                   "--pipeline-model-parallel-size", "2", "--train-iters", "4"))
     got = run_distributed(2, 1, {"r": (_lit_resumed, (flags, str(tmp_path / "ck")))},
                           pp=2)["r"]
@@ -332,7 +343,8 @@ def test_recompute_auto_is_refused_for_two_towers():
             "--recompute-granularity", "auto", "--activation-memory-budget-gb", "1"))))
 
 
-def test_image_checkpoints_written_before_the_newer_model_fields_still_load(tmp_path):
+def test_image_checkpoints_written_before_the_newer_model_fields_still_load(tmp_path,
+                                                                         image_checkpoint):
     """A megavit.pretrain checkpoint whose config predates --normalization, --activation
     and --pre-norm resumes (their defaults assumed) and serves as LiT's image tower."""
     import json
@@ -340,10 +352,12 @@ def test_image_checkpoints_written_before_the_newer_model_fields_still_load(tmp_
     from megavit.checkpointing.checkpointer import resume
     from megavit.config import parse_args
     from megavit.tasks.classification import classification_run
-    from tests.test_checkpoint_cli import COMMON, pretrain
+    import shutil
 
-    save = tmp_path / "image"
-    assert pretrain("--train-iters", "1", "--save", str(save)).returncode == 0
+    from tests.test_checkpoint_cli import COMMON
+
+    save = tmp_path / "image"                  # a copy: its config is edited below
+    shutil.copytree(image_checkpoint, save)
     config = save / "iter_0000001" / "megavit_config.json"
     info = json.loads(config.read_text())
     for field in ("normalization", "activation", "pre_norm"):

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from tests import cli
 from tests.test_checkpoint_cli import ROOT
 from tests.test_checkpoint_convert import convert
 
@@ -27,8 +28,8 @@ SEQUENTIAL = ["--dataset", "digits", "--img-h", "8", "--img-w", "8", "--num-chan
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return cli.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                   cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _export(load, output, *extra, fmt: str = "transformers") -> subprocess.CompletedProcess:
@@ -277,16 +278,16 @@ def test_import_memory_is_bounded_by_the_buffer_not_the_model(tmp_path):
     one batch by more than the model."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    from tests.test_checkpoint_convert import rss_growth
+    from tests.test_checkpoint_convert import rss_growths
 
     config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
                        intermediate_size=1536, num_labels=10)
     ViTForImageClassification(config).save_pretrained(str(tmp_path / "hf"))
     size = (tmp_path / "hf" / "model.safetensors").stat().st_size
-    bounded = rss_growth("import_hf", "--input", str(tmp_path / "hf"), "--save",
-                         str(tmp_path / "a"), "--buffer-mb", "8")
-    unbounded = rss_growth("import_hf", "--input", str(tmp_path / "hf"), "--save",
-                           str(tmp_path / "b"), "--buffer-mb", "4096")
+    bounded, unbounded = rss_growths(
+        "import_hf", ["--input", str(tmp_path / "hf"), "--save", str(tmp_path / "a"),
+                      "--buffer-mb", "8"],
+        ["--input", str(tmp_path / "hf"), "--save", str(tmp_path / "b"), "--buffer-mb", "4096"])
     assert bounded < size / 2, (bounded, size)
     assert unbounded > size, (unbounded, size)
 

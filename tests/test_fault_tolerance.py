@@ -8,7 +8,8 @@ the first failing rank, so these tests run their own two processes.
 
 Under `torchrun --max-restarts 1` with `--load` = `--save`, a worker killed mid-run is
 restarted with its peer, the run resumes from the latest complete checkpoint and finishes
-with the same final checkpoint, bit for bit, as a run nobody killed.
+with the same final checkpoint, bit for bit, as a run nobody killed (the same training loop
+and flags in two gloo processes of tests/harness.py).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def test_each_torchrun_attempt_meets_in_its_own_key_space():
     assert first.check(["rank0_address"])
 
 
-ITERS = 600
+ITERS = 100      # saves at 25, 50, 75, 100; the kill lands soon after 25
+KILL_AFTER = 25
 
 
 def _free_port() -> int:
@@ -118,42 +120,66 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _torchrun_dp2(save: Path, kill_after: int | None) -> str:
-    """A DP=2 run of ITERS iterations saving every 50, under torchrun with one restart
-    allowed; with `kill_after`, one worker is SIGKILLed once that checkpoint exists."""
+def _flags(save: Path) -> list[str]:
+    """DP=2 (two processes) for ITERS iterations, saving every 25 and resuming from the latest."""
+    return [*COMMON, "--train-iters", str(ITERS), "--lr-decay-iters", str(ITERS),
+            "--log-interval", "25", "--save", str(save), "--save-interval", "25",
+            "--keep-last-checkpoints", "2", "--load", str(save)]
+
+
+def _kill_a_worker(proc: subprocess.Popen, save: Path, problems: list[str]) -> None:
+    """SIGKILL one of torchrun's two workers once the checkpoint of iteration KILL_AFTER
+    exists (what went wrong goes to `problems`)."""
+    deadline = time.monotonic() + 120
+    while not (save / f"iter_{KILL_AFTER:07d}").is_dir():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            problems.append(f"no checkpoint of iteration {KILL_AFTER} while the run went on")
+            return
+        time.sleep(0.02)
+    workers = _children(proc.pid)
+    if len(workers) != 2:
+        problems.append(f"torchrun's workers: {workers}")
+        return
+    os.kill(workers[-1], signal.SIGKILL)
+
+
+def test_torchrun_restarts_a_killed_rank_and_finishes_like_an_uninterrupted_run(tmp_path):
+    """The killed run (torchrun, one restart allowed; a thread kills a worker after the
+    first checkpoint) and the uninterrupted reference (the same flags through the same
+    training loop in two gloo processes) run at the same time."""
+    import threading
+
+    from tests.harness import run_distributed, training_loop
+
+    save = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(_free_port()), "--max-restarts", "1", "-m", "megavit.pretrain",
-           *COMMON, "--train-iters", str(ITERS), "--lr-decay-iters", str(ITERS),
-           "--log-interval", "100", "--save", str(save), "--save-interval", "50",
-           "--keep-last-checkpoints", "2", "--load", str(save)]
-    with open(save.parent / f"{save.name}.log", "w+") as log:
+           *_flags(save)]
+    problems: list[str] = []
+    with open(tmp_path / "killed.log", "w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**env, "OMP_NUM_THREADS": "1"})
-        if kill_after is not None:
-            deadline = time.monotonic() + 120
-            while not (save / f"iter_{kill_after:07d}").is_dir():
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.02)
-            workers = _children(proc.pid)
-            assert len(workers) == 2, workers
-            os.kill(workers[-1], signal.SIGKILL)
-        assert proc.wait(timeout=120) == 0
+        killer = threading.Thread(target=_kill_a_worker, args=(proc, save, problems))
+        killer.start()
+        try:
+            straight = run_distributed(2, 1, {"straight": (training_loop, (_flags(
+                tmp_path / "straight"),))})["straight"][0]
+        finally:
+            killer.join()
+            returncode = proc.wait(timeout=120)
         log.seek(0)
-        return log.read()
-
-
-def test_torchrun_restarts_a_killed_rank_and_finishes_like_an_uninterrupted_run(tmp_path):
-    straight = _torchrun_dp2(tmp_path / "straight", kill_after=None)
-    killed = _torchrun_dp2(tmp_path / "killed", kill_after=50)
+        killed = log.read()
+    assert not problems, problems + [killed]
+    assert returncode == 0, killed
     assert "loaded checkpoint" not in straight
     assert "no checkpoint in" in killed                     # the first attempt
     resumed = [line for line in killed.splitlines() if "loaded checkpoint | iteration" in line]
     assert len(resumed) == 1, killed                        # the restarted attempt
     assert int(resumed[0].split("iteration ")[1].split()[0]) < ITERS
     final = f"iter_{ITERS:07d}"
-    a, b = stored(tmp_path / "straight" / final), stored(tmp_path / "killed" / final)
+    a, b = stored(tmp_path / "straight" / final), stored(save / final)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from tests import cli
 from tests.test_checkpoint_cli import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -30,40 +30,37 @@ CLASSIFIER = ["--dataset", "digits", "--augment", "affine", *MODEL, *TRAIN]
 CLIP = ["--image-text-data", "digits", "--text-preset", "text-debug", "--loss", "clip",
         *MODEL, *TRAIN, "--micro-batch-size", "16"]
 
-SCRIPT = """
-import sys, json
-from megavit.pretrain import main as classify
-from megavit.pretrain_contrastive import main as contrast
-args = json.loads(sys.argv[1])
-sys.exit(classify(args["classifier"]) or contrast(args["clip"]))
-"""
-
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    """Both fixtures resumed to iteration 4 in one process: {name: {iteration: loss}}."""
+    """Both fixtures resumed to iteration 4 (`python -m megavit.pretrain` and
+    `megavit.pretrain_contrastive`, side by side): ({name: {iteration: loss}},
+    {name: what it printed})."""
     tmp = tmp_path_factory.mktemp("fixtures")
-    args = {"classifier": [*CLASSIFIER, "--load", str(FIXTURES / "classifier_zero1"),
-                           "--metrics-file", str(tmp / "classifier.jsonl")],
-            "clip": [*CLIP, "--load", str(FIXTURES / "clip"),
-                     "--metrics-file", str(tmp / "clip.jsonl")]}
+    args = {"classifier": ("megavit.pretrain", [*CLASSIFIER, "--load",
+                                                str(FIXTURES / "classifier_zero1"),
+                                                "--metrics-file", str(tmp / "classifier.jsonl")]),
+            "clip": ("megavit.pretrain_contrastive", [*CLIP, "--load", str(FIXTURES / "clip"),
+                                                      "--metrics-file", str(tmp / "clip.jsonl")])}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGAVIT_CACHE_DIR": str(tmp / "cache")}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = {}
-    for name in args:
+    procs = cli.run_parallel(*[cli.start([sys.executable, "-m", module, *flags], cwd=ROOT,
+                                         env=env, timeout=300)
+                               for module, flags in args.values()])
+    out, printed = {}, {}
+    for name, proc in zip(args, procs):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
         rows = [json.loads(x) for x in (tmp / f"{name}.jsonl").read_text().splitlines()]
         out[name] = {str(r["iteration"]): r["loss"] for r in rows if r["kind"] == "train"}
-    return out, proc.stdout
+        printed[name] = proc.stdout
+    return out, printed
 
 
 @pytest.mark.parametrize("name", ["classifier", "clip"])
 def test_old_checkpoint_resumes_with_the_same_losses(resumed, name):
-    losses, stdout = resumed
+    losses, printed = resumed
     expected = json.loads((FIXTURES / "expected_losses.json").read_text())[name]
     assert losses[name].keys() == expected.keys() == {"3", "4"}
     for it, loss in expected.items():
         assert losses[name][it] == pytest.approx(loss, rel=1e-5), (name, it)
     path = FIXTURES / ("classifier_zero1" if name == "classifier" else "clip") / "iter_0000002"
-    assert f"loaded checkpoint | iteration 2 | path {path}" in stdout
+    assert f"loaded checkpoint | iteration 2 | path {path}" in printed[name]

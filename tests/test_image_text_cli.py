@@ -14,14 +14,18 @@ import sys
 
 import pytest
 
+from tests import cli
 from tests.test_checkpoint_cli import ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _start(*args: str) -> cli.Started:
+    return cli.start([sys.executable, *args], timeout=300, cwd=ROOT, env=ENV)
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=ENV)
+    return _start(*args).wait()
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +53,18 @@ def shards(tmp_path_factory):
     return base
 
 
+def _start_train(shards, *extra: str) -> cli.Started:
+    return _start("-m", "megavit.pretrain_contrastive", "--preset", "vit-debug",
+                  "--num-channels", "1", "--img-h", "16", "--img-w", "16",
+                  "--text-preset", "text-debug", "--micro-batch-size", "16",
+                  "--global-batch-size", "16", "--log-interval", "5", "--progress-bar", "off",
+                  "--image-text-data", "shards", "--image-text-path",
+                  str(shards / "s" / "{000000..000003}.tar"),
+                  "--tokenizer-model", str(shards / "tok.model"), *extra)
+
+
 def _train(shards, *extra: str) -> subprocess.CompletedProcess:
-    return _run("-m", "megavit.pretrain_contrastive", "--preset", "vit-debug",
-                "--num-channels", "1", "--img-h", "16", "--img-w", "16",
-                "--text-preset", "text-debug", "--micro-batch-size", "16",
-                "--global-batch-size", "16", "--log-interval", "5", "--progress-bar", "off",
-                "--image-text-data", "shards", "--image-text-path",
-                str(shards / "s" / "{000000..000003}.tar"),
-                "--tokenizer-model", str(shards / "tok.model"), *extra)
+    return _start_train(shards, *extra).wait()
 
 
 def test_training_on_shards_with_a_file_tokenizer(shards, tmp_path):
@@ -71,10 +79,11 @@ def test_training_on_shards_with_a_file_tokenizer(shards, tmp_path):
 
 def test_an_undecodable_sample_is_skipped_or_fatal(shards):
     # iterate long enough to draw every sample once (1440 / 16 = 90 steps)
-    proc = _train(shards, "--train-iters", "90", "--log-interval", "90")
+    proc, fatal = cli.run_parallel(    # independent: side by side
+        _start_train(shards, "--train-iters", "90", "--log-interval", "90"),
+        _start_train(shards, "--train-iters", "90", "--fatal-data-errors"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "000003.tar" in proc.stderr and "broken" in proc.stderr
-    fatal = _train(shards, "--train-iters", "90", "--fatal-data-errors")
     assert fatal.returncode == 2, fatal.stdout + fatal.stderr
     assert "000003.tar" in fatal.stderr and "broken" in fatal.stderr
     assert "Traceback" not in fatal.stderr
@@ -86,11 +95,13 @@ def test_loader_workers_do_not_change_what_is_trained(shards, tmp_path):
     import json
 
     logs = {}
-    for workers in ("0", "2"):
-        metrics = tmp_path / f"w{workers}.jsonl"
-        proc = _train(shards, "--train-iters", "10", "--log-interval", "1", "--num-workers",
-                      workers, "--metrics-file", str(metrics))
+    started = {workers: _start_train(shards, "--train-iters", "10", "--log-interval", "1",
+                                     "--num-workers", workers,
+                                     "--metrics-file", str(tmp_path / f"w{workers}.jsonl"))
+               for workers in ("0", "2")}              # independent: side by side
+    for workers, proc in zip(started, cli.run_parallel(*started.values())):
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        metrics = tmp_path / f"w{workers}.jsonl"
         logs[workers] = [json.loads(x)["loss"] for x in metrics.read_text().splitlines()
                          if json.loads(x)["kind"] == "train"]
     assert logs["0"] == logs["2"] and len(logs["0"]) == 10

@@ -4,7 +4,6 @@ shards read by index, bad samples skipped the same way in every layout, make_sha
 from __future__ import annotations
 
 import io
-import subprocess
 import sys
 import tarfile
 import warnings
@@ -24,6 +23,7 @@ from megavit.data.image_text import (CsvImageText, DataWarning, WebDatasetShards
                                      _decode_image, build_image_text, build_image_text_data,
                                      captioned_digits, open_image_text)
 from megavit.data.sampler import GlobalBatchSampler
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = preset_model_config("vit-debug", num_channels=1)    # 16 x 16 grey
@@ -326,9 +326,9 @@ def test_make_shards_cli_from_csv_round_trip_and_bad_input(tmp_path):
     (tmp_path / "pairs.csv").write_text("image,caption\nimgs/0.png,zero\nimgs/9.png,gone\n"
                                         "imgs/1.png,one\nimgs/2.png,two\n")
     tool = [sys.executable, str(ROOT / "tools" / "make_shards.py")]
-    r = subprocess.run(tool + ["--from", "csv", "--csv", str(tmp_path / "pairs.csv"), "--output",
-                               str(tmp_path / "out"), "--samples-per-shard", "2"],
-                       capture_output=True, text=True, timeout=120)
+    r = cli.run(tool + ["--from", "csv", "--csv", str(tmp_path / "pairs.csv"), "--output",
+                        str(tmp_path / "out"), "--samples-per-shard", "2"],
+                capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "pairs.csv line 3: cannot read image" in r.stderr
     assert "wrote 3 samples in 2 shards" in r.stdout
@@ -337,6 +337,6 @@ def test_make_shards_cli_from_csv_round_trip_and_bad_input(tmp_path):
     images, captions = WebDatasetShards(pattern, MODEL).get(torch.arange(3))
     assert captions == ["zero", "one", "two"]
     assert torch.equal(images, torch.stack([_decode_image(d, MODEL) for d in data]))
-    r = subprocess.run(tool + ["--from", "csv", "--csv", str(tmp_path / "nope.csv"), "--output",
-                               str(tmp_path / "out2")], capture_output=True, text=True, timeout=120)
+    r = cli.run(tool + ["--from", "csv", "--csv", str(tmp_path / "nope.csv"), "--output",
+                        str(tmp_path / "out2")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.csv: no such file" in r.stderr

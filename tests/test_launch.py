@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from megavit.parallel.state import serial_state
 from megavit.tasks.classification import ClassificationTask
 from megavit.training.loop import pretrain
 
+ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--preset", "vit-debug", "--num-channels", "1", "--dataset", "digits",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
          "--log-interval", "1", "--lr", "5e-3", "--seed", "11", "--progress-bar", "off",
@@ -89,9 +92,60 @@ def _tool(name: str) -> str:
     return found
 
 
-def _check_run(cmd: list[str], metrics: Path, serial_run: Path) -> str:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """The module's four launches, started together (each its own port and metrics file;
+    alone, a launch leaves a core idle while its launcher or workers start):
+    {name: (the finished launch, its metrics file)}."""
+    base = tmp_path_factory.mktemp("launch")
+    torchrun = [_tool("torchrun"), "--nproc-per-node", "2"]
+    pretrain = ["-m", "megavit.pretrain", *FLAGS]
+    smoke_env = {**_clean_env(), "SMOKE": "1", "MASTER_PORT": str(_free_port()),
+                 "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    commands = {   # name: (command, environment)
+        "mpiexec": ([_tool("mpiexec"), "--oversubscribe", "-n", "2", sys.executable, *pretrain,
+                     "--tensor-model-parallel-size", "2"], _clean_env()),
+        "torchrun_dp2": ([*torchrun, "--master-port", str(_free_port()), *pretrain],
+                         _clean_env()),
+        "torchrun_pp2": ([*torchrun, "--master-port", str(_free_port()), *pretrain,
+                          "--pipeline-model-parallel-size", "2", "--print-schedule"],
+                         _clean_env()),
+        "vit22b_smoke": (["bash", str(ROOT / "examples" / "pretrain_vit22b.sh"),
+                          "--train-iters", "4", "--log-interval", "2"], smoke_env),
+    }
+    procs = {}
+    for name, (cmd, env) in commands.items():
+        metrics = base / f"{name}.jsonl"
+        out, err = open(base / f"{name}.out", "w+"), open(base / f"{name}.err", "w+")
+        procs[name] = (subprocess.Popen([*cmd, "--metrics-file", str(metrics)], stdout=out,
+                                        stderr=err, text=True, env=env, cwd=base), metrics,
+                       out, err)
+    done = {}
+    deadline = time.monotonic() + 300
+    for name, (proc, metrics, out, err) in procs.items():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, out.read(),
+                                                  err.read()), metrics)
+        out.close()
+        err.close()
+    return done
+
+
+def _check_run(launch: tuple[subprocess.CompletedProcess, Path], serial_run: Path) -> str:
     """The launched run's losses and final evaluation equal the serial run's."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_clean_env())
+    proc, metrics = launch
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _losses(metrics) == pytest.approx(_losses(serial_run), rel=1e-5)
     got, ref = _eval(metrics), _eval(serial_run)
@@ -101,42 +155,28 @@ def _check_run(cmd: list[str], metrics: Path, serial_run: Path) -> str:
     return proc.stdout
 
 
-def test_mpiexec_two_ranks_tp2_matches_serial(tmp_path, serial_run):
-    metrics = tmp_path / "m.jsonl"
-    out = _check_run([_tool("mpiexec"), "--oversubscribe", "-n", "2", sys.executable, "-m",
-                      "megavit.pretrain", *FLAGS, "--tensor-model-parallel-size", "2",
-                      "--metrics-file", str(metrics)], metrics, serial_run)
+def test_mpiexec_two_ranks_tp2_matches_serial(launched, serial_run):
+    out = _check_run(launched["mpiexec"], serial_run)
     assert "world 2 = tp 2 x dp 1 (launcher: mpi" in out
 
 
-def test_torchrun_two_ranks_dp2_matches_serial(tmp_path, serial_run):
-    metrics = tmp_path / "m.jsonl"
-    out = _check_run([_tool("torchrun"), "--nproc-per-node", "2", "-m", "megavit.pretrain",
-                      *FLAGS, "--metrics-file", str(metrics)], metrics, serial_run)
+def test_torchrun_two_ranks_dp2_matches_serial(launched, serial_run):
+    out = _check_run(launched["torchrun_dp2"], serial_run)
     assert "world 2 = tp 1 x dp 2 (launcher: torchrun" in out
 
 
-def test_torchrun_two_pipeline_stages_match_serial(tmp_path, serial_run):
+def test_torchrun_two_pipeline_stages_match_serial(launched, serial_run):
     """PP=2 (one block per stage): the loss and evaluation come from the last stage."""
-    metrics = tmp_path / "m.jsonl"
-    out = _check_run([_tool("torchrun"), "--nproc-per-node", "2", "-m", "megavit.pretrain",
-                      *FLAGS, "--pipeline-model-parallel-size", "2", "--print-schedule",
-                      "--metrics-file", str(metrics)], metrics, serial_run)
+    out = _check_run(launched["torchrun_pp2"], serial_run)
     assert "world 2 = pp 2 x tp 1 x dp 1 (launcher: torchrun" in out
     assert "pipeline: 2 stages, 1F1B, blocks per stage {0: 1, 1: 1}" in out
     assert "theory (P-1)/(v*m+P-1) = 0.200 (P=2, v=1, m=4)" in out
 
 
-def test_vit22b_script_smoke_switch_runs_on_cpu(tmp_path):
+def test_vit22b_script_smoke_switch_runs_on_cpu(launched):
     """SMOKE=1 examples/pretrain_vit22b.sh: the same torchrun launch, shrunk to vit-debug
     on 4 CPU processes (TP=2 x PP=2)."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**_clean_env(), "SMOKE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    metrics = tmp_path / "m.jsonl"
-    proc = subprocess.run(["bash", str(root / "examples" / "pretrain_vit22b.sh"),
-                           "--metrics-file", str(metrics), "--train-iters", "4",
-                           "--log-interval", "2"],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    proc, metrics = launched["vit22b_smoke"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "world 4 = pp 2 x tp 2 x dp 1 (launcher: torchrun" in proc.stdout
     assert "sequence parallel keep | recompute selective" in proc.stdout

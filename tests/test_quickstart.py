@@ -1,9 +1,12 @@
-"""The quickstart (the README's main job), shortened for CI.
+"""The quickstart scripts (the README's main job), run as users run them, shortened for CI.
 
 `make quickstart` runs examples/quickstart_digits.sh for 2,400 iterations and reaches
->= 95 % held-out accuracy (about 97 % measured, ~80 s on 2 cores). Here the same script runs
-1,000 iterations (~35 s) and must reach 90 % (about 92 % measured): a looser bar for a
-shorter schedule, not the quickstart's target.
+>= 95 % held-out accuracy (about 97 % measured, ~80 s on 2 cores); `make quickstart-clip`
+runs examples/quickstart_clip.sh for 800 (93.9 % zero-shot measured, ~40 s). Those figures
+are measured by hand. Here each script runs a short schedule (its ITERS variable, one
+intra-op thread) and the test checks what CI can check quickly: it runs to the end, logs
+the pinned keys in the pinned format, and learns clearly above chance (10 classes) — a bar
+for a short schedule, not the quickstart's target. The two scripts run side by side.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,43 +64,80 @@ def check_keys(stdout: str, records: list[dict], pinned: dict[str, list[str]]) -
         assert rows and all(r == ["kind", *keys] for r in rows), (kind, rows)
 
 
-def test_quickstart_script_trains_digits(tmp_path):
-    metrics = tmp_path / "quickstart.jsonl"
-    env = {**os.environ, "ITERS": "1000",   # the script runs `python`: this interpreter
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart_digits.sh"),
-                           "--metrics-file", str(metrics), "--progress-bar", "off"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+def _env(iters: int, **extra: str) -> dict[str, str]:
+    return {**os.environ, "ITERS": str(iters), "OMP_NUM_THREADS": "1", **extra,
+            # the scripts run `python`: this interpreter
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, list[dict]]]:
+    """Both quickstart scripts, run side by side (one thread each, 2 cores):
+    {name: (the finished run, its --metrics-file records)}."""
+    base = tmp_path_factory.mktemp("quickstart")
+    runs = {   # name: (script, its extra flags, environment)
+        "digits": ("quickstart_digits.sh", ["--log-interval", "50", "--eval-interval", "100"],
+                   _env(200)),
+        "clip": ("quickstart_clip.sh", ["--log-interval", "50"],
+                 _env(100, MEGAVIT_CACHE_DIR=str(base / "cache"))),
+    }
+    procs = {}
+    for name, (script, flags, env) in runs.items():
+        out, err = open(base / f"{name}.out", "w+"), open(base / f"{name}.err", "w+")
+        cmd = ["bash", str(ROOT / "examples" / script), "--metrics-file",
+               str(base / f"{name}.jsonl"), "--progress-bar", "off", *flags]
+        procs[name] = (subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env,
+                                        cwd=ROOT), out, err)
+    done = {}
+    for name, (proc, out, err) in procs.items():
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        finished = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(),
+                                               err.read())
+        out.close()
+        err.close()
+        metrics = base / f"{name}.jsonl"
+        records = ([json.loads(x) for x in metrics.read_text().splitlines()]
+                   if metrics.exists() else [])
+        done[name] = (finished, records)
+    return done
+
+
+def test_quickstart_script_trains_digits(scripts):
+    """200 iterations (cosine schedule to 0 over them): 49.9 % held-out accuracy measured
+    (OMP_NUM_THREADS=1); it must reach 35 %, chance being 10 %."""
+    proc, records = scripts["digits"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[-1].startswith("[megavit] done | iteration 1000 |")
-    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert lines[-1].startswith("[megavit] done | iteration 200 |")
     train = [r for r in records if r["kind"] == "train"]
-    assert [r["iteration"] for r in train] == list(range(200, 1001, 200))
+    assert [r["iteration"] for r in train] == [50, 100, 150, 200]
     for key in ("loss", "lr", "grad_norm", "images_per_second", "step_time_ms", "mfu"):
         assert all(key in r for r in train), key
     assert train[-1]["loss"] < train[0]["loss"]
-    final = [r for r in records if r["kind"] == "eval"][-1]
-    assert final["iteration"] == 1000 and final["eval_images"] == 359
-    assert final["eval_accuracy"] >= 0.90, final
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["iteration"] for r in evals] == [100, 200]
+    final = evals[-1]
+    assert final["eval_images"] == 359
+    assert final["eval_accuracy"] >= 0.35, final
     check_keys(proc.stdout, records, CLASSIFIER_KEYS)
 
 
-def test_quickstart_clip_script_aligns_captions(tmp_path):
-    """`make quickstart-clip` runs examples/quickstart_clip.sh for 800 iterations (93.9 %
-    zero-shot on the held-out digits measured, ~40 s); here 300 iterations (~15 s, 90.0 %
-    measured) must reach 85 %, a looser bar for a shorter schedule."""
-    metrics = tmp_path / "clip.jsonl"
-    env = {**os.environ, "ITERS": "300", "MEGAVIT_CACHE_DIR": str(tmp_path / "cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart_clip.sh"),
-                           "--metrics-file", str(metrics), "--progress-bar", "off"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+def test_quickstart_clip_script_aligns_captions(scripts):
+    """100 iterations, the tokenizer trained afresh (an empty cache): 66.3 % zero-shot
+    accuracy on the held-out digits measured (OMP_NUM_THREADS=1); it must reach 45 %, chance
+    being 10 %."""
+    proc, records = scripts["clip"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [50, 100]
     final = [r for r in records if r["kind"] == "eval"][-1]
-    assert final["iteration"] == 300 and final["eval_images"] == 359
-    assert final["zero_shot_accuracy"] >= 0.85, final
+    assert final["iteration"] == 100 and final["eval_images"] == 359
+    assert final["zero_shot_accuracy"] >= 0.45, final
     assert 0.0 <= final["zero_shot_accuracy_mnist5k"] <= 1.0
     for key in ("image_to_text_r1", "text_to_image_r5"):
         assert 0.0 <= final[key] <= 1.0

@@ -1,8 +1,10 @@
 """The invariant: a parallel run computes the same function as the serial run.
 
 For each layout (TP=2, TP=4, DP=2, TP=2 x DP=2, pipelines, and with sequence parallelism,
-recomputation, overlapped gradient reduction and the distributed optimizer: see LAYOUTS) one group of real gloo processes trains every model variant for
-two steps; the serial run of the same seed and global batch is the reference. Compared: the loss of each step, the gradient norm, every gradient gathered to
+recomputation, overlapped gradient reduction and the distributed optimizer: see LAYOUTS)
+real gloo processes train every model variant for two steps (the layouts of one
+(world, TP, PP) mesh share one group, each its own jobs); the serial run of the same seed
+and global batch is the reference. Compared: the loss of each step, the gradient norm, every gradient gathered to
 full shape (after DP averaging, before clipping), and every weight after two AdamW steps.
 
 Tolerances (fp32 on CPU):
@@ -94,13 +96,29 @@ def merged_results(name: str, results: dict, variant: str) -> list[dict]:
     return [merge_stages(results[variant], ranks) for ranks in stage_ranks(name)]
 
 
+def _mesh(name: str) -> tuple[int, int, int]:
+    """(world size, TP, PP): the process group a layout runs in."""
+    world, tp, extra, _ = LAYOUTS[name]
+    return world, tp, extra.get("pipeline_model_parallel_size", 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _group_results(mesh: tuple[int, int, int]) -> dict[str, dict]:
+    """Every layout of one (world, TP, PP) mesh trained in one group of gloo processes
+    (jobs "LAYOUT/VARIANT", in turn): {layout: {variant: [result per rank]}}."""
+    world, tp, pp = mesh
+    names = [n for n in LAYOUTS if _mesh(n) == mesh]
+    jobs = {f"{n}/{v}": (train_steps, (debug_config(v, tp=tp, parallel=LAYOUTS[n][2],
+                                                    layers=LAYOUTS[n][3]),))
+            for n in names for v in VARIANTS}
+    got = run_distributed(world, tp, jobs, pp=pp)
+    return {n: {v: got[f"{n}/{v}"] for v in VARIANTS} for n in names}
+
+
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout(request):
-    world, tp, extra, layers = LAYOUTS[request.param]
-    jobs = {v: (train_steps, (debug_config(v, tp=tp, parallel=extra, layers=layers),))
-            for v in VARIANTS}
-    pp = extra.get("pipeline_model_parallel_size", 1)
-    return request.param, tp, run_distributed(world, tp, jobs, pp=pp)
+    return request.param, LAYOUTS[request.param][1], _group_results(_mesh(request.param))[
+        request.param]
 
 
 def assert_tensors_close(actual: dict, expected: dict, what: str, rtol: float = RTOL,

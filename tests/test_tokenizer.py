@@ -20,6 +20,7 @@ from megavit.data.captions import (DIGIT_CONTEXT_LENGTH, digit_caption_corpus,
 from megavit.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, SiglipCleaner,
                                     TextCleaner, Tokenizer, TokenizerError, make_cleaner,
                                     train_tokenizer)
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "zero one two three four five six seven eight nine".split()
@@ -129,8 +130,8 @@ def test_digit_tokenizer_is_cached_by_content_and_never_truncates_a_caption(tmp_
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+    return cli.run([sys.executable, str(ROOT / "tools" / "train_tokenizer.py"), *args],
+                   capture_output=True, text=True, timeout=120)
 
 
 def test_train_tokenizer_cli_end_to_end(tmp_path):

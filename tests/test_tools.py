@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "model_summary.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+    return cli.run([sys.executable, str(ROOT / "tools" / "model_summary.py"), *args],
+                   capture_output=True, text=True, timeout=120)
 
 
 def test_model_summary_vit22b_tp8():
@@ -32,16 +37,16 @@ def test_model_summary_lists_every_preset_and_refuses_bad_tp():
 
 
 def test_print_schedule_tool():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
-                           "--pipeline-model-parallel-size", "4", "--micro-batches", "8",
-                           "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
+    proc = cli.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
+                    "--pipeline-model-parallel-size", "4", "--micro-batches", "8",
+                    "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 5 and all("bubble 0.158" in line for line in lines[:4])
     assert lines[-1] == "theory (P-1)/(v*m+P-1) = 0.158 (P=4, v=2, m=8)"
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
-                          "--pipeline-model-parallel-size", "4", "--micro-batches", "6",
-                          "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
+    bad = cli.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
+                   "--pipeline-model-parallel-size", "4", "--micro-batches", "6",
+                   "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "multiple of --pipeline-model-parallel-size 4" in bad.stderr
 
 
@@ -80,19 +85,87 @@ def test_vit22b_ranks_own_exactly_the_serial_parameters():
         assert max(held.values()) < 1.2 * total / (8 * layout.stages)
 
 
-def test_every_benchmark_imports_against_the_current_code():
+# One new interpreter, for the two checks below: it starts each entry point (as
+# `python -m MODULE --help` / `python SCRIPT --help` do: runpy, as __main__) and then imports
+# each benchmark, printing one JSON line [kind, name, "ok" or the traceback] per item.
+FRESH = """
+import contextlib, importlib.util, io, json, pathlib, runpy, sys, traceback
+root = sys.argv[1]
+
+
+def check(kind, name, fn):
+    try:
+        fn()
+        result = "ok"
+    except BaseException:
+        result = traceback.format_exc()
+    print(json.dumps([kind, name, result]), flush=True)
+
+
+def start(kind, target):
+    sys.argv = [target, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            if kind == "module":
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(target, run_name="__main__")
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    assert status in (0, None), (target, status)
+    assert "usage:" in out.getvalue(), (target, out.getvalue())
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location("benchmarks." + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    assert callable(module.main), path
+
+
+for module in ("megavit.pretrain", "megavit.pretrain_contrastive"):
+    check("entry", module, lambda: start("module", module))
+for path in sorted(pathlib.Path(root, "tools").glob("*.py")):
+    check("entry", path.name, lambda: start("script", str(path)))
+sys.path.insert(0, root)
+for path in sorted(pathlib.Path(root, "benchmarks").glob("*.py")):
+    check("benchmark", path.name, lambda: load(path))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_interpreter() -> dict[str, dict[str, str]]:
+    """{"entry" / "benchmark": {name: "ok" or the traceback}} from one new interpreter."""
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(ROOT)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, dict[str, str]] = {"entry": {}, "benchmark": {}}
+    for line in proc.stdout.splitlines():
+        kind, name, result = json.loads(line)
+        out[kind][name] = result
+    return out
+
+
+def test_every_benchmark_imports_against_the_current_code(fresh_interpreter):
     """Benchmarks run by hand; importing each (in one fresh process) catches the names they
     use from megavit going stale."""
-    code = ("import importlib.util, pathlib, sys\n"
-            f"sys.path.insert(0, {str(ROOT)!r})\n"
-            f"for f in sorted(pathlib.Path({str(ROOT / 'benchmarks')!r}).glob('*.py')):\n"
-            "    spec = importlib.util.spec_from_file_location('benchmarks.' + f.stem, f)\n"
-            "    module = importlib.util.module_from_spec(spec)\n"
-            "    sys.modules[spec.name] = module\n"
-            "    spec.loader.exec_module(module)\n"
-            "    assert callable(module.main), f\n"
-            "    print('ok', f.name)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("ok ") == len(list((ROOT / "benchmarks").glob("*.py")))
+    got = fresh_interpreter["benchmark"]
+    assert sorted(got) == sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+    for name, result in got.items():
+        assert result == "ok", f"{name}:\n{result}"
+
+
+def test_every_entry_point_starts_in_a_fresh_interpreter(fresh_interpreter):
+    """The other tests run entry points through tests/cli.py, forked from the test process
+    with its modules loaded. Here a new interpreter imports and starts each tool and
+    `python -m megavit.pretrain(_contrastive)` in turn, as `python SCRIPT --help` /
+    `python -m MODULE --help` do (runpy, as __main__): each prints its usage and exits 0."""
+    got = fresh_interpreter["entry"]
+    assert sorted(got) == sorted(["megavit.pretrain", "megavit.pretrain_contrastive"] + [
+        p.name for p in (ROOT / "tools").glob("*.py")])
+    assert len(got) == 11
+    for name, result in got.items():
+        assert result == "ok", f"{name}:\n{result}"

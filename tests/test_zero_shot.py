@@ -5,7 +5,6 @@ training run logged, and it classifies an image folder whose folders name the cl
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from megavit.tasks.image_text.zero_shot import (class_embeddings, prompts_for, retrieval_recall,
                                         zero_shot_correct)
+from tests import cli
 from tests.test_checkpoint_cli import ROOT, pretrain
 from tests.test_contrastive_training import _cli
 
@@ -50,8 +50,8 @@ def test_zero_shot_tool_on_a_trained_checkpoint(tmp_path):
     expected = [r for r in logged if r["kind"] == "eval"][-1]["zero_shot_accuracy"]
 
     def tool(*args):
-        return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
-                              timeout=300)
+        return cli.run([sys.executable, TOOL, *args], capture_output=True, text=True,
+                       timeout=300)
 
     out = tool(str(save), "--dataset", "digits")
     assert out.returncode == 0, out.stderr

@@ -11,6 +11,11 @@ see the Makefile). It needs timm, transformers and safetensors, not megavit.
         transformers' `TimmWrapperForImageClassification` / `TimmWrapperModel` from DIR (no
         missing, unexpected or mismatched tensor);
         OUTPUTS gets "timm" and "wrapper" (logits, or features without a classifier)
+    python tests/timm_side.py serve
+        one process for many of the above (timm and transformers import once): each line
+        of stdin is a JSON list ["make", ...] / ["run", ...], answered by one line of
+        stdout, "ok" or "error: " and the traceback as JSON (whatever the libraries print
+        goes to stderr)
 """
 
 from __future__ import annotations
@@ -57,5 +62,28 @@ def run(directory: str, inputs: str, outputs: str) -> None:
     save_file({k: v.contiguous() for k, v in out.items()}, outputs)
 
 
+COMMANDS = {"make": make, "run": run}
+
+
+def serve() -> None:
+    import os
+    import traceback
+
+    answers = os.fdopen(os.dup(1), "w")   # what the libraries print goes to stderr instead
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        command, *args = json.loads(line)
+        try:
+            COMMANDS[command](*args)
+            answer = "ok"
+        except BaseException as e:   # noqa: BLE001 — sys.exit(message) too: told, not fatal
+            answer = f"error: {traceback.format_exc()}{e}"
+        print(json.dumps(answer), file=answers, flush=True)
+
+
 if __name__ == "__main__":
-    {"make": make, "run": run}[sys.argv[1]](*sys.argv[2:])
+    if sys.argv[1] == "serve":
+        serve()
+    else:
+        COMMANDS[sys.argv[1]](*sys.argv[2:])
