@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ from megavit.config import (PRESETS, Config, ConfigError, ModelConfig, TextConfi
                             parse_contrastive_args, section_from_dict, section_to_dict, validate)
 from megavit.config.model import TEXT_BLOCK_FLAGS
 from megavit.pretrain import main
+from tests import cli
 
 # width / depth / heads / MLP / patch, as the issue lists them
 EXPECTED = {
@@ -190,8 +190,7 @@ def test_valid_layouts_pass():
      "--metrics-file /proc/nope/m.jsonl: cannot write"),
 ])
 def test_cli_mistakes_exit_2_without_traceback(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", *argv],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli.run([sys.executable, "-m", "megavit.pretrain", *argv], timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -199,8 +198,8 @@ def test_cli_mistakes_exit_2_without_traceback(argv, message):
 
 def test_malformed_launcher_environment_exits_2():
     env = {**os.environ, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "two"}
-    proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = cli.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug"],
+                   timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "OMPI_COMM_WORLD_SIZE='two' is not an integer" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -219,17 +218,18 @@ def test_pipeline_split_and_schedule_are_checked_before_launch():
           "--micro-batch-size", "1"],
          "to be a multiple of --pipeline-model-parallel-size 4"),
     ]:
-        proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug",
-                               *argv], capture_output=True, text=True, timeout=60, env=env)
+        proc = cli.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug",
+                        *argv], timeout=60, env=env)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_full_block_recomputation_runs_from_the_cli(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug",
-                           "--num-channels", "1", "--train-iters", "2", "--global-batch-size", "8",
-                           "--micro-batch-size", "4", "--recompute-granularity", "full",
-                           "--recompute-method", "block", "--recompute-num-layers", "1",
-                           "--progress-bar", "off"], capture_output=True, text=True, timeout=120)
+    proc = cli.run([sys.executable, "-m", "megavit.pretrain", "--preset", "vit-debug",
+                    "--num-channels", "1", "--train-iters", "2", "--global-batch-size", "8",
+                    "--micro-batch-size", "4", "--recompute-granularity", "full",
+                    "--recompute-method", "block", "--recompute-num-layers", "1",
+                    "--progress-bar", "off", "--peak-tflops", "1", "--eval-iters", "1"],
+                   timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "recompute full (block, 1 layers)" in proc.stdout

@@ -33,6 +33,7 @@ import torch
 from megavit.config import ModelConfig
 from megavit.data.datasets import ImageFolderDataset
 from megavit.data.preprocessing import Preprocessing, checkpoint_preprocessing
+from tests import cli
 from tests.test_checkpoint_cli import ROOT
 
 TIMM_PYTHON = Path(os.environ.get("MEGAVIT_TIMM_PYTHON", Path(ROOT) / ".venv-timm/bin/python"))
@@ -79,15 +80,15 @@ def runs(tmp_path_factory) -> Iterator[dict]:
     base = tmp_path_factory.mktemp("preprocessing")
     folder = _digit_folder(base / "digits")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {fmt: subprocess.Popen(
+    procs = {fmt: cli.start(
         [sys.executable, "-m", "megavit.pretrain", *TRAIN, *flags, "--data-path", str(folder),
          "--save", str(base / fmt / "ck"), "--metrics-file", str(base / fmt / "m.jsonl")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, timeout=300)
         for fmt, flags in MODELS.items()}   # both at once: two cores
     out = {"folder": folder}
-    for fmt, proc in procs.items():
-        log = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, log
+    for fmt, started in procs.items():
+        proc = started.wait()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
         logged = [json.loads(x) for x in (base / fmt / "m.jsonl").read_text().splitlines()]
         final = [r for r in logged if r["kind"] == "eval"][-1]
         checkpoint = resolve_checkpoint(base / fmt / "ck")

@@ -166,6 +166,6 @@ def test_every_entry_point_starts_in_a_fresh_interpreter(fresh_interpreter):
     got = fresh_interpreter["entry"]
     assert sorted(got) == sorted(["megavit.pretrain", "megavit.pretrain_contrastive"] + [
         p.name for p in (ROOT / "tools").glob("*.py")])
-    assert len(got) == 11
+    assert len(got) > 10                      # the glob found the tools
     for name, result in got.items():
         assert result == "ok", f"{name}:\n{result}"
