@@ -208,6 +208,24 @@ def test_an_interrupted_reshard_or_image_folder_leaves_nothing(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_make_image_folder_creates_missing_parents_and_refuses_a_file_on_the_path(
+        tmp_path, monkeypatch, capsys):
+    """README's `--output data/digits` works where data/ does not exist yet."""
+    module = tool("make_image_folder")
+    images = torch.zeros(20, 8, 8, dtype=torch.uint8).numpy()
+    labels = torch.arange(20) % 10
+    monkeypatch.setitem(module.LOADERS, "digits", lambda: (images, labels.numpy()))
+    status, err = run("make_image_folder", "--output", tmp_path / "data" / "digits",
+                      capsys=capsys)
+    assert status in (0, None), err
+    assert sorted(p.name for p in (tmp_path / "data" / "digits").iterdir()) == ["train", "val"]
+    assert len(list((tmp_path / "data" / "digits").rglob("*.png"))) == 20
+    (tmp_path / "afile").write_text("x")
+    status, err = run("make_image_folder", "--output", tmp_path / "afile" / "sub" / "digits",
+                      capsys=capsys)
+    assert status == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in err
+
+
 def test_make_shards_refuses_existing_shards_and_removes_an_unfinished_set(tmp_path,
                                                                           monkeypatch, capsys):
     (tmp_path / "old").mkdir()

@@ -61,8 +61,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.output.exists():
         p.error(f"--output {args.output}: exists; choose a new folder")
-    if not args.output.parent.is_dir():
-        p.error(f"--output {args.output}: {args.output.parent} is not a directory")
+    parent = args.output.parent
+    existing = next((d for d in (parent, *parent.parents) if d.exists()), None)
+    if existing is not None and not existing.is_dir():
+        p.error(f"--output {args.output}: {existing} is a file, not a folder")
     try:
         counts = write_image_folder(args.dataset, args.output)
     except DataError as e:
