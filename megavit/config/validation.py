@@ -132,7 +132,7 @@ def _check_training(t: TrainingConfig) -> list[str]:
                                "--adam-eps": t.adam_eps})
     if t.min_lr > t.lr:
         problems.append(f"--min-lr {t.min_lr} is above --lr {t.lr}; lower --min-lr")
-    if not 0.0 <= t.label_smoothing < 1.0:
+    if t.label_smoothing is not None and not 0.0 <= t.label_smoothing < 1.0:
         problems.append(f"--label-smoothing must be in [0, 1) (got {t.label_smoothing})")
     problems += _fraction({"--adam-beta1": t.adam_beta1, "--adam-beta2": t.adam_beta2})
     if t.layer_decay is not None and not 0.0 < t.layer_decay <= 1.0:
@@ -164,8 +164,27 @@ def _check_precision(pr: PrecisionConfig) -> list[str]:
 
 
 def _check_data(d: DataConfig) -> list[str]:
-    return (_at_least_1({"--synthetic-size": d.synthetic_size})
-            + _non_negative({"--num-workers": d.num_workers}))
+    problems = (_at_least_1({"--synthetic-size": d.synthetic_size,
+                             "--prefetch-factor": d.prefetch_factor})
+                + _non_negative({"--num-workers": d.num_workers}))
+    problems += _non_negative({flag: value for flag, value in (
+        ("--rand-augment-ops", d.rand_augment_ops), ("--mixup", d.mixup),
+        ("--cutmix", d.cutmix)) if value is not None})
+    problems += [f"{flag} is a probability, in [0, 1] (got {value})" for flag, value in (
+        ("--hflip", d.hflip), ("--mixup-switch-prob", d.mixup_switch_prob))
+        if value is not None and not 0.0 <= value <= 1.0]
+    if d.random_crop_min_scale is not None and not 0.0 < d.random_crop_min_scale <= 1.0:
+        problems.append(f"--random-crop-min-scale must be in (0, 1] (got "
+                        f"{d.random_crop_min_scale})")
+    if d.rand_augment_magnitude is not None and not 0.0 <= d.rand_augment_magnitude <= 10.0:
+        problems.append(f"--rand-augment-magnitude is on timm's 0-10 scale (got "
+                        f"{d.rand_augment_magnitude})")
+    if d.crop_pct is not None and not 0.0 < d.crop_pct <= 1.0:
+        problems.append(f"--crop-pct must be in (0, 1] (got {d.crop_pct}); 0.875 is usual")
+    if d.augment != "none" and d.dataset == "synthetic" and d.augment != "affine":
+        problems.append(f"--augment {d.augment} augments images made from pixels; synthetic "
+                        "images are random numbers: use --augment none or affine")
+    return problems
 
 
 def _check_logging(lg: LoggingConfig) -> list[str]:
@@ -299,15 +318,27 @@ def _check_layout(cfg: Config, world_size: int) -> list[str]:
 
 def _check_data_source(d: DataConfig, m: ModelConfig) -> list[str]:
     problems = []
-    if d.dataset == "image-folder" and m.num_channels not in (1, 3):
-        problems.append(f"--dataset image-folder reads grey or RGB images: --num-channels must "
+    files = ("image-folder", "shards")
+    if d.dataset in files and m.num_channels not in (1, 3):
+        problems.append(f"--dataset {d.dataset} reads grey or RGB images: --num-channels must "
                         f"be 1 or 3 (got {m.num_channels})")
     if d.dataset == "image-folder" and not d.data_path:
         problems.append("--dataset image-folder needs --data-path DIR (with train/ and val/)")
-    if d.data_path and d.dataset != "image-folder":
+    if d.dataset == "shards" and not (d.data_path and d.valid_data_path):
+        problems.append("--dataset shards needs --data-path and --valid-data-path, shard "
+                        "patterns such as 'train/{000000..000127}.tar' (tools/make_shards.py "
+                        "writes them)")
+    if d.data_path and d.dataset not in files:
         problems.append(
-            f"--data-path is only read by --dataset image-folder (got --dataset {d.dataset})"
+            f"--data-path is only read by --dataset image-folder or shards (got --dataset "
+            f"{d.dataset})"
         )
+    if d.valid_data_path and d.dataset != "shards":
+        problems.append(f"--valid-data-path is only read by --dataset shards (got --dataset "
+                        f"{d.dataset}; an image folder holds its own val/)")
+    if d.crop_pct is not None and d.dataset not in files:
+        problems.append(f"--crop-pct applies to image files (--dataset image-folder or "
+                        f"shards); --dataset {d.dataset} is held in memory at its size")
     return problems
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from megavit.config import DataConfig, ModelConfig
 from megavit.data.bad_samples import BadSample, DataError, read_or_replace
-from megavit.data.preprocessing import Preprocessing, file_preprocessing, read_pixels
+from megavit.data.preprocessing import (Preprocessing, eval_preprocessing, file_preprocessing,
+                                        read_native, read_pixels)
 
 # The held-out split never depends on the run's --seed: it is fixed per dataset.
 _SPLIT_SEED = 20260101
@@ -49,6 +50,16 @@ class Dataset(Protocol):
         """Labels [n] only (in memory: nothing is read; from files: an image not yet read
         may be decoded, as it may be replaced)."""
         ...
+
+    def get_augmented(self, indices: torch.Tensor, augment: AugmentFn
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `get`, each image's pixels [c, h, w] in [0, 1] (files: at their own size)
+        passed through augment(pixels, k) -> [c, H, W] (k: its place in `indices`) before
+        normalisation."""
+        ...
+
+
+AugmentFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def _fit_images(x: torch.Tensor, height: int, width: int, channels: int) -> torch.Tensor:
@@ -86,6 +97,23 @@ class TensorDataset:
 
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
         return self.labels[indices]
+
+    def get_augmented(self, indices: torch.Tensor, augment: AugmentFn
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored images mapped back to pixels in [0, 1] by their preprocessing's mean
+        and std, augmented, normalised again."""
+        if self.preprocessing is None:
+            raise DataError(f"{self.name}: its images are not made from pixels; per-image "
+                            "augmentation (--augment inception / deit / augreg) needs a "
+                            "dataset of real images")
+        pre = self.preprocessing
+        shape = (pre.channels, 1, 1)
+        mean = torch.tensor(pre.mean).view(shape)
+        std = torch.tensor(pre.std).view(shape)
+        pixels = (self.images[indices] * std + mean).clamp(0, 1)
+        out = [augment(p, k) for k, p in enumerate(pixels)]
+        images = torch.stack(out) if out else self.images[indices]
+        return pre.normalise(images), self.labels[indices]
 
 
 def split_indices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +204,11 @@ class SyntheticDataset:
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
         return indices % self.num_classes
 
+    def get_augmented(self, indices: torch.Tensor, augment: AugmentFn
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise DataError("synthetic images are not made from pixels; per-image augmentation "
+                        "(--augment inception / deit / augreg) needs a dataset of real images")
+
 
 def synthetic(model: ModelConfig, size: int, seed: int, num_classes: int,
               pool: int = 64) -> SyntheticDataset:
@@ -215,20 +248,33 @@ class ImageFolderDataset:
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, i: int) -> tuple[torch.Tensor, int]:
-        """Image i's pixels [c, H, W] in [0, 1] and its label; BadSample when the file
-        does not decode."""
+    def read(self, i: int, native: bool = False) -> tuple[torch.Tensor, int]:
+        """Image i's pixels [c, H, W] in [0, 1] (native: at the file's own size) and its
+        label; BadSample when the file does not decode."""
         path, label = self.files[i]
         try:
-            pixels = read_pixels(path, self.preprocessing)
+            pixels = (read_native(path, self.preprocessing.channels) if native else
+                      read_pixels(path, self.preprocessing))
         except Exception as e:  # noqa: BLE001 — PIL raises many types; the file names itself
             raise BadSample(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
         self.readable.add(i)
         return pixels, label
 
-    def sample(self, i: int) -> tuple[torch.Tensor, int]:
+    def sample(self, i: int, native: bool = False) -> tuple[torch.Tensor, int]:
         """Image i, or the next readable one if i's file does not decode."""
-        return read_or_replace(i, len(self.files), self.read, self.bad, self.strict, self.name)
+        return read_or_replace(i, len(self.files), lambda j: self.read(j, native), self.bad,
+                               self.strict, self.name)
+
+    def get_augmented(self, indices: torch.Tensor, augment: AugmentFn
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image decoded at its own size, augmented (which crops and resizes it to
+        --img-h x --img-w), normalised."""
+        if not len(indices):
+            return self.get(indices)
+        samples = [self.sample(int(i), native=True) for i in indices]
+        images = torch.stack([augment(pixels, k) for k, (pixels, _) in enumerate(samples)])
+        return (self.preprocessing.normalise(images),
+                torch.tensor([label for _, label in samples], dtype=torch.long))
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not len(indices):
@@ -251,7 +297,8 @@ class ImageFolderDataset:
         return torch.tensor(labels, dtype=torch.long)
 
 
-def image_folder(root: str, model: ModelConfig, strict: bool = False
+def image_folder(root: str, model: ModelConfig, strict: bool = False,
+                 crop_pct: float | None = None
                  ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     try:
         import PIL  # noqa: F401
@@ -269,7 +316,21 @@ def image_folder(root: str, model: ModelConfig, strict: bool = False
     if not classes:
         raise DataError(f"{train_dir}: no class folders")
     return (ImageFolderDataset(train_dir, classes, model, f"{base.name}-train", strict=strict),
-            ImageFolderDataset(val_dir, classes, model, f"{base.name}-val", strict=strict))
+            ImageFolderDataset(val_dir, classes, model, f"{base.name}-val",
+                               eval_preprocessing(model, crop_pct), strict=strict))
+
+
+def shard_datasets(data: DataConfig, model: ModelConfig) -> tuple[Dataset, Dataset]:
+    """--dataset shards: (train, held-out) from --data-path / --valid-data-path; the class
+    count is --num-classes, else the largest training label + 1."""
+    from megavit.data.shards import ShardClassification
+
+    train = ShardClassification(data.data_path, model, file_preprocessing(model), "--data-path",
+                                data.fatal_data_errors, model.num_classes, name="train")
+    held = ShardClassification(data.valid_data_path, model,
+                               eval_preprocessing(model, data.crop_pct), "--valid-data-path",
+                               data.fatal_data_errors, train.num_classes, name="val")
+    return train, held
 
 
 def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Dataset, Dataset]:
@@ -280,7 +341,9 @@ def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Dat
         return load_mnist5k(model)
     if data.dataset == "image-folder":
         return image_folder(os.path.expanduser(str(data.data_path)), model,
-                            data.fatal_data_errors)
+                            data.fatal_data_errors, data.crop_pct)
+    if data.dataset == "shards":
+        return shard_datasets(data, model)
     classes = model.num_classes or 1000
     return (synthetic(model, data.synthetic_size, seed, classes),
             synthetic(model, max(data.synthetic_size // 8, 1), seed + 1, classes))

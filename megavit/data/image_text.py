@@ -37,23 +37,21 @@ import csv
 import io
 import json
 import os
-import re
-import tarfile
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
-import numpy as np
 import torch
 
 from megavit.config import ModelConfig
 from megavit.data.captions import (CAPTION_TEMPLATES, digit_captions, digit_tokenizer,
                                    zero_shot_texts)
-from megavit.data.bad_samples import BadSample, DataError, DataWarning, read_or_replace
+from megavit.data.bad_samples import BadSample, DataError, read_or_replace
+from megavit.data.bad_samples import DataWarning  # noqa: F401 — importable from here, as before
 from megavit.data.datasets import load_digits, load_mnist5k
 from megavit.data.preprocessing import Preprocessing, file_preprocessing, read_pixels
+from megavit.data.shards import IMAGE_EXTS, ShardIndex
 from megavit.data.tokenizer import Tokenizer
 
 
@@ -282,164 +280,50 @@ class CsvImageText(_ReadsWithReplacement):
 # webdataset shards
 # ---------------------------------------------------------------------------------------
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")   # the first present is the sample's image
-_META = re.compile(r"__[^/]*__($|/)")
-
-
 class WebDatasetShards(_ReadsWithReplacement):
-    """Uncompressed webdataset .tar shards, read by global sample index.
-
-    From webdataset (imported): the shard pattern's expansion (`expand_urls`: brace ranges
-    such as `shards/{000000..000009}.tar`, and `::` between patterns) and the split of a
-    member name into key and extension (`base_plus_ext`: `DIR/KEY.EXT1.EXT2` belongs to
-    sample `DIR/KEY` with extension `ext1.ext2`). Shards are written with
-    `webdataset.TarWriter` (tools/make_shards.py).
-
-    Our own, following webdataset's grouping conventions (its readers only stream, so they
-    are re-implemented here): consecutive members with the same key form one sample,
-    extensions are lower-cased, names `__...__` are metadata and skipped (a repeated
-    extension within a sample keeps the first member, where webdataset raises). An index of
-    every sample (shard, key, offset and size of its image and caption members) is built
-    once at construction from the tar headers read with Python's `tarfile` (no member data
-    is read) and kept in memory (numpy arrays and the key strings, roughly 100 bytes a
-    sample); `get` seeks to the members of exactly the requested samples, so any order
-    costs the same. A sample's image is its first member of .jpg, .jpeg, .png, .webp; its
-    caption the .txt member (UTF-8), else the 'caption' (or 'text') string of its .json
-    member.
-
-    Only local files (no URLs or `pipe:`); compressed shards (.tar.gz) are refused since
-    they cannot be read by offset. A shard that is not a readable tar file counts as bad:
-    a warning and its samples are left out; one whose headers end early keeps the samples
-    indexed so far (strict: DataError); the same on every rank.
-    """
+    """Uncompressed webdataset .tar shards, read by global sample index through
+    megavit/data/shards.py's `ShardIndex` (pattern expansion, grouping of members into
+    samples, the index, bad shards). A sample's image is its first member of .jpg, .jpeg,
+    .png, .webp; its caption the .txt member (UTF-8), else the 'caption' (or 'text')
+    string of its .json member."""
 
     def __init__(self, pattern: str, model: ModelConfig, strict: bool = False,
                  name: str | None = None) -> None:
-        try:
-            from webdataset.shardlists import expand_urls
-            from webdataset.tariterators import base_plus_ext
-        except ImportError:
-            raise DataError("webdataset shards need the webdataset package: "
-                            "pip install 'megavit[data]'") from None
-
         self.pattern, self.model, self.strict = pattern, model, strict
         self.name = name or Path(pattern.split("::")[0]).parent.name or "shards"
         self.bad: dict[int, str] = {}
-        self.shards: list[str] = []
-        try:
-            urls = expand_urls(os.path.expanduser(pattern))
-        except ValueError as e:       # braceexpand's UnbalancedBracesError
-            raise DataError(f"--image-text-path {pattern}: not a shard pattern ({e}); write "
-                            "e.g. shards/{000000..000009}.tar") from None
-        for url in urls:
-            if re.match(r"^[a-z0-9+]+:", url) and not os.path.exists(url):
-                raise DataError(f"--image-text-path {pattern}: {url} is not a local file; random "
-                                "access by index needs the shards on a local or mounted file "
-                                "system")
-            if not os.path.isfile(url):
-                raise DataError(f"--image-text-path {pattern}: shard {url} "
-                                + _not_a_shard_file(url))
-            self.shards.append(url)
-        if not self.shards:
-            raise DataError(f"--image-text-path {pattern}: matches no shard")
-        shard_of, keys, parts = [], [], []
-        for s, shard in enumerate(self.shards):
-            for key, members in self._scan(shard, base_plus_ext):
-                shard_of.append(s)
-                keys.append(key)
-                parts.append(members)
-        if not keys:
-            raise DataError(f"--image-text-path {pattern}: the shards hold no sample")
-        self.keys = keys
-        self.shard_of = np.asarray(shard_of, dtype=np.int32)
-        # [n, 2] (offset, size) of each sample's image and caption member; -1: none
-        self.image_at = np.full((len(keys), 2), -1, dtype=np.int64)
-        self.caption_at = np.full((len(keys), 2), -1, dtype=np.int64)
-        self.caption_ext = np.zeros(len(keys), dtype=np.int8)  # 0: .txt, 1: .json
-        for i, members in enumerate(parts):
-            image = next((members[e] for e in _IMAGE_EXTS if e in members), None)
-            if image is not None:
-                self.image_at[i] = image
-            for code, ext in enumerate(("txt", "json")):
-                if ext in members:
-                    self.caption_at[i], self.caption_ext[i] = members[ext], code
-                    break
-        self._files: dict[int, BinaryIO] = {}
-
-    def _scan(self, shard: str, base_plus_ext) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-        """(key, {ext: (offset, size)}) of each sample of one shard, from its tar headers."""
-        samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-        try:
-            with tarfile.open(shard, "r:") as tf:
-                while (m := tf.next()) is not None:
-                    tf.members = []  # keep no header list: shards may hold 10^5 members
-                    if not m.isreg() or _META.match(m.name):   # webdataset's skip rules
-                        continue
-                    key, ext = base_plus_ext(m.name)
-                    if key is None:
-                        continue
-                    if not samples or samples[-1][0] != key:
-                        samples.append((key, {}))
-                    samples[-1][1].setdefault(ext.lower(), (m.offset_data, m.size))
-        except tarfile.TarError as e:
-            if samples:   # the headers end early: keep what was indexed (a cut member fails later)
-                message = f"{shard}: the tar file ends early after key {samples[-1][0]} ({e})"
-                outcome = f"its first {len(samples)} samples are used"
-            else:
-                message = (f"{shard}: not an uncompressed tar file ({e}); shards must be plain "
-                           ".tar (written by tools/make_shards.py or webdataset.TarWriter)")
-                outcome = "its samples are left out"
-            if self.strict:
-                raise DataError(message) from None
-            warnings.warn(f"{message}: {outcome}", DataWarning, stacklevel=3)
-        return samples
+        self.index = ShardIndex(pattern, {"image": IMAGE_EXTS, "caption": ("txt", "json")},
+                                "--image-text-path", strict)
+        self.shards, self.keys = self.index.shards, self.index.keys
 
     def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_files": {}}   # open files stay with their process
+        return len(self.index)
 
     def sample_name(self, i: int) -> str:
-        return f"{self.shards[self.shard_of[i]]} key {self.keys[i]}"
-
-    def _member(self, i: int, at: np.ndarray) -> bytes:
-        s = int(self.shard_of[i])
-        f = self._files.get(s)
-        if f is None:
-            f = self._files[s] = open(self.shards[s], "rb")
-        offset, size = (int(v) for v in at)
-        f.seek(offset)
-        data = f.read(size)
-        if len(data) != size:
-            raise BadSample(f"{self.sample_name(i)}: member truncated ({len(data)} of {size} "
-                             "bytes; the shard ends early)")
-        return data
+        return self.index.sample_name(i)
 
     def _end_reads(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
+        self.index.close()
 
     def _read(self, i: int) -> tuple[torch.Tensor, str]:
         where = self.sample_name(i)
-        if self.caption_at[i, 0] < 0:
+        if not self.index.has(i, "caption"):
             raise BadSample(f"{where}: missing caption (no .txt or .json member)")
-        if self.image_at[i, 0] < 0:
-            raise BadSample(f"{where}: missing image (no {'/'.join('.' + e for e in _IMAGE_EXTS)} "
+        if not self.index.has(i, "image"):
+            raise BadSample(f"{where}: missing image (no {'/'.join('.' + e for e in IMAGE_EXTS)} "
                              "member)")
         caption = self._caption(i, where)
-        data = self._member(i, self.image_at[i])
+        data = self.index.member(i, "image")
         try:
             return _decode_image(data, self.model), caption
         except BadSample as e:
             raise BadSample(f"{where}: {e}") from None
 
     def _caption(self, i: int, where: str) -> str:
-        raw = self._member(i, self.caption_at[i])
+        raw = self.index.member(i, "caption")
         try:
             text = raw.decode("utf-8")
-            if self.caption_ext[i] == 1:
+            if self.index.ext["caption"][i] == 1:
                 meta = json.loads(text)
                 text = meta.get("caption", meta.get("text", "")) if isinstance(meta, dict) else ""
                 text = text if isinstance(text, str) else ""
@@ -453,20 +337,6 @@ class WebDatasetShards(_ReadsWithReplacement):
 # ---------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------
-
-
-def _not_a_shard_file(url: str) -> str:
-    """Why `url` (no file) is not a shard, and the pattern that names the shards it may mean."""
-    if os.path.isdir(url):
-        tars = sorted(p.name[:-len(".tar")] for p in Path(url).glob("*.tar"))
-        if not tars:
-            return "is a directory without .tar shards"
-        example = f"{url.rstrip('/')}/{{{tars[0]}..{tars[-1]}}}.tar"
-        return f"is a directory; name its shards with a brace pattern such as '{example}'"
-    if any(c in url for c in "*?["):
-        return ("does not exist (wildcards are not expanded: name the shards with a brace "
-                "pattern such as 'shards/{000000..000009}.tar')")
-    return "does not exist"
 
 
 def open_image_text(path: str, model: ModelConfig, strict: bool = False) -> ImageTextDataset:

@@ -155,6 +155,20 @@ def read_pixels(source: str | os.PathLike | BinaryIO, pre: Preprocessing) -> tor
     return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
 
 
+def read_native(source: str | os.PathLike | BinaryIO, channels: int) -> torch.Tensor:
+    """An image file as pixels [channels, h, w] float32 in [0, 1] at its own size (RGB or
+    greyscale): what a training augmentation crops and resizes."""
+    from PIL import Image
+
+    if channels not in (1, 3):
+        raise PreprocessingError(f"{channels} channels: image files are read as RGB (3) "
+                                 "or greyscale (1)")
+    with Image.open(source) as im:
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr.copy())
+    return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+
+
 def default_preprocessing(model: ModelConfig) -> Preprocessing:
     """megavit's image-file settings for `model`: mean = std = 0.5 per channel (inputs in
     [-1, 1]), bilinear, squashed to --img-h x --img-w. What tools and exports assume for a
@@ -171,6 +185,15 @@ def file_preprocessing(model: ModelConfig) -> Preprocessing:
         raise PreprocessingError(f"--num-channels {model.num_channels}: image files are read "
                                  "as RGB or greyscale; set --num-channels to 1 or 3")
     return default_preprocessing(model)
+
+
+def eval_preprocessing(model: ModelConfig, crop_pct: float | None) -> Preprocessing:
+    """How held-out image files are read: `file_preprocessing`, or with `crop_pct` the
+    shorter side resized to size / crop_pct and the centre cropped (timm's eval transform)."""
+    pre = file_preprocessing(model)
+    if crop_pct is None:
+        return pre
+    return dataclasses.replace(pre, crop_pct=crop_pct, crop_mode="center")
 
 
 def checkpoint_preprocessing(info: dict, model: ModelConfig, where: str

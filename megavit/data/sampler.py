@@ -14,9 +14,10 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from megavit.data.augment import affine_params, apply_affine
+from megavit.data.augment import BatchMixer, ImageAugmenter, affine_params, apply_affine
 from megavit.data.bad_samples import DataError
 from megavit.data.datasets import Dataset
+from megavit.data.targets import class_targets
 from megavit.parallel.comm import Group
 from megavit.parallel.sharding import param_seed
 
@@ -61,28 +62,37 @@ class MicroBatch(NamedTuple):
 
 
 class _IterationBatches(torch.utils.data.Sampler):
-    """Yields this rank's local index list per iteration (for a DataLoader)."""
+    """Yields this rank's (global id, index) list per iteration (for a DataLoader)."""
 
     def __init__(self, sampler: GlobalBatchSampler, start: int, stop: int,
                  dp_rank: int, dp_size: int) -> None:
         self.sampler, self.start, self.stop = sampler, start, stop
         self.dp_rank, self.dp_size = dp_rank, dp_size
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = self.sampler.global_batch_size
+        per_rank = g // self.dp_size
         for it in range(self.start, self.stop):
-            yield self.sampler.local_indices(it, self.dp_rank, self.dp_size).tolist()
+            first = it * g + self.dp_rank * per_rank
+            yield list(enumerate(self.sampler.local_indices(it, self.dp_rank,
+                                                            self.dp_size).tolist(), first))
 
     def __len__(self) -> int:
         return self.stop - self.start
 
 
 class _ByIndexList(torch.utils.data.Dataset):
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    """Reads one iteration's samples in a loader worker: items are (global id, index)."""
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | str:
+    def __init__(self, dataset: Dataset, augmenter: ImageAugmenter | None = None) -> None:
+        self.dataset, self.augmenter = dataset, augmenter
+
+    def __getitems__(self, items: list[tuple[int, int]]
+                     ) -> tuple[torch.Tensor, torch.Tensor] | str:
+        ids = torch.tensor([i for i, _ in items], dtype=torch.long)
+        indices = torch.tensor([j for _, j in items], dtype=torch.long)
         try:
-            return self.dataset.get(torch.tensor(indices, dtype=torch.long))
+            return read_augmented(self.dataset, indices, ids, self.augmenter)
         except DataError as e:     # its message, raised again in the training process (a
             return str(e)          # DataLoader would wrap it in the worker's traceback)
 
@@ -94,19 +104,32 @@ def _as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torc
     return batch
 
 
+def read_augmented(dataset: Dataset, indices: torch.Tensor, ids: torch.Tensor,
+                   augmenter: ImageAugmenter | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [n, c, H, W] (normalised) and labels of samples `indices`, each image through
+    `augmenter` keyed by its global id (`ids` [n]) when one is given."""
+    if augmenter is None:
+        return dataset.get(indices)
+    return dataset.get_augmented(indices, lambda pixels, k: augmenter(pixels, int(ids[k])))
+
+
 def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, stop: int,
                   dp_rank: int, dp_size: int, micro_batch_size: int,
                   num_workers: int = 0, augment: str = "none",
-                  with_images: bool = True, with_labels: bool = True
-                  ) -> Iterator[list[MicroBatch]]:
+                  with_images: bool = True, with_labels: bool = True,
+                  augmenter: ImageAugmenter | None = None, prefetch_factor: int = 2,
+                  pin_memory: bool = False) -> Iterator[list[MicroBatch]]:
     """For each iteration in [start, stop): this rank's micro-batches, in order, each with
     the global ids of its images (iteration * G + position in the global batch, which key
     per-image randomness such as drop-path). In-memory datasets are indexed directly;
     others are read by a DataLoader with `num_workers` processes prefetching ahead.
-    `augment` ('none' or 'affine') draws its randomness per global-batch position (see
-    megavit.data.augment). `with_images=False` (pipeline stages after the first) reads only
-    the labels, or with `with_labels=False` nothing: the labels are zeros to be filled by
-    `labels_from_first_stage`."""
+    `augment` 'affine' draws its randomness per global-batch position over the batch (see
+    megavit.data.augment); `augmenter` (crop, flip, RandAugment) runs per image as it is
+    read, keyed by its global id. `with_images=False` (pipeline stages after the first)
+    reads only the labels, or with `with_labels=False` nothing: the labels are zeros to be
+    filled by `labels_from_first_stage`. Mixup / CutMix: `mixed_batches`. Loader workers
+    prepare `prefetch_factor` iterations each ahead, into pinned memory with `pin_memory`
+    (a GPU run: the copy to the device can overlap)."""
     g = sampler.global_batch_size
     per_rank = g // dp_size
     if not with_images:
@@ -114,18 +137,20 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
             idx = sampler.local_indices(iteration, dp_rank, dp_size)
             ids = iteration * g + dp_rank * per_rank + torch.arange(per_rank)
             labels = (dataset.labels_of(idx) if with_labels
-                      else torch.zeros(per_rank, dtype=torch.long))
+                      else torch.zeros(per_rank, *label_shape(dataset), dtype=torch.long))
             yield [MicroBatch(None, y, i.clone()) for y, i in
                    zip(labels.split(micro_batch_size), ids.split(micro_batch_size))]
         return
     if dataset.in_memory or num_workers == 0:
-        local = (dataset.get(sampler.local_indices(it, dp_rank, dp_size))
+        local = (read_augmented(dataset, sampler.local_indices(it, dp_rank, dp_size),
+                                it * g + dp_rank * per_rank + torch.arange(per_rank), augmenter)
                  for it in range(start, stop))
     else:
         local = iter(torch.utils.data.DataLoader(
-            _ByIndexList(dataset), batch_sampler=_IterationBatches(sampler, start, stop,
-                                                                   dp_rank, dp_size),
-            num_workers=num_workers, collate_fn=_as_is,
+            _ByIndexList(dataset, augmenter),
+            batch_sampler=_IterationBatches(sampler, start, stop, dp_rank, dp_size),
+            num_workers=num_workers, collate_fn=_as_is, prefetch_factor=prefetch_factor,
+            pin_memory=pin_memory,
         ))
     for iteration, batch in enumerate(local, start):
         if isinstance(batch, str):     # a loader worker's DataError
@@ -139,6 +164,29 @@ def train_batches(dataset: Dataset, sampler: GlobalBatchSampler, start: int, sto
         yield [MicroBatch(x, y, i.clone()) for x, y, i in zip(images.split(micro_batch_size),
                                                               labels.split(micro_batch_size),
                                                               ids.split(micro_batch_size))]
+
+
+def label_shape(dataset: Dataset) -> tuple[int, ...]:
+    """The shape of one sample's label: () for one class, (K,) for up to K classes."""
+    k = getattr(dataset, "max_labels", 1)
+    return (k,) if getattr(dataset, "multi_label", False) else ()
+
+
+def mixed_batches(batches: Iterator[list[MicroBatch]], mixer: BatchMixer, num_classes: int,
+                  global_batch_size: int, micro_batch_size: int
+                  ) -> Iterator[list[MicroBatch]]:
+    """`batches` with each micro-batch Mixup / CutMix-ed (its images, where the stage has
+    them) and its labels turned into mixed targets [m, C] float, keyed by (iteration, global
+    micro-batch index) as its global ids say: the same at every layout."""
+    for micro_batches in batches:
+        out = []
+        for mb in micro_batches:
+            first = int(mb.sample_ids[0])
+            iteration, position = divmod(first, global_batch_size)
+            images, targets = mixer(mb.images, class_targets(mb.labels, num_classes),
+                                    iteration, position // micro_batch_size)
+            out.append(MicroBatch(images, targets, mb.sample_ids))
+        yield out
 
 
 def eval_batches(dataset: Dataset, global_batch_size: int, dp_rank: int, dp_size: int,
@@ -157,7 +205,7 @@ def eval_batches(dataset: Dataset, global_batch_size: int, dp_rank: int, dp_size
         share = torch.arange(start, min(start + global_batch_size, n)).tensor_split(dp_size)[dp_rank]
         yield [MicroBatch(*dataset.get(idx), idx) if with_images else
                MicroBatch(None, dataset.labels_of(idx) if with_labels else
-                          torch.zeros(len(idx), dtype=torch.long), idx)
+                          torch.zeros(len(idx), *label_shape(dataset), dtype=torch.long), idx)
                for idx in share.split(micro_batch_size)]
 
 

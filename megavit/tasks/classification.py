@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -25,8 +26,11 @@ from torch import nn
 
 from megavit.config import Config, ConfigError
 from megavit.data.datasets import Dataset, build_datasets
+from megavit.data.targets import class_targets, label_hits, smooth_targets
+from megavit.data.augment import (BatchMixer, ImageAugmenter, recipe_from_config,
+                                  torchvision_version)
 from megavit.data.sampler import (MicroBatch, eval_batches, labels_from_first_stage,
-                                  train_batches)
+                                  mixed_batches, train_batches)
 from megavit.models.transformer import Runtime
 from megavit.models.vit import build_stage, vit_layer_id
 from megavit.parallel.pipeline_executor import StepStats
@@ -39,11 +43,26 @@ from megavit.training.step import pipeline_forward_backward, run_micro_batches
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def classification_loss(label_smoothing: float = 0.0) -> LossFn:
-    """Mean cross-entropy of logits [b, classes] against labels [b]."""
+def classification_loss(kind: str = "softmax", label_smoothing: float = 0.0) -> LossFn:
+    """Mean loss of logits [b, C] against labels [b] / [b, K] (int64, megavit/data/targets.py)
+    or soft targets [b, C] (Mixup / CutMix), with label smoothing eps (targets t ->
+    t (1 - eps) + eps / C).
+
+    'softmax': cross-entropy -sum_c t_c log softmax(z)_c, a multi-hot target normalised to
+    sum to 1. 'sigmoid': binary cross-entropy summed over the C classes, averaged over the
+    batch: -sum_c [t_c log s(z_c) + (1 - t_c) log s(-z_c)] (big_vision's sigmoid_xent)."""
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        logits = logits.float()
+        if kind == "softmax":
+            if labels.dim() == 1 and not labels.is_floating_point():
+                return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            targets = class_targets(labels, logits.shape[-1])
+            targets = targets / targets.sum(-1, keepdim=True).clamp_min(1e-12)
+            return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        targets = smooth_targets(class_targets(labels, logits.shape[-1]), label_smoothing)
+        return F.binary_cross_entropy_with_logits(logits, targets,
+                                                  reduction="none").sum(-1).mean()
 
     return loss
 
@@ -83,18 +102,30 @@ class ClassificationTask:
         self.config = cfg
         self.train_set: Dataset | None = None
         self.heldout: Dataset | None = None
-        self.loss_fn = classification_loss(cfg.training.label_smoothing)
+        self.recipe = recipe_from_config(cfg.data, cfg.training.label_smoothing)
+        self.loss_fn = classification_loss(cfg.data.loss, self.recipe.label_smoothing)
+        self.augmenter: ImageAugmenter | None = None
+        self.mixer: BatchMixer | None = None
 
     def prepare(self, pstate: ParallelState) -> Config:
-        self.train_set, self.heldout = build_datasets(self.config.data, self.config.model,
-                                                      self.config.training.seed)
-        self.config = resolve_num_classes(self.config, self.train_set)
+        cfg = self.config
+        self.train_set, self.heldout = build_datasets(cfg.data, cfg.model, cfg.training.seed)
+        self.config = resolve_num_classes(cfg, self.train_set)
+        size, seed = (cfg.model.img_h, cfg.model.img_w), cfg.training.seed
+        if self.recipe.per_image:
+            self.augmenter = ImageAugmenter(self.recipe, size, seed)
+        if self.recipe.mixes:
+            self.mixer = BatchMixer(self.recipe, size, seed)
         return self.config
 
     def build_model(self, runtime: Runtime, layout: PipelineLayout, stage: int,
                     pstate: ParallelState, dtype: torch.dtype) -> nn.Module:
         model = build_stage(self.config.model, runtime, self.config.training.seed, layout,
                             stage, pstate.device, dtype)
+        head = getattr(model.chunks[-1], "head", None)
+        if self.config.data.loss == "sigmoid" and head is not None:
+            with torch.no_grad():   # each class starts at probability ~1/C (big_vision)
+                head.bias.fill_(-math.log(self.config.model.num_classes))
         if self.config.training.freeze_backbone:
             for name, param in model.named_parameters():
                 param.requires_grad_(is_classifier(name))
@@ -123,9 +154,17 @@ class ClassificationTask:
         t, d, dp = self.config.training, self.config.data, run.pstate.dp
         handed = self._labels_handed_on(run, self.train_set)
         batches = train_batches(self.train_set, run.sampler, start, stop, dp.rank, dp.size,
-                                t.micro_batch_size, d.num_workers, d.augment,
-                                run.is_first_stage, with_labels=not handed)
-        return labels_from_first_stage(batches, run.pstate.pp) if handed else batches
+                                t.micro_batch_size, d.num_workers,
+                                "affine" if self.recipe.affine else "none",
+                                run.is_first_stage, with_labels=not handed,
+                                augmenter=self.augmenter, prefetch_factor=d.prefetch_factor,
+                                pin_memory=run.pstate.device.type == "cuda")
+        if handed:
+            batches = labels_from_first_stage(batches, run.pstate.pp)
+        if self.mixer is not None:   # after the hand-off: every stage mixes the same labels
+            batches = mixed_batches(batches, self.mixer, self.config.model.num_classes,
+                                    t.global_batch_size, t.micro_batch_size)
+        return batches
 
     @staticmethod
     def _labels_handed_on(run: Run, dataset: Dataset) -> bool:
@@ -170,18 +209,23 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(self, run: Run) -> dict[str, float]:
-        """Mean loss and top-1 accuracy over the held-out split (or its first --eval-iters
-        global batches): the same images in every layout, run forward through the
-        pipeline, summed over DP ranks and shared from the last stage with the others."""
+        """Mean loss (--loss, no smoothing), top-1 accuracy and, for multi-label data,
+        precision@1 over the held-out split (or its first --eval-iters global batches): the
+        same images in every layout, run forward through the pipeline, summed over DP ranks
+        and shared from the last stage with the others."""
         pstate, model, training = run.pstate, run.model, self.config.training
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=pstate.device)  # loss, correct, count
+        # loss, top-1 hits, precision@1 hits, count
+        sums = torch.zeros(4, dtype=torch.float64, device=pstate.device)
+        eval_loss = classification_loss(self.config.data.loss)
 
         def tally(mb: int, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             logits = logits.float()
-            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-            sums[1] += (logits.argmax(dim=-1) == labels).sum()
-            sums[2] += labels.numel()
+            top1, at1 = label_hits(logits, labels)
+            sums[0] += eval_loss(logits, labels).double() * len(labels)
+            sums[1] += top1.sum()
+            sums[2] += at1.sum()
+            sums[3] += len(labels)
             return logits.new_zeros(())
 
         handed = self._labels_handed_on(run, self.heldout)
@@ -198,16 +242,19 @@ class ClassificationTask:
         pstate.dp.all_reduce(sums)
         pstate.pp.broadcast(sums, src=pstate.pp.size - 1)   # every stage reports the result
         model.train()
-        count = max(sums[2].item(), 1.0)
-        return {"eval_loss": sums[0].item() / count, "eval_accuracy": sums[1].item() / count,
-                "eval_images": int(sums[2].item())}
+        count = max(sums[3].item(), 1.0)
+        out = {"eval_loss": sums[0].item() / count, "eval_accuracy": sums[1].item() / count}
+        if getattr(self.heldout, "multi_label", False):
+            out["eval_precision_at_1"] = sums[2].item() / count
+        out["eval_images"] = int(sums[3].item())
+        return out
 
     def describe(self) -> dict[str, dict]:
         """The model, after the dataset fixed the class count, and the preprocessing its
         training images had (none for synthetic images)."""
         out = {"model": dataclasses.asdict(self.config.model)}
-        if self.train_set.preprocessing is not None:
-            out["preprocessing"] = self.train_set.preprocessing.to_dict()
+        if self.heldout.preprocessing is not None:     # how evaluation reads an image
+            out["preprocessing"] = self.heldout.preprocessing.to_dict()
         return out
 
     def checkpoint_files(self) -> dict[str, bytes]:
@@ -243,7 +290,19 @@ class ClassificationTask:
             f"{run.model.estimate_flops(1, training=False) / 1e9:.3f}",
             f"data: {self.train_set.name} {len(self.train_set)} images | {self.heldout.name} "
             f"{len(self.heldout)} images | global batch {t.global_batch_size} = micro "
-            f"{t.micro_batch_size} x {run.micro_batches} micro-batches x dp {run.pstate.dp.size}"]
+            f"{t.micro_batch_size} x {run.micro_batches} micro-batches x dp {run.pstate.dp.size}",
+            self._augment_line()]
+
+    def _augment_line(self) -> str:
+        line = (f"augment: {self.config.data.augment} | {self.recipe.describe()} | loss "
+                f"{self.config.data.loss}")
+        backends = {a.backend for a in (self.augmenter, self.mixer) if a is not None}
+        if backends == {"torchvision"}:
+            line += f" | images through torchvision {torchvision_version()} transforms v2"
+        elif backends:
+            line += (" | images through megavit's torch implementation (torchvision does not "
+                     "import here; the same draws)")
+        return line
 
     def flops_per_step(self, run: Run) -> float:
         """Forward and backward (3x forward); a linear probe runs the forward only (the

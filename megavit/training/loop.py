@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -153,6 +153,7 @@ class TrainingLine:
         self.watch = Stopwatch(pstate.device)
         self.loss_sum, self.steps = torch.zeros((), device=pstate.device), 0
         self.skipped = 0
+        self.data_wait = 0.0    # seconds the steps since the last line waited for batches
 
     def add(self, result: StepResult) -> None:
         self.loss_sum += result.loss
@@ -167,7 +168,8 @@ class TrainingLine:
                 "lr": result.lr, "grad_norm": result.grad_norm.item(),
                 f"{task.throughput_unit}_per_second":
                     self.training.global_batch_size / step_time,
-                "step_time_ms": step_time * 1e3}
+                "step_time_ms": step_time * 1e3,
+                "data_wait_ms": self.data_wait / self.steps * 1e3}
         if self.flops_per_step is not None:
             achieved = self.flops_per_step / step_time / self.run.pstate.world_size
             if self.peak_is_measured and achieved > self.peak:
@@ -180,7 +182,29 @@ class TrainingLine:
         line.update(task.train_fields(self.run))
         self.loss_sum.zero_()
         self.steps = 0
+        self.data_wait = 0.0
         return line
+
+
+class WaitTimed:
+    """An iterator of batches that adds the seconds each `next` took (the step waiting
+    for its data: loader workers behind, or reading in this process) to `line.data_wait`."""
+
+    def __init__(self, batches: Iterator, line: TrainingLine) -> None:
+        self.batches, self.line = batches, line
+
+    def __iter__(self) -> "WaitTimed":
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.line.data_wait += time.perf_counter() - start
+
+    def close(self) -> None:
+        getattr(self.batches, "close", lambda: None)()
 
 
 def slow_run_warning(step_seconds: float, iterations: int) -> str | None:
@@ -192,7 +216,7 @@ def slow_run_warning(step_seconds: float, iterations: int) -> str | None:
     return (f"warning: on this CPU a step takes at least {step_seconds:.1f} s (FLOPs per step "
             f"/ the measured peak), so --train-iters {iterations} takes at least "
             f"{format_eta(step_seconds * iterations)}; for a first run on a CPU try `make "
-            "quickstart` (a small ViT on 8x8 digits, ~1.5 min) or --preset vit-debug")
+            "quickstart` (a small ViT on 8x8 digits, a few minutes) or --preset vit-debug")
 
 
 def every(interval: int | None, done: int) -> bool:
@@ -239,7 +263,7 @@ def train(run: Run, log: MetricsLogger, stop: StopRequests) -> dict[str, Any]:
     if first >= iters:
         return finished_run(run, log, first)
     run.model.train()
-    batches = run.batches(first, iters)
+    batches = WaitTimed(iter(run.batches(first, iters)), lines)
     try:
         for iteration, batch in zip(range(first, iters), batches):
             result = run.step(iteration, batch)

@@ -23,7 +23,8 @@ from megavit.config import ConfigError, LoggingConfig
 PREFIX = "[megavit]"
 
 
-_DECIMALS = {"images_per_second": 1, "pairs_per_second": 1, "step_time_ms": 1, "train_seconds": 1, "loss_scale": 0,
+_DECIMALS = {"images_per_second": 1, "pairs_per_second": 1, "step_time_ms": 1,
+             "data_wait_ms": 1, "train_seconds": 1, "loss_scale": 0,
              "tflops_per_device": 3, "gpu_mem_gib": 2, "gpu_util_percent": 0, "gpu_power_w": 0}
 
 
