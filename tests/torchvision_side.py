@@ -8,8 +8,9 @@ the path given as the only argument:
                         path vs its torch path (deit recipe: crop, flip, RandAugment)
     mixing              [agreeing, tried, largest difference]: BatchMixer's two paths
                         (images and targets)
-    operations          RandAugment's 14 operations, each at two magnitudes and both signs
-                        on 1- and 3-channel uint8 images: the ones whose output differs
+    operations          [differing, tried, examples]: RandAugment's 14 operations at 11
+                        magnitudes and both signs on 1- and 3-channel uint8 images of five
+                        sizes, torchvision's kernel vs image_ops.apply_rand_augment
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def images(tries: int = 120) -> list:
     agree, worst = 0, 0.0
     for k in range(tries):
         c = 3 if k % 2 else 1
-        pixels = torch.rand(c, 31 + k % 9, 27 + k % 5, generator=g)
+        pixels = torch.rand(c, 31 + k % 9, 27 + k % 5, generator=g)   # float, or decoded uint8
+        if k % 3 == 0:
+            pixels = (pixels * 255).to(torch.uint8).permute(1, 2, 0).contiguous().permute(2, 0, 1)
         a, b = library(pixels, k), fallback(pixels, k)
         diff = (a - b).abs().max().item()
         worst = max(worst, diff)
@@ -74,24 +77,26 @@ def mixing(tries: int = 60) -> list:
     return [agree, tries, worst]
 
 
-def operations() -> list[str]:
+def operations() -> list:
+    """[differing outputs, tried, the first few that differ]."""
     ra = v2.RandAugment()
     g = torch.Generator().manual_seed(2)
-    differ = []
-    for c in (1, 3):
-        img = torch.randint(0, 256, (c, 23, 29), dtype=torch.uint8, generator=g)
+    differ, tried = [], 0
+    for c, h, w in ((1, 23, 29), (3, 23, 29), (3, 32, 32), (1, 41, 20), (3, 57, 44)):
+        img = torch.randint(0, 256, (c, h, w), dtype=torch.uint8, generator=g)
         for name, (top, signed) in image_ops.OPERATIONS.items():
-            for bin_ in (9, 27):
-                space = v2.RandAugment._AUGMENTATION_SPACE[name][0](31, 23, 29)
+            space = v2.RandAugment._AUGMENTATION_SPACE[name][0](31, h, w)
+            for bin_ in range(0, 31, 3):
                 for sign in ((1, -1) if signed else (1,)):
                     value = float(space[bin_]) * sign if space is not None else 0.0
                     theirs = ra._apply_image_or_video_transform(
                         img, name, value, interpolation=v2.InterpolationMode.NEAREST,
                         fill=ra._fill)
                     ours = image_ops.apply_rand_augment(img.float(), [(name, value)])
+                    tried += 1
                     if not torch.equal(ours, theirs.float()):
-                        differ.append(f"{name} {c}ch bin {bin_} value {value:.3f}")
-    return differ
+                        differ.append(f"{name} {c}x{h}x{w} bin {bin_} value {value:.3f}")
+    return [len(differ), tried, differ[:5]]
 
 
 if __name__ == "__main__":

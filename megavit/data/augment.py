@@ -163,8 +163,9 @@ def torchvision_version() -> str | None:
 
 
 class ImageAugmenter:
-    """The per-image part of a recipe: pixels [c, h, w] in [0, 1] at any size -> [c, H, W]
-    in [0, 1] at the model's size. `backend` 'torchvision' or 'torch' (image_ops);
+    """The per-image part of a recipe: pixels [c, h, w] (uint8, or float in [0, 1]) at any
+    size -> [c, H, W] uint8 at the model's size, computed on uint8 as torchvision's
+    pipeline does. `backend` 'torchvision' or 'torch' (image_ops);
     'auto' takes torchvision where it imports."""
 
     def __init__(self, recipe: AugmentRecipe, size: tuple[int, int], seed: int,
@@ -176,26 +177,29 @@ class ImageAugmenter:
         self.magnitude_bin = image_ops.rand_augment_magnitude(recipe.rand_augment_magnitude)
         self._steps = self._torchvision_steps() if backend == "torchvision" else None
 
-    def _torchvision_steps(self) -> list[tuple[str, Callable]]:
+    def _torchvision_steps(self) -> list[Callable]:
         from torchvision.transforms import v2
 
         r, steps = self.recipe, []
         if r.crop_min_scale is not None:
-            steps.append(("float", v2.RandomResizedCrop(
+            steps.append(v2.RandomResizedCrop(
                 self.size, scale=(r.crop_min_scale, 1.0), ratio=image_ops.CROP_RATIO,
-                interpolation=v2.InterpolationMode.BILINEAR, antialias=True)))
+                interpolation=v2.InterpolationMode.BILINEAR, antialias=True))
         if r.hflip:
-            steps.append(("float", v2.RandomHorizontalFlip(r.hflip)))
+            steps.append(v2.RandomHorizontalFlip(r.hflip))
         if r.rand_augment_ops:
-            steps.append(("uint8", v2.RandAugment(r.rand_augment_ops, self.magnitude_bin,
-                                                  image_ops.MAGNITUDE_BINS)))
+            steps.append(v2.RandAugment(r.rand_augment_ops, self.magnitude_bin,
+                                        image_ops.MAGNITUDE_BINS))
         return steps
 
     def __call__(self, pixels: torch.Tensor, sample_id: int) -> torch.Tensor:
+        """pixels [c, h, w] (uint8, or float in [0, 1]) -> [c, H, W] uint8 (image_ops.`to_unit`
+        turns a stack of them into floats in [0, 1])."""
+        if pixels.dtype != torch.uint8:
+            pixels = (pixels * 255.0).round().clamp(0, 255).to(torch.uint8)
         with seeded_torch_rng(image_seed(self.seed, sample_id)):
-            if self._steps is not None:
-                return self._torchvision(pixels)
-            return self._torch(pixels)
+            x = self._torchvision(pixels) if self._steps is not None else self._torch(pixels)
+        return x.to(torch.uint8)
 
     def _fit(self, pixels: torch.Tensor) -> torch.Tensor:
         if tuple(pixels.shape[-2:]) == self.size:
@@ -205,11 +209,8 @@ class ImageAugmenter:
     def _torchvision(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.crop_min_scale is None:
             x = self._fit(x)
-        for kind, step in self._steps:
-            if kind == "uint8":
-                x = step(_to_levels(x).to(torch.uint8)).float() / 255.0
-            else:
-                x = step(x)
+        for step in self._steps:
+            x = step(x)
         return x
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,13 +225,8 @@ class ImageAugmenter:
         if r.rand_augment_ops:
             ops = image_ops.draw_rand_augment(r.rand_augment_ops, self.magnitude_bin,
                                               *x.shape[-2:])
-            x = image_ops.apply_rand_augment(_to_levels(x), ops) / 255.0
+            x = image_ops.apply_rand_augment(x.float(), ops)
         return x
-
-
-def _to_levels(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats -> 0..255 whole numbers (float), as torchvision's to-uint8 rounds."""
-    return (x * 255.0).round().clamp(0, 255)
 
 
 # ---------------------------------------------------------------------------------------

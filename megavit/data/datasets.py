@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from megavit.config import DataConfig, ModelConfig
+from megavit.data.image_ops import to_unit
 from megavit.data.bad_samples import BadSample, DataError, read_or_replace
 from megavit.data.preprocessing import (Preprocessing, eval_preprocessing, file_preprocessing,
                                         read_native, read_pixels)
@@ -112,8 +113,9 @@ class TensorDataset:
         std = torch.tensor(pre.std).view(shape)
         pixels = (self.images[indices] * std + mean).clamp(0, 1)
         out = [augment(p, k) for k, p in enumerate(pixels)]
-        images = torch.stack(out) if out else self.images[indices]
-        return pre.normalise(images), self.labels[indices]
+        if not out:
+            return self.images[indices], self.labels[indices]
+        return pre.normalise(to_unit(torch.stack(out))), self.labels[indices]
 
 
 def split_indices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +274,8 @@ class ImageFolderDataset:
         if not len(indices):
             return self.get(indices)
         samples = [self.sample(int(i), native=True) for i in indices]
-        images = torch.stack([augment(pixels, k) for k, (pixels, _) in enumerate(samples)])
+        images = to_unit(torch.stack([augment(pixels, k) for k, (pixels, _) in
+                                      enumerate(samples)]))
         return (self.preprocessing.normalise(images),
                 torch.tensor([label for _, label in samples], dtype=torch.long))
 

@@ -5,13 +5,14 @@ Each `draw_*` function draws from the current torch generator in the order torch
 transforms v2 draw (`RandomResizedCrop`, `RandomHorizontalFlip`, `RandAugment`), so under the
 same seeded generator (megavit/data/mixing.py `seeded_torch_rng`) both paths choose the same
 crop box, flip and operations; the `apply_*` functions carry them out on one image
-[c, h, w]. Images here are float in [0, 1] (crop, flip) or uint8-valued (RandAugment, which
-quantises to 256 levels as torchvision's uint8 kernels do).
+[c, h, w]. Images here are uint8, as in torchvision's recommended pipeline (decode, augment
+in uint8, then convert): RandAugment's operations compute on their 0..255 values as float.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +46,31 @@ def draw_resized_crop(height: int, width: int, scale: tuple[float, float] = CROP
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _native_uint8_resize() -> bool:
+    """Whether torch resizes uint8 images itself here (bilinear, on CPUs with AVX2 /
+    AVX-512 or ARM), as torchvision then does; elsewhere both resize in float and round."""
+    return (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+            or platform.machine() in ("aarch64", "arm64"))
+
+
 def apply_resized_crop(image: torch.Tensor, box: tuple[int, int, int, int],
                        size: tuple[int, int]) -> torch.Tensor:
-    """image [c, h, w] float -> its box resized to `size` (bilinear, antialiased when
-    shrinking, as torchvision resizes tensors)."""
+    """image [c, h, w] uint8 -> its box resized to `size` (bilinear, antialiased when
+    shrinking), as torchvision resizes uint8 tensors."""
     top, left, h, w = box
     crop = image[:, top:top + h, left:left + w]
     if (h, w) == tuple(size):
         return crop.clone()
-    return F.interpolate(crop.unsqueeze(0), size=size, mode="bilinear", align_corners=False,
-                         antialias=True)[0]
+    x = crop.unsqueeze(0)
+    if not _native_uint8_resize():
+        x = x.float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return x if x.dtype == torch.uint8 else x.round_().to(torch.uint8)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [n, c, H, W] -> float32 in [0, 1]."""
+    return images.float().div_(255.0)
 
 
 def draw_flip(p: float) -> bool:
@@ -122,33 +138,65 @@ def _blend(a: torch.Tensor, b: torch.Tensor, factor: float) -> torch.Tensor:
     return a.mul(factor).add(b, alpha=1.0 - factor).clamp(0, 255).floor()
 
 
+def _inverse_affine(center: tuple[float, float], angle: float, translate: tuple[float, float],
+                    shear: tuple[float, float]) -> list[float]:
+    """The 2x3 matrix taking an output pixel (centred coordinates) to the input pixel it
+    reads, for a rotation by `angle` degrees and shears (degrees) about `center`, then a
+    translation: C RSS^-1 C^-1 T^-1, computed in float64 in the order torchvision does."""
+    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    cos_sy, tan_sx = math.cos(sy), math.tan(sx)
+    a = math.cos(rot - sy) / cos_sy
+    b = -(a * tan_sx + math.sin(rot))
+    c = math.sin(rot - sy) / cos_sy
+    d = math.cos(rot) - c * tan_sx
+    m = [d, -b, 0.0, -c, a, 0.0]
+    cx, cy = center
+    px, py = cx + translate[0], cy + translate[1]
+    m[2] += cx - m[0] * px - m[1] * py
+    m[5] += cy - m[3] * px - m[4] * py
+    return m
+
+
 def _affine(image: torch.Tensor, matrix: list[float]) -> torch.Tensor:
-    """Sample image [c, h, w] at matrix @ (x, y, 1) for each output pixel (x, y from the
-    centre, pixel units); nearest neighbour, 0 outside."""
+    """image [c, h, w] sampled through `matrix` (`_inverse_affine`): nearest neighbour, 0
+    outside. The grid is the pixel centres (x - (w - 1) / 2, y - (h - 1) / 2) times the
+    matrix, normalised by half the size, as torchvision builds it."""
     c, h, w = image.shape
-    a, b, tx, d, e, ty = matrix
-    theta = torch.tensor([[a, b * h / w, 2 * tx / w], [d * w / h, e, 2 * ty / h]],
-                         dtype=torch.float32)
-    grid = F.affine_grid(theta.unsqueeze(0), [1, c, h, w], align_corners=False)
+    theta = torch.tensor(matrix, dtype=torch.float32).reshape(1, 2, 3)
+    base = torch.empty(1, h, w, 3)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze(-1))
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h]))
+    grid = base.view(1, h * w, 3).bmm(scaled).view(1, h, w, 2)
     return F.grid_sample(image.unsqueeze(0), grid, mode="nearest", padding_mode="zeros",
                          align_corners=False)[0]
 
 
 def _geometric(image: torch.Tensor, name: str, value: float) -> torch.Tensor:
-    """Shear (about the top-left corner), translation (whole pixels) or rotation (degrees,
-    counter-clockwise about the centre) of image [c, h, w]."""
+    """Shear (about the top-left corner; `value` is the shear factor), translation (whole
+    pixels) or rotation (`value` degrees, counter-clockwise about the centre) of image
+    [c, h, w]."""
     c, h, w = image.shape
-    if name == "ShearX":        # output (x, y) reads input (x + s (y + h/2), y), centred units
-        return _affine(image, [1.0, value, value * h / 2, 0.0, 1.0, 0.0])
-    if name == "ShearY":
-        return _affine(image, [1.0, 0.0, 0.0, value, 1.0, value * w / 2])
-    if name == "TranslateX":
-        return _affine(image, [1.0, 0.0, -float(int(value)), 0.0, 1.0, 0.0])
-    if name == "TranslateY":
-        return _affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, -float(int(value))])
-    angle = math.radians(value)
-    cos, sin = math.cos(angle), math.sin(angle)
-    return _affine(image, [cos, -sin, 0.0, sin, cos, 0.0])
+    corner = (-w * 0.5, -h * 0.5)
+    if name == "ShearX":
+        m = _inverse_affine(corner, 0.0, (0.0, 0.0), (math.degrees(math.atan(value)), 0.0))
+    elif name == "ShearY":
+        m = _inverse_affine(corner, 0.0, (0.0, 0.0), (0.0, math.degrees(math.atan(value))))
+    elif name == "TranslateX":
+        m = _inverse_affine((0.0, 0.0), 0.0, (float(int(value)), 0.0), (0.0, 0.0))
+    elif name == "TranslateY":
+        m = _inverse_affine((0.0, 0.0), 0.0, (0.0, float(int(value))), (0.0, 0.0))
+    else:
+        angle = value % 360
+        if angle == 0:
+            return image.clone()
+        if angle == 180:
+            return torch.rot90(image, k=2, dims=(-2, -1))
+        if h == w and angle in (90, 270):
+            return torch.rot90(image, k=1 if angle == 90 else 3, dims=(-2, -1))
+        m = _inverse_affine((0.0, 0.0), -angle, (0.0, 0.0), (0.0, 0.0))
+    return _affine(image, m)
 
 
 def _equalize(image: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,14 @@ from megavit.parallel.sharding import param_seed
 @contextmanager
 def seeded_torch_rng(seed: int) -> Iterator[None]:
     """The CPU torch generator seeded with `seed` inside the block, restored after it
-    (torchvision's transforms draw from it)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    (torchvision's transforms draw from it). Only the CPU generator: `torch.manual_seed`
+    would also queue seeds for every accelerator backend, a cost per image."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
         yield
+    finally:
+        torch.set_rng_state(state)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ class Preprocessing:
         shape = (self.channels, 1, 1)
         mean = torch.tensor(self.mean, dtype=x.dtype).view(shape)
         std = torch.tensor(self.std, dtype=x.dtype).view(shape)
-        return (x - mean) / std
+        return x.sub(mean).div_(std)
 
 
 def read_pixels(source: str | os.PathLike | BinaryIO, pre: Preprocessing) -> torch.Tensor:
@@ -156,16 +156,16 @@ def read_pixels(source: str | os.PathLike | BinaryIO, pre: Preprocessing) -> tor
 
 
 def read_native(source: str | os.PathLike | BinaryIO, channels: int) -> torch.Tensor:
-    """An image file as pixels [channels, h, w] float32 in [0, 1] at its own size (RGB or
-    greyscale): what a training augmentation crops and resizes."""
+    """An image file as pixels [channels, h, w] uint8 at its own size (RGB or greyscale):
+    what a training augmentation crops and resizes."""
     from PIL import Image
 
     if channels not in (1, 3):
         raise PreprocessingError(f"{channels} channels: image files are read as RGB (3) "
                                  "or greyscale (1)")
     with Image.open(source) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr.copy())
+        arr = np.array(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    x = torch.from_numpy(arr)
     return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
 
 
