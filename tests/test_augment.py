@@ -349,3 +349,34 @@ def test_multi_label_shards_name_the_corrupt_member_and_report_precision_at_1(sh
     from megavit.data.bad_samples import DataError
     with pytest.raises(DataError, match="key 000108: cannot decode the image"):
         classification_run(strict, serial_state()).evaluate()
+
+
+def test_eval_crop_and_normalization_are_recorded_and_applied(tmp_path):
+    """--crop-pct 0.875 --image-normalization imagenet: held-out files are resized (shorter
+    side to size / 0.875), centre-cropped and normalised with ImageNet's statistics (grey:
+    their mean), and the checkpoint's preprocessing says so (exports carry it)."""
+    from PIL import Image
+
+    from megavit.data.preprocessing import Preprocessing, read_pixels
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for k in range(3):
+            folder = tmp_path / split / f"c{k}"
+            folder.mkdir(parents=True)
+            pixels = torch.randint(0, 256, (30, 24), generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy(), mode="L").save(folder / "a.png")
+    cfg = debug_config(layers=2)
+    cfg.data = dataclasses.replace(cfg.data, dataset="image-folder", data_path=str(tmp_path),
+                                   crop_pct=0.875, image_normalization="imagenet",
+                                   augment="none", num_workers=0)
+    run = classification_run(cfg, serial_state())
+    pre = Preprocessing.from_dict(run.task.describe()["preprocessing"], "test")
+    assert pre.crop_mode == "center" and pre.crop_pct == 0.875
+    assert pre.mean == pytest.approx(((0.485 + 0.456 + 0.406) / 3,))
+    assert pre.std == pytest.approx(((0.229 + 0.224 + 0.225) / 3,))
+    images, _ = run.task.heldout.get(torch.arange(3))
+    expected = pre.normalise(torch.stack([read_pixels(p, pre) for p, _ in
+                                          run.task.heldout.files]))
+    torch.testing.assert_close(images, expected)
+    assert pre.resized_size(30, 24) == (27, 22)   # shorter side 20 / 0.875 -> 22, as Resize(22)

@@ -270,6 +270,15 @@ class DataConfig:
         metadata=opt("With both Mixup and CutMix on: the probability that a micro-batch is "
                      "CutMix-ed rather than Mixup-ed (0.5 in deit / augreg)."),
     )
+    image_normalization: str = field(
+        default="half",
+        metadata=opt("Per-channel mean and std of image files (image folders, shards): 'half' "
+                     "(0.5 / 0.5, inputs in [-1, 1]), 'imagenet' (timm's default, "
+                     "0.485,0.456,0.406 / 0.229,0.224,0.225) or 'clip' (OpenAI CLIP's); "
+                     "recorded in checkpoints and exports. The embedded digits use their own "
+                     "statistics.",
+                     choices=("half", "imagenet", "clip")),
+    )
     crop_pct: float | None = field(
         default=None,
         metadata=opt("Evaluation of image files: resize the shorter side to size / CROP_PCT "

@@ -336,6 +336,9 @@ def _check_data_source(d: DataConfig, m: ModelConfig) -> list[str]:
     if d.valid_data_path and d.dataset != "shards":
         problems.append(f"--valid-data-path is only read by --dataset shards (got --dataset "
                         f"{d.dataset}; an image folder holds its own val/)")
+    if d.image_normalization != "half" and d.dataset not in files:
+        problems.append(f"--image-normalization applies to image files (--dataset image-folder "
+                        f"or shards); --dataset {d.dataset} is normalised by its own statistics")
     if d.crop_pct is not None and d.dataset not in files:
         problems.append(f"--crop-pct applies to image files (--dataset image-folder or "
                         f"shards); --dataset {d.dataset} is held in memory at its size")

@@ -301,7 +301,7 @@ class ImageFolderDataset:
 
 
 def image_folder(root: str, model: ModelConfig, strict: bool = False,
-                 crop_pct: float | None = None
+                 crop_pct: float | None = None, normalization: str = "half"
                  ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
     try:
         import PIL  # noqa: F401
@@ -318,9 +318,10 @@ def image_folder(root: str, model: ModelConfig, strict: bool = False,
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{train_dir}: no class folders")
-    return (ImageFolderDataset(train_dir, classes, model, f"{base.name}-train", strict=strict),
+    return (ImageFolderDataset(train_dir, classes, model, f"{base.name}-train",
+                               file_preprocessing(model, normalization), strict=strict),
             ImageFolderDataset(val_dir, classes, model, f"{base.name}-val",
-                               eval_preprocessing(model, crop_pct), strict=strict))
+                               eval_preprocessing(model, crop_pct, normalization), strict=strict))
 
 
 def shard_datasets(data: DataConfig, model: ModelConfig) -> tuple[Dataset, Dataset]:
@@ -328,10 +329,12 @@ def shard_datasets(data: DataConfig, model: ModelConfig) -> tuple[Dataset, Datas
     count is --num-classes, else the largest training label + 1."""
     from megavit.data.shards import ShardClassification
 
-    train = ShardClassification(data.data_path, model, file_preprocessing(model), "--data-path",
-                                data.fatal_data_errors, model.num_classes, name="train")
+    norm = data.image_normalization
+    train = ShardClassification(data.data_path, model, file_preprocessing(model, norm),
+                                "--data-path", data.fatal_data_errors, model.num_classes,
+                                name="train")
     held = ShardClassification(data.valid_data_path, model,
-                               eval_preprocessing(model, data.crop_pct), "--valid-data-path",
+                               eval_preprocessing(model, data.crop_pct, norm), "--valid-data-path",
                                data.fatal_data_errors, train.num_classes, name="val")
     return train, held
 
@@ -344,7 +347,7 @@ def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Dat
         return load_mnist5k(model)
     if data.dataset == "image-folder":
         return image_folder(os.path.expanduser(str(data.data_path)), model,
-                            data.fatal_data_errors, data.crop_pct)
+                            data.fatal_data_errors, data.crop_pct, data.image_normalization)
     if data.dataset == "shards":
         return shard_datasets(data, model)
     classes = model.num_classes or 1000

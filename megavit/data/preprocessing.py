@@ -178,19 +178,36 @@ def default_preprocessing(model: ModelConfig) -> Preprocessing:
                          width=model.img_w)
 
 
-def file_preprocessing(model: ModelConfig) -> Preprocessing:
+# --image-normalization: per-channel (mean, std) of RGB images in [0, 1] units; greyscale
+# images take the mean of the three
+NORMALIZATIONS = {
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),                       # inputs in [-1, 1]
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),       # timm's default
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+
+def file_preprocessing(model: ModelConfig, normalization: str = "half") -> Preprocessing:
     """How megavit reads image files for `model` (image folders, CSV, shards):
-    `default_preprocessing`, for RGB or greyscale models."""
+    `default_preprocessing`, for RGB or greyscale models, with `normalization`'s mean and
+    std (NORMALIZATIONS)."""
     if model.num_channels not in (1, 3):
         raise PreprocessingError(f"--num-channels {model.num_channels}: image files are read "
                                  "as RGB or greyscale; set --num-channels to 1 or 3")
-    return default_preprocessing(model)
+    pre = default_preprocessing(model)
+    if normalization == "half":
+        return pre
+    mean, std = NORMALIZATIONS[normalization]
+    if model.num_channels == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return dataclasses.replace(pre, mean=mean, std=std)
 
 
-def eval_preprocessing(model: ModelConfig, crop_pct: float | None) -> Preprocessing:
+def eval_preprocessing(model: ModelConfig, crop_pct: float | None,
+                       normalization: str = "half") -> Preprocessing:
     """How held-out image files are read: `file_preprocessing`, or with `crop_pct` the
     shorter side resized to size / crop_pct and the centre cropped (timm's eval transform)."""
-    pre = file_preprocessing(model)
+    pre = file_preprocessing(model, normalization)
     if crop_pct is None:
         return pre
     return dataclasses.replace(pre, crop_pct=crop_pct, crop_mode="center")
