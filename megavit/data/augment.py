@@ -193,8 +193,8 @@ class ImageAugmenter:
         return steps
 
     def __call__(self, pixels: torch.Tensor, sample_id: int) -> torch.Tensor:
-        """pixels [c, h, w] (uint8, or float in [0, 1]) -> [c, H, W] uint8 (image_ops.`to_unit`
-        turns a stack of them into floats in [0, 1])."""
+        """pixels [c, h, w] (uint8, or float in [0, 1]) -> [c, H, W] uint8 (a dataset
+        normalises a stack of them: `Preprocessing.normalise_levels`)."""
         if pixels.dtype != torch.uint8:
             pixels = (pixels * 255.0).round().clamp(0, 255).to(torch.uint8)
         with seeded_torch_rng(image_seed(self.seed, sample_id)):

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from megavit.config import DataConfig, ModelConfig
-from megavit.data.image_ops import to_unit
 from megavit.data.bad_samples import BadSample, DataError, read_or_replace
 from megavit.data.preprocessing import (Preprocessing, eval_preprocessing, file_preprocessing,
                                         read_native, read_pixels)
@@ -115,7 +114,7 @@ class TensorDataset:
         out = [augment(p, k) for k, p in enumerate(pixels)]
         if not out:
             return self.images[indices], self.labels[indices]
-        return pre.normalise(to_unit(torch.stack(out))), self.labels[indices]
+        return pre.normalise_levels(torch.stack(out)), self.labels[indices]
 
 
 def split_indices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,9 +273,8 @@ class ImageFolderDataset:
         if not len(indices):
             return self.get(indices)
         samples = [self.sample(int(i), native=True) for i in indices]
-        images = to_unit(torch.stack([augment(pixels, k) for k, (pixels, _) in
-                                      enumerate(samples)]))
-        return (self.preprocessing.normalise(images),
+        images = torch.stack([augment(pixels, k) for k, (pixels, _) in enumerate(samples)])
+        return (self.preprocessing.normalise_levels(images),
                 torch.tensor([label for _, label in samples], dtype=torch.long))
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,12 +84,11 @@ def draw_mixing(mixup_alpha: float, cutmix_alpha: float, switch_prob: float,
 
 def mix_images(images: torch.Tensor, mixing: Mixing) -> torch.Tensor:
     """images [m, c, H, W] mixed with their roll(1, 0) partners."""
-    partner = images.roll(1, 0)
-    if mixing.kind == "mixup":
-        return images * mixing.lam + partner * (1.0 - mixing.lam)
+    if mixing.kind == "mixup":      # roll(x) (1 - lambda) + x lambda, in place where it can
+        return images.roll(1, 0).mul_(1.0 - mixing.lam).add_(images.mul(mixing.lam))
     x1, y1, x2, y2 = mixing.box
     out = images.clone()
-    out[..., y1:y2, x1:x2] = partner[..., y1:y2, x1:x2]
+    out[..., y1:y2, x1:x2] = images[..., y1:y2, x1:x2].roll(1, 0)
     return out
 
 

@@ -133,6 +133,14 @@ class Preprocessing:
         std = torch.tensor(self.std, dtype=x.dtype).view(shape)
         return x.sub(mean).div_(std)
 
+    def normalise_levels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [n, c, H, W] (0..255) -> the model's inputs, in one float pass:
+        (x - 255 mean) / (255 std)."""
+        shape = (self.channels, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape) * 255.0
+        std = torch.tensor(self.std, dtype=torch.float32).view(shape) * 255.0
+        return x.float().sub_(mean).div_(std)
+
 
 def read_pixels(source: str | os.PathLike | BinaryIO, pre: Preprocessing) -> torch.Tensor:
     """An image file (a path or an open binary file) as pixels [c, height, width] float32 in
@@ -163,8 +171,9 @@ def read_native(source: str | os.PathLike | BinaryIO, channels: int) -> torch.Te
     if channels not in (1, 3):
         raise PreprocessingError(f"{channels} channels: image files are read as RGB (3) "
                                  "or greyscale (1)")
+    mode = "L" if channels == 1 else "RGB"
     with Image.open(source) as im:
-        arr = np.array(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+        arr = np.array(im if im.mode == mode else im.convert(mode), dtype=np.uint8)
     x = torch.from_numpy(arr)
     return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
 

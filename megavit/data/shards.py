@@ -41,7 +41,6 @@ import numpy as np
 import torch
 
 from megavit.config import ModelConfig
-from megavit.data.image_ops import to_unit
 from megavit.data.bad_samples import BadSample, DataError, DataWarning, read_or_replace
 from megavit.data.preprocessing import Preprocessing, read_native, read_pixels
 
@@ -283,9 +282,7 @@ class ShardClassification:
                                self.strict, self.name)
 
     def _stack(self, samples, pixels) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixels: a list of [c, H, W] or a stacked [n, c, H, W], floats in [0, 1]."""
-        pixels = pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
-        return (self.preprocessing.normalise(pixels),
+        return (self.preprocessing.normalise(torch.stack(pixels)),
                 torch.stack([label for _, label in samples]))
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,8 +301,9 @@ class ShardClassification:
             samples = [self.sample(int(i), native=True) for i in indices]
         finally:
             self.index.close()
-        return self._stack(samples, to_unit(torch.stack([augment(p, k) for k, (p, _) in
-                                                         enumerate(samples)])))
+        images = torch.stack([augment(p, k) for k, (p, _) in enumerate(samples)])
+        return (self.preprocessing.normalise_levels(images),
+                torch.stack([label for _, label in samples]))
 
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
         """As `ImageFolderDataset.labels_of`: an index not yet decoded here is decoded once
