@@ -380,3 +380,34 @@ def test_eval_crop_and_normalization_are_recorded_and_applied(tmp_path):
                                           run.task.heldout.files]))
     torch.testing.assert_close(images, expected)
     assert pre.resized_size(30, 24) == (27, 22)   # shorter side 20 / 0.875 -> 22, as Resize(22)
+
+
+def test_make_shards_from_a_csv_with_a_label_column(tmp_path):
+    """--from csv with an image,labels header writes classification shards (several
+    classes per row allowed); a row without a label or with a non-numeric one is skipped
+    with a warning naming the line."""
+    import importlib.util
+
+    from PIL import Image
+
+    from megavit.config import preset_model_config
+    from megavit.data.preprocessing import file_preprocessing
+    from megavit.data.shards import ShardClassification
+
+    for i in range(4):
+        Image.new("L", (6, 6), color=40 * i).save(tmp_path / f"{i}.png")
+    (tmp_path / "rows.csv").write_text("image,labels\n0.png,3\n1.png,1 4\n2.png,\n3.png,x\n")
+    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools/make_shards.py")
+    make_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shards)
+    with pytest.warns(UserWarning) as caught:
+        assert make_shards.main(["--from", "csv", "--csv", str(tmp_path / "rows.csv"),
+                                 "--output", str(tmp_path / "out")]) == 0
+    messages = [str(w.message) for w in caught]
+    assert any("line 4: missing label: skipped" in m for m in messages), messages
+    assert any("line 5: label 'x' is not class indices: skipped" in m for m in messages)
+    model = preset_model_config("vit-debug", img_h=6, img_w=6, num_channels=1)
+    data = ShardClassification(str(tmp_path / "out/{000000..000000}.tar"), model,
+                               file_preprocessing(model))
+    assert len(data) == 2 and data.multi_label and data.num_classes == 5
+    assert data.labels_of(torch.arange(2)).tolist() == [[3, -1], [1, 4]]
