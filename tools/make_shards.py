@@ -77,19 +77,27 @@ def csv_samples(path: str) -> Iterator[dict]:
     for i in range(len(rows)):
         where = f"{rows.path} line {rows.lines[i]}"
         image = rows.image_path(i)
-        ext = _RAW_IMAGE_EXTS.get(image.suffix.lower())
         problem = ("missing caption" if not rows.captions[i] else
-                   "missing image path" if not rows.images[i] else
-                   f"{image}: not a .jpg/.jpeg/.png/.webp file" if ext is None else None)
-        if problem is None:
-            try:
-                data = image.read_bytes()
-            except OSError as e:
-                problem = f"cannot read image {image} ({e.strerror})"
-        if problem is not None:
-            warnings.warn(f"{where}: {problem}: skipped", stacklevel=2)
-            continue
-        yield {"__key__": f"{i:08d}", ext: data, "txt": rows.captions[i]}
+                   "missing image path" if not rows.images[i] else None)
+        ext, data = _image_member(image, where, problem)
+        if data is not None:
+            yield {"__key__": f"{i:08d}", ext: data, "txt": rows.captions[i]}
+
+
+def _image_member(image: Path, where: str, problem: str | None
+                  ) -> tuple[str | None, bytes | None]:
+    """(extension, bytes) of a row's image file, or (None, None) after a warning naming the
+    row when `problem` is set, the type is not .jpg/.jpeg/.png/.webp or it cannot be read."""
+    ext = _RAW_IMAGE_EXTS.get(image.suffix.lower())
+    if problem is None and ext is None:
+        problem = f"{image}: not a .jpg/.jpeg/.png/.webp file"
+    if problem is None:
+        try:
+            return ext, image.read_bytes()
+        except OSError as e:
+            problem = f"cannot read image {image} ({e.strerror})"
+    warnings.warn(f"{where}: {problem}: skipped", stacklevel=3)
+    return None, None
 
 
 LABEL_COLUMNS = ("label", "labels", "class")
@@ -130,22 +138,14 @@ def csv_label_samples(path: str) -> Iterator[dict] | None:
                 cells = [row[c].strip() if c < len(row) else "" for c in (image_col, label_col)]
                 image = Path(os.path.expanduser(cells[0]))
                 image = image if image.is_absolute() else p.parent / image
-                ext = _RAW_IMAGE_EXTS.get(image.suffix.lower())
                 labels = cells[1].replace(",", " ").split()
                 problem = ("missing label" if not labels else
                            f"label {cells[1]!r} is not class indices" if not all(
-                               v.isdigit() for v in labels) else
-                           f"{image}: not a .jpg/.jpeg/.png/.webp file" if ext is None else None)
-                if problem is None:
-                    try:
-                        data = image.read_bytes()
-                    except OSError as e:
-                        problem = f"cannot read image {image} ({e.strerror})"
-                if problem is not None:
-                    warnings.warn(f"{where}: {problem}: skipped", stacklevel=2)
-                    continue
-                yield {"__key__": f"{k:08d}", ext: data, "cls": " ".join(labels)}
-                k += 1
+                               v.isdigit() for v in labels) else None)
+                ext, data = _image_member(image, where, problem)
+                if data is not None:
+                    yield {"__key__": f"{k:08d}", ext: data, "cls": " ".join(labels)}
+                    k += 1
 
     return samples()
 

@@ -162,6 +162,13 @@ def torchvision_version() -> str | None:
     return torchvision.__version__
 
 
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'torchvision' where its transforms v2 import, else 'torch'."""
+    if backend == "auto":
+        return "torchvision" if torchvision_version() else "torch"
+    return backend
+
+
 class ImageAugmenter:
     """The per-image part of a recipe: pixels [c, h, w] (uint8, or float in [0, 1]) at any
     size -> [c, H, W] uint8 at the model's size, computed on uint8 as torchvision's
@@ -171,9 +178,7 @@ class ImageAugmenter:
     def __init__(self, recipe: AugmentRecipe, size: tuple[int, int], seed: int,
                  backend: str = "auto") -> None:
         self.recipe, self.size, self.seed = recipe, tuple(size), seed
-        if backend == "auto":
-            backend = "torchvision" if torchvision_version() else "torch"
-        self.backend = backend
+        self.backend = backend = resolve_backend(backend)
         self.magnitude_bin = image_ops.rand_augment_magnitude(recipe.rand_augment_magnitude)
         self._steps = self._torchvision_steps() if backend == "torchvision" else None
 
@@ -242,9 +247,7 @@ class BatchMixer:
     def __init__(self, recipe: AugmentRecipe, size: tuple[int, int], seed: int,
                  backend: str = "auto") -> None:
         self.recipe, self.size, self.seed = recipe, tuple(size), seed
-        if backend == "auto":
-            backend = "torchvision" if torchvision_version() else "torch"
-        self.backend = backend
+        self.backend = backend = resolve_backend(backend)
         self._library = (torchvision_mixer(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob)
                          if backend == "torchvision" else None)
 
