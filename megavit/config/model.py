@@ -74,6 +74,27 @@ class TransformerConfig:
             "under sequence parallelism, identically on every TP rank otherwise)."
         ),
     )
+    attention_type: str = field(
+        default="full",
+        metadata=opt(
+            "Attention of every block (image tower): 'full' (softmax over all tokens) or "
+            "'window' (ViTDet: non-overlapping --window-size x --window-size windows of the "
+            "patch grid, a grid the window does not divide padded and the padding masked; a "
+            "class token attends to every token and every token to it). Blocks listed in "
+            "--global-attention-layers stay 'full'.",
+            choices=("full", "window"),
+        ),
+    )
+    window_size: int | None = field(
+        default=None,
+        metadata=opt("Window side in patches for --attention-type window (ViTDet: 14 at "
+                     "1024 px with patch 16)."),
+    )
+    global_attention_layers: str = field(
+        default="",
+        metadata=opt("With --attention-type window: comma-separated block indices that keep "
+                     "full attention, e.g. '2,5,8,11' (ViTDet's recipe for 12 blocks)."),
+    )
     attention_dropout: float = field(
         default=0.0,
         metadata=opt(
@@ -93,6 +114,16 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def global_layers(self) -> set[int]:
+        """--global-attention-layers as block indices (ValueError when not integers)."""
+        return {int(v) for v in self.global_attention_layers.replace(" ", "").split(",") if v}
+
+    def attention_kind(self, layer: int) -> str:
+        """Block `layer`'s attention: 'full' or 'window'."""
+        if self.attention_type == "window" and layer not in self.global_layers():
+            return "window"
+        return "full"
 
 
 @dataclass

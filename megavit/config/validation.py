@@ -71,6 +71,33 @@ def _check_model(model: ModelConfig) -> list[str]:
     if model.drop_path_rate > 0 and model.num_layers == 1:
         problems.append("--drop-path-rate has no effect with --num-layers 1 (the rate grows "
                         "from 0 at block 0); use more layers or leave it at 0")
+    return problems + _check_attention(model)
+
+
+def _check_attention(model: ModelConfig) -> list[str]:
+    """--attention-type, --window-size and --global-attention-layers together."""
+    problems = []
+    try:
+        layers = model.global_layers()
+    except ValueError:
+        return [f"--global-attention-layers {model.global_attention_layers!r}: expected block "
+                "indices separated by commas, e.g. 2,5,8,11"]
+    if model.attention_type != "window":
+        if model.window_size is not None or layers:
+            problems.append("--window-size and --global-attention-layers apply to "
+                            "--attention-type window (got --attention-type "
+                            f"{model.attention_type})")
+        return problems
+    gh, gw = model.grid
+    if model.window_size is None:
+        problems.append("--attention-type window needs --window-size (patches per window "
+                        f"side; the grid is {gh}x{gw})")
+    elif not 1 <= model.window_size <= max(gh, gw):
+        problems.append(f"--window-size {model.window_size} must be in 1..{max(gh, gw)}: the "
+                        f"patch grid is {gh}x{gw} (--img-h/--img-w / --patch-dim)")
+    if bad := sorted(i for i in layers if not 0 <= i < model.num_layers):
+        problems.append(f"--global-attention-layers {model.global_attention_layers}: "
+                        f"block(s) {', '.join(map(str, bad))} outside 0..{model.num_layers - 1}")
     return problems
 
 
@@ -82,6 +109,10 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> list[str]:
             f"--distributed-timeout-minutes must be positive (got {p.distributed_timeout_minutes})"
         )
     problems += _check_recompute(p, m.num_layers)
+    if p.recompute_granularity == "auto" and m.attention_type != "full":
+        problems.append("--recompute-granularity auto plans with the activation formula of "
+                        "full attention; with --attention-type window choose selective or "
+                        "full recomputation")
     if p.sequence_parallel_regather and not p.sequence_parallel:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")
     if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:

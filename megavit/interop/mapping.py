@@ -66,6 +66,6 @@ def model_flags(cfg) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif value is not None and "dropout" not in name and "drop_path" not in name:
+        elif value not in (None, "") and "dropout" not in name and "drop_path" not in name:
             flags += [flag, str(value)]
     return flags

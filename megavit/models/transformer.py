@@ -21,6 +21,7 @@ so a stage's part of a model has the serial model's parameter names.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavit.config import ParallelConfig, TransformerConfig
+from megavit.models.attention import TokenLayout, window_attention
 from megavit.parallel.comm import Group
 from megavit.parallel.layers import (ColumnParallelLinear, RowParallelLinear, make_norm,
                                      multi_head_attention)
@@ -149,20 +151,31 @@ def qk_norms(cfg: TransformerConfig, rt: Runtime) -> tuple[nn.Module | None, nn.
                  for _ in range(2))
 
 
-class AttentionCore(nn.Module):
-    """The attention core of a block over this rank's heads — QK-norms, softmax(QK^T)V and
-    attention dropout — recomputed in backward under --recompute-granularity selective."""
+def _window(q, k, v, dropout_p, layout: TokenLayout, w: int) -> torch.Tensor:
+    return window_attention(q, k, v, layout, w, dropout_p)
 
-    def __init__(self, cfg: TransformerConfig, rt: Runtime) -> None:
+
+class AttentionCore(nn.Module):
+    """The attention core of a block over this rank's heads — QK-norms, softmax(QK^T)V (or
+    window attention, `cfg.attention_kind(layer)`) and attention dropout — recomputed in
+    backward under --recompute-granularity selective."""
+
+    def __init__(self, cfg: TransformerConfig, rt: Runtime, layer: int = 0) -> None:
         super().__init__()
         self.head_dim, self.rt = cfg.head_dim, rt
         self.q_norm, self.k_norm = qk_norms(cfg, rt)
         self.dropout = cfg.attention_dropout
+        self.kind = cfg.attention_kind(layer)
+        self.attend = None
+        if self.kind == "window":     # an image model: its token layout (models/attention.py)
+            layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
+            self.attend = functools.partial(_window, layout=layout, w=cfg.window_size)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:
         return multi_head_attention(q, k, v, self.head_dim, self.q_norm, self.k_norm, mask,
-                                    self.dropout if self.training else 0.0, self.rt.rng)
+                                    self.dropout if self.training else 0.0, self.rt.rng,
+                                    attend=self.attend)
 
     def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = qkv.chunk(3, dim=-1)                          # this rank's heads
@@ -195,7 +208,7 @@ class ParallelBlock(nn.Module):
         self.in_proj = ColumnParallelLinear(h, (h, h, h, f), rt.tp, init_std=std,
                                             bias=(qkv_bias, qkv_bias, qkv_bias, mlp_bias),
                                             sequence_parallel=sp)
-        self.attention = AttentionCore(cfg, rt)
+        self.attention = AttentionCore(cfg, rt, layer)
         self.act = Activation(cfg.activation)
         self.out_proj = RowParallelLinear((h, f), h, rt.tp, init_std=std,
                                           bias=mlp_bias or cfg.add_proj_bias,
@@ -220,7 +233,7 @@ class SequentialBlock(nn.Module):
         self.norm1 = norm_from_config(cfg, h, rt.layernorm_impl, partial_grad=sp is not None)
         self.qkv = ColumnParallelLinear(h, (h, h, h), rt.tp, bias=cfg.add_qkv_bias, init_std=std,
                                         sequence_parallel=sp)
-        self.attention = AttentionCore(cfg, rt)
+        self.attention = AttentionCore(cfg, rt, layer)
         self.proj = RowParallelLinear(h, h, rt.tp, bias=cfg.add_proj_bias, init_std=std,
                                       sequence_parallel=sp)
         self.branch1 = branch_regularizer(cfg, rt, layer, "attention")

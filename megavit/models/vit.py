@@ -256,17 +256,31 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
+def attention_flops(cfg: ModelConfig, layer: int) -> int:
+    """QK^T and AV FLOPs of block `layer` for one image: 4 s^2 h with full attention; with
+    windows, the padded windows' queries against their w^2 keys plus the prefix keys, and
+    the prefix queries against every token."""
+    h, s = cfg.hidden_size, cfg.seq_length
+    if cfg.attention_kind(layer) == "full":
+        return 4 * s * s * h
+    w, (gh, gw) = cfg.window_size, cfg.grid
+    prefix = s - gh * gw
+    windows = -(-gh // w) * -(-gw // w)
+    return 4 * windows * w * w * (w * w + prefix) * h + 4 * prefix * s * h
+
+
 def vit_flops(cfg: ModelConfig, batch_size: int, training: bool = True) -> int:
     """Matmul FLOPs (2 per multiply-add) of a ViT for `batch_size` images.
 
     Per image, s tokens, width h, MLP f: a block costs 2sh(3h + f) (QKV + MLP-in)
-    + 4s^2h (QK^T and AV) + 2s(h + f)h (attention-out + MLP-out); both block types are
-    equal. Plus the patch embedding, the MAP head and the classifier. Backward costs twice
+    + 4s^2h (QK^T and AV; window blocks: `attention_flops`) + 2s(h + f)h (attention-out +
+    MLP-out); both block types are equal. Plus the patch embedding, the MAP head and the classifier. Backward costs twice
     the forward. Elementwise work (norms, softmax, GELU) is not counted.
     """
     h, f, s = cfg.hidden_size, cfg.ffn_hidden_size, cfg.seq_length
     patches = cfg.grid[0] * cfg.grid[1]
-    block = 2 * s * h * (3 * h + f) + 4 * s * s * h + 2 * s * (h + f) * h
+    dense = 2 * s * h * (3 * h + f) + 2 * s * (h + f) * h
+    blocks = sum(dense + attention_flops(cfg, layer) for layer in range(cfg.num_layers))
     embed = 2 * patches * cfg.num_channels * cfg.patch_dim ** 2 * h
     head, once = 0, 0
     if cfg.pooling == "map":
@@ -276,7 +290,7 @@ def vit_flops(cfg: ModelConfig, batch_size: int, training: bool = True) -> int:
         once += 2 * h * h
     if cfg.num_classes:
         head += 2 * h * cfg.num_classes
-    forward = batch_size * (embed + cfg.num_layers * block + head) + once
+    forward = batch_size * (embed + blocks + head) + once
     return 3 * forward if training else forward
 
 

@@ -13,7 +13,7 @@ its slice of the serial weight and an init function (see `megavit.parallel.shard
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -257,8 +257,11 @@ def multi_head_attention(
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     rng: RNGTracker | None = None,
+    attend: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v over this rank's heads, bidirectional.
+    """softmax(q k^T / sqrt(d) + mask) v over this rank's heads, bidirectional; or, with
+    `attend`, attend(q, k, v, dropout_p) on the heads-first [b, n, s, d] tensors instead
+    (another attention pattern, e.g. windows; `attn_mask` is then unused).
 
     q [sq, b, n*d], k and v [sk, b, n*d] -> [sq, b, n*d]. `q_norm` / `k_norm` normalise
     each head's d-vector (ViT-22B's QK LayerNorm). `attn_mask`: additive [sq, sk] (0 or
@@ -273,11 +276,15 @@ def multi_head_attention(
     if k_norm is not None:
         k = k_norm(k)
     args = (q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), to_heads(v, head_dim))
+    if attend is None:
+        def attend(q, k, v, dropout_p):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                  dropout_p=dropout_p)
     if dropout_p > 0:
         if rng is None:
             raise ValueError("attention dropout needs an RNG tracker")
         with rng.fork(MODEL_PARALLEL):
-            out = F.scaled_dot_product_attention(*args, attn_mask=attn_mask, dropout_p=dropout_p)
+            out = attend(*args, dropout_p)
     else:
-        out = F.scaled_dot_product_attention(*args, attn_mask=attn_mask)
+        out = attend(*args, 0.0)
     return from_heads(out)

@@ -1,0 +1,107 @@
+"""Attention over a 2-D token grid other than full softmax attention: window attention
+(ViTDet), chosen per block (`TransformerConfig.attention_kind`).
+
+The tokens of an image model are `prefix` tokens (the class token, when pooling is 'cls')
+followed by the patch grid in row-major order (gh x gw), then, under sequence parallelism,
+padding up to a multiple of the TP size:
+
+    [ cls | p(0,0) p(0,1) ... p(gh-1,gw-1) | pad ... ]
+
+Window attention, the exact rule: the grid is cut into non-overlapping w x w windows from
+the top-left corner; a grid that w does not divide is padded at the bottom and right with
+masked tokens (ViTDet), so the last row / column of windows is partial. A patch token attends
+to the real patch tokens of its own window and to every prefix token; a prefix token attends
+to every real token (it is global: the class token keeps the image-wide context). Padding
+tokens (grid or sequence) are never attended to; their outputs are zeros. With w >= both
+grid sides there is one window and the result equals full attention.
+
+Per rank the heads are this TP rank's (windows are per head: no collective); the input is
+the whole sequence (under SP the column-parallel projection has gathered it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of one image sit in the sequence: `prefix` tokens, then the grid
+    (rows, columns) row-major; `length` = prefix + rows x columns real tokens."""
+
+    prefix: int
+    grid: tuple[int, int]
+
+    @property
+    def length(self) -> int:
+        return self.prefix + self.grid[0] * self.grid[1]
+
+
+def window_partition(x: torch.Tensor, grid: tuple[int, int], w: int) -> torch.Tensor:
+    """x [B, n, gh*gw, d] (row-major grid) -> windows [B * nh * nw, n, w*w, d], the grid
+    zero-padded to multiples of w (nh = ceil(gh / w), nw = ceil(gw / w))."""
+    B, n, _, d = x.shape
+    gh, gw = grid
+    nh, nw = math.ceil(gh / w), math.ceil(gw / w)
+    x = x.view(B, n, gh, gw, d)
+    if nh * w != gh or nw * w != gw:
+        x = F.pad(x, (0, 0, 0, nw * w - gw, 0, nh * w - gh))
+    x = x.view(B, n, nh, w, nw, w, d).permute(0, 2, 4, 1, 3, 5, 6)
+    return x.reshape(B * nh * nw, n, w * w, d)
+
+
+def window_unpartition(x: torch.Tensor, batch: int, grid: tuple[int, int], w: int
+                       ) -> torch.Tensor:
+    """The inverse of `window_partition`: [B * nh * nw, n, w*w, d] -> [B, n, gh*gw, d]."""
+    gh, gw = grid
+    nh, nw = math.ceil(gh / w), math.ceil(gw / w)
+    n, d = x.shape[1], x.shape[-1]
+    x = x.view(batch, nh, nw, n, w, w, d).permute(0, 3, 1, 4, 2, 5, 6)
+    x = x.reshape(batch, n, nh * w, nw * w, d)[:, :, :gh, :gw]
+    return x.reshape(batch, n, gh * gw, d)
+
+
+def window_key_mask(grid: tuple[int, int], w: int, prefix: int) -> torch.Tensor | None:
+    """Boolean [nh * nw, 1, 1, prefix + w*w] (True: may attend) marking each window's
+    padding keys, or None when w divides the grid."""
+    gh, gw = grid
+    nh, nw = math.ceil(gh / w), math.ceil(gw / w)
+    if nh * w == gh and nw * w == gw:
+        return None
+    real = torch.zeros(nh * w, nw * w, dtype=torch.bool)
+    real[:gh, :gw] = True
+    inside = real.view(nh, w, nw, w).permute(0, 2, 1, 3).reshape(nh * nw, w * w)
+    keep = torch.cat([torch.ones(nh * nw, prefix, dtype=torch.bool), inside], dim=1)
+    return keep.view(nh * nw, 1, 1, prefix + w * w)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                     w: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """q, k, v [b, n, S, d] (heads first; S >= layout.length, the rest padding) -> [b, n, S,
+    d] by the rule of the module docstring. Dropout (p `dropout_p`) draws from the current
+    generator, as SDPA does."""
+    b, n, S, d = q.shape
+    P, L, grid = layout.prefix, layout.length, layout.grid
+    qg, kg, vg = (window_partition(t[:, :, P:L], grid, w) for t in (q, k, v))
+    if P:                               # every window also sees the prefix tokens
+        windows = qg.shape[0] // b
+        kp = k[:, :, :P].repeat_interleave(windows, dim=0)
+        vp = v[:, :, :P].repeat_interleave(windows, dim=0)
+        kg, vg = torch.cat([kp, kg], dim=2), torch.cat([vp, vg], dim=2)
+    mask = window_key_mask(grid, w, P)
+    if mask is not None:
+        mask = mask.repeat(b, 1, 1, 1).to(q.device)
+    out = window_unpartition(
+        F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p),
+        b, grid, w)
+    pieces = [out]
+    if P:                               # the prefix attends to every real token
+        pieces.insert(0, F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :L], v[:, :, :L],
+                                                        dropout_p=dropout_p))
+    if S > L:
+        pieces.append(q.new_zeros(b, n, S - L, d))
+    return torch.cat(pieces, dim=2) if len(pieces) > 1 else out
