@@ -1,12 +1,14 @@
-"""Attention per block (issue 18, first part): window attention (ViTDet) with full-attention
-blocks in between.
+"""Attention per block (issue 18, first part): window attention (ViTDet), linear (kernel)
+attention and full attention, chosen per block.
 
 - The rule: window attention equals softmax attention under the plainly written mask
   (same window, or either token a prefix token), partial windows included; with the window
   as large as the grid it equals full attention, also as a whole model.
-- Invariant: a window model with a global block equals the serial run at TP=2, TP=2+SP
-  (25 tokens, padded) with selective recomputation, and PP=2 with full recomputation —
-  with MAP pooling over a 5x5 grid in 2x2 windows, and with a class token (classic blocks).
+- Linear attention equals its O(s^2) form.
+- Invariant: models mixing the types per block equal the serial run at TP=2, TP=2+SP (25
+  tokens, padded) with selective recomputation, and PP=2 with full recomputation — window /
+  linear / full blocks with MAP pooling over a 5x5 grid in 2x2 windows, and window blocks
+  with a global one and a class token (classic blocks).
 - Flags: impossible combinations are refused naming the flags; exports refuse the model.
 """
 
@@ -33,25 +35,28 @@ SP_SELECTIVE = {"sequence_parallel": True, "recompute_granularity": "selective"}
 PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
             "recompute_method": "uniform", "recompute_num_layers": 1}
 LAYOUTS = {"tp2": (2, 2, 1, [{}, SP_SELECTIVE]), "pp2": (2, 1, 2, [PP2_FULL])}
-# variant: (debug_config variant, window side); vit22b: 5x5 grid, MAP; classic: cls + 4x4
-MODELS = {"map": ("vit22b", 2), "cls": ("classic", 3)}
+# model: (debug_config variant, window side, attention flags for `layers` blocks);
+# map: vit22b blocks, 5x5 grid, MAP pooling, blocks window / linear / full repeating;
+# cls: classic blocks with a class token (4x4 grid + 1), window blocks and a global last one
+MODELS = {
+    "map": ("vit22b", 2, lambda layers: dict(attention_type_per_layer="window,linear,full")),
+    "cls": ("classic", 3, lambda layers: dict(attention_type="window",
+                                              global_attention_layers=str(layers - 1))),
+}
 
 
-def window_config(model: str, tp: int = 1, parallel: dict | None = None):
-    """Window attention in every block but the last (global)."""
-    variant, w = MODELS[model]
-    layers = 4 if parallel and parallel.get("pipeline_model_parallel_size") else 2
+def window_config(model: str, tp: int = 1, parallel: dict | None = None,
+                  layers: int | None = None):
+    variant, w, flags = MODELS[model]
+    if layers is None:
+        layers = 4 if parallel and parallel.get("pipeline_model_parallel_size") else 2
     return debug_config(variant, tp=tp, parallel=parallel, layers=layers,
-                        model=dict(attention_type="window", window_size=w,
-                                   global_attention_layers=str(layers - 1)))
+                        model=dict(window_size=w, **flags(layers)))
 
 
 @functools.lru_cache(maxsize=None)
 def serial(model: str, layers: int):
-    cfg = window_config(model)
-    cfg.model = dataclasses.replace(cfg.model, num_layers=layers,
-                                    global_attention_layers=str(layers - 1))
-    return train_steps(serial_state(), cfg)
+    return train_steps(serial_state(), window_config(model, layers=layers))
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -109,6 +114,22 @@ def test_window_attention_is_the_masked_softmax_it_describes(prefix, grid, w):
     torch.testing.assert_close(whole[:, :, :length], full)
 
 
+def test_linear_attention_is_its_quadratic_form():
+    from megavit.models.attention import elu_feature, linear_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
+    got = linear_attention(q, k, v, length=7)             # the last 2 tokens: padding
+    scores = elu_feature(q[:, :, :7]) @ elu_feature(k[:, :, :7]).transpose(-2, -1)
+    ref = (scores / scores.sum(-1, keepdim=True)) @ v[:, :, :7]
+    torch.testing.assert_close(got[:, :, :7], ref)
+    assert torch.equal(got[:, :, 7:], torch.zeros(2, 3, 2, 4))
+    cfg = debug_config(layers=4, model=dict(attention_type_per_layer="window,linear,full",
+                                            window_size=2))
+    assert [cfg.model.attention_kind(i) for i in range(4)] == ["window", "linear", "full",
+                                                                "window"]
+
+
 def test_a_window_as_large_as_the_grid_is_the_full_model():
     full = debug_config("classic", layers=2)
     windowed = dataclasses.replace(full, model=dataclasses.replace(
@@ -127,8 +148,14 @@ def test_a_window_as_large_as_the_grid_is_the_full_model():
 @pytest.mark.parametrize("model,message", [
     (dict(attention_type="window"), "--attention-type window needs --window-size"),
     (dict(attention_type="window", window_size=9), "--window-size 9 must be in 1..5"),
-    (dict(window_size=2), "--window-size and --global-attention-layers apply to "
-                          "--attention-type window"),
+    (dict(window_size=2), "--window-size applies to window attention (no block uses it)"),
+    (dict(global_attention_layers="1"), "--global-attention-layers applies to --attention-type "
+                                        "window or linear"),
+    (dict(attention_type_per_layer="window,conv"), "conv is not one of full, window, linear"),
+    (dict(attention_type_per_layer="full", attention_type="window", window_size=2),
+     "--attention-type-per-layer replaces --attention-type"),
+    (dict(attention_type="linear", attention_dropout=0.1), "linear attention has no "
+                                                           "attention probabilities"),
     (dict(attention_type="window", window_size=2, global_attention_layers="1,7"),
      "block(s) 7 outside 0..1"),
     (dict(attention_type="window", window_size=2, global_attention_layers="a"),
@@ -147,7 +174,7 @@ def test_auto_recomputation_and_exports_refuse_window_attention():
         validate(cfg, world_size=1)
     from megavit.interop import hf_vit, timm_vit
 
-    assert any("--attention-type is 'window'" in d
+    assert any("per layer: window,linear,full); timm's ViT attends over all tokens" in d
                for d in timm_vit.differences(window_config("map").model))
     assert any("--attention-type is 'window'" in d
                for d in hf_vit.differences(window_config("cls").model))

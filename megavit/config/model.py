@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from megavit.config.fields import nested, opt
 
 
+ATTENTION_TYPES = ("full", "window", "linear")
+
+
 @dataclass
 class TransformerConfig:
     """The transformer blocks: depth, widths, block type, norms, biases, activation,
@@ -77,13 +80,21 @@ class TransformerConfig:
     attention_type: str = field(
         default="full",
         metadata=opt(
-            "Attention of every block (image tower): 'full' (softmax over all tokens) or "
+            "Attention of every block (image tower): 'full' (softmax over all tokens), "
             "'window' (ViTDet: non-overlapping --window-size x --window-size windows of the "
             "patch grid, a grid the window does not divide padded and the padding masked; a "
-            "class token attends to every token and every token to it). Blocks listed in "
+            "class token attends to every token and every token to it) or 'linear' (kernel "
+            "attention, elu(x) + 1 feature map, no softmax: O(s d^2)). Blocks listed in "
             "--global-attention-layers stay 'full'.",
-            choices=("full", "window"),
+            choices=ATTENTION_TYPES,
         ),
+    )
+    attention_type_per_layer: str = field(
+        default="",
+        metadata=opt("Each block's attention, comma-separated (full, window, linear); a list "
+                     "shorter than --num-layers repeats, e.g. 'window,window,window,full' "
+                     "gives ViTDet's 12-block pattern. Replaces --attention-type and "
+                     "--global-attention-layers."),
     )
     window_size: int | None = field(
         default=None,
@@ -119,11 +130,20 @@ class TransformerConfig:
         """--global-attention-layers as block indices (ValueError when not integers)."""
         return {int(v) for v in self.global_attention_layers.replace(" ", "").split(",") if v}
 
+    def attention_pattern(self) -> list[str]:
+        """--attention-type-per-layer as a list (empty when unset)."""
+        return [v for v in self.attention_type_per_layer.replace(" ", "").split(",") if v]
+
     def attention_kind(self, layer: int) -> str:
-        """Block `layer`'s attention: 'full' or 'window'."""
-        if self.attention_type == "window" and layer not in self.global_layers():
-            return "window"
+        """Block `layer`'s attention: 'full', 'window' or 'linear'."""
+        if pattern := self.attention_pattern():
+            return pattern[layer % len(pattern)]
+        if self.attention_type != "full" and layer not in self.global_layers():
+            return self.attention_type
         return "full"
+
+    def uses_attention(self, kind: str) -> bool:
+        return any(self.attention_kind(i) == kind for i in range(self.num_layers))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from megavit.config.fields import ConfigError
-from megavit.config.model import ModelConfig
+from megavit.config.model import ATTENTION_TYPES, ModelConfig
 from megavit.config.parallel import ParallelConfig
 from megavit.config.run import (CheckpointConfig, Config, DataConfig, LoggingConfig,
                                 PrecisionConfig, TrainingConfig)
@@ -75,29 +75,42 @@ def _check_model(model: ModelConfig) -> list[str]:
 
 
 def _check_attention(model: ModelConfig) -> list[str]:
-    """--attention-type, --window-size and --global-attention-layers together."""
-    problems = []
+    """--attention-type, --attention-type-per-layer, --window-size and
+    --global-attention-layers together."""
     try:
         layers = model.global_layers()
     except ValueError:
         return [f"--global-attention-layers {model.global_attention_layers!r}: expected block "
                 "indices separated by commas, e.g. 2,5,8,11"]
-    if model.attention_type != "window":
-        if model.window_size is not None or layers:
-            problems.append("--window-size and --global-attention-layers apply to "
-                            "--attention-type window (got --attention-type "
-                            f"{model.attention_type})")
+    problems = []
+    if pattern := model.attention_pattern():
+        if unknown := sorted(set(pattern) - set(ATTENTION_TYPES)):
+            problems.append(f"--attention-type-per-layer {model.attention_type_per_layer}: "
+                            f"{', '.join(unknown)} is not one of {', '.join(ATTENTION_TYPES)}")
+        if model.attention_type != "full" or layers:
+            problems.append("--attention-type-per-layer replaces --attention-type and "
+                            "--global-attention-layers; give one or the other")
+    elif layers and model.attention_type == "full":
+        problems.append("--global-attention-layers applies to --attention-type window or "
+                        "linear (got --attention-type full)")
+    if bad := sorted(i for i in layers if not 0 <= i < model.num_layers):
+        problems.append(f"--global-attention-layers {model.global_attention_layers}: "
+                        f"block(s) {', '.join(map(str, bad))} outside 0..{model.num_layers - 1}")
+    if problems:
         return problems
     gh, gw = model.grid
-    if model.window_size is None:
+    if not model.uses_attention("window"):
+        if model.window_size is not None:
+            problems.append("--window-size applies to window attention (no block uses it)")
+    elif model.window_size is None:
         problems.append("--attention-type window needs --window-size (patches per window "
                         f"side; the grid is {gh}x{gw})")
     elif not 1 <= model.window_size <= max(gh, gw):
         problems.append(f"--window-size {model.window_size} must be in 1..{max(gh, gw)}: the "
                         f"patch grid is {gh}x{gw} (--img-h/--img-w / --patch-dim)")
-    if bad := sorted(i for i in layers if not 0 <= i < model.num_layers):
-        problems.append(f"--global-attention-layers {model.global_attention_layers}: "
-                        f"block(s) {', '.join(map(str, bad))} outside 0..{model.num_layers - 1}")
+    if model.uses_attention("linear") and model.attention_dropout > 0:
+        problems.append("--attention-dropout: linear attention has no attention probabilities "
+                        "to drop; set it to 0 or keep those blocks full")
     return problems
 
 
@@ -109,9 +122,10 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> list[str]:
             f"--distributed-timeout-minutes must be positive (got {p.distributed_timeout_minutes})"
         )
     problems += _check_recompute(p, m.num_layers)
-    if p.recompute_granularity == "auto" and m.attention_type != "full":
+    if p.recompute_granularity == "auto" and (m.uses_attention("window")
+                                              or m.uses_attention("linear")):
         problems.append("--recompute-granularity auto plans with the activation formula of "
-                        "full attention; with --attention-type window choose selective or "
+                        "full attention; with window or linear attention choose selective or "
                         "full recomputation")
     if p.sequence_parallel_regather and not p.sequence_parallel:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")

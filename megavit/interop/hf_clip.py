@@ -123,7 +123,7 @@ _MAP_HEAD = (("attention.out_proj", "proj"), ("layernorm", "norm"), ("mlp.fc1", 
 _BLOCKS = {"block_type": "sequential", "qk_layernorm": False, "add_qkv_bias": True,
            "add_proj_bias": True, "add_mlp_bias": True, "norm_bias": True,
            "position_embedding_type": "learned", "normalization": "layernorm",
-           "attention_type": "full"}
+           "attention_type": "full", "attention_type_per_layer": ""}
 # What each target needs of megavit's configuration, section by section.
 WANTED = {
     "clip": {"model": {**_BLOCKS, "pooling": "cls", "pre_norm": True},

@@ -56,7 +56,8 @@ def differences(cfg: ModelConfig) -> list[str]:
     wanted = {"block_type": "sequential", "pooling": "cls", "qk_layernorm": False,
               "add_qkv_bias": True, "add_proj_bias": True, "add_mlp_bias": True,
               "norm_bias": True, "position_embedding_type": "learned",
-              "normalization": "layernorm", "pre_norm": False, "attention_type": "full"}
+              "normalization": "layernorm", "pre_norm": False, "attention_type": "full",
+              "attention_type_per_layer": ""}
     out = [f"--{k.replace('_', '-')} is {getattr(cfg, k)!r}; transformers' ViT has {v!r}"
            for k, v in wanted.items() if getattr(cfg, k) != v]
     if cfg.img_h != cfg.img_w:

@@ -94,8 +94,9 @@ def differences(cfg: ModelConfig) -> list[str]:
     if cfg.position_embedding_type != "learned":
         out.append(f"--position-embedding-type is {cfg.position_embedding_type!r}; timm's "
                    "ViT learns its table")
-    if cfg.attention_type != "full":
-        out.append(f"--attention-type is {cfg.attention_type!r}; timm's ViT attends over all "
+    if cfg.attention_type != "full" or cfg.attention_type_per_layer:
+        out.append(f"--attention-type is {cfg.attention_type!r} (per layer: "
+                   f"{cfg.attention_type_per_layer or 'none'}); timm's ViT attends over all "
                    "tokens in every block")
     if cfg.norm_epsilon != 1e-6:
         out.append(f"--norm-epsilon is {cfg.norm_epsilon}; timm's norms use 1e-6")

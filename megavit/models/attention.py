@@ -1,5 +1,6 @@
-"""Attention over a 2-D token grid other than full softmax attention: window attention
-(ViTDet), chosen per block (`TransformerConfig.attention_kind`).
+"""Attention other than full softmax attention, chosen per block
+(`TransformerConfig.attention_kind`): window attention over the 2-D token grid (ViTDet) and
+linear (kernel) attention.
 
 The tokens of an image model are `prefix` tokens (the class token, when pooling is 'cls')
 followed by the patch grid in row-major order (gh x gw), then, under sequence parallelism,
@@ -105,3 +106,27 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if S > L:
         pieces.append(q.new_zeros(b, n, S - L, d))
     return torch.cat(pieces, dim=2) if len(pieces) > 1 else out
+
+
+def elu_feature(x: torch.Tensor) -> torch.Tensor:
+    """The positive feature map of linear attention: elu(x) + 1."""
+    return F.elu(x) + 1.0
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """Kernel attention (Katharopoulos et al. 2020) over the first `length` tokens:
+    out_i = phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j)), phi = elu + 1,
+    computed as phi(q) (phi(k)^T v) in O(s d^2). q, k, v [b, n, S, d] -> [b, n, S, d];
+    tokens past `length` (padding) are neither keys nor given an output (zeros).
+    `dropout_p` must be 0 (no probabilities to drop)."""
+    if dropout_p:
+        raise ValueError("linear attention has no attention dropout")
+    S = q.shape[2]
+    fq, fk = elu_feature(q[:, :, :length]), elu_feature(k[:, :, :length])
+    kv = fk.transpose(-2, -1) @ v[:, :, :length]                      # [b, n, d, d]
+    norm = fq @ fk.sum(dim=2, keepdim=True).transpose(-2, -1)         # [b, n, L, 1]
+    out = (fq @ kv) / norm
+    if S > length:
+        out = torch.cat([out, out.new_zeros(*out.shape[:2], S - length, out.shape[-1])], dim=2)
+    return out

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavit.config import ParallelConfig, TransformerConfig
-from megavit.models.attention import TokenLayout, window_attention
+from megavit.models.attention import TokenLayout, linear_attention, window_attention
 from megavit.parallel.comm import Group
 from megavit.parallel.layers import (ColumnParallelLinear, RowParallelLinear, make_norm,
                                      multi_head_attention)
@@ -155,6 +155,10 @@ def _window(q, k, v, dropout_p, layout: TokenLayout, w: int) -> torch.Tensor:
     return window_attention(q, k, v, layout, w, dropout_p)
 
 
+def _linear(q, k, v, dropout_p, length: int) -> torch.Tensor:
+    return linear_attention(q, k, v, length, dropout_p)
+
+
 class AttentionCore(nn.Module):
     """The attention core of a block over this rank's heads — QK-norms, softmax(QK^T)V (or
     window attention, `cfg.attention_kind(layer)`) and attention dropout — recomputed in
@@ -170,6 +174,8 @@ class AttentionCore(nn.Module):
         if self.kind == "window":     # an image model: its token layout (models/attention.py)
             layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
             self.attend = functools.partial(_window, layout=layout, w=cfg.window_size)
+        elif self.kind == "linear":   # real tokens: the sequence before any SP padding
+            self.attend = functools.partial(_linear, length=cfg.seq_length)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:

@@ -259,10 +259,13 @@ def vit_layer_id(name: str, num_layers: int) -> int:
 def attention_flops(cfg: ModelConfig, layer: int) -> int:
     """QK^T and AV FLOPs of block `layer` for one image: 4 s^2 h with full attention; with
     windows, the padded windows' queries against their w^2 keys plus the prefix keys, and
-    the prefix queries against every token."""
+    the prefix queries against every token; linear attention 4 s h d (d the head width)."""
     h, s = cfg.hidden_size, cfg.seq_length
-    if cfg.attention_kind(layer) == "full":
+    kind = cfg.attention_kind(layer)
+    if kind == "full":
         return 4 * s * s * h
+    if kind == "linear":            # phi(k)^T v and phi(q) (.) per head: 2 x 2 s d^2 x heads
+        return 4 * s * h * cfg.head_dim
     w, (gh, gw) = cfg.window_size, cfg.grid
     prefix = s - gh * gw
     windows = -(-gh // w) * -(-gw // w)
