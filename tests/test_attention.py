@@ -9,6 +9,9 @@ attention and full attention, chosen per block.
   tokens, padded) with selective recomputation, and PP=2 with full recomputation — window /
   linear / full blocks with MAP pooling over a 5x5 grid in 2x2 windows, and window blocks
   with a global one and a class token (classic blocks).
+- Positions: rope-2d (on window and full blocks) and learned-2d (with a class token) keep
+  the invariant; a model trained at 16x16 px runs at 24x24 (learned-2d tables resized per
+  axis, the identity at the same grid; rope-2d has nothing to resize).
 - Flags: impossible combinations are refused naming the flags; exports refuse the model.
 """
 
@@ -42,6 +45,10 @@ MODELS = {
     "map": ("vit22b", 2, lambda layers: dict(attention_type_per_layer="window,linear,full")),
     "cls": ("classic", 3, lambda layers: dict(attention_type="window",
                                               global_attention_layers=str(layers - 1))),
+    # rope-2d on window and full blocks (25 tokens, MAP); learned-2d with a class token
+    "rope": ("vit22b", 3, lambda layers: dict(attention_type_per_layer="window,full",
+                                               position_embedding_type="rope-2d")),
+    "l2d": ("classic", None, lambda layers: dict(position_embedding_type="learned-2d")),
 }
 
 
@@ -52,6 +59,22 @@ def window_config(model: str, tp: int = 1, parallel: dict | None = None,
         layers = 4 if parallel and parallel.get("pipeline_model_parallel_size") else 2
     return debug_config(variant, tp=tp, parallel=parallel, layers=layers,
                         model=dict(window_size=w, **flags(layers)))
+
+
+def resized_run(kind: str, root, img: int):
+    """A classic model with `kind` positions at img x img px fine-tuned from the 16x16 px
+    checkpoint in `root` (written when missing): the run and its loading log lines."""
+    from megavit.checkpointing.checkpointer import resume, save_checkpoint
+
+    def config(size: int):
+        return debug_config("classic", layers=2, model=dict(position_embedding_type=kind,
+                                                            img_h=size, img_w=size))
+    if not (root / kind).exists():
+        save_checkpoint(classification_run(config(16), serial_state()), str(root / kind), 2,
+                        0, lambda line: None)
+    run, lines = classification_run(config(img), serial_state()), []
+    resume(run, None, lines.append, pretrained=str(root / kind))
+    return run, lines
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,6 +151,49 @@ def test_linear_attention_is_its_quadratic_form():
                                             window_size=2))
     assert [cfg.model.attention_kind(i) for i in range(4)] == ["window", "linear", "full",
                                                                 "window"]
+
+
+def test_positions_travel_to_another_resolution(tmp_path):
+    """Trained at 16x16 px (4x4 patches), run at 24x24 (6x6): learned-2d tables resized
+    along their axis (the identity at the same grid), rope-2d loads every weight as it is;
+    both evaluate."""
+    from megavit.models.vit import resize_axis_table
+    from megavit.parallel.sharding import full_state
+
+    table = torch.randn(5, 8)
+    assert torch.equal(resize_axis_table(table, 5), table)
+    source = classification_run(debug_config("classic", layers=2, model=dict(
+        position_embedding_type="learned-2d", img_h=16, img_w=16)), serial_state())
+    saved = full_state(source.model, serial_state().tp)
+    for kind in ("learned-2d", "rope-2d"):
+        run, lines = resized_run(kind, tmp_path, 24)
+        loaded = full_state(run.model, serial_state().tp)
+        if kind == "learned-2d":
+            assert any("position table resized from 4x4 to 6x6" in line for line in lines)
+            for name in ("pos_embed.row_weight", "pos_embed.col_weight"):
+                assert torch.equal(loaded[name], resize_axis_table(saved[name], 6)), name
+        else:
+            assert not any("resized" in line for line in lines)
+            assert not any(name.startswith("pos_embed") for name in loaded)
+        result = run.evaluate()
+        assert result["eval_images"] == 359 and 0.0 <= result["eval_accuracy"] <= 1.0
+
+
+def test_rope_2d_rotates_by_row_and_column():
+    from megavit.models.attention import apply_rope_2d, rope_2d_angles
+
+    cos, sin = rope_2d_angles(TokenLayout(1, (2, 3)), 8)
+    assert torch.equal(cos[0], torch.ones(8)) and torch.equal(sin[0], torch.zeros(8))
+    q = torch.randn(1, 1, 7, 8)
+    k = torch.randn(1, 1, 7, 8)
+    rq, rk = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))      # a rotation
+    # scores depend on the offset only: shifting both tokens by one column keeps q.k
+    same = (rq[0, 0, 1] * rk[0, 0, 2]).sum()
+    q2, k2 = q.clone(), k.clone()
+    q2[0, 0, 2], k2[0, 0, 3] = q[0, 0, 1], k[0, 0, 2]
+    shifted = (apply_rope_2d(q2, cos, sin)[0, 0, 2] * apply_rope_2d(k2, cos, sin)[0, 0, 3]).sum()
+    torch.testing.assert_close(same, shifted)
 
 
 def test_a_window_as_large_as_the_grid_is_the_full_model():

@@ -11,7 +11,8 @@ field as on resume:
                       is dropped when this run has another or none
     --img-h / --img-w learned position tables (`pos_embed.weight`, also a two-tower
                       model's `image.pos_embed.weight`) are read at the checkpoint's grid
-                      and resized by bicubic interpolation to this run's grid
+                      and resized by bicubic interpolation to this run's grid; learned-2d
+                      row / column tables along their axis; rope-2d has no table
 
     notes = load_pretrained_weights(run, Path("runs/pretrain/ckpt"), log.info)
 """
@@ -30,10 +31,11 @@ from megavit.checkpointing.model_config import finetune_differences, read_checkp
 from megavit.checkpointing.model_state import check_loadable, load_state, model_state_dict
 from megavit.checkpointing.pieces import piece_blocks, serial_meta_model
 from megavit.checkpointing.safe_reader import check_checkpoint
-from megavit.models.vit import resize_pos_embed
+from megavit.models.vit import resize_axis_table, resize_pos_embed
 
 CLASSIFIER = ("head.weight", "head.bias")
 POSITION_TABLE = "pos_embed.weight"
+AXIS_TABLES = {"pos_embed.row_weight": 0, "pos_embed.col_weight": 1}   # learned-2d: axis
 RESOLUTION_FIELDS = ("img_h", "img_w")
 
 
@@ -54,8 +56,8 @@ def _plan(saved_info: dict, current_info: dict, stored: dict[str, torch.Size],
     # the grid, not the table's shape: 32x16 px and 16x32 px hold as many patches
     grid_differs = _grid(saved_model) != _grid(model)
     fresh = {k for k in expected if classes_differ and k in CLASSIFIER}
-    resize = {k for k in expected if grid_differs and k.endswith(POSITION_TABLE)
-              and k in stored}
+    resize = {k for k in expected if grid_differs and k in stored
+              and k.endswith((POSITION_TABLE, *AXIS_TABLES))}
     problems = []
     for name, shape in expected.items():
         if name in fresh or name in resize:
@@ -81,7 +83,8 @@ def _plan(saved_info: dict, current_info: dict, stored: dict[str, torch.Size],
         old, new = _grid(saved_model), _grid(model)
         notes.append(f"position table resized from {old[0]}x{old[1]} to {new[0]}x{new[1]} "
                      f"patches ({saved_model['img_h']}x{saved_model['img_w']} -> "
-                     f"{model['img_h']}x{model['img_w']} px, bicubic): "
+                     f"{model['img_h']}x{model['img_w']} px, bicubic; learned-2d tables "
+                     "along their axis; rope-2d has none): "
                      + ", ".join(sorted(resize)))
     return fresh, resize, notes
 
@@ -116,7 +119,9 @@ def load_pretrained_weights(run: Checkpointable, checkpoint: Path,
     if tables:
         old, new = _grid(saved_info["model"]), _grid(current_info["model"])
         for name, table in tables.items():
-            params[name].copy_(resize_pos_embed(table, old, new))
+            axis = next((a for suffix, a in AXIS_TABLES.items() if name.endswith(suffix)), None)
+            params[name].copy_(resize_pos_embed(table, old, new) if axis is None
+                               else resize_axis_table(table, new[axis]))
     run.optimizer.copy_params_to_masters()
     for note in notes:
         info(note)

@@ -172,9 +172,13 @@ class ModelConfig(TransformerConfig):
     position_embedding_type: str = field(
         default="learned",
         metadata=opt(
-            "Position embeddings: 'learned' (resized by interpolation when the image size "
-            "changes) or fixed 'sincos2d'.",
-            choices=("learned", "sincos2d"),
+            "Position embeddings: 'learned' (one table over the grid, resized by bicubic "
+            "interpolation when the image size changes), 'learned-2d' (a learned row table "
+            "and column table, added per token, each resized along its axis), fixed "
+            "'sincos2d', or 'rope-2d' (axial rotary embedding of queries and keys: half of "
+            "each head's width rotated by the row, half by the column; no table, so any "
+            "resolution runs as is).",
+            choices=("learned", "learned-2d", "sincos2d", "rope-2d"),
         ),
     )
     pooling: str = field(

@@ -123,10 +123,11 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> list[str]:
         )
     problems += _check_recompute(p, m.num_layers)
     if p.recompute_granularity == "auto" and (m.uses_attention("window")
-                                              or m.uses_attention("linear")):
+                                              or m.uses_attention("linear")
+                                              or m.position_embedding_type == "rope-2d"):
         problems.append("--recompute-granularity auto plans with the activation formula of "
-                        "full attention; with window or linear attention choose selective or "
-                        "full recomputation")
+                        "full attention without rotary positions; with window or linear "
+                        "attention or rope-2d choose selective or full recomputation")
     if p.sequence_parallel_regather and not p.sequence_parallel:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")
     if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
@@ -313,6 +314,11 @@ def _check_model_shape(model: ModelConfig) -> list[str]:
         problems.append(
             f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
             f"{model.num_attention_heads}; pick a head count that divides the width"
+        )
+    if model.position_embedding_type == "rope-2d" and model.head_dim % 4:
+        problems.append(
+            f"--position-embedding-type rope-2d rotates pairs along two axes: the head width "
+            f"--hidden-size / --num-attention-heads = {model.head_dim} must be divisible by 4"
         )
     if model.position_embedding_type == "sincos2d" and model.hidden_size % 4:
         problems.append(

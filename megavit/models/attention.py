@@ -130,3 +130,36 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
     if S > length:
         out = torch.cat([out, out.new_zeros(*out.shape[:2], S - length, out.shape[-1])], dim=2)
     return out
+
+
+def rope_2d_angles(layout: TokenLayout, head_dim: int, base: float = 10000.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [length, head_dim] of the axial 2-D rotary embedding: the first half of a
+    head's width rotates with the token's row, the second half with its column; within a
+    half of width m, dimension pairs (j, j + m/2) turn at frequency base^(-2j/m) (RoFormer's
+    rotate-half form). Prefix tokens (the class token) are not rotated (angle 0)."""
+    gh, gw = layout.grid
+    m = head_dim // 2
+    cpu = {"dtype": torch.float64, "device": "cpu"}
+    freq = base ** (-torch.arange(0, m, 2, **cpu) / m)                        # [m/2]
+    rows = torch.arange(gh, **cpu).repeat_interleave(gw)                      # [gh*gw]
+    cols = torch.arange(gw, **cpu).repeat(gh)
+    row_angles, col_angles = rows[:, None] * freq, cols[:, None] * freq        # [gh*gw, m/2]
+    angles = torch.cat([row_angles, row_angles, col_angles, col_angles], dim=1)
+    angles = torch.cat([angles.new_zeros(layout.prefix, head_dim), angles])
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, n, S, d] with its first `length` tokens rotated (cos, sin [length, d]); the
+    rest (padding) as they are."""
+    length, d = cos.shape
+    head, rest = x[:, :, :length], x[:, :, length:]
+    m = d // 2
+
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:     # per axis half: (a, b) -> (-b, a)
+        a1, b1, a2, b2 = t.split(m // 2, dim=-1)
+        return torch.cat([-b1, a1, -b2, a2], dim=-1)
+
+    rotated = head * cos.to(x.dtype) + rotate_half(head) * sin.to(x.dtype)
+    return torch.cat([rotated, rest], dim=2) if rest.shape[2] else rotated

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavit.config import ParallelConfig, TransformerConfig
-from megavit.models.attention import TokenLayout, linear_attention, window_attention
+from megavit.models.attention import (TokenLayout, apply_rope_2d, linear_attention,
+                                      rope_2d_angles, window_attention)
 from megavit.parallel.comm import Group
 from megavit.parallel.layers import (ColumnParallelLinear, RowParallelLinear, make_norm,
+                                     softmax_attention,
                                      multi_head_attention)
 from megavit.parallel.random import MODEL_PARALLEL, RNGTracker, counter_uniform
 from megavit.parallel.recompute import recompute
@@ -151,12 +153,19 @@ def qk_norms(cfg: TransformerConfig, rt: Runtime) -> tuple[nn.Module | None, nn.
                  for _ in range(2))
 
 
-def _window(q, k, v, dropout_p, layout: TokenLayout, w: int) -> torch.Tensor:
+def _window(q, k, v, dropout_p, mask, layout: TokenLayout, w: int) -> torch.Tensor:
     return window_attention(q, k, v, layout, w, dropout_p)
 
 
-def _linear(q, k, v, dropout_p, length: int) -> torch.Tensor:
+def _linear(q, k, v, dropout_p, mask, length: int) -> torch.Tensor:
     return linear_attention(q, k, v, length, dropout_p)
+
+
+def _rotated(q, k, v, dropout_p, mask, layout, head_dim, inner) -> torch.Tensor:
+    """rope-2d: queries and keys rotated by their grid position, then `inner` attention
+    (the angles are computed here, not when the model is built on the meta device)."""
+    cos, sin = (t.to(q.device) for t in rope_2d_angles(layout, head_dim))
+    return inner(apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin), v, dropout_p, mask)
 
 
 class AttentionCore(nn.Module):
@@ -176,6 +185,10 @@ class AttentionCore(nn.Module):
             self.attend = functools.partial(_window, layout=layout, w=cfg.window_size)
         elif self.kind == "linear":   # real tokens: the sequence before any SP padding
             self.attend = functools.partial(_linear, length=cfg.seq_length)
+        if getattr(cfg, "position_embedding_type", None) == "rope-2d":
+            layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
+            self.attend = functools.partial(_rotated, layout=layout, head_dim=cfg.head_dim,
+                                            inner=self.attend or softmax_attention)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:

@@ -102,6 +102,32 @@ class LearnedPositionEmbedding(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def resize_axis_table(table: torch.Tensor, size: int) -> torch.Tensor:
+    """A learned [n, h] table along one grid axis, interpolated (bicubic) to [size, h]."""
+    x = table.t().unsqueeze(0).unsqueeze(-1).float()                 # [1, h, n, 1]
+    x = F.interpolate(x, size=(size, 1), mode="bicubic", align_corners=False)
+    return x[0, :, :, 0].t().to(table.dtype)
+
+
+class RowColumnPositionEmbedding(nn.Module):
+    """`learned-2d`: a learned row table [gh, h] and column table [gw, h]; patch (r, c)
+    gets row[r] + col[c] (each initialised at std / sqrt(2), so the sum has the std of one
+    table over the grid). A new grid resizes each table along its axis."""
+
+    def __init__(self, grid: tuple[int, int], width: int, std: float) -> None:
+        super().__init__()
+        self.grid = grid
+        self.row_weight = nn.Parameter(torch.empty(grid[0], width))
+        self.col_weight = nn.Parameter(torch.empty(grid[1], width))
+        for p in (self.row_weight, self.col_weight):
+            p.no_weight_decay = True  # type: ignore[attr-defined]
+            set_init(p, trunc_normal(std / math.sqrt(2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = (self.row_weight[:, None, :] + self.col_weight[None, :, :]).flatten(0, 1)
+        return x + table.unsqueeze(1)
+
+
 class VisionTransformer(nn.Module):
     """A ViT, or the part of one that a pipeline stage holds.
 
@@ -130,9 +156,12 @@ class VisionTransformer(nn.Module):
                                  persistent=False)
         if pre_process:
             self.patch_embed = PatchEmbedding(cfg)
+            kind = cfg.position_embedding_type
             self.pos_embed = (LearnedPositionEmbedding(cfg.grid, h, cfg.init_method_std)
-                              if cfg.position_embedding_type == "learned" else None)
-            if self.pos_embed is None:  # fixed sin-cos table, filled by init_buffers
+                              if kind == "learned" else
+                              RowColumnPositionEmbedding(cfg.grid, h, cfg.init_method_std)
+                              if kind == "learned-2d" else None)
+            if kind == "sincos2d":      # fixed sin-cos table, filled by init_buffers
                 self.register_buffer("pos_sincos", torch.empty(cfg.grid[0] * cfg.grid[1], h),
                                      persistent=False)
             if cfg.pooling == "cls":
@@ -153,7 +182,7 @@ class VisionTransformer(nn.Module):
 
     def init_buffers(self) -> None:
         """Fill non-learned buffers (called by initialize_parameters after materialising)."""
-        if self.pre_process and self.pos_embed is None:
+        if self.pre_process and self.cfg.position_embedding_type == "sincos2d":
             self.pos_sincos.copy_(sincos_2d(self.cfg.grid, self.cfg.hidden_size))
         if self.padded_length != self.cfg.seq_length:
             self.pad_mask.zero_()
@@ -164,8 +193,8 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images)
         if self.pos_embed is not None:
             x = self.pos_embed(x)
-        else:
-            x = x + self.pos_sincos.unsqueeze(1)
+        elif self.cfg.position_embedding_type == "sincos2d":
+            x = x + self.pos_sincos.unsqueeze(1)      # rope-2d: positions enter the attention
         if self.cfg.pooling == "cls":
             x = torch.cat([self.cls_token.view(1, 1, -1).expand(1, x.shape[1], -1), x], dim=0)
         return self.pre_norm(x) if self.cfg.pre_norm else x

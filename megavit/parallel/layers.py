@@ -247,6 +247,12 @@ def from_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
 
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                      attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA on heads-first [b, n, s, d] tensors (the default `attend`)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 def multi_head_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -260,8 +266,8 @@ def multi_head_attention(
     attend: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v over this rank's heads, bidirectional; or, with
-    `attend`, attend(q, k, v, dropout_p) on the heads-first [b, n, s, d] tensors instead
-    (another attention pattern, e.g. windows; `attn_mask` is then unused).
+    `attend`, attend(q, k, v, dropout_p, attn_mask) on the heads-first [b, n, s, d] tensors
+    instead (another attention pattern, e.g. windows, or rotated queries and keys).
 
     q [sq, b, n*d], k and v [sk, b, n*d] -> [sq, b, n*d]. `q_norm` / `k_norm` normalise
     each head's d-vector (ViT-22B's QK LayerNorm). `attn_mask`: additive [sq, sk] (0 or
@@ -276,15 +282,12 @@ def multi_head_attention(
     if k_norm is not None:
         k = k_norm(k)
     args = (q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), to_heads(v, head_dim))
-    if attend is None:
-        def attend(q, k, v, dropout_p):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                                  dropout_p=dropout_p)
+    attend = attend or softmax_attention
     if dropout_p > 0:
         if rng is None:
             raise ValueError("attention dropout needs an RNG tracker")
         with rng.fork(MODEL_PARALLEL):
-            out = attend(*args, dropout_p)
+            out = attend(*args, dropout_p, attn_mask)
     else:
-        out = attend(*args, 0.0)
+        out = attend(*args, 0.0, attn_mask)
     return from_heads(out)
