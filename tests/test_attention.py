@@ -43,10 +43,11 @@ LAYOUTS = {"tp2": (2, 2, 1, [{}, SP_SELECTIVE]), "pp2": (2, 1, 2, [PP2_FULL])}
 # cls: classic blocks with a class token (4x4 grid + 1), window blocks and a global last one
 MODELS = {
     "map": ("vit22b", 2, lambda layers: dict(attention_type_per_layer="window,linear,full")),
-    "cls": ("classic", 3, lambda layers: dict(attention_type="window",
-                                              global_attention_layers=str(layers - 1))),
-    # rope-2d on window and full blocks (25 tokens, MAP); learned-2d with a class token
-    "rope": ("vit22b", 3, lambda layers: dict(attention_type_per_layer="window,full",
+    # Swin-shifted windows (every second block) over a padded grid with a class token
+    "cls": ("classic", 3, lambda layers: dict(attention_type="window", window_shift=True)),
+    # rope-2d on window blocks and a global one (25 tokens, MAP); learned-2d with a class token
+    "rope": ("vit22b", 3, lambda layers: dict(attention_type="window",
+                                               global_attention_layers="1",
                                                position_embedding_type="rope-2d")),
     "l2d": ("classic", None, lambda layers: dict(position_embedding_type="learned-2d")),
 }
@@ -137,6 +138,34 @@ def test_window_attention_is_the_masked_softmax_it_describes(prefix, grid, w):
     torch.testing.assert_close(whole[:, :, :length], full)
 
 
+@pytest.mark.parametrize("prefix,grid,w", [(0, (6, 6), 3), (1, (5, 7), 3), (0, (4, 4), 2)])
+def test_shifted_windows_are_the_masked_softmax_written_plainly(prefix, grid, w):
+    """Roll the padded grid by s = w // 2 up and left, cut windows, keep pairs of the same
+    band on each axis: written here per token pair, without rolling anything."""
+    g = torch.Generator().manual_seed(3)
+    b, n, d = 2, 2, 4
+    length = prefix + grid[0] * grid[1]
+    q, k, v = (torch.randn(b, n, length + 1, d, generator=g) for _ in range(3))
+    s = w // 2
+    got = window_attention(q, k, v, TokenLayout(prefix, grid), w, shift=s)
+    gh, gw = grid
+    Gh, Gw = -(-gh // w) * w, -(-gw // w) * w
+    rows, cols = torch.arange(gh * gw) // gw, torch.arange(gh * gw) % gw
+    r, c = (rows - s) % Gh, (cols - s) % Gw                 # where the roll puts each token
+    band = lambda x, size: (x >= size - w).long() + (x >= size - s).long()  # noqa: E731
+    key = torch.full((length, 4), -1)
+    key[prefix:] = torch.stack([r // w, c // w, band(r, Gh), band(c, Gw)], 1)
+    allowed = (key[:, None, :] == key[None, :, :]).all(-1)
+    allowed[:prefix, :] = True
+    allowed[:, :prefix] = True
+    ref = F.scaled_dot_product_attention(q[:, :, :length], k[:, :, :length],
+                                         v[:, :, :length], attn_mask=allowed)
+    torch.testing.assert_close(got[:, :, :length], ref)
+    cfg = debug_config(layers=4, model=dict(attention_type="window", window_size=2,
+                                            window_shift=True, global_attention_layers="2"))
+    assert [cfg.model.window_shift_of(i) for i in range(4)] == [0, 1, 0, 0]
+
+
 def test_linear_attention_is_its_quadratic_form():
     from megavit.models.attention import elu_feature, linear_attention
 
@@ -222,6 +251,7 @@ def test_a_window_as_large_as_the_grid_is_the_full_model():
      "--attention-type-per-layer replaces --attention-type"),
     (dict(attention_type="linear", attention_dropout=0.1), "linear attention has no "
                                                            "attention probabilities"),
+    (dict(window_shift=True), "--window-shift shifts windows by --window-size // 2"),
     (dict(attention_type="window", window_size=2, global_attention_layers="1,7"),
      "block(s) 7 outside 0..1"),
     (dict(attention_type="window", window_size=2, global_attention_layers="a"),

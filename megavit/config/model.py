@@ -101,6 +101,11 @@ class TransformerConfig:
         metadata=opt("Window side in patches for --attention-type window (ViTDet: 14 at "
                      "1024 px with patch 16)."),
     )
+    window_shift: bool = field(
+        default=False,
+        metadata=opt("Swin's shifted windows: every second window block (in order) rolls the "
+                     "grid by --window-size // 2 before cutting windows, with its mask."),
+    )
     global_attention_layers: str = field(
         default="",
         metadata=opt("With --attention-type window: comma-separated block indices that keep "
@@ -141,6 +146,14 @@ class TransformerConfig:
         if self.attention_type != "full" and layer not in self.global_layers():
             return self.attention_type
         return "full"
+
+    def window_shift_of(self, layer: int) -> int:
+        """How far block `layer` rolls the grid (0: not at all): with --window-shift, the
+        second, fourth, ... window blocks roll by window_size // 2."""
+        if not self.window_shift or self.attention_kind(layer) != "window":
+            return 0
+        order = sum(self.attention_kind(i) == "window" for i in range(layer))
+        return self.window_size // 2 if order % 2 else 0
 
     def uses_attention(self, kind: str) -> bool:
         return any(self.attention_kind(i) == kind for i in range(self.num_layers))

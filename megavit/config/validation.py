@@ -108,6 +108,10 @@ def _check_attention(model: ModelConfig) -> list[str]:
     elif not 1 <= model.window_size <= max(gh, gw):
         problems.append(f"--window-size {model.window_size} must be in 1..{max(gh, gw)}: the "
                         f"patch grid is {gh}x{gw} (--img-h/--img-w / --patch-dim)")
+    if model.window_shift and (not model.uses_attention("window")
+                               or (model.window_size or 0) < 2):
+        problems.append("--window-shift shifts windows by --window-size // 2: it needs window "
+                        "blocks with --window-size 2 or more")
     if model.uses_attention("linear") and model.attention_dropout > 0:
         problems.append("--attention-dropout: linear attention has no attention probabilities "
                         "to drop; set it to 0 or keep those blocks full")

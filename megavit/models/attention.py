@@ -9,7 +9,9 @@ padding up to a multiple of the TP size:
     [ cls | p(0,0) p(0,1) ... p(gh-1,gw-1) | pad ... ]
 
 Window attention, the exact rule: the grid is cut into non-overlapping w x w windows from
-the top-left corner; a grid that w does not divide is padded at the bottom and right with
+the top-left corner (with --window-shift, every second window block first rolls the padded
+grid by w // 2 up and left, Swin's cyclic shift, and masks pairs the roll brought together:
+`shifted_window_mask`); a grid that w does not divide is padded at the bottom and right with
 masked tokens (ViTDet), so the last row / column of windows is partial. A patch token attends
 to the real patch tokens of its own window and to every prefix token; a prefix token attends
 to every real token (it is global: the class token keeps the image-wide context). Padding
@@ -80,25 +82,60 @@ def window_key_mask(grid: tuple[int, int], w: int, prefix: int) -> torch.Tensor 
     return keep.view(nh * nw, 1, 1, prefix + w * w)
 
 
+def shifted_window_mask(grid: tuple[int, int], w: int, shift: int, prefix: int
+                        ) -> torch.Tensor:
+    """Boolean [nh * nw, 1, w*w, prefix + w*w] (True: may attend) for windows of the grid
+    padded to multiples of w and rolled by (-shift, -shift): a query sees the real keys of
+    its window that come from the same region of the rolled grid (Swin's rule: along each
+    axis the bands [0, G - w), [G - w, G - shift), [G - shift, G) of the padded side G), and
+    every prefix key."""
+    gh, gw = grid
+    nh, nw = math.ceil(gh / w), math.ceil(gw / w)
+    Gh, Gw = nh * w, nw * w
+
+    def bands(size: int) -> torch.Tensor:
+        x = torch.arange(size)
+        return (x >= size - w).long() + (x >= size - shift).long()
+
+    region = bands(Gh)[:, None] * 3 + bands(Gw)[None, :]                     # rolled frame
+    real = torch.zeros(Gh, Gw, dtype=torch.bool)
+    real[:gh, :gw] = True
+    real = real.roll((-shift, -shift), dims=(0, 1))
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        return t.view(nh, w, nw, w).permute(0, 2, 1, 3).reshape(nh * nw, w * w)
+
+    region, real = windows(region), windows(real)
+    allowed = (region[:, :, None] == region[:, None, :]) & real[:, None, :]
+    allowed = torch.cat([torch.ones(nh * nw, w * w, prefix, dtype=torch.bool), allowed], 2)
+    return allowed.unsqueeze(1)
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-                     w: int, dropout_p: float = 0.0) -> torch.Tensor:
+                     w: int, dropout_p: float = 0.0, shift: int = 0) -> torch.Tensor:
     """q, k, v [b, n, S, d] (heads first; S >= layout.length, the rest padding) -> [b, n, S,
-    d] by the rule of the module docstring. Dropout (p `dropout_p`) draws from the current
-    generator, as SDPA does."""
+    d] by the rule of the module docstring; with `shift` (Swin) the padded grid is rolled
+    by (-shift, -shift) before the windows are cut and back after, and
+    `shifted_window_mask` keeps tokens that the roll brought together from attending to
+    each other. Dropout (p `dropout_p`) draws from the current generator, as SDPA does."""
     b, n, S, d = q.shape
     P, L, grid = layout.prefix, layout.length, layout.grid
-    qg, kg, vg = (window_partition(t[:, :, P:L], grid, w) for t in (q, k, v))
+    if shift:
+        qg, kg, vg = (_rolled_windows(t[:, :, P:L], grid, w, shift) for t in (q, k, v))
+        mask = shifted_window_mask(grid, w, shift, P)
+    else:
+        qg, kg, vg = (window_partition(t[:, :, P:L], grid, w) for t in (q, k, v))
+        mask = window_key_mask(grid, w, P)
     if P:                               # every window also sees the prefix tokens
         windows = qg.shape[0] // b
         kp = k[:, :, :P].repeat_interleave(windows, dim=0)
         vp = v[:, :, :P].repeat_interleave(windows, dim=0)
         kg, vg = torch.cat([kp, kg], dim=2), torch.cat([vp, vg], dim=2)
-    mask = window_key_mask(grid, w, P)
     if mask is not None:
         mask = mask.repeat(b, 1, 1, 1).to(q.device)
-    out = window_unpartition(
-        F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p),
-        b, grid, w)
+    attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p)
+    out = (_unrolled(attended, b, grid, w, shift) if shift
+           else window_unpartition(attended, b, grid, w))
     pieces = [out]
     if P:                               # the prefix attends to every real token
         pieces.insert(0, F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :L], v[:, :, :L],
@@ -106,6 +143,29 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     if S > L:
         pieces.append(q.new_zeros(b, n, S - L, d))
     return torch.cat(pieces, dim=2) if len(pieces) > 1 else out
+
+
+def _rolled_windows(x: torch.Tensor, grid: tuple[int, int], w: int, shift: int
+                    ) -> torch.Tensor:
+    """[B, n, gh*gw, d] -> the windows of the grid padded to multiples of w and rolled by
+    (-shift, -shift)."""
+    B, n, _, d = x.shape
+    gh, gw = grid
+    Gh, Gw = math.ceil(gh / w) * w, math.ceil(gw / w) * w
+    x = F.pad(x.view(B, n, gh, gw, d), (0, 0, 0, Gw - gw, 0, Gh - gh))
+    x = x.roll((-shift, -shift), dims=(2, 3))
+    return window_partition(x.reshape(B, n, Gh * Gw, d), (Gh, Gw), w)
+
+
+def _unrolled(x: torch.Tensor, batch: int, grid: tuple[int, int], w: int, shift: int
+              ) -> torch.Tensor:
+    """The inverse of `_rolled_windows`: windows -> [B, n, gh*gw, d]."""
+    gh, gw = grid
+    Gh, Gw = math.ceil(gh / w) * w, math.ceil(gw / w) * w
+    x = window_unpartition(x, batch, (Gh, Gw), w)
+    n, d = x.shape[1], x.shape[-1]
+    x = x.view(batch, n, Gh, Gw, d).roll((shift, shift), dims=(2, 3))[:, :, :gh, :gw]
+    return x.reshape(batch, n, gh * gw, d)
 
 
 def elu_feature(x: torch.Tensor) -> torch.Tensor:

@@ -153,8 +153,9 @@ def qk_norms(cfg: TransformerConfig, rt: Runtime) -> tuple[nn.Module | None, nn.
                  for _ in range(2))
 
 
-def _window(q, k, v, dropout_p, mask, layout: TokenLayout, w: int) -> torch.Tensor:
-    return window_attention(q, k, v, layout, w, dropout_p)
+def _window(q, k, v, dropout_p, mask, layout: TokenLayout, w: int, shift: int
+            ) -> torch.Tensor:
+    return window_attention(q, k, v, layout, w, dropout_p, shift)
 
 
 def _linear(q, k, v, dropout_p, mask, length: int) -> torch.Tensor:
@@ -182,7 +183,8 @@ class AttentionCore(nn.Module):
         self.attend = None
         if self.kind == "window":     # an image model: its token layout (models/attention.py)
             layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
-            self.attend = functools.partial(_window, layout=layout, w=cfg.window_size)
+            self.attend = functools.partial(_window, layout=layout, w=cfg.window_size,
+                                            shift=cfg.window_shift_of(layer))
         elif self.kind == "linear":   # real tokens: the sequence before any SP padding
             self.attend = functools.partial(_linear, length=cfg.seq_length)
         if getattr(cfg, "position_embedding_type", None) == "rope-2d":
