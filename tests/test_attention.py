@@ -1,5 +1,5 @@
-"""Attention per block (issue 18, first part): window attention (ViTDet), linear (kernel)
-attention and full attention, chosen per block.
+"""Attention per block (issue 18, first part): window attention (ViTDet, Swin-shifted),
+local-global, linear (kernel) and full attention, chosen per block.
 
 - The rule: window attention equals softmax attention under the plainly written mask
   (same window, or either token a prefix token), partial windows included; with the window
@@ -39,10 +39,11 @@ PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
             "recompute_method": "uniform", "recompute_num_layers": 1}
 LAYOUTS = {"tp2": (2, 2, 1, [{}, SP_SELECTIVE]), "pp2": (2, 1, 2, [PP2_FULL])}
 # model: (debug_config variant, window side, attention flags for `layers` blocks);
-# map: vit22b blocks, 5x5 grid, MAP pooling, blocks window / linear / full repeating;
+# map: vit22b blocks, 5x5 grid, MAP pooling, blocks local-global / linear / window / full;
 # cls: classic blocks with a class token (4x4 grid + 1), window blocks and a global last one
 MODELS = {
-    "map": ("vit22b", 2, lambda layers: dict(attention_type_per_layer="window,linear,full")),
+    "map": ("vit22b", 2, lambda layers: dict(
+        attention_type_per_layer="local-global,linear,window,full")),
     # Swin-shifted windows (every second block) over a padded grid with a class token
     "cls": ("classic", 3, lambda layers: dict(attention_type="window", window_shift=True)),
     # rope-2d on window blocks and a global one (25 tokens, MAP); learned-2d with a class token
@@ -166,6 +167,31 @@ def test_shifted_windows_are_the_masked_softmax_written_plainly(prefix, grid, w)
     assert [cfg.model.window_shift_of(i) for i in range(4)] == [0, 1, 0, 0]
 
 
+@pytest.mark.parametrize("prefix,grid,w", [(0, (5, 5), 2), (1, (4, 6), 3), (1, (3, 3), 1)])
+def test_local_global_is_windows_plus_global_top_left_tokens(prefix, grid, w):
+    """Each window's top-left patch is global both ways, as is the class token; with w = 1
+    every token is global: full attention."""
+    g = torch.Generator().manual_seed(4)
+    b, n, d = 2, 2, 4
+    length = prefix + grid[0] * grid[1]
+    q, k, v = (torch.randn(b, n, length + 1, d, generator=g) for _ in range(3))
+    got = window_attention(q, k, v, TokenLayout(prefix, grid), w, carriers=True)
+    gh, gw = grid
+    rows, cols = torch.arange(gh * gw) // gw, torch.arange(gh * gw) % gw
+    window = torch.full((length,), -1)
+    window[prefix:] = (rows // w) * 1000 + cols // w
+    is_global = torch.ones(length, dtype=torch.bool)
+    is_global[prefix:] = (rows % w == 0) & (cols % w == 0)
+    allowed = (window[:, None] == window[None, :]) | is_global[None, :] | is_global[:, None]
+    ref = F.scaled_dot_product_attention(q[:, :, :length], k[:, :, :length],
+                                         v[:, :, :length], attn_mask=allowed)
+    torch.testing.assert_close(got[:, :, :length], ref)
+    if w == 1:
+        full = F.scaled_dot_product_attention(q[:, :, :length], k[:, :, :length],
+                                              v[:, :, :length])
+        torch.testing.assert_close(got[:, :, :length], full)
+
+
 def test_linear_attention_is_its_quadratic_form():
     from megavit.models.attention import elu_feature, linear_attention
 
@@ -246,7 +272,8 @@ def test_a_window_as_large_as_the_grid_is_the_full_model():
     (dict(window_size=2), "--window-size applies to window attention (no block uses it)"),
     (dict(global_attention_layers="1"), "--global-attention-layers applies to --attention-type "
                                         "window or linear"),
-    (dict(attention_type_per_layer="window,conv"), "conv is not one of full, window, linear"),
+    (dict(attention_type_per_layer="window,conv"),
+     "conv is not one of full, window, local-global, linear"),
     (dict(attention_type_per_layer="full", attention_type="window", window_size=2),
      "--attention-type-per-layer replaces --attention-type"),
     (dict(attention_type="linear", attention_dropout=0.1), "linear attention has no "
@@ -270,7 +297,7 @@ def test_auto_recomputation_and_exports_refuse_window_attention():
         validate(cfg, world_size=1)
     from megavit.interop import hf_vit, timm_vit
 
-    assert any("per layer: window,linear,full); timm's ViT attends over all tokens" in d
+    assert any("per layer: local-global,linear,window,full); timm's ViT attends" in d
                for d in timm_vit.differences(window_config("map").model))
     assert any("--attention-type is 'window'" in d
                for d in hf_vit.differences(window_config("cls").model))

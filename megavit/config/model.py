@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from megavit.config.fields import nested, opt
 
 
-ATTENTION_TYPES = ("full", "window", "linear")
+ATTENTION_TYPES = ("full", "window", "local-global", "linear")
 
 
 @dataclass
@@ -83,15 +83,18 @@ class TransformerConfig:
             "Attention of every block (image tower): 'full' (softmax over all tokens), "
             "'window' (ViTDet: non-overlapping --window-size x --window-size windows of the "
             "patch grid, a grid the window does not divide padded and the padding masked; a "
-            "class token attends to every token and every token to it) or 'linear' (kernel "
-            "attention, elu(x) + 1 feature map, no softmax: O(s d^2)). Blocks listed in "
+            "class token attends to every token and every token to it), 'local-global' "
+            "(windows plus one global token per window, its top-left patch, which attends to "
+            "every token and which every token attends to) or 'linear' (kernel attention, "
+            "elu(x) + 1 feature map, no softmax: O(s d^2)). Blocks listed in "
             "--global-attention-layers stay 'full'.",
             choices=ATTENTION_TYPES,
         ),
     )
     attention_type_per_layer: str = field(
         default="",
-        metadata=opt("Each block's attention, comma-separated (full, window, linear); a list "
+        metadata=opt("Each block's attention, comma-separated (full, window, local-global, "
+                     "linear); a list "
                      "shorter than --num-layers repeats, e.g. 'window,window,window,full' "
                      "gives ViTDet's 12-block pattern. Replaces --attention-type and "
                      "--global-attention-layers."),
@@ -140,7 +143,7 @@ class TransformerConfig:
         return [v for v in self.attention_type_per_layer.replace(" ", "").split(",") if v]
 
     def attention_kind(self, layer: int) -> str:
-        """Block `layer`'s attention: 'full', 'window' or 'linear'."""
+        """Block `layer`'s attention: 'full', 'window', 'local-global' or 'linear'."""
         if pattern := self.attention_pattern():
             return pattern[layer % len(pattern)]
         if self.attention_type != "full" and layer not in self.global_layers():
@@ -150,13 +153,16 @@ class TransformerConfig:
     def window_shift_of(self, layer: int) -> int:
         """How far block `layer` rolls the grid (0: not at all): with --window-shift, the
         second, fourth, ... window blocks roll by window_size // 2."""
-        if not self.window_shift or self.attention_kind(layer) != "window":
+        if not self.window_shift or self.attention_kind(layer) != "window":   # not carriers
             return 0
         order = sum(self.attention_kind(i) == "window" for i in range(layer))
         return self.window_size // 2 if order % 2 else 0
 
     def uses_attention(self, kind: str) -> bool:
-        return any(self.attention_kind(i) == kind for i in range(self.num_layers))
+        """Whether some block uses `kind` ('window' also answers for 'local-global', which
+        cuts windows too)."""
+        kinds = {self.attention_kind(i) for i in range(self.num_layers)}
+        return kind in kinds or (kind == "window" and "local-global" in kinds)
 
 
 @dataclass

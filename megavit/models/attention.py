@@ -11,7 +11,10 @@ padding up to a multiple of the TP size:
 Window attention, the exact rule: the grid is cut into non-overlapping w x w windows from
 the top-left corner (with --window-shift, every second window block first rolls the padded
 grid by w // 2 up and left, Swin's cyclic shift, and masks pairs the roll brought together:
-`shifted_window_mask`); a grid that w does not divide is padded at the bottom and right with
+`shifted_window_mask`). `local-global`: the top-left patch of every window is a global
+token — it attends to every real token, and every token attends to every window's global
+token besides its own window (w^2 + windows keys a query); with w = 1 every token is global
+and the result is full attention (`window_global_indices`); a grid that w does not divide is padded at the bottom and right with
 masked tokens (ViTDet), so the last row / column of windows is partial. A patch token attends
 to the real patch tokens of its own window and to every prefix token; a prefix token attends
 to every real token (it is global: the class token keeps the image-wide context). Padding
@@ -111,8 +114,18 @@ def shifted_window_mask(grid: tuple[int, int], w: int, shift: int, prefix: int
     return allowed.unsqueeze(1)
 
 
+def window_global_indices(grid: tuple[int, int], w: int) -> torch.Tensor:
+    """Grid indices [nW] of each window's global token (local-global): its top-left patch,
+    always a real one."""
+    gh, gw = grid
+    rows = torch.arange(0, gh, w).repeat_interleave(math.ceil(gw / w))
+    cols = torch.arange(0, gw, w).repeat(math.ceil(gh / w))
+    return rows * gw + cols
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
-                     w: int, dropout_p: float = 0.0, shift: int = 0) -> torch.Tensor:
+                     w: int, dropout_p: float = 0.0, shift: int = 0,
+                     carriers: bool = False) -> torch.Tensor:
     """q, k, v [b, n, S, d] (heads first; S >= layout.length, the rest padding) -> [b, n, S,
     d] by the rule of the module docstring; with `shift` (Swin) the padded grid is rolled
     by (-shift, -shift) before the windows are cut and back after, and
@@ -126,8 +139,20 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     else:
         qg, kg, vg = (window_partition(t[:, :, P:L], grid, w) for t in (q, k, v))
         mask = window_key_mask(grid, w, P)
+    windows = qg.shape[0] // b
+    if carriers:                        # local-global: every window's global token too
+        glob = P + window_global_indices(grid, w).to(q.device)
+        kc = k[:, :, glob].repeat_interleave(windows, dim=0)           # [b*nW, n, nW, d]
+        vc = v[:, :, glob].repeat_interleave(windows, dim=0)
+        kg, vg = torch.cat([kc, kg], dim=2), torch.cat([vc, vg], dim=2)
+        # keys: [prefix | global tokens | window]; a window's own global token is already
+        # among its window keys, so its copy is masked
+        others = ~torch.eye(windows, dtype=torch.bool).view(windows, 1, 1, windows)
+        if mask is None:
+            mask = torch.ones(windows, 1, 1, P + w * w, dtype=torch.bool)
+        mask = torch.cat([mask[..., :P], others.expand(-1, 1, mask.shape[2], -1),
+                          mask[..., P:]], dim=3)
     if P:                               # every window also sees the prefix tokens
-        windows = qg.shape[0] // b
         kp = k[:, :, :P].repeat_interleave(windows, dim=0)
         vp = v[:, :, :P].repeat_interleave(windows, dim=0)
         kg, vg = torch.cat([kp, kg], dim=2), torch.cat([vp, vg], dim=2)
@@ -136,6 +161,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p)
     out = (_unrolled(attended, b, grid, w, shift) if shift
            else window_unpartition(attended, b, grid, w))
+    if carriers:                        # global tokens attend to every real token
+        glob_out = F.scaled_dot_product_attention(q[:, :, glob], k[:, :, :L], v[:, :, :L],
+                                                  dropout_p=dropout_p)
+        out = out.index_copy(2, glob - P, glob_out)
     pieces = [out]
     if P:                               # the prefix attends to every real token
         pieces.insert(0, F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :L], v[:, :, :L],

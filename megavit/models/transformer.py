@@ -153,9 +153,9 @@ def qk_norms(cfg: TransformerConfig, rt: Runtime) -> tuple[nn.Module | None, nn.
                  for _ in range(2))
 
 
-def _window(q, k, v, dropout_p, mask, layout: TokenLayout, w: int, shift: int
-            ) -> torch.Tensor:
-    return window_attention(q, k, v, layout, w, dropout_p, shift)
+def _window(q, k, v, dropout_p, mask, layout: TokenLayout, w: int, shift: int,
+            carriers: bool) -> torch.Tensor:
+    return window_attention(q, k, v, layout, w, dropout_p, shift, carriers)
 
 
 def _linear(q, k, v, dropout_p, mask, length: int) -> torch.Tensor:
@@ -181,10 +181,11 @@ class AttentionCore(nn.Module):
         self.dropout = cfg.attention_dropout
         self.kind = cfg.attention_kind(layer)
         self.attend = None
-        if self.kind == "window":     # an image model: its token layout (models/attention.py)
+        if self.kind in ("window", "local-global"):   # an image model (models/attention.py)
             layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
             self.attend = functools.partial(_window, layout=layout, w=cfg.window_size,
-                                            shift=cfg.window_shift_of(layer))
+                                            shift=cfg.window_shift_of(layer),
+                                            carriers=self.kind == "local-global")
         elif self.kind == "linear":   # real tokens: the sequence before any SP padding
             self.attend = functools.partial(_linear, length=cfg.seq_length)
         if getattr(cfg, "position_embedding_type", None) == "rope-2d":

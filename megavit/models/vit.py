@@ -298,7 +298,9 @@ def attention_flops(cfg: ModelConfig, layer: int) -> int:
     w, (gh, gw) = cfg.window_size, cfg.grid
     prefix = s - gh * gw
     windows = -(-gh // w) * -(-gw // w)
-    return 4 * windows * w * w * (w * w + prefix) * h + 4 * prefix * s * h
+    keys = w * w + prefix + (windows if kind == "local-global" else 0)
+    queries = prefix + (windows if kind == "local-global" else 0)   # those seeing every token
+    return 4 * windows * w * w * keys * h + 4 * queries * s * h
 
 
 def vit_flops(cfg: ModelConfig, batch_size: int, training: bool = True) -> int:
