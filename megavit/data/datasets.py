@@ -348,6 +348,94 @@ def build_datasets(data: DataConfig, model: ModelConfig, seed: int) -> tuple[Dat
                             data.fatal_data_errors, data.crop_pct, data.image_normalization)
     if data.dataset == "shards":
         return shard_datasets(data, model)
+    if data.dataset == "mnist-canvas":
+        return mnist_canvas(model)
     classes = model.num_classes or 1000
     return (synthetic(model, data.synthetic_size, seed, classes),
             synthetic(model, max(data.synthetic_size // 8, 1), seed + 1, classes))
+
+
+class MnistCanvas:
+    """`--dataset mnist-canvas`: MNIST-5k digits placed on a larger black canvas
+    (--img-h x --img-w, at least 28x28) among distractor strokes, for high-resolution
+    models where the whole image must be searched.
+
+    The rule, per sample i of a split: a generator seeded by (split, i) places the
+    sample's whole 28x28 digit at a uniformly random position fully inside the canvas, then
+    DISTRACTORS strokes: each a random 14x14 quarter of another random digit of the same
+    split, at a uniformly random position, drawn under the digit (pixel-wise maximum, the
+    digit last, so it stays whole). The label is the whole digit's class. Canvases are made
+    on demand (cheap), so the set costs the 5,000 digits' memory; the split is MNIST-5k's
+    fixed train / held-out split. Normalised with mean and std measured on the first 256
+    training canvases."""
+
+    DISTRACTORS = 3
+    in_memory = True
+
+    def __init__(self, name: str, digits: np.ndarray, labels: np.ndarray, split: str,
+                 model: ModelConfig, stats: tuple[float, float] | None = None) -> None:
+        if model.img_h < 28 or model.img_w < 28:
+            raise DataError(f"--dataset mnist-canvas places 28x28 digits: --img-h/--img-w must "
+                            f"be at least 28 (got {model.img_h}x{model.img_w})")
+        self.name, self.split, self.model = name, split, model
+        self.digits = torch.from_numpy(digits.astype(np.float32) / 255.0)   # [n, 28, 28]
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.num_classes = 10
+        if stats is None:
+            sample = self.pixels(torch.arange(min(256, len(self))))
+            stats = (sample.mean().item(), sample.std().item())
+        self.stats = stats
+        c = model.num_channels
+        self.preprocessing = Preprocessing(mean=(stats[0],) * c, std=(stats[1],) * c,
+                                           channels=c, height=model.img_h, width=model.img_w)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def canvas(self, i: int) -> torch.Tensor:
+        """Sample i's canvas [H, W] in [0, 1]."""
+        H, W = self.model.img_h, self.model.img_w
+        g = torch.Generator().manual_seed(_SPLIT_SEED + (7919 * i if self.split == "train"
+                                                        else 104729 * i + 1))
+        out = torch.zeros(H, W)
+        for _ in range(self.DISTRACTORS):
+            j = int(torch.randint(len(self), (1,), generator=g))
+            qy, qx = (int(v) * 14 for v in torch.randint(2, (2,), generator=g))
+            y = int(torch.randint(H - 13, (1,), generator=g))
+            x = int(torch.randint(W - 13, (1,), generator=g))
+            piece = self.digits[j, qy:qy + 14, qx:qx + 14]
+            out[y:y + 14, x:x + 14] = torch.maximum(out[y:y + 14, x:x + 14], piece)
+        y = int(torch.randint(H - 27, (1,), generator=g))
+        x = int(torch.randint(W - 27, (1,), generator=g))
+        out[y:y + 28, x:x + 28] = torch.maximum(out[y:y + 28, x:x + 28], self.digits[i])
+        return out
+
+    def pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Canvases [n, c, H, W] in [0, 1]."""
+        c = self.model.num_channels
+        stack = [self.canvas(int(i)) for i in indices]
+        if not stack:
+            return torch.empty(0, c, self.model.img_h, self.model.img_w)
+        return torch.stack(stack).unsqueeze(1).expand(-1, c, -1, -1).contiguous()
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.preprocessing.normalise(self.pixels(indices)), self.labels[indices]
+
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.labels[indices]
+
+    def get_augmented(self, indices: torch.Tensor, augment: AugmentFn
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = [augment(p, k) for k, p in enumerate(self.pixels(indices))]
+        if not out:
+            return self.get(indices)
+        return self.preprocessing.normalise_levels(torch.stack(out)), self.labels[indices]
+
+
+def mnist_canvas(model: ModelConfig) -> tuple[MnistCanvas, MnistCanvas]:
+    images, labels = raw_mnist5k()
+    train, held = split_indices(len(labels))
+    train_set = MnistCanvas("mnist-canvas-train", images[train.numpy()], labels[train.numpy()],
+                            "train", model)
+    return train_set, MnistCanvas("mnist-canvas-heldout", images[held.numpy()],
+                                  labels[held.numpy()], "heldout", model, train_set.stats)
