@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 
 
@@ -86,8 +85,8 @@ def main(argv=None) -> int:
     for tp in args.tp:
         rows = rows_for(tp, shapes)
         results += list(zip(rows, run_tp(tp, rows)))
-    print(f"# activation_memory: bytes kept for backward per block per micro-batch, fp32, "
-          f"2 blocks; measured in gloo processes vs docs/activation_memory.md")
+    print("# activation_memory: bytes kept for backward per block per micro-batch, fp32, "
+          "2 blocks; measured in gloo processes vs docs/activation_memory.md")
     print(f"# machine: {platform.processor() or platform.machine()}, torch {torch.__version__}; "
           f"command: python -m benchmarks.activation_memory {' '.join(argv or sys.argv[1:])}")
     print(f"| {'shape':<17} | {'block':<10} | tp | {'SP':<8} | {'recompute':<14} | "

@@ -34,7 +34,7 @@ from megavit.parallel.state import ParallelState, serial_state
 from megavit.tasks.classification import classification_loss, classification_run
 from tests.harness import run_distributed
 from tests.scenarios import debug_config, merge_stages, train_steps
-from tests.test_tensor_parallel import adam_first_order_bound, assert_tensors_close
+from tests.test_tensor_parallel import assert_two_steps_match
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM_PYTHON = Path(os.environ.get("MEGAVIT_TIMM_PYTHON", ROOT / ".venv-timm/bin/python"))
@@ -154,17 +154,7 @@ def test_recipe_trains_as_the_serial_run(layout, shard_data, check):
         column = world // pp
         for c in range(column):
             got = merge_stages(results[f"{check}{i}"], [k * column + c for k in range(pp)])
-            what = f"{name}[{i}]"
-            assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), what
-            assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), what
-            for step in range(2):
-                assert_tensors_close(got["grads"][step], ref["grads"][step],
-                                     f"{what} step {step} grad")
-            bound = adam_first_order_bound(ref, got, recipe_config())
-            for k, w in ref["weights"].items():
-                err = (got["weights"][k] - w).abs()
-                allowed = 1e-6 * w.abs().max() + 1e-8 + bound[k]
-                assert torch.all(err <= allowed), f"{what} weight {k}: {err.max():.3e}"
+            assert_two_steps_match(got, ref, recipe_config(), f"{name}[{i}]", RTOL)
 
 
 def test_augmented_mixed_batch_is_the_serial_one(layout):

@@ -172,6 +172,21 @@ def _clipped(result: dict, step: int, clip: float) -> dict:
     return {k: g * coef for k, g in result["grads"][step].items()}
 
 
+def assert_two_steps_match(got: dict, ref: dict, cfg, what: str, rtol: float = 1e-5) -> None:
+    """A layout's two training steps (`scenarios.train_steps`, stages merged) against the
+    serial run's: losses and grad norms to `rtol`, every gradient, and the weights within
+    Adam's first-order response to the gradient differences (`adam_first_order_bound`)."""
+    assert got["loss"] == pytest.approx(ref["loss"], rel=rtol), what
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=rtol), what
+    for step in range(2):
+        assert_tensors_close(got["grads"][step], ref["grads"][step], f"{what} step {step} grad")
+    bound = adam_first_order_bound(ref, got, cfg)
+    for k, w in ref["weights"].items():
+        err = (got["weights"][k] - w).abs()
+        allowed = 1e-6 * w.abs().max() + 1e-8 + bound[k]
+        assert torch.all(err <= allowed), f"{what} weight {k}: max error {err.max():.3e}"
+
+
 def adam_first_order_bound(ref: dict, got: dict, cfg) -> dict:
     """Per element: 2 x |d(w after two AdamW steps) / d(gradients)| . |gradient differences|,
     with Adam's derivative taken at the serial run's clipped gradients (bias-corrected
