@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
+from megavit.training.peak_flops import cpu_name
 from megavit.config import preset_model_config
 from megavit.models.transformer import Runtime
 from megavit.models.vit import build_vit
@@ -44,14 +44,6 @@ TYPES = {  # name: model flags
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(kind: str, size: int, blocks: int, repeats: int) -> tuple[float, float]:

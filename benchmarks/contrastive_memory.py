@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megavit.training.peak_flops import cpu_name
 from megavit.parallel.memory import LiveBytesMeter
 from megavit.tasks.image_text.losses import clip_loss, gather_with_grad, siglip_loss
 
@@ -88,14 +88,6 @@ def measure(pstate, rows: int, dim: int) -> dict[str, int]:
     return peaks
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:
@@ -113,7 +105,7 @@ def main(argv=None) -> int:
                                    jobs={"m": (measure, (args.rows, args.dim))})["m"]
         peaks[dp] = {name: max(r[name] for r in per_rank) for name in LOSSES}
 
-    print(f"# machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+    print(f"# machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"gloo, 1 thread per rank")
     print(f"# command: {' '.join([Path(sys.executable).name] + sys.argv)}")
     print(f"# per rank: n = {args.rows} pairs of width d = {args.dim}, fp32; global batch "

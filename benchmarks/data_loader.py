@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from megavit.training.peak_flops import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_TFLOPS = 989.0
@@ -45,14 +46,6 @@ TIMM_RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 ASSUMED_MFU = 0.5
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_shards(folder: Path, count: int, per_shard: int = 64) -> str:

@@ -32,6 +32,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from megavit.training.peak_flops import cpu_name
 from megavit.config import TrainingConfig, preset_model_config
 from megavit.models.transformer import Runtime
 from megavit.models.vit import build_vit
@@ -40,14 +41,6 @@ from megavit.parallel.state import serial_state
 from megavit.training.optimizer import MixedPrecisionOptimizer
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_timm(cfg):

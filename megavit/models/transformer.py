@@ -162,10 +162,13 @@ def _linear(q, k, v, dropout_p, mask, length: int) -> torch.Tensor:
     return linear_attention(q, k, v, length, dropout_p)
 
 
-def _rotated(q, k, v, dropout_p, mask, layout, head_dim, inner) -> torch.Tensor:
-    """rope-2d: queries and keys rotated by their grid position, then `inner` attention
-    (the angles are computed here, not when the model is built on the meta device)."""
-    cos, sin = (t.to(q.device) for t in rope_2d_angles(layout, head_dim))
+def _rotated(q, k, v, dropout_p, mask, layout, head_dim, inner, angles: dict) -> torch.Tensor:
+    """rope-2d: queries and keys rotated by their grid position, then `inner` attention.
+    The (cos, sin) tables are made at the first call on a device and kept in `angles` (not
+    when the model is built, on the meta device)."""
+    if q.device not in angles:
+        angles[q.device] = tuple(t.to(q.device) for t in rope_2d_angles(layout, head_dim))
+    cos, sin = angles[q.device]
     return inner(apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin), v, dropout_p, mask)
 
 
@@ -191,7 +194,8 @@ class AttentionCore(nn.Module):
         if getattr(cfg, "position_embedding_type", None) == "rope-2d":
             layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
             self.attend = functools.partial(_rotated, layout=layout, head_dim=cfg.head_dim,
-                                            inner=self.attend or softmax_attention)
+                                            inner=self.attend or softmax_attention,
+                                            angles={})
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:
