@@ -10,7 +10,7 @@ local-global, linear (kernel) and full attention, chosen per block.
   linear / full blocks with MAP pooling over a 5x5 grid in 2x2 windows, and window blocks
   with a global one and a class token (classic blocks).
 - Positions: rope-2d (on window and full blocks) and learned-2d (with a class token) keep
-  the invariant; a model trained at 16x16 px runs at 24x24 (learned-2d tables resized per
+  the invariant, as does training on mnist-canvas (49 tokens); a model trained at 16x16 px runs at 24x24 (learned-2d tables resized per
   axis, the identity at the same grid; rope-2d has nothing to resize).
 - Flags: impossible combinations are refused naming the flags; exports refuse the model.
 """
@@ -51,6 +51,9 @@ MODELS = {
                                                global_attention_layers="1",
                                                position_embedding_type="rope-2d")),
     "l2d": ("classic", None, lambda layers: dict(position_embedding_type="learned-2d")),
+    # the mnist-canvas data at 28x28 px (7x7 patches, 49 tokens): windows + a global block
+    "canvas": ("vit22b", 3, lambda layers: dict(attention_type="window", img_h=28, img_w=28,
+                                                 global_attention_layers=str(layers - 1))),
 }
 
 
@@ -59,8 +62,11 @@ def window_config(model: str, tp: int = 1, parallel: dict | None = None,
     variant, w, flags = MODELS[model]
     if layers is None:
         layers = 4 if parallel and parallel.get("pipeline_model_parallel_size") else 2
-    return debug_config(variant, tp=tp, parallel=parallel, layers=layers,
-                        model=dict(window_size=w, **flags(layers)))
+    cfg = debug_config(variant, tp=tp, parallel=parallel, layers=layers,
+                       model=dict(window_size=w, **flags(layers)))
+    if model == "canvas":
+        cfg.data = dataclasses.replace(cfg.data, dataset="mnist-canvas", augment="none")
+    return cfg
 
 
 def resized_run(kind: str, root, img: int):
