@@ -3,7 +3,10 @@
 #   make quickstart   create .venv, install megavit, train a ViT on digits (CPU)
 #   make quickstart-clip   the same set-up, then a small CLIP on captioned digits (CPU)
 #   make quickstart-finetune   pretrain on MNIST-5k, fine-tune on digits (CPU, ~4 min)
-#   make venv-timm    only the timm venv (.venv-timm: torch 2.14.1 + torchvision + timm)
+#   make quickstart-attention   full / window+global / local-global / linear attention
+#                     on mnist-canvas (CPU)
+#   make venv-timm    only the timm venv (.venv-timm: torch 2.14.1 + torchvision + timm +
+#                     segment-anything)
 #   make test         create or reuse .venv (and .venv-timm for the timm checks), install
 #                     the test extras, run the whole suite
 #
@@ -16,7 +19,7 @@ TIMM_VENV ?= .venv-timm
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: quickstart quickstart-clip quickstart-finetune test venv venv-timm clean bench-timm
+.PHONY: quickstart quickstart-clip quickstart-finetune quickstart-attention test venv venv-timm clean bench-timm
 
 $(VENV)/.installed-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +43,9 @@ quickstart-clip: $(VENV)/.installed-base
 quickstart-finetune: $(VENV)/.installed-base
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/finetune_digits.sh
 
+quickstart-attention: $(VENV)/.installed-base
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/attention_canvas.sh
+
 # timm next to megavit, without touching .venv (installing timm there would replace its torch)
 venv-timm: $(TIMM_VENV)/.installed-timm
 
@@ -50,12 +56,13 @@ test: $(VENV)/.installed-test $(TIMM_VENV)/.installed-timm
 # timm needs torchvision, which only loads beside torch 2.14.1 here (a 5.5 GB CUDA build
 # that also runs on CPU; ~70 s to install): a separate venv, so the main one stays small.
 # The timm export/import tests run their timm half in it (tests/timm_side.py), and
-# `make bench-timm` compares step times with timm's ViT.
+# `make bench-timm` compares step times with timm's ViT; benchmarks/attention_variants.py
+# uses segment-anything's ViTDet blocks from it as a peer.
 $(TIMM_VENV)/.installed-timm: setup.cfg
 	$(PYTHON) -m venv $(TIMM_VENV)
 	$(TIMM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(TIMM_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(TIMM_VENV)/bin/python -m pip install --quiet timm==1.0.31 -e ".[hf]"
+	$(TIMM_VENV)/bin/python -m pip install --quiet timm==1.0.31 segment-anything==1.0 -e ".[hf]"
 	touch $@
 
 bench-timm: $(TIMM_VENV)/.installed-timm

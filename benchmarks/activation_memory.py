@@ -30,6 +30,17 @@ SHAPES = {  # name: (hidden, heads, MLP, image, patch, pooling, micro-batch)
     "debug-64tok": (64, 4, 256, 32, 4, "map", 2),
     "debug-50tok-cls": (64, 4, 256, 28, 4, "cls", 2),
     "vit-s-197tok-cls": (384, 6, 1536, 224, 16, "cls", 2),   # 6 heads: TP 1 and 2 only
+    # the attention types of issue 18 on a 7 x 7 grid (3 x 3 windows, partial at the edges)
+    "debug-49tok-window-shift": (64, 4, 256, 28, 4, "map", 2),
+    "debug-50tok-local-global": (64, 4, 256, 28, 4, "cls", 2),
+    "debug-49tok-linear-rope": (64, 4, 256, 28, 4, "map", 2),
+    "debug-50tok-rope-cls": (64, 4, 256, 28, 4, "cls", 2),
+}
+ATTENTION = {  # model flags of the shapes that are not full attention with learned positions
+    "debug-49tok-window-shift": dict(attention_type="window", window_size=3, window_shift=True),
+    "debug-50tok-local-global": dict(attention_type="local-global", window_size=3),
+    "debug-49tok-linear-rope": dict(attention_type="linear", position_embedding_type="rope-2d"),
+    "debug-50tok-rope-cls": dict(position_embedding_type="rope-2d"),
 }
 RECOMPUTE = {
     "none": dict(recompute=None),
@@ -44,7 +55,7 @@ def model_cfg(shape: str, block: str):
     return preset_model_config("vit-debug", hidden_size=h, num_attention_heads=a,
                                ffn_hidden_size=f, img_h=img, img_w=img, patch_dim=patch,
                                num_layers=2, block_type=block, pooling=pooling, num_classes=10,
-                               num_channels=3)
+                               num_channels=3, **ATTENTION.get(shape, {}))
 
 
 def rows_for(tp: int, shapes: list[str]) -> list[tuple]:
@@ -89,9 +100,9 @@ def main(argv=None) -> int:
           "2 blocks; measured in gloo processes vs docs/activation_memory.md")
     print(f"# machine: {platform.processor() or platform.machine()}, torch {torch.__version__}; "
           f"command: python -m benchmarks.activation_memory {' '.join(argv or sys.argv[1:])}")
-    print(f"| {'shape':<17} | {'block':<10} | tp | {'SP':<8} | {'recompute':<14} | "
+    print(f"| {'shape':<24} | {'block':<10} | tp | {'SP':<8} | {'recompute':<14} | "
           f"{'measured KiB':>12} | {'formula KiB':>11} | ratio |")
-    print(f"|{'-' * 19}|{'-' * 12}|----|{'-' * 10}|{'-' * 16}|{'-' * 14}|{'-' * 13}|-------|")
+    print(f"|{'-' * 26}|{'-' * 12}|----|{'-' * 10}|{'-' * 16}|{'-' * 14}|{'-' * 13}|-------|")
     worst = 0.0
     by_key = {}
     for (shape, block, tp, sp, rc), got in results:
@@ -100,7 +111,7 @@ def main(argv=None) -> int:
         want = block_activation_bytes(model_cfg(shape, block), setup)
         worst = max(worst, abs(got / want - 1))
         by_key[(shape, block, tp, sp, rc)] = got
-        print(f"| {shape:<17} | {block:<10} | {tp:>2} | {str(sp or '-'):<8} | {rc:<14} | "
+        print(f"| {shape:<24} | {block:<10} | {tp:>2} | {str(sp or '-'):<8} | {rc:<14} | "
               f"{got / 1024:12.1f} | {want / 1024:11.1f} | {got / want:.4f} |")
     print(f"\n{len(results)} rows; largest |measured / formula - 1| = {worst:.2e} "
           f"(target <= 2e-2): {'met' if worst <= 0.02 else 'NOT met'}")

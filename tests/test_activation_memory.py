@@ -1,5 +1,6 @@
 """The activation formula of docs/activation_memory.md against what autograd keeps, on a
-few rows (benchmarks/activation_memory.py runs all 144), in real gloo processes."""
+few rows (benchmarks/activation_memory.py runs all of them), in real gloo processes; the
+last rows use the attention types of issue 18 on an odd 7 x 7 grid (partial windows)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from tests.harness import run_distributed
 
 FULL_UNIFORM = dict(recompute="full", recompute_method="uniform", recompute_num_layers=2)
 FULL_BLOCK = dict(recompute="full", recompute_method="block", recompute_num_layers=1)
-ROWS = [  # (block type, pooling, SP mode, recompute)
+WINDOW = dict(img_h=28, img_w=28, patch_dim=4, attention_type="window", window_size=3)
+ROWS = [  # (block type, pooling, SP mode, recompute[, model flags])
     ("parallel", "map", None, {}),
     ("parallel", "map", "keep", {}),
     ("parallel", "map", "keep", {"recompute": "selective"}),
@@ -21,19 +23,28 @@ ROWS = [  # (block type, pooling, SP mode, recompute)
     ("parallel", "map", "keep", FULL_BLOCK),
     ("sequential", "cls", "keep", FULL_UNIFORM),
     ("sequential", "map", None, {"recompute": "selective"}),
+    ("parallel", "map", "keep", {}, dict(WINDOW, window_shift=True, qk_layernorm=True)),
+    ("sequential", "cls", "regather", {}, dict(WINDOW, attention_type="local-global",
+                                               global_attention_layers="1")),
+    ("sequential", "map", "keep", {}, dict(WINDOW, attention_type="linear", window_size=None,
+                                           position_embedding_type="rope-2d")),
+    ("parallel", "cls", None, {}, dict(img_h=28, img_w=28, patch_dim=4,
+                                       position_embedding_type="rope-2d")),
 ]
 
 
-def cfg_for(block: str, pooling: str, layers: int = 3):
+def cfg_for(block: str, pooling: str, flags: dict | None = None, layers: int = 3):
     return preset_model_config("vit-debug", hidden_size=64, num_attention_heads=4,
                                ffn_hidden_size=256, num_layers=layers, block_type=block,
-                               pooling=pooling, num_classes=10, drop_path_rate=0.1)
+                               pooling=pooling, num_classes=10, drop_path_rate=0.1,
+                               **(flags or {}))
 
 
 def measure(pstate: ParallelState, rows) -> list[float]:
     t = pstate.tp.size
-    return [measure_setup(cfg_for(bt, pool), ActivationSetup(t, 2, sp, **rc), pstate.tp)
-            for bt, pool, sp, rc in rows]
+    return [measure_setup(cfg_for(bt, pool, *flags), ActivationSetup(t, 2, sp, **rc),
+                          pstate.tp)
+            for bt, pool, sp, rc, *flags in rows]
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +54,16 @@ def tp2():
 
 @pytest.fixture(scope="module")
 def tp1():
-    rows = [(bt, pool, None, {}) for bt, pool, _, _ in ROWS]
+    rows = [(bt, pool, None, {}) for bt, pool, _, _, *_ in ROWS[:7]]
     return measure(serial_state(), rows)
 
 
 def test_formula_matches_measurement_at_tp2(tp2):
     for rank_rows in tp2:
-        for (bt, pool, sp, rc), got in zip(ROWS, rank_rows):
-            want = block_activation_bytes(cfg_for(bt, pool), ActivationSetup(2, 2, sp, **rc))
-            assert got == pytest.approx(want, rel=0.02), (bt, pool, sp, rc)
+        for (bt, pool, sp, rc, *flags), got in zip(ROWS, rank_rows):
+            want = block_activation_bytes(cfg_for(bt, pool, *flags),
+                                          ActivationSetup(2, 2, sp, **rc))
+            assert got == pytest.approx(want, rel=0.02), (bt, pool, sp, rc, flags)
             assert got == pytest.approx(want, rel=1e-9)   # in fact exact
 
 

@@ -1,4 +1,4 @@
-"""Attention per block (issue 18, first part): window attention (ViTDet, Swin-shifted),
+"""Attention per block (issue 18): window attention (ViTDet, Swin-shifted),
 local-global, linear (kernel) and full attention, chosen per block.
 
 - The rule: window attention equals softmax attention under the plainly written mask
@@ -12,7 +12,11 @@ local-global, linear (kernel) and full attention, chosen per block.
 - Positions: rope-2d (on window and full blocks) and learned-2d (with a class token) keep
   the invariant, as does training on mnist-canvas (49 tokens); a model trained at 16x16 px runs at 24x24 (learned-2d tables resized per
   axis, the identity at the same grid; rope-2d has nothing to resize).
+- Window, local-global and linear cores keep only q, k, v and run again in backward, with
+  the same attention-dropout masks: the same output and gradients as kept cores.
 - Flags: impossible combinations are refused naming the flags; exports refuse the model.
+(The activation formula's rows per attention type: tests/test_activation_memory.py;
+`--recompute-granularity auto` with every type: tests/test_pipeline_memory.py.)
 """
 
 from __future__ import annotations
@@ -226,6 +230,8 @@ def test_positions_travel_to_another_resolution(tmp_path):
                 assert torch.equal(loaded[name], resize_axis_table(saved[name], 6)), name
         else:
             assert not any("resized" in line for line in lines)
+            assert any("grid 4x4 -> 6x6 patches: no position table to resize (rope-2d "
+                       "positions are computed for the new grid)" in line for line in lines)
             assert not any(name.startswith("pos_embed") for name in loaded)
         result = run.evaluate()
         assert result["eval_images"] == 359 and 0.0 <= result["eval_accuracy"] <= 1.0
@@ -287,17 +293,41 @@ def test_impossible_attention_flags_are_refused(model, message):
         validate(cfg, world_size=1)
 
 
-def test_auto_recomputation_and_exports_refuse_window_attention():
-    cfg = window_config("map")
-    cfg.parallel = dataclasses.replace(cfg.parallel, recompute_granularity="auto")
-    with pytest.raises(ConfigError, match="--recompute-granularity auto plans with"):
-        validate(cfg, world_size=1)
+def test_exports_refuse_window_attention():
     from megavit.interop import hf_vit, timm_vit
 
     assert any("per layer: local-global,linear,window,full); timm's ViT attends" in d
                for d in timm_vit.differences(window_config("map").model))
     assert any("--attention-type is 'window'" in d
                for d in hf_vit.differences(window_config("cls").model))
+
+
+@pytest.mark.parametrize("kind", ["window", "local-global", "linear"])
+def test_a_core_that_keeps_only_its_inputs_has_the_kept_cores_gradients(kind):
+    """Window / local-global / linear cores run again in backward (`_inputs_only`), with
+    attention dropout's masks drawn again the same (not for linear, which has none): the
+    output and the q|k|v gradient equal those of the same core run once and kept."""
+    from megavit.models.transformer import AttentionCore, Runtime
+    from megavit.parallel.random import RNGTracker
+
+    dropout = 0.0 if kind == "linear" else 0.3
+    cfg = debug_config("classic", layers=1, model=dict(
+        attention_type=kind, window_size=None if kind == "linear" else 2,
+        attention_dropout=dropout, img_h=20, img_w=20)).model
+    qkv = torch.randn(cfg.seq_length, 2, 3 * cfg.hidden_size, dtype=torch.float64)
+    outs = []
+    for kept in (False, True):
+        rt = Runtime(serial_state().tp, rng=RNGTracker(3, 0, torch.device("cpu")))
+        core = AttentionCore(cfg, rt).train()
+        assert core.attend.func.__name__ == "_inputs_only"
+        if kept:
+            core.attend = core.attend.keywords["inner"]
+        torch.manual_seed(0)
+        x = qkv.clone().requires_grad_()
+        y = core(x, None)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        outs.append((y.detach(), x.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_mnist_canvas_holds_the_whole_digit_among_strokes():

@@ -15,24 +15,28 @@ from tests.harness import run_distributed
 from tests.scenarios import debug_config, train_steps
 
 LAYERS = 8   # PP=2: 4 blocks per stage; 4 micro-batches: 1F1B keeps 2 in flight on stage 0
+# issue 18: blocks of every attention type (3x3 windows over the 5x5 grid, rope-2d), planned
+# block by block with the per-type rows of docs/activation_memory.md
+MIXED = dict(attention_type_per_layer="window,linear,local-global,full", window_size=3,
+             position_embedding_type="rope-2d")
 
 
-def budget_bytes() -> float:
+def budget_bytes(model: dict | None = None) -> float:
     """Exactly what stage 1 needs without recomputation (1 micro-batch of its 4 blocks):
     stage 1 then recomputes nothing, stage 0 (2 micro-batches) must recompute."""
-    cfg = debug_config("vit22b", layers=LAYERS).model
+    cfg = debug_config("vit22b", layers=LAYERS, model=model).model
     setup = ActivationSetup(tp=1, micro_batch=2)
     return sum(layer_activation_bytes(cfg, setup, l) for l in range(4, 8))
 
 
-def auto_cfg():
-    return debug_config("vit22b", layers=LAYERS, parallel={
+def auto_cfg(model: dict | None = None):
+    return debug_config("vit22b", layers=LAYERS, model=model, parallel={
         "pipeline_model_parallel_size": 2, "recompute_granularity": "auto",
-        "activation_memory_budget_gb": budget_bytes() / GIB})
+        "activation_memory_budget_gb": budget_bytes(model) / GIB})
 
 
-def measured_step(pstate: ParallelState) -> dict:
-    run = classification_run(auto_cfg(), pstate)
+def measured_step(pstate: ParallelState, model: dict | None = None) -> dict:
+    run = classification_run(auto_cfg(model), pstate)
     micro = next(run.batches(0, 1))
     result = run.step(0, micro, measure=True)
     return {"plans": [dataclasses.astuple(p) for p in run.plans],
@@ -43,7 +47,9 @@ def measured_step(pstate: ParallelState) -> dict:
 @pytest.fixture(scope="module")
 def pp2():
     return run_distributed(2, 1, {"step": (measured_step, ()),
-                                  "train": (train_steps, (auto_cfg(),))}, pp=2)
+                                  "train": (train_steps, (auto_cfg(),)),
+                                  "mixed": (measured_step, (MIXED,)),
+                                  "mixed_train": (train_steps, (auto_cfg(MIXED),))}, pp=2)
 
 
 def test_earlier_stages_recompute_more(pp2):
@@ -61,9 +67,21 @@ def test_measured_saved_bytes_stay_under_the_budget(pp2):
         assert got["peak"] == pytest.approx(plan.predicted_bytes, rel=1e-12)
 
 
-def test_auto_recomputation_computes_the_same_function(pp2):
-    ref = train_steps(serial_state(), debug_config("vit22b", layers=LAYERS))
-    last_stage = pp2["train"][1]
+def test_measured_saved_bytes_follow_the_plan_with_every_attention_type(pp2):
+    """Window, linear, local-global and full blocks with rope-2d: the plan's prediction is
+    what the step keeps at its peak, and the earlier stage recomputes more."""
+    plans = [StagePlan(*p) for p in pp2["mixed"][0]["plans"]]
+    assert plans[0].recomputed > plans[1].recomputed == 0
+    for got in pp2["mixed"]:
+        plan = StagePlan(*got["plans"][got["stage"]])
+        assert 0 < got["peak"] <= budget_bytes(MIXED)
+        assert got["peak"] == pytest.approx(plan.predicted_bytes, rel=1e-12)
+
+
+@pytest.mark.parametrize("model", [None, MIXED], ids=["full", "mixed"])
+def test_auto_recomputation_computes_the_same_function(pp2, model):
+    ref = train_steps(serial_state(), debug_config("vit22b", layers=LAYERS, model=model))
+    last_stage = pp2["mixed_train" if model else "train"][1]
     assert last_stage["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert last_stage["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
 

@@ -86,6 +86,11 @@ def _plan(saved_info: dict, current_info: dict, stored: dict[str, torch.Size],
                      f"{model['img_h']}x{model['img_w']} px, bicubic; learned-2d tables "
                      "along their axis; rope-2d has none): "
                      + ", ".join(sorted(resize)))
+    elif grid_differs:
+        old, new = _grid(saved_model), _grid(model)
+        notes.append(f"grid {old[0]}x{old[1]} -> {new[0]}x{new[1]} patches: no position table "
+                     f"to resize ({model.get('position_embedding_type', 'learned')} positions "
+                     "are computed for the new grid)")
     return fresh, resize, notes
 
 

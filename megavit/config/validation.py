@@ -126,12 +126,6 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> list[str]:
             f"--distributed-timeout-minutes must be positive (got {p.distributed_timeout_minutes})"
         )
     problems += _check_recompute(p, m.num_layers)
-    if p.recompute_granularity == "auto" and (m.uses_attention("window")
-                                              or m.uses_attention("linear")
-                                              or m.position_embedding_type == "rope-2d"):
-        problems.append("--recompute-granularity auto plans with the activation formula of "
-                        "full attention without rotary positions; with window or linear "
-                        "attention or rope-2d choose selective or full recomputation")
     if p.sequence_parallel_regather and not p.sequence_parallel:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")
     if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:

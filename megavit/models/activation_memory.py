@@ -35,8 +35,25 @@ class ActivationSetup:
     bytes_per_element: int = 4
 
 
+def _attention_inputs(s: int, b: int, h: int, a: int, t: int, p: int, selective: bool,
+                      qk_norm: bool, kind: str, rope: bool) -> float:
+    """What the attention core keeps beyond q|k|v and its output when it is not recomputed
+    (docs/activation_memory.md, "attention types"): q and k as their own tensors when
+    normalised or rotated, the norms' statistics, and softmax's log-sum-exp for full
+    attention (window, local-global and linear cores keep only their inputs)."""
+    if selective:
+        return 0
+    kept = 2 * p * s * b * h / t if (qk_norm or rope) else 0   # normalised / rotated q, k
+    if qk_norm:
+        kept += 2 * 8 * s * b * a / t                           # their mean, rstd
+    if kind == "full":
+        kept += 4 * s * b * a / t                               # SDPA log-sum-exp
+    return kept
+
+
 def _parallel_block(s: int, b: int, h: int, f: int, a: int, t: int, p: int,
-                    sp: str | None, selective: bool, qk_norm: bool) -> float:
+                    sp: str | None, selective: bool, qk_norm: bool, kind: str = "full",
+                    rope: bool = False) -> float:
     """Bytes one ViT-22B parallel block keeps (see docs/activation_memory.md, table 1)."""
     n = s // t if sp else s                     # tokens of this rank outside the TP region
     kept = p * n * b * h + 8 * n * b            # LayerNorm: input + mean, rstd
@@ -44,16 +61,12 @@ def _parallel_block(s: int, b: int, h: int, f: int, a: int, t: int, p: int,
     kept += p * s * b * 3 * h / t               # q|k|v matmul output (one storage)
     kept += p * s * b * h / t                   # attention output (SDPA's, also out_proj's)
     kept += 2 * p * s * b * f / t               # GELU input and output (out_proj input)
-    if not selective:
-        if qk_norm:
-            kept += 2 * p * s * b * h / t       # normalised q and k
-            kept += 2 * 8 * s * b * a / t       # their mean, rstd
-        kept += 4 * s * b * a / t               # SDPA log-sum-exp
-    return kept
+    return kept + _attention_inputs(s, b, h, a, t, p, selective, qk_norm, kind, rope)
 
 
 def _sequential_block(s: int, b: int, h: int, f: int, a: int, t: int, p: int,
-                      sp: str | None, selective: bool, qk_norm: bool) -> float:
+                      sp: str | None, selective: bool, qk_norm: bool, kind: str = "full",
+                      rope: bool = False) -> float:
     """Bytes one classic pre-LN block keeps (docs/activation_memory.md, table 2)."""
     n = s // t if sp else s
     gathered = n if sp == "regather" else s
@@ -62,11 +75,7 @@ def _sequential_block(s: int, b: int, h: int, f: int, a: int, t: int, p: int,
     kept += p * s * b * 3 * h / t               # q|k|v
     kept += p * s * b * h / t                   # attention output (SDPA's, also proj's)
     kept += 2 * p * s * b * f / t               # GELU input and output (fc2 input)
-    if not selective:
-        if qk_norm:
-            kept += 2 * p * s * b * h / t + 2 * 8 * s * b * a / t
-        kept += 4 * s * b * a / t               # SDPA log-sum-exp
-    return kept
+    return kept + _attention_inputs(s, b, h, a, t, p, selective, qk_norm, kind, rope)
 
 
 def _geometry(cfg: ModelConfig, setup: ActivationSetup) -> tuple:
@@ -84,7 +93,8 @@ def layer_activation_bytes(cfg: ModelConfig, setup: ActivationSetup, layer: int)
     t, b, p, sp, s, n = _geometry(cfg, setup)
     h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
     one = _parallel_block if cfg.block_type == "parallel" else _sequential_block
-    kept = one(s, b, h, f, a, t, p, sp, setup.recompute == "selective", cfg.qk_layernorm)
+    kept = one(s, b, h, f, a, t, p, sp, setup.recompute == "selective", cfg.qk_layernorm,
+               cfg.attention_kind(layer), cfg.position_embedding_type == "rope-2d")
     branches = 1 if cfg.block_type == "parallel" else 2
     if cfg.hidden_dropout > 0:
         kept += branches * p * n * b * h                 # dropout masks

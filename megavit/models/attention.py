@@ -239,16 +239,35 @@ def rope_2d_angles(layout: TokenLayout, head_dim: int, base: float = 10000.0
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, n, S, d] with its first `length` tokens rotated (cos, sin [length, d]); the
-    rest (padding) as they are."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, n, S, d] with its first `length` tokens turned by the angles (cos, sin
+    [length, d]); within each axis half (a, b) -> (a cos - b sin, b cos + a sin)."""
     length, d = cos.shape
     head, rest = x[:, :, :length], x[:, :, length:]
     m = d // 2
-
-    def rotate_half(t: torch.Tensor) -> torch.Tensor:     # per axis half: (a, b) -> (-b, a)
-        a1, b1, a2, b2 = t.split(m // 2, dim=-1)
-        return torch.cat([-b1, a1, -b2, a2], dim=-1)
-
-    rotated = head * cos.to(x.dtype) + rotate_half(head) * sin.to(x.dtype)
+    a1, b1, a2, b2 = head.split(m // 2, dim=-1)
+    turned = torch.cat([-b1, a1, -b2, a2], dim=-1)
+    rotated = head * cos.to(x.dtype) + turned * sin.to(x.dtype)
     return torch.cat([rotated, rest], dim=2) if rest.shape[2] else rotated
+
+
+class _Rope2d(torch.autograd.Function):
+    """The rotation as one autograd node that keeps nothing for backward: its gradient is
+    the inverse rotation (angle -theta) of the output gradient. The tables are constants
+    of the model, held by the node, not saved activations."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.tables = (cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.tables
+        return _rotate(grad, cos, -sin), None, None
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, n, S, d] with its first `length` tokens rotated (cos, sin [length, d]); the
+    rest (padding) as they are. Backward keeps nothing but the tables (`_Rope2d`)."""
+    return _Rope2d.apply(x, cos, sin)

@@ -162,6 +162,16 @@ def _linear(q, k, v, dropout_p, mask, length: int) -> torch.Tensor:
     return linear_attention(q, k, v, length, dropout_p)
 
 
+def _inputs_only(q, k, v, dropout_p, mask, inner, rng: RNGTracker | None) -> torch.Tensor:
+    """`inner` attention keeping only q, k, v for backward and running again there: what
+    window attention's partition (copies of q, k, v, padding, masks, the windows' output)
+    and linear attention's features would keep costs more memory than the attention's
+    recomputation costs time (O(s w^2) and O(s d^2) FLOPs, against the block's O(s h^2))."""
+    if not torch.is_grad_enabled():
+        return inner(q, k, v, dropout_p, mask)
+    return recompute(inner, q, k, v, dropout_p, mask, rng=rng)
+
+
 def _rotated(q, k, v, dropout_p, mask, layout, head_dim, inner, angles: dict) -> torch.Tensor:
     """rope-2d: queries and keys rotated by their grid position, then `inner` attention.
     The (cos, sin) tables are made at the first call on a device and kept in `angles` (not
@@ -174,8 +184,10 @@ def _rotated(q, k, v, dropout_p, mask, layout, head_dim, inner, angles: dict) ->
 
 class AttentionCore(nn.Module):
     """The attention core of a block over this rank's heads — QK-norms, softmax(QK^T)V (or
-    window attention, `cfg.attention_kind(layer)`) and attention dropout — recomputed in
-    backward under --recompute-granularity selective."""
+    window / local-global / linear attention, `cfg.attention_kind(layer)`, with rope-2d
+    rotation if configured) and attention dropout — recomputed in backward under
+    --recompute-granularity selective. Without it, window and linear attention still keep
+    only their q, k, v inputs and run again in backward (`_inputs_only`)."""
 
     def __init__(self, cfg: TransformerConfig, rt: Runtime, layer: int = 0) -> None:
         super().__init__()
@@ -191,6 +203,8 @@ class AttentionCore(nn.Module):
                                             carriers=self.kind == "local-global")
         elif self.kind == "linear":   # real tokens: the sequence before any SP padding
             self.attend = functools.partial(_linear, length=cfg.seq_length)
+        if self.attend is not None and rt.recompute_granularity != "selective":
+            self.attend = functools.partial(_inputs_only, inner=self.attend, rng=rt.rng)
         if getattr(cfg, "position_embedding_type", None) == "rope-2d":
             layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
             self.attend = functools.partial(_rotated, layout=layout, head_dim=cfg.head_dim,
