@@ -4,10 +4,11 @@ resolution; and the accuracy of each type on mnist-canvas at one training budget
 
     python benchmarks/attention_variants.py                    # 224 and 512 px
     python benchmarks/attention_variants.py --sizes 224 512 1024 --blocks 2
+    python benchmarks/attention_variants.py --sizes 1024 --patch 8   # 16,384 tokens
     .venv-timm/bin/python benchmarks/attention_variants.py ...  # + the segment-anything peer
     python benchmarks/attention_variants.py --sizes --accuracy  # + examples/attention_canvas.sh
 
-ViT-B width (768, 12 heads, MLP 3072), `--blocks` blocks, patch 16, batch 1, fp32 on the
+ViT-B width (768, 12 heads, MLP 3072), `--blocks` blocks, patch `--patch` (16), batch 1, fp32 on the
 CPU, one thread unless --threads says otherwise. Each type runs the same ViT-22B-style
 (parallel) blocks on the same input: `full`; `window` (14x14 windows, every block; ViTDet
 uses 14 at 1024 px); `window+global` (ViTDet's pattern: windows with the last block
@@ -73,20 +74,20 @@ def timed(run_once, repeats: int, exclude: list) -> tuple[float, float]:
     return statistics.median(times), meter.bytes
 
 
-def measure(kind: str, size: int, blocks: int, repeats: int, classic: bool = False
-            ) -> tuple[float, float]:
-    """(median seconds of forward + backward, bytes kept per block) of `kind` at `size` px;
-    `classic`: pre-norm blocks with biases, as segment-anything's."""
+def measure(kind: str, size: int, blocks: int, repeats: int, classic: bool = False,
+            patch: int = 16) -> tuple[float, float]:
+    """(median seconds of forward + backward, bytes kept per block) of `kind` at `size` px
+    with `patch` px patches; `classic`: pre-norm blocks with biases, as segment-anything's."""
     flags = dict(TYPES[kind])
     if kind == "window+global":
         flags["global_attention_layers"] = str(blocks - 1)
-    side = size // 16
+    side = size // patch
     if "window_size" in flags:
         flags["window_size"] = min(flags["window_size"], side)
     if classic:
         flags.update(CLASSIC)
     cfg = preset_model_config("vit-b", num_layers=blocks, img_h=size, img_w=size,
-                              num_classes=0, **flags)
+                              patch_dim=patch, num_classes=0, **flags)
     model = build_vit(cfg, Runtime(serial_state().tp), seed=0)
     model.train()
     x = torch.randn(cfg.seq_length, 1, cfg.hidden_size, requires_grad=True)
@@ -102,12 +103,13 @@ def measure(kind: str, size: int, blocks: int, repeats: int, classic: bool = Fal
     return seconds, saved / blocks
 
 
-def measure_sam(size: int, blocks: int, repeats: int) -> tuple[float, float]:
+def measure_sam(size: int, blocks: int, repeats: int, patch: int = 16
+                ) -> tuple[float, float]:
     """The same for segment-anything's ImageEncoderViT blocks (window 14, last global)."""
     from segment_anything.modeling.image_encoder import ImageEncoderViT
 
-    side = size // 16
-    encoder = ImageEncoderViT(img_size=size, patch_size=16, embed_dim=768, depth=blocks,
+    side = size // patch
+    encoder = ImageEncoderViT(img_size=size, patch_size=patch, embed_dim=768, depth=blocks,
                               num_heads=12, mlp_ratio=4.0, qkv_bias=True, use_rel_pos=False,
                               window_size=min(14, side), global_attn_indexes=(blocks - 1,))
     encoder.train()
@@ -126,6 +128,14 @@ def measure_sam(size: int, blocks: int, repeats: int) -> tuple[float, float]:
     return seconds, saved / blocks
 
 
+def sam_fits(tokens: int) -> bool:
+    """Whether segment-anything's global block fits this machine's memory: its attention
+    builds 12 heads' [s, s] fp32 scores and keeps softmax and dropout-free products of that
+    size for backward (about three such matrices)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 3 * 12 * tokens * tokens * 4 < 0.7 * total
+
+
 def sam_available() -> bool:
     return importlib.util.find_spec("segment_anything") is not None
 
@@ -141,7 +151,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="*", default=[224, 512],
-                   help="image sizes in px (patch 16); none: only --accuracy")
+                   help="image sizes in px; none: only --accuracy")
+    p.add_argument("--patch", type=int, default=16, help="patch size in px")
     p.add_argument("--blocks", type=int, default=2, help="blocks of ViT-B width")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per type and size")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -149,9 +160,9 @@ def main(argv=None) -> int:
                    help="also train each type on mnist-canvas (examples/attention_canvas.sh, "
                         "~20 min on 2 cores)")
     args = p.parse_args(argv)
-    if any(s % 16 or s < 32 for s in args.sizes):
-        print("attention_variants: --sizes must be multiples of 16, at least 32",
-              file=sys.stderr)
+    if args.patch < 1 or any(s % args.patch or s < 2 * args.patch for s in args.sizes):
+        print(f"attention_variants: --sizes must be multiples of --patch {args.patch}, at "
+              "least two patches", file=sys.stderr)
         return 2
     if args.blocks < 2:
         print("attention_variants: --blocks must be at least 2 (window blocks and a global "
@@ -161,17 +172,18 @@ def main(argv=None) -> int:
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; fp32, "
           f"{args.threads} thread(s)")
     print(f"command: {Path(sys.executable).name} benchmarks/attention_variants.py --sizes "
-          f"{' '.join(map(str, args.sizes))} --blocks {args.blocks} --repeats {args.repeats}"
+          f"{' '.join(map(str, args.sizes))} --patch {args.patch} --blocks {args.blocks} --repeats {args.repeats}"
           f"{' --accuracy' if args.accuracy else ''}")
     if args.sizes:
+        print(f"patch {args.patch}")
         print("| px | tokens | type | fwd+bwd s | x full | saved MiB / block | x full |")
         print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         base = None
         for kind in TYPES:
-            seconds, saved = measure(kind, size, args.blocks, args.repeats)
+            seconds, saved = measure(kind, size, args.blocks, args.repeats, patch=args.patch)
             base = base or (seconds, saved)
-            print(f"| {size} | {(size // 16) ** 2} | {kind} | {seconds:.3f} | "
+            print(f"| {size} | {(size // args.patch) ** 2} | {kind} | {seconds:.3f} | "
                   f"{seconds / base[0]:.2f} | {saved / 2**20:.1f} | {saved / base[1]:.2f} |",
                   flush=True)
     if args.sizes and sam_available():
@@ -181,8 +193,13 @@ def main(argv=None) -> int:
               "megavit | megavit / SAM |")
         print("|---|---|---|---|---|---|---|")
         for size in args.sizes:
-            sam = measure_sam(size, args.blocks, args.repeats)
-            ours = measure("window+global", size, args.blocks, args.repeats, classic=True)
+            if not sam_fits((size // args.patch) ** 2):
+                print(f"| {size} | not run: its global block's [s, s] scores (s = "
+                      f"{(size // args.patch) ** 2}) do not fit this machine's memory | | | | | |")
+                continue
+            sam = measure_sam(size, args.blocks, args.repeats, args.patch)
+            ours = measure("window+global", size, args.blocks, args.repeats, classic=True,
+                           patch=args.patch)
             print(f"| {size} | {sam[0]:.3f} | {ours[0]:.3f} | {ours[0] / sam[0]:.2f} | "
                   f"{sam[1] / 2**20:.1f} | {ours[1] / 2**20:.1f} | {ours[1] / sam[1]:.2f} |",
                   flush=True)

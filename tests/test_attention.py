@@ -302,6 +302,25 @@ def test_exports_refuse_window_attention():
                for d in hf_vit.differences(window_config("cls").model))
 
 
+def test_text_tower_refuses_window_types():
+    """The text tower takes only full attention: its flags refuse the image-tower attention
+    flags by name, and a text config built in Python with windows fails validation."""
+    from megavit.config.contrastive import parse_contrastive_args, validate_contrastive
+
+    base = ["--preset", "vit-debug", "--text-preset", "text-debug", "--micro-batch-size", "8",
+            "--global-batch-size", "8"]
+    for flag in (["--text-attention-type", "window"], ["--text-window-size=4"],
+                 ["--no-text-window-shift"], ["--text-position-embedding-type", "rope-2d"]):
+        with pytest.raises(ConfigError, match=f"^{flag[0].split('=')[0]}: the text tower "
+                                              "takes only full attention"):
+            parse_contrastive_args(base + flag)
+    cfg = parse_contrastive_args(base + ["--attention-type", "window", "--window-size", "2"])
+    validate_contrastive(cfg)                      # windows in the image tower are fine
+    cfg.text.blocks.attention_type, cfg.text.blocks.window_size = "window", 2
+    with pytest.raises(ConfigError, match="text tower takes only full attention"):
+        validate_contrastive(cfg)
+
+
 @pytest.mark.parametrize("kind", ["window", "local-global", "linear"])
 def test_a_core_that_keeps_only_its_inputs_has_the_kept_cores_gradients(kind):
     """Window / local-global / linear cores run again in backward (`_inputs_only`), with

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -134,9 +135,25 @@ def contrastive_parser() -> argparse.ArgumentParser:
 
 
 
+# Image-tower attention flags that a user may try with the text prefix: the text tower has
+# none of them (its attention is full, causal or not), so they are refused by name.
+IMAGE_ONLY_ATTENTION_FLAGS = ("attention-type", "attention-type-per-layer", "window-size",
+                              "window-shift", "global-attention-layers",
+                              "position-embedding-type")
+
+
 def parse_contrastive_args(argv: Sequence[str] | None = None) -> ContrastiveRunConfig:
     """Flags -> ContrastiveRunConfig (presets first, explicit flags on top); the image
     model has no classifier."""
+    refused = {f"--{no}text-{flag}" for flag in IMAGE_ONLY_ATTENTION_FLAGS for no in ("", "no-")}
+    for arg in (sys.argv[1:] if argv is None else argv):
+        name = arg.split("=", 1)[0]
+        if name in refused:
+            raise ConfigError(f"{name}: the text tower takes only full attention (causal with "
+                              "--text-causal, bidirectional with --no-text-causal) and its "
+                              "learned 1-D positions; window, local-global and linear "
+                              "attention and 2-D positions are image-tower flags "
+                              "(--attention-type, --position-embedding-type)")
     sections, presets = parse_sections(contrastive_parser(), SECTIONS, argv)
     sections["model"].setdefault("num_classes", 0)
     base = config_from_sections(sections, presets["preset"])
@@ -186,6 +203,15 @@ def _check_text_sizes(text: TextConfig) -> list[str]:
 def _check_text(text: TextConfig, tp: int) -> list[str]:
     """What the text sizes must divide, and the text flags that need or exclude others."""
     blocks, problems = text.blocks, []
+    if (blocks.attention_type != "full" or blocks.attention_pattern() or blocks.window_shift
+            or blocks.global_attention_layers.strip()):
+        problems.append("the text tower takes only full attention (causal or not): its "
+                        f"blocks have attention_type {blocks.attention_type!r}, "
+                        f"attention_type_per_layer {blocks.attention_type_per_layer!r}, "
+                        f"window_shift {blocks.window_shift}, global_attention_layers "
+                        f"{blocks.global_attention_layers!r} (a text preset or a config "
+                        "built in Python); window, local-global and linear attention are for "
+                        "the image tower")
     if blocks.hidden_size % blocks.num_attention_heads:
         problems.append(f"--text-hidden-size {blocks.hidden_size} is not divisible by "
                         f"--text-num-attention-heads {blocks.num_attention_heads}")
