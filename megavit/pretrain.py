@@ -29,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_args(argv)
         info = detect_launch()
         validate(cfg, world_size=info.world_size)
+        if cfg.data.dataset == "mnist-seg":
+            raise ConfigError("--dataset mnist-seg has a label per pixel, not per image: train "
+                              "it with python -m megavit.segment")
         if cfg.model.num_classes == 0:
             raise ConfigError("--num-classes 0 builds a feature extractor; pretraining needs a "
                               "classifier (leave --num-classes unset to use the dataset's)")

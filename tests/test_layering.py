@@ -1,6 +1,6 @@
 """The package's imports follow its layers (docs/architecture.md), and none loops.
 
-    tools, benchmarks, entry points (megavit.pretrain, megavit.pretrain_contrastive,
+    tools, benchmarks, entry points (megavit.pretrain, megavit.pretrain_contrastive, megavit.segment,
                                      megavit.run_entry)
       -> tasks -> training -> checkpointing -> models, data -> parallel -> config -> errors
     interop may use models, checkpointing, data (and what they use); never training or tasks
@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": _BASE | {"config", "parallel", "models", "data", "checkpointing"},
     "tasks": _BASE | {"config", "parallel", "models", "data", "checkpointing", "training"},
 }
-ENTRY_POINTS = {"pretrain", "pretrain_contrastive", "run_entry"}
+ENTRY_POINTS = {"pretrain", "pretrain_contrastive", "segment", "run_entry"}
 
 
 def module_name(path: Path) -> str:

@@ -184,9 +184,11 @@ class DataConfig:
             "several labels per image; tools/make_shards.py writes them), 'mnist-canvas' "
             "(embedded, high resolution: an MNIST-5k digit at a random place on an --img-h x "
             "--img-w canvas among strokes cut from other digits; the label is the whole "
-            "digit) or 'synthetic' (random images, for benchmarks).",
+            "digit), 'synthetic' (random images, for benchmarks) or, for megavit.segment "
+            "only, 'mnist-seg' (embedded: MNIST-5k digits at random places and scales on an "
+            "--img-h x --img-w canvas, each stroke pixel labelled with its digit).",
             choices=("digits", "mnist5k", "image-folder", "shards", "mnist-canvas",
-                     "synthetic"),
+                     "synthetic", "mnist-seg"),
         ),
     )
     data_path: str | None = field(

@@ -259,10 +259,14 @@ class VisionTransformer(nn.Module):
         with block_meter if block_meter is not None else contextlib.nullcontext():
             x = self.run_blocks(x, sample_ids)
         if self.post_process:
-            x = self.pool(self.gather_sequence(x))
-            if self.head is not None and apply_head:
-                x = self.head(x)
+            x = self.output(self.gather_sequence(x), apply_head)
         return x
+
+    def output(self, x: torch.Tensor, apply_head: bool = True) -> torch.Tensor:
+        """The last part's output from all tokens [s, b, h]: pooled features [b, h], or
+        logits [b, classes] through the classifier when there is one and `apply_head`."""
+        x = self.pool(x)
+        return self.head(x) if self.head is not None and apply_head else x
 
     def estimate_flops(self, batch_size: int, training: bool = True) -> int:
         """Matmul FLOPs of the whole model (all layers, all ranks) for `batch_size` images:

@@ -1,0 +1,127 @@
+"""Flags of `python -m megavit.segment`: `megavit.pretrain`'s model, parallel, training,
+precision, data, logging and checkpoint flags, plus the dense-prediction head below. The
+ViT is built without a classifier; every patch token is decoded.
+
+    cfg = parse_segmentation_args(["--preset", "vit-debug", "--dataset", "mnist-seg"])
+    validate_segmentation(cfg, world_size=2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from megavit.config.fields import ConfigError, opt
+from megavit.config.flags import SECTIONS as BASE_SECTIONS
+from megavit.config.flags import build_parser, config_from_sections, parse_sections
+from megavit.config.model import ModelConfig
+from megavit.config.run import Config
+from megavit.config.validation import validate
+
+SEGMENTATION_DATASETS = ("mnist-seg",)
+PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
+
+
+@dataclass
+class SegmentationConfig:
+    """Semantic segmentation: the feature pyramid neck on the last block's patch map and
+    the per-pixel decoder (both replicated over tensor-parallel ranks, on the last pipeline
+    stage)."""
+
+    neck: str = field(
+        default="simple-pyramid",
+        metadata=opt("'simple-pyramid' (ViTDet: the last block's map at 4x, 2x, 1x and 1/2 "
+                     "its resolution by transposed convolutions, identity and max-pooling) or "
+                     "'none' (the last block's map alone).",
+                     choices=("simple-pyramid", "none")))
+    neck_channels: int = field(
+        default=256, metadata=opt("Channels of every pyramid level (ViTDet: 256)."))
+    decoder_channels: int = field(
+        default=128,
+        metadata=opt("Channels of the decoder: each level is convolved (3x3) to this width, "
+                     "upsampled to the finest level and summed before the per-class 1x1 "
+                     "convolution (Panoptic FPN's semantic head)."))
+    ignore_index: int = field(
+        default=255,
+        metadata=opt("Label value of pixels that count in neither the loss nor the metrics "
+                     "(ADE20K / Cityscapes use 255)."))
+
+
+@dataclass
+class SegmentationRunConfig:
+    """Everything `megavit.segment` is configured by."""
+
+    base: Config
+    segmentation: SegmentationConfig
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.base.model
+
+    @property
+    def precision(self):
+        return self.base.precision
+
+
+SECTIONS: tuple[tuple[str, type], ...] = (*BASE_SECTIONS, ("segmentation", SegmentationConfig))
+PROG = "python -m megavit.segment"
+
+
+def segmentation_parser() -> argparse.ArgumentParser:
+    return build_parser(PROG, SECTIONS, "Train a ViT for semantic segmentation (a feature "
+                        "pyramid and a per-pixel decoder on the last block) with tensor, "
+                        "sequence, pipeline and data parallelism.")
+
+
+def parse_segmentation_args(argv: Sequence[str] | None = None) -> SegmentationRunConfig:
+    """Flags -> SegmentationRunConfig (a preset first, explicit flags on top). --dataset
+    defaults to mnist-seg, --pooling to gap (no class token; --pooling cls keeps one,
+    dropped before the neck)."""
+    sections, presets = parse_sections(segmentation_parser(), SECTIONS, argv)
+    seg = SegmentationConfig(**sections.pop("segmentation"))
+    sections["data"].setdefault("dataset", "mnist-seg")
+    sections["model"].setdefault("pooling", "gap")
+    base = config_from_sections(sections, presets["preset"])
+    return SegmentationRunConfig(base, seg)
+
+
+def validate_segmentation(cfg: SegmentationRunConfig, world_size: int = 1) -> None:
+    """`validate`'s checks, then the segmentation ones; ConfigError naming each flag."""
+    validate(cfg.base, world_size)
+    m, s, d = cfg.base.model, cfg.segmentation, cfg.base.data
+    problems = []
+    if d.dataset not in SEGMENTATION_DATASETS:
+        problems.append(f"--dataset {d.dataset} has one class per image; segmentation needs "
+                        f"label maps: {', '.join(SEGMENTATION_DATASETS)}")
+    if m.pooling == "map":
+        problems.append("--pooling map pools the tokens into one vector; segmentation decodes "
+                        "every patch token: use --pooling gap (no class token) or cls")
+    if m.num_classes:
+        problems.append("--num-classes: the segmentation classes come from the dataset "
+                        "(mnist-seg: 11, background and ten digits); leave it unset")
+    if d.augment != "none":
+        problems.append(f"--augment {d.augment}: image augmentations would have to move the "
+                        "label maps too; mnist-seg composes a fresh canvas on every draw "
+                        "instead (use --augment none)")
+    if d.loss != "softmax":
+        problems.append("--loss sigmoid: segmentation trains per-pixel softmax cross-entropy")
+    for flag, value in (("--neck-channels", s.neck_channels),
+                        ("--decoder-channels", s.decoder_channels)):
+        if value < 1:
+            problems.append(f"{flag} must be at least 1 (got {value})")
+    if s.neck == "simple-pyramid" and m.hidden_size % 4:
+        problems.append(f"--neck simple-pyramid halves --hidden-size {m.hidden_size} twice "
+                        "on its way to 4x: it must be divisible by 4")
+    if not 0 <= s.ignore_index:
+        problems.append(f"--ignore-index must be 0 or more (got {s.ignore_index})")
+    if problems:
+        raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems)
+                          if len(problems) > 1 else problems[0])
+
+
+def with_backbone_defaults(cfg: SegmentationRunConfig) -> SegmentationRunConfig:
+    """The ViT built for segmentation: no classifier (num_classes 0)."""
+    return dataclasses.replace(cfg, base=dataclasses.replace(
+        cfg.base, model=dataclasses.replace(cfg.base.model, num_classes=0)))

@@ -1,0 +1,54 @@
+"""Entry point: `python -m megavit.segment [flags]` (or `megavit-segment`) — semantic
+segmentation with a ViT, a feature pyramid and a per-pixel decoder.
+
+One process:   python -m megavit.segment --preset vit-debug --dataset mnist-seg --img-h 64 ...
+torchrun:      torchrun --nproc-per-node 4 -m megavit.segment --tensor-model-parallel-size 2 ...
+
+It takes `megavit.pretrain`'s model, parallel, training, precision, data, logging and
+checkpoint flags plus --neck, --neck-channels, --decoder-channels and --ignore-index.
+`--help` lists every flag. Exit status 2 for a configuration or data mistake (one message
+naming the flag), 1 for a NaN/inf or a failed collective, as `megavit.pretrain`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from megavit.config import ConfigError
+from megavit.config.segmentation import PROG, parse_segmentation_args, validate_segmentation
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from megavit.parallel.launcher import LaunchError, detect_launch
+    from megavit.run_entry import report_config_error
+
+    info = None
+    try:
+        cfg = parse_segmentation_args(argv)
+        info = detect_launch()
+        validate_segmentation(cfg, world_size=info.world_size)
+    except (ConfigError, LaunchError) as e:
+        return report_config_error(PROG, e, info)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+    from megavit.run_entry import start_and_train
+    from megavit.tasks.segmentation import SegmentationTask
+    from megavit.training.loop import pretrain
+    from megavit.training.run import check_schedule, pipeline_layout
+
+    parallel = cfg.base.parallel
+    try:   # the pipeline split and schedule, before any process group starts
+        dp = info.world_size // (parallel.tensor_model_parallel_size
+                                 * parallel.pipeline_model_parallel_size)
+        check_schedule(cfg.base, pipeline_layout(cfg.base), dp)
+    except ConfigError as e:
+        return report_config_error(PROG, e, info)
+    return start_and_train(PROG, parallel, info.local_world_size,
+                           lambda pstate, stop: pretrain(SegmentationTask(cfg), pstate, stop),
+                           cfg.base.checkpoint)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Semantic segmentation (megavit/tasks/segmentation.py, models/dense.py,
+data/segmentation.py).
+
+- The metric: mean IoU and pixel accuracy from the confusion matrix equal torchmetrics'
+  multiclass Jaccard index (macro) and micro accuracy on random maps, ignore index included.
+- mnist-seg follows its rule: labels are the digit + 1 exactly where a digit's resized
+  stroke is at least 0.5 and was not drawn over; the held-out canvases are fixed, training
+  canvases depend on the draw's global id only.
+- The pyramid's levels have the shapes ViTDet's simple pyramid gives (odd grids included).
+- Training equals the serial run (loss, every gradient, weights after two steps, then the
+  held-out metrics) at TP=2 (25 tokens), TP=2 + SP + selective recomputation (25 tokens:
+  padded), PP=2 with full recomputation and a class token (26 tokens), DP=2 with the
+  distributed optimizer; a run saved and resumed at PP=2 equals the uninterrupted one.
+- Flags: classification data, MAP pooling and augmentations are refused for segmentation,
+  mnist-seg for classification.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+import torchmetrics
+import torch.nn.functional as F
+
+from megavit.config import ConfigError
+from megavit.config.segmentation import (SegmentationConfig, SegmentationRunConfig,
+                                         parse_segmentation_args, validate_segmentation)
+from megavit.models.dense import SimpleFeaturePyramid
+from megavit.parallel.sharding import full_state
+from megavit.parallel.state import serial_state
+from megavit.tasks.segmentation import confusion_matrix, iou_metrics, segmentation_run
+from tests.harness import run_distributed
+from tests.scenarios import debug_config, merge_stages, train_steps
+from tests.test_tensor_parallel import assert_two_steps_match
+
+RTOL = 1e-5
+# variant, model overrides: vit22b blocks with GAP (25 tokens, drop-path); classic blocks
+# with a class token (26 tokens), dropped before the neck
+MODELS = {"gap": ("vit22b", dict(pooling="gap")),
+          "cls": ("classic", dict(img_h=20, img_w=20))}
+SP_SELECTIVE = {"sequence_parallel": True, "recompute_granularity": "selective"}
+PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
+            "recompute_method": "uniform", "recompute_num_layers": 1}
+DISTOPT = {"use_distributed_optimizer": True, "ddp_bucket_size": 3000}
+# name: (world, tp, pp, [(model, parallel flags)])
+LAYOUTS = {"tp2": (2, 2, 1, [("gap", {}), ("gap", SP_SELECTIVE)]),
+           "pp2": (2, 1, 2, [("cls", PP2_FULL)]),
+           "dp2": (2, 1, 1, [("gap", DISTOPT)])}
+
+
+def seg_config(model: str, tp: int = 1, parallel: dict | None = None, layers: int = 2,
+               **training) -> SegmentationRunConfig:
+    variant, flags = MODELS[model]
+    base = debug_config(variant, tp=tp, parallel=parallel, layers=layers, model=flags,
+                        **training)
+    base.data = dataclasses.replace(base.data, dataset="mnist-seg", augment="none")
+    base.logging = dataclasses.replace(base.logging, eval_iters=1)
+    return SegmentationRunConfig(base, SegmentationConfig(neck_channels=8, decoder_channels=8))
+
+
+def steps_and_eval(pstate, cfg: SegmentationRunConfig) -> dict:
+    run = segmentation_run(cfg, pstate)
+    out = train_steps(pstate, cfg.base, run=run)
+    out["eval"] = run.evaluate()
+    return out
+
+
+def _steps(run, start: int, stop: int) -> list[float]:
+    return [run.step(it, micro).loss.item()
+            for it, micro in zip(range(start, stop), run.batches(start, stop))]
+
+
+def resumed_and_straight(pstate, path: str) -> dict:
+    from megavit.checkpointing.training_state import load_training_state, save_training_state
+
+    cfg = seg_config("cls", pstate.tp.size, PP2_FULL, layers=4, train_iters=4)
+    straight = segmentation_run(cfg, pstate)
+    losses = _steps(straight, 0, 4)
+    first = segmentation_run(cfg, pstate)
+    resumed = _steps(first, 0, 2)
+    save_training_state(first, path, 2)
+    second = segmentation_run(cfg, pstate)
+    start = load_training_state(second, path, same_layout=True)
+    resumed += _steps(second, start, 4)
+    return {"start": start, "losses": losses, "resumed_losses": resumed,
+            "straight": full_state(straight.model, pstate.tp),
+            "resumed": full_state(second.model, pstate.tp)}
+
+
+@functools.lru_cache(maxsize=None)
+def serial(model: str, layers: int):
+    return steps_and_eval(serial_state(), seg_config(model, layers=layers))
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request, tmp_path_factory):
+    world, tp, pp, variants = LAYOUTS[request.param]
+    jobs = {f"{model}{i}": (steps_and_eval, (seg_config(model, tp, parallel,
+                                                        layers=4 if pp > 1 else 2),))
+            for i, (model, parallel) in enumerate(variants)}
+    if pp > 1:
+        jobs["resume"] = (resumed_and_straight, (str(tmp_path_factory.mktemp("seg") / "s"),))
+    return request.param, run_distributed(world, tp, jobs, pp=pp)
+
+
+def test_segmentation_trains_and_evaluates_as_the_serial_run(layout):
+    name, results = layout
+    world, tp, pp, variants = LAYOUTS[name]
+    column = world // pp
+    for i, (model, parallel) in enumerate(variants):
+        layers = 4 if pp > 1 else 2
+        ref = serial(model, layers)
+        for c in range(column):
+            ranks = [k * column + c for k in range(pp)]
+            got = merge_stages(results[f"{model}{i}"], ranks)
+            what = f"{name}[{i}] {model}"
+            assert_two_steps_match(got, ref, seg_config(model).base, what, RTOL)
+            evaluation = results[f"{model}{i}"][ranks[-1]]["eval"]
+            assert evaluation["eval_images"] == ref["eval"]["eval_images"] == 8, what
+            for key in ("eval_loss", "eval_miou", "eval_pixel_accuracy"):
+                assert evaluation[key] == pytest.approx(ref["eval"][key], rel=1e-4, abs=1e-6), \
+                    f"{what} {key}"
+    for r in results.get("resume", []):
+        assert r["start"] == 2 and r["resumed_losses"] == r["losses"]
+        for key, w in r["straight"].items():
+            assert torch.equal(r["resumed"][key], w), key
+
+
+def test_the_dense_head_is_trained_and_the_class_token_dropped():
+    cfg = seg_config("cls")
+    ref = serial("cls", 2)
+    grads = ref["grads"][0]
+    for key in ("neck.stages.0.0.weight", "decode_head.classifier.weight", "cls_token",
+                "patch_embed.proj.weight"):
+        assert grads[key].abs().sum() > 0, key
+    run = segmentation_run(cfg, serial_state())
+    chunk = run.model.chunks[0]
+    tokens = torch.randn(cfg.model.seq_length, 3, cfg.model.hidden_size)
+    fmap = chunk.feature_map(tokens)
+    assert fmap.shape == (3, cfg.model.hidden_size, 5, 5)
+    torch.testing.assert_close(fmap[1, :, 2, 3], chunk.norm(tokens[1 + 2 * 5 + 3, 1]))
+    assert chunk(torch.randn(3, 1, 20, 20)).shape == (3, 11, 20, 20)
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (7, 7), (6, 10)])
+def test_simple_pyramid_levels(grid):
+    from megavit.parallel.sharding import initialize_parameters
+
+    pyramid = SimpleFeaturePyramid(32, 8)
+    initialize_parameters(pyramid, 0)
+    levels = pyramid(torch.randn(2, 32, *grid))
+    gh, gw = grid
+    assert [tuple(x.shape) for x in levels] == [
+        (2, 8, 4 * gh, 4 * gw), (2, 8, 2 * gh, 2 * gw), (2, 8, gh, gw),
+        (2, 8, -(-gh // 2), -(-gw // 2))]
+
+
+@pytest.mark.parametrize("ignore", [None, 3])
+def test_iou_and_pixel_accuracy_equal_torchmetrics(ignore):
+    g = torch.Generator().manual_seed(0)
+    k = 5
+    logits = torch.randn(4, k, 9, 7, generator=g)
+    labels = torch.randint(k, (4, 9, 7), generator=g)
+    labels[0, :2] = logits[0, :, :2].argmax(0)          # some agreement
+    index = 255 if ignore is None else ignore
+    if ignore is not None:
+        labels[1, 3:] = ignore
+    got = iou_metrics(confusion_matrix(logits, labels, k, index))
+    pred = logits.argmax(1)
+    jaccard = torchmetrics.classification.MulticlassJaccardIndex(
+        num_classes=k, average="macro", ignore_index=ignore)
+    accuracy = torchmetrics.classification.MulticlassAccuracy(
+        num_classes=k, average="micro", ignore_index=ignore)
+    if ignore is not None:      # torchmetrics drops the ignored class from its macro mean
+        keep = labels != ignore
+        ref_iou = torchmetrics.functional.classification.multiclass_jaccard_index(
+            pred[keep], labels[keep], num_classes=k, average="none")
+        seen = torch.bincount(labels[keep], minlength=k) + torch.bincount(pred[keep],
+                                                                           minlength=k) > 0
+        assert got["miou"] == pytest.approx(ref_iou[seen].mean().item(), rel=1e-6)
+    else:
+        assert got["miou"] == pytest.approx(jaccard(pred, labels).item(), rel=1e-6)
+    assert got["pixel_accuracy"] == pytest.approx(accuracy(pred, labels).item(), rel=1e-6)
+
+
+def test_a_class_absent_from_labels_and_predictions_is_left_out_of_the_mean():
+    confusion = torch.tensor([[5, 1, 0], [2, 4, 0], [0, 0, 0]])
+    got = iou_metrics(confusion)
+    assert got["miou"] == pytest.approx((5 / 8 + 4 / 7) / 2)
+    assert got["pixel_accuracy"] == pytest.approx(9 / 12)
+
+
+def test_mnist_seg_follows_its_rule():
+    from megavit.config import DataConfig, preset_model_config
+    from megavit.data.segmentation import MnistSeg, build_segmentation_datasets
+
+    model = preset_model_config("vit-debug", img_h=40, img_w=48, num_channels=1)
+    train, held = build_segmentation_datasets(DataConfig(dataset="mnist-seg"), model)
+    assert (len(train), len(held), train.num_classes) == (4000, 1000, 11)
+    image, labels = held.canvas(3, 3)
+    assert image.shape == labels.shape == (40, 48)
+    assert torch.equal(labels[image == 0], torch.zeros_like(labels[image == 0]))
+    assert torch.all(image[labels > 0] >= MnistSeg.STROKE)
+    assert int(held.labels[3]) + 1 in labels.unique().tolist() or labels.eq(0).all()
+    # held-out canvases are fixed; training canvases follow the draw's global id
+    assert torch.equal(held.get(torch.tensor([3]))[1][0], labels)
+    a = train.compose(torch.tensor([5, 5]), torch.tensor([10, 11]))[1]
+    b = train.compose(torch.tensor([5]), torch.tensor([10]))[1]
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], a[1])
+    # the labels a plain re-composition with the same draws gives
+    g = torch.Generator().manual_seed(20261207 + 2 * 3 + 1)
+    more = int(torch.randint(MnistSeg.DIGITS_MORE + 1, (1,), generator=g))
+    others = torch.randint(len(held), (more,), generator=g).tolist()
+    expected = torch.zeros(40, 48, dtype=torch.long)
+    for j in [3, *others]:
+        side = min(int(torch.randint(20, 41, (1,), generator=g)), 40)
+        y = int(torch.randint(40 - side + 1, (1,), generator=g))
+        x = int(torch.randint(48 - side + 1, (1,), generator=g))
+        digit = F.interpolate(held.digits[j][None, None], size=(side, side), mode="bilinear",
+                              align_corners=False)[0, 0]
+        region = expected[y:y + side, x:x + side]
+        region[digit >= 0.5] = int(held.labels[j]) + 1
+    assert torch.equal(labels, expected)
+
+
+def test_segmentation_flags_refuse_what_cannot_work():
+    base = ["--preset", "vit-debug", "--img-h", "32", "--img-w", "32", "--patch-dim", "8"]
+    validate_segmentation(parse_segmentation_args(base))
+    for flags, message in ((["--dataset", "digits"], "--dataset digits has one class"),
+                           (["--pooling", "map"], "--pooling map pools"),
+                           (["--augment", "affine"], "--augment affine"),
+                           (["--num-classes", "5"], "--num-classes"),
+                           (["--neck-channels", "0"], "--neck-channels must be")):
+        with pytest.raises(ConfigError, match=message):
+            validate_segmentation(parse_segmentation_args(base + flags))
+    from megavit.pretrain import main
+
+    assert main(["--preset", "vit-debug", "--dataset", "mnist-seg"]) == 2
