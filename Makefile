@@ -5,6 +5,7 @@
 #   make quickstart-finetune   pretrain on MNIST-5k, fine-tune on digits (CPU, ~4 min)
 #   make quickstart-attention   full / window+global / local-global / linear attention
 #                     on mnist-canvas (CPU)
+#   make quickstart-seg   semantic segmentation on mnist-seg (CPU, ~5 min): ends with mIoU
 #   make venv-timm    only the timm venv (.venv-timm: torch 2.14.1 + torchvision + timm +
 #                     segment-anything)
 #   make test         create or reuse .venv (and .venv-timm for the timm checks), install
@@ -19,7 +20,7 @@ TIMM_VENV ?= .venv-timm
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: quickstart quickstart-clip quickstart-finetune quickstart-attention test venv venv-timm clean bench-timm
+.PHONY: quickstart quickstart-clip quickstart-finetune quickstart-attention quickstart-seg test venv venv-timm clean bench-timm
 
 $(VENV)/.installed-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,9 @@ quickstart-finetune: $(VENV)/.installed-base
 
 quickstart-attention: $(VENV)/.installed-base
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/attention_canvas.sh
+
+quickstart-seg: $(VENV)/.installed-base
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/quickstart_seg.sh
 
 # timm next to megavit, without touching .venv (installing timm there would replace its torch)
 venv-timm: $(TIMM_VENV)/.installed-timm

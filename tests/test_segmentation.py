@@ -239,3 +239,89 @@ def test_segmentation_flags_refuse_what_cannot_work():
     from megavit.pretrain import main
 
     assert main(["--preset", "vit-debug", "--dataset", "mnist-seg"]) == 2
+
+
+def _write_folder(root, count: int = 4, size: int = 24):
+    """images/{train,val}/k.png and annotations/{train,val}/k.png from mnist-seg canvases."""
+    from PIL import Image
+
+    from megavit.config import DataConfig, preset_model_config
+    from megavit.data.segmentation import build_segmentation_datasets
+
+    model = preset_model_config("vit-debug", img_h=size, img_w=size, num_channels=1)
+    _, held = build_segmentation_datasets(DataConfig(dataset="mnist-seg"), model)
+    pixels, maps = held.canvases(torch.arange(count))
+    for split in ("train", "val"):
+        for kind in ("images", "annotations"):
+            (root / kind / split).mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            Image.fromarray((pixels[k, 0] * 255).round().byte().numpy()).save(
+                root / "images" / split / f"{k}.png")
+            Image.fromarray(maps[k].byte().numpy()).save(root / "annotations" / split / f"{k}.png")
+    return maps
+
+
+def test_a_segmentation_folder_reads_its_maps_and_names_what_is_wrong(tmp_path):
+    from PIL import Image
+
+    from megavit.config import DataConfig, preset_model_config
+    from megavit.data.bad_samples import DataError
+    from megavit.data.segmentation import build_segmentation_datasets
+
+    maps = _write_folder(tmp_path)
+    data = DataConfig(dataset="seg-folder", data_path=str(tmp_path))
+    model = preset_model_config("vit-debug", img_h=24, img_w=24, num_channels=1)
+    train, held = build_segmentation_datasets(data, model, num_classes=11)
+    assert (len(train), len(held), held.num_classes) == (4, 4, 11)
+    images, labels = held.get(torch.arange(4))
+    assert images.shape == (4, 1, 24, 24) and torch.equal(labels, maps)
+    half = preset_model_config("vit-debug", img_h=12, img_w=12, num_channels=1)
+    small = build_segmentation_datasets(data, half, num_classes=11)[1].get(torch.arange(1))[1]
+    assert small.shape == (1, 12, 12) and set(small.unique().tolist()) <= set(range(11))
+    with pytest.raises(DataError, match="needs --num-classes"):
+        build_segmentation_datasets(data, model)
+    with pytest.raises(DataError, match=r"value \d+ is no class of --num-classes 2"):
+        build_segmentation_datasets(data, model, num_classes=2)[1].get(torch.arange(4))
+    Image.new("L", (10, 10)).save(tmp_path / "annotations" / "val" / "1.png")
+    with pytest.raises(DataError, match=r"1.png: label map of 10x10 px for the 24x24 px image"):
+        held.get(torch.tensor([1]))
+    (tmp_path / "annotations" / "val" / "2.png").unlink()
+    with pytest.raises(DataError, match=r"no label map for 1 of 4 images \(2.png"):
+        build_segmentation_datasets(data, model, num_classes=11)
+
+
+def test_training_on_a_segmentation_folder(tmp_path):
+    _write_folder(tmp_path, count=8)
+    cfg = seg_config("gap")
+    cfg.base.data = dataclasses.replace(cfg.base.data, dataset="seg-folder",
+                                        data_path=str(tmp_path))
+    cfg.base.model = dataclasses.replace(cfg.base.model, img_h=24, img_w=24, num_classes=11)
+    validate_segmentation(cfg)
+    run = segmentation_run(cfg, serial_state())
+    losses = _steps(run, 0, 2)
+    assert all(l == l and l > 0 for l in losses)
+    evaluation = run.evaluate()
+    assert evaluation["eval_images"] == 8 and 0 <= evaluation["eval_miou"] <= 1
+
+
+def test_a_segmentation_checkpoint_exports_its_backbone_to_timm(tmp_path):
+    from safetensors import safe_open
+
+    from megavit.checkpointing.checkpointer import resolve_checkpoint, save_checkpoint
+    from megavit.interop.export_hf import export_checkpoint
+
+    run = segmentation_run(seg_config("gap"), serial_state())
+    save_checkpoint(run, str(tmp_path / "ck"), 2, 0, lambda line: None)
+    lines = []
+    export_checkpoint(resolve_checkpoint(tmp_path / "ck"), "timm", tmp_path / "export", None,
+                      1 << 20, report=lines.append)
+    assert any("a segmentation checkpoint: its backbone" in x and "left out" in x
+               for x in lines), lines
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "patch_embed.proj.weight" in keys and "blocks.1.in_proj.weight" in keys
+    assert not any(k.startswith(("neck", "decode_head", "head.")) for k in keys), keys
+    theirs = run.model.state_dict()
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("patch_embed.proj.weight").flatten(1),   # conv
+                           theirs["patch_embed.proj.weight"])

@@ -20,7 +20,7 @@ from megavit.config.model import ModelConfig
 from megavit.config.run import Config
 from megavit.config.validation import validate
 
-SEGMENTATION_DATASETS = ("mnist-seg",)
+SEGMENTATION_DATASETS = ("mnist-seg", "seg-folder")
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
@@ -98,13 +98,16 @@ def validate_segmentation(cfg: SegmentationRunConfig, world_size: int = 1) -> No
     if m.pooling == "map":
         problems.append("--pooling map pools the tokens into one vector; segmentation decodes "
                         "every patch token: use --pooling gap (no class token) or cls")
-    if m.num_classes:
-        problems.append("--num-classes: the segmentation classes come from the dataset "
-                        "(mnist-seg: 11, background and ten digits); leave it unset")
+    if m.num_classes and d.dataset == "mnist-seg":
+        problems.append("--num-classes: mnist-seg has 11 classes (background and ten "
+                        "digits); leave it unset")
+    if d.dataset == "seg-folder" and not (m.num_classes and d.data_path):
+        problems.append("--dataset seg-folder needs --data-path (images/ and annotations/) "
+                        "and --num-classes (label values 0..K-1)")
     if d.augment != "none":
         problems.append(f"--augment {d.augment}: image augmentations would have to move the "
-                        "label maps too; mnist-seg composes a fresh canvas on every draw "
-                        "instead (use --augment none)")
+                        "label maps too, which megavit does not do yet; mnist-seg composes a "
+                        "fresh canvas on every draw instead (use --augment none)")
     if d.loss != "softmax":
         problems.append("--loss sigmoid: segmentation trains per-pixel softmax cross-entropy")
     for flag, value in (("--neck-channels", s.neck_channels),

@@ -367,7 +367,7 @@ def _check_layout(cfg: Config, world_size: int) -> list[str]:
 
 def _check_data_source(d: DataConfig, m: ModelConfig) -> list[str]:
     problems = []
-    files = ("image-folder", "shards")
+    files = ("image-folder", "shards", "seg-folder")
     if d.dataset in files and m.num_channels not in (1, 3):
         problems.append(f"--dataset {d.dataset} reads grey or RGB images: --num-channels must "
                         f"be 1 or 3 (got {m.num_channels})")
@@ -379,7 +379,8 @@ def _check_data_source(d: DataConfig, m: ModelConfig) -> list[str]:
                         "writes them)")
     if d.data_path and d.dataset not in files:
         problems.append(
-            f"--data-path is only read by --dataset image-folder or shards (got --dataset "
+            f"--data-path is only read by --dataset image-folder, shards or seg-folder (got "
+            f"--dataset "
             f"{d.dataset})"
         )
     if d.valid_data_path and d.dataset != "shards":

@@ -10,14 +10,17 @@ neither loss nor metric.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from megavit.config import DataConfig, ModelConfig
 from megavit.data.bad_samples import DataError
-from megavit.data.datasets import raw_mnist5k, split_indices
-from megavit.data.preprocessing import Preprocessing
+from megavit.data.datasets import _IMAGE_SUFFIXES, raw_mnist5k, split_indices
+from megavit.data.preprocessing import Preprocessing, file_preprocessing, read_pixels
 
 _SEED = 20261207
 
@@ -110,12 +113,121 @@ class MnistSeg:
         return self.canvases(indices)[1]
 
 
-def build_segmentation_datasets(data: DataConfig, model: ModelConfig
-                                ) -> tuple[MnistSeg, MnistSeg]:
-    """(train, held-out) for a segmentation --dataset."""
+class SegmentationFolder:
+    """`--dataset seg-folder`: image files and PNG label maps of the same stem (ADE20K's
+    layout): DATA_PATH/images/SPLIT/STEM.jpg|png|... and DATA_PATH/annotations/SPLIT/STEM.png,
+    SPLIT `train` / `val` (or ADE20K's `training` / `validation`). A label map holds one
+    class id per pixel (greyscale or palette PNG, values 0..K-1, or --ignore-index), at the
+    image's size. Images are squashed to --img-h x --img-w (bilinear, as image folders are
+    read), label maps the same way with nearest-neighbour sampling. Every image must have
+    its map: a missing one is named at start-up; a map of another size, a value that is no
+    class, or a file that does not decode stops the run naming the file."""
+
+    in_memory = False
+
+    def __init__(self, name: str, images: list[Path], maps: list[Path], model: ModelConfig,
+                 num_classes: int, ignore_index: int, normalization: str) -> None:
+        self.name, self.images, self.maps, self.model = name, images, maps, model
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.preprocessing = file_preprocessing(model, normalization)
+        self.class_names = [str(k) for k in range(num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _read(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        image, label = self.images[k], self.maps[k]
+        try:
+            pixels = read_pixels(image, self.preprocessing)
+            with Image.open(image) as im:
+                size = im.size
+            with Image.open(label) as lm:
+                if lm.size != size:
+                    raise DataError(f"{label}: label map of {lm.size[0]}x{lm.size[1]} px for "
+                                    f"the {size[0]}x{size[1]} px image {image}")
+                if lm.mode not in ("L", "P", "I", "I;16"):
+                    raise DataError(f"{label}: a label map must be a greyscale or palette PNG "
+                                    f"of class ids (mode {lm.mode})")
+                lm = lm.resize((self.model.img_w, self.model.img_h), Image.Resampling.NEAREST)
+                labels = torch.from_numpy(np.array(lm, dtype=np.int64))
+        except DataError:
+            raise
+        except Exception as e:   # what PIL raises for a file it cannot read
+            raise DataError(f"{image} / {label}: cannot read ({type(e).__name__}: {e})") from None
+        bad = (labels >= self.num_classes) & (labels != self.ignore_index)
+        if bad.any():
+            raise DataError(f"{label}: value {int(labels[bad][0])} is no class of --num-classes "
+                            f"{self.num_classes} (0..{self.num_classes - 1}) nor --ignore-index "
+                            f"{self.ignore_index}")
+        return pixels, labels
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, H, W = self.model.num_channels, self.model.img_h, self.model.img_w
+        if len(indices) == 0:
+            return torch.empty(0, c, H, W), torch.empty(0, H, W, dtype=torch.long)
+        pairs = [self._read(int(i)) for i in indices]
+        pixels = torch.stack([p[0] for p in pairs])
+        return self.preprocessing.normalise(pixels), torch.stack([p[1] for p in pairs])
+
+    def compose(self, indices: torch.Tensor, keys: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `get` (files have no per-draw composition; `keys` are not used)."""
+        return self.get(indices)
+
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.get(indices)[1]
+
+
+def _split_dir(base: Path, names: tuple[str, ...], where: str) -> Path:
+    for name in names:
+        if (base / name).is_dir():
+            return base / name
+    raise DataError(f"{where}: missing {base.name}/{names[0]}/ (expected images/ and "
+                    "annotations/, each with train/ and val/ or training/ and validation/)")
+
+
+def segmentation_folder(root: str, model: ModelConfig, num_classes: int, ignore_index: int,
+                        normalization: str) -> tuple[SegmentationFolder, SegmentationFolder]:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise DataError("--dataset seg-folder needs Pillow: pip install pillow") from None
+    base = Path(os.path.expanduser(root))
+    if not base.is_dir():
+        raise DataError(f"--data-path {root}: no such directory")
+    out = []
+    for split, names in (("train", ("train", "training")), ("val", ("val", "validation"))):
+        image_dir = _split_dir(base / "images", names, f"--data-path {root}")
+        map_dir = _split_dir(base / "annotations", names, f"--data-path {root}")
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not images:
+            raise DataError(f"{image_dir}: no image files")
+        maps = [map_dir / f"{p.stem}.png" for p in images]
+        missing = [m.name for m in maps if not m.is_file()]
+        if missing:
+            raise DataError(f"{map_dir}: no label map for {len(missing)} of {len(images)} "
+                            f"images ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+                            "; a map is the image's stem + .png)")
+        out.append(SegmentationFolder(f"{base.name}-{split}", images, maps, model, num_classes,
+                                      ignore_index, normalization))
+    return out[0], out[1]
+
+
+def build_segmentation_datasets(data: DataConfig, model: ModelConfig,
+                                num_classes: int | None = None, ignore_index: int = 255):
+    """(train, held-out) for a segmentation --dataset (`num_classes`: --num-classes, which
+    image folders need)."""
+    if data.dataset == "seg-folder":
+        if not num_classes:
+            raise DataError("--dataset seg-folder needs --num-classes (label values "
+                            "0..K-1)")
+        return segmentation_folder(str(data.data_path), model, num_classes, ignore_index,
+                                   data.image_normalization)
     if data.dataset != "mnist-seg":
         raise DataError(f"--dataset {data.dataset} has no label maps; segmentation reads "
-                        "--dataset mnist-seg")
+                        "--dataset mnist-seg or seg-folder")
     images, labels = raw_mnist5k()
     train, held = split_indices(len(labels))
     heldout = MnistSeg("mnist-seg-heldout", images[held.numpy()], labels[held.numpy()],

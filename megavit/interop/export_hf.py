@@ -41,6 +41,11 @@ def export_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | Non
                                          else CONFIG_FILE)
     plan = _mapping_plan(fmt, info, cfg, dtype, source, pre)
     plan.notes += [note] if note else []
+    if "segmentation" in info:
+        plan.notes.append(f"a segmentation checkpoint: its backbone (patch embedding, blocks, "
+                          f"final norm) is exported as a feature model; the feature pyramid "
+                          f"and decoder (neck.*, decode_head.*) have no {fmt} counterpart and "
+                          "are left out")
     return plan
 
 

@@ -81,6 +81,7 @@ class SegmentationTask:
     throughput_unit = "images"
 
     def __init__(self, cfg: SegmentationRunConfig) -> None:
+        self.requested_classes = cfg.base.model.num_classes    # --num-classes (folders)
         self.cfg = with_backbone_defaults(cfg)
         self.config: Config = self.cfg.base
         self.seg = self.cfg.segmentation
@@ -93,8 +94,8 @@ class SegmentationTask:
         return self.train_set.num_classes
 
     def prepare(self, pstate: ParallelState) -> Config:
-        self.train_set, self.heldout = build_segmentation_datasets(self.config.data,
-                                                                   self.config.model)
+        self.train_set, self.heldout = build_segmentation_datasets(
+            self.config.data, self.config.model, self.requested_classes, self.seg.ignore_index)
         return self.config
 
     def build_model(self, runtime: Runtime, layout: PipelineLayout, stage: int,
@@ -198,8 +199,8 @@ class SegmentationTask:
             f"{s.neck} ({s.neck_channels} channels) | decoder {s.decoder_channels} channels | "
             f"classes {self.num_classes} | parameters {int(total):,} | gflops_per_image_fwd "
             f"{self._flops(run, 1, False) / 1e9:.3f}",
-            f"data: {self.train_set.name} {len(self.train_set)} digits (a fresh canvas per "
-            f"draw) | {self.heldout.name} {len(self.heldout)} canvases | global batch "
+            f"data: {self.train_set.name} {len(self.train_set)} images | {self.heldout.name} "
+            f"{len(self.heldout)} images | global batch "
             f"{t.global_batch_size} = micro {t.micro_batch_size} x {run.micro_batches} "
             f"micro-batches x dp {run.pstate.dp.size} | ignore index {s.ignore_index}"]
 
