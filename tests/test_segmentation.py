@@ -11,6 +11,10 @@ data/segmentation.py).
   held-out metrics) at TP=2 (25 tokens), TP=2 + SP + selective recomputation (25 tokens:
   padded), PP=2 with full recomputation and a class token (26 tokens), DP=2 with the
   distributed optimizer; a run saved and resumed at PP=2 equals the uninterrupted one.
+  The same for a model with --patch-merge-layers (65 -> 17 -> 5 tokens; at PP=2 one merge
+  at the stage boundary, one inside a stage).
+- Patch merging equals its rule written plainly (token order, class token); an odd grid
+  is refused naming the flag; exports refuse a merged model.
 - Flags: classification data, MAP pooling and augmentations are refused for segmentation,
   mnist-seg for classification.
 """
@@ -39,22 +43,29 @@ from tests.test_tensor_parallel import assert_two_steps_match
 RTOL = 1e-5
 # variant, model overrides: vit22b blocks with GAP (25 tokens, drop-path); classic blocks
 # with a class token (26 tokens), dropped before the neck
-MODELS = {"gap": ("vit22b", dict(pooling="gap")),
-          "cls": ("classic", dict(img_h=20, img_w=20))}
+MODELS = {"gap": ("vit22b", lambda layers: dict(pooling="gap")),
+          "cls": ("classic", lambda layers: dict(img_h=20, img_w=20)),
+          # --patch-merge-layers: an 8x8 grid (3 px patches of 24 px) and a class token, 65
+          # tokens; 2 blocks: merged after block 0 (17 tokens); 4 blocks (PP=2, 2 a stage):
+          # after block 1 (the stage boundary: 17 tokens) and block 2 (inside stage 1: 5)
+          "merge": ("classic", lambda layers: dict(
+              img_h=24, img_w=24, patch_dim=3,
+              patch_merge_layers="0" if layers == 2 else "1,2"))}
 SP_SELECTIVE = {"sequence_parallel": True, "recompute_granularity": "selective"}
 PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
             "recompute_method": "uniform", "recompute_num_layers": 1}
 DISTOPT = {"use_distributed_optimizer": True, "ddp_bucket_size": 3000}
 # name: (world, tp, pp, [(model, parallel flags)])
-LAYOUTS = {"tp2": (2, 2, 1, [("gap", {}), ("gap", SP_SELECTIVE)]),
-           "pp2": (2, 1, 2, [("cls", PP2_FULL)]),
-           "dp2": (2, 1, 1, [("gap", DISTOPT)])}
+LAYOUTS = {"tp2": (2, 2, 1, [("gap", {}), ("gap", SP_SELECTIVE), ("merge", {}),
+                             ("merge", SP_SELECTIVE)]),
+           "pp2": (2, 1, 2, [("cls", PP2_FULL), ("merge", PP2_FULL)]),
+           "dp2": (2, 1, 1, [("gap", DISTOPT), ("merge", DISTOPT)])}
 
 
 def seg_config(model: str, tp: int = 1, parallel: dict | None = None, layers: int = 2,
                **training) -> SegmentationRunConfig:
     variant, flags = MODELS[model]
-    base = debug_config(variant, tp=tp, parallel=parallel, layers=layers, model=flags,
+    base = debug_config(variant, tp=tp, parallel=parallel, layers=layers, model=flags(layers),
                         **training)
     base.data = dataclasses.replace(base.data, dataset="mnist-seg", augment="none")
     base.logging = dataclasses.replace(base.logging, eval_iters=1)
@@ -117,7 +128,7 @@ def test_segmentation_trains_and_evaluates_as_the_serial_run(layout):
             ranks = [k * column + c for k in range(pp)]
             got = merge_stages(results[f"{model}{i}"], ranks)
             what = f"{name}[{i}] {model}"
-            assert_two_steps_match(got, ref, seg_config(model).base, what, RTOL)
+            assert_two_steps_match(got, ref, seg_config(model, layers=layers).base, what, RTOL)
             evaluation = results[f"{model}{i}"][ranks[-1]]["eval"]
             assert evaluation["eval_images"] == ref["eval"]["eval_images"] == 8, what
             for key in ("eval_loss", "eval_miou", "eval_pixel_accuracy"):
@@ -325,3 +336,52 @@ def test_a_segmentation_checkpoint_exports_its_backbone_to_timm(tmp_path):
     with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("patch_embed.proj.weight").flatten(1),   # conv
                            theirs["patch_embed.proj.weight"])
+
+
+def test_patch_merge_is_its_rule_written_plainly():
+    from megavit.config import preset_model_config
+    from megavit.models.transformer import Runtime
+    from megavit.models.vit import PatchMerge
+    from megavit.parallel.sharding import initialize_parameters
+
+    cfg = preset_model_config("vit-debug", img_h=24, img_w=16, patch_dim=4, pooling="cls")
+    merge = PatchMerge(cfg, Runtime(serial_state().tp))
+    initialize_parameters(merge, 0)
+    gh, gw, h = 6, 4, cfg.hidden_size
+    x = torch.randn(1 + gh * gw, 3, h, dtype=torch.float64)
+    merge = merge.double()
+    got = merge(x)
+    assert got.shape == (1 + (gh // 2) * (gw // 2), 3, h)
+    assert torch.equal(got[0], x[0])                      # the class token, unmerged
+    for r in range(gh // 2):
+        for c in range(gw // 2):
+            four = [x[1 + (2 * r + dr) * gw + 2 * c + dc] for dr in (0, 1) for dc in (0, 1)]
+            want = merge.proj(merge.norm(torch.cat(four, dim=-1)))
+            torch.testing.assert_close(got[1 + r * (gw // 2) + c], want)
+
+
+def test_merging_flags_and_exports():
+    from megavit.config import preset_model_config, validate
+    from megavit.interop import hf_vit, timm_vit
+
+    cfg = seg_config("merge", layers=4)
+    validate(cfg.base)
+    assert cfg.model.grid_at(0) == (8, 8) and cfg.model.grid_at(2) == (4, 4)
+    assert cfg.model.at_layer(3).seq_length == 5 and cfg.model.at_layer(4).grid == (2, 2)
+    bad = dataclasses.replace(cfg.base, model=dataclasses.replace(
+        cfg.model, patch_merge_layers="0,1,2,3"))
+    with pytest.raises(ConfigError, match=r"--patch-merge-layers 0,1,2,3: the grid after "
+                                          r"block 3 is 1x1; merging 2x2 groups needs both "
+                                          r"sides even"):
+        validate(bad)
+    odd = dataclasses.replace(cfg.base, model=dataclasses.replace(
+        cfg.model, img_h=21, img_w=21))
+    with pytest.raises(ConfigError, match=r"--patch-merge-layers 1,2: the grid after block 1 "
+                                          r"is 7x7"):
+        validate(odd)
+    with pytest.raises(ConfigError, match="outside 0..3"):
+        validate(dataclasses.replace(cfg.base, model=dataclasses.replace(
+            cfg.model, patch_merge_layers="4")))
+    vit = preset_model_config("vit-debug", patch_merge_layers="1")
+    assert any("no patch merging" in d for d in timm_vit.differences(vit))
+    assert any("no patch merging" in d for d in hf_vit.differences(vit))

@@ -4,6 +4,7 @@ training (`TextConfig`, flags of `megavit.pretrain_contrastive`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megavit.config.fields import nested, opt
@@ -209,10 +210,50 @@ class ModelConfig(TransformerConfig):
         ),
     )
 
+    patch_merge_layers: str = field(
+        default="",
+        metadata=opt(
+            "Merge each 2x2 group of neighbouring patch tokens into one after these blocks "
+            "(comma-separated indices, e.g. '1,3'): the four tokens concatenated (4h), "
+            "normed and projected back to --hidden-size, so the grid halves per side and "
+            "widths, TP shards and pipeline shapes stay uniform. A class token passes "
+            "through unmerged. Every merged grid must be even on both sides. Later blocks "
+            "see the smaller grid: windows keep --window-size tokens a side (a window wider "
+            "than the grid covers it: full attention), rope-2d counts positions on the "
+            "merged grid."),
+    )
+
     @property
     def grid(self) -> tuple[int, int]:
-        """Patch grid (rows, columns)."""
+        """Patch grid (rows, columns) of the embedded image (before any merge)."""
         return self.img_h // self.patch_dim, self.img_w // self.patch_dim
+
+    def merge_layers(self) -> list[int]:
+        """--patch-merge-layers as sorted block indices (ValueError when not integers)."""
+        return sorted({int(v) for v in self.patch_merge_layers.replace(" ", "").split(",")
+                       if v})
+
+    def grid_at(self, layer: int) -> tuple[int, int]:
+        """The token grid block `layer` works on (layer = num_layers: after the last
+        block): the embedded grid halved per side once per merge before it."""
+        gh, gw = self.grid
+        for merged in self.merge_layers():
+            if merged < layer:
+                gh, gw = gh // 2, gw // 2
+        return gh, gw
+
+    def at_layer(self, layer: int) -> "ModelConfig":
+        """The config of a plain (unmerged) ViT whose grid is block `layer`'s: what the
+        block, its attention, FLOPs and activation formula are built from. Windows wider
+        than that grid are narrowed to cover it (one window: full attention)."""
+        if not self.patch_merge_layers:
+            return self
+        gh, gw = self.grid_at(layer)
+        window = self.window_size
+        if window is not None:
+            window = min(window, max(gh, gw))
+        return dataclasses.replace(self, img_h=gh * self.patch_dim, img_w=gw * self.patch_dim,
+                                   patch_merge_layers="", window_size=window)
 
     @property
     def seq_length(self) -> int:

@@ -28,6 +28,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 + _check_precision(cfg.precision) + _check_data(cfg.data)
                 + _check_logging(cfg.logging) + _check_checkpoint(cfg.checkpoint)
                 + _check_probe(cfg))
+    if m.patch_merge_layers and p.recompute_granularity == "auto":
+        problems.append("--recompute-granularity auto plans from the activation formula, which "
+                        "does not yet cover --patch-merge-layers; choose selective or full "
+                        "recomputation")
     if not problems:  # the checks below divide by the sizes checked above
         problems = (_check_model_shape(m) + _check_layout(cfg, world_size)
                     + _check_data_source(cfg.data, m) + _check_backend(p))
@@ -71,7 +75,27 @@ def _check_model(model: ModelConfig) -> list[str]:
     if model.drop_path_rate > 0 and model.num_layers == 1:
         problems.append("--drop-path-rate has no effect with --num-layers 1 (the rate grows "
                         "from 0 at block 0); use more layers or leave it at 0")
-    return problems + _check_attention(model)
+    return problems + _check_attention(model) + _check_merges(model)
+
+
+def _check_merges(model: ModelConfig) -> list[str]:
+    """--patch-merge-layers: block indices, each merging an even grid."""
+    flag = f"--patch-merge-layers {model.patch_merge_layers}"
+    try:
+        layers = model.merge_layers()
+    except ValueError:
+        return [f"{flag!r}: expected block indices separated by commas, e.g. 1,3"]
+    if bad := [i for i in layers if not 0 <= i < model.num_layers]:
+        return [f"{flag}: block(s) {', '.join(map(str, bad))} outside "
+                f"0..{model.num_layers - 1}"]
+    problems = []
+    for layer in layers:
+        gh, gw = model.grid_at(layer)
+        if gh % 2 or gw % 2 or gh < 2 or gw < 2:
+            problems.append(f"{flag}: the grid after block {layer} is {gh}x{gw}; merging 2x2 "
+                            "groups needs both sides even (change --img-h/--img-w, "
+                            "--patch-dim or the merge layers)")
+    return problems
 
 
 def _check_attention(model: ModelConfig) -> list[str]:

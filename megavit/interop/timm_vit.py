@@ -98,6 +98,9 @@ def differences(cfg: ModelConfig) -> list[str]:
         out.append(f"--attention-type is {cfg.attention_type!r} (per layer: "
                    f"{cfg.attention_type_per_layer or 'none'}); timm's ViT attends over all "
                    "tokens in every block")
+    if cfg.patch_merge_layers:
+        out.append(f"--patch-merge-layers {cfg.patch_merge_layers}: timm's VisionTransformer "
+                   "keeps one token grid through every block (no patch merging)")
     if cfg.norm_epsilon != 1e-6:
         out.append(f"--norm-epsilon is {cfg.norm_epsilon}; timm's norms use 1e-6")
     if cfg.ffn_hidden_size != int(cfg.ffn_hidden_size / cfg.hidden_size * cfg.hidden_size):

@@ -154,7 +154,7 @@ class DenseVisionTransformer(VisionTransformer):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens [s, b, h] -> the normed patch map [b, h, gh, gw] (class token dropped)."""
-        gh, gw = self.cfg.grid
+        gh, gw = self.cfg.grid_at(self.cfg.num_layers)       # after any merges
         x = self.norm(x)[x.shape[0] - gh * gw:]
         return x.permute(1, 2, 0).reshape(x.shape[1], x.shape[2], gh, gw)
 
@@ -194,7 +194,7 @@ def dense_head_flops(cfg: ModelConfig, neck: str, neck_channels: int, decoder_ch
     """Matmul / convolution FLOPs (2 per multiply-add) of the neck and decoder for
     `batch_size` images (backward 2x the forward when `training`); norms, pooling and
     interpolation not counted."""
-    gh, gw = cfg.grid
+    gh, gw = cfg.grid_at(cfg.num_layers)
     h, C, D = cfg.hidden_size, neck_channels, decoder_channels
     g = gh * gw
     scales = PYRAMID_SCALES if neck == "simple-pyramid" else (1.0,)

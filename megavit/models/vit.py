@@ -128,6 +128,39 @@ class RowColumnPositionEmbedding(nn.Module):
         return x + table.unsqueeze(1)
 
 
+class PatchMerge(nn.Module):
+    """--patch-merge-layers: each 2x2 group of neighbouring grid tokens becomes one token:
+    the four concatenated in row-major order within the group ((0,0), (0,1), (1,0), (1,1);
+    4h wide), normed, projected to h (no bias). [p + gh*gw, b, h] -> [p + gh/2*gw/2, b, h],
+    the p prefix (class) tokens passed through unchanged. Replicated over TP: it runs on
+    the whole sequence (under SP gathered first, see `VisionTransformer.merge`)."""
+
+    def __init__(self, cfg: ModelConfig, rt: Runtime) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.prefix, self.grid = (1 if cfg.pooling == "cls" else 0), cfg.grid
+        self.norm = norm_from_config(cfg, 4 * h, rt.layernorm_impl)
+        self.proj = nn.Linear(4 * h, h, bias=False)
+        set_init(self.proj.weight, lecun_normal())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, (gh, gw) = self.prefix, self.grid
+        _, b, h = x.shape
+        groups = x[p:p + gh * gw].reshape(gh // 2, 2, gw // 2, 2, b, h)
+        groups = groups.permute(0, 2, 4, 1, 3, 5).reshape((gh // 2) * (gw // 2), b, 4 * h)
+        merged = self.proj(self.norm(groups))
+        return torch.cat([x[:p], merged]) if p else merged
+
+
+def padding_mask(length: int, padded: int, device, dtype) -> torch.Tensor | None:
+    """The additive [padded, padded] mask hiding keys past `length` (None: no padding)."""
+    if padded == length:
+        return None
+    mask = torch.zeros(padded, padded, device=device, dtype=dtype)
+    mask[:, length:] = float("-inf")
+    return mask
+
+
 class VisionTransformer(nn.Module):
     """A ViT, or the part of one that a pipeline stage holds.
 
@@ -149,11 +182,14 @@ class VisionTransformer(nn.Module):
         if cfg.num_attention_heads % t or cfg.ffn_hidden_size % t:
             raise ValueError(f"tensor-parallel size {t} must divide the {cfg.num_attention_heads} "
                              f"heads and the MLP width {cfg.ffn_hidden_size}")
-        s = cfg.seq_length
+        layers = range(cfg.num_layers) if layers is None else layers
+        first = layers[0] if len(layers) else cfg.num_layers
+        s = cfg.at_layer(first).seq_length       # the tokens this part receives
         self.padded_length = -(-s // t) * t if rt.sequence_parallel else s
         if self.padded_length != s:  # keys past s are padding: additive mask, filled later
             self.register_buffer("pad_mask", torch.empty(self.padded_length, self.padded_length),
                                  persistent=False)
+        self.input_length = s
         if pre_process:
             self.patch_embed = PatchEmbedding(cfg)
             kind = cfg.position_embedding_type
@@ -169,8 +205,11 @@ class VisionTransformer(nn.Module):
                 set_init(self.cls_token, trunc_normal(cfg.init_method_std))
             if cfg.pre_norm:
                 self.pre_norm = norm_from_config(cfg, h, rt.layernorm_impl)
-        layers = range(cfg.num_layers) if layers is None else layers
-        self.blocks = nn.ModuleDict({str(i): build_block(cfg, rt, i) for i in layers})
+        self.blocks = nn.ModuleDict({str(i): build_block(cfg.at_layer(i), rt, i)
+                                     for i in layers})
+        merged = set(cfg.merge_layers())
+        self.merges = nn.ModuleDict({str(i): PatchMerge(cfg.at_layer(i), rt)
+                                     for i in layers if i in merged})
         if post_process:
             self.norm = norm_from_config(cfg, h, rt.layernorm_impl)
             self.map_head = (MAPHead(cfg, rt.tp, rt.layernorm_impl) if cfg.pooling == "map"
@@ -184,9 +223,9 @@ class VisionTransformer(nn.Module):
         """Fill non-learned buffers (called by initialize_parameters after materialising)."""
         if self.pre_process and self.cfg.position_embedding_type == "sincos2d":
             self.pos_sincos.copy_(sincos_2d(self.cfg.grid, self.cfg.hidden_size))
-        if self.padded_length != self.cfg.seq_length:
+        if self.padded_length != self.input_length:
             self.pad_mask.zero_()
-            self.pad_mask[:, self.cfg.seq_length:] = float("-inf")
+            self.pad_mask[:, self.input_length:] = float("-inf")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[b, c, H, W] -> [s, b, h]: patches, + positions, the class token, the pre-norm."""
@@ -212,7 +251,27 @@ class VisionTransformer(nn.Module):
         """With SP: this rank's [s_p/t, b, h] -> all [s, b, h] (padding dropped)."""
         if not self.rt.sequence_parallel:
             return x
-        return gather_from_sequence_parallel(x, self.rt.tp)[:self.cfg.seq_length]
+        return gather_from_sequence_parallel(x, self.rt.tp)[:self.output_length]
+
+    @property
+    def output_length(self) -> int:
+        """Tokens after this part's blocks (and merges), before any SP padding."""
+        last = max((int(i) for i in self.blocks), default=self.cfg.num_layers - 1)
+        return self.cfg.at_layer(last + 1).seq_length
+
+    def merge(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """The merge after block `layer`. With SP: this rank's shard is gathered (padding
+        dropped), merged on every rank alike, padded to a multiple of t again and
+        scattered."""
+        if not self.rt.sequence_parallel:
+            return self.merges[str(layer)](x)
+        full = gather_from_sequence_parallel(x, self.rt.tp)[:self.cfg.at_layer(layer).seq_length]
+        merged = self.merges[str(layer)](full)
+        t = self.rt.tp.size
+        pad = -(-merged.shape[0] // t) * t - merged.shape[0]
+        if pad:
+            merged = torch.cat([merged, merged.new_zeros(pad, *merged.shape[1:])])
+        return scatter_to_sequence_parallel(merged, self.rt.tp)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """[s, b, h] -> [b, h]."""
@@ -225,10 +284,25 @@ class VisionTransformer(nn.Module):
 
     def _run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None,
                     sample_ids: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
-        ctx = ForwardContext(mask, sample_ids)
-        for block in list(self.blocks.values())[start:stop]:
-            x = block(x, ctx)
+        """Blocks [start, stop) of this part (local positions), each followed by its
+        merge if it has one. `mask`: the padding mask of this part's input; after a merge
+        each block gets the mask of its own sequence length."""
+        for name, block in list(self.blocks.items())[start:stop]:
+            layer = int(name)
+            if self.merges:
+                mask = self._mask_of(layer, x)
+            x = block(x, ForwardContext(mask, sample_ids))
+            if name in self.merges:
+                x = self.merge(x, layer)
         return x
+
+    def _mask_of(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The padding mask of block `layer`'s input `x` (this rank's shard under SP)."""
+        length = self.cfg.at_layer(layer).seq_length
+        padded = x.shape[0] * (self.rt.tp.size if self.rt.sequence_parallel else 1)
+        if (length, padded) == (self.input_length, self.padded_length):
+            return getattr(self, "pad_mask", None)
+        return padding_mask(length, padded, x.device, x.dtype)
 
     def run_blocks(self, x: torch.Tensor, sample_ids: torch.Tensor | None) -> torch.Tensor:
         """The blocks of this part, with --recompute-granularity full applied: 'uniform'
@@ -312,13 +386,22 @@ def vit_flops(cfg: ModelConfig, batch_size: int, training: bool = True) -> int:
 
     Per image, s tokens, width h, MLP f: a block costs 2sh(3h + f) (QKV + MLP-in)
     + 4s^2h (QK^T and AV; window blocks: `attention_flops`) + 2s(h + f)h (attention-out +
-    MLP-out); both block types are equal. Plus the patch embedding, the MAP head and the classifier. Backward costs twice
-    the forward. Elementwise work (norms, softmax, GELU) is not counted.
+    MLP-out); both block types are equal. With --patch-merge-layers each block counts the
+    tokens of its own grid, and each merge 2 (g/4) 4h h for a grid of g tokens. Plus the
+    patch embedding, the MAP head and the classifier. Backward costs twice the forward.
+    Elementwise work (norms, softmax, GELU) is not counted.
     """
-    h, f, s = cfg.hidden_size, cfg.ffn_hidden_size, cfg.seq_length
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
     patches = cfg.grid[0] * cfg.grid[1]
-    dense = 2 * s * h * (3 * h + f) + 2 * s * (h + f) * h
-    blocks = sum(dense + attention_flops(cfg, layer) for layer in range(cfg.num_layers))
+    blocks = 0
+    for layer in range(cfg.num_layers):       # --patch-merge-layers: each block's own grid
+        at = cfg.at_layer(layer)
+        s = at.seq_length
+        blocks += 2 * s * h * (3 * h + f) + 2 * s * (h + f) * h + attention_flops(at, layer)
+    for layer in cfg.merge_layers():          # a merge: [g/4, 4h] x [4h, h]
+        gh, gw = cfg.grid_at(layer + 1)
+        blocks += 2 * gh * gw * 4 * h * h
+    s = cfg.at_layer(cfg.num_layers).seq_length   # what the head sees
     embed = 2 * patches * cfg.num_channels * cfg.patch_dim ** 2 * h
     head, once = 0, 0
     if cfg.pooling == "map":

@@ -101,13 +101,15 @@ class PipelineExecutor:
         self._sends = [w for w in self._sends if not w.is_completed()]
         self._sends += self.channels[msg.channel].exchange([(tensor, 1, self._tag(msg.key))], [])
 
-    def run(self, actions: list[Action], forward: ForwardFn, input_shape: Callable[[int], tuple],
+    def run(self, actions: list[Action], forward: ForwardFn,
+            input_shape: Callable[[int, int], tuple],
             loss: LossFn | None = None, forward_only: bool = False,
             meter_exclude: list[torch.Tensor] | None = None) -> StepStats:
         """Run `actions`. `forward(chunk, mb, x, meter)` runs a local chunk (x is None for
         the model's first chunk); on the model's last chunk `loss(mb, output)` gives the
         scalar to back-propagate (with `forward_only`, its return value is ignored).
-        `input_shape(mb)` is the activation shape between stages. With `meter_exclude` (the
+        `input_shape(mb, chunk)` is the shape of what local chunk `chunk` receives from
+        the previous stage for micro-batch `mb`. With `meter_exclude` (the
         parameters and buffers), each forward gets a SavedTensorMeter to enter around what
         it wants measured, and the peak of the measured bytes held at once is returned."""
         layout, stage = self.layout, self.stage
@@ -121,7 +123,7 @@ class PipelineExecutor:
             if a.kind == "F":
                 x = None
                 if recv is not None:
-                    x = self._receive(recv, torch.empty(input_shape(a.micro_batch),
+                    x = self._receive(recv, torch.empty(input_shape(a.micro_batch, a.chunk),
                                                         dtype=self.dtype, device=self.device))
                     x.requires_grad_(not forward_only)
                 meter = SavedTensorMeter(meter_exclude) if meter_exclude is not None else None

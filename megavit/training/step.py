@@ -50,13 +50,14 @@ class NonFiniteError(RunFailure, RuntimeError):
     names the iteration, the rank and the tensors."""
 
 
-def activation_shape(stage: nn.Module, batch: int) -> tuple[int, int, int]:
-    """[tokens, images, width] of the hidden states passed between stages: this rank's
-    sequence shard (padded) under sequence parallelism."""
-    chunk = stage.chunks[0]
-    rt = chunk.rt
-    tokens = chunk.padded_length // rt.tp.size if rt.sequence_parallel else chunk.cfg.seq_length
-    return tokens, batch, chunk.cfg.hidden_size
+def activation_shape(stage: nn.Module, batch: int, chunk: int = 0) -> tuple[int, int, int]:
+    """[tokens, images, width] of the hidden states local chunk `chunk` receives from the
+    previous stage: its input's tokens (fewer after a --patch-merge-layers merge), this
+    rank's sequence shard (padded) under sequence parallelism."""
+    part = stage.chunks[chunk]
+    rt = part.rt
+    tokens = part.padded_length // rt.tp.size if rt.sequence_parallel else part.input_length
+    return tokens, batch, part.cfg.hidden_size
 
 
 def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
@@ -85,7 +86,8 @@ def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
 
     exclude = [*stage.parameters(), *stage.buffers()] if measure else None
     return executor.run(actions, forward,
-                        lambda mb: activation_shape(stage, len(micro_batches[mb].labels)),
+                        lambda mb, chunk: activation_shape(stage, len(micro_batches[mb].labels),
+                                                           chunk),
                         loss, forward_only, exclude)
 
 

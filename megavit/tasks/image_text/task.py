@@ -126,7 +126,7 @@ class ImageTextTask:
     def _activation_shape(self, run: Run, batch: int) -> tuple[int, int, int]:
         """[tokens, images, width] passed between image-tower stages."""
         image, t = run.model.image, run.pstate.tp.size
-        tokens = image.padded_length // t if image.rt.sequence_parallel else image.cfg.seq_length
+        tokens = image.padded_length // t if image.rt.sequence_parallel else image.input_length
         return tokens, batch, image.cfg.hidden_size
 
     def _run_image_tower(self, run: Run, images: torch.Tensor | None, batch: int,
@@ -138,7 +138,7 @@ class ImageTextTask:
             return run.model.image(images.to(run.pstate.device, run.dtype) if x is None else x)
 
         actions = build_schedule(1, run.layout.stages, run.pstate.pp.rank, 1, forward_only)
-        run.executor.run(actions, forward, lambda mb: self._activation_shape(run, batch),
+        run.executor.run(actions, forward, lambda mb, chunk: self._activation_shape(run, batch),
                          lambda mb, features: on_features(features), forward_only)
 
     def forward_backward(self, run: Run, batch: tuple, loss_scale: float | None,
