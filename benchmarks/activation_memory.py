@@ -35,12 +35,18 @@ SHAPES = {  # name: (hidden, heads, MLP, image, patch, pooling, micro-batch)
     "debug-50tok-local-global": (64, 4, 256, 28, 4, "cls", 2),
     "debug-49tok-linear-rope": (64, 4, 256, 28, 4, "map", 2),
     "debug-50tok-rope-cls": (64, 4, 256, 28, 4, "cls", 2),
+    # issue 19: an 8 x 8 grid and a class token merged after block 0 (65 -> 17 tokens)
+    "debug-65tok-merge-cls": (64, 4, 256, 32, 4, "cls", 2),
+    "debug-64tok-merge-window": (64, 4, 256, 32, 4, "map", 2),
 }
 ATTENTION = {  # model flags of the shapes that are not full attention with learned positions
     "debug-49tok-window-shift": dict(attention_type="window", window_size=3, window_shift=True),
     "debug-50tok-local-global": dict(attention_type="local-global", window_size=3),
     "debug-49tok-linear-rope": dict(attention_type="linear", position_embedding_type="rope-2d"),
     "debug-50tok-rope-cls": dict(position_embedding_type="rope-2d"),
+    "debug-65tok-merge-cls": dict(patch_merge_layers="0"),
+    "debug-64tok-merge-window": dict(patch_merge_layers="0", attention_type="window",
+                                     window_size=3),
 }
 RECOMPUTE = {
     "none": dict(recompute=None),

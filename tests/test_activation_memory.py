@@ -1,6 +1,7 @@
 """The activation formula of docs/activation_memory.md against what autograd keeps, on a
 few rows (benchmarks/activation_memory.py runs all of them), in real gloo processes; the
-last rows use the attention types of issue 18 on an odd 7 x 7 grid (partial windows)."""
+last rows use the attention types of issue 18 on an odd 7 x 7 grid (partial windows) and
+patch merging (issue 19)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tests.harness import run_distributed
 FULL_UNIFORM = dict(recompute="full", recompute_method="uniform", recompute_num_layers=2)
 FULL_BLOCK = dict(recompute="full", recompute_method="block", recompute_num_layers=1)
 WINDOW = dict(img_h=28, img_w=28, patch_dim=4, attention_type="window", window_size=3)
+MERGE = dict(img_h=32, img_w=32, patch_dim=4, patch_merge_layers="0")
 ROWS = [  # (block type, pooling, SP mode, recompute[, model flags])
     ("parallel", "map", None, {}),
     ("parallel", "map", "keep", {}),
@@ -30,6 +32,10 @@ ROWS = [  # (block type, pooling, SP mode, recompute[, model flags])
                                            position_embedding_type="rope-2d")),
     ("parallel", "cls", None, {}, dict(img_h=28, img_w=28, patch_dim=4,
                                        position_embedding_type="rope-2d")),
+    # --patch-merge-layers on an 8 x 8 grid: 65 -> 17 (-> 5) tokens, each padded under SP
+    ("parallel", "cls", "keep", {}, dict(MERGE, attention_type="window", window_size=3)),
+    ("sequential", "cls", "regather", FULL_UNIFORM, dict(MERGE, patch_merge_layers="0,1")),
+    ("parallel", "map", None, {"recompute": "selective"}, dict(MERGE, patch_merge_layers="1")),
 ]
 
 

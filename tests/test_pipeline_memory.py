@@ -19,6 +19,9 @@ LAYERS = 8   # PP=2: 4 blocks per stage; 4 micro-batches: 1F1B keeps 2 in flight
 # block by block with the per-type rows of docs/activation_memory.md
 MIXED = dict(attention_type_per_layer="window,linear,local-global,full", window_size=3,
              position_embedding_type="rope-2d")
+# issue 19: an 8x8 grid merged at the stage boundary (after block 3) and inside stage 1
+# (after block 5): each block planned at its own length, the merges' rows included
+MERGED = dict(img_h=16, img_w=16, patch_dim=2, patch_merge_layers="3,5")
 
 
 def budget_bytes(model: dict | None = None) -> float:
@@ -49,7 +52,8 @@ def pp2():
     return run_distributed(2, 1, {"step": (measured_step, ()),
                                   "train": (train_steps, (auto_cfg(),)),
                                   "mixed": (measured_step, (MIXED,)),
-                                  "mixed_train": (train_steps, (auto_cfg(MIXED),))}, pp=2)
+                                  "mixed_train": (train_steps, (auto_cfg(MIXED),)),
+                                  "merged": (measured_step, (MERGED,))}, pp=2)
 
 
 def test_earlier_stages_recompute_more(pp2):
@@ -115,3 +119,12 @@ def test_interleaved_plan_keeps_the_measured_peak_under_the_budget():
         plan = StagePlan(*got["plan"])
         assert 0 < got["peak"] <= plan.predicted_bytes <= budget
     assert StagePlan(*ranks[0]["plan"]).in_flight > StagePlan(*ranks[1]["plan"]).in_flight
+
+
+def test_measured_saved_bytes_follow_the_plan_with_patch_merging(pp2):
+    plans = [StagePlan(*p) for p in pp2["merged"][0]["plans"]]
+    assert plans[0].recomputed > plans[1].recomputed == 0
+    for got in pp2["merged"]:
+        plan = StagePlan(*got["plans"][got["stage"]])
+        assert 0 < got["peak"] <= budget_bytes(MERGED)
+        assert got["peak"] == pytest.approx(plan.predicted_bytes, rel=1e-12)

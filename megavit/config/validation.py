@@ -28,10 +28,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 + _check_precision(cfg.precision) + _check_data(cfg.data)
                 + _check_logging(cfg.logging) + _check_checkpoint(cfg.checkpoint)
                 + _check_probe(cfg))
-    if m.patch_merge_layers and p.recompute_granularity == "auto":
-        problems.append("--recompute-granularity auto plans from the activation formula, which "
-                        "does not yet cover --patch-merge-layers; choose selective or full "
-                        "recomputation")
     if not problems:  # the checks below divide by the sizes checked above
         problems = (_check_model_shape(m) + _check_layout(cfg, world_size)
                     + _check_data_source(cfg.data, m) + _check_backend(p))

@@ -87,9 +87,23 @@ def _geometry(cfg: ModelConfig, setup: ActivationSetup) -> tuple:
     return t, b, p, sp, s, (s // t if sp else s)
 
 
+def merge_activation_bytes(cfg: ModelConfig, setup: ActivationSetup, layer: int) -> float:
+    """Bytes the --patch-merge-layers merge after block `layer` keeps (0 without one): the
+    norm's input (the 2x2 groups, g/4 x 4h for a grid of g tokens) with its statistics, and
+    the projection's input (the norm's output); replicated, so the same with TP and SP."""
+    if layer not in cfg.merge_layers():
+        return 0
+    gh, gw = cfg.grid_at(layer)
+    b, p, g = setup.micro_batch, setup.bytes_per_element, gh * gw
+    return 2 * p * g * b * cfg.hidden_size + 8 * (g // 4) * b
+
+
 def layer_activation_bytes(cfg: ModelConfig, setup: ActivationSetup, layer: int) -> float:
     """Bytes block `layer` (global index) keeps when it is not fully recomputed (selective
-    recomputation, if set up, applies). Drop-path keeps a mask from block 1 on."""
+    recomputation, if set up, applies), with the merge after it if any (each block at its
+    own grid). Drop-path keeps a mask from block 1 on."""
+    merge = merge_activation_bytes(cfg, setup, layer)
+    cfg = cfg.at_layer(layer)
     t, b, p, sp, s, n = _geometry(cfg, setup)
     h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
     one = _parallel_block if cfg.block_type == "parallel" else _sequential_block
@@ -100,12 +114,13 @@ def layer_activation_bytes(cfg: ModelConfig, setup: ActivationSetup, layer: int)
         kept += branches * p * n * b * h                 # dropout masks
     if cfg.drop_path_rate > 0 and layer > 0 and cfg.num_layers > 1:
         kept += branches * p * b                         # per-image masks
-    return kept
+    return kept + merge
 
 
-def region_input_bytes(cfg: ModelConfig, setup: ActivationSetup) -> float:
-    """What a fully recomputed region keeps: its input (a sequence shard under SP)."""
-    t, b, p, sp, s, n = _geometry(cfg, setup)
+def region_input_bytes(cfg: ModelConfig, setup: ActivationSetup, layer: int = 0) -> float:
+    """What a fully recomputed region starting at block `layer` keeps: its input (a
+    sequence shard under SP)."""
+    t, b, p, sp, s, n = _geometry(cfg.at_layer(layer), setup)
     return p * n * b * cfg.hidden_size
 
 
@@ -116,7 +131,8 @@ def recomputed_stack_bytes(cfg: ModelConfig, setup: ActivationSetup, layers: ran
     tensor of the images' int64 ids (8 b bytes)."""
     kept = sum(layer_activation_bytes(cfg, setup, l) for l in layers[recomputed:])
     if recomputed:
-        kept += recomputed * region_input_bytes(cfg, setup) + 8 * setup.micro_batch
+        kept += (sum(region_input_bytes(cfg, setup, l) for l in layers[:recomputed])
+                 + 8 * setup.micro_batch)
     return kept
 
 
@@ -130,8 +146,9 @@ def block_activation_bytes(cfg: ModelConfig, setup: ActivationSetup) -> float:
         return sum(layer_activation_bytes(cfg, setup, l) for l in layers) / len(layers)
     k = setup.recompute_num_layers
     if setup.recompute_method == "uniform":
-        regions = -(-len(layers) // k)
-        return (regions * region_input_bytes(cfg, setup) + 8 * setup.micro_batch) / len(layers)
+        starts = layers[::k]
+        return (sum(region_input_bytes(cfg, setup, l) for l in starts)
+                + 8 * setup.micro_batch) / len(layers)
     return recomputed_stack_bytes(cfg, setup, layers, k) / len(layers)
 
 

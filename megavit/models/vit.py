@@ -152,15 +152,6 @@ class PatchMerge(nn.Module):
         return torch.cat([x[:p], merged]) if p else merged
 
 
-def padding_mask(length: int, padded: int, device, dtype) -> torch.Tensor | None:
-    """The additive [padded, padded] mask hiding keys past `length` (None: no padding)."""
-    if padded == length:
-        return None
-    mask = torch.zeros(padded, padded, device=device, dtype=dtype)
-    mask[:, length:] = float("-inf")
-    return mask
-
-
 class VisionTransformer(nn.Module):
     """A ViT, or the part of one that a pipeline stage holds.
 
@@ -190,6 +181,13 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pad_mask", torch.empty(self.padded_length, self.padded_length),
                                  persistent=False)
         self.input_length = s
+        # the padding masks of the shorter sequences after merges (SP): buffers, like pad_mask
+        self.merged_lengths = sorted({cfg.at_layer(i).seq_length for i in layers} - {s})
+        for length in self.merged_lengths if rt.sequence_parallel else ():
+            padded = -(-length // t) * t
+            if padded != length:
+                self.register_buffer(f"pad_mask_{length}", torch.empty(padded, padded),
+                                     persistent=False)
         if pre_process:
             self.patch_embed = PatchEmbedding(cfg)
             kind = cfg.position_embedding_type
@@ -226,6 +224,10 @@ class VisionTransformer(nn.Module):
         if self.padded_length != self.input_length:
             self.pad_mask.zero_()
             self.pad_mask[:, self.input_length:] = float("-inf")
+        for length in self.merged_lengths:
+            if (mask := getattr(self, f"pad_mask_{length}", None)) is not None:
+                mask.zero_()
+                mask[:, length:] = float("-inf")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[b, c, H, W] -> [s, b, h]: patches, + positions, the class token, the pre-norm."""
@@ -299,10 +301,9 @@ class VisionTransformer(nn.Module):
     def _mask_of(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """The padding mask of block `layer`'s input `x` (this rank's shard under SP)."""
         length = self.cfg.at_layer(layer).seq_length
-        padded = x.shape[0] * (self.rt.tp.size if self.rt.sequence_parallel else 1)
-        if (length, padded) == (self.input_length, self.padded_length):
+        if length == self.input_length:
             return getattr(self, "pad_mask", None)
-        return padding_mask(length, padded, x.device, x.dtype)
+        return getattr(self, f"pad_mask_{length}", None)
 
     def run_blocks(self, x: torch.Tensor, sample_ids: torch.Tensor | None) -> torch.Tensor:
         """The blocks of this part, with --recompute-granularity full applied: 'uniform'

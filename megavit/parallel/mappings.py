@@ -35,13 +35,14 @@ from megavit.parallel.comm import Group
 
 
 def _split(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
-    """This rank's chunk of `x` along `dim`."""
+    """This rank's chunk of `x` along `dim`, in its own storage (a view would keep the
+    whole of `x` alive for as long as the chunk is kept, e.g. saved for backward)."""
     size = x.shape[dim]
     if size % group.size:
         raise ValueError(f"dim {dim} of size {size} does not split over {group.size} "
                          f"{group.name} ranks")
     chunk = size // group.size
-    return x.narrow(dim, group.rank * chunk, chunk).contiguous()
+    return x.narrow(dim, group.rank * chunk, chunk).clone(memory_format=torch.contiguous_format)
 
 
 def _gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
