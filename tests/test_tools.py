@@ -36,6 +36,19 @@ def test_model_summary_lists_every_preset_and_refuses_bad_tp():
     assert bad.returncode == 2 and "does not divide --num-attention-heads 12" in bad.stderr
 
 
+def test_model_summary_follows_patch_merging():
+    """Each stage's input tokens after the merges before it; fewer FLOPs than unmerged."""
+    flags = ["--preset", "vit-b", "--img-h", "256", "--img-w", "256",
+             "--pipeline-model-parallel-size", "4"]
+    merged, plain = _run(*flags, "--patch-merge-layers", "2,5"), _run(*flags)
+    assert merged.returncode == 0 and plain.returncode == 0, merged.stderr + plain.stderr
+    rows = [r.split("|") for r in merged.stdout.splitlines()[2:]]
+    assert [r[2].strip() for r in rows] == ["256", "64", "16", "16"]
+    gflops = [float(r.split("|")[6]) for r in (merged.stdout.splitlines()[2],
+                                               plain.stdout.splitlines()[2])]
+    assert gflops[0] < 0.5 * gflops[1]
+
+
 def test_print_schedule_tool():
     proc = cli.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
                     "--pipeline-model-parallel-size", "4", "--micro-batches", "8",

@@ -6,7 +6,8 @@
     python tools/model_summary.py --preset vit-22b --tensor-model-parallel-size 8 \
         --pipeline-model-parallel-size 6 --num-layers-per-virtual-pipeline-stage 4
 
-Takes the model flags of `megavit.pretrain` and its layout flags. Every rank's part is
+Takes the model flags of `megavit.pretrain` and its layout flags. With
+--patch-merge-layers the tokens column gives each stage's input length (per chunk). Every rank's part is
 built on the meta device, so even ViT-22B costs no memory. "train state" is fp32 weights,
 gradients and two Adam moments: 16 bytes per parameter held by the rank. A rank "owns" its
 shards, and the replicated parameters if it is TP rank 0: owned parameters summed over all
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         by_stage = {r["stage"]: r for r in rank_counts(m, layout, tp) if r["tp_rank"] == 0}
         for stage, r in by_stage.items():
             blocks = "+".join(str(n) for n in r["blocks"])
-            print(f"| {name if stage == 0 else ''} | {m.seq_length if stage == 0 else ''} | "
+            # with --patch-merge-layers each stage's chunks start at their own length
+            tokens = ("/".join(str(m.at_layer(layout.chunk_layers(stage, c)[0]).seq_length)
+                               for c in range(layout.chunks))
+                      if m.patch_merge_layers else m.seq_length if stage == 0 else "")
+            print(f"| {name if stage == 0 else ''} | {tokens} | "
                   f"{f'{total / 1e6:,.1f} M' if stage == 0 else ''} | {stage}: {blocks} | "
                   f"{r['held'] / 1e6:,.1f} M | "
                   f"{f'{vit_flops(m, 1, training=False) / 1e9:,.1f}' if stage == 0 else ''} | "
