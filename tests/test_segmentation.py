@@ -48,8 +48,10 @@ MODELS = {"gap": ("vit22b", lambda layers: dict(pooling="gap")),
           # --patch-merge-layers: an 8x8 grid (3 px patches of 24 px) and a class token, 65
           # tokens; 2 blocks: merged after block 0 (17 tokens); 4 blocks (PP=2, 2 a stage):
           # after block 1 (the stage boundary: 17 tokens) and block 2 (inside stage 1: 5)
+          # windows of 3 tokens a side on every grid (8x8: partial windows; 2x2: narrowed
+          # to the grid, one window)
           "merge": ("classic", lambda layers: dict(
-              img_h=24, img_w=24, patch_dim=3,
+              img_h=24, img_w=24, patch_dim=3, attention_type="window", window_size=3,
               patch_merge_layers="0" if layers == 2 else "1,2"))}
 SP_SELECTIVE = {"sequence_parallel": True, "recompute_granularity": "selective"}
 PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
