@@ -15,30 +15,28 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from megavit.config import ConfigError, parse_args, validate
+from megavit.config import Config, ConfigError, parse_args, validate
+
+
+def validate_classification(cfg: Config, world_size: int) -> None:
+    """`validate`, and what a classifier needs of the data and the head."""
+    validate(cfg, world_size=world_size)
+    if cfg.data.dataset == "mnist-seg":
+        raise ConfigError("--dataset mnist-seg has a label per pixel, not per image: train "
+                          "it with python -m megavit.segment")
+    if cfg.model.num_classes == 0:
+        raise ConfigError("--num-classes 0 builds a feature extractor; pretraining needs a "
+                          "classifier (leave --num-classes unset to use the dataset's)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from megavit.run_entry import parse_and_validate, report_config_error
+
     prog = "python -m megavit.pretrain"
-    from megavit.parallel.launcher import LaunchError, detect_launch
-
-    from megavit.run_entry import report_config_error
-
-    info = None
-    try:
-        cfg = parse_args(argv)
-        info = detect_launch()
-        validate(cfg, world_size=info.world_size)
-        if cfg.data.dataset == "mnist-seg":
-            raise ConfigError("--dataset mnist-seg has a label per pixel, not per image: train "
-                              "it with python -m megavit.segment")
-        if cfg.model.num_classes == 0:
-            raise ConfigError("--num-classes 0 builds a feature extractor; pretraining needs a "
-                              "classifier (leave --num-classes unset to use the dataset's)")
-    except (ConfigError, LaunchError) as e:
-        return report_config_error(prog, e, info)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    parsed = parse_and_validate(prog, parse_args, validate_classification, argv)
+    if isinstance(parsed, int):
+        return parsed
+    cfg, info = parsed
 
     from megavit.tasks.classification import ClassificationTask
     from megavit.training.loop import pretrain

@@ -16,23 +16,17 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from megavit.config import ConfigError, parse_contrastive_args, validate_contrastive
+from megavit.config import parse_contrastive_args, validate_contrastive
 from megavit.config.contrastive import PROG
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megavit.parallel.launcher import LaunchError, detect_launch
-    from megavit.run_entry import report_config_error
+    from megavit.run_entry import parse_and_validate
 
-    info = None
-    try:
-        cfg = parse_contrastive_args(argv)
-        info = detect_launch()
-        validate_contrastive(cfg, world_size=info.world_size)
-    except (ConfigError, LaunchError) as e:
-        return report_config_error(PROG, e, info)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    parsed = parse_and_validate(PROG, parse_contrastive_args, validate_contrastive, argv)
+    if isinstance(parsed, int):
+        return parsed
+    cfg, info = parsed
 
     from megavit.run_entry import start_and_train
     from megavit.tasks.image_text.task import ImageTextTask

@@ -35,6 +35,25 @@ def report_config_error(prog: str, error: Exception, launch: Any = None) -> int:
     return 2
 
 
+def parse_and_validate(prog: str, parse: Callable[[Any], Any],
+                       validate: Callable[..., None], argv: Any) -> tuple[Any, Any] | int:
+    """(the validated config, the launch info) from `argv`, or the exit status to return:
+    2 after printing a configuration or launch mistake once per node, 0 after --help."""
+    from megavit.config import ConfigError
+    from megavit.parallel.launcher import LaunchError, detect_launch
+
+    info = None
+    try:
+        cfg = parse(argv)
+        info = detect_launch()
+        validate(cfg, world_size=info.world_size)
+    except (ConfigError, LaunchError) as e:
+        return report_config_error(prog, e, info)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    return cfg, info
+
+
 def start_and_train(prog: str, parallel: ParallelConfig, local_world_size: int,
                     train: Callable[[Any, Any], Any], checkpoint: Any) -> int:
     """Initialise the parallel state from `parallel` and the launcher's environment, run

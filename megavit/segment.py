@@ -20,18 +20,12 @@ from megavit.config.segmentation import PROG, parse_segmentation_args, validate_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megavit.parallel.launcher import LaunchError, detect_launch
-    from megavit.run_entry import report_config_error
+    from megavit.run_entry import parse_and_validate, report_config_error
 
-    info = None
-    try:
-        cfg = parse_segmentation_args(argv)
-        info = detect_launch()
-        validate_segmentation(cfg, world_size=info.world_size)
-    except (ConfigError, LaunchError) as e:
-        return report_config_error(PROG, e, info)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    parsed = parse_and_validate(PROG, parse_segmentation_args, validate_segmentation, argv)
+    if isinstance(parsed, int):
+        return parsed
+    cfg, info = parsed
 
     from megavit.run_entry import start_and_train
     from megavit.tasks.segmentation import SegmentationTask
