@@ -10,7 +10,8 @@ data/segmentation.py).
 - Training equals the serial run (loss, every gradient, weights after two steps, then the
   held-out metrics) at TP=2 (25 tokens), TP=2 + SP + selective recomputation (25 tokens:
   padded), PP=2 with full recomputation and a class token (26 tokens), DP=2 with the
-  distributed optimizer; a run saved and resumed at PP=2 equals the uninterrupted one.
+  distributed optimizer; a run saved and resumed at PP=2 equals the uninterrupted one,
+  and its state continues in one process like the serial run (resharding).
   The same for a model with --patch-merge-layers (65 -> 17 -> 5 tokens; at PP=2 one merge
   at the stage boundary, one inside a stage).
 - Patch merging equals its rule written plainly (token order, class token); an odd grid
@@ -100,7 +101,7 @@ def resumed_and_straight(pstate, path: str) -> dict:
     resumed += _steps(second, start, 4)
     return {"start": start, "losses": losses, "resumed_losses": resumed,
             "straight": full_state(straight.model, pstate.tp),
-            "resumed": full_state(second.model, pstate.tp)}
+            "resumed": full_state(second.model, pstate.tp), "path": path}
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,15 +109,26 @@ def serial(model: str, layers: int):
     return steps_and_eval(serial_state(), seg_config(model, layers=layers))
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
-def layout(request, tmp_path_factory):
-    world, tp, pp, variants = LAYOUTS[request.param]
+@functools.lru_cache(maxsize=None)
+def layout_results(name: str, state_dir: str) -> dict:
+    """Every job of layout `name` in one gloo process group (run once per module)."""
+    world, tp, pp, variants = LAYOUTS[name]
     jobs = {f"{model}{i}": (steps_and_eval, (seg_config(model, tp, parallel,
                                                         layers=4 if pp > 1 else 2),))
             for i, (model, parallel) in enumerate(variants)}
     if pp > 1:
-        jobs["resume"] = (resumed_and_straight, (str(tmp_path_factory.mktemp("seg") / "s"),))
-    return request.param, run_distributed(world, tp, jobs, pp=pp)
+        jobs["resume"] = (resumed_and_straight, (f"{state_dir}/state",))
+    return run_distributed(world, tp, jobs, pp=pp)
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("seg"))
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request, state_dir):
+    return request.param, layout_results(request.param, state_dir)
 
 
 def test_segmentation_trains_and_evaluates_as_the_serial_run(layout):
@@ -140,6 +152,27 @@ def test_segmentation_trains_and_evaluates_as_the_serial_run(layout):
         assert r["start"] == 2 and r["resumed_losses"] == r["losses"]
         for key, w in r["straight"].items():
             assert torch.equal(r["resumed"][key], w), key
+
+
+def test_a_state_saved_at_pp2_continues_in_one_process_like_the_serial_run(state_dir):
+    """Resharding: the PP=2 (full recomputation) state after two steps, loaded by a serial
+    run, trains steps 2 and 3 as the serial run does (losses to 1e-5, weights within 1e-4
+    of each tensor's largest magnitude, as for classification)."""
+    from megavit.checkpointing.training_state import load_training_state
+
+    results = layout_results("pp2", state_dir)
+    cfg = seg_config("cls", layers=4, train_iters=4)
+    run = segmentation_run(cfg, serial_state())
+    assert load_training_state(run, results["resume"][0]["path"]) == 2
+    losses = _steps(run, 2, 4)
+    straight = segmentation_run(cfg, serial_state())
+    expected = _steps(straight, 0, 4)[2:]
+    assert losses == pytest.approx(expected, rel=1e-5)
+    want, got = full_state(straight.model, straight.pstate.tp), full_state(run.model,
+                                                                          run.pstate.tp)
+    for key, w in want.items():
+        err = (got[key] - w).abs().max().item()
+        assert err <= 1e-4 * w.abs().max().item() + 1e-7, f"{key}: {err:.2e}"
 
 
 def test_the_dense_head_is_trained_and_the_class_token_dropped():
