@@ -21,7 +21,6 @@ from megavit.config.run import Config
 from megavit.config.validation import validate
 
 SEGMENTATION_DATASETS = ("mnist-seg", "seg-folder")
-PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
 
 
 @dataclass
@@ -59,10 +58,6 @@ class SegmentationRunConfig:
     @property
     def model(self) -> ModelConfig:
         return self.base.model
-
-    @property
-    def precision(self):
-        return self.base.precision
 
 
 SECTIONS: tuple[tuple[str, type], ...] = (*BASE_SECTIONS, ("segmentation", SegmentationConfig))

@@ -175,14 +175,18 @@ class VisionTransformer(nn.Module):
                              f"heads and the MLP width {cfg.ffn_hidden_size}")
         layers = range(cfg.num_layers) if layers is None else layers
         first = layers[0] if len(layers) else cfg.num_layers
-        s = cfg.at_layer(first).seq_length       # the tokens this part receives
+        after = layers[-1] + 1 if len(layers) else cfg.num_layers
+        # tokens entering each block of this part and leaving its last (fewer after merges)
+        self.lengths = {i: cfg.at_layer(i).seq_length for i in (*layers, after)}
+        self.output_length = self.lengths[after]
+        s = self.lengths[first]                  # the tokens this part receives
         self.padded_length = -(-s // t) * t if rt.sequence_parallel else s
         if self.padded_length != s:  # keys past s are padding: additive mask, filled later
             self.register_buffer("pad_mask", torch.empty(self.padded_length, self.padded_length),
                                  persistent=False)
         self.input_length = s
         # the padding masks of the shorter sequences after merges (SP): buffers, like pad_mask
-        self.merged_lengths = sorted({cfg.at_layer(i).seq_length for i in layers} - {s})
+        self.merged_lengths = sorted({self.lengths[i] for i in layers} - {s})
         for length in self.merged_lengths if rt.sequence_parallel else ():
             padded = -(-length // t) * t
             if padded != length:
@@ -255,19 +259,13 @@ class VisionTransformer(nn.Module):
             return x
         return gather_from_sequence_parallel(x, self.rt.tp)[:self.output_length]
 
-    @property
-    def output_length(self) -> int:
-        """Tokens after this part's blocks (and merges), before any SP padding."""
-        last = max((int(i) for i in self.blocks), default=self.cfg.num_layers - 1)
-        return self.cfg.at_layer(last + 1).seq_length
-
     def merge(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The merge after block `layer`. With SP: this rank's shard is gathered (padding
         dropped), merged on every rank alike, padded to a multiple of t again and
         scattered."""
         if not self.rt.sequence_parallel:
             return self.merges[str(layer)](x)
-        full = gather_from_sequence_parallel(x, self.rt.tp)[:self.cfg.at_layer(layer).seq_length]
+        full = gather_from_sequence_parallel(x, self.rt.tp)[:self.lengths[layer]]
         merged = self.merges[str(layer)](full)
         t = self.rt.tp.size
         pad = -(-merged.shape[0] // t) * t - merged.shape[0]
@@ -300,7 +298,7 @@ class VisionTransformer(nn.Module):
 
     def _mask_of(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """The padding mask of block `layer`'s input `x` (this rank's shard under SP)."""
-        length = self.cfg.at_layer(layer).seq_length
+        length = self.lengths[layer]
         if length == self.input_length:
             return getattr(self, "pad_mask", None)
         return getattr(self, f"pad_mask_{length}", None)
