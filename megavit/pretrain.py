@@ -24,6 +24,10 @@ def validate_classification(cfg: Config, world_size: int) -> None:
     if cfg.data.dataset == "mnist-seg":
         raise ConfigError("--dataset mnist-seg has a label per pixel, not per image: train "
                           "it with python -m megavit.segment")
+    if cfg.model.feature_layers:
+        raise ConfigError(f"--feature-layers {cfg.model.feature_layers}: a classifier reads "
+                          "the last block only; feature layers feed a dense head (python -m "
+                          "megavit.segment --neck fpn)")
     if cfg.model.num_classes == 0:
         raise ConfigError("--num-classes 0 builds a feature extractor; pretraining needs a "
                           "classifier (leave --num-classes unset to use the dataset's)")

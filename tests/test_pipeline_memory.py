@@ -22,6 +22,9 @@ MIXED = dict(attention_type_per_layer="window,linear,local-global,full", window_
 # issue 19: an 8x8 grid merged at the stage boundary (after block 3) and inside stage 1
 # (after block 5): each block planned at its own length, the merges' rows included
 MERGED = dict(img_h=16, img_w=16, patch_dim=2, patch_merge_layers="3,5")
+# with --feature-layers: stage 1 receives the maps of blocks 1 and 3 (64 tokens each) in the
+# tensor that carries its hidden states (16 tokens), and its first block keeps all of it
+FEATURES = dict(MERGED, feature_layers="1,3,5,7")
 
 
 def budget_bytes(model: dict | None = None) -> float:
@@ -53,7 +56,8 @@ def pp2():
                                   "train": (train_steps, (auto_cfg(),)),
                                   "mixed": (measured_step, (MIXED,)),
                                   "mixed_train": (train_steps, (auto_cfg(MIXED),)),
-                                  "merged": (measured_step, (MERGED,))}, pp=2)
+                                  "merged": (measured_step, (MERGED,)),
+                                  "features": (measured_step, (FEATURES,))}, pp=2)
 
 
 def test_earlier_stages_recompute_more(pp2):
@@ -127,4 +131,17 @@ def test_measured_saved_bytes_follow_the_plan_with_patch_merging(pp2):
     for got in pp2["merged"]:
         plan = StagePlan(*got["plans"][got["stage"]])
         assert 0 < got["peak"] <= budget_bytes(MERGED)
+        assert got["peak"] == pytest.approx(plan.predicted_bytes, rel=1e-12)
+
+
+def test_measured_saved_bytes_follow_the_plan_with_carried_feature_maps(pp2):
+    from megavit.models.activation_memory import carried_feature_bytes
+
+    cfg = debug_config("vit22b", layers=LAYERS, model=FEATURES).model
+    carried = carried_feature_bytes(cfg, ActivationSetup(tp=1, micro_batch=2), 4)
+    assert carried == 2 * 4 * 64 * 2 * cfg.hidden_size          # two maps, fp32, 2 images
+    plans = [StagePlan(*p) for p in pp2["features"][0]["plans"]]
+    assert plans[1].recomputed > 0          # the maps no longer fit stage 1 in the budget
+    for got in pp2["features"]:
+        plan = StagePlan(*got["plans"][got["stage"]])
         assert got["peak"] == pytest.approx(plan.predicted_bytes, rel=1e-12)

@@ -13,7 +13,8 @@ data/segmentation.py).
   distributed optimizer; a run saved and resumed at PP=2 equals the uninterrupted one,
   and its state continues in one process like the serial run (resharding).
   The same for a model with --patch-merge-layers (65 -> 17 -> 5 tokens; at PP=2 one merge
-  at the stage boundary, one inside a stage).
+  at the stage boundary, one inside a stage), read by --neck fpn at every block (TP=2 + SP,
+  PP=2 with full recomputation and interleaved: the maps travel between stages).
 - Patch merging equals its rule written plainly (token order, class token); an odd grid
   is refused naming the flag; exports refuse a merged model.
 - Flags: classification data, MAP pooling and augmentations are refused for segmentation,
@@ -53,15 +54,23 @@ MODELS = {"gap": ("vit22b", lambda layers: dict(pooling="gap")),
           # to the grid, one window)
           "merge": ("classic", lambda layers: dict(
               img_h=24, img_w=24, patch_dim=3, attention_type="window", window_size=3,
-              patch_merge_layers="0" if layers == 2 else "1,2"))}
+              patch_merge_layers="0" if layers == 2 else "1,2")),
+          # the same stack read by --neck fpn at every block: at PP=2 stage 0's two maps
+          # (65 tokens each) travel to stage 1 with the hidden states (17 tokens)
+          "fpn": ("classic", lambda layers: dict(
+              img_h=24, img_w=24, patch_dim=3, attention_type="window", window_size=3,
+              patch_merge_layers="0" if layers == 2 else "1,2",
+              feature_layers=",".join(map(str, range(layers)))))}
+NECKS = {"fpn": "fpn"}
 SP_SELECTIVE = {"sequence_parallel": True, "recompute_granularity": "selective"}
 PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
             "recompute_method": "uniform", "recompute_num_layers": 1}
+PP2_INTERLEAVED = {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
 DISTOPT = {"use_distributed_optimizer": True, "ddp_bucket_size": 3000}
 # name: (world, tp, pp, [(model, parallel flags)])
 LAYOUTS = {"tp2": (2, 2, 1, [("gap", {}), ("gap", SP_SELECTIVE), ("merge", {}),
-                             ("merge", SP_SELECTIVE)]),
-           "pp2": (2, 1, 2, [("cls", PP2_FULL), ("merge", PP2_FULL)]),
+                             ("fpn", SP_SELECTIVE)]),
+           "pp2": (2, 1, 2, [("cls", PP2_FULL), ("fpn", PP2_FULL), ("fpn", PP2_INTERLEAVED)]),
            "dp2": (2, 1, 1, [("gap", DISTOPT), ("merge", DISTOPT)])}
 
 
@@ -72,12 +81,23 @@ def seg_config(model: str, tp: int = 1, parallel: dict | None = None, layers: in
                         **training)
     base.data = dataclasses.replace(base.data, dataset="mnist-seg", augment="none")
     base.logging = dataclasses.replace(base.logging, eval_iters=1)
-    return SegmentationRunConfig(base, SegmentationConfig(neck_channels=8, decoder_channels=8))
+    return SegmentationRunConfig(base, SegmentationConfig(
+        neck=NECKS.get(model, "simple-pyramid"), neck_channels=8, decoder_channels=8))
+
+
+def probe_images(cfg: SegmentationRunConfig) -> torch.Tensor:
+    m = cfg.model
+    return torch.randn(2, m.num_channels, m.img_h, m.img_w,
+                       generator=torch.Generator().manual_seed(3))
 
 
 def steps_and_eval(pstate, cfg: SegmentationRunConfig) -> dict:
     run = segmentation_run(cfg, pstate)
+    maps = None
+    if cfg.model.feature_layers and pstate.pp.size == 1:     # before training
+        maps = run.model.chunks[0].forward_intermediates(probe_images(cfg), [1, 0])
     out = train_steps(pstate, cfg.base, run=run)
+    out["maps"] = maps
     out["eval"] = run.evaluate()
     return out
 
@@ -143,6 +163,9 @@ def test_segmentation_trains_and_evaluates_as_the_serial_run(layout):
             got = merge_stages(results[f"{model}{i}"], ranks)
             what = f"{name}[{i}] {model}"
             assert_two_steps_match(got, ref, seg_config(model, layers=layers).base, what, RTOL)
+            if ref["maps"] is not None and pp == 1:      # forward_intermediates under TP/SP
+                for got_map, want in zip(results[f"{model}{i}"][ranks[0]]["maps"], ref["maps"]):
+                    torch.testing.assert_close(got_map, want, rtol=RTOL, atol=1e-6)
             evaluation = results[f"{model}{i}"][ranks[-1]]["eval"]
             assert evaluation["eval_images"] == ref["eval"]["eval_images"] == 8, what
             for key in ("eval_loss", "eval_miou", "eval_pixel_accuracy"):
@@ -189,6 +212,49 @@ def test_the_dense_head_is_trained_and_the_class_token_dropped():
     assert fmap.shape == (3, cfg.model.hidden_size, 5, 5)
     torch.testing.assert_close(fmap[1, :, 2, 3], chunk.norm(tokens[1 + 2 * 5 + 3, 1]))
     assert chunk(torch.randn(3, 1, 20, 20)).shape == (3, 11, 20, 20)
+
+
+def test_forward_intermediates_are_the_blocks_outputs_as_maps():
+    """Blocks 3, 0 and 2 of the merged stack (8x8 grid, merges after 1 and 2, a class
+    token): each block's output before its merge, class token dropped, as [b, h, gh, gw]."""
+    from megavit.models.transformer import ForwardContext
+
+    cfg = seg_config("fpn", layers=4)
+    model = segmentation_run(cfg, serial_state()).model.chunks[0]
+    images = probe_images(cfg)
+    got = model.forward_intermediates(images, [3, 0, 2])
+    with torch.no_grad():
+        x, outs = model.embed(images), {}
+        for i in range(4):
+            x = model.blocks[str(i)](x, ForwardContext(None, None))
+            outs[i] = x
+            if str(i) in model.merges:
+                x = model.merges[str(i)](x)
+    for layer, grid, fmap in zip((3, 0, 2), (2, 8, 4), got):
+        tokens = outs[layer][1:]                       # the class token dropped
+        assert fmap.shape == (2, cfg.model.hidden_size, grid, grid)
+        r, c = grid - 1, grid // 2
+        torch.testing.assert_close(fmap[1, :, r, c], tokens[r * grid + c, 1])
+    with pytest.raises(ValueError, match="outside 0..3"):
+        model.forward_intermediates(images, [4])
+
+
+def test_fpn_levels_and_its_flops_count():
+    from megavit.models.dense import FeaturePyramidNetwork, dense_head_flops
+    from megavit.parallel.sharding import initialize_parameters
+
+    fpn = FeaturePyramidNetwork(16, 8, 3)
+    initialize_parameters(fpn, 0)
+    maps = [torch.randn(2, 16, g, g) for g in (8, 4, 4)]
+    assert [tuple(x.shape) for x in fpn(maps)] == [(2, 8, 8, 8), (2, 8, 4, 4), (2, 8, 4, 4)]
+    # the coarser levels reach the finer ones: the finest output moves with the coarsest input
+    moved = fpn([maps[0], maps[1], maps[2] + 1])
+    assert not torch.allclose(moved[0], fpn(maps)[0])
+    cfg = seg_config("fpn", layers=4).model        # levels of 64, 64, 16 and 4 patches
+    h, C, D, K = cfg.hidden_size, 8, 8, 11
+    want = sum(2 * g * (h * C + 9 * C * C + 9 * C * D) for g in (64, 64, 16, 4))
+    want += 2 * 64 * D * K
+    assert dense_head_flops(cfg, "fpn", C, D, K, 3, training=False) == 3 * want
 
 
 @pytest.mark.parametrize("grid", [(8, 8), (7, 7), (6, 10)])
@@ -279,12 +345,22 @@ def test_segmentation_flags_refuse_what_cannot_work():
                            (["--pooling", "map"], "--pooling map pools"),
                            (["--augment", "affine"], "--augment affine"),
                            (["--num-classes", "5"], "--num-classes"),
-                           (["--neck-channels", "0"], "--neck-channels must be")):
+                           (["--neck-channels", "0"], "--neck-channels must be"),
+                           (["--feature-layers", "0"], "--neck simple-pyramid reads the last"),
+                           (["--neck", "fpn", "--feature-layers", "0"],
+                            r"the last block \(1\) must be among them"),
+                           (["--neck", "fpn", "--patch-merge-layers", "1"],
+                            r"a merge after the last block \(1\)"),
+                           (["--feature-layers", "0,x"], "expected block indices")):
         with pytest.raises(ConfigError, match=message):
             validate_segmentation(parse_segmentation_args(base + flags))
+    fpn = parse_segmentation_args(base + ["--neck", "fpn", "--patch-merge-layers", "0"])
+    assert fpn.model.feature_layers == "0,1"     # the block before the merge, the last
+    validate_segmentation(fpn)
     from megavit.pretrain import main
 
     assert main(["--preset", "vit-debug", "--dataset", "mnist-seg"]) == 2
+    assert main(["--preset", "vit-debug", "--feature-layers", "1"]) == 2
 
 
 def _write_folder(root, count: int = 4, size: int = 24):

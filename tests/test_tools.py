@@ -44,6 +44,11 @@ def test_model_summary_follows_patch_merging():
     assert merged.returncode == 0 and plain.returncode == 0, merged.stderr + plain.stderr
     rows = [r.split("|") for r in merged.stdout.splitlines()[2:]]
     assert [r[2].strip() for r in rows] == ["256", "64", "16", "16"]
+    # --feature-layers: the maps of blocks 2 (256 tokens) and 5 (64) travel with them
+    carried = _run(*flags, "--patch-merge-layers", "2,5", "--feature-layers", "2,5,11")
+    assert carried.returncode == 0, carried.stderr
+    rows = [r.split("|") for r in carried.stdout.splitlines()[2:]]
+    assert [r[2].strip() for r in rows] == ["256", "64+256", "16+320", "16+320"]
     gflops = [float(r.split("|")[6]) for r in (merged.stdout.splitlines()[2],
                                                plain.stdout.splitlines()[2])]
     assert gflops[0] < 0.5 * gflops[1]

@@ -7,8 +7,9 @@
         --pipeline-model-parallel-size 6 --num-layers-per-virtual-pipeline-stage 4
 
 Takes the model flags of `megavit.pretrain` and its layout flags. With
---patch-merge-layers the tokens column gives each stage's input length (per chunk). Every rank's part is
-built on the meta device, so even ViT-22B costs no memory. "train state" is fp32 weights,
+--patch-merge-layers the tokens column gives each stage's input length (per chunk); with
+--feature-layers, "+ n" the tokens of the feature maps the stage receives with them (they
+travel to the last stage for a dense head). Every rank's part is built on the meta device, so even ViT-22B costs no memory. "train state" is fp32 weights,
 gradients and two Adam moments: 16 bytes per parameter held by the rank. A rank "owns" its
 shards, and the replicated parameters if it is TP rank 0: owned parameters summed over all
 ranks give the serial model's count.
@@ -90,15 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         for stage, r in by_stage.items():
             blocks = "+".join(str(n) for n in r["blocks"])
             # with --patch-merge-layers each stage's chunks start at their own length
-            tokens = ("/".join(str(m.at_layer(layout.chunk_layers(stage, c)[0]).seq_length)
+            tokens = ("/".join(received_tokens(m, layout.chunk_layers(stage, c)[0])
                                for c in range(layout.chunks))
-                      if m.patch_merge_layers else m.seq_length if stage == 0 else "")
+                      if m.patch_merge_layers or m.feature_layers else
+                      m.seq_length if stage == 0 else "")
             print(f"| {name if stage == 0 else ''} | {tokens} | "
                   f"{f'{total / 1e6:,.1f} M' if stage == 0 else ''} | {stage}: {blocks} | "
                   f"{r['held'] / 1e6:,.1f} M | "
                   f"{f'{vit_flops(m, 1, training=False) / 1e9:,.1f}' if stage == 0 else ''} | "
                   f"{r['held'] * 16 / 2**30:,.1f} GiB |")
     return 0
+
+
+def received_tokens(m, first: int) -> str:
+    """The tokens a part starting at block `first` receives: 's' or, with feature maps
+    carried from earlier blocks, 's+f'."""
+    carried = sum(m.at_layer(l).seq_length for l in m.feature_layer_list() if l < first)
+    s = m.at_layer(first).seq_length
+    return f"{s}+{carried}" if carried else str(s)
 
 
 if __name__ == "__main__":

@@ -179,10 +179,15 @@ def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None
 
 
 def _check_image_tower(m: ModelConfig) -> list[str]:
+    problems = []
     if m.num_classes:
-        return ["--num-classes: the image tower of a two-tower model has no classifier; "
-                "leave it unset"]
-    return []
+        problems.append("--num-classes: the image tower of a two-tower model has no "
+                        "classifier; leave it unset")
+    if m.feature_layers:
+        problems.append(f"--feature-layers {m.feature_layers}: the image tower pools the last "
+                        "block only; feature layers feed a dense head (python -m "
+                        "megavit.segment --neck fpn)")
+    return problems
 
 
 def _check_text_sizes(text: TextConfig) -> list[str]:

@@ -223,6 +223,16 @@ class ModelConfig(TransformerConfig):
             "merged grid."),
     )
 
+    feature_layers: str = field(
+        default="",
+        metadata=opt(
+            "Blocks whose outputs (before a merge after them) a dense head reads as feature "
+            "maps [b, h, rows, columns] (comma-separated indices, e.g. '1,3,5'; used by "
+            "megavit.segment's --neck fpn). Under pipeline parallelism each stage passes "
+            "the maps it holds or made on to the next, with its hidden states, so the last "
+            "stage has them all."),
+    )
+
     @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (rows, columns) of the embedded image (before any merge)."""
@@ -232,6 +242,10 @@ class ModelConfig(TransformerConfig):
         """--patch-merge-layers as sorted block indices (ValueError when not integers)."""
         return sorted({int(v) for v in self.patch_merge_layers.replace(" ", "").split(",")
                        if v})
+
+    def feature_layer_list(self) -> list[int]:
+        """--feature-layers as sorted block indices (ValueError when not integers)."""
+        return sorted({int(v) for v in self.feature_layers.replace(" ", "").split(",") if v})
 
     def grid_at(self, layer: int) -> tuple[int, int]:
         """The token grid block `layer` works on (layer = num_layers: after the last
@@ -253,7 +267,7 @@ class ModelConfig(TransformerConfig):
         if window is not None:
             window = min(window, max(gh, gw))
         return dataclasses.replace(self, img_h=gh * self.patch_dim, img_w=gw * self.patch_dim,
-                                   patch_merge_layers="", window_size=window)
+                                   patch_merge_layers="", feature_layers="", window_size=window)
 
     @property
     def seq_length(self) -> int:

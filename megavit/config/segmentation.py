@@ -31,10 +31,13 @@ class SegmentationConfig:
 
     neck: str = field(
         default="simple-pyramid",
-        metadata=opt("'simple-pyramid' (ViTDet: the last block's map at 4x, 2x, 1x and 1/2 "
-                     "its resolution by transposed convolutions, identity and max-pooling) or "
-                     "'none' (the last block's map alone).",
-                     choices=("simple-pyramid", "none")))
+        metadata=opt("'simple-pyramid' (ViTDet, for a plain stack: the last block's map at 4x, "
+                     "2x, 1x and 1/2 its resolution by transposed convolutions, identity and "
+                     "max-pooling), 'fpn' (for a stack with --patch-merge-layers: a feature "
+                     "pyramid network over the maps of --feature-layers, by default the block "
+                     "before each merge and the last block) or 'none' (the last block's map "
+                     "alone).",
+                     choices=("simple-pyramid", "fpn", "none")))
     neck_channels: int = field(
         default=256, metadata=opt("Channels of every pyramid level (ViTDet: 256)."))
     decoder_channels: int = field(
@@ -79,7 +82,21 @@ def parse_segmentation_args(argv: Sequence[str] | None = None) -> SegmentationRu
     sections["data"].setdefault("dataset", "mnist-seg")
     sections["model"].setdefault("pooling", "gap")
     base = config_from_sections(sections, presets["preset"])
+    if seg.neck == "fpn" and not base.model.feature_layers:
+        base.model = dataclasses.replace(base.model, feature_layers=default_feature_layers(
+            base.model))
     return SegmentationRunConfig(base, seg)
+
+
+def default_feature_layers(model: ModelConfig) -> str:
+    """--neck fpn's levels when --feature-layers is not given: the block before each merge
+    (the last at each resolution) and the last block, e.g. '1,3,5' for merges '1,3' of 6
+    blocks ('' when the merge layers do not parse: validation names them)."""
+    try:
+        layers = {*model.merge_layers(), model.num_layers - 1}
+    except ValueError:
+        return ""
+    return ",".join(str(l) for l in sorted(layers) if 0 <= l < model.num_layers)
 
 
 def validate_segmentation(cfg: SegmentationRunConfig, world_size: int = 1) -> None:
@@ -109,6 +126,7 @@ def validate_segmentation(cfg: SegmentationRunConfig, world_size: int = 1) -> No
                         ("--decoder-channels", s.decoder_channels)):
         if value < 1:
             problems.append(f"{flag} must be at least 1 (got {value})")
+    problems += _check_neck(m, s)
     if s.neck == "simple-pyramid" and m.hidden_size % 4:
         problems.append(f"--neck simple-pyramid halves --hidden-size {m.hidden_size} twice "
                         "on its way to 4x: it must be divisible by 4")
@@ -117,6 +135,28 @@ def validate_segmentation(cfg: SegmentationRunConfig, world_size: int = 1) -> No
     if problems:
         raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems)
                           if len(problems) > 1 else problems[0])
+
+
+def _check_neck(m: ModelConfig, s: SegmentationConfig) -> list[str]:
+    """--neck fpn reads --feature-layers ending with the last block; the other necks read
+    the last block alone."""
+    try:
+        features, merges = m.feature_layer_list(), m.merge_layers()
+    except ValueError:
+        return []                                   # named by `validate`
+    last = m.num_layers - 1
+    if s.neck != "fpn":
+        return ([f"--feature-layers {m.feature_layers}: --neck {s.neck} reads the last block "
+                 "alone; the feature layers feed --neck fpn"] if features else [])
+    problems = []
+    if features[-1:] != [last]:
+        problems.append(f"--neck fpn --feature-layers {m.feature_layers}: the last block "
+                        f"({last}) must be among them (the blocks after the last feature "
+                        "layer would not be trained)")
+    if last in merges:
+        problems.append(f"--neck fpn --patch-merge-layers {m.patch_merge_layers}: a merge "
+                        f"after the last block ({last}) would not be read by the neck")
+    return problems
 
 
 def with_backbone_defaults(cfg: SegmentationRunConfig) -> SegmentationRunConfig:

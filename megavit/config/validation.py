@@ -71,7 +71,21 @@ def _check_model(model: ModelConfig) -> list[str]:
     if model.drop_path_rate > 0 and model.num_layers == 1:
         problems.append("--drop-path-rate has no effect with --num-layers 1 (the rate grows "
                         "from 0 at block 0); use more layers or leave it at 0")
-    return problems + _check_attention(model) + _check_merges(model)
+    return (problems + _check_attention(model) + _check_merges(model)
+            + _check_feature_layers(model))
+
+
+def _check_feature_layers(model: ModelConfig) -> list[str]:
+    """--feature-layers: block indices."""
+    flag = f"--feature-layers {model.feature_layers}"
+    try:
+        layers = model.feature_layer_list()
+    except ValueError:
+        return [f"{flag!r}: expected block indices separated by commas, e.g. 1,3"]
+    if bad := [i for i in layers if not 0 <= i < model.num_layers]:
+        return [f"{flag}: block(s) {', '.join(map(str, bad))} outside "
+                f"0..{model.num_layers - 1}"]
+    return []
 
 
 def _check_merges(model: ModelConfig) -> list[str]:

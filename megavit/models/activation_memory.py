@@ -124,12 +124,27 @@ def region_input_bytes(cfg: ModelConfig, setup: ActivationSetup, layer: int = 0)
     return p * n * b * cfg.hidden_size
 
 
+def carried_feature_bytes(cfg: ModelConfig, setup: ActivationSetup, layer: int) -> float:
+    """The --feature-layers outputs of the blocks before `layer` that a pipeline part
+    starting at block `layer` receives with its hidden states (each [s_l, b, h], with SP
+    this rank's shard of it padded). They share one received tensor with the hidden
+    states, which the part's first block keeps (a view keeps its whole storage)."""
+    total = 0.0
+    for l in cfg.feature_layer_list():
+        if l < layer:
+            t, b, p, sp, s, n = _geometry(cfg.at_layer(l), setup)
+            total += p * n * b * cfg.hidden_size
+    return total
+
+
 def recomputed_stack_bytes(cfg: ModelConfig, setup: ActivationSetup, layers: range,
                            recomputed: int) -> float:
     """Bytes kept by the blocks `layers` when the first `recomputed` of them are each
     recomputed on their own (full, block method); the recomputed regions also share one
-    tensor of the images' int64 ids (8 b bytes)."""
+    tensor of the images' int64 ids (8 b bytes). A part that starts after block 0 also
+    keeps the features it received (`carried_feature_bytes`)."""
     kept = sum(layer_activation_bytes(cfg, setup, l) for l in layers[recomputed:])
+    kept += carried_feature_bytes(cfg, setup, layers[0]) if len(layers) else 0
     if recomputed:
         kept += (sum(region_input_bytes(cfg, setup, l) for l in layers[:recomputed])
                  + 8 * setup.micro_batch)

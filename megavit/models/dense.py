@@ -1,32 +1,42 @@
-"""Dense prediction on a plain ViT: the last block's tokens as a 2-D map, a feature pyramid
-neck (ViTDet's simple pyramid) and a per-pixel decoder (Panoptic FPN's semantic head).
+"""Dense prediction on a ViT: patch tokens as 2-D maps, a feature pyramid neck and a
+per-pixel decoder (Panoptic FPN's semantic head).
 
-    tokens [s, b, h] (last chunk, after the final norm; SP: gathered first)
+    --neck simple-pyramid (a plain stack, ViTDet): the last block's tokens [s, b, h]
+      (after the final norm; SP: gathered first)
       └─ drop the class token, if any ─► map [b, h, gh, gw] (stride p = --patch-dim)
       └─ SimpleFeaturePyramid: 4x (two 2x2 transposed convs), 2x (one), 1x, 1/2 (max-pool)
            each ─► 1x1 conv + LayerNorm2d + 3x3 conv + LayerNorm2d ─► [b, C, g*scale]
+    --neck fpn (a hierarchical stack, --patch-merge-layers): the outputs of --feature-layers
+      (the last block among them), each normed (the last by the ViT's final norm, the others
+      by their own `feature_norms.<block>`) ─► maps [b, h, g_l, g_l], finer first
+      └─ FeaturePyramidNetwork: each level 1x1 conv + LayerNorm2d (lateral); from the
+           coarsest down, the coarser result upsampled (nearest) and added; each level 3x3
+           conv + LayerNorm2d ─► [b, C, g_l, g_l]
+    then
       └─ SegmentationDecoder: every level 3x3 conv + LayerNorm2d + GELU to D channels,
-           bilinear up to the finest level, summed, 1x1 conv ─► [b, K, 4 gh, 4 gw]
+           bilinear up to the finest level, summed, 1x1 conv ─► [b, K, g_0, g_0]
       └─ bilinear up to the input ─► logits [b, K, H, W]
 
 The neck and the decoder are replicated over the tensor-parallel ranks and run on the
-pipeline stage that holds the last block: every TP rank computes them on the same gathered
+pipeline stage that holds the last block (the feature layers' outputs travel there with the
+hidden states, see `VisionTransformer`): every TP rank computes them on the same gathered
 tokens, so their gradients are whole on each rank (no collective). No batch statistics:
 every norm is per pixel, so a micro-batch's output does not depend on the layout.
-Parameter names: `neck.*`, `decode_head.*`, beside the ViT's own (a classifier's backbone
+Parameter names: `neck.*`, `decode_head.*`, `feature_norms.*`, beside the ViT's own (a classifier's backbone
 loads into a segmentation model unchanged).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megavit.config import ModelConfig
-from megavit.models.transformer import Runtime
+from megavit.models.transformer import Runtime, norm_from_config
 from megavit.models.vit import StageModel, VisionTransformer
 from megavit.parallel.sharding import constant, lecun_normal, set_init, trunc_normal
 
@@ -97,6 +107,34 @@ class SimpleFeaturePyramid(nn.Module):
         return [stage(x) for stage in self.stages]
 
 
+class FeaturePyramidNetwork(nn.Module):
+    """FPN (Lin et al. 2017) over maps [b, h, g_l, g_l] of falling resolution (finer first;
+    equal sizes allowed): lateral 1x1 conv + LayerNorm2d to C channels, a top-down sum
+    (the coarser result upsampled to the finer size, nearest), then 3x3 conv + LayerNorm2d
+    per level -> [b, C, g_l, g_l], finer first."""
+
+    def __init__(self, width: int, channels: int, levels: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(
+            nn.Sequential(conv(width, channels, 1, bias=False), LayerNorm2d(channels))
+            for _ in range(levels))
+        self.output = nn.ModuleList(
+            nn.Sequential(conv(channels, channels, 3, bias=False), LayerNorm2d(channels))
+            for _ in range(levels))
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        above = None
+        for lateral, output, x in reversed(list(zip(self.lateral, self.output, maps))):
+            y = lateral(x)
+            if above is not None:
+                y = y + (above if above.shape[-2:] == y.shape[-2:] else
+                         F.interpolate(above, size=y.shape[-2:], mode="nearest"))
+            above = y
+            out.append(output(y))
+        return out[::-1]
+
+
 class SingleLevel(nn.Module):
     """`--neck none`: the map alone, projected to C channels (1x1 conv + LayerNorm2d)."""
 
@@ -143,25 +181,44 @@ class DenseVisionTransformer(VisionTransformer):
         if cfg.num_classes:
             raise ValueError("a DenseVisionTransformer has no classifier: num_classes 0")
         super().__init__(cfg, rt, layers, pre_process, post_process)
+        self.neck_kind = neck
+        if neck == "fpn" and cfg.feature_layer_list()[-1:] != [cfg.num_layers - 1]:
+            raise ValueError("--neck fpn: the last block must be among --feature-layers")
         if post_process:
             self.map_head = None
-            self.neck = (SimpleFeaturePyramid(cfg.hidden_size, neck_channels)
-                         if neck == "simple-pyramid" else SingleLevel(cfg.hidden_size,
-                                                                      neck_channels))
-            levels = len(PYRAMID_SCALES) if neck == "simple-pyramid" else 1
+            h, features = cfg.hidden_size, cfg.feature_layer_list()
+            if neck == "fpn":
+                self.feature_norms = nn.ModuleDict({
+                    str(l): norm_from_config(cfg, h, rt.layernorm_impl) for l in features[:-1]})
+                self.neck = FeaturePyramidNetwork(h, neck_channels, len(features))
+                levels = len(features)
+            elif neck == "simple-pyramid":
+                self.neck, levels = SimpleFeaturePyramid(h, neck_channels), len(PYRAMID_SCALES)
+            else:
+                self.neck, levels = SingleLevel(h, neck_channels), 1
             self.decode_head = SegmentationDecoder(neck_channels, decoder_channels, levels,
                                                    num_classes)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens [s, b, h] -> the normed patch map [b, h, gh, gw] (class token dropped)."""
-        gh, gw = self.cfg.grid_at(self.cfg.num_layers)       # after any merges
-        x = self.norm(x)[x.shape[0] - gh * gw:]
-        return x.permute(1, 2, 0).reshape(x.shape[1], x.shape[2], gh, gw)
+        return self.token_map(self.norm(x), self.cfg.num_layers)     # after any merges
 
-    def output(self, x: torch.Tensor, apply_head: bool = True) -> torch.Tensor:
-        """Tokens [s, b, h] -> logits [b, K, H, W] at the input resolution (the pyramid's
-        list of levels when not `apply_head`)."""
-        features = self.neck(self.feature_map(x))
+    def feature_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The --feature-layers outputs (all tokens [s_l, b, h] each, in block order) ->
+        normed maps [b, h, g_l, g_l]: the last block's by the final norm, the others by
+        their own."""
+        layers = self.cfg.feature_layer_list()
+        return [self.token_map((self.norm if l == layers[-1] else
+                                self.feature_norms[str(l)])(x), l)
+                for x, l in zip(features, layers)]
+
+    def output(self, x: torch.Tensor, apply_head: bool = True,
+               features: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Tokens [s, b, h] (and with --neck fpn the --feature-layers outputs) -> logits
+        [b, K, H, W] at the input resolution (the neck's list of levels when not
+        `apply_head`)."""
+        features = (self.neck(self.feature_maps(features)) if self.neck_kind == "fpn" else
+                    self.neck(self.feature_map(x)))
         if not apply_head:
             return features
         logits = self.decode_head(features)
@@ -194,8 +251,14 @@ def dense_head_flops(cfg: ModelConfig, neck: str, neck_channels: int, decoder_ch
     """Matmul / convolution FLOPs (2 per multiply-add) of the neck and decoder for
     `batch_size` images (backward 2x the forward when `training`); norms, pooling and
     interpolation not counted."""
-    gh, gw = cfg.grid_at(cfg.num_layers)
     h, C, D = cfg.hidden_size, neck_channels, decoder_channels
+    if neck == "fpn":       # lateral 1x1, output 3x3 and the decoder's 3x3 per level
+        sizes = [math.prod(cfg.grid_at(l)) for l in cfg.feature_layer_list()]
+        total = sum(2 * g * (h * C + 9 * C * C + 9 * C * D) for g in sizes)
+        total += 2 * max(sizes) * D * num_classes
+        forward = int(batch_size * total)
+        return 3 * forward if training else forward
+    gh, gw = cfg.grid_at(cfg.num_layers)
     g = gh * gw
     scales = PYRAMID_SCALES if neck == "simple-pyramid" else (1.0,)
     total = 0

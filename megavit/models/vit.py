@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,12 @@ class VisionTransformer(nn.Module):
     Hidden states are [s, b, h], or with sequence parallelism this rank's [s_p/t, b, h] of
     the sequence padded to s_p, a multiple of t (padded keys are masked in attention).
     `sample_ids` ([b] global image ids) key the drop-path masks in training.
+
+    --feature-layers: the outputs of those blocks (before a merge after them) travel with
+    the hidden states. A part that does not pool sends one tensor along dim 0,
+    [hidden states; feature of the first listed block held so far; ...], each segment
+    [s_l, b, h] (SP: this rank's [s_l,p/t, b, h] of it padded); the next part splits it
+    (`split_received`). The last part hands the features, gathered, to `output`.
     """
 
     def __init__(self, cfg: ModelConfig, rt: Runtime, layers: range | None = None,
@@ -185,6 +192,13 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pad_mask", torch.empty(self.padded_length, self.padded_length),
                                  persistent=False)
         self.input_length = s
+        # --feature-layers: those caught here, and those every part before caught
+        features = cfg.feature_layer_list()
+        self.catch = frozenset(l for l in features if l in layers)
+        self.carried_in = [l for l in features if l < first]
+        self.feature_lengths = {l: cfg.at_layer(l).seq_length for l in features if l < after}
+        self.received_tokens = self.local_tokens(s) + sum(
+            self.local_tokens(self.feature_lengths[l]) for l in self.carried_in)
         # the padding masks of the shorter sequences after merges (SP): buffers, like pad_mask
         self.merged_lengths = sorted({self.lengths[i] for i in layers} - {s})
         for length in self.merged_lengths if rt.sequence_parallel else ():
@@ -220,6 +234,12 @@ class VisionTransformer(nn.Module):
             if self.head is not None:
                 set_init(self.head.weight, trunc_normal(cfg.init_method_std))
                 set_init(self.head.bias, constant(0.0))
+
+    def local_tokens(self, length: int) -> int:
+        """Rows this rank holds of a sequence of `length` tokens: all of them, or with SP
+        its shard of the sequence padded to a multiple of t."""
+        t = self.rt.tp.size
+        return -(-length // t) if self.rt.sequence_parallel else length
 
     def init_buffers(self) -> None:
         """Fill non-learned buffers (called by initialize_parameters after materialising)."""
@@ -283,18 +303,33 @@ class VisionTransformer(nn.Module):
         return x[0]
 
     def _run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None,
-                    sample_ids: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+                    sample_ids: torch.Tensor | None, start: int, stop: int,
+                    catch: frozenset = frozenset(),
+                    caught: list | None = None) -> torch.Tensor:
         """Blocks [start, stop) of this part (local positions), each followed by its
-        merge if it has one. `mask`: the padding mask of this part's input; after a merge
+        merge if it has one; the outputs of the blocks in `catch` (before their merge) are
+        appended to `caught`. `mask`: the padding mask of this part's input; after a merge
         each block gets the mask of its own sequence length."""
         for name, block in list(self.blocks.items())[start:stop]:
             layer = int(name)
             if self.merges:
                 mask = self._mask_of(layer, x)
             x = block(x, ForwardContext(mask, sample_ids))
+            if layer in catch:
+                caught.append(x)
             if name in self.merges:
                 x = self.merge(x, layer)
         return x
+
+    def _region(self, x: torch.Tensor, mask: torch.Tensor | None,
+                sample_ids: torch.Tensor | None, start: int, stop: int,
+                catch: frozenset) -> torch.Tensor | tuple:
+        """A recomputed region: `_run_blocks`' output, with the features caught in it after
+        it as a tuple (None for a feature that is the output itself: an autograd function
+        returns each tensor once)."""
+        caught: list = []
+        y = self._run_blocks(x, mask, sample_ids, start, stop, catch, caught)
+        return (y, *(None if f is y else f for f in caught)) if caught else y
 
     def _mask_of(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """The padding mask of block `layer`'s input `x` (this rank's shard under SP)."""
@@ -303,23 +338,73 @@ class VisionTransformer(nn.Module):
             return getattr(self, "pad_mask", None)
         return getattr(self, f"pad_mask_{length}", None)
 
-    def run_blocks(self, x: torch.Tensor, sample_ids: torch.Tensor | None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, sample_ids: torch.Tensor | None,
+                   catch: frozenset = frozenset(), caught: list | None = None) -> torch.Tensor:
         """The blocks of this part, with --recompute-granularity full applied: 'uniform'
         keeps only the input of each chunk of N blocks, 'block' only the inputs of the
-        first N blocks, each recomputed on its own."""
+        first N blocks, each recomputed on its own. The outputs of the blocks in `catch`
+        are appended to `caught` in block order."""
         mask = getattr(self, "pad_mask", None)
         rt, n_blocks = self.rt, len(self.blocks)
         if rt.recompute_granularity != "full" or not torch.is_grad_enabled():
-            return self._run_blocks(x, mask, sample_ids, 0, n_blocks)
+            return self._run_blocks(x, mask, sample_ids, 0, n_blocks, catch, caught)
         n = rt.recompute_num_layers
-        if rt.recompute_method == "uniform":
-            for start in range(0, n_blocks, n):
-                x = recompute(self._run_blocks, x, mask, sample_ids, start, start + n, rng=rt.rng)
-            return x
-        for i in range(n_blocks):
-            x = (recompute(self._run_blocks, x, mask, sample_ids, i, i + 1, rng=rt.rng)
-                 if i < n else self._run_blocks(x, mask, sample_ids, i, i + 1))
+        regions = ([(start, start + n, True) for start in range(0, n_blocks, n)]
+                   if rt.recompute_method == "uniform" else
+                   [(i, i + 1, i < n) for i in range(n_blocks)])
+        for start, stop, recomputed in regions:
+            if not recomputed:
+                x = self._run_blocks(x, mask, sample_ids, start, stop, catch, caught)
+                continue
+            out = recompute(self._region, x, mask, sample_ids, start, stop, catch, rng=rt.rng)
+            if isinstance(out, tuple):
+                x = out[0]
+                caught.extend(x if f is None else f for f in out[1:])
+            else:
+                x = out
         return x
+
+    def split_received(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """What this part received -> (hidden states, [the features carried in]): views
+        of the segments along dim 0 (see the class docstring)."""
+        if not self.carried_in:
+            return x, []
+        sizes = [self.local_tokens(self.input_length),
+                 *(self.local_tokens(self.feature_lengths[l]) for l in self.carried_in)]
+        x, *features = torch.split(x, sizes)
+        return x, features
+
+    def gather_tokens(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Block `layer`'s output as held here -> all its tokens [s_l, b, h] (with SP
+        gathered over TP, padding dropped)."""
+        if not self.rt.sequence_parallel:
+            return x
+        length = self.cfg.at_layer(layer).seq_length
+        return gather_from_sequence_parallel(x, self.rt.tp)[:length]
+
+    def token_map(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Block `layer`'s tokens [s_l, b, h] (layer = num_layers: the last block's output
+        after any merge) -> its patch map [b, h, gh, gw] (a class token dropped)."""
+        gh, gw = self.cfg.grid_at(layer)
+        x = x[x.shape[0] - gh * gw:]
+        return x.permute(1, 2, 0).reshape(x.shape[1], x.shape[2], gh, gw)
+
+    @torch.no_grad()
+    def forward_intermediates(self, images: torch.Tensor,
+                              layers: Sequence[int]) -> list[torch.Tensor]:
+        """The outputs of blocks `layers` (before a merge after them; not normed) for images
+        [b, c, H, W], as maps [b, h, gh_l, gw_l] in the order of `layers`. A whole model
+        only (one pipeline stage); under TP / SP every rank returns the whole maps."""
+        if not (self.pre_process and self.post_process):
+            raise ValueError("forward_intermediates needs the whole model on this rank "
+                             "(pipeline parallel size 1)")
+        if bad := [l for l in layers if not 0 <= l < self.cfg.num_layers]:
+            raise ValueError(f"block(s) {bad} outside 0..{self.cfg.num_layers - 1}")
+        x = self.scatter_sequence(self.embed(images))
+        caught: list[torch.Tensor] = []
+        self.run_blocks(x, None, frozenset(layers), caught)
+        by_layer = dict(zip(sorted(set(layers)), caught))
+        return [self.token_map(self.gather_tokens(by_layer[l], l), l) for l in layers]
 
     def forward(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None,
                 block_meter: contextlib.AbstractContextManager | None = None,
@@ -328,16 +413,23 @@ class VisionTransformer(nn.Module):
         SavedTensorMeter measuring their activations). `apply_head` False: the last part
         returns the pooled features [b, h] even when there is a classifier."""
         if self.pre_process:
-            x = self.scatter_sequence(self.embed(x))
+            x, features = self.scatter_sequence(self.embed(x)), []
+        else:
+            x, features = self.split_received(x)
         with block_meter if block_meter is not None else contextlib.nullcontext():
-            x = self.run_blocks(x, sample_ids)
+            x = self.run_blocks(x, sample_ids, self.catch, features)
         if self.post_process:
-            x = self.output(self.gather_sequence(x), apply_head)
-        return x
+            layers = sorted(self.feature_lengths)
+            return self.output(self.gather_sequence(x), apply_head,
+                               [self.gather_tokens(f, l) for f, l in zip(features, layers)])
+        return torch.cat([x, *features]) if features else x
 
-    def output(self, x: torch.Tensor, apply_head: bool = True) -> torch.Tensor:
+    def output(self, x: torch.Tensor, apply_head: bool = True,
+               features: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """The last part's output from all tokens [s, b, h]: pooled features [b, h], or
-        logits [b, classes] through the classifier when there is one and `apply_head`."""
+        logits [b, classes] through the classifier when there is one and `apply_head`.
+        `features`: the --feature-layers outputs, all tokens [s_l, b, h] each (a dense
+        head's; the classifier does not read them)."""
         x = self.pool(x)
         return self.head(x) if self.head is not None and apply_head else x
 

@@ -53,11 +53,10 @@ class NonFiniteError(RunFailure, RuntimeError):
 def activation_shape(stage: nn.Module, batch: int, chunk: int = 0) -> tuple[int, int, int]:
     """[tokens, images, width] of the hidden states local chunk `chunk` receives from the
     previous stage: its input's tokens (fewer after a --patch-merge-layers merge), this
-    rank's sequence shard (padded) under sequence parallelism."""
+    rank's sequence shard (padded) under sequence parallelism, and after them the
+    --feature-layers outputs the stages before it hold (`VisionTransformer.received_tokens`)."""
     part = stage.chunks[chunk]
-    rt = part.rt
-    tokens = part.padded_length // rt.tp.size if rt.sequence_parallel else part.input_length
-    return tokens, batch, part.cfg.hidden_size
+    return part.received_tokens, batch, part.cfg.hidden_size
 
 
 def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
