@@ -9,8 +9,9 @@
 Takes the model flags of `megavit.pretrain` and its layout flags. With
 --patch-merge-layers the tokens column gives each stage's input length (per chunk); with
 --feature-layers, "+ n" the tokens of the feature maps the stage receives with them (they
-travel to the last stage for a dense head). Every rank's part is built on the meta device, so even ViT-22B costs no memory. "train state" is fp32 weights,
-gradients and two Adam moments: 16 bytes per parameter held by the rank. A rank "owns" its
+travel to the last stage for a dense head). Every rank's part is built on the meta
+device, so even ViT-22B costs no memory. "train state" is fp32 weights, gradients and two
+Adam moments: 16 bytes per parameter held by the rank. A rank "owns" its
 shards, and the replicated parameters if it is TP rank 0: owned parameters summed over all
 ranks give the serial model's count.
 """

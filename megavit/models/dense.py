@@ -22,8 +22,8 @@ pipeline stage that holds the last block (the feature layers' outputs travel the
 hidden states, see `VisionTransformer`): every TP rank computes them on the same gathered
 tokens, so their gradients are whole on each rank (no collective). No batch statistics:
 every norm is per pixel, so a micro-batch's output does not depend on the layout.
-Parameter names: `neck.*`, `decode_head.*`, `feature_norms.*`, beside the ViT's own (a classifier's backbone
-loads into a segmentation model unchanged).
+Parameter names: `neck.*`, `decode_head.*`, `feature_norms.*`, beside the ViT's own (a
+classifier's backbone loads into a segmentation model unchanged).
 """
 
 from __future__ import annotations
