@@ -75,30 +75,28 @@ def _check_model(model: ModelConfig) -> list[str]:
             + _check_feature_layers(model))
 
 
+def _block_indices(flag: str, parse, num_layers: int) -> tuple[list[int], list[str]]:
+    """(the indices `parse()` gives, problems): not integers, or outside 0..num_layers-1."""
+    try:
+        layers = parse()
+    except ValueError:
+        return [], [f"{flag!r}: expected block indices separated by commas, e.g. 1,3"]
+    if bad := [i for i in layers if not 0 <= i < num_layers]:
+        return [], [f"{flag}: block(s) {', '.join(map(str, bad))} outside "
+                    f"0..{num_layers - 1}"]
+    return layers, []
+
+
 def _check_feature_layers(model: ModelConfig) -> list[str]:
     """--feature-layers: block indices."""
-    flag = f"--feature-layers {model.feature_layers}"
-    try:
-        layers = model.feature_layer_list()
-    except ValueError:
-        return [f"{flag!r}: expected block indices separated by commas, e.g. 1,3"]
-    if bad := [i for i in layers if not 0 <= i < model.num_layers]:
-        return [f"{flag}: block(s) {', '.join(map(str, bad))} outside "
-                f"0..{model.num_layers - 1}"]
-    return []
+    return _block_indices(f"--feature-layers {model.feature_layers}",
+                          model.feature_layer_list, model.num_layers)[1]
 
 
 def _check_merges(model: ModelConfig) -> list[str]:
     """--patch-merge-layers: block indices, each merging an even grid."""
     flag = f"--patch-merge-layers {model.patch_merge_layers}"
-    try:
-        layers = model.merge_layers()
-    except ValueError:
-        return [f"{flag!r}: expected block indices separated by commas, e.g. 1,3"]
-    if bad := [i for i in layers if not 0 <= i < model.num_layers]:
-        return [f"{flag}: block(s) {', '.join(map(str, bad))} outside "
-                f"0..{model.num_layers - 1}"]
-    problems = []
+    layers, problems = _block_indices(flag, model.merge_layers, model.num_layers)
     for layer in layers:
         gh, gw = model.grid_at(layer)
         if gh % 2 or gw % 2 or gh < 2 or gw < 2:
