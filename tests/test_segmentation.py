@@ -13,8 +13,9 @@ data/segmentation.py).
   distributed optimizer; a run saved and resumed at PP=2 equals the uninterrupted one,
   and its state continues in one process like the serial run (resharding).
   The same for a model with --patch-merge-layers (65 -> 17 -> 5 tokens; at PP=2 one merge
-  at the stage boundary, one inside a stage), read by --neck fpn at every block (TP=2 + SP,
-  PP=2 with full recomputation and interleaved: the maps travel between stages).
+  at the stage boundary, one inside a stage), and the same stack read by --neck fpn at
+  every block (TP=2 + SP, PP=2 with full recomputation and interleaved: the maps travel
+  between stages; forward_intermediates under TP=2 + SP equals the serial maps).
 - Patch merging equals its rule written plainly (token order, class token); an odd grid
   is refused naming the flag; exports refuse a merged model.
 - Flags: classification data, MAP pooling and augmentations are refused for segmentation,
@@ -69,7 +70,7 @@ PP2_INTERLEAVED = {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pi
 DISTOPT = {"use_distributed_optimizer": True, "ddp_bucket_size": 3000}
 # name: (world, tp, pp, [(model, parallel flags)])
 LAYOUTS = {"tp2": (2, 2, 1, [("gap", {}), ("gap", SP_SELECTIVE), ("merge", {}),
-                             ("fpn", SP_SELECTIVE)]),
+                             ("merge", SP_SELECTIVE), ("fpn", SP_SELECTIVE)]),
            "pp2": (2, 1, 2, [("cls", PP2_FULL), ("fpn", PP2_FULL), ("fpn", PP2_INTERLEAVED)]),
            "dp2": (2, 1, 1, [("gap", DISTOPT), ("merge", DISTOPT)])}
 

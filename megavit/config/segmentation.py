@@ -35,8 +35,8 @@ class SegmentationConfig:
                      "2x, 1x and 1/2 its resolution by transposed convolutions, identity and "
                      "max-pooling), 'fpn' (for a stack with --patch-merge-layers: a feature "
                      "pyramid network over the maps of --feature-layers, by default the block "
-                     "before each merge and the last block) or 'none' (the last block's map "
-                     "alone).",
+                     "before each merge and the last block; without merges every level has "
+                     "the same resolution) or 'none' (the last block's map alone).",
                      choices=("simple-pyramid", "fpn", "none")))
     neck_channels: int = field(
         default=256, metadata=opt("Channels of every pyramid level (ViTDet: 256)."))

@@ -22,8 +22,8 @@ pipeline stage that holds the last block (the feature layers' outputs travel the
 hidden states, see `VisionTransformer`): every TP rank computes them on the same gathered
 tokens, so their gradients are whole on each rank (no collective). No batch statistics:
 every norm is per pixel, so a micro-batch's output does not depend on the layout.
-Parameter names: `neck.*`, `decode_head.*`, `feature_norms.*`, beside the ViT's own (a
-classifier's backbone loads into a segmentation model unchanged).
+Parameter names: `neck.*`, `decode_head.*`, `feature_norms.*`, beside the ViT's own (the
+backbone's names are a classifier's).
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ class DenseVisionTransformer(VisionTransformer):
             self.map_head = None
             h, features = cfg.hidden_size, cfg.feature_layer_list()
             if neck == "fpn":
+                self.reads_hidden_states = False     # not gathered under SP
                 self.feature_norms = nn.ModuleDict({
                     str(l): norm_from_config(cfg, h, rt.layernorm_impl) for l in features[:-1]})
                 self.neck = FeaturePyramidNetwork(h, neck_channels, len(features))

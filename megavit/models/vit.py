@@ -192,6 +192,7 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pad_mask", torch.empty(self.padded_length, self.padded_length),
                                  persistent=False)
         self.input_length = s
+        self.reads_hidden_states = True       # False: the head reads only the features
         # --feature-layers: those caught here, and those every part before caught
         features = cfg.feature_layer_list()
         self.catch = frozenset(l for l in features if l in layers)
@@ -393,16 +394,22 @@ class VisionTransformer(nn.Module):
     def forward_intermediates(self, images: torch.Tensor,
                               layers: Sequence[int]) -> list[torch.Tensor]:
         """The outputs of blocks `layers` (before a merge after them; not normed) for images
-        [b, c, H, W], as maps [b, h, gh_l, gw_l] in the order of `layers`. A whole model
-        only (one pipeline stage); under TP / SP every rank returns the whole maps."""
+        [b, c, H, W], as maps [b, h, gh_l, gw_l] in the order of `layers`, computed in eval
+        mode (no dropout or drop-path; the module's mode is restored). A whole model only
+        (one pipeline stage); under TP / SP every rank returns the whole maps."""
         if not (self.pre_process and self.post_process):
             raise ValueError("forward_intermediates needs the whole model on this rank "
                              "(pipeline parallel size 1)")
         if bad := [l for l in layers if not 0 <= l < self.cfg.num_layers]:
             raise ValueError(f"block(s) {bad} outside 0..{self.cfg.num_layers - 1}")
-        x = self.scatter_sequence(self.embed(images))
-        caught: list[torch.Tensor] = []
-        self.run_blocks(x, None, frozenset(layers), caught)
+        training = self.training
+        self.eval()
+        try:
+            x = self.scatter_sequence(self.embed(images))
+            caught: list[torch.Tensor] = []
+            self.run_blocks(x, None, frozenset(layers), caught)
+        finally:
+            self.train(training)
         by_layer = dict(zip(sorted(set(layers)), caught))
         return [self.token_map(self.gather_tokens(by_layer[l], l), l) for l in layers]
 
@@ -420,7 +427,9 @@ class VisionTransformer(nn.Module):
             x = self.run_blocks(x, sample_ids, self.catch, features)
         if self.post_process:
             layers = sorted(self.feature_lengths)
-            return self.output(self.gather_sequence(x), apply_head,
+            if self.reads_hidden_states:
+                x = self.gather_sequence(x)
+            return self.output(x, apply_head,
                                [self.gather_tokens(f, l) for f, l in zip(features, layers)])
         return torch.cat([x, *features]) if features else x
 
