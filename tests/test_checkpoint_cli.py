@@ -53,6 +53,14 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
                + records(tmp_path / "b.jsonl", "train")}
     assert resumed == expected
     assert records(tmp_path / "b.jsonl", "eval")[-1] == records(tmp_path / "s.jsonl", "eval")[-1]
+    # --eval-only reproduces the saving run's last eval line and writes no checkpoint
+    before = sorted(p.name for p in save.rglob("*"))
+    only = pretrain("--train-iters", "6", "--load", str(save), "--eval-only",
+                    "--metrics-file", str(tmp_path / "e.jsonl"))
+    assert only.returncode == 0, only.stdout + only.stderr
+    assert records(tmp_path / "e.jsonl", "eval") == [records(tmp_path / "b.jsonl", "eval")[-1]]
+    assert not records(tmp_path / "e.jsonl", "train")
+    assert sorted(p.name for p in save.rglob("*")) == before
 
 
 def test_checkpoint_flag_mistakes_exit_2(tmp_path):
@@ -61,6 +69,13 @@ def test_checkpoint_flag_mistakes_exit_2(tmp_path):
         in proc.stderr
     proc = pretrain("--train-iters", "1", "--load", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "no such directory" in proc.stderr
+    proc = pretrain("--eval-only", "--save", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "add --load" in proc.stderr and \
+        "--save with --eval-only" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = pretrain("--eval-only", "--load", str(tmp_path / "empty"))
+    assert proc.returncode == 2 and "holds no checkpoint to evaluate" in proc.stderr, \
+        proc.stdout + proc.stderr
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_each_field(tmp_path):

@@ -130,6 +130,25 @@ def serial(model: str, layers: int):
     return steps_and_eval(serial_state(), seg_config(model, layers=layers))
 
 
+def saved_serial_run(path: str) -> dict:
+    """A serial 'gap' run trained two steps and saved to `path`; its evaluation."""
+    from megavit.checkpointing.checkpointer import save_checkpoint
+
+    run = segmentation_run(seg_config("gap"), serial_state())
+    _steps(run, 0, 2)
+    save_checkpoint(run, path, 2, 0, lambda line: None)
+    return run.evaluate()
+
+
+def evaluate_only_job(pstate, cfg: SegmentationRunConfig) -> dict:
+    """--eval-only at this layout: the summary of `evaluate_only`."""
+    from megavit.training.loop import evaluate_only
+    from megavit.training.metrics import MetricsLogger
+
+    run = segmentation_run(cfg, pstate)
+    return evaluate_only(run, MetricsLogger(cfg.base.logging, False, 0))
+
+
 @functools.lru_cache(maxsize=None)
 def layout_results(name: str, state_dir: str) -> dict:
     """Every job of layout `name` in one gloo process group (run once per module)."""
@@ -139,7 +158,15 @@ def layout_results(name: str, state_dir: str) -> dict:
             for i, (model, parallel) in enumerate(variants)}
     if pp > 1:
         jobs["resume"] = (resumed_and_straight, (f"{state_dir}/state",))
-    return run_distributed(world, tp, jobs, pp=pp)
+    expected = None
+    if name == "tp2":     # --eval-only of a serial checkpoint at TP=2 + SP
+        expected = saved_serial_run(f"{state_dir}/serial")
+        cfg = seg_config("gap", tp, SP_SELECTIVE)
+        cfg.base.checkpoint = dataclasses.replace(cfg.base.checkpoint,
+                                                  load=f"{state_dir}/serial", eval_only=True)
+        jobs["eval_only"] = (evaluate_only_job, (cfg,))
+    results = run_distributed(world, tp, jobs, pp=pp)
+    return {**results, "eval_only_expected": expected}
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +199,11 @@ def test_segmentation_trains_and_evaluates_as_the_serial_run(layout):
             for key in ("eval_loss", "eval_miou", "eval_pixel_accuracy"):
                 assert evaluation[key] == pytest.approx(ref["eval"][key], rel=1e-4, abs=1e-6), \
                     f"{what} {key}"
+    for r in results.get("eval_only", []):       # a serial checkpoint at TP=2 + SP
+        want = results["eval_only_expected"]
+        assert r["iteration"] == 2
+        for key in ("eval_loss", "eval_miou", "eval_pixel_accuracy"):
+            assert r[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     for r in results.get("resume", []):
         assert r["start"] == 2 and r["resumed_losses"] == r["losses"]
         for key, w in r["straight"].items():

@@ -68,10 +68,23 @@ def meta_model(cfg: "ModelConfig", tp: int) -> nn.Module:
         return VisionTransformer(cfg, Runtime(tp=group))
 
 
+def dense_meta_model(cfg: "ModelConfig", seg: dict, tp: int) -> nn.Module:
+    """A segmentation checkpoint's model (the ViT, its neck and decoder; `seg`: the
+    description's "segmentation" section) on the meta device, as TP rank 0 of `tp`."""
+    from megavit.models.dense import DenseVisionTransformer
+    from megavit.models.transformer import Runtime
+    from megavit.parallel.comm import CommStats, Group
+
+    group = Group("tp", tuple(range(tp)), 0, None, CommStats())
+    with torch.device("meta"):
+        return DenseVisionTransformer(cfg, Runtime(tp=group), seg["num_classes"], seg["neck"],
+                                      seg["neck_channels"], seg["decoder_channels"])
+
+
 def serial_meta_model(info: dict, tp: int) -> nn.Module:
-    """The model a checkpoint description (`megavit_config.json`: "model", and for a
-    two-tower run "text" and "contrastive") describes, on the meta device, as TP rank 0 of
-    `tp` builds it."""
+    """The model a checkpoint description (`megavit_config.json`: "model", for a
+    two-tower run "text" and "contrastive", for a segmentation run "segmentation")
+    describes, on the meta device, as TP rank 0 of `tp` builds it."""
     from megavit.checkpointing.errors import CheckpointLoadError
 
     try:
@@ -84,6 +97,8 @@ def serial_meta_model(info: dict, tp: int) -> nn.Module:
 def _serial_meta_model(info: dict, tp: int) -> nn.Module:
     from megavit.config import ModelConfig
 
+    if "segmentation" in info:
+        return dense_meta_model(ModelConfig(**info["model"]), info["segmentation"], tp)
     if "text" not in info:
         return meta_model(ModelConfig(**info["model"]), tp)
     from megavit.config import TextConfig, section_from_dict

@@ -370,6 +370,12 @@ class CheckpointConfig:
                      "(the --load = --save restart pattern); a directory holding anything "
                      "else is an error."),
     )
+    eval_only: bool = field(
+        default=False,
+        metadata=opt("Evaluate --load's checkpoint on the held-out split and exit: no "
+                     "training and no checkpoint written (the eval line and the summary go "
+                     "to the logs and any --metrics-file). Any layout loads any saved one."),
+    )
     finetune: bool = field(
         default=False,
         metadata=opt("With --load: load the weights only; the optimizer, loss scaler, "

@@ -286,6 +286,14 @@ def _check_checkpoint(ck: CheckpointConfig) -> list[str]:
     if ck.exit_duration_in_mins is not None and ck.exit_duration_in_mins <= 0:
         problems.append(f"--exit-duration-in-mins must be positive (got "
                         f"{ck.exit_duration_in_mins})")
+    if ck.eval_only:
+        if not ck.load:
+            problems.append("--eval-only evaluates the checkpoint of --load DIR; add --load")
+        for flag, value in (("--save", ck.save), ("--finetune", ck.finetune),
+                            ("--pretrained-checkpoint", ck.pretrained_checkpoint)):
+            if value:
+                problems.append(f"{flag} with --eval-only: an evaluation trains nothing and "
+                                "writes no checkpoint; drop one of them")
     if ck.finetune and not ck.load:
         problems.append("--finetune loads the weights of --load DIR; add --load (or use "
                         "--pretrained-checkpoint DIR)")

@@ -17,7 +17,9 @@ from typing import Any, Iterator
 
 import torch
 
-from megavit.checkpointing.checkpointer import resume, save_checkpoint
+from megavit.checkpointing.checkpointer import (CheckpointDirectoryError, checkpoint_to_load,
+                                                resume, resume_training_state,
+                                                save_checkpoint)
 from megavit.checkpointing.directory import CheckpointDirectory
 from megavit.errors import StoppedBySignal
 from megavit.parallel.schedules import build_schedule, format_schedule, theoretical_bubble
@@ -238,6 +240,26 @@ def finished_run(run: Run, log: MetricsLogger, iteration: int) -> dict[str, Any]
     return summary
 
 
+def evaluate_only(run: Run, log: MetricsLogger) -> dict[str, Any]:
+    """--eval-only: load --load's checkpoint (any saved layout, resharded), evaluate it on
+    the held-out split, log the eval line and the summary; nothing is written to disk."""
+    load = run.cfg.checkpoint.load
+    latest = checkpoint_to_load("--load", load, log.info)
+    if latest is None:
+        raise CheckpointDirectoryError(f"--eval-only: --load {load} holds no checkpoint to "
+                                       "evaluate (missing or empty directory)")
+    iteration = resume_training_state(run, latest, log.info)
+    evaluation = run.evaluate()
+    if evaluation:
+        log.eval({"iteration": iteration, **evaluation})
+    else:
+        log.info("--eval-only: this run has no held-out split to evaluate on")
+    summary = {"iteration": iteration, "trained_iterations": 0,
+               **run.task.summary_fields(evaluation)}
+    log.summary(summary)
+    return summary
+
+
 def train(run: Run, log: MetricsLogger, stop: StopRequests) -> dict[str, Any]:
     """The loop over iterations [resumed, --train-iters); returns the summary metrics
     (raises StoppedBySignal after saving when SIGTERM / SIGINT stopped it). `stop` is
@@ -251,6 +273,8 @@ def train(run: Run, log: MetricsLogger, stop: StopRequests) -> dict[str, Any]:
     last: dict[str, Any] = {}
     paused = 0.0        # seconds spent evaluating and saving, kept out of the throughput
     memory_logged = False
+    if checkpoint.eval_only:
+        return evaluate_only(run, log)
     if checkpoint.save and run.pstate.is_main:   # what a killed save left behind
         CheckpointDirectory(checkpoint.save).remove_staging()
     first = resume(run, checkpoint.load, log.info, checkpoint.finetune,
