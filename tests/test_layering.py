@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": _BASE | {"config", "parallel", "models", "data", "checkpointing"},
     "tasks": _BASE | {"config", "parallel", "models", "data", "checkpointing", "training"},
 }
-ENTRY_POINTS = {"pretrain", "pretrain_contrastive", "segment", "run_entry"}
+ENTRY_POINTS = {"pretrain", "pretrain_contrastive", "segment", "predict", "run_entry"}
 
 
 def module_name(path: Path) -> str:

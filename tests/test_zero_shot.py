@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +75,20 @@ def test_zero_shot_tool_on_a_trained_checkpoint(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"| images {written} | classes 3" in out.stdout
 
+    # megavit.predict on the same folder: its top-1 labels give the tool's accuracy
+    accuracy = float(out.stdout.split("zero_shot | accuracy ")[1].split()[0])
+    records = tmp_path / "predicted.jsonl"
+    predicted = cli.run([sys.executable, "-m", "megavit.predict", str(save), "--image-folder",
+                         str(tmp_path / "folder"), "--labels", *names, "--templates",
+                         "a handwritten digit {}.", "the digit {}", "--top-k", "3",
+                         "--output", str(records)], capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    rows = [json.loads(x) for x in records.read_text().splitlines()]
+    assert len(rows) == written
+    for row in rows:     # CLIP: a softmax over the three labels
+        assert sum(e["probability"] for e in row["top_k"]) == pytest.approx(1, abs=1e-5)
+    hits = sum(row["top_k"][0]["label"] == row["image"].split("/")[-2] for row in rows)
+    assert round(hits / written, 4) == accuracy
     bad = tool(str(save), "--image-folder", str(tmp_path / "folder"), "--class-names", "a,b")
     assert bad.returncode == 2 and "--class-names gives 2 names for the 3 class folders" \
         in bad.stderr

@@ -93,6 +93,14 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
+def class_names(dataset: str, heldout) -> list[str]:
+    """The class names a dataset knows: an image folder's sub-folder names, the digits'
+    '0'..'9'; empty otherwise (shards, synthetic data)."""
+    if dataset in ("digits", "mnist5k", "mnist-canvas"):
+        return [str(k) for k in range(10)]
+    return [str(c) for c in getattr(heldout, "classes", None) or []]
+
+
 class ClassificationTask:
     """A ViT classifier trained with cross-entropy on an image dataset."""
 
@@ -255,6 +263,8 @@ class ClassificationTask:
         out = {"model": dataclasses.asdict(self.config.model)}
         if self.heldout.preprocessing is not None:     # how evaluation reads an image
             out["preprocessing"] = self.heldout.preprocessing.to_dict()
+        if names := class_names(self.config.data.dataset, self.heldout):
+            out["classes"] = {"names": names}          # for megavit.predict's output
         return out
 
     def checkpoint_files(self) -> dict[str, bytes]:

@@ -1,0 +1,122 @@
+"""A checkpoint's model for inference, in one process on the CPU, whatever layout saved it.
+
+    loaded = load_for_inference(Path("runs/quickstart/ckpt"))   # a --save dir or iter_N/
+    loaded.kind            # "classifier", "segmentation" or "two-tower"
+    x = loaded.preprocessing.normalise(read_pixels(path, loaded.preprocessing)[None])
+    logits = loaded.model(x)
+
+The kind comes from the checkpoint's description (`megavit_config.json`): a "text" section
+makes it a two-tower model (its tokenizer is loaded from beside the weights), a
+"segmentation" section a ViT with a dense head, otherwise a ViT classifier (one without a
+classifier, --num-classes 0, is a feature extractor). The weights are read through the same
+piece check as a resumed run (a tensor that does not fit names itself; nothing half-loaded),
+resharded from any saved TP / PP layout. The preprocessing is the one the checkpoint
+records (a note says what is assumed for a checkpoint written before megavit recorded it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
+from megavit.checkpointing.model_config import read_checkpoint_info
+from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
+                                               check_pieces, load_state, model_state_dict)
+from megavit.checkpointing.pieces import serial_meta_model
+from megavit.config import ModelConfig, TextConfig, section_from_dict
+from megavit.data.preprocessing import Preprocessing, checkpoint_preprocessing
+from megavit.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_for_text_tower
+
+KINDS = ("classifier", "segmentation", "two-tower")
+
+
+@dataclass
+class InferenceModel:
+    """What `load_for_inference` returns: the model in eval mode and what reading it needs."""
+
+    kind: str                          # one of KINDS
+    model: nn.Module
+    info: dict                         # the checkpoint's description
+    checkpoint: Path                   # the iter_N/ directory read
+    preprocessing: Preprocessing
+    note: str | None = None            # an assumption about the preprocessing, if any
+    tokenizer: Tokenizer | None = None
+    class_names: list[str] = field(default_factory=list)   # empty when it does not know
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.info["model"])
+
+
+def checkpoint_kind(info: dict) -> str:
+    """"two-tower", "segmentation" or "classifier" from a checkpoint description."""
+    if "text" in info:
+        return "two-tower"
+    return "segmentation" if "segmentation" in info else "classifier"
+
+
+def load_for_inference(path: Path, tokenizer_model: str | None = None) -> InferenceModel:
+    """The model of the checkpoint at `path` (a checkpoint or the latest of a --save
+    directory), its weights loaded, in eval mode; CheckpointLoadError /
+    CheckpointDirectoryError (UserErrors) naming what is wrong."""
+    import torch
+
+    from megavit.models.transformer import Runtime
+    from megavit.parallel.sharding import initialize_parameters
+    from megavit.parallel.state import serial_state
+
+    checkpoint = resolve_checkpoint(path)
+    info = read_checkpoint_info(checkpoint)
+    kind = checkpoint_kind(info)
+    cfg = ModelConfig(**info["model"])
+    pstate = serial_state()
+    rt = Runtime(tp=pstate.tp)
+    tokenizer, names = None, list(info.get("classes", {}).get("names", []))
+    if kind == "two-tower":
+        model, tokenizer = _two_tower(info, cfg, rt, checkpoint, tokenizer_model)
+    elif kind == "segmentation":
+        from megavit.models.dense import DenseVisionTransformer
+
+        seg = info["segmentation"]
+        with torch.device("meta"):
+            model = DenseVisionTransformer(cfg, rt, seg["num_classes"], seg["neck"],
+                                           seg["neck_channels"], seg["decoder_channels"])
+        initialize_parameters(model, 0, device="cpu")
+        names = list(seg.get("class_names", names))
+    else:
+        from megavit.models.vit import build_vit
+
+        model = build_vit(cfg, rt, 0)
+    check_loadable(checkpoint)
+    check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
+    load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
+               checkpoint, pstate, f"{kind} model")
+    pre, note = checkpoint_preprocessing(info, cfg, str(checkpoint / CONFIG_FILE))
+    return InferenceModel(kind, model.eval(), info, checkpoint, pre, note, tokenizer, names)
+
+
+def _two_tower(info: dict, cfg: ModelConfig, rt, checkpoint: Path,
+               tokenizer_model: str | None) -> tuple[nn.Module, Tokenizer]:
+    from megavit.models.two_tower import build_two_tower
+
+    text = dict(info["text"])
+    vocab, pad, eos = text.pop("vocab_size"), text.pop("pad_id"), text.pop("eos_id")
+    text_cfg, c = section_from_dict(TextConfig, text), info["contrastive"]
+    tok_path = tokenizer_model or checkpoint / TOKENIZER_FILE
+    tokenizer = load_for_text_tower(tok_path, text_cfg)
+    if tokenizer.vocab_size != vocab:
+        raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} pieces, the checkpoint was "
+                             f"trained with {vocab}")
+    model = build_two_tower(cfg, text_cfg, rt, rt, 0, vocab, pad, eos, c["embed_dim"],
+                            c["loss"], image_projection=c.get("image_projection", True))
+    return model, tokenizer
+
+
+def require_kind(loaded: InferenceModel, *kinds: str, what: str) -> None:
+    """CheckpointLoadError unless the checkpoint is of one of `kinds` (`what` needs it)."""
+    if loaded.kind not in kinds:
+        raise CheckpointLoadError(f"{loaded.checkpoint}: a {loaded.kind} checkpoint; {what} "
+                                  f"needs a {' or '.join(kinds)} one")
