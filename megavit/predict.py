@@ -21,7 +21,8 @@ layout. What is predicted follows the checkpoint:
                   and the classes present with their pixel shares
 
 Images are read as the checkpoint's preprocessing says (decode, resize, crop, normalise as
-in training). One line per image goes to stdout, `predict | images N | unreadable K` at the
+in training); `--img-h H --img-w W` runs a ViT or segmentation model at another size
+(learned position tables resized; the patch, merges and windows must fit it). One line per image goes to stdout, `predict | images N | unreadable K` at the
 end; `--output FILE` writes one JSON object per image. A missing or undecodable image is
 named on stderr and left out (the others are still predicted); with `--strict` it stops the
 run with exit status 2. A directory that holds no checkpoint, a checkpoint that does not
@@ -69,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="stop with exit status 2 at the first missing or unreadable image "
                         "(default: name it on stderr and predict the others)")
+    p.add_argument("--img-h", type=int, metavar="H",
+                   help="run the model on H-pixel-high images instead of its training size "
+                        "(learned position tables resized bicubically; with --img-w)")
+    p.add_argument("--img-w", type=int, metavar="W", help="the width that goes with --img-h")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     return p
 
@@ -220,8 +225,14 @@ def predict(args: argparse.Namespace) -> int:
         raise DataError(f"--top-k {args.top_k} / --batch-size {args.batch_size}: both must "
                         "be at least 1")
     files = image_files(args)
+    if (args.img_h is None) != (args.img_w is None):
+        raise DataError("--img-h and --img-w go together")
     loaded = load_for_inference(Path(args.checkpoint), args.tokenizer_model)
     check_request(args, loaded.kind)
+    if args.img_h is not None:
+        from megavit.checkpointing.inference import at_resolution
+
+        loaded = at_resolution(loaded, args.img_h, args.img_w)
     if loaded.note:
         print(f"predict: warning: {loaded.note}", file=sys.stderr)
     if args.output_dir:

@@ -130,3 +130,33 @@ def test_a_segmentation_checkpoint_writes_label_maps_at_the_image_size(images, t
         assert sum(c["pixel_share"] for c in row["classes"]) == pytest.approx(1, abs=1e-5)
     no_dir = predict(str(save), "--images", str(images / "d0.png"))
     assert no_dir.returncode == 2 and "give --output-dir" in no_dir.stderr
+
+
+def test_another_resolution_resizes_the_positions_and_refuses_what_does_not_fit(classifier,
+                                                                              images, tmp_path):
+    from megavit.checkpointing.inference import at_resolution, load_for_inference
+    from megavit.data.preprocessing import read_pixels
+    from megavit.models.vit import resize_pos_embed
+
+    loaded = load_for_inference(classifier)
+    big = at_resolution(loaded, 32, 24)
+    cfg = big.model_config
+    assert (cfg.img_h, cfg.img_w) == (32, 24) and (big.preprocessing.height,
+                                                   big.preprocessing.width) == (32, 24)
+    if loaded.model_config.position_embedding_type == "learned":
+        want = resize_pos_embed(loaded.model.pos_embed.weight.detach(),
+                                loaded.model_config.grid, cfg.grid)
+        torch.testing.assert_close(big.model.pos_embed.weight.detach(), want)
+    out = tmp_path / "p.jsonl"
+    proc = predict(str(classifier), "--images", str(images / "d2.png"), "--img-h", "32",
+                   "--img-w", "24", "--top-k", "1", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    x = big.preprocessing.normalise(read_pixels(images / "d2.png", big.preprocessing)[None])
+    with torch.no_grad():
+        p = big.model(x).softmax(-1)[0]
+    row = json.loads(out.read_text())
+    assert row["top_k"][0]["index"] == int(p.argmax())
+    assert row["top_k"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-6)
+    bad = predict(str(classifier), "--images", str(images / "d2.png"), "--img-h", "18",
+                  "--img-w", "18")
+    assert bad.returncode == 2 and "--img-h 18 --img-w 18: image 18x18" in bad.stderr

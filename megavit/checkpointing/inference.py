@@ -115,6 +115,59 @@ def _two_tower(info: dict, cfg: ModelConfig, rt, checkpoint: Path,
     return model, tokenizer
 
 
+def at_resolution(loaded: InferenceModel, height: int, width: int) -> InferenceModel:
+    """`loaded` rebuilt for height x width images: learned position tables resized
+    (bicubic: a [g, h] table over the grid, or each learned-2d axis table); sin-cos and
+    rope-2d positions are computed for the new grid. The preprocessing makes the new size.
+    ConfigError naming --img-h / --img-w when the model cannot take it (the patch, a merge
+    or a window must fit)."""
+    import dataclasses
+
+    import torch
+
+    from megavit.config import ConfigError
+    from megavit.config.validation import model_problems
+    from megavit.models.transformer import Runtime
+    from megavit.models.vit import resize_axis_table, resize_pos_embed
+    from megavit.parallel.sharding import initialize_parameters
+    from megavit.parallel.state import serial_state
+
+    old = loaded.model_config
+    if (old.img_h, old.img_w) == (height, width):
+        return loaded
+    if loaded.kind == "two-tower":
+        raise ConfigError("--img-h / --img-w: resizing a two-tower checkpoint's image tower "
+                          "is not supported; its images are resized to "
+                          f"{old.img_h}x{old.img_w}")
+    cfg = dataclasses.replace(old, img_h=height, img_w=width)
+    if problems := model_problems(cfg):
+        raise ConfigError(f"--img-h {height} --img-w {width}: " + "; ".join(problems))
+    rt = Runtime(tp=serial_state().tp)
+    with torch.device("meta"):
+        if loaded.kind == "segmentation":
+            from megavit.models.dense import DenseVisionTransformer
+
+            seg = loaded.info["segmentation"]
+            model = DenseVisionTransformer(cfg, rt, seg["num_classes"], seg["neck"],
+                                           seg["neck_channels"], seg["decoder_channels"])
+        else:
+            from megavit.models.vit import VisionTransformer
+
+            model = VisionTransformer(cfg, rt)
+    initialize_parameters(model, 0, device="cpu")
+    state = loaded.model.state_dict()
+    if "pos_embed.weight" in state:
+        state["pos_embed.weight"] = resize_pos_embed(state["pos_embed.weight"], old.grid,
+                                                     cfg.grid)
+    for key, axis in (("pos_embed.row_weight", 0), ("pos_embed.col_weight", 1)):
+        if key in state:
+            state[key] = resize_axis_table(state[key], cfg.grid[axis])
+    model.load_state_dict(state)
+    info = {**loaded.info, "model": dataclasses.asdict(cfg)}
+    pre = dataclasses.replace(loaded.preprocessing, height=height, width=width)
+    return dataclasses.replace(loaded, model=model.eval(), info=info, preprocessing=pre)
+
+
 def require_kind(loaded: InferenceModel, *kinds: str, what: str) -> None:
     """CheckpointLoadError unless the checkpoint is of one of `kinds` (`what` needs it)."""
     if loaded.kind not in kinds:

@@ -345,6 +345,12 @@ def _check_save_directory(save: str | None) -> list[str]:
     return []
 
 
+def model_problems(model: ModelConfig) -> list[str]:
+    """Everything wrong with a model configuration alone, each naming its flag (empty:
+    nothing), e.g. for a saved model asked to run at another image size."""
+    return _check_model(model) + _check_model_shape(model)
+
+
 def _check_model_shape(model: ModelConfig) -> list[str]:
     """Width by heads, sin-cos width by 4, the image by the patch."""
     problems = []
