@@ -43,13 +43,17 @@ PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
             "recompute_method": "uniform", "recompute_num_layers": 1}
 LAYOUTS = {"tp2": (2, 2, 1, [{}, SP_SELECTIVE]), "pp2": (2, 1, 2, [PP2_FULL])}
 # model: (debug_config variant, window side, attention flags for `layers` blocks);
-# map: vit22b blocks, 5x5 grid, MAP pooling, blocks local-global / linear / window / full;
-# cls: classic blocks with a class token (4x4 grid + 1), window blocks and a global last one
+# map: vit22b blocks, 5x5 grid + 1 register, MAP pooling, blocks local-global / linear /
+# window / full;
+# cls: classic blocks with a class token and 2 registers (4x4 grid + 3), shifted windows
 MODELS = {
+    # (one register: dropped before the MAP pooling, global in the window blocks)
     "map": ("vit22b", 2, lambda layers: dict(
-        attention_type_per_layer="local-global,linear,window,full")),
-    # Swin-shifted windows (every second block) over a padded grid with a class token
-    "cls": ("classic", 3, lambda layers: dict(attention_type="window", window_shift=True)),
+        attention_type_per_layer="local-global,linear,window,full", num_registers=1)),
+    # Swin-shifted windows (every second block) over a padded grid with a class token and
+    # two registers after it
+    "cls": ("classic", 3, lambda layers: dict(attention_type="window", window_shift=True,
+                                              num_registers=2)),
     # rope-2d on window blocks and a global one (25 tokens, MAP); learned-2d with a class token
     "rope": ("vit22b", 3, lambda layers: dict(attention_type="window",
                                                global_attention_layers="1",
@@ -94,12 +98,54 @@ def serial(model: str, layers: int):
     return train_steps(serial_state(), window_config(model, layers=layers))
 
 
+def attention_maps(pstate, cfg) -> dict:
+    """The recorded attention maps (every head, every block) and the MAP probe's of a
+    forward pass over two fixed images, through the pipeline schedule (megavit.interpret)."""
+    from megavit.data.sampler import MicroBatch
+    from megavit.interpret.recording import record_attention
+    from megavit.training.step import run_micro_batches
+
+    run = classification_run(cfg, pstate)
+    run.model.eval()
+    m = cfg.model
+    images = torch.randn(2, m.num_channels, m.img_h, m.img_w,
+                         generator=torch.Generator().manual_seed(5))
+    batch = [MicroBatch(images if run.is_first_stage else None, torch.zeros(2, dtype=torch.long),
+                        torch.arange(2))]
+    with torch.no_grad(), record_attention(run.model) as rec:
+        run_micro_batches(run.model, run.executor, batch, pstate,
+                          lambda mb, logits, labels: logits.new_zeros(()), forward_only=True)
+    return {"maps": rec.maps(pstate.tp, pstate.pp), "probe": rec.probe(pstate.tp, pstate.pp)}
+
+
+@functools.lru_cache(maxsize=None)
+def serial_maps(layers: int) -> dict:
+    return attention_maps(serial_state(), window_config("map", layers=layers))
+
+
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout(request):
     world, tp, pp, variants = LAYOUTS[request.param]
     jobs = {f"{model}{i}": (train_steps, (window_config(model, tp, parallel),))
             for model in MODELS for i, parallel in enumerate(variants)}
+    jobs.update({f"maps{i}": (attention_maps, (window_config("map", tp, parallel),))
+                 for i, parallel in enumerate(variants)})
     return request.param, run_distributed(world, tp, jobs, pp=pp)
+
+
+def test_attention_maps_at_every_layout_equal_the_serial_maps(layout):
+    """Local-global, linear, window and full blocks with MAP pooling: each rank ends with
+    every block's map of every head (gathered over TP, shared over PP) and the probe's,
+    equal to the serial maps."""
+    name, results = layout
+    world, tp, pp, variants = LAYOUTS[name]
+    for i, parallel in enumerate(variants):
+        ref = serial_maps(window_config("map", tp, parallel).model.num_layers)
+        for rank, got in enumerate(results[f"maps{i}"]):
+            assert sorted(got["maps"]) == sorted(ref["maps"]), (name, rank)
+            for layer, want in ref["maps"].items():
+                torch.testing.assert_close(got["maps"][layer], want, rtol=RTOL, atol=1e-6)
+            torch.testing.assert_close(got["probe"], ref["probe"], rtol=RTOL, atol=1e-6)
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "interop": _BASE | {"config", "parallel", "models", "data", "checkpointing"},
     "training": _BASE | {"config", "parallel", "models", "data", "checkpointing"},
     "tasks": _BASE | {"config", "parallel", "models", "data", "checkpointing", "training"},
+    "interpret": _BASE | {"config", "parallel", "models", "data", "checkpointing"},
 }
 ENTRY_POINTS = {"pretrain", "pretrain_contrastive", "segment", "predict", "run_entry"}
 

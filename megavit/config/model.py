@@ -223,6 +223,14 @@ class ModelConfig(TransformerConfig):
             "merged grid."),
     )
 
+    num_registers: int = field(
+        default=0,
+        metadata=opt(
+            "Extra learned tokens (Darcet et al. 2023, 'Vision Transformers Need "
+            "Registers') placed after the class token, before the patches: they attend and "
+            "are attended like a class token (global under window attention) and are dropped "
+            "before pooling."),
+    )
     feature_layers: str = field(
         default="",
         metadata=opt(
@@ -270,10 +278,16 @@ class ModelConfig(TransformerConfig):
                                    patch_merge_layers="", feature_layers="", window_size=window)
 
     @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patch grid: the class token (pooling 'cls'), then the
+        --num-registers registers."""
+        return (1 if self.pooling == "cls" else 0) + self.num_registers
+
+    @property
     def seq_length(self) -> int:
-        """Tokens entering the first block: patches, plus one when pooling is 'cls'."""
+        """Tokens entering the first block: patches, plus the class token and registers."""
         gh, gw = self.grid
-        return gh * gw + (1 if self.pooling == "cls" else 0)
+        return gh * gw + self.prefix_tokens
 
 
 # The text tower's block settings that are flags (--text-<field>), with their help; the

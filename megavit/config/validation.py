@@ -57,7 +57,8 @@ def _check_model(model: ModelConfig) -> list[str]:
         "--ffn-hidden-size": model.ffn_hidden_size,
         "--patch-dim": model.patch_dim, "--img-h": model.img_h, "--img-w": model.img_w,
         "--num-channels": model.num_channels})
-    problems += _non_negative({"--num-classes": model.num_classes or 0})
+    problems += _non_negative({"--num-classes": model.num_classes or 0,
+                               "--num-registers": model.num_registers})
     if model.norm_epsilon <= 0:
         problems.append(f"--norm-epsilon must be positive (got {model.norm_epsilon})")
     if model.normalization == "rmsnorm" and model.norm_bias:

@@ -62,6 +62,9 @@ def differences(cfg: ModelConfig) -> list[str]:
            for k, v in wanted.items() if getattr(cfg, k) != v]
     if cfg.img_h != cfg.img_w:
         out.append(f"images are {cfg.img_h}x{cfg.img_w}; transformers' ViT takes square ones")
+    if cfg.num_registers:
+        out.append(f"--num-registers {cfg.num_registers}: megavit does not map register "
+                   "tokens to transformers' ViT yet")
     if cfg.patch_merge_layers:
         out.append(f"--patch-merge-layers {cfg.patch_merge_layers}: transformers' ViT keeps one "
                    "token grid through every block (no patch merging)")

@@ -98,6 +98,9 @@ def differences(cfg: ModelConfig) -> list[str]:
         out.append(f"--attention-type is {cfg.attention_type!r} (per layer: "
                    f"{cfg.attention_type_per_layer or 'none'}); timm's ViT attends over all "
                    "tokens in every block")
+    if cfg.num_registers:
+        out.append(f"--num-registers {cfg.num_registers}: megavit does not map register "
+                   "tokens to timm's VisionTransformer yet")
     if cfg.patch_merge_layers:
         out.append(f"--patch-merge-layers {cfg.patch_merge_layers}: timm's VisionTransformer "
                    "keeps one token grid through every block (no patch merging)")

@@ -271,3 +271,62 @@ def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     """x [b, n, S, d] with its first `length` tokens rotated (cos, sin [length, d]); the
     rest (padding) as they are. Backward keeps nothing but the tables (`_Rope2d`)."""
     return _Rope2d.apply(x, cos, sin)
+
+
+def attention_allowed(layout: TokenLayout, w: int, shift: int = 0,
+                      carriers: bool = False) -> torch.Tensor:
+    """Boolean [L, L] (L = layout.length; True: query row may attend to key column) of
+    window attention's rule (module docstring) over the real tokens, windows placed back
+    on the grid: what `window_attention` computes, as one matrix (for attention maps)."""
+    P, (gh, gw) = layout.prefix, layout.grid
+    r, c = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)
+    Gh, Gw = math.ceil(gh / w) * w, math.ceil(gw / w) * w
+    if shift:
+        r, c = (r - shift) % Gh, (c - shift) % Gw
+
+        def band(x: torch.Tensor, size: int) -> torch.Tensor:
+            return (x >= size - w).long() + (x >= size - shift).long()
+
+        region = band(r, Gh) * 3 + band(c, Gw)
+    else:
+        region = torch.zeros_like(r)
+    window = (r // w) * (Gw // w) + c // w
+    same = (window[:, None] == window[None, :]) & (region[:, None] == region[None, :])
+    allowed = torch.ones(layout.length, layout.length, dtype=torch.bool)
+    allowed[P:, P:] = same
+    if carriers:
+        glob = P + window_global_indices(layout.grid, w)
+        allowed[:, glob] = True            # every token sees every window's global token
+        allowed[glob, :] = True            # and a global token sees every token
+    return allowed
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                    mask: torch.Tensor | None, kind: str, length: int,
+                    layout: TokenLayout | None = None, w: int = 0, shift: int = 0,
+                    record=None) -> torch.Tensor:
+    """Any attention kind computed with its probabilities made explicit: P [b, n, L, L]
+    over the first `length` (real) tokens — softmax(q k^T / sqrt(d)) restricted by the
+    kind's rule (`attention_allowed` for window / local-global), or linear attention's
+    normalised kernel phi(q_i).phi(k_j) / sum_j — then P v, zeros for padding tokens.
+    `record(P)` receives the probabilities (kept in the autograd graph: gradient-weighted
+    maps need them). Equal to the fused paths; for attention maps only (O(L^2) memory)."""
+    if dropout_p:
+        raise ValueError("attention maps are computed without attention dropout (eval mode)")
+    S, L = q.shape[2], length
+    q, k, vl = q[:, :, :L], k[:, :, :L], v[:, :, :L]
+    if kind == "linear":
+        a = elu_feature(q) @ elu_feature(k).transpose(-2, -1)
+        probabilities = a / a.sum(dim=-1, keepdim=True)
+    else:
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if kind in ("window", "local-global"):
+            allowed = attention_allowed(layout, w, shift, kind == "local-global")
+            scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+        probabilities = scores.softmax(dim=-1)
+    if record is not None:
+        record(probabilities)
+    out = probabilities @ vl
+    if S > L:
+        out = torch.cat([out, out.new_zeros(*out.shape[:2], S - L, out.shape[-1])], dim=2)
+    return out

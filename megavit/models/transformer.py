@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavit.config import ParallelConfig, TransformerConfig
-from megavit.models.attention import (TokenLayout, apply_rope_2d, linear_attention,
-                                      rope_2d_angles, window_attention)
+from megavit.models.attention import (TokenLayout, apply_rope_2d, eager_attention,
+                                      linear_attention, rope_2d_angles, window_attention)
 from megavit.parallel.comm import Group
 from megavit.parallel.layers import (ColumnParallelLinear, RowParallelLinear, make_norm,
                                      softmax_attention,
@@ -187,7 +187,12 @@ class AttentionCore(nn.Module):
     window / local-global / linear attention, `cfg.attention_kind(layer)`, with rope-2d
     rotation if configured) and attention dropout — recomputed in backward under
     --recompute-granularity selective. Without it, window and linear attention still keep
-    only their q, k, v inputs and run again in backward (`_inputs_only`)."""
+    only their q, k, v inputs and run again in backward (`_inputs_only`).
+
+    `recorded`: None, or a list that each forward appends this rank's attention
+    probabilities [b, n/t, L, L] to (the real tokens; set by `megavit.interpret`): the
+    core then runs `eager_attention`, the same function with the probabilities explicit,
+    and is not recomputed."""
 
     def __init__(self, cfg: TransformerConfig, rt: Runtime, layer: int = 0) -> None:
         super().__init__()
@@ -196,8 +201,16 @@ class AttentionCore(nn.Module):
         self.dropout = cfg.attention_dropout
         self.kind = cfg.attention_kind(layer)
         self.attend = None
+        self.recorded: list | None = None
+        self.eager = None               # an image model's attention with explicit maps
+        if hasattr(cfg, "grid"):
+            image = TokenLayout(cfg.prefix_tokens, tuple(cfg.grid))
+            self.eager = functools.partial(
+                eager_attention, kind=self.kind, length=cfg.seq_length, layout=image,
+                w=cfg.window_size or 0, shift=cfg.window_shift_of(layer),
+                record=self._record)
         if self.kind in ("window", "local-global"):   # an image model (models/attention.py)
-            layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
+            layout = TokenLayout(cfg.prefix_tokens, tuple(cfg.grid))
             self.attend = functools.partial(_window, layout=layout, w=cfg.window_size,
                                             shift=cfg.window_shift_of(layer),
                                             carriers=self.kind == "local-global")
@@ -206,19 +219,30 @@ class AttentionCore(nn.Module):
         if self.attend is not None and rt.recompute_granularity != "selective":
             self.attend = functools.partial(_inputs_only, inner=self.attend, rng=rt.rng)
         if getattr(cfg, "position_embedding_type", None) == "rope-2d":
-            layout = TokenLayout(1 if cfg.pooling == "cls" else 0, tuple(cfg.grid))
+            layout = TokenLayout(cfg.prefix_tokens, tuple(cfg.grid))
+            angles: dict = {}
             self.attend = functools.partial(_rotated, layout=layout, head_dim=cfg.head_dim,
                                             inner=self.attend or softmax_attention,
-                                            angles={})
+                                            angles=angles)
+            self.eager = functools.partial(_rotated, layout=layout, head_dim=cfg.head_dim,
+                                           inner=self.eager, angles=angles)
+
+    def _record(self, probabilities: torch.Tensor) -> None:
+        if probabilities.requires_grad:        # gradient-weighted maps read its gradient
+            probabilities.retain_grad()
+        self.recorded.append(probabilities)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:
         return multi_head_attention(q, k, v, self.head_dim, self.q_norm, self.k_norm, mask,
                                     self.dropout if self.training else 0.0, self.rt.rng,
-                                    attend=self.attend)
+                                    attend=self.attend if self.recorded is None
+                                    else self.eager)
 
     def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = qkv.chunk(3, dim=-1)                          # this rank's heads
+        if self.recorded is not None:
+            return self.core(q, k, v, mask)
         if self.rt.recompute_granularity == "selective" and torch.is_grad_enabled():
             return recompute(self.core, q, k, v, mask, rng=self.rt.rng)
         return self.core(q, k, v, mask)
@@ -295,7 +319,8 @@ class SequentialBlock(nn.Module):
 class MAPHead(nn.Module):
     """Multihead attention pooling: a learned probe attends over the tokens, then a
     residual MLP. Tensor-parallel like a block (heads and MLP split over TP).
-    Input [s, b, h] (all tokens, replicated) -> [b, h]."""
+    Input [s, b, h] (all tokens, replicated) -> [b, h]. `recorded`: as AttentionCore's, the
+    probe's attention probabilities [b, n/t, 1, s] per forward."""
 
     def __init__(self, cfg: TransformerConfig, tp: Group, layernorm_impl: str = "torch") -> None:
         super().__init__()
@@ -310,14 +335,22 @@ class MAPHead(nn.Module):
         self.fc1 = ColumnParallelLinear(h, f, tp, bias=True, init_std=std)
         self.act = Activation(cfg.activation)
         self.fc2 = RowParallelLinear(f, h, tp, bias=True, init_std=std)
+        self.recorded: list | None = None
+
+    def _record(self, probabilities: torch.Tensor) -> None:
+        if probabilities.requires_grad:
+            probabilities.retain_grad()
+        self.recorded.append(probabilities)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`key_mask`: additive [b, 1, 1, s] hiding padded tokens (text), or None."""
         b = x.shape[1]
         q = self.q(self.probe.view(1, 1, -1)).expand(1, b, -1)   # [1, b, h/t]
         k, v = self.kv(x).chunk(2, dim=-1)                        # [s, b, h/t] each
-        y = self.proj(multi_head_attention(q, k, v, self.head_dim,
-                                           attn_mask=key_mask))   # [1, b, h]
+        attend = None if self.recorded is None else functools.partial(
+            eager_attention, kind="full", length=x.shape[0], record=self._record)
+        y = self.proj(multi_head_attention(q, k, v, self.head_dim, attn_mask=key_mask,
+                                           attend=attend))        # [1, b, h]
         y = y + self.fc2(self.act(self.fc1(self.norm(y))))
         return y[0]
 

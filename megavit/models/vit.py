@@ -139,7 +139,7 @@ class PatchMerge(nn.Module):
     def __init__(self, cfg: ModelConfig, rt: Runtime) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.prefix, self.grid = (1 if cfg.pooling == "cls" else 0), cfg.grid
+        self.prefix, self.grid = cfg.prefix_tokens, cfg.grid
         self.norm = norm_from_config(cfg, 4 * h, rt.layernorm_impl)
         self.proj = nn.Linear(4 * h, h, bias=False)
         set_init(self.proj.weight, lecun_normal())
@@ -220,6 +220,9 @@ class VisionTransformer(nn.Module):
             if cfg.pooling == "cls":
                 self.cls_token = nn.Parameter(torch.empty(h))
                 set_init(self.cls_token, trunc_normal(cfg.init_method_std))
+            if cfg.num_registers:
+                self.register_tokens = nn.Parameter(torch.empty(cfg.num_registers, h))
+                set_init(self.register_tokens, trunc_normal(cfg.init_method_std))
             if cfg.pre_norm:
                 self.pre_norm = norm_from_config(cfg, h, rt.layernorm_impl)
         self.blocks = nn.ModuleDict({str(i): build_block(cfg.at_layer(i), rt, i)
@@ -255,12 +258,15 @@ class VisionTransformer(nn.Module):
                 mask[:, length:] = float("-inf")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[b, c, H, W] -> [s, b, h]: patches, + positions, the class token, the pre-norm."""
+        """[b, c, H, W] -> [s, b, h]: patches, + positions, the registers and the class token
+        in front ([cls | registers | patches]), the pre-norm."""
         x = self.patch_embed(images)
         if self.pos_embed is not None:
             x = self.pos_embed(x)
         elif self.cfg.position_embedding_type == "sincos2d":
             x = x + self.pos_sincos.unsqueeze(1)      # rope-2d: positions enter the attention
+        if self.cfg.num_registers:
+            x = torch.cat([self.register_tokens.unsqueeze(1).expand(-1, x.shape[1], -1), x])
         if self.cfg.pooling == "cls":
             x = torch.cat([self.cls_token.view(1, 1, -1).expand(1, x.shape[1], -1), x], dim=0)
         return self.pre_norm(x) if self.cfg.pre_norm else x
@@ -295,13 +301,14 @@ class VisionTransformer(nn.Module):
         return scatter_to_sequence_parallel(merged, self.rt.tp)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """[s, b, h] -> [b, h]."""
+        """[s, b, h] -> [b, h] (registers dropped first)."""
         x = self.norm(x)
+        if self.cfg.pooling == "cls":
+            return x[0]
+        x = x[self.cfg.num_registers:]
         if self.cfg.pooling == "map":
             return self.map_head(x)
-        if self.cfg.pooling == "gap":
-            return x.mean(dim=0)
-        return x[0]
+        return x.mean(dim=0)
 
     def _run_blocks(self, x: torch.Tensor, mask: torch.Tensor | None,
                     sample_ids: torch.Tensor | None, start: int, stop: int,
