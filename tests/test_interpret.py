@@ -115,11 +115,11 @@ def test_the_tool_draws_every_method_and_names_what_it_cannot(tmp_path):
                         "--image", str(image), *args], capture_output=True, text=True,
                        timeout=300)
 
-    for method in ("heads", "rollout", "map-probe", "relevancy"):
+    for method in ("heads", "rollout", "map-probe", "relevancy", "token-norms"):
         out = tmp_path / f"{method}.png"
         proc = tool("--method", method, "--output", str(out))
         assert proc.returncode == 0, proc.stderr
-        assert f"attention_maps | method {method} | start probe" in proc.stdout
+        assert f"attention_maps | method {method} | start probe" in proc.stdout, proc.stdout
         assert Image.open(out).size[0] > 100
     bad = tool("--method", "rollout", "--start", "cls", "--output", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "no class token" in bad.stderr
@@ -129,3 +129,24 @@ def test_the_tool_draws_every_method_and_names_what_it_cannot(tmp_path):
                        "--image", str(tmp_path / "gone.png"), "--output", "x.png"],
                       capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "gone.png: no such file" in missing.stderr
+
+
+def test_registers_follow_the_class_token_and_are_not_pooled():
+    from megavit.interop import timm_vit
+
+    for pooling in ("gap", "map", "cls"):
+        cfg, model = tiny(pooling=pooling, num_registers=2)
+        assert cfg.prefix_tokens == 2 + (pooling == "cls") and cfg.seq_length == 25 + \
+            cfg.prefix_tokens
+        x = torch.randn(3, 1, 20, 20)
+        with torch.no_grad():
+            tokens = model.embed(x)
+            if not cfg.pre_norm:
+                first = 1 if pooling == "cls" else 0
+                torch.testing.assert_close(tokens[first:first + 2, 0], model.register_tokens)
+            hidden = torch.randn(cfg.seq_length, 3, cfg.hidden_size)
+            normed = model.norm(hidden)
+            want = (normed[0] if pooling == "cls" else normed[2:].mean(0) if pooling == "gap"
+                    else model.map_head(normed[2:]))
+            torch.testing.assert_close(model.pool(hidden), want)
+    assert any("--num-registers 2" in d for d in timm_vit.differences(cfg))

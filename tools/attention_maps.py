@@ -12,6 +12,8 @@ Methods (megavit/interpret/methods.py has the formulas):
     map-probe   the MAP head probe's attention: where ViT-22B-style pooling looks
     relevancy   gradient-weighted relevancy (Chefer et al. 2021) for --class (default:
                 the predicted class)
+    token-norms the norms of block --layer's output patch tokens (default: the last):
+                high-norm outliers are the artefacts --num-registers is for
 seen from --start: the class token ('cls'), the mean of the patch tokens ('mean') or the
 MAP probe ('probe'); the default follows the model's pooling. The checkpoint (a classifier,
 any saved layout) runs in one process with its attention computed eagerly so that the
@@ -43,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="a --save directory or iter_N/")
     p.add_argument("--image", required=True, metavar="FILE", help="the image to look at")
     p.add_argument("--method", choices=METHODS, default="relevancy", help="see above")
-    p.add_argument("--layer", type=int, metavar="N", help="heads: the block (default: last)")
+    p.add_argument("--layer", type=int, metavar="N",
+                   help="heads, token-norms: the block (default: the last)")
     p.add_argument("--start", choices=STARTS,
                    help="the query the maps are seen from (default: by the pooling)")
     p.add_argument("--class", dest="klass", type=int, metavar="K",

@@ -13,7 +13,7 @@ from megavit.config import ModelConfig
 from megavit.interpret.methods import head_maps, relevancy, rollout, seen_from, to_grid
 from megavit.interpret.recording import record_attention
 
-METHODS = ("heads", "rollout", "map-probe", "relevancy")
+METHODS = ("heads", "rollout", "map-probe", "relevancy", "token-norms")
 
 
 def explain(model: nn.Module, cfg: ModelConfig, class_names: list[str], x: torch.Tensor,
@@ -23,6 +23,14 @@ def explain(model: nn.Module, cfg: ModelConfig, class_names: list[str], x: torch
     through a whole serial classifier `model` (ValueError naming what does not apply)."""
     prefix = cfg.prefix_tokens
     grid = cfg.grid_at(cfg.num_layers)
+    if method == "token-norms":       # the artefacts registers are for (Darcet et al.)
+        layer = cfg.num_layers - 1 if layer is None else layer
+        if not 0 <= layer < cfg.num_layers:
+            raise ValueError(f"--layer {layer}: blocks 0..{cfg.num_layers - 1}")
+        tokens = model.forward_intermediates(x, [layer])[0][0].norm(dim=0)
+        return ([tokens], [f"block {layer} output norms"],
+                f"patch-token norms: median {tokens.median():.1f}, max {tokens.max():.1f}"
+                + (f", {cfg.num_registers} registers" if cfg.num_registers else ""))
     with torch.enable_grad(), record_attention(model) as rec:
         logits = model(x)
     probabilities = logits.detach().softmax(-1)[0]
