@@ -75,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
                         "(learned position tables resized bicubically; with --img-w)")
     p.add_argument("--img-w", type=int, metavar="W", help="the width that goes with --img-h")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T",
+                   help="split the model over T processes (under torchrun, mpirun or srun; "
+                        "the world size must be T): for models too big for one; rank 0 "
+                        "writes the output")
     return p
 
 
@@ -116,8 +120,8 @@ def check_request(args: argparse.Namespace, kind: str) -> None:
 class Reader:
     """Reads image files as the checkpoint's preprocessing says; remembers the unreadable."""
 
-    def __init__(self, preprocessing, strict: bool) -> None:
-        self.pre, self.strict = preprocessing, strict
+    def __init__(self, preprocessing, strict: bool, quiet: bool = False) -> None:
+        self.pre, self.strict, self.quiet = preprocessing, strict, quiet
         self.unreadable: list[str] = []
 
     def read(self, path: Path):
@@ -136,7 +140,8 @@ class Reader:
             why = "no such file" if isinstance(e, FileNotFoundError) else f"cannot read it ({e})"
             if self.strict:
                 raise DataError(f"{path}: {why} (--strict)") from None
-            print(f"predict: warning: {path}: {why}; left out", file=sys.stderr)
+            if not self.quiet:
+                print(f"predict: warning: {path}: {why}; left out", file=sys.stderr)
             self.unreadable.append(str(path))
             return None
 
@@ -148,7 +153,7 @@ def top_k(probabilities, names: Sequence[str], k: int, key: str) -> list[dict[st
              "probability": round(float(v), 6)} for v, i in zip(values, indices.tolist())]
 
 
-def predictor(loaded, args: argparse.Namespace):
+def predictor(loaded, args: argparse.Namespace, write: bool = True):
     """batch [n, c, H, W], sizes, paths -> one result dict per image."""
     import torch
     import torch.nn.functional as F
@@ -195,7 +200,8 @@ def predictor(loaded, args: argparse.Namespace):
             if labels.max() > 255:
                 raise ValueError("more than 256 classes do not fit an 8-bit PNG label map")
             target = out / f"{Path(path).stem}.png"
-            Image.fromarray(labels.byte().numpy()).save(target)
+            if write:
+                Image.fromarray(labels.byte().cpu().numpy()).save(target)
             counts = torch.bincount(labels.flatten(), minlength=one.shape[1])
             present = [{"class": names[c] if c < len(names) else str(c), "index": c,
                         "pixel_share": round(int(counts[c]) / labels.numel(), 6)}
@@ -215,7 +221,9 @@ def describe(result: dict[str, Any]) -> str:
     return f"{result['label_map']} | classes {shares}"
 
 
-def predict(args: argparse.Namespace) -> int:
+def predict(args: argparse.Namespace, pstate=None) -> int:
+    """Predict as the flags say; `pstate`: the process group for
+    --tensor-model-parallel-size > 1 (rank 0 prints and writes, every rank computes)."""
     import torch
 
     from megavit.checkpointing.inference import load_for_inference
@@ -224,24 +232,28 @@ def predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise DataError(f"--top-k {args.top_k} / --batch-size {args.batch_size}: both must "
                         "be at least 1")
+    main_rank = pstate is None or pstate.rank == 0
     files = image_files(args)
     if (args.img_h is None) != (args.img_w is None):
         raise DataError("--img-h and --img-w go together")
-    loaded = load_for_inference(Path(args.checkpoint), args.tokenizer_model)
+    loaded = load_for_inference(Path(args.checkpoint), args.tokenizer_model, pstate)
     check_request(args, loaded.kind)
     if args.img_h is not None:
         from megavit.checkpointing.inference import at_resolution
 
         loaded = at_resolution(loaded, args.img_h, args.img_w)
-    if loaded.note:
+    if loaded.note and main_rank:
         print(f"predict: warning: {loaded.note}", file=sys.stderr)
-    if args.output_dir:
+    if args.output_dir and main_rank:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    print(f"predict | checkpoint {loaded.checkpoint} | {loaded.kind} | images {len(files)}",
-          flush=True)
-    reader, run = Reader(loaded.preprocessing, args.strict), predictor(loaded, args)
+    if main_rank:
+        print(f"predict | checkpoint {loaded.checkpoint} | {loaded.kind} | images "
+              f"{len(files)}" + (f" | tensor-parallel {pstate.tp.size}" if pstate else ""),
+              flush=True)
+    reader = Reader(loaded.preprocessing, args.strict, quiet=not main_rank)
+    run = predictor(loaded, args, write=main_rank)
     done = 0
-    sink = open(args.output, "w") if args.output else None
+    sink = open(args.output, "w") if args.output and main_rank else None
     try:
         with torch.no_grad():
             for start in range(0, len(files), args.batch_size):
@@ -249,18 +261,21 @@ def predict(args: argparse.Namespace) -> int:
                         if (r := reader.read(f)) is not None]
                 if not read:
                     continue
-                batch = torch.stack([r[0] for _, r in read])
+                batch = torch.stack([r[0] for _, r in read]).to(
+                    pstate.device if pstate is not None else "cpu")
                 results = run(batch, [r[1] for _, r in read], [str(f) for f, _ in read])
                 for (path, _), result in zip(read, results):
                     record = {"image": str(path), **result}
-                    print(f"{path} | {describe(record)}", flush=True)
+                    if main_rank:
+                        print(f"{path} | {describe(record)}", flush=True)
                     if sink is not None:
                         sink.write(json.dumps(record) + "\n")
                     done += 1
     finally:
         if sink is not None:
             sink.close()
-    print(f"predict | images {done} | unreadable {len(reader.unreadable)}", flush=True)
+    if main_rank:
+        print(f"predict | images {done} | unreadable {len(reader.unreadable)}", flush=True)
     if not done:
         raise DataError(f"none of the {len(files)} images could be read (see the warnings)")
     return 0
@@ -270,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megavit.errors import UserError
 
     args = parser().parse_args(argv)
+    if args.tensor_model_parallel_size > 1:
+        return predict_parallel(args)
     try:
         return predict(args)
     except UserError as e:
@@ -278,6 +295,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def predict_parallel(args: argparse.Namespace) -> int:
+    """--tensor-model-parallel-size T under a launcher: the model split over the T
+    processes of the world (each reads every image; rank 0 prints and writes)."""
+    from megavit.errors import UserError
+    from megavit.parallel.launcher import LaunchError, detect_launch
+    from megavit.parallel.state import destroy_parallel_state, init_parallel_state
+
+    t = args.tensor_model_parallel_size
+    try:
+        info = detect_launch()
+        if info.world_size != t:
+            raise LaunchError(f"--tensor-model-parallel-size {t}: start {t} processes "
+                              f"(torchrun --nproc-per-node {t} -m megavit.predict ...); "
+                              f"this world has {info.world_size}")
+    except LaunchError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    pstate = init_parallel_state(t, "auto", "auto")
+    try:
+        status = predict(args, pstate)
+    except UserError as e:
+        if pstate.rank == 0:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        status = 2
+    destroy_parallel_state(pstate, barrier=False)
+    return status
 
 
 if __name__ == "__main__":

@@ -140,6 +140,15 @@ def saved_serial_run(path: str) -> dict:
     return run.evaluate()
 
 
+def inference_job(pstate, path: str) -> torch.Tensor:
+    """The logits of a saved segmentation model loaded for inference at this layout."""
+    from megavit.checkpointing.inference import load_for_inference
+
+    loaded = load_for_inference(path, pstate=pstate if pstate.world.size > 1 else None)
+    with torch.no_grad():
+        return loaded.model(probe_images(seg_config("gap")))
+
+
 def evaluate_only_job(pstate, cfg: SegmentationRunConfig) -> dict:
     """--eval-only at this layout: the summary of `evaluate_only`."""
     from megavit.training.loop import evaluate_only
@@ -165,6 +174,9 @@ def layout_results(name: str, state_dir: str) -> dict:
         cfg.base.checkpoint = dataclasses.replace(cfg.base.checkpoint,
                                                   load=f"{state_dir}/serial", eval_only=True)
         jobs["eval_only"] = (evaluate_only_job, (cfg,))
+        jobs["inference"] = (inference_job, (f"{state_dir}/serial",))   # predict's loader
+        expected = {"eval": expected, "logits": inference_job(serial_state(),
+                                                              f"{state_dir}/serial")}
     results = run_distributed(world, tp, jobs, pp=pp)
     return {**results, "eval_only_expected": expected}
 
@@ -199,8 +211,11 @@ def test_segmentation_trains_and_evaluates_as_the_serial_run(layout):
             for key in ("eval_loss", "eval_miou", "eval_pixel_accuracy"):
                 assert evaluation[key] == pytest.approx(ref["eval"][key], rel=1e-4, abs=1e-6), \
                     f"{what} {key}"
+    for r in results.get("inference", []):       # loaded for inference at TP=2
+        torch.testing.assert_close(r, results["eval_only_expected"]["logits"], rtol=RTOL,
+                                   atol=1e-5)
     for r in results.get("eval_only", []):       # a serial checkpoint at TP=2 + SP
-        want = results["eval_only_expected"]
+        want = results["eval_only_expected"]["eval"]
         assert r["iteration"] == 2
         for key in ("eval_loss", "eval_miou", "eval_pixel_accuracy"):
             assert r[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key

@@ -58,10 +58,13 @@ def checkpoint_kind(info: dict) -> str:
     return "segmentation" if "segmentation" in info else "classifier"
 
 
-def load_for_inference(path: Path, tokenizer_model: str | None = None) -> InferenceModel:
+def load_for_inference(path: Path, tokenizer_model: str | None = None,
+                       pstate=None) -> InferenceModel:
     """The model of the checkpoint at `path` (a checkpoint or the latest of a --save
     directory), its weights loaded, in eval mode; CheckpointLoadError /
-    CheckpointDirectoryError (UserErrors) naming what is wrong."""
+    CheckpointDirectoryError (UserErrors) naming what is wrong. `pstate`: a ParallelState
+    whose TP group splits the model (no pipeline or sequence parallelism; default: one
+    process); every rank of it then computes the same outputs."""
     import torch
 
     from megavit.models.transformer import Runtime
@@ -72,7 +75,13 @@ def load_for_inference(path: Path, tokenizer_model: str | None = None) -> Infere
     info = read_checkpoint_info(checkpoint)
     kind = checkpoint_kind(info)
     cfg = ModelConfig(**info["model"])
-    pstate = serial_state()
+    pstate = pstate or serial_state()
+    if pstate.pp.size > 1:
+        raise CheckpointLoadError("inference runs without pipeline parallelism (one stage)")
+    if cfg.num_attention_heads % pstate.tp.size or cfg.ffn_hidden_size % pstate.tp.size:
+        raise CheckpointLoadError(f"{checkpoint}: tensor-parallel size {pstate.tp.size} does "
+                                  f"not divide the {cfg.num_attention_heads} heads and the MLP "
+                                  f"width {cfg.ffn_hidden_size}")
     rt = Runtime(tp=pstate.tp)
     tokenizer, names = None, list(info.get("classes", {}).get("names", []))
     if kind == "two-tower":
@@ -84,12 +93,12 @@ def load_for_inference(path: Path, tokenizer_model: str | None = None) -> Infere
         with torch.device("meta"):
             model = DenseVisionTransformer(cfg, rt, seg["num_classes"], seg["neck"],
                                            seg["neck_channels"], seg["decoder_channels"])
-        initialize_parameters(model, 0, device="cpu")
+        initialize_parameters(model, 0, device=pstate.device)
         names = list(seg.get("class_names", names))
     else:
         from megavit.models.vit import build_vit
 
-        model = build_vit(cfg, rt, 0)
+        model = build_vit(cfg, rt, 0, device=pstate.device)
     check_loadable(checkpoint)
     check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
     load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
