@@ -80,18 +80,13 @@ def _env(iters: int, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """Where the scripts write (the digits run saves its checkpoint in digits_ckpt/)."""
-    return tmp_path_factory.mktemp("quickstart")
-
-
-@pytest.fixture(scope="module")
-def scripts(base) -> dict[str, tuple[subprocess.CompletedProcess, list[dict]]]:
+def scripts(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, list[dict]]]:
     """The quickstart scripts, run side by side (one thread each, 2 cores):
     {name: (the finished run, its --metrics-file records)}."""
+    base = tmp_path_factory.mktemp("quickstart")
     runs = {   # name: (script, its extra flags, environment)
-        "digits": ("quickstart_digits.sh", ["--log-interval", "50", "--eval-interval", "100",
-                                            "--save", str(base / "digits_ckpt")], _env(200)),
+        "digits": ("quickstart_digits.sh", ["--log-interval", "50", "--eval-interval", "100"],
+                   _env(200)),
         "clip": ("quickstart_clip.sh", ["--log-interval", "50"],
                  _env(100, MEGAVIT_CACHE_DIR=str(base / "cache"))),
         "seg": ("quickstart_seg.sh", ["--log-interval", "20", "--eval-iters", "4",
@@ -171,45 +166,3 @@ def test_quickstart_seg_script_segments_digits(scripts):
     final = [r for r in records if r["kind"] == "eval"][-1]
     assert final["eval_images"] == 64 and final["eval_miou"] >= 0.11, final
     check_keys(proc.stdout, records, SEGMENTATION_KEYS)
-
-
-def relevancy_on_ink(checkpoint, count: int = 64) -> tuple[float, float]:
-    """(mean over `count` held-out digits of the relevancy mass on ink pixels divided by the
-    ink pixels' share of the image, the mean ink share). Relevancy: tools/attention_maps.py's
-    (Chefer et al. 2021) for the predicted class, seen from the model's pooling query, each
-    patch's relevance spread over its pixels and normalised to sum 1; ink: pixels above the
-    midpoint of the image's range."""
-    import torch
-
-    from megavit.checkpointing.inference import load_for_inference
-    from megavit.config import DataConfig
-    from megavit.data.datasets import build_datasets
-    from megavit.interpret.explain import explain
-    from megavit.interpret.methods import default_start
-
-    loaded = load_for_inference(Path(checkpoint))
-    cfg = loaded.model_config
-    held = build_datasets(DataConfig(dataset="digits", augment="none"), cfg, 0)[1]
-    images = held.get(torch.arange(count))[0]
-    patch = cfg.patch_dim
-    ratios, shares = [], []
-    for x in images:
-        relevance = explain(loaded.model, cfg, [], x[None], "relevancy",
-                            default_start(cfg.pooling))[0][0].clamp_min(0)
-        pixels = relevance.repeat_interleave(patch, 0).repeat_interleave(patch, 1)
-        pixels = pixels / pixels.sum()
-        ink = x[0] > (x[0].min() + x[0].max()) / 2
-        share = ink.float().mean().item()
-        ratios.append(pixels[ink].sum().item() / share)
-        shares.append(share)
-    return sum(ratios) / count, sum(shares) / count
-
-
-def test_relevancy_on_the_quickstart_digits_model_falls_on_the_ink(scripts, base):
-    """The maps mean something: on the 200-iteration quickstart model, the relevancy mass on
-    ink pixels is at least twice their share of the image (measured: see README, "Look
-    inside")."""
-    proc, _ = scripts["digits"]
-    assert proc.returncode == 0, proc.stderr
-    ratio, share = relevancy_on_ink(base / "digits_ckpt")
-    assert ratio >= 2.0, (ratio, share)
