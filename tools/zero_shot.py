@@ -29,47 +29,29 @@ import torch
 
 from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
 from megavit.checkpointing.model_config import read_checkpoint_info
-from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable, check_pieces,
-                                               load_state, model_state_dict)
-from megavit.checkpointing.pieces import serial_meta_model
-from megavit.config import ModelConfig, TextConfig, section_from_dict
+from megavit.checkpointing.model_state import CheckpointLoadError
+from megavit.config import ModelConfig
 from megavit.data.bad_samples import BadSample
 from megavit.data.datasets import DataError, ImageFolderDataset
 from megavit.data.preprocessing import Preprocessing, checkpoint_preprocessing
-from megavit.data.tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError, load_for_text_tower
+from megavit.data.tokenizer import Tokenizer
 from megavit.errors import UserError
-from megavit.models.two_tower import TwoTowerModel, build_two_tower
-from megavit.models.transformer import Runtime
-from megavit.parallel.state import serial_state
+from megavit.models.two_tower import TwoTowerModel
 from megavit.tasks.image_text.zero_shot import class_embeddings, prompts_for
 
 
 def load_two_tower(path: Path, tokenizer_model: str | None = None
                    ) -> tuple[TwoTowerModel, Tokenizer, dict]:
     """The model and tokenizer of a two-tower checkpoint (or --save directory), in one
-    process on the CPU."""
+    process on the CPU (megavit/checkpointing/inference.py)."""
+    from megavit.checkpointing.inference import checkpoint_kind, load_for_inference
+
     checkpoint = resolve_checkpoint(path)
-    info = read_checkpoint_info(checkpoint)
-    if "text" not in info:
+    if checkpoint_kind(read_checkpoint_info(checkpoint)) != "two-tower":
         raise CheckpointLoadError(f"{checkpoint}: a ViT checkpoint (megavit.pretrain), not a "
                                   "two-tower one (megavit.pretrain_contrastive)")
-    text = dict(info["text"])
-    vocab, pad, eos = text.pop("vocab_size"), text.pop("pad_id"), text.pop("eos_id")
-    text_cfg, c = section_from_dict(TextConfig, text), info["contrastive"]
-    tok_path = tokenizer_model or checkpoint / TOKENIZER_FILE
-    tokenizer = load_for_text_tower(tok_path, text_cfg)
-    if tokenizer.vocab_size != vocab:
-        raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} pieces, the checkpoint was "
-                             f"trained with {vocab}")
-    pstate = serial_state()
-    model = build_two_tower(ModelConfig(**info["model"]), text_cfg, Runtime(tp=pstate.tp),
-                            Runtime(tp=pstate.tp), 0, vocab, pad, eos, c["embed_dim"], c["loss"],
-                            image_projection=c.get("image_projection", True))
-    check_loadable(checkpoint)
-    check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
-    load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
-               checkpoint, pstate, "two-tower model")
-    return model.eval(), tokenizer, info
+    loaded = load_for_inference(checkpoint, tokenizer_model)
+    return loaded.model, loaded.tokenizer, loaded.info
 
 
 def _image_folder(root: Path, model_cfg: ModelConfig, pre: Preprocessing):
