@@ -27,11 +27,12 @@ from megavit.interpret.explain import explain
 from megavit.interpret.methods import default_start
 
 
-def ink_ratios(checkpoint: Path, count: int) -> tuple[dict[str, float], float]:
+def ink_ratios(checkpoint: Path, count: int, dataset: str = "digits"
+               ) -> tuple[dict[str, float], float]:
     """({method: mean ratio}, the mean ink share) over `count` held-out digits."""
     loaded = load_for_inference(checkpoint)
     cfg = loaded.model_config
-    held = build_datasets(DataConfig(dataset="digits", augment="none"), cfg, 0)[1]
+    held = build_datasets(DataConfig(dataset=dataset, augment="none"), cfg, 0)[1]
     images = held.get(torch.arange(count))[0]
     p, start = cfg.patch_dim, default_start(cfg.pooling)
     sums: dict[str, float] = {"relevancy": 0.0, "rollout": 0.0, "gradient x input": 0.0}
@@ -59,9 +60,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a digits classifier's --save directory or iter_N/")
     p.add_argument("--count", type=int, default=359, help="held-out digits (359: all)")
+    p.add_argument("--dataset", choices=("digits", "mnist5k"), default="digits",
+                   help="the digits the checkpoint was trained on (8x8 scikit-learn digits "
+                        "or 28x28 MNIST-5k)")
     args = p.parse_args(argv)
-    ratios, share = ink_ratios(Path(args.checkpoint), args.count)
-    print(f"checkpoint {args.checkpoint} | digits {args.count} | mean ink share {share:.3f}")
+    ratios, share = ink_ratios(Path(args.checkpoint), args.count, args.dataset)
+    print(f"checkpoint {args.checkpoint} | {args.dataset} {args.count} | mean ink share "
+          f"{share:.3f}")
     for method, ratio in ratios.items():
         print(f"  {method:<18} relevance on ink / ink share {ratio:.2f} "
               f"({'meets' if ratio >= 2 else 'misses'} the 2.0 sanity target)")

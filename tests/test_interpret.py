@@ -99,6 +99,9 @@ def test_relevancy_is_the_rule_written_out_by_hand():
         weighted = torch.relu(g_[0] * p[0].detach()).mean(dim=0)
         relevance = relevance + weighted @ relevance
     torch.testing.assert_close(got, relevance[0])
+    from_mean = relevancy([p[0] for p in rec.maps().values()],
+                          [g_[0] for g_ in rec.maps(grads=True).values()], "mean", 1)
+    torch.testing.assert_close(from_mean, (relevance - torch.eye(cfg.seq_length))[1:].mean(0))
     assert seen_from(relevance, "mean", 1).shape == (cfg.seq_length,)
 
 

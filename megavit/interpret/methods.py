@@ -16,7 +16,10 @@ Rules (the formulas of docs/architecture.md, "Looking inside"):
     map-probe  mean_h P_probe: where the MAP pooling looks
     relevancy  Chefer et al. 2021 (generic rule, self-attention): R = I; per block in order
                R <- R + mean_h(relu(grad(P) * P)) R, with grad(P) the gradient of the chosen
-               class's logit; seen from `start` (probe: mean_h relu(grad * P_probe) R)
+               class's logit; seen from `start` (probe: mean_h relu(grad * P_probe) R). From
+               'mean' the identity is taken out first (R - I): the class token's row leaves
+               out its own diagonal entry, and each patch's relevance to itself says nothing
+               about where the mean token looks (it would add 1/L to every patch)
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def relevancy(maps: list[torch.Tensor], grads: list[torch.Tensor], start: str, p
     relevance = torch.eye(L, dtype=maps[0].dtype)
     for p, g in zip(maps, grads):
         relevance = relevance + (g * p).clamp_min(0).mean(dim=0) @ relevance
+    if start == "mean":
+        relevance = relevance - torch.eye(L, dtype=relevance.dtype)
     q = None
     if probe is not None:
         q = ((probe_grad * probe).clamp_min(0).mean(dim=0)[0] if probe_grad is not None
