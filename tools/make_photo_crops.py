@@ -3,7 +3,9 @@ flower): a small real-photo classification set made without downloading anything
 
     python tools/make_photo_crops.py data/photo_crops --size 64 --train 400 --val 100
 
-Writes DIR/train/<photo>/*.png and DIR/val/<photo>/*.png: square crops of random side (a
+Writes DIR/train/<photo>/*.png and DIR/val/<photo>/*.png, and the two whole photos as
+DIR/full/china.jpg and DIR/full/flower.jpg (to look at with tools/attention_maps.py): square
+crops of random side (a
 quarter to a half of the photo's height) at random places, resized to --size px; the
 validation crops come from the right-hand fifth of each photo and the training crops from
 the rest, so no pixel is in both splits. Each crop's class is the photo it came from, so a
@@ -61,7 +63,9 @@ def main(argv=None) -> int:
 
     data = load_sample_images()
     rng = np.random.default_rng(args.seed)
+    (out / "full").mkdir(parents=True)
     for name, photo in zip(("china", "flower"), data.images):
+        Image.fromarray(photo).save(out / "full" / f"{name}.jpg", quality=95)
         width = photo.shape[1]
         cut = width - width // 5
         for split, count, columns in (("train", args.train, (0, cut)),
