@@ -65,10 +65,7 @@ def load_for_inference(path: Path, tokenizer_model: str | None = None,
     CheckpointDirectoryError (UserErrors) naming what is wrong. `pstate`: a ParallelState
     whose TP group splits the model (no pipeline or sequence parallelism; default: one
     process); every rank of it then computes the same outputs."""
-    import torch
-
     from megavit.models.transformer import Runtime
-    from megavit.parallel.sharding import initialize_parameters
     from megavit.parallel.state import serial_state
 
     checkpoint = resolve_checkpoint(path)
@@ -86,25 +83,32 @@ def load_for_inference(path: Path, tokenizer_model: str | None = None,
     tokenizer, names = None, list(info.get("classes", {}).get("names", []))
     if kind == "two-tower":
         model, tokenizer = _two_tower(info, cfg, rt, checkpoint, tokenizer_model)
-    elif kind == "segmentation":
-        from megavit.models.dense import DenseVisionTransformer
-
-        seg = info["segmentation"]
-        with torch.device("meta"):
-            model = DenseVisionTransformer(cfg, rt, seg["num_classes"], seg["neck"],
-                                           seg["neck_channels"], seg["decoder_channels"])
-        initialize_parameters(model, 0, device=pstate.device)
-        names = list(seg.get("class_names", names))
     else:
-        from megavit.models.vit import build_vit
-
-        model = build_vit(cfg, rt, 0, device=pstate.device)
+        model = _image_model(kind, cfg, info, rt, pstate.device)
+        if kind == "segmentation":
+            names = list(info["segmentation"].get("class_names", names))
     check_loadable(checkpoint)
     check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
     load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
                checkpoint, pstate, f"{kind} model")
     pre, note = checkpoint_preprocessing(info, cfg, str(checkpoint / CONFIG_FILE))
     return InferenceModel(kind, model.eval(), info, checkpoint, pre, note, tokenizer, names)
+
+
+def _image_model(kind: str, cfg: ModelConfig, info: dict, rt, device) -> nn.Module:
+    """A ViT classifier or a segmentation model of the checkpoint description `info` (the
+    model section replaced by `cfg`), materialised on `device` (weights to be loaded)."""
+    import torch
+
+    from megavit.models.dense import dense_from_description
+    from megavit.models.vit import VisionTransformer
+    from megavit.parallel.sharding import initialize_parameters
+
+    with torch.device("meta"):
+        model = (dense_from_description(cfg, rt, info["segmentation"])
+                 if kind == "segmentation" else VisionTransformer(cfg, rt))
+    initialize_parameters(model, 0, device=device)
+    return model
 
 
 def _two_tower(info: dict, cfg: ModelConfig, rt, checkpoint: Path,
@@ -132,13 +136,10 @@ def at_resolution(loaded: InferenceModel, height: int, width: int) -> InferenceM
     or a window must fit)."""
     import dataclasses
 
-    import torch
-
     from megavit.config import ConfigError
     from megavit.config.validation import model_problems
     from megavit.models.transformer import Runtime
     from megavit.models.vit import resize_axis_table, resize_pos_embed
-    from megavit.parallel.sharding import initialize_parameters
     from megavit.parallel.state import serial_state
 
     old = loaded.model_config
@@ -151,19 +152,7 @@ def at_resolution(loaded: InferenceModel, height: int, width: int) -> InferenceM
     cfg = dataclasses.replace(old, img_h=height, img_w=width)
     if problems := model_problems(cfg):
         raise ConfigError(f"--img-h {height} --img-w {width}: " + "; ".join(problems))
-    rt = Runtime(tp=serial_state().tp)
-    with torch.device("meta"):
-        if loaded.kind == "segmentation":
-            from megavit.models.dense import DenseVisionTransformer
-
-            seg = loaded.info["segmentation"]
-            model = DenseVisionTransformer(cfg, rt, seg["num_classes"], seg["neck"],
-                                           seg["neck_channels"], seg["decoder_channels"])
-        else:
-            from megavit.models.vit import VisionTransformer
-
-            model = VisionTransformer(cfg, rt)
-    initialize_parameters(model, 0, device="cpu")
+    model = _image_model(loaded.kind, cfg, loaded.info, Runtime(tp=serial_state().tp), "cpu")
     state = loaded.model.state_dict()
     if "pos_embed.weight" in state:
         state["pos_embed.weight"] = resize_pos_embed(state["pos_embed.weight"], old.grid,
@@ -176,9 +165,3 @@ def at_resolution(loaded: InferenceModel, height: int, width: int) -> InferenceM
     pre = dataclasses.replace(loaded.preprocessing, height=height, width=width)
     return dataclasses.replace(loaded, model=model.eval(), info=info, preprocessing=pre)
 
-
-def require_kind(loaded: InferenceModel, *kinds: str, what: str) -> None:
-    """CheckpointLoadError unless the checkpoint is of one of `kinds` (`what` needs it)."""
-    if loaded.kind not in kinds:
-        raise CheckpointLoadError(f"{loaded.checkpoint}: a {loaded.kind} checkpoint; {what} "
-                                  f"needs a {' or '.join(kinds)} one")

@@ -71,14 +71,13 @@ def meta_model(cfg: "ModelConfig", tp: int) -> nn.Module:
 def dense_meta_model(cfg: "ModelConfig", seg: dict, tp: int) -> nn.Module:
     """A segmentation checkpoint's model (the ViT, its neck and decoder; `seg`: the
     description's "segmentation" section) on the meta device, as TP rank 0 of `tp`."""
-    from megavit.models.dense import DenseVisionTransformer
+    from megavit.models.dense import dense_from_description
     from megavit.models.transformer import Runtime
     from megavit.parallel.comm import CommStats, Group
 
     group = Group("tp", tuple(range(tp)), 0, None, CommStats())
     with torch.device("meta"):
-        return DenseVisionTransformer(cfg, Runtime(tp=group), seg["num_classes"], seg["neck"],
-                                      seg["neck_channels"], seg["decoder_channels"])
+        return dense_from_description(cfg, Runtime(tp=group), seg)
 
 
 def serial_meta_model(info: dict, tp: int) -> nn.Module:

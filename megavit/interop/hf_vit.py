@@ -40,7 +40,8 @@ from megavit.checkpointing.offline import ConvertError
 from megavit.config import ModelConfig
 from megavit.data.preprocessing import Preprocessing
 from megavit.interop.consolidate import OutputTensor
-from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.interop.mapping import (ExportPlan, ImportPlan, model_flags, serial_shapes,
+                                     token_structure_differences)
 from megavit.interop.preprocessor_configs import hf_image_processor
 
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}   # megavit -> transformers
@@ -62,13 +63,7 @@ def differences(cfg: ModelConfig) -> list[str]:
            for k, v in wanted.items() if getattr(cfg, k) != v]
     if cfg.img_h != cfg.img_w:
         out.append(f"images are {cfg.img_h}x{cfg.img_w}; transformers' ViT takes square ones")
-    if cfg.num_registers:
-        out.append(f"--num-registers {cfg.num_registers}: megavit does not map register "
-                   "tokens to transformers' ViT yet")
-    if cfg.patch_merge_layers:
-        out.append(f"--patch-merge-layers {cfg.patch_merge_layers}: transformers' ViT keeps one "
-                   "token grid through every block (no patch merging)")
-    return out
+    return out + token_structure_differences(cfg, "transformers' ViT")
 
 
 def _names(cfg: ModelConfig) -> list[tuple[str, str]]:

@@ -69,3 +69,16 @@ def model_flags(cfg) -> list[str]:
         elif value not in (None, "") and "dropout" not in name and "drop_path" not in name:
             flags += [flag, str(value)]
     return flags
+
+
+def token_structure_differences(cfg, target: str) -> list[str]:
+    """What of megavit's token sequence a plain ViT library (`target`, e.g. "timm's
+    VisionTransformer") has no place for: registers and patch merging."""
+    out = []
+    if cfg.num_registers:
+        out.append(f"--num-registers {cfg.num_registers}: megavit does not map register "
+                   f"tokens to {target} yet")
+    if cfg.patch_merge_layers:
+        out.append(f"--patch-merge-layers {cfg.patch_merge_layers}: {target} keeps one token "
+                   "grid through every block (no patch merging)")
+    return out

@@ -52,7 +52,8 @@ from megavit.checkpointing.offline import ConvertError
 from megavit.config import ModelConfig
 from megavit.data.preprocessing import Preprocessing, default_preprocessing
 from megavit.interop.consolidate import OutputTensor
-from megavit.interop.mapping import ExportPlan, ImportPlan, model_flags, serial_shapes
+from megavit.interop.mapping import (ExportPlan, ImportPlan, model_flags, serial_shapes,
+                                     token_structure_differences)
 from megavit.interop.preprocessor_configs import timm_pretrained_cfg
 
 EXPORT_ARCHITECTURE = "vit_base_patch16_xp_224"
@@ -98,12 +99,7 @@ def differences(cfg: ModelConfig) -> list[str]:
         out.append(f"--attention-type is {cfg.attention_type!r} (per layer: "
                    f"{cfg.attention_type_per_layer or 'none'}); timm's ViT attends over all "
                    "tokens in every block")
-    if cfg.num_registers:
-        out.append(f"--num-registers {cfg.num_registers}: megavit does not map register "
-                   "tokens to timm's VisionTransformer yet")
-    if cfg.patch_merge_layers:
-        out.append(f"--patch-merge-layers {cfg.patch_merge_layers}: timm's VisionTransformer "
-                   "keeps one token grid through every block (no patch merging)")
+    out += token_structure_differences(cfg, "timm's VisionTransformer")
     if cfg.norm_epsilon != 1e-6:
         out.append(f"--norm-epsilon is {cfg.norm_epsilon}; timm's norms use 1e-6")
     if cfg.ffn_hidden_size != int(cfg.ffn_hidden_size / cfg.hidden_size * cfg.hidden_size):

@@ -227,6 +227,15 @@ class DenseVisionTransformer(VisionTransformer):
                              align_corners=False)
 
 
+def dense_from_description(cfg: ModelConfig, rt: Runtime, seg: dict
+                           ) -> DenseVisionTransformer:
+    """A whole DenseVisionTransformer (on the current default device, e.g. meta) from a
+    checkpoint description's "segmentation" section (num_classes, neck, neck_channels,
+    decoder_channels)."""
+    return DenseVisionTransformer(cfg, rt, seg["num_classes"], seg["neck"],
+                                  seg["neck_channels"], seg["decoder_channels"])
+
+
 def build_dense_stage(cfg: ModelConfig, rt: Runtime, seed: int, layout, stage: int,
                       num_classes: int, neck: str, neck_channels: int, decoder_channels: int,
                       device: torch.device | str = "cpu",

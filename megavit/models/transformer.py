@@ -182,6 +182,14 @@ def _rotated(q, k, v, dropout_p, mask, layout, head_dim, inner, angles: dict) ->
     return inner(apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin), v, dropout_p, mask)
 
 
+def keep_probabilities(recorded: list, probabilities: torch.Tensor) -> None:
+    """Append recorded attention probabilities, keeping their gradient after backward
+    (gradient-weighted maps read it)."""
+    if probabilities.requires_grad:
+        probabilities.retain_grad()
+    recorded.append(probabilities)
+
+
 class AttentionCore(nn.Module):
     """The attention core of a block over this rank's heads — QK-norms, softmax(QK^T)V (or
     window / local-global / linear attention, `cfg.attention_kind(layer)`, with rope-2d
@@ -228,9 +236,7 @@ class AttentionCore(nn.Module):
                                            inner=self.eager, angles=angles)
 
     def _record(self, probabilities: torch.Tensor) -> None:
-        if probabilities.requires_grad:        # gradient-weighted maps read its gradient
-            probabilities.retain_grad()
-        self.recorded.append(probabilities)
+        keep_probabilities(self.recorded, probabilities)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              mask: torch.Tensor | None) -> torch.Tensor:
@@ -337,18 +343,14 @@ class MAPHead(nn.Module):
         self.fc2 = RowParallelLinear(f, h, tp, bias=True, init_std=std)
         self.recorded: list | None = None
 
-    def _record(self, probabilities: torch.Tensor) -> None:
-        if probabilities.requires_grad:
-            probabilities.retain_grad()
-        self.recorded.append(probabilities)
-
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`key_mask`: additive [b, 1, 1, s] hiding padded tokens (text), or None."""
         b = x.shape[1]
         q = self.q(self.probe.view(1, 1, -1)).expand(1, b, -1)   # [1, b, h/t]
         k, v = self.kv(x).chunk(2, dim=-1)                        # [s, b, h/t] each
         attend = None if self.recorded is None else functools.partial(
-            eager_attention, kind="full", length=x.shape[0], record=self._record)
+            eager_attention, kind="full", length=x.shape[0],
+            record=functools.partial(keep_probabilities, self.recorded))
         y = self.proj(multi_head_attention(q, k, v, self.head_dim, attn_mask=key_mask,
                                            attend=attend))        # [1, b, h]
         y = y + self.fc2(self.act(self.fc1(self.norm(y))))

@@ -280,11 +280,12 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
         return scatter_to_sequence_parallel(x, self.rt.tp)
 
-    def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """With SP: this rank's [s_p/t, b, h] -> all [s, b, h] (padding dropped)."""
+    def gather_sequence(self, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """With SP: this rank's [s_p/t, b, h] of a `length`-token sequence (default: this
+        part's output) -> all [s, b, h] (padding dropped)."""
         if not self.rt.sequence_parallel:
             return x
-        return gather_from_sequence_parallel(x, self.rt.tp)[:self.output_length]
+        return gather_from_sequence_parallel(x, self.rt.tp)[:length or self.output_length]
 
     def merge(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The merge after block `layer`. With SP: this rank's shard is gathered (padding
@@ -292,7 +293,7 @@ class VisionTransformer(nn.Module):
         scattered."""
         if not self.rt.sequence_parallel:
             return self.merges[str(layer)](x)
-        full = gather_from_sequence_parallel(x, self.rt.tp)[:self.lengths[layer]]
+        full = self.gather_sequence(x, self.lengths[layer])
         merged = self.merges[str(layer)](full)
         t = self.rt.tp.size
         pad = -(-merged.shape[0] // t) * t - merged.shape[0]
@@ -382,14 +383,6 @@ class VisionTransformer(nn.Module):
         x, *features = torch.split(x, sizes)
         return x, features
 
-    def gather_tokens(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Block `layer`'s output as held here -> all its tokens [s_l, b, h] (with SP
-        gathered over TP, padding dropped)."""
-        if not self.rt.sequence_parallel:
-            return x
-        length = self.cfg.at_layer(layer).seq_length
-        return gather_from_sequence_parallel(x, self.rt.tp)[:length]
-
     def token_map(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Block `layer`'s tokens [s_l, b, h] (layer = num_layers: the last block's output
         after any merge) -> its patch map [b, h, gh, gw] (a class token dropped)."""
@@ -418,7 +411,9 @@ class VisionTransformer(nn.Module):
         finally:
             self.train(training)
         by_layer = dict(zip(sorted(set(layers)), caught))
-        return [self.token_map(self.gather_tokens(by_layer[l], l), l) for l in layers]
+        return [self.token_map(self.gather_sequence(by_layer[l],
+                                                    self.cfg.at_layer(l).seq_length), l)
+                for l in layers]
 
     def forward(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None,
                 block_meter: contextlib.AbstractContextManager | None = None,
@@ -437,7 +432,8 @@ class VisionTransformer(nn.Module):
             if self.reads_hidden_states:
                 x = self.gather_sequence(x)
             return self.output(x, apply_head,
-                               [self.gather_tokens(f, l) for f, l in zip(features, layers)])
+                               [self.gather_sequence(f, self.feature_lengths[l])
+                                for f, l in zip(features, layers)])
         return torch.cat([x, *features]) if features else x
 
     def output(self, x: torch.Tensor, apply_head: bool = True,

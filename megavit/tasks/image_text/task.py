@@ -125,9 +125,8 @@ class ImageTextTask:
 
     def _activation_shape(self, run: Run, batch: int) -> tuple[int, int, int]:
         """[tokens, images, width] passed between image-tower stages."""
-        image, t = run.model.image, run.pstate.tp.size
-        tokens = image.padded_length // t if image.rt.sequence_parallel else image.input_length
-        return tokens, batch, image.cfg.hidden_size
+        image = run.model.image
+        return image.received_tokens, batch, image.cfg.hidden_size
 
     def _run_image_tower(self, run: Run, images: torch.Tensor | None, batch: int,
                          forward_only: bool, on_features) -> None:
