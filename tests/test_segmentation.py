@@ -140,13 +140,16 @@ def saved_serial_run(path: str) -> dict:
     return run.evaluate()
 
 
-def inference_job(pstate, path: str) -> torch.Tensor:
-    """The logits of a saved segmentation model loaded for inference at this layout."""
-    from megavit.checkpointing.inference import load_for_inference
+def inference_job(pstate, path: str) -> list[torch.Tensor]:
+    """The logits of a saved segmentation model loaded for inference at this layout, at
+    its own size and at 32x32 px (predict --img-h 32 --img-w 32)."""
+    from megavit.checkpointing.inference import at_resolution, load_for_inference
 
     loaded = load_for_inference(path, pstate=pstate if pstate.world.size > 1 else None)
+    bigger = at_resolution(loaded, 32, 32)
     with torch.no_grad():
-        return loaded.model(probe_images(seg_config("gap")))
+        return [loaded.model(probe_images(seg_config("gap"))),
+                bigger.model(F.interpolate(probe_images(seg_config("gap")), size=(32, 32)))]
 
 
 def evaluate_only_job(pstate, cfg: SegmentationRunConfig) -> dict:
@@ -212,8 +215,8 @@ def test_segmentation_trains_and_evaluates_as_the_serial_run(layout):
                 assert evaluation[key] == pytest.approx(ref["eval"][key], rel=1e-4, abs=1e-6), \
                     f"{what} {key}"
     for r in results.get("inference", []):       # loaded for inference at TP=2
-        torch.testing.assert_close(r, results["eval_only_expected"]["logits"], rtol=RTOL,
-                                   atol=1e-5)
+        for got, want in zip(r, results["eval_only_expected"]["logits"]):
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-5)
     for r in results.get("eval_only", []):       # a serial checkpoint at TP=2 + SP
         want = results["eval_only_expected"]["eval"]
         assert r["iteration"] == 2

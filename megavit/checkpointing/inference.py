@@ -138,9 +138,7 @@ def at_resolution(loaded: InferenceModel, height: int, width: int) -> InferenceM
 
     from megavit.config import ConfigError
     from megavit.config.validation import model_problems
-    from megavit.models.transformer import Runtime
     from megavit.models.vit import resize_axis_table, resize_pos_embed
-    from megavit.parallel.state import serial_state
 
     old = loaded.model_config
     if (old.img_h, old.img_w) == (height, width):
@@ -152,7 +150,9 @@ def at_resolution(loaded: InferenceModel, height: int, width: int) -> InferenceM
     cfg = dataclasses.replace(old, img_h=height, img_w=width)
     if problems := model_problems(cfg):
         raise ConfigError(f"--img-h {height} --img-w {width}: " + "; ".join(problems))
-    model = _image_model(loaded.kind, cfg, loaded.info, Runtime(tp=serial_state().tp), "cpu")
+    # the loaded model's TP split and device: its state dict holds this rank's shards
+    device = next(loaded.model.parameters()).device
+    model = _image_model(loaded.kind, cfg, loaded.info, loaded.model.rt, device)
     state = loaded.model.state_dict()
     if "pos_embed.weight" in state:
         state["pos_embed.weight"] = resize_pos_embed(state["pos_embed.weight"], old.grid,
