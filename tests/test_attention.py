@@ -43,13 +43,13 @@ PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
             "recompute_method": "uniform", "recompute_num_layers": 1}
 LAYOUTS = {"tp2": (2, 2, 1, [{}, SP_SELECTIVE]), "pp2": (2, 1, 2, [PP2_FULL])}
 # model: (debug_config variant, window side, attention flags for `layers` blocks);
-# map: vit22b blocks, 5x5 grid + 1 register, MAP pooling, blocks local-global / linear /
-# window / full;
+# map: vit22b blocks, 5x5 grid + 2 registers (27 tokens: odd, padded under SP), MAP pooling,
+# blocks local-global / linear / window / full;
 # cls: classic blocks with a class token and 2 registers (4x4 grid + 3), shifted windows
 MODELS = {
-    # (one register: dropped before the MAP pooling, global in the window blocks)
+    # (two registers: dropped before the MAP pooling, global in the window blocks)
     "map": ("vit22b", 2, lambda layers: dict(
-        attention_type_per_layer="local-global,linear,window,full", num_registers=1)),
+        attention_type_per_layer="local-global,linear,window,full", num_registers=2)),
     # Swin-shifted windows (every second block) over a padded grid with a class token and
     # two registers after it
     "cls": ("classic", 3, lambda layers: dict(attention_type="window", window_shift=True,
