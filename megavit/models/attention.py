@@ -319,10 +319,11 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         a = elu_feature(q) @ elu_feature(k).transpose(-2, -1)
         probabilities = a / a.sum(dim=-1, keepdim=True)
     else:
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        # scaled on q ([L, d]), masked in place: no extra [L, L] pass
+        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
         if kind in ("window", "local-global"):
             allowed = attention_allowed(layout, w, shift, kind == "local-global")
-            scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+            scores.masked_fill_(~allowed.to(scores.device), float("-inf"))
         probabilities = scores.softmax(dim=-1)
     if record is not None:
         record(probabilities)
