@@ -1,6 +1,7 @@
 """The package's imports follow its layers (docs/architecture.md), and none loops.
 
     tools, benchmarks, entry points (megavit.pretrain, megavit.pretrain_contrastive, megavit.segment,
+                                     megavit.distill, megavit.predict,
                                      megavit.run_entry)
       -> tasks -> training -> checkpointing -> models, data -> parallel -> config -> errors
     interop may use models, checkpointing, data (and what they use); never training or tasks
@@ -31,7 +32,8 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": _BASE | {"config", "parallel", "models", "data", "checkpointing", "training"},
     "interpret": _BASE | {"config", "parallel", "models", "data", "checkpointing"},
 }
-ENTRY_POINTS = {"pretrain", "pretrain_contrastive", "segment", "predict", "run_entry"}
+ENTRY_POINTS = {"pretrain", "pretrain_contrastive", "segment", "predict", "distill",
+                "run_entry"}
 
 
 def module_name(path: Path) -> str:

@@ -145,7 +145,7 @@ def load(path):
 
 
 for module in ("megavit.pretrain", "megavit.pretrain_contrastive", "megavit.segment",
-               "megavit.predict"):
+               "megavit.predict", "megavit.distill"):
     check("entry", module, lambda: start("module", module))
 for path in sorted(pathlib.Path(root, "tools").glob("*.py")):
     check("entry", path.name, lambda: start("script", str(path)))
@@ -184,7 +184,8 @@ def test_every_entry_point_starts_in_a_fresh_interpreter(fresh_interpreter):
     `python -m MODULE --help` do (runpy, as __main__): each prints its usage and exits 0."""
     got = fresh_interpreter["entry"]
     assert sorted(got) == sorted(["megavit.pretrain", "megavit.pretrain_contrastive",
-                                  "megavit.segment", "megavit.predict"] + [
+                                  "megavit.segment", "megavit.predict",
+                                  "megavit.distill"] + [
         p.name for p in (ROOT / "tools").glob("*.py")])
     assert len(got) > 10                      # the glob found the tools
     for name, result in got.items():

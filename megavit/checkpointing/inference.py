@@ -95,6 +95,43 @@ def load_for_inference(path: Path, tokenizer_model: str | None = None,
     return InferenceModel(kind, model.eval(), info, checkpoint, pre, note, tokenizer, names)
 
 
+def load_frozen_classifier(path: Path, pstate, here: bool, what: str = "teacher"
+                           ) -> InferenceModel | None:
+    """A classifier checkpoint's model for forward passes inside a training job: split over
+    `pstate`'s TP group (any saved layout resharded), in eval mode, every parameter frozen
+    (requires_grad False), on the ranks where `here` (None elsewhere). Every rank of the
+    world calls it: the read is collective; the others read nothing. Checks as
+    `load_for_inference`, errors naming `what`."""
+    from megavit.models.transformer import Runtime
+
+    checkpoint = resolve_checkpoint(path)
+    info = read_checkpoint_info(checkpoint)
+    kind = checkpoint_kind(info)
+    if kind != "classifier":
+        raise CheckpointLoadError(f"{checkpoint}: the {what} must be a classifier; this is a "
+                                  f"{kind} checkpoint")
+    cfg = ModelConfig(**info["model"])
+    if not cfg.num_classes:
+        raise CheckpointLoadError(f"{checkpoint}: the {what} has no classifier (--num-classes "
+                                  "0, a feature extractor)")
+    if cfg.num_attention_heads % pstate.tp.size or cfg.ffn_hidden_size % pstate.tp.size:
+        raise CheckpointLoadError(f"{checkpoint}: tensor-parallel size {pstate.tp.size} does "
+                                  f"not divide the {what}'s {cfg.num_attention_heads} heads "
+                                  f"and MLP width {cfg.ffn_hidden_size}")
+    check_loadable(checkpoint)
+    check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
+    if not here:
+        load_state({}, checkpoint, pstate, f"{what} model")
+        return None
+    model = _image_model(kind, cfg, info, Runtime(tp=pstate.tp), pstate.device)
+    load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
+               checkpoint, pstate, f"{what} model")
+    model.eval().requires_grad_(False)
+    pre, note = checkpoint_preprocessing(info, cfg, str(checkpoint / CONFIG_FILE))
+    return InferenceModel(kind, model, info, checkpoint, pre, note,
+                          class_names=list(info.get("classes", {}).get("names", [])))
+
+
 def _image_model(kind: str, cfg: ModelConfig, info: dict, rt, device) -> nn.Module:
     """A ViT classifier or a segmentation model of the checkpoint description `info` (the
     model section replaced by `cfg`), materialised on `device` (weights to be loaded)."""

@@ -1,0 +1,110 @@
+"""Flags of `python -m megavit.distill`: `megavit.pretrain`'s flags for the student (model,
+parallel, training, precision, data, logging, checkpoint) plus the teacher and the
+distillation losses below.
+
+    cfg = parse_distillation_args(["--preset", "vit-debug", "--teacher-checkpoint", "ck"])
+    validate_distillation(cfg, world_size=2)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from megavit.config.fields import ConfigError, opt
+from megavit.config.flags import SECTIONS as BASE_SECTIONS
+from megavit.config.flags import build_parser, config_from_sections, parse_sections
+from megavit.config.model import ModelConfig
+from megavit.config.run import Config
+from megavit.config.validation import validate
+
+DISTILL_LOSSES = ("soft", "hard")
+
+
+@dataclass
+class DistillationConfig:
+    """The frozen teacher and what the student learns from it. The teacher runs forward
+    only (eval mode, no gradient, no optimizer state) at the job's tensor-parallel size, on
+    the ranks of the first pipeline stage (which hold the images), on the same augmented
+    images as the student; its logits reach the last stage with the labels."""
+
+    teacher_checkpoint: str | None = field(
+        default=None,
+        metadata=opt("The teacher: a megavit classifier checkpoint (a --save directory or "
+                     "its iter_N/; any saved layout; a timm / transformers model brought in "
+                     "with tools/import_hf.py). Its class count must be the student's; its "
+                     "image size and normalisation may differ (images are resized and "
+                     "renormalised for it). Required."))
+    distill_loss: str = field(
+        default="soft",
+        metadata=opt("'soft': KL(softmax(teacher/T) || softmax(student/T)) T^2 (Hinton et "
+                     "al.); 'hard': cross-entropy against the teacher's top class (DeiT).",
+                     choices=DISTILL_LOSSES))
+    distill_alpha: float = field(
+        default=0.5,
+        metadata=opt("Weight of the distillation term: loss = (1 - alpha) * the task's loss "
+                     "on the labels + alpha * distillation (1.0: the teacher alone)."))
+    distill_temperature: float = field(
+        default=1.0,
+        metadata=opt("Temperature T of --distill-loss soft (both distributions softened by "
+                     "T; the term is scaled by T^2)."))
+
+
+@dataclass
+class DistillationRunConfig:
+    """Everything `megavit.distill` is configured by."""
+
+    base: Config
+    distillation: DistillationConfig
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.base.model
+
+
+SECTIONS: tuple[tuple[str, type], ...] = (*BASE_SECTIONS, ("distillation", DistillationConfig))
+PROG = "python -m megavit.distill"
+
+
+def distillation_parser() -> argparse.ArgumentParser:
+    return build_parser(PROG, SECTIONS, "Distil a frozen teacher ViT into a student ViT "
+                        "classifier with tensor, sequence, pipeline and data parallelism.")
+
+
+def parse_distillation_args(argv: Sequence[str] | None = None) -> DistillationRunConfig:
+    """Flags -> DistillationRunConfig (a preset first, explicit flags on top)."""
+    sections, presets = parse_sections(distillation_parser(), SECTIONS, argv)
+    distill = DistillationConfig(**sections.pop("distillation"))
+    return DistillationRunConfig(config_from_sections(sections, presets["preset"]), distill)
+
+
+def validate_distillation(cfg: DistillationRunConfig, world_size: int = 1) -> None:
+    """`validate`'s checks, then the distillation ones; ConfigError naming each flag."""
+    validate(cfg.base, world_size)
+    d, problems = cfg.distillation, []
+    if not d.teacher_checkpoint:
+        problems.append("--teacher-checkpoint is required: the frozen teacher's checkpoint "
+                        "directory")
+    elif not Path(d.teacher_checkpoint).is_dir():
+        problems.append(f"--teacher-checkpoint {d.teacher_checkpoint}: no such directory")
+    if not 0.0 <= d.distill_alpha <= 1.0:
+        problems.append(f"--distill-alpha {d.distill_alpha}: must be in [0, 1]")
+    if not d.distill_temperature > 0.0:
+        problems.append(f"--distill-temperature {d.distill_temperature}: must be positive")
+    if cfg.base.training.freeze_backbone:
+        problems.append("--freeze-backbone: a linear probe learns from labels; distillation "
+                        "trains the student's backbone")
+    if cfg.base.data.dataset == "mnist-seg":
+        problems.append("--dataset mnist-seg has a label per pixel: distillation trains a "
+                        "classifier")
+    if cfg.base.model.feature_layers:
+        problems.append(f"--feature-layers {cfg.base.model.feature_layers}: a classifier "
+                        "reads the last block only")
+    if cfg.base.model.num_classes == 0:
+        problems.append("--num-classes 0 builds a feature extractor; the student needs the "
+                        "teacher's classes")
+    if problems:
+        raise ConfigError("the configuration has problems:\n  - " + "\n  - ".join(problems)
+                          if len(problems) > 1 else problems[0])

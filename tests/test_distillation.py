@@ -1,0 +1,222 @@
+"""Response distillation (megavit/tasks/distillation, `python -m megavit.distill`): a student
+trained on the labels and on a frozen teacher's logits equals the serial run at TP=2 x DP=2
+with the distributed optimizer (plain, and with sequence parallelism over an odd token
+count and selective recomputation) and at PP=2 (full recomputation; interleaved stages):
+losses, gradients and weights after two steps. The teacher's weights are bit-identical
+after training, it has no gradient and no optimizer state, and the student's checkpoint
+holds none of it (a reference and its config's hash).
+
+The teacher (3 blocks, 16x16 px, trained 3 steps) is saved once per module by the serial
+run; students see 20x20 px images (25 tokens: odd, padded under SP), which the teacher
+reads resized to its 16x16. One process group per layout runs every check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+
+import pytest
+import torch
+
+from megavit.checkpointing.checkpointer import save_checkpoint
+from megavit.config.distillation import DistillationConfig, DistillationRunConfig
+from megavit.parallel.sharding import full_state
+from megavit.parallel.state import ParallelState, serial_state
+from megavit.tasks.classification import classification_run
+from megavit.tasks.distillation.task import DistillationTask, teacher_input
+from megavit.training.run import Run
+from tests import cli
+from tests.harness import run_distributed
+from tests.scenarios import debug_config, train_steps, uncounted
+from tests.test_checkpoint_cli import ROOT
+from tests.test_tensor_parallel import adam_first_order_bound, assert_tensors_close
+
+RTOL = 1e-5
+SP_SELECTIVE = {"sequence_parallel": True, "recompute_granularity": "selective",
+                "use_distributed_optimizer": True}
+PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
+            "recompute_method": "uniform", "recompute_num_layers": 1}
+PP2_INTERLEAVED = {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
+SOFT = dict(distill_loss="soft", distill_alpha=0.5, distill_temperature=2.0)
+HARD = dict(distill_loss="hard", distill_alpha=0.7)
+# name: (world, tp, pp, [(ParallelConfig overrides, distillation settings) per check])
+LAYOUTS = {"tp2dp2": (4, 2, 1, [({"use_distributed_optimizer": True}, SOFT),
+                                (SP_SELECTIVE, HARD)]),
+           "pp2": (2, 1, 2, [(PP2_FULL, SOFT), (PP2_INTERLEAVED, HARD)])}
+
+
+def teacher_config():
+    return debug_config(layers=3, model=dict(img_h=16, img_w=16, drop_path_rate=0.0))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """The serial teacher after three steps, as a --save directory."""
+    root = tmp_path_factory.mktemp("teacher")
+    cfg = teacher_config()
+    run = classification_run(cfg, serial_state())
+    train_steps(serial_state(), cfg, steps=3, run=run)
+    save_checkpoint(run, str(root), 3, 0, lambda line: None)
+    return str(root)
+
+
+def student_config(teacher: str, tp: int = 1, parallel: dict | None = None,
+                   distill: dict | None = None) -> DistillationRunConfig:
+    """vit-debug at 20x20 px (2 blocks; 4 under pipeline parallelism), digits."""
+    layers = 4 if parallel and parallel.get("pipeline_model_parallel_size") else 2
+    base = debug_config(tp=tp, parallel=parallel, layers=layers)
+    return DistillationRunConfig(base, DistillationConfig(teacher_checkpoint=teacher,
+                                                          **(distill or SOFT)))
+
+
+def distilled_steps(pstate: ParallelState, cfg: DistillationRunConfig) -> dict:
+    """Two steps' losses, gradients and weights; the teacher's weights before and after
+    (first stage) and what it trains."""
+    task = DistillationTask(cfg)
+    run = Run.build(task, pstate)
+    teacher = task.teacher.model if task.teacher is not None else None
+    before = uncounted(pstate, full_state, teacher, pstate.tp) if teacher is not None else None
+    out = train_steps(pstate, cfg.base, steps=2, run=run)
+    if teacher is not None:
+        out["teacher_before"] = before
+        out["teacher_after"] = uncounted(pstate, full_state, teacher, pstate.tp)
+        out["teacher_trainable"] = [n for n, p in teacher.named_parameters() if p.requires_grad]
+        out["teacher_in_optimizer"] = any(
+            p is q for group in run.optimizer.param_groups for p in group["params"]
+            for q in teacher.parameters()) if hasattr(run.optimizer, "param_groups") else False
+    out["evaluation"] = run.evaluate()
+    return out
+
+
+def merged(results: list[dict], pp: int) -> list[dict]:
+    """One whole-student result per rank of the first stage: its stages' tensors joined."""
+    column = len(results) // pp
+    out = []
+    for c in range(column):
+        ranks = [results[k * column + c] for k in range(pp)]
+        whole = {"loss": ranks[-1]["loss"], "grad_norm": ranks[-1]["grad_norm"],
+                 "weights": {}, "initial": {}, "grads": [{}, {}]}
+        for r in ranks:
+            whole["weights"].update(r["weights"])
+            whole["initial"].update(r["initial"])
+            for step in range(2):
+                whole["grads"][step].update(r["grads"][step])
+        out.append(whole)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def serial(layers: int, distill_key: str, teacher: str) -> dict:
+    distill = SOFT if distill_key == "soft" else HARD
+    cfg = student_config(teacher, distill=distill)
+    cfg.base.model = dataclasses.replace(cfg.base.model, num_layers=layers)
+    return distilled_steps(serial_state(), cfg)
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request, teacher):
+    world, tp, pp, checks = LAYOUTS[request.param]
+    jobs = {f"c{i}": (distilled_steps, (student_config(teacher, tp, parallel, distill),))
+            for i, (parallel, distill) in enumerate(checks)}
+    return request.param, run_distributed(world, tp, jobs, pp=pp)
+
+
+def test_distillation_matches_serial(layout, teacher):
+    name, results = layout
+    world, tp, pp, checks = LAYOUTS[name]
+    for i, (parallel, distill) in enumerate(checks):
+        cfg = student_config(teacher, tp, parallel, distill)
+        ref = serial(cfg.base.model.num_layers, distill["distill_loss"], teacher)
+        what = f"{name}[{i}]"
+        for got in merged(results[f"c{i}"], pp):
+            assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), what
+            assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL), what
+            for step in range(2):
+                assert_tensors_close(got["grads"][step], ref["grads"][step],
+                                     f"{what} step {step} grad")
+            bound = adam_first_order_bound(ref, got, debug_config())
+            for k, w in ref["weights"].items():
+                err = (got["weights"][k] - w).abs()
+                allowed = 1e-6 * w.abs().max() + 1e-8 + bound[k]
+                assert torch.all(err <= allowed), f"{what} weight {k}: max error {err.max():.3e}"
+        first_stage = results[f"c{i}"][:world // pp]
+        for rank in first_stage:               # the teacher lives on the first stage
+            assert rank["teacher_trainable"] == [] and not rank["teacher_in_optimizer"]
+            for k, w in rank["teacher_before"].items():
+                assert torch.equal(rank["teacher_after"][k], w), f"{what} teacher {k} changed"
+            assert_tensors_close(rank["teacher_before"], ref["teacher_before"],
+                                 f"{what} teacher loaded", rtol=0, atol=0)
+        for rank in results[f"c{i}"]:          # every rank reports the same evaluation
+            assert rank["evaluation"]["teacher_accuracy"] == pytest.approx(
+                ref["evaluation"]["teacher_accuracy"]), what
+            assert rank["evaluation"]["eval_accuracy"] == pytest.approx(
+                ref["evaluation"]["eval_accuracy"]), what
+
+
+def test_the_distillation_term_moves_the_student(teacher):
+    """alpha 0 is plain classification of the same student; alpha > 0 changes the loss by
+    the distillation term exactly as losses.py mixes it (checked on the first step's
+    loss, from the same initial weights)."""
+    plain = serial(2, "soft", teacher)
+    cfg = student_config(teacher, distill=dict(SOFT, distill_alpha=0.0))
+    alone = distilled_steps(serial_state(), cfg)
+    base = train_steps(serial_state(), cfg.base, steps=2)
+    assert alone["loss"] == pytest.approx(base["loss"], rel=1e-6)
+    assert plain["loss"][0] != pytest.approx(base["loss"][0], rel=1e-3)
+
+
+def test_teacher_input_renormalises_and_resizes():
+    from megavit.data.preprocessing import Preprocessing
+
+    student = Preprocessing(mean=(0.5,), std=(0.25,), channels=1, height=4, width=4)
+    same = dataclasses.replace(student)
+    other = Preprocessing(mean=(0.1,), std=(0.5,), channels=1, height=2, width=2)
+    x = torch.randn(3, 1, 4, 4)
+    assert torch.equal(teacher_input(x, student, same), x)
+    pixels = x * 0.25 + 0.5
+    want = torch.nn.functional.interpolate((pixels - 0.1) / 0.5, size=(2, 2), mode="bilinear",
+                                           align_corners=False, antialias=True)
+    torch.testing.assert_close(teacher_input(x, student, other), want)
+
+
+def distill_cli(*args: str):
+    return cli.run([sys.executable, "-m", "megavit.distill", "--preset", "vit-debug",
+                    "--num-channels", "1", "--img-h", "8", "--img-w", "8", "--patch-dim", "2",
+                    "--num-layers", "1", "--dataset", "digits", "--micro-batch-size", "8",
+                    "--global-batch-size", "8", "--log-interval", "1", "--eval-iters", "2",
+                    "--progress-bar", "off", *args],
+                   capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_the_cli_distils_saves_the_student_only_and_names_bad_teachers(teacher, tmp_path):
+    save = tmp_path / "student"
+    proc = distill_cli("--teacher-checkpoint", teacher, "--train-iters", "2", "--save",
+                       str(save))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "teacher: " in proc.stdout and "frozen, forward only" in proc.stdout
+    done = proc.stdout.splitlines()[-1]
+    for key in ("student_accuracy", "teacher_accuracy", "student_teacher_ratio"):
+        assert f"| {key} " in done, done
+    described = json.loads((save / "iter_0000002" / "megavit_config.json").read_text())
+    ref = described["distillation"]
+    assert ref["teacher_checkpoint"].endswith("iter_0000003") and len(
+        ref["teacher_config_sha256"]) == 64
+    from torch.distributed.checkpoint import FileSystemReader
+    keys = FileSystemReader(str(save / "iter_0000002")).read_metadata().state_dict_metadata
+    model_keys = {k for k in keys if k.startswith("model/")}
+    assert model_keys and not any("teacher" in k for k in keys)
+    assert len({k for k in model_keys if ".blocks." in k or k.startswith("model/blocks.")}
+               ) > 0
+    # bad teachers: missing, not a classifier's classes, a file
+    missing = distill_cli("--teacher-checkpoint", str(tmp_path / "none"), "--train-iters", "1")
+    assert missing.returncode == 2 and "--teacher-checkpoint" in missing.stderr and \
+        "no such directory" in missing.stderr
+    classes = distill_cli("--teacher-checkpoint", teacher, "--num-classes", "12",
+                          "--train-iters", "1")
+    assert classes.returncode == 2 and "the teacher has 10 classes, the student 12" in \
+        classes.stderr, classes.stderr
+    none = distill_cli("--train-iters", "1")
+    assert none.returncode == 2 and "--teacher-checkpoint is required" in none.stderr
