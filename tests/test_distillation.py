@@ -6,6 +6,10 @@ losses, gradients and weights after two steps. The teacher's weights are bit-ide
 after training, it has no gradient and no optimizer state, and the student's checkpoint
 holds none of it (a reference and its config's hash).
 
+The feature term (pairs of student and teacher blocks through a learned projection, MSE or
+cosine) is checked the same way, its blocks' maps travelling between pipeline stages, and
+equals its formula written out on the models' own maps.
+
 The teacher (3 blocks, 16x16 px, trained 3 steps) is saved once per module by the serial
 run; students see 20x20 px images (25 tokens: odd, padded under SP), which the teacher
 reads resized to its 16x16. One process group per layout runs every check.
@@ -42,10 +46,16 @@ PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
 PP2_INTERLEAVED = {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
 SOFT = dict(distill_loss="soft", distill_alpha=0.5, distill_temperature=2.0)
 HARD = dict(distill_loss="hard", distill_alpha=0.7)
+# feature pairs (student block : teacher block; the teacher has 3 blocks on a 4x4 grid, the
+# student a 5x5 grid): under PP=2 (2 blocks a stage) block 0's map travels from stage 0 to
+# the loss on stage 1; interleaved (1 block a chunk) block 1's goes stage 1 -> 0 -> 1
+SOFT_FEATURES = dict(SOFT, distill_feature_pairs="0:0,3:2", distill_feature_weight=0.5)
+HARD_COSINE = dict(HARD, distill_feature_pairs="0:1", distill_feature_loss="cosine")
+HARD_FEATURE = dict(HARD, distill_feature_pairs="1:2")
 # name: (world, tp, pp, [(ParallelConfig overrides, distillation settings) per check])
 LAYOUTS = {"tp2dp2": (4, 2, 1, [({"use_distributed_optimizer": True}, SOFT),
-                                (SP_SELECTIVE, HARD)]),
-           "pp2": (2, 1, 2, [(PP2_FULL, SOFT), (PP2_INTERLEAVED, HARD)])}
+                                (SP_SELECTIVE, HARD_COSINE)]),
+           "pp2": (2, 1, 2, [(PP2_FULL, SOFT_FEATURES), (PP2_INTERLEAVED, HARD_FEATURE)])}
 
 
 def teacher_config():
@@ -109,9 +119,8 @@ def merged(results: list[dict], pp: int) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def serial(layers: int, distill_key: str, teacher: str) -> dict:
-    distill = SOFT if distill_key == "soft" else HARD
-    cfg = student_config(teacher, distill=distill)
+def serial(layers: int, distill_items: tuple, teacher: str) -> dict:
+    cfg = student_config(teacher, distill=dict(distill_items))
     cfg.base.model = dataclasses.replace(cfg.base.model, num_layers=layers)
     return distilled_steps(serial_state(), cfg)
 
@@ -129,7 +138,7 @@ def test_distillation_matches_serial(layout, teacher):
     world, tp, pp, checks = LAYOUTS[name]
     for i, (parallel, distill) in enumerate(checks):
         cfg = student_config(teacher, tp, parallel, distill)
-        ref = serial(cfg.base.model.num_layers, distill["distill_loss"], teacher)
+        ref = serial(cfg.base.model.num_layers, tuple(sorted(distill.items())), teacher)
         what = f"{name}[{i}]"
         for got in merged(results[f"c{i}"], pp):
             assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), what
@@ -160,12 +169,60 @@ def test_the_distillation_term_moves_the_student(teacher):
     """alpha 0 is plain classification of the same student; alpha > 0 changes the loss by
     the distillation term exactly as losses.py mixes it (checked on the first step's
     loss, from the same initial weights)."""
-    plain = serial(2, "soft", teacher)
+    plain = serial(2, tuple(sorted(SOFT.items())), teacher)
     cfg = student_config(teacher, distill=dict(SOFT, distill_alpha=0.0))
     alone = distilled_steps(serial_state(), cfg)
     base = train_steps(serial_state(), cfg.base, steps=2)
     assert alone["loss"] == pytest.approx(base["loss"], rel=1e-6)
     assert plain["loss"][0] != pytest.approx(base["loss"][0], rel=1e-3)
+
+
+def test_the_feature_term_is_the_distance_of_the_projected_maps(teacher):
+    """On one micro-batch: the task's loss minus its response part equals the weight times
+    the mean over pairs of the MSE between the student block's map (from
+    forward_intermediates, through the pair's projection) and the teacher block's map
+    resized bilinearly to the student's 5x5 grid."""
+    import torch.nn.functional as F
+
+    from megavit.tasks.distillation.losses import response_loss
+
+    pairs = dict(SOFT, distill_feature_pairs="0:0,1:2", distill_feature_weight=0.5)
+    cfg = student_config(teacher, distill=pairs)
+    cfg.base.model = dataclasses.replace(cfg.base.model, drop_path_rate=0.0)   # no ids needed
+    task = DistillationTask(cfg)
+    run = Run.build(task, serial_state())
+    mb = next(iter(run.batches(0, 1)))[0]
+    student = run.model.chunks[0]
+    output = student(mb.images)
+    loss = task.distillation_loss(output, mb.labels)
+    logits = output[:, :10]
+    response = response_loss("soft", task.loss_fn(logits, mb.labels[:, :10]), logits,
+                             mb.labels[:, 10:20], 0.5, 2.0)
+    x = teacher_input(mb.images, task.train_set.preprocessing, task.teacher.preprocessing)
+    teacher_maps = task.teacher.model.forward_intermediates(x, [0, 2])
+    student_maps = student.forward_intermediates(mb.images, [0, 1])
+    terms = []
+    for k, (s_map, t_map) in enumerate(zip(student_maps, teacher_maps)):
+        proj = student.feature_projections[k]
+        s_tokens = proj(s_map.permute(0, 2, 3, 1))                    # [m, 5, 5, 32]
+        t_tokens = F.interpolate(t_map, size=(5, 5), mode="bilinear",
+                                 align_corners=False).permute(0, 2, 3, 1)
+        terms.append(((s_tokens - t_tokens) ** 2).mean())
+    assert loss.item() == pytest.approx(response.item() + 0.5 * (terms[0] + terms[1]).item() / 2,
+                                        rel=1e-5)
+    assert (terms[0] + terms[1]).item() > 1e-3          # the term is not vanishing
+
+
+def test_feature_pairs_are_checked_against_both_models(teacher):
+    from megavit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher block 5 outside 0..2"):
+        Run.build(DistillationTask(student_config(teacher, distill=dict(
+            SOFT, distill_feature_pairs="0:5"))), serial_state())
+    cfg = student_config(teacher, distill=dict(SOFT, distill_feature_pairs="0:0"))
+    cfg.base.model = dataclasses.replace(cfg.base.model, img_w=24)      # a 5x6 grid
+    with pytest.raises(ConfigError, match="different aspect ratios"):
+        Run.build(DistillationTask(cfg), serial_state())
 
 
 def test_teacher_input_renormalises_and_resizes():

@@ -141,9 +141,13 @@ def _image_model(kind: str, cfg: ModelConfig, info: dict, rt, device) -> nn.Modu
     from megavit.models.vit import VisionTransformer
     from megavit.parallel.sharding import initialize_parameters
 
-    with torch.device("meta"):
+    from megavit.models.distilled import DistilledStudent
+
+    widths = info.get("distillation", {}).get("feature_widths")
+    with torch.device("meta"):      # (a feature-distilled student keeps its projections)
         model = (dense_from_description(cfg, rt, info["segmentation"])
-                 if kind == "segmentation" else VisionTransformer(cfg, rt))
+                 if kind == "segmentation" else DistilledStudent(cfg, rt, widths) if widths
+                 else VisionTransformer(cfg, rt))
     initialize_parameters(model, 0, device=device)
     return model
 

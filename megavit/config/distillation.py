@@ -50,6 +50,37 @@ class DistillationConfig:
         default=1.0,
         metadata=opt("Temperature T of --distill-loss soft (both distributions softened by "
                      "T; the term is scaled by T^2)."))
+    distill_feature_pairs: str = field(
+        default="",
+        metadata=opt("Feature distillation: student block : teacher block pairs, e.g. "
+                     "'1:5,3:11' (0-based). Each student block's patch map, through a learned "
+                     "linear projection to the teacher's width, is pulled towards the teacher "
+                     "block's (resized to the student's grid when the grids differ; grids of "
+                     "another aspect ratio are refused). Empty: no feature term."))
+    distill_feature_loss: str = field(
+        default="mse",
+        metadata=opt("Distance of --distill-feature-pairs: 'mse' (mean squared error over "
+                     "all elements) or 'cosine' (1 - cosine similarity per token).",
+                     choices=("mse", "cosine")))
+    distill_feature_weight: float = field(
+        default=1.0,
+        metadata=opt("Weight of the feature term (the mean over the pairs), added to the "
+                     "response loss."))
+
+    def feature_pairs(self) -> list[tuple[int, int]]:
+        """--distill-feature-pairs as [(student block, teacher block)], by student block
+        (ValueError naming the flag when malformed)."""
+        pairs = []
+        for item in self.distill_feature_pairs.replace(" ", "").split(","):
+            if not item:
+                continue
+            try:
+                s, t = (int(v) for v in item.split(":"))
+            except ValueError:
+                raise ValueError(f"--distill-feature-pairs {self.distill_feature_pairs}: "
+                                 f"'{item}' is not STUDENT:TEACHER block numbers") from None
+            pairs.append((s, t))
+        return sorted(pairs)
 
 
 @dataclass
@@ -93,6 +124,25 @@ def validate_distillation(cfg: DistillationRunConfig, world_size: int = 1) -> No
         problems.append(f"--distill-alpha {d.distill_alpha}: must be in [0, 1]")
     if not d.distill_temperature > 0.0:
         problems.append(f"--distill-temperature {d.distill_temperature}: must be positive")
+    try:
+        pairs = d.feature_pairs()
+    except ValueError as e:
+        pairs = []
+        problems.append(str(e))
+    students = [s for s, _ in pairs]
+    layers = cfg.base.model.num_layers
+    if len(set(students)) != len(students):
+        problems.append(f"--distill-feature-pairs {d.distill_feature_pairs}: a student block "
+                        "may be paired once")
+    if bad := [s for s in students if not 0 <= s < layers]:
+        problems.append(f"--distill-feature-pairs {d.distill_feature_pairs}: student "
+                        f"block(s) {bad} outside 0..{layers - 1}")
+    if bad := [t for _, t in pairs if t < 0]:
+        problems.append(f"--distill-feature-pairs {d.distill_feature_pairs}: teacher "
+                        f"block(s) {bad} are negative")
+    if d.distill_feature_weight < 0:
+        problems.append(f"--distill-feature-weight {d.distill_feature_weight}: must be 0 or "
+                        "more")
     if cfg.base.training.freeze_backbone:
         problems.append("--freeze-backbone: a linear probe learns from labels; distillation "
                         "trains the student's backbone")

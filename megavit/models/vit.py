@@ -397,6 +397,14 @@ class VisionTransformer(nn.Module):
         [b, c, H, W], as maps [b, h, gh_l, gw_l] in the order of `layers`, computed in eval
         mode (no dropout or drop-path; the module's mode is restored). A whole model only
         (one pipeline stage); under TP / SP every rank returns the whole maps."""
+        return self.output_and_intermediates(images, layers, with_output=False)[1]
+
+    @torch.no_grad()
+    def output_and_intermediates(self, images: torch.Tensor, layers: Sequence[int],
+                                 with_output: bool = True
+                                 ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(the model's output, e.g. logits [b, C], or None without `with_output`; the maps
+        of `forward_intermediates`) from one eval-mode pass."""
         if not (self.pre_process and self.post_process):
             raise ValueError("forward_intermediates needs the whole model on this rank "
                              "(pipeline parallel size 1)")
@@ -407,13 +415,14 @@ class VisionTransformer(nn.Module):
         try:
             x = self.scatter_sequence(self.embed(images))
             caught: list[torch.Tensor] = []
-            self.run_blocks(x, None, frozenset(layers), caught)
+            x = self.run_blocks(x, None, frozenset(layers), caught)
+            out = self.output(self.gather_sequence(x)) if with_output else None
         finally:
             self.train(training)
         by_layer = dict(zip(sorted(set(layers)), caught))
-        return [self.token_map(self.gather_sequence(by_layer[l],
-                                                    self.cfg.at_layer(l).seq_length), l)
-                for l in layers]
+        return out, [self.token_map(self.gather_sequence(by_layer[l],
+                                                         self.cfg.at_layer(l).seq_length), l)
+                     for l in layers]
 
     def forward(self, x: torch.Tensor, sample_ids: torch.Tensor | None = None,
                 block_meter: contextlib.AbstractContextManager | None = None,

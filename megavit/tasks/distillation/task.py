@@ -26,6 +26,7 @@ frozen teacher's logits (response distillation: losses.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,17 +38,18 @@ from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
 from megavit.checkpointing.inference import InferenceModel, load_frozen_classifier
 from megavit.checkpointing.model_config import read_checkpoint_info
 from megavit.checkpointing.model_state import CheckpointLoadError
-from megavit.config import Config, ModelConfig
+from megavit.config import Config, ConfigError, ModelConfig
 from megavit.config.distillation import DistillationRunConfig
 from megavit.data.preprocessing import Preprocessing
 from megavit.data.sampler import MicroBatch, eval_batches
 from megavit.data.targets import class_targets, primary_labels
+from megavit.models.distilled import build_distilled_stage
 from megavit.models.transformer import Runtime
 from megavit.parallel.pipeline_executor import StepStats
 from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.state import ParallelState
 from megavit.tasks.classification import ClassificationTask
-from megavit.tasks.distillation.losses import response_loss
+from megavit.tasks.distillation.losses import feature_distillation, response_loss
 from megavit.training.run import Run
 from megavit.training.step import pipeline_forward_backward
 
@@ -88,6 +90,7 @@ class DistillationTask(ClassificationTask):
         self.teacher: InferenceModel | None = None     # on the first pipeline stage only
         self.teacher_model: ModelConfig | None = None  # every rank
         self.teacher_eval: dict[str, float] | None = None
+        self.pairs: list[tuple[int, int]] = []
 
     def prepare(self, pstate: ParallelState) -> Config:
         cfg = super().prepare(pstate)
@@ -98,11 +101,41 @@ class DistillationTask(ClassificationTask):
                 f"--teacher-checkpoint {self.distill.teacher_checkpoint}: the teacher has "
                 f"{self.teacher_model.num_classes} classes, the student "
                 f"{cfg.model.num_classes}: response distillation needs the same classes")
+        self.pairs = self.distill.feature_pairs()
+        if self.pairs:
+            self.check_pairs(cfg.model, self.teacher_model)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, feature_layers=",".join(str(s) for s, _ in self.pairs)))
+            self.config = cfg
         return cfg
+
+    def check_pairs(self, student: ModelConfig, teacher: ModelConfig) -> None:
+        """Each pair's teacher block exists and its grid can be aligned with the student's."""
+        flag = f"--distill-feature-pairs {self.distill.distill_feature_pairs}"
+        for s, t in self.pairs:
+            if not 0 <= t < teacher.num_layers:
+                raise ConfigError(f"{flag}: teacher block {t} outside 0..{teacher.num_layers - 1}")
+            (sh, sw), (th, tw) = student.grid_at(s), teacher.grid_at(t)
+            if sh * tw != sw * th:
+                raise ConfigError(f"{flag}: student block {s}'s {sh}x{sw} patch grid and "
+                                  f"teacher block {t}'s {th}x{tw} have different aspect "
+                                  "ratios; their tokens cannot be aligned")
+
+    @property
+    def feature_sizes(self) -> list[int]:
+        """Per pair, the flattened size of one image's projected map: H_s * W_s * w_t."""
+        m, t = self.config.model, self.teacher_model
+        return [m.grid_at(s)[0] * m.grid_at(s)[1] * t.hidden_size for s, _ in self.pairs]
 
     def build_model(self, runtime: Runtime, layout: PipelineLayout, stage: int,
                     pstate: ParallelState, dtype: torch.dtype) -> torch.nn.Module:
-        model = super().build_model(runtime, layout, stage, pstate, dtype)
+        if self.pairs:
+            model = build_distilled_stage(self.config.model, runtime, self.config.training.seed,
+                                          layout, stage,
+                                          [self.teacher_model.hidden_size] * len(self.pairs),
+                                          pstate.device, dtype)
+        else:
+            model = super().build_model(runtime, layout, stage, pstate, dtype)
         self.teacher = load_frozen_classifier(Path(self.distill.teacher_checkpoint), pstate,
                                               here=stage == 0)
         if self.teacher is not None:
@@ -113,11 +146,29 @@ class DistillationTask(ClassificationTask):
 
     def teacher_logits(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The teacher's logits [m, C] (float32) of the student's images [m, c, H, W]."""
+        return self.teacher_targets(images, dtype, features=False)
+
+    def teacher_targets(self, images: torch.Tensor, dtype: torch.dtype,
+                        features: bool = True) -> torch.Tensor:
+        """The teacher's logits [m, C], then (with `features` and feature pairs) each
+        paired teacher block's map resized to the student block's grid, as [m, H_s, W_s,
+        w_t] flattened: [m, C + sum(feature_sizes)] float32."""
         device = next(self.teacher.model.parameters()).device
-        with torch.no_grad():
-            x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
-                              self.teacher.preprocessing)
-            return self.teacher.model(x).float()
+        x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
+                          self.teacher.preprocessing)
+        if not (features and self.pairs):
+            with torch.no_grad():
+                return self.teacher.model(x).float()
+        logits, maps = self.teacher.model.output_and_intermediates(
+            x, [t for _, t in self.pairs])
+        out = [logits.float()]
+        for (s, _), teacher_map in zip(self.pairs, maps):
+            size = self.config.model.grid_at(s)
+            if tuple(teacher_map.shape[-2:]) != size:
+                teacher_map = F.interpolate(teacher_map.float(), size=size, mode="bilinear",
+                                            align_corners=False)
+            out.append(teacher_map.float().permute(0, 2, 3, 1).flatten(1))
+        return torch.cat(out, dim=1)
 
     def batches(self, run: Run, start: int, stop: int) -> Iterator[list[MicroBatch]]:
         classes = self.config.model.num_classes
@@ -128,10 +179,11 @@ class DistillationTask(ClassificationTask):
                 continue
             sizes = [len(mb.labels) for mb in micro_batches]
             if run.is_first_stage:
-                logits = torch.cat([self.teacher_logits(mb.images, run.dtype)
+                logits = torch.cat([self.teacher_targets(mb.images, run.dtype)
                                     for mb in micro_batches])
             else:
-                logits = torch.zeros(sum(sizes), classes, device=pstate.device)
+                logits = torch.zeros(sum(sizes), classes + sum(self.feature_sizes),
+                                     device=pstate.device)
             if pstate.pp.size > 1:
                 logits = pstate.pp.broadcast(logits.contiguous(), src=0)
             yield [mb._replace(labels=torch.cat(
@@ -140,13 +192,24 @@ class DistillationTask(ClassificationTask):
 
     # ---- loss ---------------------------------------------------------------------------
 
-    def distillation_loss(self, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        """The mixed loss of the student's logits [m, C] against packed labels [m, 2C]."""
-        classes = logits.shape[-1]
-        targets, teacher = packed[:, :classes], packed[:, classes:]
+    def distillation_loss(self, output: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """The loss of the student's output [m, C (+ its projected feature maps)] against
+        packed labels [m, 2C (+ the teacher's maps)]: (1 - alpha) x the task's loss + alpha
+        x the response term + the feature weight x the mean feature term over the pairs."""
+        classes = self.config.model.num_classes
+        sizes = self.feature_sizes
+        logits, *student_maps = output.split([classes, *sizes], dim=1)
+        targets, teacher, *teacher_maps = packed.split([classes, classes, *sizes], dim=1)
         d = self.distill
-        return response_loss(d.distill_loss, self.loss_fn(logits, targets), logits, teacher,
+        loss = response_loss(d.distill_loss, self.loss_fn(logits, targets), logits, teacher,
                              d.distill_alpha, d.distill_temperature)
+        if self.pairs and d.distill_feature_weight:
+            width = self.teacher_model.hidden_size
+            terms = [feature_distillation(s.reshape(len(s), -1, width),
+                                          t.reshape(len(t), -1, width), d.distill_feature_loss)
+                     for s, t in zip(student_maps, teacher_maps)]
+            loss = loss + d.distill_feature_weight * sum(terms) / len(terms)
+        return loss
 
     def forward_backward(self, run: Run, batch: list[MicroBatch], loss_scale: float | None,
                          measure: bool) -> tuple[torch.Tensor, StepStats]:
@@ -188,7 +251,10 @@ class DistillationTask(ClassificationTask):
         d = self.distill
         return {**super().describe(), "distillation": {
             **teacher_reference(d.teacher_checkpoint), "loss": d.distill_loss,
-            "alpha": d.distill_alpha, "temperature": d.distill_temperature}}
+            "alpha": d.distill_alpha, "temperature": d.distill_temperature,
+            "feature_pairs": d.distill_feature_pairs, "feature_loss": d.distill_feature_loss,
+            "feature_weight": d.distill_feature_weight,
+            "feature_widths": [self.teacher_model.hidden_size] * len(self.pairs)}}
 
     def log_lines(self, run: Run) -> list[str]:
         t, d = self.teacher_model, self.distill
