@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch
 
-from megavit.checkpointing.checkpointer import save_checkpoint
+from megavit.checkpointing.checkpointer import resume, save_checkpoint
 from megavit.config.distillation import DistillationConfig, DistillationRunConfig
 from megavit.parallel.sharding import full_state
 from megavit.parallel.state import ParallelState, serial_state
@@ -82,6 +82,26 @@ def student_config(teacher: str, tp: int = 1, parallel: dict | None = None,
                                                           **(distill or SOFT)))
 
 
+def resumed_and_straight(pstate: ParallelState, cfg: DistillationRunConfig, path: str
+                         ) -> dict:
+    """Four steps straight, and two steps, a checkpoint (the real one: its description
+    names the teacher), a new run resumed from it, two more steps."""
+    from tests.test_checkpoint_resume import _steps
+
+    straight = Run.build(DistillationTask(cfg), pstate)
+    losses = _steps(straight, 0, 4)
+    first = Run.build(DistillationTask(cfg), pstate)
+    resumed = _steps(first, 0, 2)
+    save_checkpoint(first, path, 2, 0, lambda line: None)
+    second = Run.build(DistillationTask(cfg), pstate)
+    lines: list[str] = []
+    start = resume(second, path, lines.append)
+    resumed += _steps(second, start, 4)
+    return {"start": start, "losses": losses, "resumed_losses": resumed, "lines": lines,
+            "straight": full_state(straight.model, pstate.tp),
+            "resumed": full_state(second.model, pstate.tp)}
+
+
 def distilled_steps(pstate: ParallelState, cfg: DistillationRunConfig) -> dict:
     """Two steps' losses, gradients and weights; the teacher's weights before and after
     (first stage) and what it trains."""
@@ -125,12 +145,27 @@ def serial(layers: int, distill_items: tuple, teacher: str) -> dict:
     return distilled_steps(serial_state(), cfg)
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
-def layout(request, teacher):
-    world, tp, pp, checks = LAYOUTS[request.param]
+@functools.lru_cache(maxsize=None)
+def layout_results(name: str, teacher: str, resume_dir: str) -> dict:
+    """Every job of layout `name` in one gloo process group (run once per module)."""
+    world, tp, pp, checks = LAYOUTS[name]
     jobs = {f"c{i}": (distilled_steps, (student_config(teacher, tp, parallel, distill),))
             for i, (parallel, distill) in enumerate(checks)}
-    return request.param, run_distributed(world, tp, jobs, pp=pp)
+    if pp > 1:     # resume mid-distillation, with feature pairs crossing the stages
+        parallel, distill = checks[0]
+        jobs["resume"] = (resumed_and_straight, (student_config(teacher, tp, parallel, distill),
+                                                 resume_dir))
+    return run_distributed(world, tp, jobs, pp=pp)
+
+
+@pytest.fixture(scope="module")
+def resume_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("resume"))
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request, teacher, resume_dir):
+    return request.param, layout_results(request.param, teacher, resume_dir)
 
 
 def test_distillation_matches_serial(layout, teacher):
@@ -163,6 +198,31 @@ def test_distillation_matches_serial(layout, teacher):
                 ref["evaluation"]["teacher_accuracy"]), what
             assert rank["evaluation"]["eval_accuracy"] == pytest.approx(
                 ref["evaluation"]["eval_accuracy"]), what
+
+
+def test_a_resumed_distillation_equals_the_uninterrupted_one(teacher, resume_dir, tmp_path):
+    """At PP=2 with feature pairs (the pp2 group's job): bitwise the same losses and
+    weights; resuming with another teacher says so."""
+    for r in layout_results("pp2", teacher, resume_dir)["resume"]:
+        assert r["start"] == 2 and r["resumed_losses"] == r["losses"]
+        for k, w in r["straight"].items():
+            assert torch.equal(r["resumed"][k], w), k
+        assert not any("another teacher" in line or "distilled from" in line
+                       for line in r["lines"])
+    # resumed in one process with another teacher: a note, and the training goes on
+    save = tmp_path / "s"
+    cfg = student_config(teacher)
+    run = Run.build(DistillationTask(cfg), serial_state())
+    save_checkpoint(run, str(save), 1, 0, lambda line: None)
+    described = save / "iter_0000001" / "megavit_config.json"
+    info = json.loads(described.read_text())
+    info["distillation"]["teacher_config_sha256"] = "0" * 64
+    described.write_text(json.dumps(info))
+    lines: list[str] = []
+    assert resume(Run.build(DistillationTask(cfg), serial_state()), str(save),
+                  lines.append) == 1
+    assert any("distilled from the teacher at" in line and "sha256 000000000000" in line
+               for line in lines), lines
 
 
 def test_the_distillation_term_moves_the_student(teacher):

@@ -41,6 +41,22 @@ def preprocessing_change(saved_info: dict, current_info: dict) -> str | None:
     return (f"the checkpoint was trained on images preprocessed as {saved}; this run's are "
             f"{current} and its checkpoints record that")
 
+def teacher_change(saved_info: dict, current_info: dict) -> str | None:
+    """A note when a distillation run resumes with another teacher than the checkpoint's
+    (their megavit_config.json hashes differ), else None: the teacher is a flag of the
+    run, not part of the student's state, so it never refuses a load."""
+    saved, current = saved_info.get("distillation"), current_info.get("distillation")
+    if not saved or not current:
+        return None
+    key = "teacher_config_sha256"
+    if saved.get(key) == current.get(key):
+        return None
+    return (f"the checkpoint was distilled from the teacher at {saved.get('teacher_checkpoint')} "
+            f"(config sha256 {str(saved.get(key))[:12]}); this run's teacher is "
+            f"{current.get('teacher_checkpoint')} (sha256 {str(current.get(key))[:12]}) and "
+            "trains on from here")
+
+
 def resolve_checkpoint(path: Path, flag: str = "") -> Path:
     """A checkpoint directory itself, or the latest one of a --save directory. Errors name
     `path` (after `flag`, e.g. '--load', when given) and what it is instead."""
@@ -200,8 +216,10 @@ def resume_training_state(run: Checkpointable, latest: Path, info: Callable[[str
     saved = saved_info["layout"]
     same = saved == description["layout"]
     iteration = load_training_state(run, latest, same_layout=same)
-    if note := preprocessing_change(saved_info, description):
-        info(note)
+    for note in (preprocessing_change(saved_info, description),
+                 teacher_change(saved_info, description)):
+        if note:
+            info(note)
     if not same:
         info(f"checkpoint saved at {saved}; this run's layout differs: weights and optimizer "
              "state resharded, dropout RNG streams start afresh")
