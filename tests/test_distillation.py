@@ -51,11 +51,12 @@ HARD = dict(distill_loss="hard", distill_alpha=0.7)
 # the loss on stage 1; interleaved (1 block a chunk) block 1's goes stage 1 -> 0 -> 1
 SOFT_FEATURES = dict(SOFT, distill_feature_pairs="0:0,3:2", distill_feature_weight=0.5)
 HARD_COSINE = dict(HARD, distill_feature_pairs="0:1", distill_feature_loss="cosine")
-HARD_FEATURE = dict(HARD, distill_feature_pairs="1:2")
+TOKEN = dict(distill_loss="token", distill_alpha=0.5)      # DeiT's distillation token
+TOKEN_FEATURE = dict(TOKEN, distill_feature_pairs="1:2")
 # name: (world, tp, pp, [(ParallelConfig overrides, distillation settings) per check])
-LAYOUTS = {"tp2dp2": (4, 2, 1, [({"use_distributed_optimizer": True}, SOFT),
+LAYOUTS = {"tp2dp2": (4, 2, 1, [({"use_distributed_optimizer": True}, TOKEN),
                                 (SP_SELECTIVE, HARD_COSINE)]),
-           "pp2": (2, 1, 2, [(PP2_FULL, SOFT_FEATURES), (PP2_INTERLEAVED, HARD_FEATURE)])}
+           "pp2": (2, 1, 2, [(PP2_FULL, SOFT_FEATURES), (PP2_INTERLEAVED, TOKEN_FEATURE)])}
 
 
 def teacher_config():
@@ -283,6 +284,36 @@ def test_feature_pairs_are_checked_against_both_models(teacher):
     cfg.base.model = dataclasses.replace(cfg.base.model, img_w=24)      # a 5x6 grid
     with pytest.raises(ConfigError, match="different aspect ratios"):
         Run.build(DistillationTask(cfg), serial_state())
+
+
+def test_the_distillation_token_has_its_own_head_averaged_at_evaluation():
+    """[cls | dist | registers | patches]; pooling leaves the token out; training returns
+    both heads' logits, evaluation their mean (DeiT)."""
+    from megavit.config import preset_model_config
+    from megavit.models.transformer import Runtime
+    from megavit.models.vit import build_vit
+
+    for pooling in ("cls", "gap", "map"):
+        cfg = preset_model_config("vit-debug", num_channels=1, img_h=16, img_w=16,
+                                  num_classes=5, pooling=pooling, num_registers=1,
+                                  distillation_token=True, drop_path_rate=0.0)
+        model = build_vit(cfg, Runtime(serial_state().tp), 0)
+        x = torch.randn(3, 1, 16, 16)
+        tokens = model.embed(x)
+        at = int(pooling == "cls")
+        torch.testing.assert_close(tokens[at, 0], model.dist_token)
+        assert cfg.prefix_tokens == 2 + at and tokens.shape[0] == 16 + cfg.prefix_tokens
+        both = model(x)
+        assert both.shape == (3, 10)
+        hidden = torch.randn(cfg.seq_length, 3, cfg.hidden_size)
+        normed = model.norm(hidden)
+        pooled = (normed[0] if pooling == "cls" else normed[2:].mean(0) if pooling == "gap"
+                  else model.map_head(normed[2:]))
+        torch.testing.assert_close(model.pool(hidden), pooled)
+        model.eval()
+        with torch.no_grad():
+            want = (model.head(pooled) + model.head_dist(normed[at])) / 2
+            torch.testing.assert_close(model.output(hidden), want)
 
 
 def test_teacher_input_renormalises_and_resizes():

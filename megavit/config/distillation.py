@@ -20,7 +20,7 @@ from megavit.config.model import ModelConfig
 from megavit.config.run import Config
 from megavit.config.validation import validate
 
-DISTILL_LOSSES = ("soft", "hard")
+DISTILL_LOSSES = ("soft", "hard", "token")
 
 
 @dataclass
@@ -40,7 +40,10 @@ class DistillationConfig:
     distill_loss: str = field(
         default="soft",
         metadata=opt("'soft': KL(softmax(teacher/T) || softmax(student/T)) T^2 (Hinton et "
-                     "al.); 'hard': cross-entropy against the teacher's top class (DeiT).",
+                     "al.); 'hard': cross-entropy against the teacher's top class (DeiT); "
+                     "'token': DeiT's distillation token — a second token and classifier in "
+                     "the student learn the teacher's top class while the class head learns "
+                     "the labels; evaluation averages the two heads' logits.",
                      choices=DISTILL_LOSSES))
     distill_alpha: float = field(
         default=0.5,

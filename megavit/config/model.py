@@ -231,6 +231,15 @@ class ModelConfig(TransformerConfig):
             "are attended like a class token (global under window attention) and are dropped "
             "before pooling."),
     )
+    distillation_token: bool = field(
+        default=False,
+        metadata=opt(
+            "DeiT's distillation token (Touvron et al. 2021): a learned token after the "
+            "class token with its own classifier, trained by python -m megavit.distill "
+            "--distill-loss token (which sets it) towards the teacher while the class head "
+            "learns the labels; dropped before pooling; at evaluation the two heads' logits "
+            "are averaged."),
+    )
     feature_layers: str = field(
         default="",
         metadata=opt(
@@ -279,9 +288,15 @@ class ModelConfig(TransformerConfig):
 
     @property
     def prefix_tokens(self) -> int:
-        """Tokens before the patch grid: the class token (pooling 'cls'), then the
-        --num-registers registers."""
-        return (1 if self.pooling == "cls" else 0) + self.num_registers
+        """Tokens before the patch grid: the class token (pooling 'cls'), the distillation
+        token, then the --num-registers registers."""
+        return (1 if self.pooling == "cls" else 0) + self.dropped_before_pooling
+
+    @property
+    def dropped_before_pooling(self) -> int:
+        """The prefix tokens that pooling leaves out: the distillation token and the
+        registers."""
+        return int(self.distillation_token) + self.num_registers
 
     @property
     def seq_length(self) -> int:

@@ -59,6 +59,9 @@ def _check_model(model: ModelConfig) -> list[str]:
         "--num-channels": model.num_channels})
     problems += _non_negative({"--num-classes": model.num_classes or 0,
                                "--num-registers": model.num_registers})
+    if model.distillation_token:
+        problems.append("--distillation-token: the token and its second head are trained "
+                        "by python -m megavit.distill --distill-loss token, which sets it")
     if model.norm_epsilon <= 0:
         problems.append(f"--norm-epsilon must be positive (got {model.norm_epsilon})")
     if model.normalization == "rmsnorm" and model.norm_bias:

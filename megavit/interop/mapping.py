@@ -78,6 +78,9 @@ def token_structure_differences(cfg, target: str) -> list[str]:
     if cfg.num_registers:
         out.append(f"--num-registers {cfg.num_registers}: megavit does not map register "
                    f"tokens to {target} yet")
+    if getattr(cfg, "distillation_token", False):
+        out.append(f"--distillation-token: megavit does not map DeiT's distillation token "
+                   f"and its second head to {target} yet")
     if cfg.patch_merge_layers:
         out.append(f"--patch-merge-layers {cfg.patch_merge_layers}: {target} keeps one token "
                    "grid through every block (no patch merging)")

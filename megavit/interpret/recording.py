@@ -74,8 +74,9 @@ class Recording:
         the last stage."""
         held = [kept[-1] for kept in self.probe_lists if kept]
         p = _gather_heads((held[0].grad if grads else held[0]).detach(), tp) if held else None
-        if p is not None and self.cfg.num_registers:
-            p = torch.cat([p.new_zeros(*p.shape[:3], self.cfg.num_registers), p], dim=3)
+        if p is not None and self.cfg.dropped_before_pooling:
+            p = torch.cat([p.new_zeros(*p.shape[:3], self.cfg.dropped_before_pooling), p],
+                          dim=3)
         if pp is None or pp.size == 1 or self.cfg.pooling != "map":
             return p
         n, L = self.cfg.num_attention_heads, self.cfg.seq_length

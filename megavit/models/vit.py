@@ -223,6 +223,9 @@ class VisionTransformer(nn.Module):
             if cfg.num_registers:
                 self.register_tokens = nn.Parameter(torch.empty(cfg.num_registers, h))
                 set_init(self.register_tokens, trunc_normal(cfg.init_method_std))
+            if cfg.distillation_token:
+                self.dist_token = nn.Parameter(torch.empty(h))
+                set_init(self.dist_token, trunc_normal(cfg.init_method_std))
             if cfg.pre_norm:
                 self.pre_norm = norm_from_config(cfg, h, rt.layernorm_impl)
         self.blocks = nn.ModuleDict({str(i): build_block(cfg.at_layer(i), rt, i)
@@ -238,6 +241,10 @@ class VisionTransformer(nn.Module):
             if self.head is not None:
                 set_init(self.head.weight, trunc_normal(cfg.init_method_std))
                 set_init(self.head.bias, constant(0.0))
+            if cfg.distillation_token:          # DeiT: its own classifier
+                self.head_dist = nn.Linear(h, cfg.num_classes)
+                set_init(self.head_dist.weight, trunc_normal(cfg.init_method_std))
+                set_init(self.head_dist.bias, constant(0.0))
 
     def local_tokens(self, length: int) -> int:
         """Rows this rank holds of a sequence of `length` tokens: all of them, or with SP
@@ -258,8 +265,9 @@ class VisionTransformer(nn.Module):
                 mask[:, length:] = float("-inf")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[b, c, H, W] -> [s, b, h]: patches, + positions, the registers and the class token
-        in front ([cls | registers | patches]), the pre-norm."""
+        """[b, c, H, W] -> [s, b, h]: patches, + positions, the registers, the distillation
+        token and the class token in front ([cls | dist | registers | patches]), the
+        pre-norm."""
         x = self.patch_embed(images)
         if self.pos_embed is not None:
             x = self.pos_embed(x)
@@ -267,6 +275,8 @@ class VisionTransformer(nn.Module):
             x = x + self.pos_sincos.unsqueeze(1)      # rope-2d: positions enter the attention
         if self.cfg.num_registers:
             x = torch.cat([self.register_tokens.unsqueeze(1).expand(-1, x.shape[1], -1), x])
+        if self.cfg.distillation_token:
+            x = torch.cat([self.dist_token.view(1, 1, -1).expand(1, x.shape[1], -1), x], dim=0)
         if self.cfg.pooling == "cls":
             x = torch.cat([self.cls_token.view(1, 1, -1).expand(1, x.shape[1], -1), x], dim=0)
         return self.pre_norm(x) if self.cfg.pre_norm else x
@@ -302,11 +312,11 @@ class VisionTransformer(nn.Module):
         return scatter_to_sequence_parallel(merged, self.rt.tp)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """[s, b, h] -> [b, h] (registers dropped first)."""
+        """[s, b, h] -> [b, h] (the distillation token and registers dropped first)."""
         x = self.norm(x)
         if self.cfg.pooling == "cls":
             return x[0]
-        x = x[self.cfg.num_registers:]
+        x = x[self.cfg.dropped_before_pooling:]
         if self.cfg.pooling == "map":
             return self.map_head(x)
         return x.mean(dim=0)
@@ -451,8 +461,15 @@ class VisionTransformer(nn.Module):
         logits [b, classes] through the classifier when there is one and `apply_head`.
         `features`: the --feature-layers outputs, all tokens [s_l, b, h] each (a dense
         head's; the classifier does not read them)."""
-        x = self.pool(x)
-        return self.head(x) if self.head is not None and apply_head else x
+        pooled = self.pool(x)
+        if self.head is None or not apply_head:
+            return pooled
+        if not self.cfg.distillation_token:
+            return self.head(pooled)
+        dist = self.head_dist(self.norm(x[int(self.cfg.pooling == "cls")]))
+        if self.training:                   # both heads, for --distill-loss token
+            return torch.cat([self.head(pooled), dist], dim=-1)
+        return (self.head(pooled) + dist) / 2      # DeiT's inference: the heads averaged
 
     def estimate_flops(self, batch_size: int, training: bool = True) -> int:
         """Matmul FLOPs of the whole model (all layers, all ranks) for `batch_size` images:
@@ -461,7 +478,8 @@ class VisionTransformer(nn.Module):
         return vit_flops(self.cfg, batch_size, training)
 
 
-EMBEDDING_PARAMETERS = ("patch_embed.", "pos_embed.", "cls_token", "pre_norm.")
+EMBEDDING_PARAMETERS = ("patch_embed.", "pos_embed.", "cls_token", "dist_token",
+                        "register_tokens", "pre_norm.")
 
 
 def vit_layer_id(name: str, num_layers: int) -> int:

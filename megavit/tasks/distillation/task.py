@@ -101,6 +101,10 @@ class DistillationTask(ClassificationTask):
                 f"--teacher-checkpoint {self.distill.teacher_checkpoint}: the teacher has "
                 f"{self.teacher_model.num_classes} classes, the student "
                 f"{cfg.model.num_classes}: response distillation needs the same classes")
+        if self.distill.distill_loss == "token":
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, distillation_token=True))
+            self.config = cfg
         self.pairs = self.distill.feature_pairs()
         if self.pairs:
             self.check_pairs(cfg.model, self.teacher_model)
@@ -193,16 +197,19 @@ class DistillationTask(ClassificationTask):
     # ---- loss ---------------------------------------------------------------------------
 
     def distillation_loss(self, output: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        """The loss of the student's output [m, C (+ its projected feature maps)] against
-        packed labels [m, 2C (+ the teacher's maps)]: (1 - alpha) x the task's loss + alpha
-        x the response term + the feature weight x the mean feature term over the pairs."""
+        """The loss of the student's output [m, C (+ the distillation token head's C) (+ its
+        projected feature maps)] against packed labels [m, 2C (+ the teacher's maps)]:
+        (1 - alpha) x the task's loss + alpha x the response term + the feature weight x the
+        mean feature term over the pairs."""
         classes = self.config.model.num_classes
         sizes = self.feature_sizes
-        logits, *student_maps = output.split([classes, *sizes], dim=1)
+        token = self.config.model.distillation_token     # the token head's logits next
+        logits, *rest = output.split([classes, *([classes] if token else []), *sizes], dim=1)
+        token_logits, student_maps = (rest[0], rest[1:]) if token else (None, rest)
         targets, teacher, *teacher_maps = packed.split([classes, classes, *sizes], dim=1)
         d = self.distill
         loss = response_loss(d.distill_loss, self.loss_fn(logits, targets), logits, teacher,
-                             d.distill_alpha, d.distill_temperature)
+                             d.distill_alpha, d.distill_temperature, token_logits)
         if self.pairs and d.distill_feature_weight:
             width = self.teacher_model.hidden_size
             terms = [feature_distillation(s.reshape(len(s), -1, width),
