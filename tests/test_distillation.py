@@ -10,9 +10,17 @@ The feature term (pairs of student and teacher blocks through a learned projecti
 cosine) is checked the same way, its blocks' maps travelling between pipeline stages, and
 equals its formula written out on the models' own maps.
 
-The teacher (3 blocks, 16x16 px, trained 3 steps) is saved once per module by the serial
-run; students see 20x20 px images (25 tokens: odd, padded under SP), which the teacher
-reads resized to its 16x16. One process group per layout runs every check.
+The relation term (MiniLMv2: Q-Q, K-K, V-V relations of paired blocks, re-split into
+relation heads; its loss enters the backward pass wherever the student block runs) is
+checked the same way — under TP its relation heads split over the ranks with the
+attention heads, under PP one pair sits on the first stage, under full recomputation its
+loss is made again in backward — and its value equals the formula on the models' own
+queries, keys and values.
+
+The teacher (3 blocks, 20x20 px like the students: 25 tokens, odd, padded under SP;
+trained 3 steps) is saved once per module by the serial run; the feature formula check
+uses a 16x16 px student, so the teacher's 5x5 maps are resized to its 4x4 grid. One
+process group per layout runs every check.
 """
 
 from __future__ import annotations
@@ -46,11 +54,15 @@ PP2_FULL = {"pipeline_model_parallel_size": 2, "recompute_granularity": "full",
 PP2_INTERLEAVED = {"pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 1}
 SOFT = dict(distill_loss="soft", distill_alpha=0.5, distill_temperature=2.0)
 HARD = dict(distill_loss="hard", distill_alpha=0.7)
-# feature pairs (student block : teacher block; the teacher has 3 blocks on a 4x4 grid, the
-# student a 5x5 grid): under PP=2 (2 blocks a stage) block 0's map travels from stage 0 to
-# the loss on stage 1; interleaved (1 block a chunk) block 1's goes stage 1 -> 0 -> 1
-SOFT_FEATURES = dict(SOFT, distill_feature_pairs="0:0,3:2", distill_feature_weight=0.5)
-HARD_COSINE = dict(HARD, distill_feature_pairs="0:1", distill_feature_loss="cosine")
+# feature pairs (student block : teacher block; both on a 5x5 grid): under PP=2 (2 blocks a
+# stage) block 0's map travels from stage 0 to the loss on stage 1; interleaved (1 block a
+# chunk) block 1's goes stage 1 -> 0 -> 1. Relation pairs: under PP=2 block 1's relation
+# loss is made on stage 0, block 2's on stage 1 (full recomputation: in backward); under
+# TP=2 (+SP) each rank holds one of the 2 relation heads.
+SOFT_FEATURES = dict(SOFT, distill_feature_pairs="0:0,3:2", distill_feature_weight=0.5,
+                     distill_relation_pairs="1:0,2:1", distill_relation_weight=2.0)
+HARD_COSINE = dict(HARD, distill_feature_pairs="0:1", distill_feature_loss="cosine",
+                   distill_relation_pairs="1:2", distill_relation_heads=2)
 TOKEN = dict(distill_loss="token", distill_alpha=0.5)      # DeiT's distillation token
 TOKEN_FEATURE = dict(TOKEN, distill_feature_pairs="1:2")
 # name: (world, tp, pp, [(ParallelConfig overrides, distillation settings) per check])
@@ -60,7 +72,7 @@ LAYOUTS = {"tp2dp2": (4, 2, 1, [({"use_distributed_optimizer": True}, TOKEN),
 
 
 def teacher_config():
-    return debug_config(layers=3, model=dict(img_h=16, img_w=16, drop_path_rate=0.0))
+    return debug_config(layers=3, model=dict(drop_path_rate=0.0))      # 20x20 px, 25 tokens
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +159,7 @@ def serial(layers: int, distill_items: tuple, teacher: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def layout_results(name: str, teacher: str, resume_dir: str) -> dict:
+def layout_results(name: str, teacher: str, resume_dir: str, cache: str) -> dict:
     """Every job of layout `name` in one gloo process group (run once per module)."""
     world, tp, pp, checks = LAYOUTS[name]
     jobs = {f"c{i}": (distilled_steps, (student_config(teacher, tp, parallel, distill),))
@@ -156,7 +168,34 @@ def layout_results(name: str, teacher: str, resume_dir: str) -> dict:
         parallel, distill = checks[0]
         jobs["resume"] = (resumed_and_straight, (student_config(teacher, tp, parallel, distill),
                                                  resume_dir))
+        # from the offline cache (K = all 10 classes): as the serial run with the teacher
+        jobs["cache"] = (distilled_steps, (student_config(teacher, tp, PP2_FULL, dict(
+            SOFT, distill_cache=cache)),))
     return run_distributed(world, tp, jobs, pp=pp)
+
+
+# tools/cache_teacher.py with the flags of `student_config`'s data (debug_config: digits,
+# 20x20 px, affine augmentation, seed 7, micro-batches of 2 in global batches of 8)
+CACHE_FLAGS = ["--preset", "vit-debug", "--num-channels", "1", "--img-h", "20", "--img-w",
+               "20", "--dataset", "digits", "--augment", "affine", "--seed", "7",
+               "--micro-batch-size", "2", "--global-batch-size", "8", "--eval-iters", "2",
+               "--progress-bar", "off"]
+
+
+def cache_teacher(*args: str):
+    return cli.run([sys.executable, str(ROOT / "tools" / "cache_teacher.py"), *args],
+                   capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(teacher, tmp_path_factory) -> str:
+    """The teacher's logits (K = 10: every class) for the students' first 2 iterations,
+    one shard an iteration."""
+    out = str(tmp_path_factory.mktemp("cache"))
+    proc = cache_teacher("--output", out, "--top-k", "10", "--shard-iterations", "1",
+                         "--teacher-checkpoint", teacher, "--train-iters", "2", *CACHE_FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +204,8 @@ def resume_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def layout(request, teacher, resume_dir):
-    return request.param, layout_results(request.param, teacher, resume_dir)
+def layout(request, teacher, resume_dir, teacher_cache):
+    return request.param, layout_results(request.param, teacher, resume_dir, teacher_cache)
 
 
 def test_distillation_matches_serial(layout, teacher):
@@ -199,12 +238,19 @@ def test_distillation_matches_serial(layout, teacher):
                 ref["evaluation"]["teacher_accuracy"]), what
             assert rank["evaluation"]["eval_accuracy"] == pytest.approx(
                 ref["evaluation"]["eval_accuracy"]), what
+    if "cache" in results:      # the offline cache at PP=2 = the serial run with the teacher
+        ref = serial(4, tuple(sorted(SOFT.items())), teacher)
+        for got in merged(results["cache"], pp):
+            assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), "cache"
+            for step in range(2):
+                assert_tensors_close(got["grads"][step], ref["grads"][step], f"cache {step}")
 
 
-def test_a_resumed_distillation_equals_the_uninterrupted_one(teacher, resume_dir, tmp_path):
+def test_a_resumed_distillation_equals_the_uninterrupted_one(teacher, resume_dir, teacher_cache,
+                                                            tmp_path):
     """At PP=2 with feature pairs (the pp2 group's job): bitwise the same losses and
     weights; resuming with another teacher says so."""
-    for r in layout_results("pp2", teacher, resume_dir)["resume"]:
+    for r in layout_results("pp2", teacher, resume_dir, teacher_cache)["resume"]:
         assert r["start"] == 2 and r["resumed_losses"] == r["losses"]
         for k, w in r["straight"].items():
             assert torch.equal(r["resumed"][k], w), k
@@ -226,6 +272,59 @@ def test_a_resumed_distillation_equals_the_uninterrupted_one(teacher, resume_dir
                for line in lines), lines
 
 
+def test_the_offline_cache_continues_and_refuses_what_does_not_fit(teacher, teacher_cache,
+                                                                   tmp_path):
+    """A longer --train-iters writes only the missing shards; a serial student from the
+    cache logs the losses of the student with the teacher online; a cache of other data
+    is refused by the tool and by the student, naming the field; a truncated shard is
+    named; top-3 logits keep the teacher's top class."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(teacher_cache, cache)
+    more = cache_teacher("--output", str(cache), "--top-k", "10", "--shard-iterations", "1",
+                         "--teacher-checkpoint", teacher, "--train-iters", "3", *CACHE_FLAGS)
+    assert more.returncode == 0, more.stderr
+    assert "shards to write 1 of 3" in more.stdout, more.stdout
+    with_teacher = distilled_steps(serial_state(), student_config(teacher))
+    from_cache = distilled_steps(serial_state(), student_config(teacher, distill=dict(
+        SOFT, distill_cache=str(cache))))
+    assert from_cache["loss"] == pytest.approx(with_teacher["loss"], rel=1e-6)
+    other = cache_teacher("--output", str(cache), "--teacher-checkpoint", teacher,
+                          "--train-iters", "3", *CACHE_FLAGS[:-6], "--seed", "8",
+                          *CACHE_FLAGS[-6:])
+    assert other.returncode == 2 and "seed: 7 in the cache, 8 here" in other.stderr, other.stderr
+    cfg = student_config(teacher, distill=dict(SOFT, distill_cache=str(cache)))
+    cfg.base.training = dataclasses.replace(cfg.base.training, global_batch_size=16)
+    with pytest.raises(Exception, match="global_batch_size: 8 in the cache, 16 here"):
+        Run.build(DistillationTask(cfg), serial_state())
+    cfg = student_config(teacher, distill=dict(SOFT, distill_cache=str(cache)))
+    cfg.base.training = dataclasses.replace(cfg.base.training, train_iters=5)
+    with pytest.raises(Exception, match="no rows for iterations 3..4"):
+        Run.build(DistillationTask(cfg), serial_state())
+    shard = cache / "shard_00000001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    task = DistillationTask(student_config(teacher, distill=dict(SOFT,
+                                                                 distill_cache=str(cache))))
+    run = Run.build(task, serial_state())
+    with pytest.raises(Exception, match="shard_00000001.safetensors: damaged or truncated"):
+        for _ in run.batches(0, 2):
+            pass
+    top3 = tmp_path / "top3"
+    assert cache_teacher("--output", str(top3), "--top-k", "3", "--teacher-checkpoint",
+                         teacher, "--train-iters", "2", *CACHE_FLAGS).returncode == 0
+    task = DistillationTask(student_config(teacher, distill=dict(SOFT,
+                                                                 distill_cache=str(top3))))
+    run = Run.build(task, serial_state())
+    mb = next(iter(run.batches(0, 1)))[0]
+    full = next(iter(Run.build(DistillationTask(student_config(teacher)),
+                               serial_state()).batches(0, 1)))[0]
+    cached, online = mb.labels[:, 10:], full.labels[:, 10:]
+    assert torch.equal(cached.argmax(-1), online.argmax(-1))
+    top = online.topk(3, dim=-1)
+    torch.testing.assert_close(cached.gather(1, top.indices), top.values)
+
+
 def test_the_distillation_term_moves_the_student(teacher):
     """alpha 0 is plain classification of the same student; alpha > 0 changes the loss by
     the distillation term exactly as losses.py mixes it (checked on the first step's
@@ -242,14 +341,15 @@ def test_the_feature_term_is_the_distance_of_the_projected_maps(teacher):
     """On one micro-batch: the task's loss minus its response part equals the weight times
     the mean over pairs of the MSE between the student block's map (from
     forward_intermediates, through the pair's projection) and the teacher block's map
-    resized bilinearly to the student's 5x5 grid."""
+    resized bilinearly to the student's 4x4 grid (16x16 px)."""
     import torch.nn.functional as F
 
     from megavit.tasks.distillation.losses import response_loss
 
     pairs = dict(SOFT, distill_feature_pairs="0:0,1:2", distill_feature_weight=0.5)
     cfg = student_config(teacher, distill=pairs)
-    cfg.base.model = dataclasses.replace(cfg.base.model, drop_path_rate=0.0)   # no ids needed
+    cfg.base.model = dataclasses.replace(cfg.base.model, drop_path_rate=0.0, img_h=16,
+                                         img_w=16)            # no ids needed; a 4x4 grid
     task = DistillationTask(cfg)
     run = Run.build(task, serial_state())
     mb = next(iter(run.batches(0, 1)))[0]
@@ -265,13 +365,60 @@ def test_the_feature_term_is_the_distance_of_the_projected_maps(teacher):
     terms = []
     for k, (s_map, t_map) in enumerate(zip(student_maps, teacher_maps)):
         proj = student.feature_projections[k]
-        s_tokens = proj(s_map.permute(0, 2, 3, 1))                    # [m, 5, 5, 32]
-        t_tokens = F.interpolate(t_map, size=(5, 5), mode="bilinear",
+        s_tokens = proj(s_map.permute(0, 2, 3, 1))                    # [m, 4, 4, 32]
+        t_tokens = F.interpolate(t_map, size=(4, 4), mode="bilinear",
                                  align_corners=False).permute(0, 2, 3, 1)
         terms.append(((s_tokens - t_tokens) ** 2).mean())
     assert loss.item() == pytest.approx(response.item() + 0.5 * (terms[0] + terms[1]).item() / 2,
                                         rel=1e-5)
     assert (terms[0] + terms[1]).item() > 1e-3          # the term is not vanishing
+
+
+def test_the_relation_term_is_minilm_on_the_blocks_queries_keys_and_values(teacher):
+    """One micro-batch through a student with relation pairs 0:0 and 1:2 (2 relation
+    heads): each link's recorded value is `relation_distillation` of the q, k, v the
+    student block's attention core receives against those the teacher block's core
+    receives when the teacher runs alone on the micro-batch's images (not the ones that
+    travelled with the labels); the term changes the student's gradients."""
+    from megavit.tasks.distillation.losses import relation_distillation
+
+    pairs = dict(SOFT, distill_relation_pairs="0:0,1:2", distill_relation_heads=2)
+    cfg = student_config(teacher, distill=pairs)
+    cfg.base.model = dataclasses.replace(cfg.base.model, drop_path_rate=0.0)
+    task = DistillationTask(cfg)
+    run = Run.build(task, serial_state())
+    mb = next(iter(run.batches(0, 1)))[0]
+    student = run.model.chunks[0]
+    seen: dict[int, torch.Tensor] = {}
+
+    def tap(store, key, inner):     # records the core's [q | k | v], then runs `inner`
+        return lambda qkv, ids: (store.__setitem__(key, qkv), inner(qkv, ids))[1]
+    for (i, _), link in zip(task.relation_pairs, task.links):
+        student.blocks[str(i)].attention.relation = tap(seen, i, link)
+    teacher_qkv: dict[int, torch.Tensor] = {}
+    for j in (0, 2):
+        core = task.teacher.model.blocks[str(j)].attention
+        core.relation = tap(teacher_qkv, j, core.relation)
+    x = teacher_input(mb.images, task.train_set.preprocessing, task.teacher.preprocessing)
+    with torch.no_grad():
+        task.teacher.model(x)
+
+    def qkv_of(out):       # [s, b, 3h] -> q, k, v [b, s, h]
+        return tuple(part.transpose(0, 1) for part in out.chunk(3, dim=-1))
+    for link in task.links:
+        link.values, link.micro_batches = [], 1
+    grads = {}
+    for weight in (1.0, 0.0):
+        for link in task.links:
+            link.weight = weight
+        out = student(mb.images, mb.sample_ids)
+        grads[weight] = torch.autograd.grad(task.distillation_loss(out, mb.labels),
+                                            student.blocks["0"].in_proj.weight)[0]
+    for link, (i, j) in zip(task.links, [(0, 0), (1, 2)]):
+        want = relation_distillation(qkv_of(seen[i].detach()), qkv_of(teacher_qkv[j]), 2)
+        assert link.values[0].item() == pytest.approx(want.item(), rel=1e-5)
+        assert want.item() > 1e-6
+    assert not torch.allclose(grads[1.0], grads[0.0])
 
 
 def test_feature_pairs_are_checked_against_both_models(teacher):
@@ -283,6 +430,10 @@ def test_feature_pairs_are_checked_against_both_models(teacher):
     cfg = student_config(teacher, distill=dict(SOFT, distill_feature_pairs="0:0"))
     cfg.base.model = dataclasses.replace(cfg.base.model, img_w=24)      # a 5x6 grid
     with pytest.raises(ConfigError, match="different aspect ratios"):
+        Run.build(DistillationTask(cfg), serial_state())
+    cfg = student_config(teacher, distill=dict(SOFT, distill_relation_pairs="0:0"))
+    cfg.base.model = dataclasses.replace(cfg.base.model, img_h=16, img_w=16)   # 16 tokens
+    with pytest.raises(ConfigError, match="student block 0 sees 16 tokens, teacher block 0 25"):
         Run.build(DistillationTask(cfg), serial_state())
 
 

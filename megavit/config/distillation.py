@@ -37,6 +37,13 @@ class DistillationConfig:
                      "with tools/import_hf.py). Its class count must be the student's; its "
                      "image size and normalisation may differ (images are resized and "
                      "renormalised for it). Required."))
+    distill_cache: str | None = field(
+        default=None,
+        metadata=opt("Train from an offline teacher cache (tools/cache_teacher.py wrote it "
+                     "for this run's data, seed, batch sizes and image size): the teacher's "
+                     "top-K logits are read by image instead of running the teacher "
+                     "(--teacher-checkpoint then optional; given, its config must be the "
+                     "cache's). Response losses only."))
     distill_loss: str = field(
         default="soft",
         metadata=opt("'soft': KL(softmax(teacher/T) || softmax(student/T)) T^2 (Hinton et "
@@ -70,20 +77,47 @@ class DistillationConfig:
         metadata=opt("Weight of the feature term (the mean over the pairs), added to the "
                      "response loss."))
 
+    distill_relation_pairs: str = field(
+        default="",
+        metadata=opt("Relation distillation (MiniLMv2): student block : teacher block "
+                     "pairs, e.g. '3:11'. For each, the KL of the teacher's query-query, "
+                     "key-key and value-value relations (softmax(x x^T / sqrt(d)) over the "
+                     "tokens) from the student's, with both models' heads re-split into "
+                     "--distill-relation-heads relation heads, so their head counts may "
+                     "differ; the paired blocks must see the same number of tokens. Empty: "
+                     "no relation term."))
+    distill_relation_heads: int = field(
+        default=0,
+        metadata=opt("Relation heads R of --distill-relation-pairs: R must divide both "
+                     "models' widths and be a multiple of the tensor-parallel size. 0: the "
+                     "student's head count."))
+    distill_relation_weight: float = field(
+        default=1.0,
+        metadata=opt("Weight of each relation pair's term (the mean of its three "
+                     "relations), added to the loss in the student block's backward."))
+
     def feature_pairs(self) -> list[tuple[int, int]]:
         """--distill-feature-pairs as [(student block, teacher block)], by student block
         (ValueError naming the flag when malformed)."""
-        pairs = []
-        for item in self.distill_feature_pairs.replace(" ", "").split(","):
-            if not item:
-                continue
-            try:
-                s, t = (int(v) for v in item.split(":"))
-            except ValueError:
-                raise ValueError(f"--distill-feature-pairs {self.distill_feature_pairs}: "
-                                 f"'{item}' is not STUDENT:TEACHER block numbers") from None
-            pairs.append((s, t))
-        return sorted(pairs)
+        return _pairs("--distill-feature-pairs", self.distill_feature_pairs)
+
+    def relation_pairs(self) -> list[tuple[int, int]]:
+        """--distill-relation-pairs as [(student block, teacher block)], by student block."""
+        return _pairs("--distill-relation-pairs", self.distill_relation_pairs)
+
+
+def _pairs(flag: str, text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            s, t = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"{flag} {text}: '{item}' is not STUDENT:TEACHER block "
+                             "numbers") from None
+        pairs.append((s, t))
+    return sorted(pairs)
 
 
 @dataclass
@@ -118,31 +152,45 @@ def validate_distillation(cfg: DistillationRunConfig, world_size: int = 1) -> No
     """`validate`'s checks, then the distillation ones; ConfigError naming each flag."""
     validate(cfg.base, world_size)
     d, problems = cfg.distillation, []
-    if not d.teacher_checkpoint:
+    if not d.teacher_checkpoint and not d.distill_cache:
         problems.append("--teacher-checkpoint is required: the frozen teacher's checkpoint "
-                        "directory")
-    elif not Path(d.teacher_checkpoint).is_dir():
+                        "directory (or --distill-cache, a cache of its logits)")
+    elif d.teacher_checkpoint and not Path(d.teacher_checkpoint).is_dir():
         problems.append(f"--teacher-checkpoint {d.teacher_checkpoint}: no such directory")
     if not 0.0 <= d.distill_alpha <= 1.0:
         problems.append(f"--distill-alpha {d.distill_alpha}: must be in [0, 1]")
     if not d.distill_temperature > 0.0:
         problems.append(f"--distill-temperature {d.distill_temperature}: must be positive")
-    try:
-        pairs = d.feature_pairs()
-    except ValueError as e:
-        pairs = []
-        problems.append(str(e))
-    students = [s for s, _ in pairs]
     layers = cfg.base.model.num_layers
-    if len(set(students)) != len(students):
-        problems.append(f"--distill-feature-pairs {d.distill_feature_pairs}: a student block "
-                        "may be paired once")
-    if bad := [s for s in students if not 0 <= s < layers]:
-        problems.append(f"--distill-feature-pairs {d.distill_feature_pairs}: student "
-                        f"block(s) {bad} outside 0..{layers - 1}")
-    if bad := [t for _, t in pairs if t < 0]:
-        problems.append(f"--distill-feature-pairs {d.distill_feature_pairs}: teacher "
-                        f"block(s) {bad} are negative")
+    for flag, read in (("--distill-feature-pairs", d.feature_pairs),
+                       ("--distill-relation-pairs", d.relation_pairs)):
+        try:
+            pairs = read()
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        students = [s for s, _ in pairs]
+        if len(set(students)) != len(students):
+            problems.append(f"{flag}: a student block may be paired once")
+        if bad := [s for s in students if not 0 <= s < layers]:
+            problems.append(f"{flag}: student block(s) {bad} outside 0..{layers - 1}")
+        if bad := [t for _, t in pairs if t < 0]:
+            problems.append(f"{flag}: teacher block(s) {bad} are negative")
+    tp = cfg.base.parallel.tensor_model_parallel_size
+    heads = d.distill_relation_heads or cfg.base.model.num_attention_heads
+    if d.distill_relation_pairs and (heads < 1 or heads % tp
+                                     or cfg.base.model.hidden_size % heads):
+        problems.append(f"--distill-relation-heads {heads}: must be at least 1, a multiple of "
+                        f"--tensor-model-parallel-size {tp} and divide --hidden-size "
+                        f"{cfg.base.model.hidden_size}")
+    if d.distill_relation_weight < 0:
+        problems.append(f"--distill-relation-weight {d.distill_relation_weight}: must be 0 or "
+                        "more")
+    if d.distill_cache and (d.distill_feature_pairs or d.distill_relation_pairs):
+        problems.append("--distill-cache holds the teacher's logits only: feature and "
+                        "relation pairs need the teacher online (drop --distill-cache)")
+    if d.distill_cache and not Path(d.distill_cache).is_dir():
+        problems.append(f"--distill-cache {d.distill_cache}: no such directory")
     if d.distill_feature_weight < 0:
         problems.append(f"--distill-feature-weight {d.distill_feature_weight}: must be 0 or "
                         "more")

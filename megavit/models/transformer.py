@@ -210,6 +210,9 @@ class AttentionCore(nn.Module):
         self.kind = cfg.attention_kind(layer)
         self.attend = None
         self.recorded: list | None = None
+        # relation(qkv, sample_ids) -> qkv: sees (and may tie a loss to) this rank's
+        # [q | k | v] before the core, e.g. relation distillation (tasks/distillation)
+        self.relation = None
         self.eager = None               # an image model's attention with explicit maps
         if hasattr(cfg, "grid"):
             image = TokenLayout(cfg.prefix_tokens, tuple(cfg.grid))
@@ -245,7 +248,10 @@ class AttentionCore(nn.Module):
                                     attend=self.attend if self.recorded is None
                                     else self.eager)
 
-    def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None,
+                sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.relation is not None:
+            qkv = self.relation(qkv, sample_ids)
         q, k, v = qkv.chunk(3, dim=-1)                          # this rank's heads
         if self.recorded is not None:
             return self.core(q, k, v, mask)
@@ -287,7 +293,7 @@ class ParallelBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv, u = self.in_proj.forward_groups(self.norm(x), [3, 1])  # [s,b,3h/t], [s,b,f/t]
-        a = self.attention(qkv, ctx.attn_mask)                  # [s, b, h/t]
+        a = self.attention(qkv, ctx.attn_mask, ctx.sample_ids)  # [s, b, h/t]
         y = self.out_proj.forward_groups([a, self.act(u)])      # the block's one all-reduce
         return x + self.branch(y, ctx.sample_ids)               # [s, b, h]
 
@@ -316,7 +322,8 @@ class SequentialBlock(nn.Module):
         self.branch2 = branch_regularizer(cfg, rt, layer, "mlp")
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        a = self.attention(self.qkv(self.norm1(x)), ctx.attn_mask)   # [s, b, h/t]
+        a = self.attention(self.qkv(self.norm1(x)), ctx.attn_mask,
+                           ctx.sample_ids)                              # [s, b, h/t]
         x = x + self.branch1(self.proj(a), ctx.sample_ids)
         return x + self.branch2(self.fc2(self.act(self.fc1(self.norm2(x)))), ctx.sample_ids)
 

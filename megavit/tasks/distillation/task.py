@@ -49,7 +49,10 @@ from megavit.parallel.pipeline_executor import StepStats
 from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.state import ParallelState
 from megavit.tasks.classification import ClassificationTask
+from megavit.tasks.distillation.cache import (CacheManifest, TeacherCache, TeacherCacheError,
+                                              cache_identity)
 from megavit.tasks.distillation.losses import feature_distillation, response_loss
+from megavit.tasks.distillation.relations import RelationLink, TeacherCapture
 from megavit.training.run import Run
 from megavit.training.step import pipeline_forward_backward
 
@@ -91,11 +94,20 @@ class DistillationTask(ClassificationTask):
         self.teacher_model: ModelConfig | None = None  # every rank
         self.teacher_eval: dict[str, float] | None = None
         self.pairs: list[tuple[int, int]] = []
+        self.relation_pairs: list[tuple[int, int]] = []
+        self.links: list[RelationLink] = []            # one per relation pair
+        self.captures: list[TeacherCapture] = []        # (first stage)
+        self.logged_steps = 0
+        self.cache: TeacherCache | None = None          # --distill-cache
 
     def prepare(self, pstate: ParallelState) -> Config:
         cfg = super().prepare(pstate)
-        info = read_checkpoint_info(resolve_checkpoint(Path(self.distill.teacher_checkpoint)))
-        self.teacher_model = ModelConfig(**info["model"])
+        if self.distill.distill_cache:
+            self.open_cache(cfg)
+        else:
+            info = read_checkpoint_info(resolve_checkpoint(Path(
+                self.distill.teacher_checkpoint)))
+            self.teacher_model = ModelConfig(**info["model"])
         if self.teacher_model.num_classes != cfg.model.num_classes:
             raise CheckpointLoadError(
                 f"--teacher-checkpoint {self.distill.teacher_checkpoint}: the teacher has "
@@ -105,6 +117,8 @@ class DistillationTask(ClassificationTask):
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 cfg.model, distillation_token=True))
             self.config = cfg
+        self.relation_pairs = self.distill.relation_pairs()
+        self.check_relation_pairs(cfg, self.teacher_model)
         self.pairs = self.distill.feature_pairs()
         if self.pairs:
             self.check_pairs(cfg.model, self.teacher_model)
@@ -112,6 +126,26 @@ class DistillationTask(ClassificationTask):
                 cfg.model, feature_layers=",".join(str(s) for s, _ in self.pairs)))
             self.config = cfg
         return cfg
+
+    def open_cache(self, cfg: Config) -> None:
+        """--distill-cache: the manifest fits this run (data, seed, batch sizes, image,
+        classes; the teacher's config when --teacher-checkpoint is given) and its shards
+        cover --train-iters; TeacherCacheError naming what does not."""
+        root = Path(self.distill.distill_cache)
+        manifest = CacheManifest.read(root)
+        sha = (teacher_reference(self.distill.teacher_checkpoint)["teacher_config_sha256"]
+               if self.distill.teacher_checkpoint else
+               manifest.identity["teacher_config_sha256"])
+        if differ := manifest.differences(cache_identity(cfg, sha, 0)):
+            raise TeacherCacheError(f"--distill-cache {root}: written for another teacher or "
+                                    "other data: " + "; ".join(differ))
+        if missing := manifest.missing(cfg.training.train_iters):
+            raise TeacherCacheError(f"--distill-cache {root}: no rows for iterations "
+                                    f"{missing[0]}..{missing[-1]} (--train-iters "
+                                    f"{cfg.training.train_iters}); run tools/cache_teacher.py "
+                                    "with this --train-iters")
+        self.teacher_model = ModelConfig(**manifest.teacher_model)
+        self.cache = TeacherCache(root, manifest, cfg.training.global_batch_size)
 
     def check_pairs(self, student: ModelConfig, teacher: ModelConfig) -> None:
         """Each pair's teacher block exists and its grid can be aligned with the student's."""
@@ -124,6 +158,36 @@ class DistillationTask(ClassificationTask):
                 raise ConfigError(f"{flag}: student block {s}'s {sh}x{sw} patch grid and "
                                   f"teacher block {t}'s {th}x{tw} have different aspect "
                                   "ratios; their tokens cannot be aligned")
+
+    @property
+    def relation_heads(self) -> int:
+        return self.distill.distill_relation_heads or self.config.model.num_attention_heads
+
+    def check_relation_pairs(self, cfg: Config, teacher: ModelConfig) -> None:
+        """Each relation pair's teacher block exists, sees as many tokens as the student's,
+        and the relation heads divide the teacher's width."""
+        flag = f"--distill-relation-pairs {self.distill.distill_relation_pairs}"
+        heads = self.distill.distill_relation_heads or cfg.model.num_attention_heads
+        if self.relation_pairs and teacher.hidden_size % heads:
+            raise ConfigError(f"--distill-relation-heads {heads} does not divide the teacher's "
+                              f"width {teacher.hidden_size}")
+        for s, t in self.relation_pairs:
+            if not 0 <= t < teacher.num_layers:
+                raise ConfigError(f"{flag}: teacher block {t} outside 0..{teacher.num_layers - 1}")
+            ls, lt = cfg.model.at_layer(s).seq_length, teacher.at_layer(t).seq_length
+            if ls != lt:
+                raise ConfigError(f"{flag}: student block {s} sees {ls} tokens, teacher block "
+                                  f"{t} {lt}: relations compare token with token (use the "
+                                  "same grid and prefix tokens)")
+
+    @property
+    def relation_sizes(self) -> list[int]:
+        """Per relation pair, the flattened size of one image's teacher q, k, v on this TP
+        rank: L * 3 * h_t / t."""
+        t = self.config.parallel.tensor_model_parallel_size
+        m = self.teacher_model
+        return [m.at_layer(j).seq_length * 3 * m.hidden_size // t
+                for _, j in self.relation_pairs]
 
     @property
     def feature_sizes(self) -> list[int]:
@@ -140,11 +204,28 @@ class DistillationTask(ClassificationTask):
                                           pstate.device, dtype)
         else:
             model = super().build_model(runtime, layout, stage, pstate, dtype)
-        self.teacher = load_frozen_classifier(Path(self.distill.teacher_checkpoint), pstate,
-                                              here=stage == 0)
+        self.teacher = None if self.cache is not None else load_frozen_classifier(
+            Path(self.distill.teacher_checkpoint), pstate, here=stage == 0)
         if self.teacher is not None:
             self.teacher.model.to(dtype)
+        self.connect_relations(model, pstate)
         return model
+
+    def connect_relations(self, model: torch.nn.Module, pstate: ParallelState) -> None:
+        """A RelationLink on each paired student block held here, a TeacherCapture on each
+        paired teacher block (first stage)."""
+        self.links = [RelationLink(self.relation_heads, pstate.tp.size,
+                                   self.distill.distill_relation_weight,
+                                   self.config.model.at_layer(s).seq_length)
+                      for s, _ in self.relation_pairs]
+        for (s, _), link in zip(self.relation_pairs, self.links):
+            for chunk in model.chunks:
+                if str(s) in chunk.blocks:
+                    chunk.blocks[str(s)].attention.relation = link
+        if self.teacher is not None:
+            self.captures = [TeacherCapture() for _ in self.relation_pairs]
+            for (_, t), capture in zip(self.relation_pairs, self.captures):
+                self.teacher.model.blocks[str(t)].attention.relation = capture
 
     # ---- data: the teacher's logits join the labels ------------------------------------
 
@@ -154,15 +235,20 @@ class DistillationTask(ClassificationTask):
 
     def teacher_targets(self, images: torch.Tensor, dtype: torch.dtype,
                         features: bool = True) -> torch.Tensor:
-        """The teacher's logits [m, C], then (with `features` and feature pairs) each
-        paired teacher block's map resized to the student block's grid, as [m, H_s, W_s,
-        w_t] flattened: [m, C + sum(feature_sizes)] float32."""
+        """The teacher's logits [m, C], then (with `features`) each feature pair's teacher
+        map resized to the student block's grid, as [m, H_s, W_s, w_t] flattened, and each
+        relation pair's teacher q, k, v of this TP rank as [m, L, 3 h_t / t] flattened:
+        [m, C + sum(feature_sizes) + sum(relation_sizes)] float32."""
         device = next(self.teacher.model.parameters()).device
         x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
                           self.teacher.preprocessing)
+        relations = [c.qkv for c in self.captures] if features else []
         if not (features and self.pairs):
             with torch.no_grad():
-                return self.teacher.model(x).float()
+                logits = self.teacher.model(x).float()
+            return torch.cat([logits, *(c.qkv.float().transpose(0, 1).flatten(1)
+                                        for c in self.captures)], dim=1) if relations \
+                else logits
         logits, maps = self.teacher.model.output_and_intermediates(
             x, [t for _, t in self.pairs])
         out = [logits.float()]
@@ -172,6 +258,7 @@ class DistillationTask(ClassificationTask):
                 teacher_map = F.interpolate(teacher_map.float(), size=size, mode="bilinear",
                                             align_corners=False)
             out.append(teacher_map.float().permute(0, 2, 3, 1).flatten(1))
+        out += [c.qkv.float().transpose(0, 1).flatten(1) for c in self.captures]
         return torch.cat(out, dim=1)
 
     def batches(self, run: Run, start: int, stop: int) -> Iterator[list[MicroBatch]]:
@@ -182,16 +269,29 @@ class DistillationTask(ClassificationTask):
                 yield micro_batches
                 continue
             sizes = [len(mb.labels) for mb in micro_batches]
+            if self.cache is not None:     # every stage reads its rows: nothing to send
+                yield [mb._replace(labels=torch.cat(
+                           [class_targets(mb.labels, classes),
+                            self.cache.logits(mb.sample_ids, classes)], dim=-1))
+                       for mb in micro_batches]
+                continue
             if run.is_first_stage:
                 logits = torch.cat([self.teacher_targets(mb.images, run.dtype)
                                     for mb in micro_batches])
             else:
-                logits = torch.zeros(sum(sizes), classes + sum(self.feature_sizes),
-                                     device=pstate.device)
+                logits = torch.zeros(sum(sizes), classes + sum(self.feature_sizes)
+                                     + sum(self.relation_sizes), device=pstate.device)
             if pstate.pp.size > 1:
                 logits = pstate.pp.broadcast(logits.contiguous(), src=0)
+            kept = classes + sum(self.feature_sizes)
+            for link in self.links:
+                link.targets = {}                     # the previous step's are done with
+            for mb, t in zip(micro_batches, logits.split(sizes)):
+                first = int(mb.sample_ids[0])
+                for link, qkv in zip(self.links, t[:, kept:].split(self.relation_sizes, 1)):
+                    link.targets[first] = qkv.reshape(len(t), link.length, -1).chunk(3, -1)
             yield [mb._replace(labels=torch.cat(
-                       [class_targets(mb.labels, classes).to(t.device), t], dim=-1))
+                       [class_targets(mb.labels, classes).to(t.device), t[:, :kept]], dim=-1))
                    for mb, t in zip(micro_batches, logits.split(sizes))]
 
     # ---- loss ---------------------------------------------------------------------------
@@ -220,8 +320,30 @@ class DistillationTask(ClassificationTask):
 
     def forward_backward(self, run: Run, batch: list[MicroBatch], loss_scale: float | None,
                          measure: bool) -> tuple[torch.Tensor, StepStats]:
+        for link in self.links:       # the relation terms join each micro-batch's backward
+            link.micro_batches = len(batch)
+            link.loss_scale = 1.0 if loss_scale is None else float(loss_scale)
+        self.logged_steps += 1
         return pipeline_forward_backward(run, batch, self.distillation_loss, loss_scale,
                                          measure)
+
+    def train_fields(self, run: Run) -> dict[str, float]:
+        """`relation_loss`: the relation terms (unweighted, summed over the pairs) per step
+        since the last line, summed over the TP shares and the stages holding the paired
+        blocks, averaged over DP (three small all-reduces at log time)."""
+        if not self.relation_pairs:
+            return {}
+        pstate = run.pstate
+        total = torch.zeros((), dtype=torch.float64, device=pstate.device)
+        for link in self.links:
+            for value in link.values:
+                total += value.double()
+            link.values = []
+        pstate.tp.all_reduce(total)
+        pstate.pp.all_reduce(total)
+        pstate.dp.all_reduce(total)
+        steps, self.logged_steps = max(self.logged_steps, 1), 0
+        return {"relation_loss": total.item() / steps / pstate.dp.size}
 
     # ---- evaluation, description, logs --------------------------------------------------
 
@@ -235,6 +357,8 @@ class DistillationTask(ClassificationTask):
     def evaluate_teacher(self, run: Run) -> dict[str, float]:
         """The teacher's top-1 accuracy on the held-out images the student is evaluated on
         (first stage; summed over DP, shared over PP)."""
+        if self.cache is not None:         # measured when the cache was written
+            return {"teacher_accuracy": self.cache.manifest.teacher_accuracy}
         pstate, training = run.pstate, self.config.training
         sums = torch.zeros(2, dtype=torch.float64, device=pstate.device)
         if run.is_first_stage:
@@ -256,20 +380,29 @@ class DistillationTask(ClassificationTask):
 
     def describe(self) -> dict[str, dict]:
         d = self.distill
+        teacher = (teacher_reference(d.teacher_checkpoint) if d.teacher_checkpoint else
+                   {"teacher_cache": d.distill_cache, "teacher_config_sha256":
+                    self.cache.manifest.identity["teacher_config_sha256"]})
         return {**super().describe(), "distillation": {
-            **teacher_reference(d.teacher_checkpoint), "loss": d.distill_loss,
+            **teacher, "loss": d.distill_loss, "cache": d.distill_cache,
             "alpha": d.distill_alpha, "temperature": d.distill_temperature,
             "feature_pairs": d.distill_feature_pairs, "feature_loss": d.distill_feature_loss,
             "feature_weight": d.distill_feature_weight,
-            "feature_widths": [self.teacher_model.hidden_size] * len(self.pairs)}}
+            "feature_widths": [self.teacher_model.hidden_size] * len(self.pairs),
+            "relation_pairs": d.distill_relation_pairs, "relation_heads": self.relation_heads,
+            "relation_weight": d.distill_relation_weight}}
 
     def log_lines(self, run: Run) -> list[str]:
         t, d = self.teacher_model, self.distill
         student = sum(p.numel() for p in run.model.parameters())
-        line = (f"teacher: {d.teacher_checkpoint} | layers {t.num_layers} | hidden "
-                f"{t.hidden_size} | heads {t.num_attention_heads} | image {t.img_h}x{t.img_w} "
-                f"| frozen, forward only on the first pipeline stage at tensor-parallel size "
-                f"{run.pstate.tp.size} | loss {d.distill_loss} | alpha {d.distill_alpha}"
+        where = (f"from the cache {d.distill_cache} (top-"
+                 f"{self.cache.manifest.identity['top_k']} logits)" if self.cache is not None
+                 else "frozen, forward only on the first pipeline stage at tensor-parallel "
+                 f"size {run.pstate.tp.size}")
+        line = (f"teacher: {d.teacher_checkpoint or d.distill_cache} | layers {t.num_layers} "
+                f"| hidden {t.hidden_size} | heads {t.num_attention_heads} | image "
+                f"{t.img_h}x{t.img_w} | {where} | loss {d.distill_loss} | alpha "
+                f"{d.distill_alpha}"
                 + (f" | temperature {d.distill_temperature}" if d.distill_loss == "soft" else ""))
         if self.teacher is not None:
             teacher = sum(p.numel() for p in self.teacher.model.parameters())

@@ -1,0 +1,145 @@
+"""Run a teacher once over every image a student run will see and store its top-K logits,
+so students train from the cache at any layout without running the teacher.
+
+    python tools/cache_teacher.py --output runs/teacher-cache --top-k 10 \\
+        --teacher-checkpoint runs/teacher  <the student's python -m megavit.distill flags>
+    python -m megavit.distill ... --distill-cache runs/teacher-cache
+
+The images are the student's: its --dataset, --augment, --seed, --global-batch-size,
+--micro-batch-size, image size and --train-iters give the same augmented images in the same
+micro-batches (every draw is keyed by the image's global id), and the teacher runs on each
+micro-batch as it would online. The rows go to OUTPUT/shard_*.safetensors, --shard-iterations
+iterations a shard (megavit/tasks/distillation/cache.py has the format), each written whole
+and renamed; OUTPUT/cache.json records what the cache fits and which shards are complete.
+Run again after an interruption (or with a larger --train-iters) to write only what is
+missing; a cache of another teacher or other data in OUTPUT is refused, naming the field.
+Prints a progress line per shard and the teacher's held-out accuracy (stored for the
+student's summary). Exit status 2 with a message for a bad flag, teacher or cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+PROG = "tools/cache_teacher.py"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
+                                description=__doc__.split("\n")[0],
+                                epilog="Every other flag is python -m megavit.distill's "
+                                       "(see its --help).")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="the cache directory (created; an existing cache is continued)")
+    p.add_argument("--top-k", type=int, default=10, metavar="K",
+                   help="logits kept per image, largest first (the class count keeps all)")
+    p.add_argument("--shard-iterations", type=int, default=100, metavar="N",
+                   help="training iterations per shard file")
+    args, rest = p.parse_known_args(argv)
+    from megavit.errors import UserError
+
+    try:
+        return write_cache(args, rest)
+    except (UserError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
+    import torch
+
+    from megavit.checkpointing.inference import load_frozen_classifier
+    from megavit.config import ConfigError
+    from megavit.config.distillation import parse_distillation_args, validate_distillation
+    from megavit.data.sampler import GlobalBatchSampler
+    from megavit.data.targets import primary_labels
+    from megavit.parallel.state import serial_state
+    from megavit.tasks.classification import ClassificationTask
+    from megavit.tasks.distillation.cache import (CacheManifest, TeacherCacheError,
+                                                  cache_identity, write_shard)
+    from megavit.tasks.distillation.task import DistillationTask, teacher_reference
+    from megavit.data.sampler import eval_batches
+
+    cfg = parse_distillation_args(rest)
+    validate_distillation(cfg)
+    if cfg.distillation.distill_cache:
+        raise ConfigError("--distill-cache: this tool writes the cache (--output)")
+    if args.top_k < 1 or args.shard_iterations < 1:
+        raise ConfigError(f"--top-k {args.top_k} / --shard-iterations "
+                          f"{args.shard_iterations}: both must be at least 1")
+    pstate = serial_state()
+    task = DistillationTask(cfg)
+    base = task.prepare(pstate)
+    classes = base.model.num_classes
+    top_k = min(args.top_k, classes)
+    task.teacher = load_frozen_classifier(Path(cfg.distillation.teacher_checkpoint), pstate,
+                                          here=True)
+    reference = teacher_reference(cfg.distillation.teacher_checkpoint)
+    identity = cache_identity(base, reference["teacher_config_sha256"], top_k)
+    root = Path(args.output)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = CacheManifest.read(root)
+    except TeacherCacheError:
+        if any(root.iterdir()):
+            raise TeacherCacheError(f"--output {root}: holds files but no teacher cache "
+                                    "manifest; choose an empty directory") from None
+        manifest = None
+    if manifest is not None and (differ := manifest.differences(identity)
+                                 or ([f"top_k: {manifest.identity['top_k']} in the cache, "
+                                      f"{top_k} here"]
+                                     if manifest.identity["top_k"] != top_k else [])):
+        raise TeacherCacheError(f"--output {root}: a cache of another teacher or other data: "
+                                + "; ".join(differ))
+    if manifest is None:        # the teacher's held-out accuracy, once
+        hits = count = 0
+        t = base.training
+        with torch.no_grad():
+            for micro_batches in eval_batches(task.heldout, t.global_batch_size, 0, 1,
+                                              t.micro_batch_size, base.logging.eval_iters):
+                for mb in micro_batches:
+                    logits = task.teacher_logits(mb.images, torch.float32)
+                    hits += int((logits.argmax(-1) == primary_labels(mb.labels)).sum())
+                    count += len(mb.labels)
+        manifest = CacheManifest(identity, task.teacher.info["model"], hits / max(count, 1))
+        manifest.write(root)
+    iterations = base.training.train_iters
+    view = SimpleNamespace(pstate=pstate, is_first_stage=True,
+                           sampler=GlobalBatchSampler(task.train_size,
+                                                      base.training.global_batch_size,
+                                                      base.training.seed))
+    todo = [first for first in range(0, iterations, args.shard_iterations)   # (a shorter
+            if manifest.shards.get(first) != min(first + args.shard_iterations,  # earlier
+                                                 iterations) - first]            # run's too)
+    print(f"cache_teacher | teacher {reference['teacher_checkpoint']} | held-out accuracy "
+          f"{manifest.teacher_accuracy:.4f} | iterations {iterations} | top-k {top_k} of "
+          f"{classes} | shards to write {len(todo)} of "
+          f"{-(-iterations // args.shard_iterations)}", flush=True)
+    started = time.perf_counter()
+    for done, first in enumerate(todo, 1):
+        stop = min(first + args.shard_iterations, iterations)
+        ids, values, indices = [], [], []
+        for micro_batches in ClassificationTask.batches(task, view, first, stop):
+            for mb in micro_batches:
+                logits = task.teacher_logits(mb.images, torch.float32)
+                v, i = logits.topk(top_k, dim=-1)
+                ids.append(mb.sample_ids)
+                values.append(v)
+                indices.append(i)
+        write_shard(root, first, stop - first, torch.cat(ids), torch.cat(values),
+                    torch.cat(indices))
+        manifest.shards[first] = stop - first
+        manifest.write(root)
+        elapsed = time.perf_counter() - started
+        print(f"cache_teacher | shard {done}/{len(todo)} | iterations {first}-{stop - 1} | "
+              f"images {len(torch.cat(ids))} | {elapsed:.1f} s", flush=True)
+    print(f"cache_teacher | done | {root} | shards {len(manifest.shards)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
