@@ -19,29 +19,17 @@ from megavit.config.distillation import PROG, parse_distillation_args, validate_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megavit.run_entry import parse_and_validate, report_config_error
+    from megavit.run_entry import parse_and_validate
 
     parsed = parse_and_validate(PROG, parse_distillation_args, validate_distillation, argv)
     if isinstance(parsed, int):
         return parsed
     cfg, info = parsed
 
-    from megavit.config import ConfigError
-    from megavit.run_entry import start_and_train
+    from megavit.run_entry import train_task_entry
     from megavit.tasks.distillation.task import DistillationTask
-    from megavit.training.loop import pretrain
-    from megavit.training.run import check_schedule, pipeline_layout
 
-    parallel = cfg.base.parallel
-    try:   # the pipeline split and schedule, before any process group starts
-        dp = info.world_size // (parallel.tensor_model_parallel_size
-                                 * parallel.pipeline_model_parallel_size)
-        check_schedule(cfg.base, pipeline_layout(cfg.base), dp)
-    except ConfigError as e:
-        return report_config_error(PROG, e, info)
-    return start_and_train(PROG, parallel, info.local_world_size,
-                           lambda pstate, stop: pretrain(DistillationTask(cfg), pstate, stop),
-                           cfg.base.checkpoint)
+    return train_task_entry(PROG, cfg.base, info, lambda: DistillationTask(cfg))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def validate_classification(cfg: Config, world_size: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megavit.run_entry import parse_and_validate, report_config_error
+    from megavit.run_entry import parse_and_validate
 
     prog = "python -m megavit.pretrain"
     parsed = parse_and_validate(prog, parse_args, validate_classification, argv)
@@ -42,23 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return parsed
     cfg, info = parsed
 
+    from megavit.run_entry import train_task_entry
     from megavit.tasks.classification import ClassificationTask
-    from megavit.training.loop import pretrain
-    from megavit.training.run import check_schedule, pipeline_layout
 
-    parallel = cfg.parallel
-    try:   # the pipeline split and schedule, before any process group starts
-        model_parallel = (parallel.tensor_model_parallel_size
-                          * parallel.pipeline_model_parallel_size)
-        dp = info.world_size // model_parallel
-        check_schedule(cfg, pipeline_layout(cfg), dp)
-    except ConfigError as e:
-        return report_config_error(prog, e, info)
-    from megavit.run_entry import start_and_train
-
-    return start_and_train(prog, parallel, info.local_world_size,
-                           lambda pstate, stop: pretrain(ClassificationTask(cfg), pstate, stop),
-                           cfg.checkpoint)
+    return train_task_entry(prog, cfg, info, lambda: ClassificationTask(cfg))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,26 @@ def parse_and_validate(prog: str, parse: Callable[[Any], Any],
     return cfg, info
 
 
+def train_task_entry(prog: str, base: Any, info: Any, make_task: Callable[[], Any]) -> int:
+    """An entry point after parsing: check the pipeline split and schedule of the run's
+    Config `base` before any process group starts (exit 2 naming the problem), then
+    `start_and_train` the task `make_task()` builds (`info`: the LaunchInfo)."""
+    from megavit.config import ConfigError
+    from megavit.training.loop import pretrain
+    from megavit.training.run import check_schedule, pipeline_layout
+
+    parallel = base.parallel
+    try:
+        dp = info.world_size // (parallel.tensor_model_parallel_size
+                                 * parallel.pipeline_model_parallel_size)
+        check_schedule(base, pipeline_layout(base), dp)
+    except ConfigError as e:
+        return report_config_error(prog, e, info)
+    return start_and_train(prog, parallel, info.local_world_size,
+                           lambda pstate, stop: pretrain(make_task(), pstate, stop),
+                           base.checkpoint)
+
+
 def start_and_train(prog: str, parallel: ParallelConfig, local_world_size: int,
                     train: Callable[[Any, Any], Any], checkpoint: Any) -> int:
     """Initialise the parallel state from `parallel` and the launcher's environment, run
