@@ -277,7 +277,7 @@ def test_the_offline_cache_continues_and_refuses_what_does_not_fit(teacher, teac
     """A longer --train-iters writes only the missing shards; a serial student from the
     cache logs the losses of the student with the teacher online; a cache of other data
     is refused by the tool and by the student, naming the field; a truncated shard is
-    named; top-3 logits keep the teacher's top class."""
+    named, and the tool run again rewrites it; top-3 logits keep the teacher's top class."""
     import shutil
 
     cache = tmp_path / "cache"
@@ -310,6 +310,12 @@ def test_the_offline_cache_continues_and_refuses_what_does_not_fit(teacher, teac
     with pytest.raises(Exception, match="shard_00000001.safetensors: damaged or truncated"):
         for _ in run.batches(0, 2):
             pass
+    again = cache_teacher("--output", str(cache), "--top-k", "10", "--shard-iterations", "1",
+                          "--teacher-checkpoint", teacher, "--train-iters", "3", *CACHE_FLAGS)
+    assert again.returncode == 0 and "rewriting 1 missing or damaged" in again.stdout, \
+        again.stdout + again.stderr
+    assert len(list(Run.build(DistillationTask(student_config(teacher, distill=dict(
+        SOFT, distill_cache=str(cache)))), serial_state()).batches(0, 2))) == 2
     top3 = tmp_path / "top3"
     assert cache_teacher("--output", str(top3), "--top-k", "3", "--teacher-checkpoint",
                          teacher, "--train-iters", "2", *CACHE_FLAGS).returncode == 0

@@ -20,6 +20,7 @@ student's summary). Exit status 2 with a message for a bad flag, teacher or cach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -65,9 +66,18 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
     from megavit.data.sampler import eval_batches
 
     cfg = parse_distillation_args(rest)
+    # the student's layout flags may be given: the cache does not depend on them, and the
+    # tool runs the teacher in this one process
+    cfg.base.parallel = dataclasses.replace(
+        cfg.base.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False)
     validate_distillation(cfg)
-    if cfg.distillation.distill_cache:
+    d = cfg.distillation
+    if d.distill_cache:
         raise ConfigError("--distill-cache: this tool writes the cache (--output)")
+    if d.distill_feature_pairs or d.distill_relation_pairs:
+        raise ConfigError("--distill-feature-pairs / --distill-relation-pairs: the cache "
+                          "holds the teacher's logits only (those terms need it online)")
     if args.top_k < 1 or args.shard_iterations < 1:
         raise ConfigError(f"--top-k {args.top_k} / --shard-iterations "
                           f"{args.shard_iterations}: both must be at least 1")
@@ -79,7 +89,7 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
     task.teacher = load_frozen_classifier(Path(cfg.distillation.teacher_checkpoint), pstate,
                                           here=True)
     reference = teacher_reference(cfg.distillation.teacher_checkpoint)
-    identity = cache_identity(base, reference["teacher_config_sha256"], top_k)
+    identity = cache_identity(base, reference["teacher_config_sha256"], top_k, task.recipe)
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -107,18 +117,23 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
                     count += len(mb.labels)
         manifest = CacheManifest(identity, task.teacher.info["model"], hits / max(count, 1))
         manifest.write(root)
+    dropped = [first for first, n in manifest.shards.items()
+               if not shard_reads(root, first, n * base.training.global_batch_size)]
+    for first in dropped:      # missing or damaged: written again below
+        del manifest.shards[first]
     iterations = base.training.train_iters
     view = SimpleNamespace(pstate=pstate, is_first_stage=True,
                            sampler=GlobalBatchSampler(task.train_size,
                                                       base.training.global_batch_size,
                                                       base.training.seed))
-    todo = [first for first in range(0, iterations, args.shard_iterations)   # (a shorter
-            if manifest.shards.get(first) != min(first + args.shard_iterations,  # earlier
-                                                 iterations) - first]            # run's too)
+    todo = [first for first in range(0, iterations, args.shard_iterations)   # (or shorter
+            if manifest.shards.get(first, 0) < min(first + args.shard_iterations,  # than
+                                                   iterations) - first]            # needed)
     print(f"cache_teacher | teacher {reference['teacher_checkpoint']} | held-out accuracy "
           f"{manifest.teacher_accuracy:.4f} | iterations {iterations} | top-k {top_k} of "
           f"{classes} | shards to write {len(todo)} of "
-          f"{-(-iterations // args.shard_iterations)}", flush=True)
+          f"{-(-iterations // args.shard_iterations)}"
+          + (f" | rewriting {len(dropped)} missing or damaged" if dropped else ""), flush=True)
     started = time.perf_counter()
     for done, first in enumerate(todo, 1):
         stop = min(first + args.shard_iterations, iterations)
@@ -139,6 +154,19 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
               f"images {len(torch.cat(ids))} | {elapsed:.1f} s", flush=True)
     print(f"cache_teacher | done | {root} | shards {len(manifest.shards)}", flush=True)
     return 0
+
+
+def shard_reads(root: Path, first: int, rows: int) -> bool:
+    """Whether shard `first` is there and reads whole with `rows` rows."""
+    from megavit.tasks.distillation.cache import shard_name
+
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(root / shard_name(first)))
+        return all(tensors[k].shape[0] == rows for k in ("ids", "values", "indices"))
+    except Exception:          # noqa: BLE001 — missing, truncated, not safetensors
+        return False
 
 
 if __name__ == "__main__":

@@ -51,10 +51,11 @@ def teacher_change(saved_info: dict, current_info: dict) -> str | None:
     key = "teacher_config_sha256"
     if saved.get(key) == current.get(key):
         return None
-    return (f"the checkpoint was distilled from the teacher at {saved.get('teacher_checkpoint')} "
+    def where(section: dict) -> str:
+        return section.get("teacher_checkpoint") or f"cache {section.get('teacher_cache')}"
+    return (f"the checkpoint was distilled from the teacher at {where(saved)} "
             f"(config sha256 {str(saved.get(key))[:12]}); this run's teacher is "
-            f"{current.get('teacher_checkpoint')} (sha256 {str(current.get(key))[:12]}) and "
-            "trains on from here")
+            f"{where(current)} (sha256 {str(current.get(key))[:12]}) and trains on from here")
 
 
 def resolve_checkpoint(path: Path, flag: str = "") -> Path:

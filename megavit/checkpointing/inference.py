@@ -120,6 +120,8 @@ def load_frozen_classifier(path: Path, pstate, here: bool, what: str = "teacher"
                                   f"and MLP width {cfg.ffn_hidden_size}")
     check_loadable(checkpoint)
     check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
+    # every rank: a bad preprocessing section must stop them all, before the collective
+    pre, note = checkpoint_preprocessing(info, cfg, str(checkpoint / CONFIG_FILE))
     if not here:
         load_state({}, checkpoint, pstate, f"{what} model")
         return None
@@ -127,7 +129,6 @@ def load_frozen_classifier(path: Path, pstate, here: bool, what: str = "teacher"
     load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
                checkpoint, pstate, f"{what} model")
     model.eval().requires_grad_(False)
-    pre, note = checkpoint_preprocessing(info, cfg, str(checkpoint / CONFIG_FILE))
     return InferenceModel(kind, model, info, checkpoint, pre, note,
                           class_names=list(info.get("classes", {}).get("names", [])))
 

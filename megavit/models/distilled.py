@@ -3,7 +3,8 @@ are its --feature-layers (under pipeline parallelism their outputs travel to the
 with the hidden states, as for a dense head), and its last part projects each one to its
 teacher block's width.
 
-    output in training   [b, C + sum_i w_i H_i W_i]: the logits, then each paired block's
+    output in training   [b, C (+ C: the distillation token's head) + sum_i w_i H_i W_i]:
+                         the logits, then each paired block's
                          patch map [b, H_i, W_i, h] through its projection (h -> w_i, the
                          teacher's width), flattened
     output in eval       the logits [b, C] (what evaluation, predict and exports read)

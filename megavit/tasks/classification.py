@@ -126,14 +126,20 @@ class ClassificationTask:
             self.mixer = BatchMixer(self.recipe, size, seed)
         return self.config
 
+    def build_stage(self, runtime: Runtime, layout: PipelineLayout, stage: int,
+                    pstate: ParallelState, dtype: torch.dtype) -> nn.Module:
+        """This stage's chunks of the classifier (a subclass may build another ViT)."""
+        return build_stage(self.config.model, runtime, self.config.training.seed, layout,
+                           stage, pstate.device, dtype)
+
     def build_model(self, runtime: Runtime, layout: PipelineLayout, stage: int,
                     pstate: ParallelState, dtype: torch.dtype) -> nn.Module:
-        model = build_stage(self.config.model, runtime, self.config.training.seed, layout,
-                            stage, pstate.device, dtype)
-        head = getattr(model.chunks[-1], "head", None)
-        if self.config.data.loss == "sigmoid" and head is not None:
-            with torch.no_grad():   # each class starts at probability ~1/C (big_vision)
-                head.bias.fill_(-math.log(self.config.model.num_classes))
+        model = self.build_stage(runtime, layout, stage, pstate, dtype)
+        if self.config.data.loss == "sigmoid":   # each class starts at probability ~1/C
+            for name in ("head", "head_dist"):   # (big_vision)
+                if (head := getattr(model.chunks[-1], name, None)) is not None:
+                    with torch.no_grad():
+                        head.bias.fill_(-math.log(self.config.model.num_classes))
         if self.config.training.freeze_backbone:
             for name, param in model.named_parameters():
                 param.requires_grad_(is_classifier(name))

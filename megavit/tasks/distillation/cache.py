@@ -35,12 +35,14 @@ class TeacherCacheError(UserError):
     """A teacher cache that does not fit this run, or a damaged shard."""
 
 
-def cache_identity(cfg, teacher_sha256: str, top_k: int) -> dict[str, Any]:
+def cache_identity(cfg, teacher_sha256: str, top_k: int, recipe) -> dict[str, Any]:
     """What must match between the run that wrote a cache and the run that reads it (`cfg`:
-    the student's Config)."""
+    the student's Config; `recipe`: its augmentation recipe, every setting that changes the
+    images, as `recipe.describe()` says it)."""
     m, d, t = cfg.model, cfg.data, cfg.training
     return {"teacher_config_sha256": teacher_sha256, "dataset": d.dataset,
-            "data_path": d.data_path, "augment": d.augment, "seed": t.seed,
+            "data_path": d.data_path, "synthetic_size": d.synthetic_size,
+            "augment": d.augment, "recipe": recipe.describe(), "seed": t.seed,
             "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
             "image": [m.num_channels, m.img_h, m.img_w], "classes": m.num_classes,
             "top_k": top_k}

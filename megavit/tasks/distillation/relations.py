@@ -69,7 +69,8 @@ class RelationLink:
 
     def __call__(self, qkv: torch.Tensor, sample_ids: torch.Tensor | None) -> torch.Tensor:
         if not torch.is_grad_enabled() or sample_ids is None:
-            return qkv        # evaluation, or the first pass of a recomputed region
+            return qkv        # no gradients (evaluation, the first pass of a recomputed
+                              # region: its second pass in backward makes the term)
         teacher = self.targets[int(sample_ids[0])]
         student = tuple(x[:self.length].transpose(0, 1)          # [m, L, h_s / t]
                         for x in qkv.chunk(3, dim=-1))

@@ -5,8 +5,12 @@ frozen teacher's logits (response distillation: losses.py).
                 pipeline stage the teacher runs forward on each micro-batch's images (resized
                 and renormalised to its own preprocessing when it differs), and its logits
                 [m, C] travel to every stage with the labels: one broadcast of [M m, C] on the
-                pipeline group per step. A micro-batch's labels become [m, 2C]: the task's
-                targets as distributions, then the teacher's logits
+                pipeline group per step (with feature pairs the teacher's maps, with
+                relation pairs its q, k, v of those blocks, travel the same way). A
+                micro-batch's labels become [m, 2C (+ maps)]: the task's targets as
+                distributions, the teacher's logits, its maps; the q, k, v go to the
+                student blocks' RelationLinks (relations.py). With --distill-cache every
+                stage reads the logits from the cache instead (cache.py)
     teacher     where it runs: at the job's tensor-parallel size (its heads split like the
                 student's, the TP group's collectives), at every data-parallel rank on its
                 own images, and only on the first pipeline stage, before the student's
@@ -14,8 +18,9 @@ frozen teacher's logits (response distillation: losses.py).
                 and the student's schedule (1F1B or interleaved) is left as it is. Eval
                 mode, no gradient, no optimizer state, nothing kept for backward; in the
                 student's parameter dtype
-    loss        (1 - alpha) x the classification loss + alpha x distillation, per
-                micro-batch on the last stage (losses.py `response_loss`)
+    loss        (1 - alpha) x the classification loss + alpha x distillation (losses.py
+                `response_loss`) + the feature term, per micro-batch on the last stage; the
+                relation term in the paired student blocks' backward, on their stages
     evaluate    the student as the classification task does, and the teacher's accuracy on
                 the same held-out images (computed once)
     checkpoint  the student only; its description records the teacher's checkpoint and the
@@ -50,7 +55,7 @@ from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.state import ParallelState
 from megavit.tasks.classification import ClassificationTask
 from megavit.tasks.distillation.cache import (CacheManifest, TeacherCache, TeacherCacheError,
-                                              cache_identity)
+                                              cache_identity, shard_name)
 from megavit.tasks.distillation.losses import feature_distillation, response_loss
 from megavit.tasks.distillation.relations import RelationLink, TeacherCapture
 from megavit.training.run import Run
@@ -76,7 +81,7 @@ def teacher_input(images: torch.Tensor, student: Preprocessing | None,
     return x
 
 
-def teacher_reference(path: str) -> dict[str, str]:
+def teacher_reference(path: str | Path) -> dict[str, str]:
     """What a student's checkpoint records of its teacher: the iter_N/ directory read and
     the SHA-256 of its megavit_config.json."""
     checkpoint = resolve_checkpoint(Path(path))
@@ -99,15 +104,19 @@ class DistillationTask(ClassificationTask):
         self.captures: list[TeacherCapture] = []        # (first stage)
         self.logged_steps = 0
         self.cache: TeacherCache | None = None          # --distill-cache
+        self.teacher_dir: Path | None = None             # the teacher's iter_N/
 
     def prepare(self, pstate: ParallelState) -> Config:
         cfg = super().prepare(pstate)
         if self.distill.distill_cache:
             self.open_cache(cfg)
-        else:
-            info = read_checkpoint_info(resolve_checkpoint(Path(
-                self.distill.teacher_checkpoint)))
-            self.teacher_model = ModelConfig(**info["model"])
+        else:     # resolved once: a --save directory may get a newer iter_N meanwhile
+            self.teacher_dir = resolve_checkpoint(Path(self.distill.teacher_checkpoint))
+            self.teacher_model = ModelConfig(**read_checkpoint_info(self.teacher_dir)["model"])
+        if self.teacher_model.num_channels != cfg.model.num_channels:
+            raise ConfigError(f"--teacher-checkpoint {self.distill.teacher_checkpoint}: the "
+                              f"teacher reads {self.teacher_model.num_channels}-channel "
+                              f"images, the student {cfg.model.num_channels} (--num-channels)")
         if self.teacher_model.num_classes != cfg.model.num_classes:
             raise CheckpointLoadError(
                 f"--teacher-checkpoint {self.distill.teacher_checkpoint}: the teacher has "
@@ -133,12 +142,16 @@ class DistillationTask(ClassificationTask):
         cover --train-iters; TeacherCacheError naming what does not."""
         root = Path(self.distill.distill_cache)
         manifest = CacheManifest.read(root)
-        sha = (teacher_reference(self.distill.teacher_checkpoint)["teacher_config_sha256"]
-               if self.distill.teacher_checkpoint else
-               manifest.identity["teacher_config_sha256"])
-        if differ := manifest.differences(cache_identity(cfg, sha, 0)):
+        if self.distill.teacher_checkpoint:
+            self.teacher_dir = resolve_checkpoint(Path(self.distill.teacher_checkpoint))
+        sha = (teacher_reference(self.teacher_dir)["teacher_config_sha256"]
+               if self.teacher_dir else manifest.identity["teacher_config_sha256"])
+        if differ := manifest.differences(cache_identity(cfg, sha, 0, self.recipe)):
             raise TeacherCacheError(f"--distill-cache {root}: written for another teacher or "
                                     "other data: " + "; ".join(differ))
+        if gone := [f for f in manifest.shards if not (root / shard_name(f)).is_file()]:
+            raise TeacherCacheError(f"--distill-cache {root}: {shard_name(gone[0])} is "
+                                    "listed but missing; run tools/cache_teacher.py again")
         if missing := manifest.missing(cfg.training.train_iters):
             raise TeacherCacheError(f"--distill-cache {root}: no rows for iterations "
                                     f"{missing[0]}..{missing[-1]} (--train-iters "
@@ -197,19 +210,23 @@ class DistillationTask(ClassificationTask):
 
     def build_model(self, runtime: Runtime, layout: PipelineLayout, stage: int,
                     pstate: ParallelState, dtype: torch.dtype) -> torch.nn.Module:
-        if self.pairs:
-            model = build_distilled_stage(self.config.model, runtime, self.config.training.seed,
-                                          layout, stage,
-                                          [self.teacher_model.hidden_size] * len(self.pairs),
-                                          pstate.device, dtype)
-        else:
-            model = super().build_model(runtime, layout, stage, pstate, dtype)
+        model = super().build_model(runtime, layout, stage, pstate, dtype)
         self.teacher = None if self.cache is not None else load_frozen_classifier(
-            Path(self.distill.teacher_checkpoint), pstate, here=stage == 0)
+            self.teacher_dir, pstate, here=stage == 0)
         if self.teacher is not None:
             self.teacher.model.to(dtype)
         self.connect_relations(model, pstate)
         return model
+
+    def build_stage(self, runtime: Runtime, layout: PipelineLayout, stage: int,
+                    pstate: ParallelState, dtype: torch.dtype) -> torch.nn.Module:
+        """With feature pairs a DistilledStudent (its projections on the last stage)."""
+        if not self.pairs:
+            return super().build_stage(runtime, layout, stage, pstate, dtype)
+        return build_distilled_stage(self.config.model, runtime, self.config.training.seed,
+                                     layout, stage,
+                                     [self.teacher_model.hidden_size] * len(self.pairs),
+                                     pstate.device, dtype)
 
     def connect_relations(self, model: torch.nn.Module, pstate: ParallelState) -> None:
         """A RelationLink on each paired student block held here, a TeacherCapture on each
@@ -380,7 +397,7 @@ class DistillationTask(ClassificationTask):
 
     def describe(self) -> dict[str, dict]:
         d = self.distill
-        teacher = (teacher_reference(d.teacher_checkpoint) if d.teacher_checkpoint else
+        teacher = (teacher_reference(self.teacher_dir) if self.teacher_dir else
                    {"teacher_cache": d.distill_cache, "teacher_config_sha256":
                     self.cache.manifest.identity["teacher_config_sha256"]})
         return {**super().describe(), "distillation": {
@@ -407,7 +424,10 @@ class DistillationTask(ClassificationTask):
         if self.teacher is not None:
             teacher = sum(p.numel() for p in self.teacher.model.parameters())
             line += f" | parameters per rank {teacher:,} (student's on this rank {student:,})"
-        return super().log_lines(run) + [line]
+        lines = super().log_lines(run) + [line]
+        if self.teacher is not None and self.teacher.note:
+            lines.append(f"teacher: {self.teacher.note}")
+        return lines
 
     def summary_fields(self, evaluation: dict[str, float]) -> dict[str, Any]:
         student = evaluation["eval_accuracy"]
