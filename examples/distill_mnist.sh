@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Distillation on the CPU: a ViT-S-width teacher (4 blocks of width 384, 7.1 M parameters)
-# trained on MNIST-5k, then a ViT-Ti-width student (3 blocks of width 192, 1.3 M: 19 % of
-# the teacher) trained on the same budget and data five ways: alone; + response (soft KL,
-# T 4); + response + feature (its last block's map against the teacher's last, projected);
+# trained on MNIST-5k (TEACHER_ITERS iterations), then a ViT-Ti-width student (3 blocks of
+# width 192, 1.3 M: 19 % of the teacher) trained on the same budget (ITERS) and data five
+# ways: alone; + response (soft KL, T 4); + response + feature (its last block's map against
+# the teacher's last, projected, cosine distance);
 # + response + feature + relation (MiniLMv2 on the same blocks, 3 relation heads); and with
 # the response term read from an offline cache of the teacher's logits. Ends with one line
 # per run:
@@ -16,26 +17,31 @@
 # defaults to runs/distill).
 set -euo pipefail
 OUT=${OUT:-runs/distill}
-ITERS=${ITERS:-600}
+ITERS=${ITERS:-600}                    # each student's budget
+TEACHER_ITERS=${TEACHER_ITERS:-1800}    # the teacher's (a teacher must be worth learning from)
 DATA="--dataset mnist5k --img-h 28 --img-w 28 --num-channels 1 --patch-dim 7 --pooling gap
       --augment affine"
-COMMON="--micro-batch-size 64 --global-batch-size 64 --train-iters $ITERS --lr 2e-3 --min-lr 0
-        --lr-warmup-iters 50 --lr-decay-style cosine --weight-decay 0.05 --clip-grad 1.0
-        --seed 1234 --log-interval 100 --eval-interval $ITERS --progress-bar off"
+OPTIM="--micro-batch-size 64 --global-batch-size 64 --lr 2e-3 --min-lr 0 --lr-warmup-iters 50
+       --lr-decay-style cosine --weight-decay 0.05 --clip-grad 1.0 --seed 1234
+       --log-interval 100 --progress-bar off"
+COMMON="$OPTIM --train-iters $ITERS --eval-interval $ITERS"
 TEACHER="--num-layers 4 --hidden-size 384 --num-attention-heads 6 --ffn-hidden-size 1536"
 STUDENT="--num-layers 3 --hidden-size 192 --num-attention-heads 3 --ffn-hidden-size 768"
 RESPONSE="--distill-loss soft --distill-temperature 4 --distill-alpha 0.5"
 mkdir -p "$OUT"
 rm -rf "$OUT/teacher" "$OUT/cache" "$OUT"/*.jsonl
-python -m megavit.pretrain $DATA $TEACHER $COMMON --save "$OUT/teacher" \
+python -m megavit.pretrain $DATA $TEACHER $OPTIM --train-iters "$TEACHER_ITERS" \
+  --eval-interval "$TEACHER_ITERS" --save "$OUT/teacher" \
   --metrics-file "$OUT/teacher.jsonl" "$@"
 python -m megavit.pretrain $DATA $STUDENT $COMMON --metrics-file "$OUT/alone.jsonl" "$@"
 python -m megavit.distill $DATA $STUDENT $COMMON --teacher-checkpoint "$OUT/teacher" \
   $RESPONSE --metrics-file "$OUT/response.jsonl" "$@"
 python -m megavit.distill $DATA $STUDENT $COMMON --teacher-checkpoint "$OUT/teacher" \
-  $RESPONSE --distill-feature-pairs 2:3 --metrics-file "$OUT/response_feature.jsonl" "$@"
+  $RESPONSE --distill-feature-pairs 2:3 --distill-feature-loss cosine \
+  --metrics-file "$OUT/response_feature.jsonl" "$@"
 python -m megavit.distill $DATA $STUDENT $COMMON --teacher-checkpoint "$OUT/teacher" \
-  $RESPONSE --distill-feature-pairs 2:3 --distill-relation-pairs 2:3 \
+  $RESPONSE --distill-feature-pairs 2:3 --distill-feature-loss cosine \
+  --distill-relation-pairs 2:3 \
   --distill-relation-heads 3 --metrics-file "$OUT/response_feature_relation.jsonl" "$@"
 python "$(dirname "$0")/../tools/cache_teacher.py" --output "$OUT/cache" --top-k 10 \
   --teacher-checkpoint "$OUT/teacher" $DATA $STUDENT $COMMON "$@"
