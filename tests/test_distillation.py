@@ -127,9 +127,9 @@ def distilled_steps(pstate: ParallelState, cfg: DistillationRunConfig) -> dict:
         out["teacher_before"] = before
         out["teacher_after"] = uncounted(pstate, full_state, teacher, pstate.tp)
         out["teacher_trainable"] = [n for n, p in teacher.named_parameters() if p.requires_grad]
-        out["teacher_in_optimizer"] = any(
-            p is q for group in run.optimizer.param_groups for p in group["params"]
-            for q in teacher.parameters()) if hasattr(run.optimizer, "param_groups") else False
+        out["teacher_in_optimizer"] = any(   # what the optimizer trains: its segments
+            seg.param is q for seg in run.optimizer.segments for q in teacher.parameters())
+        assert run.optimizer.segments        # (the student's are there)
     out["evaluation"] = run.evaluate()
     return out
 

@@ -147,14 +147,12 @@ class TeacherCache:
         their classes, the other classes 10^4 below the row's smallest kept value (so a
         softmax gives them no mass: the distribution is the top-K renormalised; with K = C
         the exact logits)."""
-        rows = []
-        for sid in sample_ids.tolist():
-            first, shard = self._shard(sid // self.g)
-            rows.append(sid - first * self.g)
-        values, indices = self.loaded[1]["values"], self.loaded[1]["indices"]
-        if not torch.equal(self.loaded[1]["ids"][rows], sample_ids.cpu()):
+        ids = sample_ids.cpu()            # a micro-batch: one iteration, one shard
+        first, shard = self._shard(int(ids[0]) // self.g)
+        rows = ids - first * self.g
+        if rows.max() >= len(shard["ids"]) or not torch.equal(shard["ids"][rows], ids):
             raise TeacherCacheError(f"--distill-cache {self.root}: shard rows do not hold "
                                     "the images asked for (a damaged shard)")
-        v, i = values[rows], indices[rows]
-        out = (v.min(dim=1, keepdim=True).values - 1e4).expand(len(rows), classes).clone()
+        v, i = shard["values"][rows], shard["indices"][rows]
+        out = (v.min(dim=1, keepdim=True).values - 1e4).expand(len(ids), classes).clone()
         return out.scatter_(1, i, v)

@@ -259,15 +259,12 @@ class DistillationTask(ClassificationTask):
         device = next(self.teacher.model.parameters()).device
         x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
                           self.teacher.preprocessing)
-        relations = [c.qkv for c in self.captures] if features else []
-        if not (features and self.pairs):
+        if features and self.pairs:
+            logits, maps = self.teacher.model.output_and_intermediates(
+                x, [t for _, t in self.pairs])
+        else:
             with torch.no_grad():
-                logits = self.teacher.model(x).float()
-            return torch.cat([logits, *(c.qkv.float().transpose(0, 1).flatten(1)
-                                        for c in self.captures)], dim=1) if relations \
-                else logits
-        logits, maps = self.teacher.model.output_and_intermediates(
-            x, [t for _, t in self.pairs])
+                logits, maps = self.teacher.model(x), []
         out = [logits.float()]
         for (s, _), teacher_map in zip(self.pairs, maps):
             size = self.config.model.grid_at(s)
@@ -275,7 +272,8 @@ class DistillationTask(ClassificationTask):
                 teacher_map = F.interpolate(teacher_map.float(), size=size, mode="bilinear",
                                             align_corners=False)
             out.append(teacher_map.float().permute(0, 2, 3, 1).flatten(1))
-        out += [c.qkv.float().transpose(0, 1).flatten(1) for c in self.captures]
+        if features:         # the relation pairs' q, k, v, caught by that same forward
+            out += [c.qkv.float().transpose(0, 1).flatten(1) for c in self.captures]
         return torch.cat(out, dim=1)
 
     def batches(self, run: Run, start: int, stop: int) -> Iterator[list[MicroBatch]]:
