@@ -11,11 +11,18 @@ afterwards (computed on the last stage, shared with every rank) gives the same f
 LiT: with the image tower locked and loaded from a megavit.pretrain checkpoint, training
 leaves every image weight bit-identical, the gradient buffer and the optimizer hold no image
 parameter, and the text tower learns.
+
+Two-tower distillation (--teacher-checkpoint, a CLIP teacher of another embedding width and
+seed): the same serial equality at DP=2 (CLIP and SigLIP students), TP=2 with SP over 25
+tokens (20x20 images, resized to the teacher's 16x16) and selective recomputation, and PP=2
+with full recomputation (the teacher on stage 0, its embeddings broadcast to stage 1); the
+teacher stays bit-identical and out of the optimizer.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +51,8 @@ def _three_steps(pstate: ParallelState, flags: list[str]) -> dict:
     cfg = parse_contrastive_args(flags)
     validate_contrastive(cfg, pstate.world_size)
     run = image_text_run(cfg, pstate)
+    teacher = run.task.teacher.model if run.task.teacher is not None else None
+    before = {k: v.clone() for k, v in teacher.state_dict().items()} if teacher else {}
     grads = {}
 
     def keep_gradients(model) -> None:
@@ -53,8 +62,15 @@ def _three_steps(pstate: ParallelState, flags: list[str]) -> dict:
 
     losses = [run.step(i, on_gradients=keep_gradients if i == 0 else None).loss.item()
               for i in range(3)]
-    return {"losses": losses, "weights": full_state(run.model, pstate.tp), "grads": grads,
-            "eval": run.evaluate()}
+    out = {"losses": losses, "weights": full_state(run.model, pstate.tp), "grads": grads,
+           "eval": run.evaluate()}
+    if teacher is not None:         # frozen: bit-identical, not among what the optimizer steps
+        assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+        assert run.optimizer.segments and not any(
+            seg.param is q for seg in run.optimizer.segments for q in teacher.parameters())
+        assert not any(q.requires_grad for q in teacher.parameters())
+        out["teacher_checked"] = True
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,16 +100,52 @@ CASES = {   # job: (loss, tp, dp, extra flags)
 }
 
 
-def test_dp2_matches_serial():
+@pytest.fixture(scope="module")
+def clip_teacher(tmp_path_factory) -> str:
+    """A two-tower CLIP teacher (vit-debug + text-debug, embedding width 24, seed 3,
+    4 iterations on the digits' captions) for two-tower distillation; tests only read it."""
+    import os
+    import sys
+
+    from tests.test_checkpoint_cli import ROOT
+
+    save = tmp_path_factory.mktemp("teacher") / "clip"
+    proc = cli.run([sys.executable, "-m", "megavit.pretrain_contrastive",
+                    *_flags("clip", 1, 1, ("--embed-dim", "24", "--seed", "3",
+                                           "--train-iters", "4", "--save", str(save),
+                                           "--progress-bar", "off"))],
+                   timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return str(save)
+
+
+def _teacher(path: str, *extra: str) -> tuple[str, ...]:
+    return ("--teacher-checkpoint", path, "--distill-similarity-weight", "2.0", *extra)
+
+
+def test_dp2_matches_serial(clip_teacher):
+    cases = {**CASES, "dp2_clip_teacher": ("clip", 1, 2, _teacher(clip_teacher)),
+             "dp2_siglip_teacher": ("siglip", 1, 2, _teacher(clip_teacher))}
     results = run_distributed(2, 1, {k: (_three_steps, (_flags(loss, tp, dp, extra),))
-                                     for k, (loss, tp, dp, extra) in CASES.items()})
-    for job, (loss, _, _, extra) in CASES.items():
+                                     for k, (loss, tp, dp, extra) in cases.items()})
+    for job, (loss, _, _, extra) in cases.items():
         _check(results[job], _serial(loss, extra))
+    for job in ("dp2_clip_teacher", "dp2_siglip_teacher"):
+        assert all(r["teacher_checked"] for r in results[job])
+        assert results[job][0]["eval"]["teacher_zero_shot_accuracy"] > 0
+    # the term is there: the teacher's run differs from the plain one
+    assert results["dp2_clip_teacher"][0]["losses"] != pytest.approx(
+        results["dp2_clip"][0]["losses"], rel=1e-3)
 
 
-def test_tp2_and_tp2_dp2_match_serial():
-    tp2 = run_distributed(2, 2, {"clip": (_three_steps, (_flags("clip", 2, 1),))})["clip"]
-    _check(tp2, _serial("clip"))
+def test_tp2_and_tp2_dp2_match_serial(clip_teacher):
+    sp = _teacher(clip_teacher, "--img-h", "20", "--img-w", "20", "--sequence-parallel",
+                  "--recompute-granularity", "selective")
+    tp2 = run_distributed(2, 2, {"clip": (_three_steps, (_flags("clip", 2, 1),)),
+                                 "teacher_sp": (_three_steps, (_flags("clip", 2, 1, sp),))})
+    _check(tp2["clip"], _serial("clip"))
+    _check(tp2["teacher_sp"], _serial("clip", sp))
+    assert all(r["teacher_checked"] for r in tp2["teacher_sp"])
     extra = ("--use-distributed-optimizer", "--ddp-bucket-size", "3000")
     both = run_distributed(4, 2, {"siglip": (_three_steps, (_flags("siglip", 2, 2, extra),))})
     _check(both["siglip"], _serial("siglip"))
@@ -231,13 +283,19 @@ def _merged(results: list[dict]) -> dict:
     return out
 
 
-def test_pp2_matches_serial_with_the_text_tower_and_loss_on_the_last_stage():
+def test_pp2_matches_serial_with_the_text_tower_and_loss_on_the_last_stage(clip_teacher):
     """PP=2 (CLIP), PP=2 x DP=2 (SigLIP): the image tower's 2 blocks split over 2 stages, the
     text tower, projections and loss on stage 1. Ranks are (pp, dp): stage k of DP column d
     is rank 2k + d at PP=2 x DP=2."""
     pp = ("--pipeline-model-parallel-size", "2")
-    got = run_distributed(2, 1, {"clip": (_three_steps, (_flags("clip", 1, 1, pp),))}, pp=2)
+    teacher = _teacher(clip_teacher, "--recompute-granularity", "full", "--recompute-method",
+                       "uniform", "--recompute-num-layers", "1")
+    got = run_distributed(2, 1, {"clip": (_three_steps, (_flags("clip", 1, 1, pp),)),
+                                 "teacher": (_three_steps, (_flags("clip", 1, 1,
+                                                                   pp + teacher),))}, pp=2)
     _check([_merged(got["clip"])], _serial("clip"))
+    _check([_merged(got["teacher"])], _serial("clip", teacher))
+    assert got["teacher"][0]["teacher_checked"] and "teacher_checked" not in got["teacher"][1]
     got = run_distributed(4, 1, {"siglip": (_three_steps, (_flags("siglip", 1, 2, pp),))},
                           pp=2)["siglip"]
     _check([_merged([got[d], got[2 + d]]) for d in range(2)],
@@ -367,3 +425,61 @@ def test_image_checkpoints_written_before_the_newer_model_fields_still_load(tmp_
     assert resume(run, str(save), lambda line: None) == 1
     flags = _flags("clip", 1, 1, ("--lock-image-tower", "--image-checkpoint", str(save)))
     image_text_run(parse_contrastive_args(flags), serial_state())
+
+
+def test_two_tower_distillation_resumes_exactly_and_records_only_the_teachers_reference(
+        tmp_path, clip_teacher, image_checkpoint):
+    """A SigLIP student of the CLIP teacher: 2 iterations + save + resume to 4 log the
+    uninterrupted run's losses and similarity terms; the checkpoint records the teacher's
+    path and config hash, holds none of its tensors; the summary line carries the teacher's
+    zero-shot accuracy and the ratio. A classifier teacher is refused by name, and
+    megavit.distill refuses this two-tower teacher."""
+    import hashlib
+    import json
+
+    from megavit.checkpointing.model_state import CheckpointLoadError
+    from megavit.checkpointing.safe_reader import check_checkpoint
+    from tests.test_checkpoint_cli import records
+
+    teacher = ("--teacher-checkpoint", clip_teacher, "--eval-interval", "4")
+    save = tmp_path / "ckpt"
+    runs = dict(zip(["straight", "first"], cli.run_parallel(
+        _start_cli(*teacher, "--train-iters", "4", "--metrics-file", str(tmp_path / "s.jsonl")),
+        _start_cli(*teacher, "--train-iters", "2", "--save", str(save),
+                   "--metrics-file", str(tmp_path / "a.jsonl")))))
+    runs["second"] = _cli(*teacher, "--train-iters", "4", "--load", str(save),
+                          "--metrics-file", str(tmp_path / "b.jsonl"))
+    for name, proc in runs.items():
+        assert proc.returncode == 0, (name, proc.stdout + proc.stderr)
+    fields = ("loss", "similarity_loss")
+    straight = {r["iteration"]: [r[f] for f in fields] for r in records(tmp_path / "s.jsonl",
+                                                                         "train")}
+    resumed = {r["iteration"]: [r[f] for f in fields] for name in ("a", "b")
+               for r in records(tmp_path / f"{name}.jsonl", "train")}
+    assert resumed == straight and sorted(straight) == [1, 2, 3, 4]
+    summary = records(tmp_path / "b.jsonl", "summary")[-1]
+    assert summary["teacher_zero_shot_accuracy"] > 0 and summary["student_teacher_ratio"] == \
+        pytest.approx(summary["zero_shot_accuracy"] / summary["teacher_zero_shot_accuracy"])
+    checkpoint = save / "iter_0000002"
+    info = json.loads((checkpoint / "megavit_config.json").read_text())
+    teacher_dir = Path(clip_teacher) / "iter_0000004"
+    assert info["distillation"] == {
+        "teacher_checkpoint": str(teacher_dir), "similarity_weight": 1.0,
+        "teacher_config_sha256": hashlib.sha256(
+            (teacher_dir / "megavit_config.json").read_bytes()).hexdigest()}
+    stored = check_checkpoint(checkpoint).state_dict_metadata
+    assert "model/text_proj.weight" in stored
+    assert not any("teacher" in name for name in stored)
+
+    with pytest.raises(CheckpointLoadError, match="a two-tower student distils a two-tower "
+                                                  "teacher .* this is a classifier checkpoint"):
+        image_text_run(parse_contrastive_args(_flags("clip", 1, 1, (
+            "--teacher-checkpoint", str(image_checkpoint)))), serial_state())
+    from megavit.config.distillation import parse_distillation_args
+    from megavit.tasks.distillation.task import DistillationTask
+    from megavit.training.run import Run
+
+    with pytest.raises(CheckpointLoadError, match="a two-tower checkpoint; megavit.distill "
+                                                  "distils classifiers"):
+        Run.build(DistillationTask(parse_distillation_args(
+            ["--preset", "vit-debug", "--teacher-checkpoint", clip_teacher])), serial_state())

@@ -144,3 +144,25 @@ def test_similarity_distillation_is_open_clips_soft_cross_entropy():
                    for i in range(n)) / n
     assert similarity_distillation(si, ti, st, tt).item() == pytest.approx(
         0.5 * (ce(si, ti) + ce(st, tt)), rel=1e-5)
+
+
+def test_two_tower_distillation_scores_embeddings_by_each_models_own_scale():
+    """On one rank: the student's [N, N] logits scale * I T^T (and T I^T) against the
+    teacher's, built from embeddings of different widths."""
+    from megavit.parallel.state import serial_state
+    from megavit.tasks.distillation.losses import two_tower_distillation
+
+    N = 5
+    image, text = (torch.nn.functional.normalize(g(N, 4, seed=50 + k), dim=-1) for k in (0, 1))
+    t_image, t_text = (torch.nn.functional.normalize(g(N, 6, seed=60 + k), dim=-1)
+                       for k in (0, 1))
+    scale, t_scale = torch.tensor(7.0), torch.tensor(20.0)
+
+    def ce(s, t):
+        return sum(-(torch.softmax(t[i], 0) * torch.log_softmax(s[i], 0)).sum().item()
+                   for i in range(N)) / N
+    expected = 0.5 * (ce(7 * image @ text.T, 20 * t_image @ t_text.T)
+                      + ce(7 * text @ image.T, 20 * t_text @ t_image.T))
+    got = two_tower_distillation(image, text, scale, t_image, t_text, t_scale,
+                                 serial_state().dp)
+    assert got.item() == pytest.approx(expected, rel=1e-5)

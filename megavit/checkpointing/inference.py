@@ -102,22 +102,40 @@ def load_frozen_classifier(path: Path, pstate, here: bool, what: str = "teacher"
     (requires_grad False), on the ranks where `here` (None elsewhere). Every rank of the
     world calls it: the read is collective; the others read nothing. Checks as
     `load_for_inference`, errors naming `what`."""
+    return _load_frozen(path, pstate, here, what, "classifier")
+
+
+def load_frozen_two_tower(path: Path, pstate, here: bool, what: str = "teacher"
+                          ) -> InferenceModel | None:
+    """`load_frozen_classifier` for a two-tower (megavit.pretrain_contrastive) checkpoint:
+    both towers, the projections and the temperature, with the tokenizer saved beside the
+    weights (InferenceModel.tokenizer, on the ranks where `here`)."""
+    return _load_frozen(path, pstate, here, what, "two-tower")
+
+
+def _load_frozen(path: Path, pstate, here: bool, what: str, want: str
+                 ) -> InferenceModel | None:
     from megavit.models.transformer import Runtime
 
     checkpoint = resolve_checkpoint(path)
     info = read_checkpoint_info(checkpoint)
     kind = checkpoint_kind(info)
-    if kind != "classifier":
-        raise CheckpointLoadError(f"{checkpoint}: the {what} must be a classifier; this is a "
-                                  f"{kind} checkpoint")
+    if kind != want:
+        article = "an" if want[0] in "aeiou" else "a"
+        raise CheckpointLoadError(f"{checkpoint}: the {what} must be {article} {want} model; "
+                                  f"this is a {kind} checkpoint")
     cfg = ModelConfig(**info["model"])
-    if not cfg.num_classes:
+    if kind == "classifier" and not cfg.num_classes:
         raise CheckpointLoadError(f"{checkpoint}: the {what} has no classifier (--num-classes "
                                   "0, a feature extractor)")
-    if cfg.num_attention_heads % pstate.tp.size or cfg.ffn_hidden_size % pstate.tp.size:
+    text = info.get("text", {})
+    sizes = [cfg.num_attention_heads, cfg.ffn_hidden_size] + (
+        [text["text_num_attention_heads"], text["text_ffn_hidden_size"],
+         text["make_vocab_size_divisible_by"]] if text else [])
+    if any(size % pstate.tp.size for size in sizes):
         raise CheckpointLoadError(f"{checkpoint}: tensor-parallel size {pstate.tp.size} does "
-                                  f"not divide the {what}'s {cfg.num_attention_heads} heads "
-                                  f"and MLP width {cfg.ffn_hidden_size}")
+                                  f"not divide the {what}'s attention heads, MLP widths "
+                                  f"(and padded vocabulary): {', '.join(map(str, sizes))}")
     check_loadable(checkpoint)
     check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
     # every rank: a bad preprocessing section must stop them all, before the collective
@@ -125,11 +143,16 @@ def load_frozen_classifier(path: Path, pstate, here: bool, what: str = "teacher"
     if not here:
         load_state({}, checkpoint, pstate, f"{what} model")
         return None
-    model = _image_model(kind, cfg, info, Runtime(tp=pstate.tp), pstate.device)
+    rt, tokenizer = Runtime(tp=pstate.tp), None
+    if kind == "two-tower":
+        model, tokenizer = _two_tower(info, cfg, rt, checkpoint, None)
+        model.to(pstate.device)
+    else:
+        model = _image_model(kind, cfg, info, rt, pstate.device)
     load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
                checkpoint, pstate, f"{what} model")
     model.eval().requires_grad_(False)
-    return InferenceModel(kind, model, info, checkpoint, pre, note,
+    return InferenceModel(kind, model, info, checkpoint, pre, note, tokenizer,
                           class_names=list(info.get("classes", {}).get("names", [])))
 
 

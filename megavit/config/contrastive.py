@@ -90,6 +90,28 @@ class ContrastiveConfig:
 
 
 @dataclass
+class SimilarityDistillationConfig:
+    """Two-tower distillation (open_clip's rule): a frozen two-tower teacher scores the
+    same global batch and the student's image-text similarities learn its distribution
+    beside the contrastive loss."""
+
+    teacher_checkpoint: str | None = field(
+        default=None,
+        metadata=opt("A frozen two-tower teacher: a megavit.pretrain_contrastive checkpoint "
+                     "(a --save directory or its iter_N/, any saved layout, its own tokenizer "
+                     "beside it; one imported with tools/import_hf.py). It runs forward only "
+                     "on the first pipeline stage at the job's tensor-parallel size on the "
+                     "student's images (resized / renormalised to its preprocessing) and "
+                     "captions (its own tokenizer). Adds --distill-similarity-weight x the "
+                     "similarity term to the loss. Default: no teacher."))
+    distill_similarity_weight: float = field(
+        default=1.0,
+        metadata=opt("Weight of the similarity term: the mean of the image-to-text and "
+                     "text-to-image cross-entropies between the softmax of the teacher's "
+                     "scaled similarities and the student's, over the global batch."))
+
+
+@dataclass
 class ContrastiveRunConfig:
     """Everything `megavit.pretrain_contrastive` is configured by."""
 
@@ -97,6 +119,8 @@ class ContrastiveRunConfig:
     text: TextConfig
     contrastive: ContrastiveConfig
     text_preset: str | None = None
+    distillation: SimilarityDistillationConfig = field(
+        default_factory=SimilarityDistillationConfig)
 
     @property
     def embed_dim(self) -> int:
@@ -120,6 +144,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("model", ModelConfig),
     ("text", TextConfig),
     ("contrastive", ContrastiveConfig),
+    ("distillation", SimilarityDistillationConfig),
     ("parallel", ParallelConfig),
     ("training", TrainingConfig),
     ("precision", PrecisionConfig),
@@ -161,7 +186,8 @@ def parse_contrastive_args(argv: Sequence[str] | None = None) -> ContrastiveRunC
     text = section_from_dict(TextConfig, {**(TEXT_PRESETS[text_preset] if text_preset else {}),
                                           **sections["text"]})
     return ContrastiveRunConfig(base, text, ContrastiveConfig(**sections["contrastive"]),
-                                text_preset)
+                                text_preset,
+                                SimilarityDistillationConfig(**sections["distillation"]))
 
 
 def validate_contrastive(cfg: ContrastiveRunConfig, world_size: int = 1) -> None:
@@ -268,6 +294,12 @@ def _check_contrastive(cfg: ContrastiveRunConfig) -> list[str]:
                         "tower learns nothing)")
     if contrastive.image_checkpoint and not os.path.isdir(contrastive.image_checkpoint):
         problems.append(f"--image-checkpoint {contrastive.image_checkpoint}: no such directory")
+    distill = cfg.distillation
+    if distill.teacher_checkpoint and not os.path.isdir(distill.teacher_checkpoint):
+        problems.append(f"--teacher-checkpoint {distill.teacher_checkpoint}: no such directory")
+    if distill.distill_similarity_weight < 0:
+        problems.append(f"--distill-similarity-weight {distill.distill_similarity_weight}: "
+                        "must be 0 or more")
     return problems + _check_image_text_data(contrastive)
 
 

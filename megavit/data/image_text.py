@@ -439,9 +439,11 @@ class _IterationIndices(torch.utils.data.Sampler):
 class _TokenizedBatches(torch.utils.data.Dataset):
     """Reads and tokenizes one iteration's samples (in a loader worker)."""
 
-    def __init__(self, dataset, tokenizer, images: bool, texts: bool) -> None:
+    def __init__(self, dataset, tokenizer, images: bool, texts: bool,
+                 second_tokenizer=None) -> None:
         self.dataset, self.tokenizer = dataset, tokenizer
         self.images, self.texts = images, texts
+        self.second_tokenizer = second_tokenizer
 
     def __getitems__(self, items: list[tuple[int, int]]):
         iteration = items[0][0]
@@ -451,7 +453,9 @@ class _TokenizedBatches(torch.utils.data.Dataset):
                                                 images=self.images)
         except DataError as e:     # re-raised as itself in the training process
             return _Failed(str(e))
-        return pixels, self.tokenizer.encode(captions) if self.texts else None
+        second = self.second_tokenizer
+        return (pixels, self.tokenizer.encode(captions) if self.texts else None,
+                second.encode(captions) if second is not None else None)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -471,19 +475,20 @@ def _as_is(batch):
 
 def image_text_batches(dataset, tokenizer, sampler, start: int, stop: int, dp_rank: int,
                        dp_size: int, num_workers: int = 0, images: bool = True,
-                       texts: bool = True):
+                       texts: bool = True, second_tokenizer=None):
     """For each iteration in [start, stop): this DP rank's (images [n, c, H, W] or None,
-    token ids [n, L] or None). In-memory sets are read in the training process; file-backed
-    ones (CSV, shards) by `num_workers` loader processes reading and tokenizing ahead.
-    Which samples and captions an iteration gets does not depend on the workers."""
+    token ids [n, L] or None, the same captions' ids by `second_tokenizer` [n, L'] or None
+    (a distillation teacher's)). In-memory sets are read in the training process;
+    file-backed ones (CSV, shards) by `num_workers` loader processes reading and tokenizing
+    ahead. Which samples and captions an iteration gets does not depend on the workers."""
     if getattr(dataset, "in_memory", False) or num_workers == 0:
-        reader = _TokenizedBatches(dataset, tokenizer, images, texts)
+        reader = _TokenizedBatches(dataset, tokenizer, images, texts, second_tokenizer)
         batches = (reader.__getitems__([(it, int(i)) for i in
                                         sampler.local_indices(it, dp_rank, dp_size)])
                    for it in range(start, stop))
     else:
         batches = iter(torch.utils.data.DataLoader(
-            _TokenizedBatches(dataset, tokenizer, images, texts),
+            _TokenizedBatches(dataset, tokenizer, images, texts, second_tokenizer),
             batch_sampler=_IterationIndices(sampler, start, stop, dp_rank, dp_size),
             num_workers=num_workers, collate_fn=_as_is, prefetch_factor=2))
     for batch in batches:

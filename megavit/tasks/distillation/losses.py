@@ -22,6 +22,10 @@ Relation (self-attention, MiniLMv2, Wang et al. 2021), queries / keys / values [
 Two towers (open_clip's distillation):
     similarity_distillation  cross-entropy of the student's image-text logits against the
                              softmax of the teacher's, image-to-text and text-to-image
+    two_tower_distillation   the same over a data-parallel group: each rank's image (text)
+                             rows against the gathered texts (images) of the global batch,
+                             the student's gathered with a summing backward (the contrastive
+                             losses' DP convention: mean over ranks = the serial loss)
 
 Tensor parallelism: logits are replicated over TP (the classifier is), so response losses
 are plain. Attention heads are split over TP in order, so with R a multiple of the TP size a
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from megavit.errors import UserError
+from megavit.tasks.image_text.losses import gather_with_grad
 
 
 class FeatureAlignmentError(UserError):
@@ -192,3 +197,26 @@ def similarity_distillation(student_i2t: torch.Tensor, teacher_i2t: torch.Tensor
         return -(t.detach().float().softmax(-1) * s.float().log_softmax(-1)).sum(-1).mean()
 
     return 0.5 * (soft_ce(student_i2t, teacher_i2t) + soft_ce(student_t2i, teacher_t2i))
+
+
+def two_tower_distillation(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                           teacher_image: torch.Tensor, teacher_text: torch.Tensor,
+                           teacher_scale: torch.Tensor, group) -> torch.Tensor:
+    """This DP rank's share of `similarity_distillation` over the global batch.
+
+    image, text: the student's unit-norm embeddings [n, d] of this rank's pairs (rank k
+    holds global rows k*n ..); scale: its logit scale (0-dim, exp of the log-temperature,
+    clamped as its own loss clamps it). teacher_image, teacher_text [n, d_t] and
+    teacher_scale: the frozen teacher's, no gradient. The student's embeddings are
+    all-gathered over `group` with a summing backward, the teacher's plainly; logits are
+    [n, N] each way, so the mean of the shares over the group is the serial loss."""
+    all_images, all_texts = gather_with_grad(image, group), gather_with_grad(text, group)
+    with torch.no_grad():
+        t_images = group.all_gather(teacher_image.contiguous()) if group.size > 1 \
+            else teacher_image
+        t_texts = group.all_gather(teacher_text.contiguous()) if group.size > 1 \
+            else teacher_text
+        teacher_i2t = teacher_scale * teacher_image.float() @ t_texts.float().t()
+        teacher_t2i = teacher_scale * teacher_text.float() @ t_images.float().t()
+    return similarity_distillation(scale * image.float() @ all_texts.float().t(), teacher_i2t,
+                                   scale * text.float() @ all_images.float().t(), teacher_t2i)

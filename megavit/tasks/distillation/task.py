@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from megavit.checkpointing.checkpointer import CONFIG_FILE, resolve_checkpoint
-from megavit.checkpointing.inference import InferenceModel, load_frozen_classifier
+from megavit.checkpointing.inference import (InferenceModel, checkpoint_kind,
+                                             load_frozen_classifier)
 from megavit.checkpointing.model_config import read_checkpoint_info
 from megavit.checkpointing.model_state import CheckpointLoadError
 from megavit.config import Config, ConfigError, ModelConfig
@@ -112,7 +113,14 @@ class DistillationTask(ClassificationTask):
             self.open_cache(cfg)
         else:     # resolved once: a --save directory may get a newer iter_N meanwhile
             self.teacher_dir = resolve_checkpoint(Path(self.distill.teacher_checkpoint))
-            self.teacher_model = ModelConfig(**read_checkpoint_info(self.teacher_dir)["model"])
+            info = read_checkpoint_info(self.teacher_dir)
+            if (kind := checkpoint_kind(info)) != "classifier":
+                raise CheckpointLoadError(
+                    f"--teacher-checkpoint {self.distill.teacher_checkpoint}: a {kind} "
+                    "checkpoint; megavit.distill distils classifiers (a two-tower student "
+                    "learns from a two-tower teacher with python -m "
+                    "megavit.pretrain_contrastive --teacher-checkpoint)")
+            self.teacher_model = ModelConfig(**info["model"])
         if self.teacher_model.num_channels != cfg.model.num_channels:
             raise ConfigError(f"--teacher-checkpoint {self.distill.teacher_checkpoint}: the "
                               f"teacher reads {self.teacher_model.num_channels}-channel "

@@ -17,6 +17,13 @@ loaded from --image-checkpoint, runs a forward-only schedule (no activations kep
 neither in the gradient buffer nor in the optimizer; the last stage then runs the text tower
 and the loss and back-propagates them alone.
 
+With --teacher-checkpoint (two-tower distillation, open_clip's rule) a frozen two-tower
+teacher runs forward only on the first pipeline stage, at the job's TP, on the student's
+images (adapted to its preprocessing) and the same captions in its own tokenizer; its
+embeddings [n, 2 d_t] and temperature travel to the last stage in one broadcast over the
+pipeline group, where --distill-similarity-weight x `two_tower_distillation` joins the
+contrastive loss. The student's checkpoint records the teacher's path and config hash.
+
     run = image_text_run(cfg, pstate)     # the engine's Run of this task
 """
 
@@ -30,6 +37,8 @@ import torch
 from torch import nn
 
 from megavit.checkpointing.checkpointer import resolve_checkpoint
+from megavit.checkpointing.inference import (InferenceModel, checkpoint_kind,
+                                             load_frozen_two_tower)
 from megavit.checkpointing.model_config import config_differences, read_checkpoint_info
 from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
                                                load_state, model_state_dict)
@@ -41,6 +50,9 @@ from megavit.models.transformer import Runtime
 from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.schedules import build_schedule
 from megavit.parallel.state import ParallelState
+from megavit.config import ConfigError
+from megavit.tasks.distillation.losses import two_tower_distillation
+from megavit.tasks.distillation.task import teacher_input, teacher_reference
 from megavit.tasks.image_text.losses import ContrastiveQueue, clip_loss, siglip_loss
 from megavit.tasks.image_text.zero_shot import (class_embeddings, retrieval_recall,
                                                 zero_shot_correct)
@@ -61,8 +73,15 @@ class ImageTextTask:
         self.heldout: Any = None       # digits / MNIST-5k captions (None for CSV / shards)
         self.transfer: Any = None      # --zero-shot-transfer's held-out set
         self.queue: ContrastiveQueue | None = None   # --contrastive-queue-size (CLIP)
+        self.teacher_dir: Path | None = None           # --teacher-checkpoint's iter_N/
+        self.teacher: InferenceModel | None = None     # on the first pipeline stage only
+        self.teacher_eval: dict[str, float] | None = None
+        self.teacher_width = 0                          # its embedding width d_t
+        self.similarity_values: list[torch.Tensor] = []   # since the last log line
 
     def prepare(self, pstate: ParallelState) -> Config:
+        if self.cfg.distillation.teacher_checkpoint:
+            self.check_teacher()
         data = build_image_text(self.cfg, self.config.training.seed)
         self.tokenizer, self.train_set = data.tokenizer, data.train
         self.heldout, self.transfer = data.heldout, data.transfer
@@ -91,7 +110,60 @@ class ImageTextTask:
                                 image_projection=contrastive.image_projection)
         if contrastive.image_checkpoint:
             load_image_tower(model, pstate, contrastive.image_checkpoint, base.model)
+        if self.teacher_dir is not None:
+            self.teacher = load_frozen_two_tower(self.teacher_dir, pstate,
+                                                 here=layout.is_first(stage, 0))
+            if self.teacher is not None:
+                self.teacher.model.to(dtype)
         return model
+
+    # ---- two-tower distillation ---------------------------------------------------------
+
+    def check_teacher(self) -> None:
+        """--teacher-checkpoint resolved once (a --save directory may get a newer iter_N
+        meanwhile): a two-tower model reading the student's channel count."""
+        flag = f"--teacher-checkpoint {self.cfg.distillation.teacher_checkpoint}"
+        self.teacher_dir = resolve_checkpoint(Path(self.cfg.distillation.teacher_checkpoint),
+                                              "--teacher-checkpoint")
+        info = read_checkpoint_info(self.teacher_dir)
+        self.teacher_width = info.get("contrastive", {}).get("embed_dim", 0)
+        if (kind := checkpoint_kind(info)) != "two-tower":
+            raise CheckpointLoadError(f"{flag}: a two-tower student distils a two-tower "
+                                      f"teacher (megavit.pretrain_contrastive); this is a "
+                                      f"{kind} checkpoint (python -m megavit.distill "
+                                      "distils classifiers)")
+        channels = info["model"]["num_channels"]
+        if channels != self.config.model.num_channels:
+            raise ConfigError(f"{flag}: the teacher reads {channels}-channel images, the "
+                              f"student {self.config.model.num_channels} (--num-channels)")
+
+    @torch.no_grad()
+    def teacher_embeddings(self, images: torch.Tensor, ids: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:
+        """[n, 2 d_t + 1] float32: the teacher's unit-norm image and text embeddings of this
+        rank's pairs and, in the last column, its logit scale (clamped at 100 for a CLIP
+        teacher, as its loss did)."""
+        model = self.teacher.model
+        device = next(model.parameters()).device
+        x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
+                          self.teacher.preprocessing)
+        scale = model.logit_scale.float().exp()
+        if model.loss == "clip":
+            scale = scale.clamp(max=100.0)
+        image, text = model.encode_image(x), model.encode_text(ids.to(device))
+        return torch.cat([image.float(), text.float(), scale.expand(len(image), 1)], dim=1)
+
+    def teacher_targets(self, run: Run, images, teacher_ids, n: int) -> torch.Tensor:
+        """The teacher's embeddings and scale (`teacher_embeddings`) on every pipeline
+        stage: computed on the first, broadcast over the pipeline group."""
+        pstate = run.pstate
+        if run.is_first_stage:
+            out = self.teacher_embeddings(images, teacher_ids, run.dtype)
+        else:
+            out = torch.zeros(n, 2 * self.teacher_width + 1, device=pstate.device)
+        if pstate.pp.size > 1:
+            out = pstate.pp.broadcast(out.contiguous(), src=0)
+        return out
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return model.trainable_parameters()
@@ -110,18 +182,35 @@ class ImageTextTask:
         dp = run.pstate.dp
         return image_text_batches(self.train_set, self.tokenizer, run.sampler, start, stop,
                                   dp.rank, dp.size, self.cfg.contrastive.num_workers,
-                                  images=run.pstate.pp.rank == 0, texts=run.is_last_stage)
+                                  images=run.pstate.pp.rank == 0, texts=run.is_last_stage,
+                                  second_tokenizer=self.teacher.tokenizer
+                                  if self.teacher is not None else None)
 
     def micro_batch_count(self, batch: tuple) -> int:
         return 1
 
-    def loss(self, run: Run, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the contrastive loss over the DP group."""
+    def loss(self, run: Run, image: torch.Tensor, text: torch.Tensor,
+             teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's share of the contrastive loss over the DP group; with `teacher`
+        ([n, 2 d_t + 1], `teacher_embeddings`) plus --distill-similarity-weight x the
+        similarity term."""
         m, c = run.model, self.cfg.contrastive
         if c.loss == "clip":
-            return clip_loss(image, text, m.logit_scale.float(), run.pstate.dp, queue=self.queue)
-        return siglip_loss(image, text, m.logit_scale.float(), m.logit_bias.float(),
-                           run.pstate.dp, chunks=c.siglip_chunks)
+            loss = clip_loss(image, text, m.logit_scale.float(), run.pstate.dp,
+                             queue=self.queue)
+        else:
+            loss = siglip_loss(image, text, m.logit_scale.float(), m.logit_bias.float(),
+                               run.pstate.dp, chunks=c.siglip_chunks)
+        if teacher is None:
+            return loss
+        scale = m.logit_scale.float().exp()
+        if c.loss == "clip":
+            scale = scale.clamp(max=100.0)     # as clip_loss's logits
+        t_image, t_text, t_scale = teacher.split([(teacher.shape[1] - 1) // 2] * 2 + [1], 1)
+        term = two_tower_distillation(image, text, scale, t_image, t_text, t_scale[0, 0],
+                                      run.pstate.dp)
+        self.similarity_values.append(term.detach())
+        return loss + self.cfg.distillation.distill_similarity_weight * term
 
     def _activation_shape(self, run: Run, batch: int) -> tuple[int, int, int]:
         """[tokens, images, width] passed between image-tower stages."""
@@ -146,14 +235,16 @@ class ImageTextTask:
         last; a locked image tower (LiT) runs a forward-only schedule and the last stage
         back-propagates the text tower and the loss alone."""
         pstate = run.pstate
-        images, ids = batch
+        images, ids, teacher_ids = batch
         n = run.sampler.global_batch_size // pstate.dp.size
         lock = self.cfg.contrastive.lock_image_tower
         held: dict[str, torch.Tensor] = {}
+        teacher = (self.teacher_targets(run, images, teacher_ids, n)
+                   if self.teacher_dir is not None else None)
 
         def text_and_loss(features: torch.Tensor) -> torch.Tensor:
             text = run.model.encode_text(ids.to(pstate.device))
-            loss = self.loss(run, run.model.project_image(features), text)
+            loss = self.loss(run, run.model.project_image(features), text, teacher)
             held["loss"] = loss.detach()
             return loss * loss_scale if loss_scale is not None else loss
 
@@ -246,14 +337,49 @@ class ImageTextTask:
         if "eval_images" in out:
             out["eval_images"] = int(out["eval_images"])
         run.model.train()
+        if self.teacher_dir is not None and self.heldout is not None:
+            if self.teacher_eval is None:      # the teacher does not change: once
+                self.teacher_eval = self.evaluate_teacher(run)
+            out.update(self.teacher_eval)
         return out
+
+    @torch.no_grad()
+    def evaluate_teacher(self, run: Run) -> dict[str, float]:
+        """The teacher's zero-shot accuracy on the held-out split the student is scored on
+        (first stage: each DP rank embeds a slice, the correct counts summed over DP;
+        shared over PP)."""
+        pstate = run.pstate
+        sums = torch.zeros(2, dtype=torch.float64, device=pstate.device)
+        if run.is_first_stage:
+            model, tok = self.teacher.model, self.teacher.tokenizer
+            classes = class_embeddings(
+                lambda captions: model.encode_text(tok.encode(captions).to(pstate.device)),
+                self.heldout.class_prompts())
+            n, dp = len(self.heldout), pstate.dp
+            mine = torch.arange(n)[dp.rank::dp.size]
+            for chunk in mine.split(256):
+                images, _ = self.heldout.get(chunk, iteration=0, images=True)
+                x = teacher_input(images.to(pstate.device, run.dtype),
+                                  self.heldout.preprocessing, self.teacher.preprocessing)
+                sums[0] += zero_shot_correct(model.encode_image(x),
+                                             self.heldout.labels_of(chunk), classes)
+                sums[1] += len(chunk)
+        pstate.dp.all_reduce(sums)
+        if pstate.pp.size > 1:
+            pstate.pp.broadcast(sums, src=0)
+        return {"teacher_zero_shot_accuracy": sums[0].item() / max(sums[1].item(), 1.0)}
 
     def describe(self) -> dict[str, dict]:
         """The image tower ("model"), the text tower with its tokenizer ids, the
         contrastive setup and the training images' preprocessing, for a checkpoint's
-        `megavit_config.json`."""
+        `megavit_config.json` (with a teacher: its path and config hash, not its
+        weights)."""
         tok = self.tokenizer
-        return {"model": dataclasses.asdict(self.config.model),
+        teacher = ({"distillation": {**teacher_reference(self.teacher_dir),
+                                     "similarity_weight":
+                                         self.cfg.distillation.distill_similarity_weight}}
+                   if self.teacher_dir is not None else {})
+        return {**teacher, "model": dataclasses.asdict(self.config.model),
                 "text": {**section_to_dict(self.cfg.text), "vocab_size": tok.vocab_size,
                          "pad_id": tok.pad_id, "eos_id": tok.eos_id},
                 "contrastive": {**dataclasses.asdict(self.cfg.contrastive),
@@ -285,22 +411,54 @@ class ImageTextTask:
             f"data: {self.train_set.name} {len(self.train_set)} pairs | {heldout} | global "
             f"batch {training.global_batch_size} = micro {training.micro_batch_size} x dp "
             f"{run.pstate.dp.size}"
-            f" | tokenizer {self.tokenizer.path} ({self.tokenizer.vocab_size} pieces)"]
+            f" | tokenizer {self.tokenizer.path} ({self.tokenizer.vocab_size} pieces)",
+            *self.teacher_lines(run)]
+
+    def teacher_lines(self, run: Run) -> list[str]:
+        if self.teacher_dir is None:
+            return []
+        info = read_checkpoint_info(self.teacher_dir)
+        image, text = info["model"], info["text"]
+        line = (f"teacher: {self.teacher_dir} | image layers {image['num_layers']}, hidden "
+                f"{image['hidden_size']} | text layers {text['text_num_layers']}, hidden "
+                f"{text['text_hidden_size']} | embed {self.teacher_width} | frozen, forward "
+                f"only on the first pipeline stage at tensor-parallel size {run.pstate.tp.size}"
+                f" | similarity weight {self.cfg.distillation.distill_similarity_weight}")
+        if self.teacher is not None:
+            count = sum(p.numel() for p in self.teacher.model.parameters())
+            line += f" | parameters per rank {count:,}"
+        lines = [line]
+        if self.teacher is not None and self.teacher.note:
+            lines.append(f"teacher: {self.teacher.note}")
+        return lines
 
     def flops_per_step(self, run: Run) -> None:
         return None     # no FLOPs model of the two towers yet: no MFU
 
     def train_fields(self, run: Run) -> dict[str, float]:
-        """The temperature and bias (they live on the last stage)."""
+        """The temperature and bias (they live on the last stage); with a teacher
+        `similarity_loss`, the unweighted similarity term per step since the last line,
+        averaged over DP (an all-reduce over the last stage's DP group)."""
         if not run.is_last_stage:
             return {}
         out = {"temperature": float(run.model.logit_scale.exp().item())}
         if run.model.logit_bias is not None:
             out["bias"] = float(run.model.logit_bias.item())
+        if self.teacher_dir is not None:
+            values, self.similarity_values = self.similarity_values, []
+            mean = (torch.stack(values).double().mean() if values else
+                    torch.zeros((), dtype=torch.float64, device=run.pstate.device))
+            run.pstate.dp.all_reduce(mean)
+            out["similarity_loss"] = mean.item() / run.pstate.dp.size
         return out
 
     def summary_fields(self, evaluation: dict[str, float]) -> dict[str, float]:
-        return dict(evaluation)
+        out = dict(evaluation)
+        teacher = out.get("teacher_zero_shot_accuracy")
+        if teacher is not None and "zero_shot_accuracy" in out:
+            out["student_teacher_ratio"] = (out["zero_shot_accuracy"] / teacher if teacher
+                                            else float("nan"))
+        return out
 
 
 def load_image_tower(model: TwoTowerModel, pstate: ParallelState, save_dir: str,
