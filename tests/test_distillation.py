@@ -62,7 +62,9 @@ HARD = dict(distill_loss="hard", distill_alpha=0.7)
 SOFT_FEATURES = dict(SOFT, distill_feature_pairs="0:0,3:2", distill_feature_weight=0.5,
                      distill_relation_pairs="1:0,2:1", distill_relation_weight=2.0)
 HARD_COSINE = dict(HARD, distill_feature_pairs="0:1", distill_feature_loss="cosine",
-                   distill_relation_pairs="1:2", distill_relation_heads=2)
+                   distill_relation_pairs="1:2", distill_relation_heads=2,
+                   distill_pooled_weight=0.3)     # + pooled features (cosine too)
+SOFT_POOLED = dict(SOFT, distill_pooled_weight=0.5)
 TOKEN = dict(distill_loss="token", distill_alpha=0.5)      # DeiT's distillation token
 TOKEN_FEATURE = dict(TOKEN, distill_feature_pairs="1:2")
 # name: (world, tp, pp, [(ParallelConfig overrides, distillation settings) per check])
@@ -168,9 +170,10 @@ def layout_results(name: str, teacher: str, resume_dir: str, cache: str) -> dict
         parallel, distill = checks[0]
         jobs["resume"] = (resumed_and_straight, (student_config(teacher, tp, parallel, distill),
                                                  resume_dir))
-        # from the offline cache (K = all 10 classes): as the serial run with the teacher
+        # from the offline cache (K = all 10 classes, pooled features): as the serial run
+        # with the teacher
         jobs["cache"] = (distilled_steps, (student_config(teacher, tp, PP2_FULL, dict(
-            SOFT, distill_cache=cache)),))
+            SOFT_POOLED, distill_cache=cache)),))
     return run_distributed(world, tp, jobs, pp=pp)
 
 
@@ -189,10 +192,11 @@ def cache_teacher(*args: str):
 
 @pytest.fixture(scope="module")
 def teacher_cache(teacher, tmp_path_factory) -> str:
-    """The teacher's logits (K = 10: every class) for the students' first 2 iterations,
-    one shard an iteration."""
+    """The teacher's logits (K = 10: every class) and pooled features for the students'
+    first 2 iterations, one shard an iteration."""
     out = str(tmp_path_factory.mktemp("cache"))
     proc = cache_teacher("--output", out, "--top-k", "10", "--shard-iterations", "1",
+                         "--pooled-features",
                          "--teacher-checkpoint", teacher, "--train-iters", "2", *CACHE_FLAGS)
     assert proc.returncode == 0, proc.stderr
     return out
@@ -239,7 +243,7 @@ def test_distillation_matches_serial(layout, teacher):
             assert rank["evaluation"]["eval_accuracy"] == pytest.approx(
                 ref["evaluation"]["eval_accuracy"]), what
     if "cache" in results:      # the offline cache at PP=2 = the serial run with the teacher
-        ref = serial(4, tuple(sorted(SOFT.items())), teacher)
+        ref = serial(4, tuple(sorted(SOFT_POOLED.items())), teacher)
         for got in merged(results["cache"], pp):
             assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), "cache"
             for step in range(2):
@@ -283,13 +287,19 @@ def test_the_offline_cache_continues_and_refuses_what_does_not_fit(teacher, teac
     cache = tmp_path / "cache"
     shutil.copytree(teacher_cache, cache)
     more = cache_teacher("--output", str(cache), "--top-k", "10", "--shard-iterations", "1",
-                         "--teacher-checkpoint", teacher, "--train-iters", "3", *CACHE_FLAGS)
+                         "--pooled-features", "--teacher-checkpoint", teacher,
+                         "--train-iters", "3", *CACHE_FLAGS)
     assert more.returncode == 0, more.stderr
     assert "shards to write 1 of 3" in more.stdout, more.stdout
-    with_teacher = distilled_steps(serial_state(), student_config(teacher))
+    with_teacher = distilled_steps(serial_state(), student_config(teacher, distill=SOFT_POOLED))
     from_cache = distilled_steps(serial_state(), student_config(teacher, distill=dict(
-        SOFT, distill_cache=str(cache))))
+        SOFT_POOLED, distill_cache=str(cache))))
     assert from_cache["loss"] == pytest.approx(with_teacher["loss"], rel=1e-6)
+    without = cache_teacher("--output", str(cache), "--top-k", "10", "--shard-iterations", "1",
+                            "--teacher-checkpoint", teacher, "--train-iters", "3",
+                            *CACHE_FLAGS)
+    assert without.returncode == 2 and "pooled_features: True in the cache, False here" in \
+        without.stderr, without.stderr
     other = cache_teacher("--output", str(cache), "--teacher-checkpoint", teacher,
                           "--train-iters", "3", *CACHE_FLAGS[:-6], "--seed", "8",
                           *CACHE_FLAGS[-6:])
@@ -311,7 +321,8 @@ def test_the_offline_cache_continues_and_refuses_what_does_not_fit(teacher, teac
         for _ in run.batches(0, 2):
             pass
     again = cache_teacher("--output", str(cache), "--top-k", "10", "--shard-iterations", "1",
-                          "--teacher-checkpoint", teacher, "--train-iters", "3", *CACHE_FLAGS)
+                          "--pooled-features", "--teacher-checkpoint", teacher,
+                          "--train-iters", "3", *CACHE_FLAGS)
     assert again.returncode == 0 and "rewriting 1 missing or damaged" in again.stdout, \
         again.stdout + again.stderr
     assert len(list(Run.build(DistillationTask(student_config(teacher, distill=dict(
@@ -329,6 +340,9 @@ def test_the_offline_cache_continues_and_refuses_what_does_not_fit(teacher, teac
     assert torch.equal(cached.argmax(-1), online.argmax(-1))
     top = online.topk(3, dim=-1)
     torch.testing.assert_close(cached.gather(1, top.indices), top.values)
+    with pytest.raises(Exception, match="holds no pooled features"):     # written without
+        Run.build(DistillationTask(student_config(teacher, distill=dict(
+            SOFT_POOLED, distill_cache=str(top3)))), serial_state())
 
 
 def test_the_distillation_term_moves_the_student(teacher):
@@ -347,12 +361,15 @@ def test_the_feature_term_is_the_distance_of_the_projected_maps(teacher):
     """On one micro-batch: the task's loss minus its response part equals the weight times
     the mean over pairs of the MSE between the student block's map (from
     forward_intermediates, through the pair's projection) and the teacher block's map
-    resized bilinearly to the student's 4x4 grid (16x16 px)."""
+    resized bilinearly to the student's 4x4 grid (16x16 px), plus the pooled weight times
+    the MSE between the student's pooled features (through their projection) and the
+    teacher's."""
     import torch.nn.functional as F
 
     from megavit.tasks.distillation.losses import response_loss
 
-    pairs = dict(SOFT, distill_feature_pairs="0:0,1:2", distill_feature_weight=0.5)
+    pairs = dict(SOFT, distill_feature_pairs="0:0,1:2", distill_feature_weight=0.5,
+                 distill_pooled_weight=0.25)
     cfg = student_config(teacher, distill=pairs)
     cfg.base.model = dataclasses.replace(cfg.base.model, drop_path_rate=0.0, img_h=16,
                                          img_w=16)            # no ids needed; a 4x4 grid
@@ -375,9 +392,15 @@ def test_the_feature_term_is_the_distance_of_the_projected_maps(teacher):
         t_tokens = F.interpolate(t_map, size=(4, 4), mode="bilinear",
                                  align_corners=False).permute(0, 2, 3, 1)
         terms.append(((s_tokens - t_tokens) ** 2).mean())
-    assert loss.item() == pytest.approx(response.item() + 0.5 * (terms[0] + terms[1]).item() / 2,
-                                        rel=1e-5)
+    pooled: list[torch.Tensor] = []
+    student.output_and_intermediates(mb.images, [], with_output=False, pooled=pooled)
+    student.train()
+    _, teacher_pooled = task.teacher_logits_and_pooled(mb.images, torch.float32)
+    pooled_term = ((student.pooled_projection(pooled[0]) - teacher_pooled) ** 2).mean()
+    assert loss.item() == pytest.approx(response.item() + 0.5 * (terms[0] + terms[1]).item() / 2
+                                        + 0.25 * pooled_term.item(), rel=1e-5)
     assert (terms[0] + terms[1]).item() > 1e-3          # the term is not vanishing
+    assert pooled_term.item() > 1e-3
 
 
 def test_the_relation_term_is_minilm_on_the_blocks_queries_keys_and_values(teacher):
@@ -499,8 +522,15 @@ def distill_cli(*args: str):
 def test_the_cli_distils_saves_the_student_only_and_names_bad_teachers(teacher, tmp_path):
     save = tmp_path / "student"
     proc = distill_cli("--teacher-checkpoint", teacher, "--train-iters", "2", "--save",
-                       str(save))
+                       str(save), "--distill-pooled-weight", "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the pooled projection is saved with the student; a one-process load reads it back
+    from megavit.checkpointing.inference import load_for_inference
+
+    loaded = load_for_inference(save)
+    assert loaded.info["distillation"]["pooled_width"] == 32
+    assert loaded.model.pooled_projection.weight.shape == (32, 32)
+    assert loaded.model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
     assert "teacher: " in proc.stdout and "frozen, forward only" in proc.stdout
     done = proc.stdout.splitlines()[-1]
     for key in ("student_accuracy", "teacher_accuracy", "student_teacher_ratio"):

@@ -1,5 +1,6 @@
-"""Run a teacher once over every image a student run will see and store its top-K logits,
-so students train from the cache at any layout without running the teacher.
+"""Run a teacher once over every image a student run will see and store its top-K logits
+(and, with --pooled-features, its pooled features), so students train from the cache at any
+layout without running the teacher.
 
     python tools/cache_teacher.py --output runs/teacher-cache --top-k 10 \\
         --teacher-checkpoint runs/teacher  <the student's python -m megavit.distill flags>
@@ -40,6 +41,10 @@ def main(argv=None) -> int:
                    help="logits kept per image, largest first (the class count keeps all)")
     p.add_argument("--shard-iterations", type=int, default=100, metavar="N",
                    help="training iterations per shard file")
+    p.add_argument("--pooled-features", action="store_true",
+                   help="also store the teacher's pooled features per image (what its "
+                        "classifier reads; float32, the teacher's width), for a student's "
+                        "--distill-pooled-weight (implied when the student flags give one)")
     args, rest = p.parse_known_args(argv)
     from megavit.errors import UserError
 
@@ -89,7 +94,9 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
     task.teacher = load_frozen_classifier(Path(cfg.distillation.teacher_checkpoint), pstate,
                                           here=True)
     reference = teacher_reference(cfg.distillation.teacher_checkpoint)
-    identity = cache_identity(base, reference["teacher_config_sha256"], top_k, task.recipe)
+    pooled = args.pooled_features or d.distill_pooled_weight > 0
+    identity = cache_identity(base, reference["teacher_config_sha256"], top_k, task.recipe,
+                              pooled)
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -99,10 +106,10 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
             raise TeacherCacheError(f"--output {root}: holds files but no teacher cache "
                                     "manifest; choose an empty directory") from None
         manifest = None
-    if manifest is not None and (differ := manifest.differences(identity)
-                                 or ([f"top_k: {manifest.identity['top_k']} in the cache, "
-                                      f"{top_k} here"]
-                                     if manifest.identity["top_k"] != top_k else [])):
+    if manifest is not None and (differ := manifest.differences(identity) + [
+            f"{k}: {manifest.identity.get(k, False)!r} in the cache, {identity[k]!r} here"
+            for k in ("top_k", "pooled_features")
+            if manifest.identity.get(k, False) != identity[k]]):
         raise TeacherCacheError(f"--output {root}: a cache of another teacher or other data: "
                                 + "; ".join(differ))
     if manifest is None:        # the teacher's held-out accuracy, once
@@ -118,7 +125,8 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
         manifest = CacheManifest(identity, task.teacher.info["model"], hits / max(count, 1))
         manifest.write(root)
     dropped = [first for first, n in manifest.shards.items()
-               if not shard_reads(root, first, n * base.training.global_batch_size)]
+               if not shard_reads(root, first, n * base.training.global_batch_size,
+                                  manifest.shard_keys)]
     for first in dropped:      # missing or damaged: written again below
         del manifest.shards[first]
     iterations = base.training.train_iters
@@ -131,22 +139,26 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
                                                    iterations) - first]            # needed)
     print(f"cache_teacher | teacher {reference['teacher_checkpoint']} | held-out accuracy "
           f"{manifest.teacher_accuracy:.4f} | iterations {iterations} | top-k {top_k} of "
-          f"{classes} | shards to write {len(todo)} of "
+          f"{classes}{' | pooled features' if pooled else ''} | shards to write {len(todo)} of "
           f"{-(-iterations // args.shard_iterations)}"
           + (f" | rewriting {len(dropped)} missing or damaged" if dropped else ""), flush=True)
     started = time.perf_counter()
     for done, first in enumerate(todo, 1):
         stop = min(first + args.shard_iterations, iterations)
-        ids, values, indices = [], [], []
+        ids, values, indices, features = [], [], [], []
         for micro_batches in ClassificationTask.batches(task, view, first, stop):
             for mb in micro_batches:
-                logits = task.teacher_logits(mb.images, torch.float32)
+                if pooled:
+                    logits, f = task.teacher_logits_and_pooled(mb.images, torch.float32)
+                    features.append(f)
+                else:
+                    logits = task.teacher_logits(mb.images, torch.float32)
                 v, i = logits.topk(top_k, dim=-1)
                 ids.append(mb.sample_ids)
                 values.append(v)
                 indices.append(i)
         write_shard(root, first, stop - first, torch.cat(ids), torch.cat(values),
-                    torch.cat(indices))
+                    torch.cat(indices), torch.cat(features) if pooled else None)
         manifest.shards[first] = stop - first
         manifest.write(root)
         elapsed = time.perf_counter() - started
@@ -156,15 +168,15 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def shard_reads(root: Path, first: int, rows: int) -> bool:
-    """Whether shard `first` is there and reads whole with `rows` rows."""
+def shard_reads(root: Path, first: int, rows: int, keys: tuple[str, ...]) -> bool:
+    """Whether shard `first` is there and reads whole: `rows` rows of each of `keys`."""
     from megavit.tasks.distillation.cache import shard_name
 
     try:
         from safetensors.torch import load_file
 
         tensors = load_file(str(root / shard_name(first)))
-        return all(tensors[k].shape[0] == rows for k in ("ids", "values", "indices"))
+        return all(tensors[k].shape[0] == rows for k in keys)
     except Exception:          # noqa: BLE001 — missing, truncated, not safetensors
         return False
 

@@ -167,10 +167,12 @@ def _image_model(kind: str, cfg: ModelConfig, info: dict, rt, device) -> nn.Modu
 
     from megavit.models.distilled import DistilledStudent
 
-    widths = info.get("distillation", {}).get("feature_widths")
+    distilled = info.get("distillation", {})
+    widths, pooled = distilled.get("feature_widths") or [], distilled.get("pooled_width", 0)
     with torch.device("meta"):      # (a feature-distilled student keeps its projections)
         model = (dense_from_description(cfg, rt, info["segmentation"])
-                 if kind == "segmentation" else DistilledStudent(cfg, rt, widths) if widths
+                 if kind == "segmentation" else
+                 DistilledStudent(cfg, rt, widths, pooled_width=pooled) if widths or pooled
                  else VisionTransformer(cfg, rt))
     initialize_parameters(model, 0, device=device)
     return model

@@ -80,16 +80,18 @@ def dense_meta_model(cfg: "ModelConfig", seg: dict, tp: int) -> nn.Module:
         return dense_from_description(cfg, Runtime(tp=group), seg)
 
 
-def distilled_meta_model(cfg: "ModelConfig", widths: list[int], tp: int) -> nn.Module:
-    """A feature-distilled student (its projections to the teacher's `widths`, the
-    description's "distillation" section) on the meta device, as TP rank 0 of `tp`."""
+def distilled_meta_model(cfg: "ModelConfig", widths: list[int], tp: int,
+                         pooled_width: int = 0) -> nn.Module:
+    """A feature-distilled student (its projections to the teacher's `widths` and
+    `pooled_width`, the description's "distillation" section) on the meta device, as TP
+    rank 0 of `tp`."""
     from megavit.models.distilled import DistilledStudent
     from megavit.models.transformer import Runtime
     from megavit.parallel.comm import CommStats, Group
 
     group = Group("tp", tuple(range(tp)), 0, None, CommStats())
     with torch.device("meta"):
-        return DistilledStudent(cfg, Runtime(tp=group), widths)
+        return DistilledStudent(cfg, Runtime(tp=group), widths, pooled_width=pooled_width)
 
 
 def serial_meta_model(info: dict, tp: int) -> nn.Module:
@@ -110,8 +112,10 @@ def _serial_meta_model(info: dict, tp: int) -> nn.Module:
 
     if "segmentation" in info:
         return dense_meta_model(ModelConfig(**info["model"]), info["segmentation"], tp)
-    if widths := info.get("distillation", {}).get("feature_widths"):
-        return distilled_meta_model(ModelConfig(**info["model"]), widths, tp)
+    distilled = info.get("distillation", {})
+    widths, pooled = distilled.get("feature_widths") or [], distilled.get("pooled_width", 0)
+    if widths or pooled:
+        return distilled_meta_model(ModelConfig(**info["model"]), widths, tp, pooled)
     if "text" not in info:
         return meta_model(ModelConfig(**info["model"]), tp)
     from megavit.config import TextConfig, section_from_dict

@@ -43,7 +43,8 @@ class DistillationConfig:
                      "for this run's data, seed, batch sizes and image size): the teacher's "
                      "top-K logits are read by image instead of running the teacher "
                      "(--teacher-checkpoint then optional; given, its config must be the "
-                     "cache's). Response losses only."))
+                     "cache's). Response losses, and pooled features when the cache holds "
+                     "them (--distill-pooled-weight)."))
     distill_loss: str = field(
         default="soft",
         metadata=opt("'soft': KL(softmax(teacher/T) || softmax(student/T)) T^2 (Hinton et "
@@ -76,6 +77,13 @@ class DistillationConfig:
         default=1.0,
         metadata=opt("Weight of the feature term (the mean over the pairs), added to the "
                      "response loss."))
+    distill_pooled_weight: float = field(
+        default=0.0,
+        metadata=opt("Pooled-feature term: the student's pooled features (what its "
+                     "classifier reads), through a learned linear projection to the "
+                     "teacher's width, against the teacher's pooled features by "
+                     "--distill-feature-loss, with this weight (0: off). Online, or from a "
+                     "cache written with tools/cache_teacher.py --pooled-features."))
 
     distill_relation_pairs: str = field(
         default="",
@@ -191,6 +199,9 @@ def validate_distillation(cfg: DistillationRunConfig, world_size: int = 1) -> No
                         "relation pairs need the teacher online (drop --distill-cache)")
     if d.distill_cache and not Path(d.distill_cache).is_dir():
         problems.append(f"--distill-cache {d.distill_cache}: no such directory")
+    if d.distill_pooled_weight < 0:
+        problems.append(f"--distill-pooled-weight {d.distill_pooled_weight}: must be 0 or "
+                        "more")
     if d.distill_feature_weight < 0:
         problems.append(f"--distill-feature-weight {d.distill_feature_weight}: must be 0 or "
                         "more")

@@ -411,10 +411,12 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def output_and_intermediates(self, images: torch.Tensor, layers: Sequence[int],
-                                 with_output: bool = True
+                                 with_output: bool = True,
+                                 pooled: list[torch.Tensor] | None = None
                                  ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(the model's output, e.g. logits [b, C], or None without `with_output`; the maps
-        of `forward_intermediates`) from one eval-mode pass."""
+        of `forward_intermediates`) from one eval-mode pass; with a list `pooled`, the
+        pooled features [b, h] (what the classifier reads) are appended to it."""
         if not (self.pre_process and self.post_process):
             raise ValueError("forward_intermediates needs the whole model on this rank "
                              "(pipeline parallel size 1)")
@@ -426,7 +428,13 @@ class VisionTransformer(nn.Module):
             x = self.scatter_sequence(self.embed(images))
             caught: list[torch.Tensor] = []
             x = self.run_blocks(x, None, frozenset(layers), caught)
-            out = self.output(self.gather_sequence(x)) if with_output else None
+            x = self.gather_sequence(x)
+            if pooled is not None:
+                pooled.append(self.pool(x))
+                out = (self.classify(x, pooled[-1]) if self.head is not None else pooled[-1]
+                       ) if with_output else None
+            else:
+                out = self.output(x) if with_output else None
         finally:
             self.train(training)
         by_layer = dict(zip(sorted(set(layers)), caught))
@@ -464,6 +472,11 @@ class VisionTransformer(nn.Module):
         pooled = self.pool(x)
         if self.head is None or not apply_head:
             return pooled
+        return self.classify(x, pooled)
+
+    def classify(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits [b, classes] from the pooled features [b, h] (`x`: all
+        tokens [s, b, h], read by a distillation token's head)."""
         if not self.cfg.distillation_token:
             return self.head(pooled)
         dist = self.head_dist(self.norm(x[int(self.cfg.pooling == "cls")]))

@@ -1,5 +1,5 @@
-"""The offline teacher cache: the teacher's top-K logits for every image a student run will
-see, written once (tools/cache_teacher.py) and read at any layout (`--distill-cache DIR`).
+"""The offline teacher cache: the teacher's top-K logits (and, if asked, its pooled
+features) for every image a student run will see, written once (tools/cache_teacher.py) and read at any layout (`--distill-cache DIR`).
 
 An image is keyed by its global id (iteration x global batch + position), the key of its
 augmentation draws, so a student at any TP / PP / DP layout finds its micro-batches' rows.
@@ -10,7 +10,9 @@ The directory holds
                                 model section and held-out accuracy, and the shards written
     shard_IIIIIIII.safetensors  iterations [I, I + n): "ids" [r] int64, "values" [r, K]
                                 float32 (the top-K logits, largest first), "indices" [r, K]
-                                int64; written as .tmp and renamed when complete
+                                int64, with --pooled-features "pooled" [r, w] float32 (what
+                                the teacher's classifier reads); written as .tmp and renamed
+                                when complete
 
 A run that differs from the cache in any identity field is refused, naming the field; a
 shard that is missing or does not read whole is named.
@@ -35,17 +37,23 @@ class TeacherCacheError(UserError):
     """A teacher cache that does not fit this run, or a damaged shard."""
 
 
-def cache_identity(cfg, teacher_sha256: str, top_k: int, recipe) -> dict[str, Any]:
+# identity fields a reader may differ in: any K serves, pooled features are checked apart
+_READER_FREE = ("top_k", "pooled_features")
+
+
+def cache_identity(cfg, teacher_sha256: str, top_k: int, recipe,
+                   pooled_features: bool = False) -> dict[str, Any]:
     """What must match between the run that wrote a cache and the run that reads it (`cfg`:
     the student's Config; `recipe`: its augmentation recipe, every setting that changes the
-    images, as `recipe.describe()` says it)."""
+    images, as `recipe.describe()` says it), and what the cache holds (K, pooled
+    features)."""
     m, d, t = cfg.model, cfg.data, cfg.training
     return {"teacher_config_sha256": teacher_sha256, "dataset": d.dataset,
             "data_path": d.data_path, "synthetic_size": d.synthetic_size,
             "augment": d.augment, "recipe": recipe.describe(), "seed": t.seed,
             "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
             "image": [m.num_channels, m.img_h, m.img_w], "classes": m.num_classes,
-            "top_k": top_k}
+            "top_k": top_k, "pooled_features": pooled_features}
 
 
 def shard_name(first_iteration: int) -> str:
@@ -85,9 +93,17 @@ class CacheManifest:
         os.replace(tmp, root / MANIFEST)
 
     def differences(self, identity: dict[str, Any]) -> list[str]:
-        """The identity fields that differ from `identity` (top_k may be any)."""
+        """The identity fields that differ from `identity` (top_k and pooled_features may
+        be any)."""
         return [f"{k}: {self.identity.get(k)!r} in the cache, {v!r} here"
-                for k, v in identity.items() if k != "top_k" and self.identity.get(k) != v]
+                for k, v in identity.items()
+                if k not in _READER_FREE and self.identity.get(k) != v]
+
+    @property
+    def shard_keys(self) -> tuple[str, ...]:
+        """The tensors every shard holds, one row per image."""
+        return ("ids", "values", "indices") + (
+            ("pooled",) if self.identity.get("pooled_features") else ())
 
     def missing(self, iterations: int) -> list[int]:
         """Iterations in [0, iterations) that no complete shard covers."""
@@ -98,12 +114,16 @@ class CacheManifest:
 
 
 def write_shard(root: Path, first: int, iterations: int, ids: torch.Tensor,
-                values: torch.Tensor, indices: torch.Tensor) -> None:
+                values: torch.Tensor, indices: torch.Tensor,
+                pooled: torch.Tensor | None = None) -> None:
     from safetensors.torch import save_file
 
     name = shard_name(first)
-    save_file({"ids": ids.contiguous(), "values": values.float().contiguous(),
-               "indices": indices.long().contiguous()}, str(root / (name + ".tmp")),
+    tensors = {"ids": ids.contiguous(), "values": values.float().contiguous(),
+               "indices": indices.long().contiguous()}
+    if pooled is not None:
+        tensors["pooled"] = pooled.float().contiguous()
+    save_file(tensors, str(root / (name + ".tmp")),
               metadata={"first_iteration": str(first), "iterations": str(iterations)})
     os.replace(root / (name + ".tmp"), root / name)
 
@@ -131,7 +151,7 @@ class TeacherCache:
 
                 tensors = load_file(str(path))
                 rows = self.manifest.shards[first] * self.g
-                if any(tensors[k].shape[0] != rows for k in ("ids", "values", "indices")):
+                if any(tensors[k].shape[0] != rows for k in self.manifest.shard_keys):
                     raise ValueError(f"{rows} rows expected")
             except FileNotFoundError:
                 raise TeacherCacheError(f"{path}: missing (the manifest lists it); run "
@@ -147,12 +167,23 @@ class TeacherCache:
         their classes, the other classes 10^4 below the row's smallest kept value (so a
         softmax gives them no mass: the distribution is the top-K renormalised; with K = C
         the exact logits)."""
-        ids = sample_ids.cpu()            # a micro-batch: one iteration, one shard
+        shard, rows = self._rows(sample_ids)
+        v, i = shard["values"][rows], shard["indices"][rows]
+        out = (v.min(dim=1, keepdim=True).values - 1e4).expand(len(rows), classes).clone()
+        return out.scatter_(1, i, v)
+
+    def pooled(self, sample_ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's pooled features [m, w] of the images `sample_ids` [m] (a cache
+        written with --pooled-features)."""
+        shard, rows = self._rows(sample_ids)
+        return shard["pooled"][rows]
+
+    def _rows(self, sample_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The shard holding a micro-batch's images (one iteration) and their rows in it."""
+        ids = sample_ids.cpu()
         first, shard = self._shard(int(ids[0]) // self.g)
         rows = ids - first * self.g
         if rows.max() >= len(shard["ids"]) or not torch.equal(shard["ids"][rows], ids):
             raise TeacherCacheError(f"--distill-cache {self.root}: shard rows do not hold "
                                     "the images asked for (a damaged shard)")
-        v, i = shard["values"][rows], shard["indices"][rows]
-        out = (v.min(dim=1, keepdim=True).values - 1e4).expand(len(ids), classes).clone()
-        return out.scatter_(1, i, v)
+        return shard, rows

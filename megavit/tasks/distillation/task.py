@@ -166,6 +166,10 @@ class DistillationTask(ClassificationTask):
                                     f"{cfg.training.train_iters}); run tools/cache_teacher.py "
                                     "with this --train-iters")
         self.teacher_model = ModelConfig(**manifest.teacher_model)
+        if self.distill.distill_pooled_weight and not manifest.identity.get("pooled_features"):
+            raise TeacherCacheError(f"--distill-cache {root}: holds no pooled features "
+                                    "(--distill-pooled-weight needs them); write it with "
+                                    "tools/cache_teacher.py --pooled-features")
         self.cache = TeacherCache(root, manifest, cfg.training.global_batch_size)
 
     def check_pairs(self, student: ModelConfig, teacher: ModelConfig) -> None:
@@ -211,6 +215,11 @@ class DistillationTask(ClassificationTask):
                 for _, j in self.relation_pairs]
 
     @property
+    def pooled_width(self) -> int:
+        """The teacher's pooled-feature width w_p with --distill-pooled-weight, else 0."""
+        return self.teacher_model.hidden_size if self.distill.distill_pooled_weight else 0
+
+    @property
     def feature_sizes(self) -> list[int]:
         """Per pair, the flattened size of one image's projected map: H_s * W_s * w_t."""
         m, t = self.config.model, self.teacher_model
@@ -228,13 +237,14 @@ class DistillationTask(ClassificationTask):
 
     def build_stage(self, runtime: Runtime, layout: PipelineLayout, stage: int,
                     pstate: ParallelState, dtype: torch.dtype) -> torch.nn.Module:
-        """With feature pairs a DistilledStudent (its projections on the last stage)."""
-        if not self.pairs:
+        """With feature pairs or a pooled-feature term a DistilledStudent (its projections
+        on the last stage)."""
+        if not (self.pairs or self.pooled_width):
             return super().build_stage(runtime, layout, stage, pstate, dtype)
         return build_distilled_stage(self.config.model, runtime, self.config.training.seed,
                                      layout, stage,
                                      [self.teacher_model.hidden_size] * len(self.pairs),
-                                     pstate.device, dtype)
+                                     pstate.device, dtype, self.pooled_width)
 
     def connect_relations(self, model: torch.nn.Module, pstate: ParallelState) -> None:
         """A RelationLink on each paired student block held here, a TeacherCapture on each
@@ -258,22 +268,35 @@ class DistillationTask(ClassificationTask):
         """The teacher's logits [m, C] (float32) of the student's images [m, c, H, W]."""
         return self.teacher_targets(images, dtype, features=False)
 
-    def teacher_targets(self, images: torch.Tensor, dtype: torch.dtype,
-                        features: bool = True) -> torch.Tensor:
-        """The teacher's logits [m, C], then (with `features`) each feature pair's teacher
-        map resized to the student block's grid, as [m, H_s, W_s, w_t] flattened, and each
-        relation pair's teacher q, k, v of this TP rank as [m, L, 3 h_t / t] flattened:
-        [m, C + sum(feature_sizes) + sum(relation_sizes)] float32."""
+    def teacher_logits_and_pooled(self, images: torch.Tensor, dtype: torch.dtype
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's logits [m, C] and pooled features [m, w_p] (float32) of the
+        student's images, from one pass (tools/cache_teacher.py --pooled-features)."""
         device = next(self.teacher.model.parameters()).device
         x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
                           self.teacher.preprocessing)
-        if features and self.pairs:
+        pooled: list[torch.Tensor] = []
+        logits, _ = self.teacher.model.output_and_intermediates(x, [], pooled=pooled)
+        return logits.float(), pooled[0].float()
+
+    def teacher_targets(self, images: torch.Tensor, dtype: torch.dtype,
+                        features: bool = True) -> torch.Tensor:
+        """The teacher's logits [m, C], then (with `features`) its pooled features [m, w_p]
+        when --distill-pooled-weight asks for them, each feature pair's teacher map resized
+        to the student block's grid, as [m, H_s, W_s, w_t] flattened, and each relation
+        pair's teacher q, k, v of this TP rank as [m, L, 3 h_t / t] flattened:
+        [m, C + w_p + sum(feature_sizes) + sum(relation_sizes)] float32."""
+        device = next(self.teacher.model.parameters()).device
+        x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
+                          self.teacher.preprocessing)
+        pooled: list[torch.Tensor] | None = [] if features and self.pooled_width else None
+        if features and (self.pairs or pooled is not None):
             logits, maps = self.teacher.model.output_and_intermediates(
-                x, [t for _, t in self.pairs])
+                x, [t for _, t in self.pairs], pooled=pooled)
         else:
             with torch.no_grad():
                 logits, maps = self.teacher.model(x), []
-        out = [logits.float()]
+        out = [logits.float(), *(p.float() for p in pooled or [])]
         for (s, _), teacher_map in zip(self.pairs, maps):
             size = self.config.model.grid_at(s)
             if tuple(teacher_map.shape[-2:]) != size:
@@ -295,18 +318,21 @@ class DistillationTask(ClassificationTask):
             if self.cache is not None:     # every stage reads its rows: nothing to send
                 yield [mb._replace(labels=torch.cat(
                            [class_targets(mb.labels, classes),
-                            self.cache.logits(mb.sample_ids, classes)], dim=-1))
+                            self.cache.logits(mb.sample_ids, classes),
+                            *([self.cache.pooled(mb.sample_ids)] if self.pooled_width
+                              else [])], dim=-1))
                        for mb in micro_batches]
                 continue
             if run.is_first_stage:
                 logits = torch.cat([self.teacher_targets(mb.images, run.dtype)
                                     for mb in micro_batches])
             else:
-                logits = torch.zeros(sum(sizes), classes + sum(self.feature_sizes)
-                                     + sum(self.relation_sizes), device=pstate.device)
+                logits = torch.zeros(sum(sizes), classes + self.pooled_width
+                                     + sum(self.feature_sizes) + sum(self.relation_sizes),
+                                     device=pstate.device)
             if pstate.pp.size > 1:
                 logits = pstate.pp.broadcast(logits.contiguous(), src=0)
-            kept = classes + sum(self.feature_sizes)
+            kept = classes + self.pooled_width + sum(self.feature_sizes)
             for link in self.links:
                 link.targets = {}                     # the previous step's are done with
             for mb, t in zip(micro_batches, logits.split(sizes)):
@@ -321,18 +347,28 @@ class DistillationTask(ClassificationTask):
 
     def distillation_loss(self, output: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """The loss of the student's output [m, C (+ the distillation token head's C) (+ its
-        projected feature maps)] against packed labels [m, 2C (+ the teacher's maps)]:
-        (1 - alpha) x the task's loss + alpha x the response term + the feature weight x the
-        mean feature term over the pairs."""
+        projected pooled features) (+ its projected feature maps)] against packed labels
+        [m, 2C (+ the teacher's pooled features) (+ its maps)]: (1 - alpha) x the task's
+        loss + alpha x the response term + the pooled weight x the pooled-feature term +
+        the feature weight x the mean feature term over the pairs."""
         classes = self.config.model.num_classes
         sizes = self.feature_sizes
         token = self.config.model.distillation_token     # the token head's logits next
-        logits, *rest = output.split([classes, *([classes] if token else []), *sizes], dim=1)
-        token_logits, student_maps = (rest[0], rest[1:]) if token else (None, rest)
-        targets, teacher, *teacher_maps = packed.split([classes, classes, *sizes], dim=1)
+        pooled = [self.pooled_width] if self.pooled_width else []
+        logits, *rest = output.split([classes, *([classes] if token else []), *pooled,
+                                      *sizes], dim=1)
+        token_logits, rest = (rest[0], rest[1:]) if token else (None, rest)
+        student_pooled, student_maps = (rest[0], rest[1:]) if pooled else (None, rest)
+        targets, teacher, *teacher_rest = packed.split([classes, classes, *pooled, *sizes],
+                                                       dim=1)
+        teacher_pooled, teacher_maps = ((teacher_rest[0], teacher_rest[1:]) if pooled
+                                        else (None, teacher_rest))
         d = self.distill
         loss = response_loss(d.distill_loss, self.loss_fn(logits, targets), logits, teacher,
                              d.distill_alpha, d.distill_temperature, token_logits)
+        if student_pooled is not None:
+            loss = loss + d.distill_pooled_weight * feature_distillation(
+                student_pooled[:, None], teacher_pooled[:, None], d.distill_feature_loss)
         if self.pairs and d.distill_feature_weight:
             width = self.teacher_model.hidden_size
             terms = [feature_distillation(s.reshape(len(s), -1, width),
@@ -412,6 +448,7 @@ class DistillationTask(ClassificationTask):
             "feature_pairs": d.distill_feature_pairs, "feature_loss": d.distill_feature_loss,
             "feature_weight": d.distill_feature_weight,
             "feature_widths": [self.teacher_model.hidden_size] * len(self.pairs),
+            "pooled_width": self.pooled_width, "pooled_weight": d.distill_pooled_weight,
             "relation_pairs": d.distill_relation_pairs, "relation_heads": self.relation_heads,
             "relation_weight": d.distill_relation_weight}}
 
@@ -426,7 +463,9 @@ class DistillationTask(ClassificationTask):
                 f"| hidden {t.hidden_size} | heads {t.num_attention_heads} | image "
                 f"{t.img_h}x{t.img_w} | {where} | loss {d.distill_loss} | alpha "
                 f"{d.distill_alpha}"
-                + (f" | temperature {d.distill_temperature}" if d.distill_loss == "soft" else ""))
+                + (f" | temperature {d.distill_temperature}" if d.distill_loss == "soft" else "")
+                + (f" | pooled features weight {d.distill_pooled_weight}"
+                   if self.pooled_width else ""))
         if self.teacher is not None:
             teacher = sum(p.numel() for p in self.teacher.model.parameters())
             line += f" | parameters per rank {teacher:,} (student's on this rank {student:,})"
