@@ -14,6 +14,9 @@ teacher runs there):
                              forward on every micro-batch
     + response + feature     ... and --distill-feature-pairs L-1:L-1 (the last blocks'
                              maps, projected)
+    + response (cache)       --distill-cache: the teacher's logits (K = all 10) read from a
+                             cache tools/cache_teacher.py wrote before the timing (its
+                             writing time is printed apart, a one-off cost)
 
 Per row: the median step time over `--steps` steps after two warm-up steps, its ratio to
 the student alone, and the bytes autograd keeps for backward during one step (its
@@ -90,6 +93,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(classification_run(teacher_cfg, serial_state()), tmp, 0, 0,
                         lambda line: None)
+        from tools.cache_teacher import main as cache_teacher
+
+        cache = os.path.join(tmp, "cache")
+        started = time.perf_counter()
+        if cache_teacher(["--output", cache, "--top-k", "10", "--teacher-checkpoint", tmp,
+                          *student]) != 0:
+            raise SystemExit("tools/cache_teacher.py failed")
+        cache_seconds = time.perf_counter() - started
         runs = {
             "student alone": lambda: classification_run(parse_args(student), serial_state()),
             "+ response (online)": lambda: Run.build(DistillationTask(parse_distillation_args(
@@ -97,6 +108,8 @@ def main(argv=None) -> int:
             "+ response + feature": lambda: Run.build(DistillationTask(parse_distillation_args(
                 student + ["--teacher-checkpoint", tmp, "--distill-feature-pairs",
                            f"{last}:{last}"])), serial_state()),
+            "+ response (cache)": lambda: Run.build(DistillationTask(parse_distillation_args(
+                student + ["--distill-cache", cache])), serial_state()),
         }
         rows = {}
         for name, build in runs.items():
@@ -120,6 +133,7 @@ def main(argv=None) -> int:
     print(f"teacher forward FLOPs / student training-step FLOPs: {share:.2f} (teacher forward "
           f"{teacher_fwd / vit_flops(flops['student'].model, args.batch, training=False):.1f}x"
           " the student's)")
+    print(f"writing the cache for {args.steps + 2} steps: {cache_seconds:.2f} s (once)")
     base = rows["student alone"][0]
     print("| run | step s | x student alone | kept for backward MB | overhead <= FLOPs share |")
     print("|---|---|---|---|---|")

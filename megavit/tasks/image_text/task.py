@@ -235,7 +235,11 @@ class ImageTextTask:
         last; a locked image tower (LiT) runs a forward-only schedule and the last stage
         back-propagates the text tower and the loss alone."""
         pstate = run.pstate
-        images, ids, teacher_ids = batch
+        images, ids, *rest = batch      # (images, ids[, the teacher's ids])
+        teacher_ids = rest[0] if rest else None
+        if self.teacher is not None and teacher_ids is None:
+            raise ValueError("two-tower distillation: the batch has no captions in the "
+                             "teacher's tokenizer (batches() gives them as a third element)")
         n = run.sampler.global_batch_size // pstate.dp.size
         lock = self.cfg.contrastive.lock_image_tower
         held: dict[str, torch.Tensor] = {}
