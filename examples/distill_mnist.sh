@@ -2,11 +2,11 @@
 # Distillation on the CPU: a ViT-S-width teacher (4 blocks of width 384, 7.1 M parameters)
 # trained on MNIST-5k (TEACHER_ITERS iterations), then a ViT-Ti-width student (3 blocks of
 # width 192, 1.3 M: 19 % of the teacher) trained on the same budget (ITERS) and data five
-# ways: alone; + response (soft KL, T 4); + response + feature (its last block's map against
-# the teacher's last, projected, cosine distance);
-# + response + feature + relation (MiniLMv2 on the same blocks, 3 relation heads); and with
-# the response term read from an offline cache of the teacher's logits. Ends with one line
-# per run:
+# ways: alone; + response (soft KL, T 4); + response + feature (each student block's map
+# against the teacher block one deeper, 0:1,1:2,2:3, projected, cosine distance);
+# + response + feature + relation (MiniLMv2 on the same block pairs, 3 relation heads); and
+# with the response term read from an offline cache of the teacher's logits. Ends with one
+# line per run:
 #   [distill-demo] run <name> | parameters <n> (<share> of the teacher's <m>) | student_accuracy <a> | teacher_accuracy <t> | ratio <a/t>
 #
 #   make quickstart-distill                   # from a fresh clone
@@ -28,6 +28,8 @@ COMMON="$OPTIM --train-iters $ITERS --eval-interval $ITERS"
 TEACHER="--num-layers 4 --hidden-size 384 --num-attention-heads 6 --ffn-hidden-size 1536"
 STUDENT="--num-layers 3 --hidden-size 192 --num-attention-heads 3 --ffn-hidden-size 768"
 RESPONSE="--distill-loss soft --distill-temperature 4 --distill-alpha 0.5"
+FEATURE="--distill-feature-pairs 0:1,1:2,2:3 --distill-feature-loss cosine"
+RELATION="--distill-relation-pairs 0:1,1:2,2:3 --distill-relation-heads 3"
 mkdir -p "$OUT"
 rm -rf "$OUT/teacher" "$OUT/cache" "$OUT"/*.jsonl
 python -m megavit.pretrain $DATA $TEACHER $OPTIM --train-iters "$TEACHER_ITERS" \
@@ -37,12 +39,9 @@ python -m megavit.pretrain $DATA $STUDENT $COMMON --metrics-file "$OUT/alone.jso
 python -m megavit.distill $DATA $STUDENT $COMMON --teacher-checkpoint "$OUT/teacher" \
   $RESPONSE --metrics-file "$OUT/response.jsonl" "$@"
 python -m megavit.distill $DATA $STUDENT $COMMON --teacher-checkpoint "$OUT/teacher" \
-  $RESPONSE --distill-feature-pairs 2:3 --distill-feature-loss cosine \
-  --metrics-file "$OUT/response_feature.jsonl" "$@"
+  $RESPONSE $FEATURE --metrics-file "$OUT/response_feature.jsonl" "$@"
 python -m megavit.distill $DATA $STUDENT $COMMON --teacher-checkpoint "$OUT/teacher" \
-  $RESPONSE --distill-feature-pairs 2:3 --distill-feature-loss cosine \
-  --distill-relation-pairs 2:3 \
-  --distill-relation-heads 3 --metrics-file "$OUT/response_feature_relation.jsonl" "$@"
+  $RESPONSE $FEATURE $RELATION --metrics-file "$OUT/response_feature_relation.jsonl" "$@"
 python "$(dirname "$0")/../tools/cache_teacher.py" --output "$OUT/cache" --top-k 10 \
   --teacher-checkpoint "$OUT/teacher" $DATA $STUDENT $COMMON "$@"
 python -m megavit.distill $DATA $STUDENT $COMMON --teacher-checkpoint "$OUT/teacher" \
