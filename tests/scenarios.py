@@ -69,6 +69,10 @@ def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2,
         out["grad_norm"].append(result.grad_norm.item())
     out["comm"] = pstate.stats.snapshot()   # the training steps' collectives only
     out["comm_bytes"] = pstate.stats.bytes_snapshot()
+    # what the planner predicts (megavit/planner/memory.py): held parameters, and the
+    # measured bytes per trained parameter after the optimizer's state exists
+    out["held_parameters"] = sum(p.numel() for p in run.model.parameters())
+    out["bytes_per_parameter"] = run.optimizer.bytes_per_parameter()
     out["weights"] = uncounted(pstate, full_state, run.model, pstate.tp)
     return out
 

@@ -5,6 +5,7 @@
                                      megavit.run_entry)
       -> tasks -> training -> checkpointing -> models, data -> parallel -> config -> errors
     interop may use models, checkpointing, data (and what they use); never training or tasks
+    planner may use training, models (and what they use); never tasks
 
 Every import counts, also those inside functions and under `if TYPE_CHECKING:` (a lazy
 import is still a dependency). The graph is read from the source with `ast`, so the test
@@ -31,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": _BASE | {"config", "parallel", "models", "data", "checkpointing"},
     "tasks": _BASE | {"config", "parallel", "models", "data", "checkpointing", "training"},
     "interpret": _BASE | {"config", "parallel", "models", "data", "checkpointing"},
+    "planner": _BASE | {"config", "parallel", "models", "training"},
 }
 ENTRY_POINTS = {"pretrain", "pretrain_contrastive", "segment", "predict", "distill",
                 "run_entry"}

@@ -50,9 +50,29 @@ def measured_step(pstate: ParallelState, model: dict | None = None) -> dict:
             "loss": result.loss.item()}
 
 
+# fixed layouts (no plan) whose stage peaks the planner predicts (megavit/planner/memory.py)
+FIXED = {"none": {}, "selective": {"recompute_granularity": "selective"},
+         "full_uniform_2": {"recompute_granularity": "full", "recompute_method": "uniform",
+                            "recompute_num_layers": 2},
+         "full_block_3": {"recompute_granularity": "full", "recompute_method": "block",
+                          "recompute_num_layers": 3}}
+
+
+def fixed_cfg(parallel: dict):
+    return debug_config("vit22b", layers=LAYERS, parallel={
+        "pipeline_model_parallel_size": 2, **parallel})
+
+
+def fixed_step(pstate: ParallelState, parallel: dict) -> dict:
+    run = classification_run(fixed_cfg(parallel), pstate)
+    result = run.step(0, next(run.batches(0, 1)), measure=True)
+    return {"peak": result.stats.peak_saved_bytes, "stage": pstate.pp.rank}
+
+
 @pytest.fixture(scope="module")
 def pp2():
-    return run_distributed(2, 1, {"step": (measured_step, ()),
+    return run_distributed(2, 1, {**{f"fixed_{k}": (fixed_step, (v,)) for k, v in FIXED.items()},
+                                  "step": (measured_step, ()),
                                   "train": (train_steps, (auto_cfg(),)),
                                   "mixed": (measured_step, (MIXED,)),
                                   "mixed_train": (train_steps, (auto_cfg(MIXED),)),
@@ -145,3 +165,18 @@ def test_measured_saved_bytes_follow_the_plan_with_carried_feature_maps(pp2):
     for got in pp2["features"]:
         plan = StagePlan(*got["plans"][got["stage"]])
         assert got["peak"] == pytest.approx(plan.predicted_bytes, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", list(FIXED))
+def test_the_planner_predicts_each_stages_measured_activation_peak(pp2, name):
+    """memory_per_stage's activations (the formula per chunk times the chunk-forwards the
+    1F1B schedule holds: 2 on stage 0, 1 on stage 1 with 4 micro-batches) are what a real
+    PP=2 step keeps at its peak, without recomputation, selective, and full (uniform groups
+    of 2, block with 3 of 4 blocks)."""
+    from megavit.planner.memory import memory_per_stage
+
+    stages = memory_per_stage(fixed_cfg(FIXED[name]), dp=1)
+    assert [s.in_flight for s in stages] == [2, 1]
+    for got in pp2[f"fixed_{name}"]:
+        assert got["peak"] == pytest.approx(stages[got["stage"]].activations, rel=1e-12), \
+            (name, got["stage"])

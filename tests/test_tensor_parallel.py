@@ -368,3 +368,26 @@ def test_pipeline_point_to_point_traffic(layout):
         for g in got:   # every message is one activation (or its gradient)
             assert g["comm_bytes"].get("pp.send", 0) == g["comm"].get("pp.send", 0) * message
             assert g["comm_bytes"].get("pp.recv", 0) == g["comm"].get("pp.recv", 0) * message
+
+
+def test_the_planner_counts_what_each_rank_holds(layout):
+    """megavit/planner/memory.py on paper = the run: each rank's held parameters (its
+    stage's part of the model), and its parameter + gradient + optimizer bytes per trained
+    parameter as the optimizer measures them after two steps (fp32: 16, or 8 + 8/d with
+    the distributed optimizer)."""
+    from megavit.planner.memory import memory_per_stage
+
+    name, tp, results = layout
+    world, _, extra, layers = LAYOUTS[name]
+    pp = extra.get("pipeline_model_parallel_size", 1)
+    for variant in VARIANTS:
+        cfg = debug_config(variant, tp=tp, parallel=extra, layers=layers,
+                           model={"num_classes": 10})        # the run reads 10 from digits
+        stages = memory_per_stage(cfg, dp=world // (tp * pp))
+        for rank, got in enumerate(results[variant]):
+            planned = stages[rank // (world // pp)]
+            assert planned.held_parameters == got["held_parameters"], (name, variant, rank)
+            per_parameter = (planned.parameters + planned.gradients + planned.optimizer) \
+                / planned.held_parameters
+            assert per_parameter == pytest.approx(sum(got["bytes_per_parameter"].values()),
+                                                  rel=1e-12), (name, variant, rank)
