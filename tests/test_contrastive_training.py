@@ -102,8 +102,9 @@ CASES = {   # job: (loss, tp, dp, extra flags)
 
 @pytest.fixture(scope="module")
 def clip_teacher(tmp_path_factory) -> str:
-    """A two-tower CLIP teacher (vit-debug + text-debug, embedding width 24, seed 3,
-    4 iterations on the digits' captions) for two-tower distillation; tests only read it."""
+    """A two-tower CLIP teacher (vit-debug + text-debug, embedding width 24, context length
+    12, seed 3, 4 iterations on the digits' captions) for two-tower distillation; tests only
+    read it."""
     import os
     import sys
 
@@ -112,6 +113,7 @@ def clip_teacher(tmp_path_factory) -> str:
     save = tmp_path_factory.mktemp("teacher") / "clip"
     proc = cli.run([sys.executable, "-m", "megavit.pretrain_contrastive",
                     *_flags("clip", 1, 1, ("--embed-dim", "24", "--seed", "3",
+                                           "--context-length", "12",
                                            "--train-iters", "4", "--save", str(save),
                                            "--progress-bar", "off"))],
                    timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -483,3 +485,38 @@ def test_two_tower_distillation_resumes_exactly_and_records_only_the_teachers_re
                                                   "distils classifiers"):
         Run.build(DistillationTask(parse_distillation_args(
             ["--preset", "vit-debug", "--teacher-checkpoint", clip_teacher])), serial_state())
+
+
+def test_the_similarity_term_is_open_clips_rule_on_both_models_embeddings(clip_teacher,
+                                                                        tmp_path):
+    """One serial step of a SigLIP student: the logged term equals open_clip's rule written
+    out on the student's embeddings (its scale exp(t')) and the teacher's own (its images
+    through its preprocessing, the captions through its tokenizer, its scale); a tokenizer
+    file that is not the teacher's is refused by name."""
+    from megavit.data.tokenizer import TokenizerError
+    from megavit.tasks.distillation.losses import similarity_distillation
+    from megavit.tasks.distillation.task import teacher_input
+
+    run = image_text_run(parse_contrastive_args(_flags("siglip", 1, 1, _teacher(clip_teacher))),
+                         serial_state())
+    task, model = run.task, run.model
+    images, ids, teacher_ids = next(iter(run.batches(0, 1)))
+    teacher = task.teacher.model
+    with torch.no_grad():
+        image, text = model.encode_image(images), model.encode_text(ids)
+        scale = model.logit_scale.exp()
+        t_image = teacher.encode_image(teacher_input(images, task.train_set.preprocessing,
+                                                     task.teacher.preprocessing))
+        t_text = teacher.encode_text(teacher_ids)
+        t_scale = teacher.logit_scale.exp().clamp(max=100.0)
+        want = similarity_distillation(scale * image @ text.T, t_scale * t_image @ t_text.T,
+                                       scale * text @ image.T, t_scale * t_text @ t_image.T)
+    assert teacher_ids.shape[1] == 12 != ids.shape[1]        # its own context length
+    run.step(0, (images, ids, teacher_ids))
+    assert task.similarity_values[0].item() == pytest.approx(want.item(), rel=1e-5)
+
+    other = tmp_path / "other.model"
+    other.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(TokenizerError, match="other.model"):
+        image_text_run(parse_contrastive_args(_flags("siglip", 1, 1, _teacher(
+            clip_teacher, "--teacher-tokenizer-model", str(other)))), serial_state())

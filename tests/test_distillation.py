@@ -340,7 +340,9 @@ def test_the_offline_cache_continues_and_refuses_what_does_not_fit(teacher, teac
     assert torch.equal(cached.argmax(-1), online.argmax(-1))
     top = online.topk(3, dim=-1)
     torch.testing.assert_close(cached.gather(1, top.indices), top.values)
-    with pytest.raises(Exception, match="holds no pooled features"):     # written without
+    from megavit.tasks.distillation.cache import TeacherCacheError
+
+    with pytest.raises(TeacherCacheError, match="holds no pooled features"):   # written without
         Run.build(DistillationTask(student_config(teacher, distill=dict(
             SOFT_POOLED, distill_cache=str(top3)))), serial_state())
 
@@ -531,6 +533,10 @@ def test_the_cli_distils_saves_the_student_only_and_names_bad_teachers(teacher, 
     assert loaded.info["distillation"]["pooled_width"] == 32
     assert loaded.model.pooled_projection.weight.shape == (32, 32)
     assert loaded.model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    from megavit.interop.export_hf import export_plan     # exports say they drop them
+
+    plan = export_plan("timm", loaded.info, loaded.model_config, None, loaded.checkpoint)
+    assert any("a distilled student" in note for note in plan.notes), plan.notes
     assert "teacher: " in proc.stdout and "frozen, forward only" in proc.stdout
     done = proc.stdout.splitlines()[-1]
     for key in ("student_accuracy", "teacher_accuracy", "student_teacher_ratio"):

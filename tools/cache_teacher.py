@@ -82,7 +82,8 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
         raise ConfigError("--distill-cache: this tool writes the cache (--output)")
     if d.distill_feature_pairs or d.distill_relation_pairs:
         raise ConfigError("--distill-feature-pairs / --distill-relation-pairs: the cache "
-                          "holds the teacher's logits only (those terms need it online)")
+                          "holds the teacher's logits and pooled features only (those terms "
+                          "need it online)")
     if args.top_k < 1 or args.shard_iterations < 1:
         raise ConfigError(f"--top-k {args.top_k} / --shard-iterations "
                           f"{args.shard_iterations}: both must be at least 1")
@@ -110,8 +111,11 @@ def write_cache(args: argparse.Namespace, rest: list[str]) -> int:
             f"{k}: {manifest.identity.get(k, False)!r} in the cache, {identity[k]!r} here"
             for k in ("top_k", "pooled_features")
             if manifest.identity.get(k, False) != identity[k]]):
+        hint = (" (a cache with or without pooled features cannot be changed into the "
+                "other: write it to a new --output)"
+                if any(d.startswith("pooled_features") for d in differ) else "")
         raise TeacherCacheError(f"--output {root}: a cache of another teacher or other data: "
-                                + "; ".join(differ))
+                                + "; ".join(differ) + hint)
     if manifest is None:        # the teacher's held-out accuracy, once
         hits = count = 0
         t = base.training

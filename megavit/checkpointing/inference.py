@@ -82,7 +82,8 @@ def load_for_inference(path: Path, tokenizer_model: str | None = None,
     rt = Runtime(tp=pstate.tp)
     tokenizer, names = None, list(info.get("classes", {}).get("names", []))
     if kind == "two-tower":
-        model, tokenizer = _two_tower(info, cfg, rt, checkpoint, tokenizer_model)
+        tokenizer = _two_tower_tokenizer(info, checkpoint, tokenizer_model)
+        model = _two_tower(info, cfg, rt, pstate.device)
     else:
         model = _image_model(kind, cfg, info, rt, pstate.device)
         if kind == "segmentation":
@@ -105,16 +106,17 @@ def load_frozen_classifier(path: Path, pstate, here: bool, what: str = "teacher"
     return _load_frozen(path, pstate, here, what, "classifier")
 
 
-def load_frozen_two_tower(path: Path, pstate, here: bool, what: str = "teacher"
-                          ) -> InferenceModel | None:
+def load_frozen_two_tower(path: Path, pstate, here: bool, what: str = "teacher",
+                          tokenizer_model: str | None = None) -> InferenceModel | None:
     """`load_frozen_classifier` for a two-tower (megavit.pretrain_contrastive) checkpoint:
     both towers, the projections and the temperature, with the tokenizer saved beside the
-    weights (InferenceModel.tokenizer, on the ranks where `here`)."""
-    return _load_frozen(path, pstate, here, what, "two-tower")
+    weights or `tokenizer_model` (InferenceModel.tokenizer, on the ranks where `here`;
+    every rank reads and checks it before the collective read)."""
+    return _load_frozen(path, pstate, here, what, "two-tower", tokenizer_model)
 
 
-def _load_frozen(path: Path, pstate, here: bool, what: str, want: str
-                 ) -> InferenceModel | None:
+def _load_frozen(path: Path, pstate, here: bool, what: str, want: str,
+                 tokenizer_model: str | None = None) -> InferenceModel | None:
     from megavit.models.transformer import Runtime
 
     checkpoint = resolve_checkpoint(path)
@@ -129,24 +131,27 @@ def _load_frozen(path: Path, pstate, here: bool, what: str, want: str
         raise CheckpointLoadError(f"{checkpoint}: the {what} has no classifier (--num-classes "
                                   "0, a feature extractor)")
     text = info.get("text", {})
-    sizes = [cfg.num_attention_heads, cfg.ffn_hidden_size] + (
-        [text["text_num_attention_heads"], text["text_ffn_hidden_size"],
-         text["make_vocab_size_divisible_by"]] if text else [])
-    if any(size % pstate.tp.size for size in sizes):
+    sizes = {"heads": cfg.num_attention_heads, "MLP width": cfg.ffn_hidden_size, **({
+        "text heads": text["text_num_attention_heads"],
+        "text MLP width": text["text_ffn_hidden_size"],
+        "--make-vocab-size-divisible-by": text["make_vocab_size_divisible_by"]}
+        if text else {})}
+    if bad := [f"{k} {v}" for k, v in sizes.items() if v % pstate.tp.size]:
         raise CheckpointLoadError(f"{checkpoint}: tensor-parallel size {pstate.tp.size} does "
-                                  f"not divide the {what}'s attention heads, MLP widths "
-                                  f"(and padded vocabulary): {', '.join(map(str, sizes))}")
+                                  f"not divide the {what}'s {', '.join(bad)}")
     check_loadable(checkpoint)
     check_pieces(checkpoint, serial_meta_model(info, 1), prefix="model/")
-    # every rank: a bad preprocessing section must stop them all, before the collective
+    # every rank: a bad preprocessing section or tokenizer must stop them all, before the
+    # collective
     pre, note = checkpoint_preprocessing(info, cfg, str(checkpoint / CONFIG_FILE))
+    tokenizer = (_two_tower_tokenizer(info, checkpoint, tokenizer_model)
+                 if kind == "two-tower" else None)
     if not here:
         load_state({}, checkpoint, pstate, f"{what} model")
         return None
-    rt, tokenizer = Runtime(tp=pstate.tp), None
+    rt = Runtime(tp=pstate.tp)
     if kind == "two-tower":
-        model, tokenizer = _two_tower(info, cfg, rt, checkpoint, None)
-        model.to(pstate.device)
+        model = _two_tower(info, cfg, rt, pstate.device)
     else:
         model = _image_model(kind, cfg, info, rt, pstate.device)
     load_state({f"model/{k}": v for k, v in model_state_dict(model, pstate).items()},
@@ -178,21 +183,33 @@ def _image_model(kind: str, cfg: ModelConfig, info: dict, rt, device) -> nn.Modu
     return model
 
 
-def _two_tower(info: dict, cfg: ModelConfig, rt, checkpoint: Path,
-               tokenizer_model: str | None) -> tuple[nn.Module, Tokenizer]:
+def _two_tower_tokenizer(info: dict, checkpoint: Path, tokenizer_model: str | None
+                         ) -> Tokenizer:
+    """The tokenizer of a two-tower checkpoint: `tokenizer_model` or the one saved beside
+    its weights, checked against the vocabulary it was trained with."""
+    text = dict(info["text"])
+    vocab = text.pop("vocab_size")
+    for key in ("pad_id", "eos_id"):
+        text.pop(key)
+    tok_path = tokenizer_model or checkpoint / TOKENIZER_FILE
+    tokenizer = load_for_text_tower(tok_path, section_from_dict(TextConfig, text))
+    if tokenizer.vocab_size != vocab:
+        raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} pieces, the checkpoint was "
+                             f"trained with {vocab}")
+    return tokenizer
+
+
+def _two_tower(info: dict, cfg: ModelConfig, rt, device="cpu") -> nn.Module:
+    """The two-tower model of the checkpoint description `info`, materialised on `device`
+    (weights to be loaded)."""
     from megavit.models.two_tower import build_two_tower
 
     text = dict(info["text"])
     vocab, pad, eos = text.pop("vocab_size"), text.pop("pad_id"), text.pop("eos_id")
     text_cfg, c = section_from_dict(TextConfig, text), info["contrastive"]
-    tok_path = tokenizer_model or checkpoint / TOKENIZER_FILE
-    tokenizer = load_for_text_tower(tok_path, text_cfg)
-    if tokenizer.vocab_size != vocab:
-        raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} pieces, the checkpoint was "
-                             f"trained with {vocab}")
-    model = build_two_tower(cfg, text_cfg, rt, rt, 0, vocab, pad, eos, c["embed_dim"],
-                            c["loss"], image_projection=c.get("image_projection", True))
-    return model, tokenizer
+    return build_two_tower(cfg, text_cfg, rt, rt, 0, vocab, pad, eos, c["embed_dim"],
+                           c["loss"], device=device,
+                           image_projection=c.get("image_projection", True))
 
 
 def at_resolution(loaded: InferenceModel, height: int, width: int) -> InferenceModel:

@@ -99,11 +99,17 @@ class SimilarityDistillationConfig:
         default=None,
         metadata=opt("A frozen two-tower teacher: a megavit.pretrain_contrastive checkpoint "
                      "(a --save directory or its iter_N/, any saved layout, its own tokenizer "
-                     "beside it; one imported with tools/import_hf.py). It runs forward only "
+                     "beside it or --teacher-tokenizer-model; one imported with "
+                     "tools/import_hf.py). It runs forward only "
                      "on the first pipeline stage at the job's tensor-parallel size on the "
                      "student's images (resized / renormalised to its preprocessing) and "
                      "captions (its own tokenizer). Adds --distill-similarity-weight x the "
                      "similarity term to the loss. Default: no teacher."))
+    teacher_tokenizer_model: str | None = field(
+        default=None,
+        metadata=opt("The teacher's sentencepiece .model file, when its checkpoint has "
+                     "none beside the weights (a CLIP imported with tools/import_hf.py); "
+                     "its vocabulary size must be the teacher's."))
     distill_similarity_weight: float = field(
         default=1.0,
         metadata=opt("Weight of the similarity term: the mean of the image-to-text and "

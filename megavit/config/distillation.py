@@ -195,8 +195,9 @@ def validate_distillation(cfg: DistillationRunConfig, world_size: int = 1) -> No
         problems.append(f"--distill-relation-weight {d.distill_relation_weight}: must be 0 or "
                         "more")
     if d.distill_cache and (d.distill_feature_pairs or d.distill_relation_pairs):
-        problems.append("--distill-cache holds the teacher's logits only: feature and "
-                        "relation pairs need the teacher online (drop --distill-cache)")
+        problems.append("--distill-cache holds the teacher's logits (and pooled features) "
+                        "only: feature and relation pairs need the teacher online (drop "
+                        "--distill-cache)")
     if d.distill_cache and not Path(d.distill_cache).is_dir():
         problems.append(f"--distill-cache {d.distill_cache}: no such directory")
     if d.distill_pooled_weight < 0:

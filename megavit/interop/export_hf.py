@@ -46,6 +46,12 @@ def export_plan(fmt: str, info: dict, cfg: ModelConfig, dtype: torch.dtype | Non
                           f"final norm) is exported as a feature model; the feature pyramid "
                           f"and decoder (neck.*, decode_head.*) have no {fmt} counterpart and "
                           "are left out")
+    distilled = info.get("distillation", {})
+    if distilled.get("feature_widths") or distilled.get("pooled_width"):
+        plan.notes.append(f"a distilled student: its projections to the teacher's widths "
+                          f"(feature_projections.*, pooled_projection.*) serve only the "
+                          f"distillation loss, have no {fmt} counterpart and are left out; "
+                          "the logits are unchanged")
     return plan
 
 

@@ -1,5 +1,6 @@
 """The offline teacher cache: the teacher's top-K logits (and, if asked, its pooled
-features) for every image a student run will see, written once (tools/cache_teacher.py) and read at any layout (`--distill-cache DIR`).
+features) for every image a student run will see, written once (tools/cache_teacher.py) and
+read at any layout (`--distill-cache DIR`).
 
 An image is keyed by its global id (iteration x global batch + position), the key of its
 augmentation draws, so a student at any TP / PP / DP layout finds its micro-batches' rows.

@@ -117,9 +117,10 @@ class DistillationTask(ClassificationTask):
             if (kind := checkpoint_kind(info)) != "classifier":
                 raise CheckpointLoadError(
                     f"--teacher-checkpoint {self.distill.teacher_checkpoint}: a {kind} "
-                    "checkpoint; megavit.distill distils classifiers (a two-tower student "
-                    "learns from a two-tower teacher with python -m "
-                    "megavit.pretrain_contrastive --teacher-checkpoint)")
+                    "checkpoint; megavit.distill distils classifiers" + (
+                        " (a two-tower student learns from a two-tower teacher with python "
+                        "-m megavit.pretrain_contrastive --teacher-checkpoint)"
+                        if kind == "two-tower" else ""))
             self.teacher_model = ModelConfig(**info["model"])
         if self.teacher_model.num_channels != cfg.model.num_channels:
             raise ConfigError(f"--teacher-checkpoint {self.distill.teacher_checkpoint}: the "

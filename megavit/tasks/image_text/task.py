@@ -42,7 +42,8 @@ from megavit.checkpointing.inference import (InferenceModel, checkpoint_kind,
 from megavit.checkpointing.model_config import config_differences, read_checkpoint_info
 from megavit.checkpointing.model_state import (CheckpointLoadError, check_loadable,
                                                load_state, model_state_dict)
-from megavit.config import Config, ContrastiveRunConfig, ModelConfig, section_to_dict
+from megavit.config import (Config, ConfigError, ContrastiveRunConfig, ModelConfig,
+                            section_to_dict)
 from megavit.data.image_text import build_image_text, image_text_batches
 from megavit.data.tokenizer import TOKENIZER_FILE
 from megavit.models.two_tower import TwoTowerModel, build_two_tower
@@ -50,7 +51,6 @@ from megavit.models.transformer import Runtime
 from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.schedules import build_schedule
 from megavit.parallel.state import ParallelState
-from megavit.config import ConfigError
 from megavit.tasks.distillation.losses import two_tower_distillation
 from megavit.tasks.distillation.task import teacher_input, teacher_reference
 from megavit.tasks.image_text.losses import ContrastiveQueue, clip_loss, siglip_loss
@@ -111,8 +111,9 @@ class ImageTextTask:
         if contrastive.image_checkpoint:
             load_image_tower(model, pstate, contrastive.image_checkpoint, base.model)
         if self.teacher_dir is not None:
-            self.teacher = load_frozen_two_tower(self.teacher_dir, pstate,
-                                                 here=layout.is_first(stage, 0))
+            self.teacher = load_frozen_two_tower(
+                self.teacher_dir, pstate, here=layout.is_first(stage, 0),
+                tokenizer_model=self.cfg.distillation.teacher_tokenizer_model)
             if self.teacher is not None:
                 self.teacher.model.to(dtype)
         return model
@@ -237,7 +238,7 @@ class ImageTextTask:
         pstate = run.pstate
         images, ids, *rest = batch      # (images, ids[, the teacher's ids])
         teacher_ids = rest[0] if rest else None
-        if self.teacher is not None and teacher_ids is None:
+        if self.teacher_dir is not None and not rest:     # every rank: none waits alone
             raise ValueError("two-tower distillation: the batch has no captions in the "
                              "teacher's tokenizer (batches() gives them as a third element)")
         n = run.sampler.global_batch_size // pstate.dp.size
