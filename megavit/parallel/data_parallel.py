@@ -61,6 +61,27 @@ class Segment:
     buffer_range: tuple[int, int]  # flat offsets within the buffers
 
 
+def bucket_layout(params: list[nn.Parameter], bucket_size: int, dp_size: int
+                  ) -> list[tuple[list[nn.Parameter], int, bool]]:
+    """How trainable `params` (in model order) are cut into buckets: (members, elements
+    padded to a multiple of `dp_size`, whether it is the TP-partial bucket), in the order
+    gradients become ready (the model's reversed), the TP-partial parameters last. A bucket
+    closes once it holds `bucket_size` elements or its group ends."""
+    ordinary = [p for p in reversed(params) if not has_partial_grad(p)]
+    partial = [p for p in reversed(params) if has_partial_grad(p)]
+    out = []
+    for group, is_partial in ((ordinary, False), (partial, True)):
+        current: list[nn.Parameter] = []
+        size = 0
+        for i, p in enumerate(group):
+            current.append(p)
+            size += p.numel()
+            if size >= bucket_size or i == len(group) - 1:
+                out.append((current, -(-size // dp_size) * dp_size, is_partial))
+                current, size = [], 0
+    return out
+
+
 class DataParallelBuffers:
     """Gradient (and, when sharded, parameter) buffers of this rank's parameters, and their
     reduction over `dp`. Call `start_step(M)` before backward of a step's M micro-batches
@@ -73,22 +94,13 @@ class DataParallelBuffers:
         self.check_finite = check_finite
         params = [(n, p) for n, p in named_params if p.requires_grad]
         self.names = {id(p): n for n, p in params}
-        ordinary = [p for _, p in reversed(params) if not has_partial_grad(p)]
-        partial = [p for _, p in reversed(params) if has_partial_grad(p)]
         self.buckets: list[Bucket] = []
         offset = 0
-        for group, is_partial in ((ordinary, False), (partial, True)):
-            current: list[nn.Parameter] = []
-            size = 0
-            for i, p in enumerate(group):
-                current.append(p)
-                size += p.numel()
-                if size >= bucket_size or i == len(group) - 1:
-                    padded = -(-size // dp.size) * dp.size
-                    self.buckets.append(Bucket(len(self.buckets), offset, offset + padded,
-                                               current, is_partial))
-                    offset += padded
-                    current, size = [], 0
+        for members, padded, is_partial in bucket_layout([p for _, p in params], bucket_size,
+                                                         dp.size):
+            self.buckets.append(Bucket(len(self.buckets), offset, offset + padded, members,
+                                       is_partial))
+            offset += padded
         self.numel = offset
         device = params[0][1].device if params else torch.device("cpu")
         self.grad_buffer = torch.zeros(offset, dtype=grad_dtype, device=device)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megavit.config import Config, ModelConfig
+from megavit.config import Config, ModelConfig, ParallelConfig
 from megavit.models.activation_memory import (ActivationSetup, carried_feature_bytes,
                                               recomputed_stack_bytes, region_input_bytes)
 from megavit.models.transformer import Runtime
@@ -64,10 +64,12 @@ class StageMemory:
 
 
 def stage_on_meta(model: ModelConfig, layout: PipelineLayout, stage: int, tp: int,
-                  tp_rank: int = 0) -> StageModel:
+                  tp_rank: int = 0, parallel: ParallelConfig | None = None) -> StageModel:
     """The part of the model that (stage, tp_rank) holds, built on the meta device (no
-    memory), as a run builds it."""
-    rt = Runtime(Group("tp", tuple(range(tp)), tp_rank, None, CommStats()))
+    memory), as a run with the `parallel` flags builds it (SP marks some gradients partial
+    over TP)."""
+    group = Group("tp", tuple(range(tp)), tp_rank, None, CommStats())
+    rt = Runtime.from_config(parallel, group, 0) if parallel is not None else Runtime(group)
     with torch.device("meta"):
         return StageModel([VisionTransformer(model, rt, layout.chunk_layers(stage, c),
                                              layout.is_first(stage, c), layout.is_last(stage, c))

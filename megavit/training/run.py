@@ -122,6 +122,11 @@ def loss_scaler(precision) -> ConstantGradScaler | DynamicGradScaler | None:
     return None
 
 
+def bucket_elements(parallel, dp_size: int) -> int:
+    """--ddp-bucket-size, or by default max(40 M, 1 M x DP) elements (Megatron's)."""
+    return parallel.ddp_bucket_size or max(40_000_000, 1_000_000 * dp_size)
+
+
 def gradient_buffers(named_params: list, cfg: Config, pstate: ParallelState
                      ) -> DataParallelBuffers:
     """The data-parallel gradient buffer of `named_params` as the parallel and precision
@@ -132,7 +137,7 @@ def gradient_buffers(named_params: list, cfg: Config, pstate: ParallelState
         else torch.float32                  # bf16 gradients always in fp32 (Megatron)
     return DataParallelBuffers(
         named_params, pstate.dp, pstate.tp, grad_dtype,
-        parallel.ddp_bucket_size or max(40_000_000, 1_000_000 * pstate.dp.size),
+        bucket_elements(parallel, pstate.dp.size),
         shard=parallel.use_distributed_optimizer, overlap=parallel.overlap_grad_reduce,
         check_finite=nan_check(precision))
 
