@@ -19,10 +19,22 @@ tensor of an all-gather / reduce-scatter), so the figures can be compared with a
     pp.all_reduce       the gradient norm's square (fp64 [1])
     pp.broadcast        the step's loss from the last stage (fp32 [1])
     world.all_reduce    the NaN / inf flag (fp32 [1]) when the check is on
+    tp.all_reduce       without SP, each block's row-parallel output forward and its
+                        column-parallel input's gradient backward, [s, b, h] (one each way
+                        for the parallel block, two for the sequential one), again for every
+                        block recomputed in backward; the MAP head's [b, h] x 2 forward and
+                        [h] + [s, b, h] + [b, h] backward; the TP-partial gradient bucket
+                        (QK-norms; norms and biases under SP); the gradient norm (fp64 [1])
+    tp.all_gather       under SP, each block's column-parallel input forward and its
+    tp.reduce_scatter   row-parallel output's gradient backward as all-gather, the output
+                        forward and the input's gradient backward as reduce-scatter, of the
+                        padded [s, b, h] (plus an all-gather per column-parallel input in
+                        backward with --sequence-parallel-regather); the embedding's scatter
+                        (an all-gather of its gradient) and the gather before the head
 
-Only groups of more than one rank communicate. Not counted yet: the TP group's collectives
-(inside the blocks and heads, the TP-partial gradient bucket, the gradient norm) and the
-bytes of carried feature maps between stages.
+Only groups of more than one rank communicate. Not counted yet: merged grids and carried
+feature maps, registers and the distillation token, and 16-bit TP messages of the MAP head
+(counted in the activation dtype).
 """
 
 from __future__ import annotations
@@ -75,8 +87,59 @@ def step_collective_bytes(cfg: Config, dp: int) -> list[dict[str, int]]:
             got["pp.broadcast"] += 4
         if nan_check(precision) and tp * pp * dp > 1:
             got["world.all_reduce"] += 4
+        if tp > 1:
+            got.update(_tensor_parallel_bytes(cfg, layout, stage, micro, sixteen))
+            partial = [n for _, n, is_partial in bucket_layout(params, bucket_elements(p, dp),
+                                                               dp) if is_partial]
+            got["tp.all_reduce"] += sum(partial) * grad_bytes + 8    # + the gradient norm
         out.append(dict(got))
     return out
+
+
+def _tensor_parallel_bytes(cfg: Config, layout, stage: int, micro: int, sixteen: bool
+                           ) -> Counter:
+    """The TP collectives of one stage's micro-batches (blocks, embedding scatter, gather
+    before the head, MAP head); the per-step partial bucket and norm are added apart."""
+    p, m = cfg.parallel, cfg.model
+    if m.patch_merge_layers or m.feature_layers or m.dropped_before_pooling:
+        raise NotImplementedError("the planner does not count TP messages of merged grids, "
+                                  "feature maps, registers or a distillation token yet")
+    t, b, h = p.tensor_model_parallel_size, cfg.training.micro_batch_size, m.hidden_size
+    elem = 2 if sixteen else 4
+    s = m.seq_length
+    sp = p.sequence_parallel
+    per_block = 1 if m.block_type == "parallel" else 2
+    message = (-(-s // t) * t if sp else s) * b * h * elem
+    got: Counter = Counter()
+    for chunk in range(layout.chunks):
+        layers = layout.chunk_layers(stage, chunk)
+        executions = 2 * len(layers) + _recomputed_blocks(cfg, layers)   # fwd, bwd, again
+        if sp:
+            got["tp.all_gather"] += micro * per_block * executions * message
+            got["tp.reduce_scatter"] += micro * per_block * executions * message
+            if p.sequence_parallel_regather:
+                got["tp.all_gather"] += micro * per_block * len(layers) * message
+        else:
+            got["tp.all_reduce"] += micro * per_block * executions * message
+        position = chunk * layout.stages + stage
+        if sp and position == 0:                              # the embedding's scatter
+            got["tp.all_gather"] += micro * message
+        if position == layout.stages * layout.chunks - 1:     # the head
+            if sp:
+                got["tp.all_gather"] += micro * message       # the gather before it
+            if m.pooling == "map":
+                got["tp.all_reduce"] += micro * (2 * b * h + h + s * b * h + b * h) * elem
+    return got
+
+
+def _recomputed_blocks(cfg: Config, layers: range) -> int:
+    """Blocks of a chunk whose forward runs again in backward (full recomputation)."""
+    p = cfg.parallel
+    if p.recompute_granularity != "full":
+        return 0
+    if p.recompute_method == "block":
+        return min(p.recompute_num_layers or 0, len(layers))
+    return len(layers)
 
 
 def _boundary_bytes(cfg: Config, sixteen: bool) -> int:
