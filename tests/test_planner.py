@@ -46,3 +46,43 @@ def test_a_users_gpu_file_is_read_and_its_mistakes_are_named(tmp_path):
         load_gpu(str(tmp_path / "none.json"))
     with pytest.raises(GpuSpecError, match="--gpu v100: not a packaged GPU"):
         load_gpu("v100")
+
+
+def test_the_pipeline_term_is_the_simulators_makespan_for_equal_stages():
+    from megavit.parallel.schedules import build_schedule, simulate
+    from megavit.planner.step_time import pipeline_makespan
+
+    for m, stages, chunks in ((8, 4, 1), (4, 2, 2), (6, 3, 2), (1, 1, 1)):
+        schedules = [build_schedule(m, stages, k, chunks) for k in range(stages)]
+        want = simulate(schedules, chunks, 1.5, 3.25).makespan
+        assert pipeline_makespan(m, stages, chunks, 1.5, 3.25) == pytest.approx(want), \
+            (m, stages, chunks)
+
+
+def test_gpt_flops_are_narayanans_equation_3():
+    """96 B s l h^2 (1 + s / 6h + V / 16 l h) with full recomputation, 72 without."""
+    from megavit.planner.step_time import gpt_shape, model_flops
+
+    B, s, l, h, V = 512, 2048, 24, 2304, 51200
+    shape = gpt_shape(l, h, 24, s, V)
+    eq3 = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    assert model_flops(shape, B, "full") == pytest.approx(eq3, rel=1e-12)
+    # without recomputation the blocks cost 72 (3 passes), the vocabulary head 6 B s h V
+    assert model_flops(shape, B) == pytest.approx(
+        72 * B * s * l * h * h * (1 + s / (6 * h)) + 6 * B * s * h * V, rel=1e-12)
+
+
+def test_the_step_model_predicts_held_out_a100_runs_within_ten_percent():
+    """benchmarks/planner_validation.py's leave-one-out check on Narayanan et al.'s Table 1:
+    each run predicted with efficiencies fitted on the other nine (the issue's target,
+    <= 10 % MAPE on data not used for fitting; the H100 table's figure is reported in
+    docs/planner.md, not asserted: it misses)."""
+    from benchmarks.planner_validation import GRID, errors, fit, mape
+    from megavit.planner.published import NARAYANAN_2021_A100
+    from megavit.planner.step_time import Efficiency
+
+    rows = NARAYANAN_2021_A100
+    table = {c: errors(rows, Efficiency(*c)) for c in GRID}
+    loo = [table[fit(table, [j for j in range(len(rows)) if j != i])][i]
+           for i in range(len(rows))]
+    assert mape(loo) <= 0.10
