@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from megavit.planner.hardware import load_gpu
+from megavit.planner.hardware import Efficiency, load_gpu
 from megavit.planner.published import TABLES, PublishedRun
-from megavit.planner.step_time import Efficiency, predict_step
+from megavit.planner.step_time import predict_step
 
 GRID = list(itertools.product(
     [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95],      # gemm_max

@@ -79,10 +79,79 @@ def test_the_step_model_predicts_held_out_a100_runs_within_ten_percent():
     docs/planner.md, not asserted: it misses)."""
     from benchmarks.planner_validation import GRID, errors, fit, mape
     from megavit.planner.published import NARAYANAN_2021_A100
-    from megavit.planner.step_time import Efficiency
+    from megavit.planner.hardware import Efficiency
 
     rows = NARAYANAN_2021_A100
     table = {c: errors(rows, Efficiency(*c)) for c in GRID}
     loo = [table[fit(table, [j for j in range(len(rows)) if j != i])][i]
            for i in range(len(rows))]
     assert mape(loo) <= 0.10
+
+
+def plan_cli(*args: str):
+    import sys
+
+    from tests import cli
+    from tests.test_checkpoint_cli import ROOT
+
+    return cli.run([sys.executable, str(ROOT / "tools" / "plan.py"), *args],
+                   capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+DEBUG = ("--preset", "vit-debug", "--num-classes", "10", "--global-batch-size", "16")
+
+
+def test_plan_evaluates_a_given_layout_with_the_planners_counts():
+    """--layout: one row whose memory is memory_per_stage's worst stage for those flags and
+    whose step time is predict_step's; --json gives the same figures."""
+    from megavit.config import parse_args
+    from megavit.planner.memory import memory_per_stage
+    from megavit.planner.search import PlannedModel
+    from megavit.planner.step_time import PlanLayout, predict_step
+
+    flags = (*DEBUG, "--num-gpus", "8", "--layout", "--tensor-model-parallel-size", "2",
+             "--pipeline-model-parallel-size", "2", "--sequence-parallel",
+             "--micro-batch-size", "2", "--use-distributed-optimizer")
+    table = plan_cli(*flags)
+    assert table.returncode == 0, table.stderr
+    assert "| 1 | 2 | 2 | 1 | 2 | on | none | 2 | on |" in table.stdout, table.stdout
+    got = [json.loads(line) for line in plan_cli(*flags, "--json").stdout.splitlines()]
+    assert len(got) == 1
+    cfg = parse_args([*DEBUG, "--tensor-model-parallel-size", "2",
+                      "--pipeline-model-parallel-size", "2", "--sequence-parallel",
+                      "--micro-batch-size", "2", "--use-distributed-optimizer", "--bf16"])
+    worst = max(memory_per_stage(cfg, dp=2), key=lambda m: m.total)
+    assert got[0]["memory_gib_per_gpu"] == pytest.approx(worst.total / 2**30, rel=1e-12)
+    step = predict_step(PlannedModel.vit(cfg).shape, PlanLayout(2, 2, 2, 1, True, "none", 2,
+                                                                16, True), load_gpu("h100-sxm"))
+    assert got[0]["step_time_s"] == pytest.approx(step.step_s, rel=1e-12)
+    assert {"step_time_s", "mfu", "memory_gib_per_gpu", "fits"} <= set(got[0])
+
+
+def test_plan_searches_ranks_and_marks_what_does_not_fit(tmp_path):
+    """The search: fitting layouts first, fastest first; on a GPU of 1 KiB nothing fits and
+    every row says so; progress lines on stderr."""
+    rows = [json.loads(line) for line in plan_cli(*DEBUG, "--num-gpus", "4", "--json",
+                                                  "--top", "1000").stdout.splitlines()]
+    assert len(rows) > 20 and all(r["fits"] for r in rows)
+    times = [r["step_time_s"] for r in rows]
+    assert times == sorted(times)
+    assert {(r["tp"], r["pp"], r["dp"]) for r in rows} >= {(1, 1, 4), (2, 2, 1), (4, 1, 1)}
+    raw = json.loads((GPU_DIR / "h100-sxm.json").read_text())
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({**raw, "name": "tiny", "memory_bytes": 2**10}))
+    proc = plan_cli(*DEBUG, "--num-gpus", "4", "--gpu", str(tiny), "--top", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 fit" in proc.stdout and proc.stdout.count("| NO |") == 3, proc.stdout
+    assert "plan | evaluated" in proc.stderr
+
+
+def test_plan_names_its_mistakes():
+    bad = plan_cli(*DEBUG, "--num-gpus", "4", "--gpu", "v100")
+    assert bad.returncode == 2 and "--gpu v100: not a packaged GPU" in bad.stderr
+    gpt = plan_cli("--model-kind", "gpt", "--num-layers", "4", "--num-gpus", "8")
+    assert gpt.returncode == 2 and "needs --seq-length and --vocab-size" in gpt.stderr
+    classes = plan_cli("--preset", "vit-debug", "--num-gpus", "8")
+    assert classes.returncode == 2 and "--num-classes" in classes.stderr
+    odd = plan_cli(*DEBUG, "--num-gpus", "6", "--layout", "--tensor-model-parallel-size", "4")
+    assert odd.returncode == 2 and "not a multiple of TP 4" in odd.stderr

@@ -17,6 +17,9 @@ Fields (every one required; bandwidths in GB/s = 1e9 bytes/s, each way, per GPU)
     intra_node_latency_us      the alpha of a message inside a node
     inter_node_latency_us      the alpha of a message between nodes
     sources                    where the figures come from
+    efficiency                 optional: the step-time model's fitted constants
+                               {"gemm_max", "gemm_half", "elementwise", "fitted_on"}
+                               (default: `Efficiency()`'s, unfitted)
 
 A file that is missing, not JSON, or lacks / mistypes a field is a `GpuSpecError` naming the
 file and the field.
@@ -41,6 +44,15 @@ class GpuSpecError(UserError):
 
 
 @dataclass(frozen=True)
+class Efficiency:
+    """The step-time model's fitted constants (megavit/planner/step_time.py)."""
+
+    gemm_max: float = 0.80        # the fraction of peak the largest GEMMs reach
+    gemm_half: float = 96.0       # the smallest GEMM dimension at half of that
+    elementwise: float = 16.0     # bytes per [token, width] element per block forward
+
+
+@dataclass(frozen=True)
 class GpuSpec:
     name: str
     description: str
@@ -52,6 +64,8 @@ class GpuSpec:
     intra_node_latency_us: float
     inter_node_latency_us: float
     sources: str
+    efficiency: Efficiency | None = None
+    efficiency_note: str = "not fitted: default constants"
 
     def peak_flops(self, precision: str) -> float:
         """Dense FLOP/s at `precision` (one of PRECISIONS)."""
@@ -116,5 +130,17 @@ def _spec(raw: dict, path: Path) -> GpuSpec:
             raise GpuSpecError(f"{path}: field 'peak_tflops.{p}' must be a positive number "
                                f"(got {value!r})")
         tflops[p] = float(value)
+    eff, note = None, "not fitted: default constants"
+    if "efficiency" in raw:
+        e = raw["efficiency"]
+        keys = ("gemm_max", "gemm_half", "elementwise")
+        if not isinstance(e, dict) or any(
+                isinstance(e.get(k), bool) or not isinstance(e.get(k), (int, float))
+                or e[k] < 0 for k in keys) or not 0 < e["gemm_max"] <= 1:
+            raise GpuSpecError(f"{path}: field 'efficiency' must give gemm_max (0..1], "
+                               "gemm_half and elementwise (numbers >= 0)")
+        eff = Efficiency(*(float(e[k]) for k in keys))
+        note = str(e.get("fitted_on", "fitted (no note)"))
     return GpuSpec(raw["name"], raw["description"], tflops,
-                   **{k: number(k) for k in _NUMBERS}, sources=raw["sources"])
+                   **{k: number(k) for k in _NUMBERS}, sources=raw["sources"],
+                   efficiency=eff, efficiency_note=note)

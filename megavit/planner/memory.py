@@ -96,9 +96,11 @@ def activation_setup(cfg: Config) -> ActivationSetup:
                            else 4)
 
 
-def memory_per_stage(cfg: Config, dp: int) -> list[StageMemory]:
+def memory_per_stage(cfg: Config, dp: int, held_cache: dict | None = None
+                     ) -> list[StageMemory]:
     """The memory of a GPU of each pipeline stage for the flags `cfg` at data-parallel size
-    `dp` (the global batch gives the micro-batches per step)."""
+    `dp` (the global batch gives the micro-batches per step). `held_cache`: a dict kept
+    across calls for the same model (a search), so each stage is built once."""
     p, precision, training = cfg.parallel, cfg.precision, cfg.training
     layout = pipeline_layout(cfg)
     tp = p.tensor_model_parallel_size
@@ -113,7 +115,12 @@ def memory_per_stage(cfg: Config, dp: int) -> list[StageMemory]:
     setup = activation_setup(cfg)
     out = []
     for stage in range(layout.stages):
-        held = held_parameters(cfg.model, layout, stage, tp)
+        key = (layout, stage, tp)
+        if held_cache is None or key not in held_cache:
+            held = held_parameters(cfg.model, layout, stage, tp)
+            if held_cache is not None:
+                held_cache[key] = held
+        held = held_cache[key] if held_cache is not None else held
         flight = in_flight(build_schedule(micro_batches, layout.stages, stage, layout.chunks))
         per_chunk = max(chunk_activation_bytes(cfg.model, setup, layout.chunk_layers(stage, c))
                         for c in range(layout.chunks))

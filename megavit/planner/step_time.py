@@ -35,8 +35,8 @@ The model, per pipeline stage and micro-batch, on one TP rank:
     optimizer      AdamW's reads and writes of parameters, gradients, masters and moments
                    over the HBM bandwidth
 
-`Efficiency` holds the three fitted constants (docs/planner.md: how they were fitted and on
-which published runs they were checked).
+`Efficiency` (hardware.py) holds the three fitted constants, per GPU in its spec file
+(docs/planner.md: how they were fitted and on which published runs they were checked).
 """
 
 from __future__ import annotations
@@ -44,14 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megavit.config import ModelConfig
-from megavit.planner.hardware import GpuSpec
-
-
-@dataclass(frozen=True)
-class Efficiency:
-    gemm_max: float = 0.80        # the fraction of peak the largest GEMMs reach
-    gemm_half: float = 96.0       # the smallest GEMM dimension at half of that
-    elementwise: float = 16.0     # bytes per [token, width] element per block forward
+from megavit.planner.hardware import Efficiency, GpuSpec
 
 
 @dataclass(frozen=True)
@@ -190,9 +183,11 @@ def pipeline_makespan(micro_batches: int, stages: int, chunks: int, forward: flo
 
 
 def predict_step(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
-                 gpus_per_node: int = 8, eff: Efficiency = Efficiency(),
+                 gpus_per_node: int = 8, eff: Efficiency | None = None,
                  precision: str = "bf16") -> StepPrediction:
-    """The predicted seconds of one training step (see the module docstring)."""
+    """The predicted seconds of one training step (see the module docstring); `eff`
+    defaults to the GPU spec's fitted constants."""
+    eff = eff or gpu.efficiency or Efficiency()
     t, pp, dp, v = layout.tp, layout.pp, layout.dp, layout.chunks
     m = layout.micro_batches
     if m < 1 or layout.global_batch % (layout.micro_batch * dp):
