@@ -155,3 +155,31 @@ def test_plan_names_its_mistakes():
     assert classes.returncode == 2 and "--num-classes" in classes.stderr
     odd = plan_cli(*DEBUG, "--num-gpus", "6", "--layout", "--tensor-model-parallel-size", "4")
     assert odd.returncode == 2 and "not a multiple of TP 4" in odd.stderr
+
+
+def test_the_gpu_check_says_there_is_no_cuda_device_and_exits_0(capsys):
+    """benchmarks/gpu_check.py on this CPU machine: one clear line, exit 0 (the check itself
+    runs where a GPU is; its megavit part, train + save + resume, runs here on vit-debug)."""
+    import torch
+
+    from benchmarks.gpu_check import gpu_spec_for, main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: run benchmarks/gpu_check.sh instead")
+    assert main([]) == 0
+    assert "gpu_check: no CUDA device" in capsys.readouterr().out
+    assert gpu_spec_for("NVIDIA H100 80GB HBM3").name == "h100-sxm"
+    assert gpu_spec_for("NVIDIA A100-SXM4-80GB").name == "a100-80gb"
+    assert gpu_spec_for("Tesla T4") is None
+
+
+def test_the_gpu_checks_megavit_run_trains_saves_and_resumes(tmp_path):
+    from benchmarks.gpu_check import megavit_run
+
+    from tests import cli
+
+    got = megavit_run("vit-debug", 8, 3, tmp_path, precision=(),   # fp32: bf16 is slow here
+                      run=lambda argv, **kw: cli.run(argv, timeout=300, **kw))
+    assert got["step_s"] > 0 and got["images_per_second"] > 0
+    assert got["save_load"], got
+    assert got["nvml"] is False and got["peak_gib"] is None      # no GPU: no NVML fields
