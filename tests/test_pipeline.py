@@ -183,3 +183,30 @@ def test_forward_only_with_fewer_micro_batches_than_stages():
     assert build_schedule(1, 4, 2, 2, forward_only=True) == [Action("F", 0, 0), Action("F", 0, 1)]
     assert [(a.micro_batch, a.chunk) for a in build_schedule(5, 2, 1, 2, forward_only=True)] == \
         [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1), (4, 0), (4, 1)]
+
+
+@pytest.mark.parametrize("P,m", [(2, 4), (3, 3), (4, 8), (4, 12), (8, 8), (8, 16)])
+def test_zero_bubble_h1_idles_as_the_paper_says_at_1f1bs_peak(P, m):
+    """schedule_zb_h1: every F, B and W once, each W after its B; the simulated idle time of
+    every stage is (P - 1)(T_F + T_B - T_W) (Qi et al. 2023) for unequal pass times too
+    (with T_W <= T_F, as the paper assumes), a third of 1F1B's when the three are equal; no
+    stage holds more activations than
+    1F1B's stage 0 (an activation held until its W)."""
+    from megavit.parallel.schedules import schedule_zb_h1
+
+    zb = [schedule_zb_h1(m, P, k) for k in range(P)]
+    for actions in zb:
+        assert sorted(actions) == sorted(Action(kind, i, 0) for kind in "FBW"
+                                         for i in range(m))
+        for i in range(m):
+            assert actions.index(Action("W", i, 0)) > actions.index(Action("B", i, 0))
+    for t_f, t_b, t_w in ((1.0, 1.0, 1.0), (1.0, 1.5, 0.8), (1.2, 1.0, 0.9)):
+        timeline = simulate(zb, 1, t_f, t_b + t_w, t_w)       # B + W = the whole backward
+        for busy in timeline.busy:
+            assert timeline.makespan - busy == pytest.approx((P - 1) * (t_f + t_b - t_w))
+    one_f_one_b = simulate([schedule_1f1b(m, P, k) for k in range(P)], 1, 1.0, 2.0)
+    equal = simulate(zb, 1, 1.0, 2.0, 1.0)
+    assert equal.makespan - equal.busy[0] == pytest.approx(
+        (one_f_one_b.makespan - one_f_one_b.busy[0]) / 3)
+    assert max(in_flight(a) for a in zb) == max(in_flight(schedule_1f1b(m, P, k))
+                                                 for k in range(P)) == min(P, m)

@@ -66,6 +66,12 @@ def test_print_schedule_tool():
                    "--pipeline-model-parallel-size", "4", "--micro-batches", "6",
                    "--virtual-stages", "2"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "multiple of --pipeline-model-parallel-size 4" in bad.stderr
+    zb = cli.run([sys.executable, str(ROOT / "tools" / "print_schedule.py"),
+                  "--pipeline-model-parallel-size", "4", "--micro-batches", "8",
+                  "--schedule", "zb-h1"], capture_output=True, text=True, timeout=60)
+    assert zb.returncode == 0, zb.stderr
+    assert all("bubble 0.111" in line for line in zb.stdout.splitlines()[:4]), zb.stdout
+    assert "theory zero bubble H1" in zb.stdout and "1F1B: 0.273" in zb.stdout
 
 
 def test_vit22b_ranks_own_exactly_the_serial_parameters():

@@ -9,6 +9,10 @@ printed, simulated and tested.
                                         backward in turn, then the remaining backwards
     schedule_interleaved(m, P, k, v)    Megatron's interleaved 1F1B over v chunks per stage
     schedule_forward_only(m, P, k, v)   every forward, in the interleaved order (evaluation)
+    schedule_zb_h1(m, P, k)             zero bubble H1 (Qi et al. 2023): each backward split
+                                        into B (input gradient) and W (weight gradient); W
+                                        passes fill 1F1B's bubble at 1F1B's memory (printed
+                                        and simulated; the executor does not run W apart yet)
 
 With P = 1 the 1F1B list is F0 B0 F1 B1 ...: plain gradient accumulation.
 
@@ -27,7 +31,7 @@ from megavit.errors import UserError
 
 
 class Action(NamedTuple):
-    kind: str         # "F" or "B"
+    kind: str         # "F", "B" or (zero bubble) "W"
     micro_batch: int
     chunk: int        # local chunk on this stage
 
@@ -98,12 +102,38 @@ def build_schedule(num_microbatches: int, stages: int, stage: int, chunks: int =
 
 def in_flight(actions: list[Action]) -> int:
     """The most (micro-batch, chunk) forwards whose backward has not run yet: how many
-    chunk-activations this stage holds at its peak."""
+    chunk-activations this stage holds at its peak (with W passes, until the W: the weight
+    gradient reads the layers' inputs)."""
+    frees = "W" if any(a.kind == "W" for a in actions) else "B"
     live = peak = 0
     for a in actions:
-        live += 1 if a.kind == "F" else -1
+        live += 1 if a.kind == "F" else -1 if a.kind == frees else 0
         peak = max(peak, live)
     return peak
+
+
+def schedule_zb_h1(num_microbatches: int, stages: int, stage: int) -> list[Action]:
+    """Zero bubble H1 (Qi et al. 2023) for stage k: each backward split into B (the input
+    gradient, which the previous stage waits for) and W (the weight gradient, which nobody
+    waits for). Warm-up: P - k forwards; then per micro-batch i: B_i, W_{i-k} (stage k
+    puts off k weight gradients, so its B passes reach the earlier stages sooner), and the
+    next forward while any is left; the k W passes put off run at the end, where 1F1B's
+    stage would wait. A micro-batch's activations are held until its W, so every stage
+    holds at most P of them: 1F1B's peak (stage 0's). With T_W <= T_F the idle time per
+    stage is (P - 1)(T_F + T_B - T_W), a third of 1F1B's (P - 1)(T_F + T_B + T_W) when the
+    three are equal (`simulate` shows it; a test checks it)."""
+    m = num_microbatches
+    warmup = min(stages - stage, m)
+    actions = [Action("F", i, 0) for i in range(warmup)]
+    forwards = warmup
+    for i in range(m):
+        actions.append(Action("B", i, 0))
+        if i >= stage:
+            actions.append(Action("W", i - stage, 0))
+        if forwards < m:
+            actions.append(Action("F", forwards, 0))
+            forwards += 1
+    return actions + [Action("W", i, 0) for i in range(max(m - stage, 0), m)]
 
 
 @dataclass
@@ -119,12 +149,18 @@ class Timeline:
 
 
 def simulate(schedules: list[list[Action]], chunks: int = 1, forward_time: float = 1.0,
-             backward_time: float = 2.0) -> Timeline:
+             backward_time: float = 2.0, weight_time: float | None = None) -> Timeline:
     """Time the stages' action lists: an action starts when its stage is free and its input
-    exists (the previous chunk's forward of that micro-batch; the next chunk's backward).
-    Chunk g of the model is local chunk g // P of stage g % P."""
+    exists (the previous chunk's forward of that micro-batch; the next chunk's backward; a
+    W its own B). Chunk g of the model is local chunk g // P of stage g % P. With W passes
+    in the lists, a B takes backward_time - weight_time and a W weight_time (default: half
+    the backward each)."""
     P = len(schedules)
     f, b = forward_time / chunks, backward_time / chunks
+    w = 0.0
+    if any(a.kind == "W" for stage in schedules for a in stage):
+        w = (backward_time / 2 if weight_time is None else weight_time) / chunks
+        b -= w
     done: dict[tuple[str, int, int], float] = {}          # (kind, micro-batch, global chunk)
     clock, pos = [0.0] * P, [0] * P
     slots: list[list[tuple[float, float, Action]]] = [[] for _ in range(P)]
@@ -139,12 +175,14 @@ def simulate(schedules: list[list[Action]], chunks: int = 1, forward_time: float
             g = a.chunk * P + k
             if a.kind == "F":
                 dep = ("F", a.micro_batch, g - 1) if g > 0 else None
+            elif a.kind == "W":
+                dep = ("B", a.micro_batch, g)
             else:
                 dep = ("B", a.micro_batch, g + 1) if g < total_chunks - 1 else ("F", a.micro_batch, g)
             if dep is not None and dep not in done:
                 continue
             start = max(clock[k], done.get(dep, 0.0) if dep else 0.0)
-            end = start + (f if a.kind == "F" else b)
+            end = start + {"F": f, "B": b, "W": w}[a.kind]
             done[(a.kind, a.micro_batch, g)] = end
             slots[k].append((start, end, a))
             clock[k], pos[k] = end, pos[k] + 1
@@ -164,8 +202,8 @@ def theoretical_bubble(num_microbatches: int, stages: int, chunks: int = 1) -> f
 
 def format_schedule(schedules: list[list[Action]], chunks: int = 1) -> str:
     """One line per stage on a common time grid (a cell = one chunk's forward time): each
-    action spans its cells (a backward takes two, continued with "-"), "." is idle; then
-    the stage's bubble and the theory."""
+    action spans its cells (a backward takes two, continued with "-"; split into B and W,
+    one each), "." is idle; then the stage's bubble and the theory."""
     t = simulate(schedules, chunks)
     unit = 1.0 / chunks
     width = max(len(str(a)) for stage in schedules for a in stage)
@@ -180,6 +218,12 @@ def format_schedule(schedules: list[list[Action]], chunks: int = 1) -> str:
         row = " ".join(c.ljust(width) for c in cells)
         lines.append(f"stage {k}: {row}   bubble {t.bubble[k]:.3f}")
     m = sum(1 for a in schedules[0] if a.kind == "F") // chunks
-    lines.append(f"theory (P-1)/(v*m+P-1) = {theoretical_bubble(m, len(schedules), chunks):.3f}"
-                 f" (P={len(schedules)}, v={chunks}, m={m})")
+    P = len(schedules)
+    if any(a.kind == "W" for a in schedules[0]):      # F = B = W = one cell
+        lines.append(f"theory zero bubble H1: (P-1)(F+B-W) / ((P-1)(F+B-W) + m(F+B+W)) = "
+                     f"{(P - 1) / (P - 1 + 3 * m):.3f} (P={P}, m={m}; 1F1B: "
+                     f"{theoretical_bubble(m, P):.3f})")
+        return "\n".join(lines)
+    lines.append(f"theory (P-1)/(v*m+P-1) = {theoretical_bubble(m, P, chunks):.3f}"
+                 f" (P={P}, v={chunks}, m={m})")
     return "\n".join(lines)
