@@ -114,7 +114,7 @@ def test_plan_evaluates_a_given_layout_with_the_planners_counts():
              "--micro-batch-size", "2", "--use-distributed-optimizer")
     table = plan_cli(*flags)
     assert table.returncode == 0, table.stderr
-    assert "| 1 | 2 | 2 | 1 | 2 | on | none | 2 | on |" in table.stdout, table.stdout
+    assert "| 1 | 2 | 2 | 1 | 2 | on | none | 2 | ZeRO-1 |" in table.stdout, table.stdout
     got = [json.loads(line) for line in plan_cli(*flags, "--json").stdout.splitlines()]
     assert len(got) == 1
     cfg = parse_args([*DEBUG, "--tensor-model-parallel-size", "2",
@@ -183,3 +183,29 @@ def test_the_gpu_checks_megavit_run_trains_saves_and_resumes(tmp_path):
     assert got["step_s"] > 0 and got["images_per_second"] > 0
     assert got["save_load"], got
     assert got["nvml"] is False and got["peak_gib"] is None      # no GPU: no NVML fields
+
+
+def test_full_sharding_on_paper_shards_the_state_and_pays_gathers():
+    """With full sharding (FSDP, on paper) the parameters, gradients and optimizer state
+    are 1/DP shards plus two gathered blocks' parameters and one block's fp32 gradients,
+    the optimizer state below ZeRO-1's; the search lists such layouts only when asked."""
+    from megavit.config import parse_args
+    from megavit.planner.search import PlannedModel, layouts, memory_of
+    from megavit.planner.step_time import PlanLayout, predict_step
+
+    model = PlannedModel.vit(parse_args(list(DEBUG)))
+    zero1 = PlanLayout(1, 1, 4, micro_batch=2, global_batch=16, distributed_optimizer=True)
+    full = PlanLayout(1, 1, 4, micro_batch=2, global_batch=16, full_sharding=True)
+    plain = memory_of(model, PlanLayout(1, 1, 4, micro_batch=2, global_batch=16))
+    sharded = memory_of(model, full)
+    held = plain["parameters"] / 2                             # bf16: 2 bytes each
+    unit = held / model.shape.layers
+    assert sharded["parameters"] == pytest.approx(held * 2 / 4 + 2 * unit * 2)
+    assert sharded["gradients"] == pytest.approx(held * 4 / 4 + unit * 4)
+    assert sharded["optimizer"] == pytest.approx(held * 12 / 4)
+    assert sharded["optimizer"] < memory_of(model, zero1)["optimizer"] * 1.0001
+    assert sharded["activations"] == plain["activations"]
+    gpu = load_gpu("h100-sxm")
+    assert predict_step(model.shape, full, gpu).parts["fsdp_exposed"] >= 0
+    assert not any(lay.full_sharding for lay in layouts(model, 4, 8, 16))
+    assert any(lay.full_sharding for lay in layouts(model, 4, 8, 16, full_sharding=True))

@@ -50,6 +50,10 @@ def main(argv=None) -> int:
     p.add_argument("--layout", action="store_true",
                    help="evaluate the layout the training flags give instead of searching")
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table")
+    p.add_argument("--with-full-sharding", action="store_true",
+                   help="also search full sharding (FSDP2 / ZeRO-3 over DP, one unit per "
+                        "block), on paper: megavit does not run it yet, so such rows say "
+                        "'full (on paper)'")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per layout (step_time_s, mfu, memory_gib_per_gpu, "
                         "...) instead of the table")
@@ -119,7 +123,7 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
         def progress(done: int, total: int) -> None:
             print(f"plan | evaluated {done} of {total} layouts", file=sys.stderr, flush=True)
         results = search(model, gpu, args.num_gpus, args.gpus_per_node, batch, precision,
-                         progress)
+                         progress, full_sharding=args.with_full_sharding)
         total = len(results)
         if not results:
             raise ConfigError(f"no layout of this model divides {args.num_gpus} GPUs and "
@@ -134,14 +138,14 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
     fitting = sum(c.fits for c in results)
     if not args.layout:
         print(f"plan | {total} layouts searched, {fitting} fit; the fastest {min(args.top, total)}:")
-    print("| # | TP | PP | v | DP | SP | recompute | micro | ZeRO-1 | step s | samples/s | MFU "
-          "| params | grads | optimizer | activations | total GiB | fits |")
+    print("| # | TP | PP | v | DP | SP | recompute | micro | sharding | step s | samples/s | "
+          "MFU | params | grads | optimizer | activations | total GiB | fits |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, c in enumerate(results[:args.top], 1):
         lay, mem = c.layout, {k: v / 2**30 for k, v in c.memory.items()}
         print(f"| {i} | {lay.tp} | {lay.pp} | {lay.chunks} | {lay.dp} | "
               f"{'on' if lay.sequence_parallel else 'off'} | {lay.recompute} | "
-              f"{lay.micro_batch} | {'on' if lay.distributed_optimizer else 'off'} | "
+              f"{lay.micro_batch} | {sharding(lay)} | "
               f"{c.step.step_s:.3f} | {c.samples_per_second:,.0f} | {c.mfu:.1%} | "
               f"{mem['parameters']:.1f} | {mem['gradients']:.1f} | {mem['optimizer']:.1f} | "
               f"{mem['activations']:.1f} | {mem['total']:.1f} | "
@@ -150,6 +154,12 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
     print("plan | time of #1: " + ", ".join(f"{k} {v:.3f} s" for k, v in
                                             best.step.parts.items()))
     return 0
+
+
+def sharding(layout) -> str:
+    if layout.full_sharding:
+        return "full (on paper)"
+    return "ZeRO-1" if layout.distributed_optimizer else "none"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Searched: TP (dividing the heads and the MLP width, at most a node), PP (dividin
 blocks), virtual stages (interleaved, when the micro-batches divide by PP), DP (the rest),
 micro-batch (powers of two dividing the per-rank batch), SP (at TP > 1), recomputation
 (none / selective / full) and the distributed optimizer (ZeRO-1, at DP > 1). Full sharding
-(FSDP) is not searched: megavit does not run it yet.
+(FSDP2 / ZeRO-3: parameters, gradients and optimizer state over DP, one unit per block)
+only with `full_sharding=True`: megavit does not run it yet, so by default it is left out
+of what the planner proposes; it serves comparisons on paper.
 
 Memory per GPU is the worst pipeline stage's: for a ViT `memory.memory_per_stage` (its
 counts equal a run's: tests/test_tensor_parallel.py, tests/test_pipeline_memory.py); for a
@@ -71,6 +73,7 @@ class Candidate:
                 "sequence_parallel": lay.sequence_parallel, "recompute": lay.recompute,
                 "micro_batch": lay.micro_batch, "global_batch": lay.global_batch,
                 "distributed_optimizer": lay.distributed_optimizer,
+                "full_sharding": lay.full_sharding,
                 "step_time_s": self.step.step_s, "samples_per_second": self.samples_per_second,
                 "mfu": self.mfu, "memory_gib_per_gpu": self.memory["total"] / 2**30,
                 "memory_gib": {k: v / 2**30 for k, v in self.memory.items()},
@@ -82,7 +85,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(model: PlannedModel, num_gpus: int, gpus_per_node: int, global_batch: int,
-            micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> Iterator[PlanLayout]:
+            micro_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+            full_sharding: bool = False) -> Iterator[PlanLayout]:
     """Every layout the search considers (see the module docstring)."""
     s = model.shape
     for tp in _divisors(min(s.heads, gpus_per_node)):
@@ -109,6 +113,9 @@ def layouts(model: PlannedModel, num_gpus: int, gpus_per_node: int, global_batch
                             for zero1 in ([False, True] if dp > 1 else [False]):
                                 yield PlanLayout(tp, pp, dp, chunks, sp, recompute, mb,
                                                  global_batch, zero1)
+                            if full_sharding and dp > 1:
+                                yield PlanLayout(tp, pp, dp, chunks, sp, recompute, mb,
+                                                 global_batch, full_sharding=True)
 
 
 def evaluate(model: PlannedModel, layout: PlanLayout, gpu: GpuSpec, gpus_per_node: int,
@@ -126,15 +133,31 @@ def evaluate(model: PlannedModel, layout: PlanLayout, gpu: GpuSpec, gpus_per_nod
 
 def memory_of(model: PlannedModel, layout: PlanLayout, precision: str = "bf16",
               held_cache: dict | None = None) -> dict[str, float]:
-    """Bytes per GPU on the worst pipeline stage, by component."""
+    """Bytes per GPU on the worst pipeline stage, by component. With full sharding the
+    parameters, gradients and optimizer state are 1/DP shards, plus two gathered units
+    (one block's 16-bit parameters each: the one running and the one prefetched) and one
+    unit's fp32 gradients before their reduce-scatter."""
     if model.config is not None:
-        stages = memory_per_stage(vit_config(model.config, layout, precision), layout.dp,
+        flat = dataclasses.replace(layout, distributed_optimizer=layout.distributed_optimizer
+                                   and not layout.full_sharding)
+        stages = memory_per_stage(vit_config(model.config, flat, precision), layout.dp,
                                   held_cache)
         worst = max(stages, key=lambda m: m.total)
-        return {"parameters": worst.parameters, "gradients": worst.gradients,
-                "optimizer": worst.optimizer, "activations": worst.activations,
-                "total": worst.total}
-    return gpt_memory(model.shape, layout)
+        out = {"parameters": worst.parameters, "gradients": worst.gradients,
+               "optimizer": worst.optimizer, "activations": worst.activations}
+        held = worst.held_parameters
+    else:
+        out = gpt_memory(model.shape, layout)
+        out.pop("total")
+        held = out["gradients"] / 4
+    if layout.full_sharding:
+        unit = held / max(model.shape.layers // layout.pp, 1)
+        d = layout.dp
+        out = {"parameters": out["parameters"] / d + 2 * unit * 2,
+               "gradients": out["gradients"] / d + unit * 4,
+               "optimizer": held * 12 / d, "activations": out["activations"]}
+    out["total"] = sum(out.values())
+    return out
 
 
 def vit_config(cfg: Config, layout: PlanLayout, precision: str = "bf16") -> Config:
@@ -188,10 +211,13 @@ def gpt_memory(shape: TransformerShape, layout: PlanLayout) -> dict[str, float]:
 
 def search(model: PlannedModel, gpu: GpuSpec, num_gpus: int, gpus_per_node: int,
            global_batch: int, precision: str = "bf16",
-           progress: Callable[[int, int], None] | None = None) -> list[Candidate]:
+           progress: Callable[[int, int], None] | None = None,
+           full_sharding: bool = False) -> list[Candidate]:
     """Every layout's prediction, fastest first (those that fit before those that do not).
-    `progress(done, total)` is called every 500 layouts."""
-    todo = list(layouts(model, num_gpus, gpus_per_node, global_batch))
+    `progress(done, total)` is called every 500 layouts; `full_sharding` adds the FSDP
+    layouts (on paper)."""
+    todo = list(layouts(model, num_gpus, gpus_per_node, global_batch,
+                        full_sharding=full_sharding))
     held: dict = {}        # each stage of each (TP, PP, v) built once
 
     def cached_memory(m: PlannedModel, lay: PlanLayout, prec: str) -> dict[str, float]:

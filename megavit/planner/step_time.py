@@ -32,6 +32,12 @@ The model, per pipeline stage and micro-batch, on one TP rank:
                    reduce-scatter + the parameters' all-gather with the distributed
                    optimizer): with overlap, only what outlasts the last micro-batch's
                    backward is exposed; the all-gather after the optimizer is exposed
+    full sharding  (FSDP2 / ZeRO-3, on paper: megavit does not run it yet) one unit per
+                   block: its parameters all-gathered before its forward and again before
+                   its backward in every micro-batch (resharded after forward), its
+                   gradients reduce-scattered (fp32) in the last micro-batch's backward;
+                   each prefetched under the previous block's compute, so only what
+                   outlasts it is exposed
     optimizer      AdamW's reads and writes of parameters, gradients, masters and moments
                    over the HBM bandwidth
 
@@ -97,6 +103,7 @@ class PlanLayout:
     micro_batch: int = 1
     global_batch: int = 1
     distributed_optimizer: bool = False
+    full_sharding: bool = False      # FSDP / ZeRO-3 over DP (megavit does not run it yet)
     overlap_grad_reduce: bool = True
     bytes_per_element: int = 2       # activations and parameters (bf16 / fp16: 2)
 
@@ -207,12 +214,29 @@ def predict_step(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
         alpha, beta = gpu.link(inter_node=t * dp >= gpus_per_node)
         tokens = -(-shape.seq // t) if layout.sequence_parallel else shape.seq
         p2p = v * (alpha + tokens * b * shape.hidden * p * beta)
+    fsdp = fsdp_last = 0.0
+    if layout.full_sharding and dp > 1:
+        # one unit per block: its parameters gathered before its forward and its backward,
+        # its gradients scattered in the last micro-batch's backward; prefetched under the
+        # block before, so only what outlasts a block's compute is exposed
+        alpha, beta = gpu.link(inter_node=t * dp > gpus_per_node)
+        unit = shape.parameters / (t * pp * shape.layers)        # one block's, per rank
+        gather = _ring("all_gather", unit * p, dp, alpha, beta)
+        scatter = _ring("reduce_scatter", unit * 4, dp, alpha, beta)
+        wait_fwd = layers_per_stage * max(0.0, gather - fwd - comm)
+        wait_bwd = layers_per_stage * max(0.0, gather - bwd - comm)
+        fsdp_last = layers_per_stage * max(0.0, gather + scatter - bwd - comm) - wait_bwd
+        stage_fwd += wait_fwd
+        stage_bwd += wait_bwd
+        fsdp = m * (wait_fwd + wait_bwd) + fsdp_last
     pipeline = pipeline_makespan(m, pp, v, stage_fwd + p2p, stage_bwd + p2p)
     # DP: the stage's gradients (fp32) reduced, overlapped with the last backward
     params_per_rank = shape.parameters / (t * pp)
     alpha, beta = gpu.link(inter_node=t * dp > gpus_per_node)
     exposed = gather = 0.0
-    if dp > 1:
+    if layout.full_sharding and dp > 1:
+        exposed = fsdp_last                  # the last micro-batch's gradient scatter
+    elif dp > 1:
         grads = params_per_rank * 4
         if layout.distributed_optimizer:
             reduce = _ring("reduce_scatter", grads, dp, alpha, beta)
@@ -221,11 +245,13 @@ def predict_step(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
             reduce = _ring("all_reduce", grads, dp, alpha, beta)
         window = stage_bwd / v if layout.overlap_grad_reduce else 0.0
         exposed = max(0.0, reduce - window)
-    shards = dp if layout.distributed_optimizer else 1
-    # AdamW: read/write params (p), read grads (4), read/write masters (4) and moments (8)
-    optimizer = params_per_rank * (2 * p + 4 + (2 * 4 + 2 * 8) / shards) / gpu.memory_bandwidth
+    shards = dp if layout.distributed_optimizer or layout.full_sharding else 1
+    # AdamW: read/write params (p), read grads (4), read/write masters (4) and moments (8);
+    # with full sharding all of them are shards
+    optimizer = params_per_rank * ((2 * p + 4) / (dp if layout.full_sharding else 1)
+                                   + (2 * 4 + 2 * 8) / shards) / gpu.memory_bandwidth
     parts = {"pipeline": pipeline, "dp_exposed": exposed, "param_gather": gather,
              "optimizer": optimizer,
              "bubble": pipeline - m * (stage_fwd + stage_bwd + 2 * p2p),
-             "tp_comm": m * 2 * layers_per_stage * comm}
+             "tp_comm": m * 2 * layers_per_stage * comm, "fsdp_exposed": fsdp}
     return StepPrediction(pipeline + exposed + gather + optimizer, parts)
