@@ -124,6 +124,14 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
+        import shutil
+
+        if shutil.which("nvidia-smi") or torch.version.cuda is not None:
+            print(f"gpu_check: error: this machine has a GPU driver but torch "
+                  f"{torch.__version__} sees no CUDA device (CUDA build: "
+                  f"{torch.version.cuda}); run it with a CUDA build of torch, e.g. "
+                  "PYTHON=.venv-timm/bin/python bash benchmarks/gpu_check.sh", file=sys.stderr)
+            return 1
         print("gpu_check: no CUDA device on this machine: nothing to check (run it where "
               "torch.cuda.is_available() is True)")
         return 0
@@ -144,6 +152,7 @@ def main(argv=None) -> int:
             cfg = parse_args(["--preset", preset, "--num-classes", "1000"]).model
             ours = megavit_run(preset, batch, args.steps, Path(tmp))
             theirs = timm_step(cfg, batch, args.steps)
+            torch.cuda.empty_cache()         # timm's cached blocks, before the next run
             flops = vit_flops(cfg, batch)
             mfu = (flops / ours["step_s"] / spec.peak_flops("bf16")) if spec else None
             rows.append((preset, batch, ours, theirs, mfu, predicted_gib(preset, batch)))

@@ -155,6 +155,9 @@ def test_plan_names_its_mistakes():
     assert classes.returncode == 2 and "--num-classes" in classes.stderr
     odd = plan_cli(*DEBUG, "--num-gpus", "6", "--layout", "--tensor-model-parallel-size", "4")
     assert odd.returncode == 2 and "not a multiple of TP 4" in odd.stderr
+    block = plan_cli(*DEBUG, "--num-gpus", "4", "--layout", "--recompute-granularity", "full",
+                     "--recompute-method", "block", "--recompute-num-layers", "1")
+    assert block.returncode == 2 and "every block on its own" in block.stderr
 
 
 def test_the_gpu_check_says_there_is_no_cuda_device_and_exits_0(capsys):
@@ -185,27 +188,36 @@ def test_the_gpu_checks_megavit_run_trains_saves_and_resumes(tmp_path):
     assert got["nvml"] is False and got["peak_gib"] is None      # no GPU: no NVML fields
 
 
-def test_full_sharding_on_paper_shards_the_state_and_pays_gathers():
+def test_full_sharding_on_paper_shards_the_state_and_pays_gathers(tmp_path):
     """With full sharding (FSDP, on paper) the parameters, gradients and optimizer state
-    are 1/DP shards plus two gathered blocks' parameters and one block's fp32 gradients,
-    the optimizer state below ZeRO-1's; the search lists such layouts only when asked."""
+    are 1/DP shards plus two gathered blocks' parameters and one block's fp32 gradients
+    (the same unit the time model gathers, also under PP); the gathers cost time only
+    where the network is slower than a block's compute; the search lists such layouts only
+    when asked."""
     from megavit.config import parse_args
     from megavit.planner.search import PlannedModel, layouts, memory_of
-    from megavit.planner.step_time import PlanLayout, predict_step
+    from megavit.planner.step_time import PlanLayout, fsdp_unit, predict_step
 
-    model = PlannedModel.vit(parse_args(list(DEBUG)))
-    zero1 = PlanLayout(1, 1, 4, micro_batch=2, global_batch=16, distributed_optimizer=True)
-    full = PlanLayout(1, 1, 4, micro_batch=2, global_batch=16, full_sharding=True)
-    plain = memory_of(model, PlanLayout(1, 1, 4, micro_batch=2, global_batch=16))
-    sharded = memory_of(model, full)
-    held = plain["parameters"] / 2                             # bf16: 2 bytes each
-    unit = held / model.shape.layers
-    assert sharded["parameters"] == pytest.approx(held * 2 / 4 + 2 * unit * 2)
-    assert sharded["gradients"] == pytest.approx(held * 4 / 4 + unit * 4)
-    assert sharded["optimizer"] == pytest.approx(held * 12 / 4)
-    assert sharded["optimizer"] < memory_of(model, zero1)["optimizer"] * 1.0001
-    assert sharded["activations"] == plain["activations"]
-    gpu = load_gpu("h100-sxm")
-    assert predict_step(model.shape, full, gpu).parts["fsdp_exposed"] >= 0
+    model = PlannedModel.vit(parse_args([*DEBUG, "--num-layers", "4"]))
+    for pp in (1, 2):
+        full = PlanLayout(1, pp, 4, micro_batch=2, global_batch=16, full_sharding=True)
+        plain = memory_of(model, PlanLayout(1, pp, 4, micro_batch=2, global_batch=16))
+        sharded = memory_of(model, full)
+        held = plain["parameters"] / 2                         # bf16: 2 bytes each
+        unit = fsdp_unit(model.shape, 1)
+        assert unit == pytest.approx(model.shape.parameters / 4)
+        assert sharded["parameters"] == pytest.approx(held * 2 / 4 + 2 * unit * 2)
+        assert sharded["gradients"] == pytest.approx(held * 4 / 4 + unit * 4)
+        assert sharded["optimizer"] == pytest.approx(held * 12 / 4)
+        assert sharded["activations"] == plain["activations"]
+    raw = json.loads((GPU_DIR / "h100-sxm.json").read_text())
+    slow, fast = tmp_path / "slow.json", tmp_path / "fast.json"
+    slow.write_text(json.dumps({**raw, "name": "slow", "intra_node_bandwidth_gbps": 1e-3,
+                                "inter_node_bandwidth_gbps": 1e-3}))
+    fast.write_text(json.dumps({**raw, "name": "fast", "intra_node_latency_us": 1e-9,
+                                "intra_node_bandwidth_gbps": 1e9}))
+    full = PlanLayout(1, 2, 4, micro_batch=2, global_batch=16, full_sharding=True)
+    assert predict_step(model.shape, full, load_gpu(str(slow))).parts["fsdp_exposed"] > 0.1
+    assert predict_step(model.shape, full, load_gpu(str(fast))).parts["fsdp_exposed"] == 0.0
     assert not any(lay.full_sharding for lay in layouts(model, 4, 8, 16))
     assert any(lay.full_sharding for lay in layouts(model, 4, 8, 16, full_sharding=True))

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--with-full-sharding", action="store_true",
                    help="also search full sharding (FSDP2 / ZeRO-3 over DP, one unit per "
                         "block), on paper: megavit does not run it yet, so such rows say "
-                        "'full (on paper)'")
+                        "'full (on paper)'; with --layout, plan that layout fully sharded")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per layout (step_time_s, mfu, memory_gib_per_gpu, "
                         "...) instead of the table")
@@ -107,13 +107,23 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
                               f"PP {pp}")
         if par.recompute_granularity == "auto":
             raise ConfigError("--recompute-granularity auto: plan none, selective or full")
+        if par.recompute_granularity == "full" and (par.recompute_method == "block" or
+                                                    (par.recompute_num_layers or 1) > 1):
+            raise ConfigError("--recompute-method / --recompute-num-layers: the planner "
+                              "models full recomputation of every block on its own "
+                              "(--recompute-method uniform --recompute-num-layers 1)")
+        if (par.num_layers_in_first_pipeline_stage is not None
+                or par.num_layers_in_last_pipeline_stage is not None):
+            raise ConfigError("--num-layers-in-first/last-pipeline-stage: the planner "
+                              "plans even splits only")
         dp = args.num_gpus // (tp * pp)
         chunks = (model.shape.layers // pp // par.num_layers_per_virtual_pipeline_stage
                   if par.num_layers_per_virtual_pipeline_stage else 1)
         layout = PlanLayout(tp, pp, dp, chunks, par.sequence_parallel and tp > 1,
                             par.recompute_granularity or "none",
                             cfg.training.micro_batch_size, batch,
-                            par.use_distributed_optimizer)
+                            par.use_distributed_optimizer and not args.with_full_sharding,
+                            full_sharding=args.with_full_sharding and dp > 1)
         if batch % (layout.micro_batch * dp):
             raise ConfigError(f"--global-batch-size {batch} is not a multiple of "
                               f"--micro-batch-size {layout.micro_batch} x DP {dp}")

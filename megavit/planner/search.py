@@ -33,7 +33,8 @@ from megavit.parallel.schedules import build_schedule, in_flight
 from megavit.planner.hardware import GpuSpec
 from megavit.planner.memory import memory_per_stage
 from megavit.planner.step_time import (PlanLayout, StepPrediction, TransformerShape,
-                                       gpt_shape, model_flops, predict_step, vit_shape)
+                                       fsdp_unit, gpt_shape, model_flops, predict_step,
+                                       vit_shape)
 from megavit.training.optimizer import formula_bytes_per_parameter
 
 MEMORY_FRACTION = 0.9
@@ -151,7 +152,7 @@ def memory_of(model: PlannedModel, layout: PlanLayout, precision: str = "bf16",
         out.pop("total")
         held = out["gradients"] / 4
     if layout.full_sharding:
-        unit = held / max(model.shape.layers // layout.pp, 1)
+        unit = fsdp_unit(model.shape, layout.tp)
         d = layout.dp
         out = {"parameters": out["parameters"] / d + 2 * unit * 2,
                "gradients": out["gradients"] / d + unit * 4,

@@ -35,9 +35,9 @@ The model, per pipeline stage and micro-batch, on one TP rank:
     full sharding  (FSDP2 / ZeRO-3, on paper: megavit does not run it yet) one unit per
                    block: its parameters all-gathered before its forward and again before
                    its backward in every micro-batch (resharded after forward), its
-                   gradients reduce-scattered (fp32) in the last micro-batch's backward;
-                   each prefetched under the previous block's compute, so only what
-                   outlasts it is exposed
+                   gradients reduce-scattered (fp32) after its backward in every
+                   micro-batch; each prefetched under the previous block's compute, so
+                   only what outlasts it is exposed
     optimizer      AdamW's reads and writes of parameters, gradients, masters and moments
                    over the HBM bandwidth
 
@@ -180,6 +180,12 @@ def block_times(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
     return forward, backward, comm
 
 
+def fsdp_unit(shape: TransformerShape, tp: int) -> float:
+    """Parameters of one full-sharding unit (a block) on one TP rank, before sharding over
+    DP: what is gathered before its forward and backward."""
+    return shape.parameters / (tp * shape.layers)
+
+
 def pipeline_makespan(micro_batches: int, stages: int, chunks: int, forward: float,
                       backward: float) -> float:
     """Seconds of m micro-batches through P equal stages of `forward` / `backward` seconds
@@ -214,29 +220,27 @@ def predict_step(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
         alpha, beta = gpu.link(inter_node=t * dp >= gpus_per_node)
         tokens = -(-shape.seq // t) if layout.sequence_parallel else shape.seq
         p2p = v * (alpha + tokens * b * shape.hidden * p * beta)
-    fsdp = fsdp_last = 0.0
+    fsdp = 0.0
     if layout.full_sharding and dp > 1:
         # one unit per block: its parameters gathered before its forward and its backward,
-        # its gradients scattered in the last micro-batch's backward; prefetched under the
-        # block before, so only what outlasts a block's compute is exposed
+        # its gradients reduce-scattered after its backward in every micro-batch (FSDP2's
+        # default; memory_of charges one unsharded unit of gradients, no more); each
+        # prefetched under the block before, so only what outlasts a block's compute shows
         alpha, beta = gpu.link(inter_node=t * dp > gpus_per_node)
-        unit = shape.parameters / (t * pp * shape.layers)        # one block's, per rank
+        unit = fsdp_unit(shape, t)
         gather = _ring("all_gather", unit * p, dp, alpha, beta)
         scatter = _ring("reduce_scatter", unit * 4, dp, alpha, beta)
         wait_fwd = layers_per_stage * max(0.0, gather - fwd - comm)
-        wait_bwd = layers_per_stage * max(0.0, gather - bwd - comm)
-        fsdp_last = layers_per_stage * max(0.0, gather + scatter - bwd - comm) - wait_bwd
+        wait_bwd = layers_per_stage * max(0.0, gather + scatter - bwd - comm)
         stage_fwd += wait_fwd
         stage_bwd += wait_bwd
-        fsdp = m * (wait_fwd + wait_bwd) + fsdp_last
+        fsdp = m * (wait_fwd + wait_bwd)
     pipeline = pipeline_makespan(m, pp, v, stage_fwd + p2p, stage_bwd + p2p)
     # DP: the stage's gradients (fp32) reduced, overlapped with the last backward
     params_per_rank = shape.parameters / (t * pp)
     alpha, beta = gpu.link(inter_node=t * dp > gpus_per_node)
     exposed = gather = 0.0
-    if layout.full_sharding and dp > 1:
-        exposed = fsdp_last                  # the last micro-batch's gradient scatter
-    elif dp > 1:
+    if dp > 1 and not layout.full_sharding:     # (full sharding's is in the stages)
         grads = params_per_rank * 4
         if layout.distributed_optimizer:
             reduce = _ring("reduce_scatter", grads, dp, alpha, beta)
