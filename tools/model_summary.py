@@ -26,17 +26,9 @@ import torch
 from megavit.config import PRESETS, flag_names, parse_args, validate
 from megavit.errors import UserError
 from megavit.models.transformer import Runtime
-from megavit.models.vit import StageModel, VisionTransformer, vit_flops
+from megavit.models.vit import VisionTransformer, vit_flops
 from megavit.parallel.comm import CommStats, Group
-
-
-def stage_on_meta(model_cfg, layout, stage: int, tp: int, tp_rank: int) -> StageModel:
-    """The part of the model that (stage, tp_rank) holds, on the meta device."""
-    rt = Runtime(Group("tp", tuple(range(tp)), tp_rank, None, CommStats()))
-    with torch.device("meta"):
-        return StageModel([VisionTransformer(model_cfg, rt, layout.chunk_layers(stage, c),
-                                             layout.is_first(stage, c), layout.is_last(stage, c))
-                           for c in range(layout.chunks)])
+from megavit.planner.memory import stage_on_meta
 
 
 def rank_counts(model_cfg, layout, tp: int) -> list[dict]:

@@ -113,14 +113,13 @@ def memory_per_stage(cfg: Config, dp: int, held_cache: dict | None = None
         - param_bytes - grad_bytes
     micro_batches = training.global_batch_size // (training.micro_batch_size * dp)
     setup = activation_setup(cfg)
+    cache = held_cache if held_cache is not None else {}
     out = []
     for stage in range(layout.stages):
         key = (layout, stage, tp)
-        if held_cache is None or key not in held_cache:
-            held = held_parameters(cfg.model, layout, stage, tp)
-            if held_cache is not None:
-                held_cache[key] = held
-        held = held_cache[key] if held_cache is not None else held
+        if key not in cache:
+            cache[key] = held_parameters(cfg.model, layout, stage, tp)
+        held = cache[key]
         flight = in_flight(build_schedule(micro_batches, layout.stages, stage, layout.chunks))
         per_chunk = max(chunk_activation_bytes(cfg.model, setup, layout.chunk_layers(stage, c))
                         for c in range(layout.chunks))

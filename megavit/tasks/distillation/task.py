@@ -269,15 +269,20 @@ class DistillationTask(ClassificationTask):
         """The teacher's logits [m, C] (float32) of the student's images [m, c, H, W]."""
         return self.teacher_targets(images, dtype, features=False)
 
+    def teacher_view(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The student's images on the teacher's device, in `dtype`, as the teacher was
+        trained to read them (`teacher_input`)."""
+        device = next(self.teacher.model.parameters()).device
+        return teacher_input(images.to(device, dtype), self.train_set.preprocessing,
+                             self.teacher.preprocessing)
+
     def teacher_logits_and_pooled(self, images: torch.Tensor, dtype: torch.dtype
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's logits [m, C] and pooled features [m, w_p] (float32) of the
         student's images, from one pass (tools/cache_teacher.py --pooled-features)."""
-        device = next(self.teacher.model.parameters()).device
-        x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
-                          self.teacher.preprocessing)
         pooled: list[torch.Tensor] = []
-        logits, _ = self.teacher.model.output_and_intermediates(x, [], pooled=pooled)
+        logits, _ = self.teacher.model.output_and_intermediates(
+            self.teacher_view(images, dtype), [], pooled=pooled)
         return logits.float(), pooled[0].float()
 
     def teacher_targets(self, images: torch.Tensor, dtype: torch.dtype,
@@ -287,9 +292,7 @@ class DistillationTask(ClassificationTask):
         to the student block's grid, as [m, H_s, W_s, w_t] flattened, and each relation
         pair's teacher q, k, v of this TP rank as [m, L, 3 h_t / t] flattened:
         [m, C + w_p + sum(feature_sizes) + sum(relation_sizes)] float32."""
-        device = next(self.teacher.model.parameters()).device
-        x = teacher_input(images.to(device, dtype), self.train_set.preprocessing,
-                          self.teacher.preprocessing)
+        x = self.teacher_view(images, dtype)
         pooled: list[torch.Tensor] | None = [] if features and self.pooled_width else None
         if features and (self.pairs or pooled is not None):
             logits, maps = self.teacher.model.output_and_intermediates(
