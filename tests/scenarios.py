@@ -7,6 +7,7 @@ the tests can call it with `serial_state()` for the reference.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config
 from megavit.models.transformer import (ForwardContext, MAPHead, ParallelBlock, Runtime,
                                         SequentialBlock)
+from megavit.parallel.full_sharding import CollectiveBytes, local_numel as local_tensor_numel
 from megavit.parallel.sharding import full_state, initialize_parameters
 from megavit.parallel.state import ParallelState, serial_state
 from megavit.tasks.classification import classification_run
@@ -62,16 +64,20 @@ def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2,
     out: dict[str, Any] = {"loss": [], "grad_norm": [], "grads": [],
                            "initial": uncounted(pstate, full_state, run.model, pstate.tp)}
     pstate.stats.reset()
+    # FSDP2's collectives (--data-parallel-sharding-strategy full) bypass the counting layer
+    fsdp = CollectiveBytes(pstate.stats, pstate.dp) if run.buffers.strategy == "full" else nullcontext()
     for it, micro in enumerate(run.batches(0, steps)):
-        result = run.step(it, micro, on_gradients=lambda m: out["grads"].append(
-            uncounted(pstate, lambda: full_state(m, pstate.tp, grads=run.buffers.full_grads()))))
+        with fsdp:
+            result = run.step(it, micro, on_gradients=lambda m: out["grads"].append(
+                uncounted(pstate, lambda: full_state(m, pstate.tp,
+                                                     grads=run.buffers.full_grads()))))
         out["loss"].append(result.loss.item())
         out["grad_norm"].append(result.grad_norm.item())
     out["comm"] = pstate.stats.snapshot()   # the training steps' collectives only
     out["comm_bytes"] = pstate.stats.bytes_snapshot()
     # what the planner predicts (megavit/planner/memory.py): held parameters, and the
     # measured bytes per trained parameter after the optimizer's state exists
-    out["held_parameters"] = sum(p.numel() for p in run.model.parameters())
+    out["held_parameters"] = sum(local_tensor_numel(p) for p in run.model.parameters())
     out["bytes_per_parameter"] = run.optimizer.bytes_per_parameter()
     out["weights"] = uncounted(pstate, full_state, run.model, pstate.tp)
     return out

@@ -53,7 +53,8 @@ def interrupted_and_straight(pstate: ParallelState, path: str, parallel: dict,
     (2, 1, 1, {"use_distributed_optimizer": True, "overlap_grad_reduce": True,
                "ddp_bucket_size": 3000}, None),
     (2, 2, 1, {}, DROPOUT),          # dropout: the RNG streams are part of the state
-], ids=["tp2_pp2", "dp2_distopt", "tp2_dropout"])
+    (4, 2, 1, {"sequence_parallel": True, "data_parallel_sharding_strategy": "full"}, None),
+], ids=["tp2_pp2", "dp2_distopt", "tp2_dropout", "tp2_dp2_sp_full"])
 def test_resume_is_bitwise_exact(tmp_path, world, tp, pp, parallel, model):
     results = run_distributed(world, tp, {"r": (interrupted_and_straight,
                                                 (str(tmp_path / "state"), parallel, model))},
@@ -81,11 +82,14 @@ def continue_two(pstate: ParallelState, path: str, parallel: dict, layers: int) 
 @pytest.mark.parametrize("world,pp,parallel,layers", [
     (2, 1, {"use_distributed_optimizer": True, "ddp_bucket_size": 3000}, LAYERS),
     (4, 4, {"pipeline_model_parallel_size": 4, "num_layers_per_virtual_pipeline_stage": 1}, 8),
-], ids=["dp2_distopt", "pp4_virtual"])
+    (4, 2, {"pipeline_model_parallel_size": 2, "data_parallel_sharding_strategy": "full"},
+     LAYERS),
+], ids=["dp2_distopt", "pp4_virtual", "pp2_dp2_full"])
 def test_state_saved_at_tp2_pp2_continues_at_another_layout_like_the_serial_run(
         tmp_path, world, pp, parallel, layers):
     """Saved at TP=2 x PP=2 x DP=1, continued at TP=1 x PP=1 x DP=2 with the distributed
-    optimizer, and at PP=4 with 2 virtual stages each (8 blocks): loss of steps 2 and 3
+    optimizer, at PP=4 with 2 virtual stages each (8 blocks), and at PP=2 x DP=2 fully
+    sharded (FSDP2): loss of steps 2 and 3
     within 1e-5 of the serial run's, weights within 1e-4 of each tensor's largest magnitude
     (Adam amplifies rounding differences of small gradients, see
     tests/test_tensor_parallel.py; measured at DP=2: losses equal, weights 6.2e-6)."""
@@ -106,4 +110,24 @@ def test_state_saved_at_tp2_pp2_continues_at_another_layout_like_the_serial_run(
     assert weights.keys() == expected.keys()
     for name, w in expected.items():
         err = (weights[name] - w).abs().max().item()
+        assert err <= 1e-4 * w.abs().max().item() + 1e-7, f"{name}: {err:.2e}"
+
+
+def test_state_saved_fully_sharded_continues_in_one_process(tmp_path):
+    """Saved at PP=2 x DP=2 with --data-parallel-sharding-strategy full (parameters and
+    Adam moments as FSDP2 shards, written as whole pieces), continued by one process:
+    losses of steps 2 and 3 and the weights as the serial run's, within the tolerance
+    above."""
+    from megavit.parallel.state import serial_state
+
+    path = str(tmp_path / "state")
+    run_distributed(4, 1, {"s": (save_after_two, (path, {"pipeline_model_parallel_size": 2,
+                                                        "data_parallel_sharding_strategy":
+                                                        "full"}, LAYERS))}, pp=2)
+    got = continue_two(serial_state(), path, {}, LAYERS)
+    serial = classification_run(_config(serial_state(), {}), serial_state())
+    assert got["losses"] == pytest.approx(_steps(serial, 0, 4)[2:], rel=1e-5)
+    expected = full_state(serial.model, serial.pstate.tp)
+    for name, w in expected.items():
+        err = (got["weights"][name] - w).abs().max().item()
         assert err <= 1e-4 * w.abs().max().item() + 1e-7, f"{name}: {err:.2e}"

@@ -148,6 +148,12 @@ BAD = [
                  "num_attention_heads": 5}), 1, "sincos2d needs --hidden-size divisible by 4"),
     (dict(model={"normalization": "rmsnorm", "norm_bias": True}), 1,
      "--norm-bias: an RMSNorm has no bias"),
+    (dict(parallel={"data_parallel_sharding_strategy": "full",
+                    "use_distributed_optimizer": True}), 2,
+     "--use-distributed-optimizer belongs to --data-parallel-sharding-strategy optimizer"),
+    (dict(parallel={"data_parallel_sharding_strategy": "full"}), 1,
+     "--data-parallel-sharding-strategy full shards over the data-parallel ranks, but there "
+     "is 1"),
 ]
 
 

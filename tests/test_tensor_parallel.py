@@ -42,6 +42,7 @@ PP2, PP4 = {"pipeline_model_parallel_size": 2}, {"pipeline_model_parallel_size":
 # reduction really interleaves with backward and shards cut through parameters.
 OVERLAP = {"overlap_grad_reduce": True, "ddp_bucket_size": 3000}
 ZERO1 = {"use_distributed_optimizer": True, "ddp_bucket_size": 3000}
+FULL = {"data_parallel_sharding_strategy": "full"}     # FSDP2 under megavit's TP / PP
 # name: (world size, TP size, ParallelConfig overrides, blocks). The "vit22b" variant has 25
 # tokens and the "classic" one 17, so every SP layout also covers sequences not divisible by
 # TP (padded and masked), through both block types and both the MAP and CLS heads. Pipeline
@@ -74,6 +75,12 @@ LAYOUTS = {
     "dp2_distopt_overlap": (2, 1, {**ZERO1, **OVERLAP}, 2),
     "tp2_dp2_sp_distopt_overlap": (4, 2, {**SP, **ZERO1, **OVERLAP}, 2),
     "pp2_dp2_distopt_overlap": (4, 1, {**PP2, **ZERO1, **OVERLAP}, 4),
+    "dp2_full": (2, 1, FULL, 2),
+    "tp2_dp2_sp_selective_full": (4, 2, {**SP, **FULL, "recompute_granularity": "selective"},
+                                  2),
+    "pp2_dp2_full_recompute": (4, 1, {**PP2, **FULL, "recompute_granularity": "full",
+                                      "recompute_method": "uniform",
+                                      "recompute_num_layers": 1}, 4),
 }
 PLAIN = [name for name, (_, _, extra, _) in LAYOUTS.items() if not extra]
 
@@ -375,9 +382,13 @@ def test_the_planner_counts_what_each_rank_holds(layout):
     the model), its parameter + gradient + optimizer bytes per trained parameter as the
     optimizer measures them after two steps (fp32: 16, or 8 + 8/d with the distributed
     optimizer), and the bytes of every TP, DP, PP and world collective of a step as the
-    counting layer recorded them."""
+    counting layer recorded them. Fully sharded (FSDP2), on DP rank 0, whose shard is the
+    largest: its held elements, its bytes per parameter of the stage (16 per held element),
+    and FSDP2's all-gathers and reduce-scatters as a dispatch mode saw them."""
     from megavit.planner.communication import step_collective_bytes
     from megavit.planner.memory import memory_per_stage
+    from megavit.training.run import pipeline_layout
+    from megavit.planner.memory import held_parameters
 
     name, tp, results = layout
     world, _, extra, layers = LAYOUTS[name]
@@ -387,13 +398,19 @@ def test_the_planner_counts_what_each_rank_holds(layout):
                            model={"num_classes": 10})        # the run reads 10 from digits
         stages = memory_per_stage(cfg, dp=world // (tp * pp))
         sent = step_collective_bytes(cfg, dp=world // (tp * pp))
+        full = extra.get("data_parallel_sharding_strategy") == "full"
         for rank, got in enumerate(results[variant]):
             planned = stages[rank // (world // pp)]
+            if full and (rank // tp) % (world // (tp * pp)):
+                # other DP ranks hold as much or (odd row counts) less
+                assert got["held_parameters"] <= planned.held_parameters
+                continue
             measured = got["comm_bytes"]
             planned_bytes = {k: 2 * v for k, v in sent[rank // (world // pp)].items()}
             assert planned_bytes == measured, (name, variant, rank)         # 2 steps
             assert planned.held_parameters == got["held_parameters"], (name, variant, rank)
             per_parameter = (planned.parameters + planned.gradients + planned.optimizer) \
-                / planned.held_parameters
+                / (held_parameters(cfg.model, pipeline_layout(cfg), rank // (world // pp), tp)
+                   if full else planned.held_parameters)
             assert per_parameter == pytest.approx(sum(got["bytes_per_parameter"].values()),
                                                   rel=1e-12), (name, variant, rank)

@@ -25,6 +25,7 @@ from megavit.checkpointing.errors import CheckpointLoadError
 from megavit.checkpointing.pieces import meta_model, piece_blocks, pieces_of
 from megavit.checkpointing.safe_reader import (CheckpointReadError, SafeFileSystemReader,
                                                check_checkpoint, failure_causes)
+from megavit.parallel.full_sharding import is_fully_sharded, local_tensor, scatter_into
 from megavit.parallel.sharding import get_tp_shard
 from megavit.parallel.state import ParallelState
 
@@ -52,9 +53,24 @@ def pieces_state(tensors: list[tuple[str, torch.Tensor, torch.Tensor]],
     return out
 
 
-def model_state_dict(model: nn.Module, pstate: ParallelState) -> dict[str, torch.Tensor]:
-    """{piece name: this rank's block of it} for every parameter of this rank's stage."""
-    return pieces_state([(n, p, p.detach()) for n, p in model.named_parameters()], pstate)
+def model_state_dict(model: nn.Module, pstate: ParallelState,
+                     gathered: list | None = None) -> dict[str, torch.Tensor]:
+    """{piece name: this rank's block of it} for every parameter of this rank's stage.
+    A parameter fully sharded over dp (FSDP2) is gathered to its TP-local shape first (a
+    collective on dp; a transient copy): loading into such a state fills the copies, so
+    pass a list as `gathered` and hand it to `write_back` after loading."""
+    tensors = [(n, p, local_tensor(p)) for n, p in model.named_parameters()]
+    if gathered is not None:
+        gathered.extend(tensors)
+    return pieces_state(tensors, pstate)
+
+
+def write_back(gathered: list) -> None:
+    """After loading into a state built with `gathered`: each fully sharded parameter takes
+    this rank's rows of its loaded copy (the others were filled in place)."""
+    for _, param, tensor in gathered:
+        if is_fully_sharded(param):
+            scatter_into(param, tensor)
 
 
 def save_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike) -> None:
@@ -123,4 +139,6 @@ def load_model(model: nn.Module, pstate: ParallelState, path: str | os.PathLike)
     """Read weights written by `save_model` at any layout into `model`, in place."""
     check_loadable(path)
     check_pieces(path, meta_model(model.cfg, 1))
-    load_state(model_state_dict(model, pstate), path, pstate, "model")
+    gathered: list = []
+    load_state(model_state_dict(model, pstate, gathered), path, pstate, "model")
+    write_back(gathered)

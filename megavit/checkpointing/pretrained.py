@@ -28,7 +28,9 @@ import torch
 from megavit.checkpointing.checkpointable import Checkpointable
 from megavit.checkpointing.errors import CheckpointLoadError
 from megavit.checkpointing.model_config import finetune_differences, read_checkpoint_info
-from megavit.checkpointing.model_state import check_loadable, load_state, model_state_dict
+from megavit.checkpointing.model_state import (check_loadable, load_state, model_state_dict,
+                                               write_back)
+from megavit.parallel.full_sharding import is_fully_sharded, scatter_into
 from megavit.checkpointing.pieces import piece_blocks, serial_meta_model
 from megavit.checkpointing.safe_reader import check_checkpoint
 from megavit.models.vit import resize_axis_table, resize_pos_embed
@@ -114,19 +116,25 @@ def load_pretrained_weights(run: Checkpointable, checkpoint: Path,
                 piece_blocks(serial_meta_model(current_info, 1), 1).items()}
     fresh, resize, notes = _plan(saved_info, current_info, stored, expected, checkpoint,
                                  reset_classifier)
-    local = model_state_dict(run.model, run.pstate)
+    gathered: list = []
+    local = model_state_dict(run.model, run.pstate, gathered)
     params = dict(run.model.named_parameters())
     state = {f"model/{k}": v for k, v in local.items() if k not in fresh and k not in resize}
     tables = {k: torch.empty(stored[k], dtype=params[k].dtype, device=params[k].device)
               for k in local if k in resize}     # replicated over TP: read whole, resized
     state.update({f"model/{k}": v for k, v in tables.items()})
     load_state(state, checkpoint, run.pstate, "model")
+    write_back(gathered)
     if tables:
         old, new = _grid(saved_info["model"]), _grid(current_info["model"])
         for name, table in tables.items():
             axis = next((a for suffix, a in AXIS_TABLES.items() if name.endswith(suffix)), None)
-            params[name].copy_(resize_pos_embed(table, old, new) if axis is None
-                               else resize_axis_table(table, new[axis]))
+            resized = (resize_pos_embed(table, old, new) if axis is None
+                       else resize_axis_table(table, new[axis]))
+            if is_fully_sharded(params[name]):
+                scatter_into(params[name], resized)
+            else:
+                params[name].copy_(resized)
     run.optimizer.copy_params_to_masters()
     for note in notes:
         info(note)

@@ -30,13 +30,19 @@ import torch.distributed.checkpoint as dcp
 
 from megavit.checkpointing.checkpointable import Checkpointable
 from megavit.checkpointing.model_state import (check_loadable, load_state, model_state_dict,
-                                               pieces_state)
+                                               pieces_state, write_back)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _keys(run: Checkpointable) -> tuple[str, ...]:
-    return MOMENTS + (("master",) if run.optimizer.separate_masters else ())
+    """The optimizer tensors saved: the moments, and the fp32 masters of a 16-bit run
+    (fully sharded, the masters are the sharded parameters themselves, saved also here so
+    the checkpoint reads the same as a ZeRO-1 one)."""
+    precision = run.cfg.precision
+    masters = run.optimizer.separate_masters or (
+        getattr(run.buffers, "strategy", "") == "full" and (precision.bf16 or precision.fp16))
+    return MOMENTS + (("master",) if masters else ())
 
 
 def _ensure_adam_state(run: Checkpointable) -> None:
@@ -60,7 +66,7 @@ def _flat_buffers(run: Checkpointable, gather: bool) -> dict[str, torch.Tensor]:
     buffers = run.buffers
     out = {}
     for key in _keys(run):
-        flat = torch.zeros(buffers.numel, dtype=torch.float32, device=buffers.grad_buffer.device)
+        flat = torch.zeros(buffers.numel, dtype=torch.float32, device=run.pstate.device)
         if gather:
             for s, m in zip(run.optimizer.segments, run.optimizer.masters):
                 a, b = s.buffer_range
@@ -78,7 +84,7 @@ def _optimizer_state_dict(run: Checkpointable, flats: dict[str, torch.Tensor]) -
         for name, p in run.model.named_parameters():
             if id(p) in buffers.offsets:
                 start = buffers.offsets[id(p)]
-                shaped.append((name, p, flat[start:start + p.numel()].view_as(p)))
+                shaped.append((name, p, flat[start:start + p.numel()].view(p.shape)))
         out.update({f"optimizer/{key}/{k}": v
                     for k, v in pieces_state(shaped, run.pstate).items()})
     return out
@@ -133,13 +139,16 @@ def load_training_state(run: Checkpointable, path: str | os.PathLike,
     check_loadable(path)
     _ensure_adam_state(run)
     flats = _flat_buffers(run, gather=False)
-    state = {f"model/{k}": v for k, v in model_state_dict(run.model, run.pstate).items()}
+    gathered: list = []
+    state = {f"model/{k}": v for k, v in
+             model_state_dict(run.model, run.pstate, gathered).items()}
     state.update(_optimizer_state_dict(run, flats))
     scalars = _scalars(run, 0)
     state.update(scalars)
     rng = _rng_states(run) if same_layout else {}
     state.update(rng)
     load_state(state, path, run.pstate, "run")
+    write_back(gathered)
     for s, m in zip(run.optimizer.segments, run.optimizer.masters):
         a, b = s.buffer_range
         adam = run.optimizer.adamw.state[m]

@@ -105,6 +105,18 @@ class ParallelConfig:
             "of 12."
         ),
     )
+    data_parallel_sharding_strategy: str = field(
+        default="optimizer",
+        metadata=opt(
+            "What is sharded over the data-parallel ranks. 'optimizer': what "
+            "--use-distributed-optimizer says (ZeRO-1 with it, nothing without). 'full': "
+            "parameters, gradients and optimizer state (ZeRO-3) through PyTorch FSDP2's "
+            "fully_shard, one unit per block and one per model chunk, composed with megavit's "
+            "tensor and pipeline parallelism; fp32 parameters are the masters, --bf16/--fp16 "
+            "compute through FSDP2's mixed-precision policy, gradients reduced in fp32.",
+            choices=("optimizer", "full"),
+        ),
+    )
     overlap_grad_reduce: bool = field(
         default=False,
         metadata=opt(

@@ -164,6 +164,14 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> list[str]:
     problems += _check_recompute(p, m.num_layers)
     if p.sequence_parallel_regather and not p.sequence_parallel:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")
+    if p.data_parallel_sharding_strategy == "full":
+        for flag, on in (("--use-distributed-optimizer", p.use_distributed_optimizer),
+                         ("--overlap-grad-reduce", p.overlap_grad_reduce),
+                         ("--ddp-bucket-size", p.ddp_bucket_size is not None)):
+            if on:
+                problems.append(f"{flag} belongs to --data-parallel-sharding-strategy "
+                                "optimizer; with 'full' FSDP2 shards the optimizer state and "
+                                "overlaps the gradient reduction itself: drop the flag")
     if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
         problems.append(f"--ddp-bucket-size must be at least 1 (got {p.ddp_bucket_size})")
     return problems + _at_least_1({
@@ -405,6 +413,11 @@ def _check_layout(cfg: Config, world_size: int) -> list[str]:
         )
     else:
         dp = world_size // (tp * pp)
+        if parallel.data_parallel_sharding_strategy == "full" and dp == 1:
+            problems.append(
+                f"--data-parallel-sharding-strategy full shards over the data-parallel ranks, "
+                f"but there is 1 (world {world_size} = TP {tp} x PP {pp}); launch more "
+                f"processes or use the default strategy")
         per_step = training.micro_batch_size * dp
         if training.global_batch_size % per_step:
             problems.append(

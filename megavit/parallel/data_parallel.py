@@ -87,6 +87,8 @@ class DataParallelBuffers:
     reduction over `dp`. Call `start_step(M)` before backward of a step's M micro-batches
     and `finish()` after; `events` records the order of launches (for tests)."""
 
+    strategy = "optimizer"    # --data-parallel-sharding-strategy
+
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], dp: Group, tp: Group,
                  grad_dtype: torch.dtype, bucket_size: int, shard: bool = False,
                  overlap: bool = False, check_finite: bool = False) -> None:
@@ -216,6 +218,14 @@ class DataParallelBuffers:
                     out.append(Segment(self.names[id(p)], p, bucket.index,
                                        (a - start, b - start), (a, b)))
         return out
+
+    def grad_view(self, s: Segment) -> torch.Tensor:
+        """Segment `s`'s (reduced) gradient: a flat view of the gradient buffer."""
+        return self.grad_buffer[s.buffer_range[0]:s.buffer_range[1]]
+
+    def param_view(self, s: Segment) -> torch.Tensor:
+        """Segment `s` in the parameter buffer (sharded optimizer): a flat view."""
+        return self.param_buffer[s.buffer_range[0]:s.buffer_range[1]]
 
     def gather_shards(self, flat: torch.Tensor, into: torch.Tensor | None = None) -> None:
         """Every rank's shard of each bucket of `flat` (a tensor laid out like the buffers)

@@ -226,9 +226,13 @@ def full_state(module: nn.Module, tp: Group,
                grads: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every parameter of `module` at its full serial shape, keyed by global name — or,
     given `grads` ({id(parameter): gradient}), every gradient (zeros where none). A
-    collective on `tp`: every TP rank must call it."""
+    collective on `tp`: every TP rank must call it (and on dp, for parameters FSDP2 shards
+    over dp)."""
+    from megavit.parallel.full_sharding import local_tensor
+
     out = {}
     for name, p in module.named_parameters():
-        t = p.detach() if grads is None else grads.get(id(p), torch.zeros_like(p))
+        t = local_tensor(p) if grads is None else grads.get(
+            id(p), torch.zeros(p.shape, dtype=p.dtype, device=p.device))
         out[name] = gather_tp(t.to(p.dtype), get_tp_shard(p), tp).clone()
     return out

@@ -13,6 +13,10 @@ tensor of an all-gather / reduce-scatter), so the figures can be compared with a
     dp.reduce_scatter   the buckets, with the distributed optimizer
     dp.all_gather       the updated parameter shards, each bucket in the parameters' dtype,
                         with the distributed optimizer
+    (full sharding)     FSDP2's all-gathers of each unit's padded parameters in the compute
+                        dtype and reduce-scatters of its fp32 gradients, as the schedule
+                        runs them (`full_sharding_traffic`); the loss and the gradient norm
+                        on dp.all_reduce; each TP-partial gradient's shard on tp.all_reduce
     pp.send / pp.recv   one activation forward and its gradient back per micro-batch across
                         each boundary between consecutive chunks: [s (/ t under SP, padded),
                         b, h] in the activation dtype
@@ -43,7 +47,9 @@ from collections import Counter
 
 from megavit.config import Config
 from megavit.parallel.data_parallel import bucket_layout
-from megavit.planner.memory import stage_on_meta
+from megavit.parallel.partial_grad import has_partial_grad
+from megavit.parallel.schedules import build_schedule
+from megavit.planner.memory import full_sharding_units, shard_rows, stage_on_meta
 from megavit.training.run import bucket_elements, pipeline_layout
 from megavit.training.step import nan_check
 
@@ -63,8 +69,17 @@ def step_collective_bytes(cfg: Config, dp: int) -> list[dict[str, int]]:
     out = []
     for stage in range(pp):
         got: Counter = Counter()
-        params = list(stage_on_meta(cfg.model, layout, stage, tp, 0, p).parameters())
-        if dp > 1:
+        model = stage_on_meta(cfg.model, layout, stage, tp, 0, p)
+        params = list(model.parameters())
+        full = p.data_parallel_sharding_strategy == "full"
+        if full and dp > 1:
+            actions = build_schedule(micro, pp, stage, layout.chunks)
+            gathered, scattered = full_sharding_traffic(full_sharding_units(model, dp), actions,
+                                                        pipelined=pp > 1)
+            got["dp.all_gather"] += gathered * param_bytes
+            got["dp.reduce_scatter"] += scattered * 4       # reduced in fp32
+            got["dp.all_reduce"] += 8 + 4                    # gradient norm, loss
+        elif dp > 1:
             buckets = [n for _, n, _ in bucket_layout(params, bucket_elements(p, dp), dp)]
             if p.use_distributed_optimizer:
                 got["dp.reduce_scatter"] += sum(buckets) * grad_bytes
@@ -89,11 +104,47 @@ def step_collective_bytes(cfg: Config, dp: int) -> list[dict[str, int]]:
             got["world.all_reduce"] += 4
         if tp > 1:
             got.update(_tensor_parallel_bytes(cfg, layout, stage, micro, sixteen))
-            partial = [n for _, n, is_partial in bucket_layout(params, bucket_elements(p, dp),
-                                                               dp) if is_partial]
-            got["tp.all_reduce"] += sum(partial) * grad_bytes + 8    # + the gradient norm
+            if full:   # each TP-partial gradient's shard (DP rank 0's), fp32
+                got["tp.all_reduce"] += sum(shard_rows(q, dp) for q in params
+                                            if has_partial_grad(q)) * 4 + 8
+            else:
+                partial = [n for _, n, is_partial in
+                           bucket_layout(params, bucket_elements(p, dp), dp) if is_partial]
+                got["tp.all_reduce"] += sum(partial) * grad_bytes + 8  # + the gradient norm
         out.append(dict(got))
     return out
+
+
+def full_sharding_traffic(units: list[tuple[int, list[int]]], actions: list,
+                          pipelined: bool) -> tuple[int, int]:
+    """(elements all-gathered, elements reduce-scattered) over dp in one step by FSDP2's
+    units (`memory.full_sharding_units`: per chunk, the root's and each block's padded
+    elements) for this stage's schedule `actions`. A forward gathers each of the chunk's
+    units that is sharded; blocks shard again after forward unless `pipelined` (the root
+    never does); a backward gathers what is sharded, reduce-scatters every unit's gradient
+    and shards them all again. Counts FSDP2's behaviour as measured on CPU; not modelled:
+    under full recomputation without pipelining, FSDP2 gathers and reduce-scatters a part of
+    the root once more per micro-batch (the recomputed region's own backward ends its
+    bookkeeping early; the gradients are still right)."""
+    sharded = {(c, u): True for c, (_, blocks) in enumerate(units)
+               for u in range(len(blocks) + 1)}            # u = 0: the root
+    gathered = scattered = 0
+    for a in actions:
+        root, blocks = units[a.chunk]
+        sizes = [root, *blocks]
+        for u, size in enumerate(sizes):
+            if sharded[(a.chunk, u)]:
+                gathered += size
+                sharded[(a.chunk, u)] = False
+        if a.kind == "F":
+            if not pipelined:
+                for u in range(1, len(sizes)):
+                    sharded[(a.chunk, u)] = True
+        else:
+            scattered += sum(sizes)
+            for u in range(len(sizes)):
+                sharded[(a.chunk, u)] = True
+    return gathered, scattered
 
 
 def _tensor_parallel_bytes(cfg: Config, layout, stage: int, micro: int, sixteen: bool

@@ -14,6 +14,12 @@ against a run (tests/test_tensor_parallel.py does, per layout):
                  without --accumulate-allreduce-grads-in-fp32, as training/run.py builds it)
     optimizer    fp32 Adam moments (8 bytes) and, with 16-bit parameters, fp32 masters
                  (4 bytes), divided by the DP size with --use-distributed-optimizer (ZeRO-1):
+                 (with --data-parallel-sharding-strategy full: this rank's dim-0 shard of
+                 every parameter, as FSDP2 cuts it, held in fp32 for parameters, gradients
+                 and moments: 16 bytes per held element; `gathered` adds the parameters
+                 all-gathered in the compute dtype while units run: under pipelining every
+                 unit of the stage, kept from forward to backward, otherwise the chunk's
+                 root and two blocks)
                  training/optimizer.py's `formula_bytes_per_parameter`, which the run's
                  "memory per trained parameter" line checks against what it allocated
     activations  what the blocks keep for backward per micro-batch (the formula of
@@ -57,10 +63,44 @@ class StageMemory:
     optimizer: float
     activations: float
     in_flight: int               # chunk-forwards held at the peak
+    gathered: float = 0.0        # full sharding: parameters all-gathered while units run
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return (self.parameters + self.gradients + self.optimizer + self.activations
+                + self.gathered)
+
+
+def shard_rows(param: torch.Tensor, dp: int, dp_rank: int = 0) -> int:
+    """Elements of `param` that DP rank `dp_rank` holds when FSDP2 shards it along dim 0
+    (rows [r*c, min((r+1)*c, n)), c = ceil(n/dp))."""
+    n = param.shape[0] if param.dim() else 1
+    row = param[0].numel() if param.dim() else 1
+    c = -(-n // dp)
+    return max(0, min((dp_rank + 1) * c, n) - min(dp_rank * c, n)) * row
+
+
+def padded_elements(params, dp: int) -> int:
+    """What FSDP2 all-gathers (and reduce-scatters) for these parameters: each padded to
+    dp x ceil(rows / dp) rows."""
+    total = 0
+    for p in params:
+        n = p.shape[0] if p.dim() else 1
+        total += dp * -(-n // dp) * (p[0].numel() if p.dim() else 1)
+    return total
+
+
+def full_sharding_units(stage: StageModel, dp: int) -> list[tuple[int, list[int]]]:
+    """Per chunk of `stage`: (the root unit's padded elements — embedding, head and
+    whatever is not in a block —, [each block unit's padded elements]): the units
+    `parallel.full_sharding.apply_full_sharding` makes."""
+    out = []
+    for chunk in stage.chunks:
+        blocks = [padded_elements(list(b.parameters()), dp) for b in chunk.blocks.values()]
+        inside = {id(p) for b in chunk.blocks.values() for p in b.parameters()}
+        out.append((padded_elements([p for p in chunk.parameters() if id(p) not in inside],
+                                    dp), blocks))
+    return out
 
 
 def stage_on_meta(model: ModelConfig, layout: PipelineLayout, stage: int, tp: int,
@@ -108,23 +148,37 @@ def memory_per_stage(cfg: Config, dp: int, held_cache: dict | None = None
     param_bytes = 2 if sixteen else 4
     grad_bytes = 2 if precision.fp16 and not precision.accumulate_allreduce_grads_in_fp32 \
         else 4
+    full = p.data_parallel_sharding_strategy == "full"
     shards = dp if p.use_distributed_optimizer else 1
     optimizer_bytes = formula_bytes_per_parameter(param_bytes, grad_bytes, sixteen, shards) \
         - param_bytes - grad_bytes
+    if full:   # fp32 shards of parameters (the masters), gradients and moments
+        optimizer_bytes, gathered_bytes = 8, param_bytes
+        param_bytes = grad_bytes = 4
     micro_batches = training.global_batch_size // (training.micro_batch_size * dp)
     setup = activation_setup(cfg)
     cache = held_cache if held_cache is not None else {}
     out = []
     for stage in range(layout.stages):
-        key = (layout, stage, tp)
+        key = (layout, stage, tp, dp if full else None)
         if key not in cache:
-            cache[key] = held_parameters(cfg.model, layout, stage, tp)
-        held = cache[key]
+            if full:
+                model = stage_on_meta(cfg.model, layout, stage, tp)
+                units = full_sharding_units(model, dp)
+                # under pipelining every unit stays gathered from forward to backward;
+                # otherwise the root and one block at a time (plus the next, prefetched)
+                peak = (sum(r + sum(b) for r, b in units) if layout.stages > 1 else
+                        max(r + 2 * max(b, default=0) for r, b in units))
+                cache[key] = (sum(shard_rows(q, dp) for q in model.parameters()), peak)
+            else:
+                cache[key] = (held_parameters(cfg.model, layout, stage, tp), 0)
+        held, gathered = cache[key]
         flight = in_flight(build_schedule(micro_batches, layout.stages, stage, layout.chunks))
         per_chunk = max(chunk_activation_bytes(cfg.model, setup, layout.chunk_layers(stage, c))
                         for c in range(layout.chunks))
         out.append(StageMemory(stage, held, held * param_bytes, held * grad_bytes,
-                               held * optimizer_bytes, flight * per_chunk, flight))
+                               held * optimizer_bytes, flight * per_chunk, flight,
+                               gathered * gathered_bytes if full else 0.0))
     return out
 
 

@@ -67,10 +67,16 @@ def memory_per_parameter_line(run: Run) -> str:
         return ("memory per trained parameter on this rank: nothing is trained on this rank "
                 "(frozen or locked)")
     mem = run.optimizer.bytes_per_parameter()
+    d = run.pstate.dp.size
+    if run.buffers.strategy == "full":
+        # fp32 parameter, gradient and two moments, all sharded
+        return ("memory per trained parameter on this rank: " + " + ".join(
+            f"{k} {v:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()):.2f} bytes | "
+            f"formula {16 / d:.2f} (parameters, gradients and optimizer sharded over {d}, "
+            f"FSDP2) | ZeRO-1: {formula_bytes_per_parameter(4, 4, False, d):.2f}")
     p_bytes = next(run.model.parameters()).element_size()
     g_bytes = run.buffers.grad_buffer.element_size()
     master = run.optimizer.separate_masters
-    d = run.pstate.dp.size
     shards = d if run.buffers.shard else 1
     here = formula_bytes_per_parameter(p_bytes, g_bytes, master, shards)
     other = formula_bytes_per_parameter(p_bytes, g_bytes, master, 1 if run.buffers.shard else d)
@@ -119,6 +125,12 @@ def precision_line(run: Run) -> str:
     precision = "bf16" if pr.bf16 else "fp16" if pr.fp16 else "fp32"
     scaling = ("none" if scaler is None else f"static {scaler.scale:g}"
                if isinstance(scaler, ConstantGradScaler) else f"dynamic from {scaler.scale:g}")
+    if run.buffers.strategy == "full":
+        return (f"precision: {precision} compute, fp32 parameters sharded (the masters) | "
+                f"gradients reduced in fp32 | loss scaling {scaling} | optimizer "
+                f"{run.optimizer.implementation} | fully sharded over {dp.size} DP ranks "
+                f"(FSDP2), {len(run.buffers.units)} units, gradients reduce-scattered "
+                f"during backward")
     return (f"precision: {precision} parameters and activations | gradients in "
             f"{str(run.buffers.grad_buffer.dtype).replace('torch.', '')} | loss scaling "
             f"{scaling} | optimizer {run.optimizer.implementation}, "

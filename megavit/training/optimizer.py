@@ -107,8 +107,7 @@ class MixedPrecisionOptimizer:
         if self.own_params:
             self.masters = [s.param for s in self.segments]
         elif self.masters_are_views:
-            self.masters = [nn.Parameter(buffers.param_buffer[s.buffer_range[0]:s.buffer_range[1]])
-                            for s in self.segments]
+            self.masters = [nn.Parameter(buffers.param_view(s)) for s in self.segments]
         else:
             for s in self.segments:
                 a, b = s.param_range
@@ -132,7 +131,7 @@ class MixedPrecisionOptimizer:
             if self.own_params:
                 out.append(s.param.main_grad)
             else:
-                g = self.buffers.grad_buffer[s.buffer_range[0]:s.buffer_range[1]]
+                g = self.buffers.grad_view(s)
                 out.append(g if g.dtype == torch.float32 else g.float())
         return out
 
@@ -205,7 +204,8 @@ class MixedPrecisionOptimizer:
         """Measured bytes per trained parameter on this rank: parameters, gradient buffer,
         and optimizer state (masters when separate, Adam moments)."""
         n = sum(s.param.numel() for s in self.buffers.segments()) if not self.buffers.shard \
-            else sum(p.numel() for b in self.buffers.buckets for p in b.params)
+            else sum(p.numel() for b in self.buffers.buckets for p in b.params
+                     if p.requires_grad)
         n = max(n, 1)
         state = 0
         for m in self.masters:

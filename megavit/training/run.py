@@ -52,6 +52,7 @@ from megavit.data.sampler import GlobalBatchSampler
 from megavit.models.activation_memory import ActivationSetup
 from megavit.models.transformer import Runtime
 from megavit.parallel.data_parallel import DataParallelBuffers
+from megavit.parallel.full_sharding import FullyShardedGradients, apply_full_sharding
 from megavit.parallel.pipeline_executor import PipelineExecutor, StepStats
 from megavit.parallel.pipeline_layout import PipelineLayout, PipelineLayoutError
 from megavit.parallel.random import RNGTracker
@@ -140,6 +141,21 @@ def gradient_buffers(named_params: list, cfg: Config, pstate: ParallelState
         bucket_elements(parallel, pstate.dp.size),
         shard=parallel.use_distributed_optimizer, overlap=parallel.overlap_grad_reduce,
         check_finite=nan_check(precision))
+
+
+def fully_sharded_gradients(task: "Task", model: nn.Module, cfg: Config, pstate: ParallelState,
+                            layout: PipelineLayout, dtype: torch.dtype
+                            ) -> FullyShardedGradients:
+    """--data-parallel-sharding-strategy full: FSDP2 units on this stage's chunks (built in
+    fp32), and the gradient side the optimizer reads. ConfigError for a model without
+    chunks of blocks."""
+    chunks = list(getattr(model, "chunks", []))
+    if not chunks or not all(hasattr(c, "blocks") for c in chunks):
+        raise ConfigError("--data-parallel-sharding-strategy full: this task's model is not "
+                          "a stage of ViT chunks; use the default strategy")
+    units = apply_full_sharding(chunks, pstate.mesh["dp"], dtype, pipelined=layout.stages > 1)
+    return FullyShardedGradients(task.trainable_parameters(model), units, pstate.dp, pstate.tp,
+                                 check_finite=nan_check(cfg.precision))
 
 
 def lr_schedule(training) -> LRSchedule:
@@ -236,7 +252,7 @@ class Run:
     task: Task
     pstate: ParallelState
     model: nn.Module
-    buffers: DataParallelBuffers
+    buffers: DataParallelBuffers | FullyShardedGradients
     optimizer: MixedPrecisionOptimizer
     scaler: ConstantGradScaler | DynamicGradScaler | None
     lr_schedule: LRSchedule
@@ -256,12 +272,17 @@ class Run:
         runtime, plans = stage_runtime(cfg, pstate, layout, micro_batches)
         dtype = param_dtype(precision)
         stage = pstate.pp.rank
-        model = task.build_model(runtime, layout, stage, pstate, dtype)
-        buffers = gradient_buffers(task.trainable_parameters(model), cfg, pstate)
+        full = cfg.parallel.data_parallel_sharding_strategy == "full"
+        # fully sharded, the parameters are fp32 masters; FSDP2 computes in `dtype`
+        model = task.build_model(runtime, layout, stage, pstate,
+                                 torch.float32 if full else dtype)
+        buffers = (fully_sharded_gradients(task, model, cfg, pstate, layout, dtype) if full
+                   else gradient_buffers(task.trainable_parameters(model), cfg, pstate))
         return cls(
             cfg=cfg, task=task, pstate=pstate, model=model, buffers=buffers,
             optimizer=MixedPrecisionOptimizer(buffers, training, pstate,
-                                              master_weights=dtype != torch.float32,
+                                              master_weights=dtype != torch.float32
+                                              and not full,
                                               lr_scale=task.lr_scale),
             scaler=loss_scaler(precision), lr_schedule=lr_schedule(training),
             sampler=GlobalBatchSampler(task.train_size, training.global_batch_size,
@@ -309,7 +330,8 @@ class Run:
         return {**self.task.describe(),
                 "layout": {"tp": p.tp.size, "pp": p.pp.size, "dp": p.dp.size,
                            "virtual_stages": self.layout.chunks,
-                           "distributed_optimizer": self.buffers.shard},
+                           "distributed_optimizer": self.buffers.shard,
+                           "sharding": self.buffers.strategy},
                 "precision": dataclasses.asdict(self.cfg.precision),
                 "schedule": schedule_description(self.cfg.training)}
 
