@@ -51,9 +51,9 @@ def main(argv=None) -> int:
                    help="evaluate the layout the training flags give instead of searching")
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table")
     p.add_argument("--with-full-sharding", action="store_true",
-                   help="also search full sharding (FSDP2 / ZeRO-3 over DP, one unit per "
-                        "block), on paper: megavit does not run it yet, so such rows say "
-                        "'full (on paper)'; with --layout, plan that layout fully sharded")
+                   help="also search full sharding (--data-parallel-sharding-strategy full: "
+                        "FSDP2 / ZeRO-3 over DP, one unit per block; doubles the search); "
+                        "with --layout, the same as --data-parallel-sharding-strategy full")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per layout (step_time_s, mfu, memory_gib_per_gpu, "
                         "...) instead of the table")
@@ -117,13 +117,14 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
             raise ConfigError("--num-layers-in-first/last-pipeline-stage: the planner "
                               "plans even splits only")
         dp = args.num_gpus // (tp * pp)
+        full = args.with_full_sharding or par.data_parallel_sharding_strategy == "full"
         chunks = (model.shape.layers // pp // par.num_layers_per_virtual_pipeline_stage
                   if par.num_layers_per_virtual_pipeline_stage else 1)
         layout = PlanLayout(tp, pp, dp, chunks, par.sequence_parallel and tp > 1,
                             par.recompute_granularity or "none",
                             cfg.training.micro_batch_size, batch,
-                            par.use_distributed_optimizer and not args.with_full_sharding,
-                            full_sharding=args.with_full_sharding and dp > 1)
+                            par.use_distributed_optimizer and not full,
+                            full_sharding=full and dp > 1)
         if batch % (layout.micro_batch * dp):
             raise ConfigError(f"--global-batch-size {batch} is not a multiple of "
                               f"--micro-batch-size {layout.micro_batch} x DP {dp}")
@@ -149,8 +150,8 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
     if not args.layout:
         print(f"plan | {total} layouts searched, {fitting} fit; the fastest {min(args.top, total)}:")
     print("| # | TP | PP | v | DP | SP | recompute | micro | sharding | step s | samples/s | "
-          "MFU | params | grads | optimizer | activations | total GiB | fits |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "MFU | params | grads | optimizer | activations | gathered | total GiB | fits |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, c in enumerate(results[:args.top], 1):
         lay, mem = c.layout, {k: v / 2**30 for k, v in c.memory.items()}
         print(f"| {i} | {lay.tp} | {lay.pp} | {lay.chunks} | {lay.dp} | "
@@ -158,7 +159,8 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
               f"{lay.micro_batch} | {sharding(lay)} | "
               f"{c.step.step_s:.3f} | {c.samples_per_second:,.0f} | {c.mfu:.1%} | "
               f"{mem['parameters']:.1f} | {mem['gradients']:.1f} | {mem['optimizer']:.1f} | "
-              f"{mem['activations']:.1f} | {mem['total']:.1f} | "
+              f"{mem['activations']:.1f} | {mem.get('gathered', 0.0):.1f} | "
+              f"{mem['total']:.1f} | "
               f"{'yes' if c.fits else 'NO'} |")
     best = results[0]
     print("plan | time of #1: " + ", ".join(f"{k} {v:.3f} s" for k, v in
@@ -168,7 +170,7 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
 
 def sharding(layout) -> str:
     if layout.full_sharding:
-        return "full (on paper)"
+        return "full (FSDP2)"
     return "ZeRO-1" if layout.distributed_optimizer else "none"
 
 

@@ -8,9 +8,9 @@ Searched: TP (dividing the heads and the MLP width, at most a node), PP (dividin
 blocks), virtual stages (interleaved, when the micro-batches divide by PP), DP (the rest),
 micro-batch (powers of two dividing the per-rank batch), SP (at TP > 1), recomputation
 (none / selective / full) and the distributed optimizer (ZeRO-1, at DP > 1). Full sharding
-(FSDP2 / ZeRO-3: parameters, gradients and optimizer state over DP, one unit per block)
-only with `full_sharding=True`: megavit does not run it yet, so by default it is left out
-of what the planner proposes; it serves comparisons on paper.
+(--data-parallel-sharding-strategy full: FSDP2 / ZeRO-3, parameters, gradients and
+optimizer state over DP, one unit per block) with `full_sharding=True` (it doubles the
+search).
 
 Memory per GPU is the worst pipeline stage's: for a ViT `memory.memory_per_stage` (its
 counts equal a run's: tests/test_tensor_parallel.py, tests/test_pipeline_memory.py); for a
@@ -134,10 +134,11 @@ def evaluate(model: PlannedModel, layout: PlanLayout, gpu: GpuSpec, gpus_per_nod
 
 def memory_of(model: PlannedModel, layout: PlanLayout, precision: str = "bf16",
               held_cache: dict | None = None) -> dict[str, float]:
-    """Bytes per GPU on the worst pipeline stage, by component. With full sharding the
-    parameters, gradients and optimizer state are 1/DP shards, plus two gathered units
-    (one block's 16-bit parameters each: the one running and the one prefetched) and one
-    unit's fp32 gradients before their reduce-scatter."""
+    """Bytes per GPU on the worst pipeline stage, by component. A ViT's full sharding is
+    `memory_per_stage`'s (fp32 shards, and the parameters gathered while units run, as
+    "gathered"); a GPT's on paper: the parameters, gradients and optimizer state are 1/DP
+    shards, plus two gathered units (one block's 16-bit parameters each: the one running
+    and the one prefetched) and one unit's fp32 gradients before their reduce-scatter."""
     if model.config is not None:
         flat = dataclasses.replace(layout, distributed_optimizer=layout.distributed_optimizer
                                    and not layout.full_sharding)
@@ -146,6 +147,10 @@ def memory_of(model: PlannedModel, layout: PlanLayout, precision: str = "bf16",
         worst = max(stages, key=lambda m: m.total)
         out = {"parameters": worst.parameters, "gradients": worst.gradients,
                "optimizer": worst.optimizer, "activations": worst.activations}
+        if layout.full_sharding:
+            out["gathered"] = worst.gathered
+            out["total"] = sum(out.values())
+            return out
         held = worst.held_parameters
     else:
         out = gpt_memory(model.shape, layout)
@@ -173,7 +178,8 @@ def vit_config(cfg: Config, layout: PlanLayout, precision: str = "bf16") -> Conf
         recompute_granularity=None if layout.recompute == "none" else layout.recompute,
         recompute_method="uniform" if layout.recompute == "full" else None,
         recompute_num_layers=1 if layout.recompute == "full" else None,
-        use_distributed_optimizer=layout.distributed_optimizer)
+        use_distributed_optimizer=layout.distributed_optimizer,
+        data_parallel_sharding_strategy="full" if layout.full_sharding else "optimizer")
     t = dataclasses.replace(cfg.training, micro_batch_size=layout.micro_batch,
                             global_batch_size=layout.global_batch)
     pr = dataclasses.replace(cfg.precision, bf16=precision == "bf16",

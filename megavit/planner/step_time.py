@@ -103,7 +103,7 @@ class PlanLayout:
     micro_batch: int = 1
     global_batch: int = 1
     distributed_optimizer: bool = False
-    full_sharding: bool = False      # FSDP / ZeRO-3 over DP (megavit does not run it yet)
+    full_sharding: bool = False      # FSDP2 / ZeRO-3 over DP (--data-parallel-sharding-strategy full)
     overlap_grad_reduce: bool = True
     bytes_per_element: int = 2       # activations and parameters (bf16 / fp16: 2)
 
