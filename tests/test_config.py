@@ -151,6 +151,11 @@ BAD = [
     (dict(parallel={"data_parallel_sharding_strategy": "full",
                     "use_distributed_optimizer": True}), 2,
      "--use-distributed-optimizer belongs to --data-parallel-sharding-strategy optimizer"),
+    (dict(parallel={"pipeline_schedule": "zb-h1", "pipeline_model_parallel_size": 2,
+                    "num_layers_per_virtual_pipeline_stage": 1}), 2,
+     "--pipeline-schedule zb-h1 runs one chunk per stage"),
+    (dict(parallel={"pipeline_schedule": "zb-h1", "data_parallel_sharding_strategy": "full"}),
+     2, "--pipeline-schedule zb-h1 with --data-parallel-sharding-strategy full"),
     (dict(parallel={"data_parallel_sharding_strategy": "full"}), 1,
      "--data-parallel-sharding-strategy full shards over the data-parallel ranks, but there "
      "is 1"),

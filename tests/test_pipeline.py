@@ -210,3 +210,59 @@ def test_zero_bubble_h1_idles_as_the_paper_says_at_1f1bs_peak(P, m):
         (one_f_one_b.makespan - one_f_one_b.busy[0]) / 3)
     assert max(in_flight(a) for a in zb) == max(in_flight(schedule_1f1b(m, P, k))
                                                  for k in range(P)) == min(P, m)
+
+
+def test_split_backward_gives_the_whole_backwards_gradients_once_per_weight():
+    """B then W (`weight_grad.WeightGradStore`) equals one plain backward: the input's
+    gradient after B, every weight's after W (none after B). A weight used twice in one
+    chunk (the same column-parallel layer applied twice, and a row-parallel one) gets the
+    sum of both uses in one accumulation: its gradient hook fires once per micro-batch,
+    as gradient-accumulation counting (`DataParallelBuffers`) needs."""
+    import torch
+    from torch import nn
+
+    from megavit.parallel.comm import CommStats, Group
+    from megavit.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megavit.parallel.weight_grad import WeightGradStore, defer_weight_gradients
+
+    group = Group.single("tp", CommStats())
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = ColumnParallelLinear(6, [4, 4], group, bias=[True, False])
+            self.down = RowParallelLinear([4, 4], 6, group)
+
+        def forward(self, x):
+            a, b = self.up.forward_groups(x, [1, 1])
+            y = self.down.forward_groups([torch.tanh(a), b])
+            a2, b2 = self.up.forward_groups(y, [1, 1])          # `up` used a second time
+            return self.down.forward_groups([a2, b2 * a2])
+
+    torch.manual_seed(0)
+    model = Twice()
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 2, 6)
+    x1 = x.clone().requires_grad_()
+    model(x1).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    hooks = {n: 0 for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda p, n=n: hooks.__setitem__(n, hooks[n] + (p.grad is not None)))
+    store = WeightGradStore()
+    assert defer_weight_gradients(model, store) == 2
+    x2 = x.clone().requires_grad_()
+    with store.input_gradients_only((0, 0)):
+        model(x2).square().sum().backward()
+    assert torch.allclose(x2.grad, x1.grad, rtol=1e-6, atol=1e-6)
+    assert model.up.weight.grad is None and model.down.weight.grad is None
+    assert model.up.bias.grad is not None                     # biases stay in B
+    assert store.pending == 1
+    assert store.run((0, 0)) == 2 and store.pending == 0      # two weights, one call each
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, plain[n], rtol=1e-5, atol=1e-6), n
+        assert hooks[n] == 1, (n, hooks[n])

@@ -43,6 +43,7 @@ PP2, PP4 = {"pipeline_model_parallel_size": 2}, {"pipeline_model_parallel_size":
 OVERLAP = {"overlap_grad_reduce": True, "ddp_bucket_size": 3000}
 ZERO1 = {"use_distributed_optimizer": True, "ddp_bucket_size": 3000}
 FULL = {"data_parallel_sharding_strategy": "full"}     # FSDP2 under megavit's TP / PP
+ZB = {"pipeline_schedule": "zb-h1"}                    # backward split into B and W
 # name: (world size, TP size, ParallelConfig overrides, blocks). The "vit22b" variant has 25
 # tokens and the "classic" one 17, so every SP layout also covers sequences not divisible by
 # TP (padded and masked), through both block types and both the MAP and CLS heads. Pipeline
@@ -75,6 +76,14 @@ LAYOUTS = {
     "dp2_distopt_overlap": (2, 1, {**ZERO1, **OVERLAP}, 2),
     "tp2_dp2_sp_distopt_overlap": (4, 2, {**SP, **ZERO1, **OVERLAP}, 2),
     "pp2_dp2_distopt_overlap": (4, 1, {**PP2, **ZERO1, **OVERLAP}, 4),
+    "pp2_zb": (2, 1, {**PP2, **ZB}, 4),
+    "pp4_zb": (4, 1, {**PP4, **ZB}, 4),
+    "pp2_tp2_sp_selective_zb": (4, 2, {**PP2, **SP, **ZB, "recompute_granularity": "selective"},
+                                4),
+    "pp2_dp2_zb_full_recompute_overlap": (4, 1, {**PP2, **ZB, **OVERLAP,
+                                                 "recompute_granularity": "full",
+                                                 "recompute_method": "uniform",
+                                                 "recompute_num_layers": 1}, 4),
     "dp2_full": (2, 1, FULL, 2),
     "tp2_dp2_sp_selective_full": (4, 2, {**SP, **FULL, "recompute_granularity": "selective"},
                                   2),

@@ -36,6 +36,17 @@ class ParallelConfig:
             "(P-1)/(v*m+P-1) instead of (P-1)/(m+P-1)); micro-batches must be a multiple of P."
         ),
     )
+    pipeline_schedule: str = field(
+        default="auto",
+        metadata=opt(
+            "The pipeline schedule: 'auto' (interleaved 1F1B with "
+            "--num-layers-per-virtual-pipeline-stage, else 1F1B), '1f1b', 'interleaved', or "
+            "'zb-h1' (zero bubble H1: each backward split into the input gradient and the "
+            "linear layers' weight gradient, which fills 1F1B's bubble; bubble about a third "
+            "of 1F1B's at the same activation memory on stage 0; one chunk per stage).",
+            choices=("auto", "1f1b", "interleaved", "zb-h1"),
+        ),
+    )
     num_layers_in_first_pipeline_stage: int | None = field(
         default=None,
         metadata=opt(

@@ -164,6 +164,21 @@ def _check_parallel(p: ParallelConfig, m: ModelConfig) -> list[str]:
     problems += _check_recompute(p, m.num_layers)
     if p.sequence_parallel_regather and not p.sequence_parallel:
         problems.append("--sequence-parallel-regather needs --sequence-parallel")
+    virtual = p.num_layers_per_virtual_pipeline_stage is not None
+    if p.pipeline_schedule == "zb-h1" and virtual:
+        problems.append("--pipeline-schedule zb-h1 runs one chunk per stage: drop "
+                        "--num-layers-per-virtual-pipeline-stage")
+    if p.pipeline_schedule == "interleaved" and not virtual:
+        problems.append("--pipeline-schedule interleaved needs "
+                        "--num-layers-per-virtual-pipeline-stage")
+    if p.pipeline_schedule == "1f1b" and virtual:
+        problems.append("--pipeline-schedule 1f1b: --num-layers-per-virtual-pipeline-stage "
+                        "makes it interleaved; drop one of them")
+    if p.pipeline_schedule == "zb-h1" and p.data_parallel_sharding_strategy == "full":
+        problems.append("--pipeline-schedule zb-h1 with --data-parallel-sharding-strategy "
+                        "full: FSDP2 reduce-scatters a block's gradients when its backward "
+                        "ends, before the deferred weight gradients exist; use one or the "
+                        "other")
     if p.data_parallel_sharding_strategy == "full":
         for flag, on in (("--use-distributed-optimizer", p.use_distributed_optimizer),
                          ("--overlap-grad-reduce", p.overlap_grad_reduce),

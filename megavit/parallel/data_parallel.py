@@ -142,6 +142,8 @@ class DataParallelBuffers:
             bucket.handle, bucket.launched = None, False
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        if p.grad is None:   # a backward that left this gradient to a later pass (zero
+            return           # bubble's W: `weight_grad.py`), which calls this hook again
         bucket = self.bucket_of[id(p)]
         if bucket.launched:
             # e.g. a parameter used both inside and outside a recomputed region gets two

@@ -104,7 +104,8 @@ class ColumnParallelLinear(nn.Module):
             rows.append(sum(self.local_segments[first:first + n]))
             biases.append(self._group_bias(first, n))
             first += n
-        return column_linear(x, self.weight, self.group, rows, biases, self.sequence_parallel)
+        return column_linear(x, self.weight, self.group, rows, biases, self.sequence_parallel,
+                             getattr(self, "weight_grads", None))
 
     def extra_repr(self) -> str:
         return (f"in={self.weight.shape[1]}, out_segments={self.segments}, "
@@ -165,9 +166,10 @@ class RowParallelLinear(nn.Module):
         if sum(cols) != self.weight.shape[1]:
             raise ValueError(f"inputs of widths {cols} do not match the local weight "
                              f"{tuple(self.weight.shape)}")
+        store = getattr(self, "weight_grads", None)   # zero bubble: see weight_grad.py
         if t == 1:
-            return row_linear(inputs, self.weight, cols, self.bias)
-        y = row_linear(inputs, self.weight, cols)
+            return row_linear(inputs, self.weight, cols, self.bias, store)
+        y = row_linear(inputs, self.weight, cols, weight_grads=store)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel(y, self.group)
         else:

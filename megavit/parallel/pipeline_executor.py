@@ -20,11 +20,16 @@ channel carries one direction only, in the same order on both ends, this cannot 
 
 With one stage (P = 1) the schedule is F0 B0 F1 B1 ...: this is also megavit's gradient
 accumulation, so every layout runs the same code.
+
+A zero-bubble schedule adds W actions: its B runs backward with the linear layers' weight
+gradients deferred (`weight_grad.WeightGradStore`, given as `weight_grads`) and its W
+computes them; the micro-batch's activations are counted as held until W.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -34,6 +39,7 @@ from megavit.parallel.comm import Group
 from megavit.parallel.memory import SavedTensorMeter
 from megavit.parallel.pipeline_layout import PipelineLayout
 from megavit.parallel.schedules import Action
+from megavit.parallel.weight_grad import WeightGradStore
 
 # (chunk, mb, input or None, meter or None) -> output; enter the meter around what to measure
 ForwardFn = Callable[[int, int, "torch.Tensor | None", "SavedTensorMeter | None"], torch.Tensor]
@@ -80,9 +86,11 @@ class PipelineExecutor:
     `channels` (ParallelState.pp_channels; empty with one stage)."""
 
     def __init__(self, layout: PipelineLayout, stage: int, channels: dict[str, Group],
-                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device, dtype: torch.dtype = torch.float32,
+                 weight_grads: WeightGradStore | None = None) -> None:
         self.layout, self.stage, self.channels = layout, stage, channels
         self.device, self.dtype = device, dtype
+        self.weight_grads = weight_grads     # set: the zero-bubble schedule (B / W apart)
         self._sends: list = []
         self._idle = 0.0
 
@@ -116,9 +124,16 @@ class PipelineExecutor:
         stash: dict[tuple[int, int], tuple] = {}
         stats, live = StepStats(), 0
         stats.started, self._idle = time.monotonic(), 0.0
+        split = any(a.kind == "W" for a in actions)
+        if split and self.weight_grads is None:
+            raise ValueError("a schedule with W passes needs the executor's weight_grads store")
         for a in actions:
-            recv, send = messages(a, layout, stage)
             key = (a.micro_batch, a.chunk)
+            if a.kind == "W":
+                self.weight_grads.run(key)
+                live -= stats.saved_bytes.get(key, 0)
+                continue
+            recv, send = messages(a, layout, stage)
             last = layout.is_last(stage, a.chunk)
             if a.kind == "F":
                 x = None
@@ -141,13 +156,13 @@ class PipelineExecutor:
                     stash[key] = (x, y)
             else:
                 x, y = stash.pop(key)
-                if recv is None:
-                    torch.autograd.backward(y)
-                else:
-                    torch.autograd.backward(y, self._receive(recv, torch.empty_like(y)))
+                grad = None if recv is None else self._receive(recv, torch.empty_like(y))
+                with (self.weight_grads.input_gradients_only(key) if split else nullcontext()):
+                    torch.autograd.backward(y, grad)
                 if send is not None:   # a chunk that ignores its input still answers
                     self._send(send, x.grad if x.grad is not None else torch.zeros_like(x))
-                live -= stats.saved_bytes.get(key, 0)
+                if not split:
+                    live -= stats.saved_bytes.get(key, 0)
         start = time.perf_counter()
         for w in self._sends:
             w.wait()

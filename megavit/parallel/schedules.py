@@ -10,9 +10,9 @@ printed, simulated and tested.
     schedule_interleaved(m, P, k, v)    Megatron's interleaved 1F1B over v chunks per stage
     schedule_forward_only(m, P, k, v)   every forward, in the interleaved order (evaluation)
     schedule_zb_h1(m, P, k)             zero bubble H1 (Qi et al. 2023): each backward split
-                                        into B (input gradient) and W (weight gradient); W
-                                        passes fill 1F1B's bubble at 1F1B's memory (printed
-                                        and simulated; the executor does not run W apart yet)
+                                        into B (input gradient) and W (weight gradient,
+                                        `weight_grad.py`); W passes fill 1F1B's bubble at
+                                        1F1B's memory (--pipeline-schedule zb-h1)
 
 With P = 1 the 1F1B list is F0 B0 F1 B1 ...: plain gradient accumulation.
 
@@ -91,10 +91,15 @@ def schedule_forward_only(num_microbatches: int, stages: int, stage: int,
 
 
 def build_schedule(num_microbatches: int, stages: int, stage: int, chunks: int = 1,
-                   forward_only: bool = False) -> list[Action]:
-    """The schedule megavit runs for this stage."""
+                   forward_only: bool = False, zero_bubble: bool = False) -> list[Action]:
+    """The schedule megavit runs for this stage (`zero_bubble`: ZB-H1, one chunk only)."""
     if forward_only:
         return schedule_forward_only(num_microbatches, stages, stage, chunks)
+    if zero_bubble:
+        if chunks > 1:
+            raise ScheduleError("--pipeline-schedule zb-h1 runs one chunk per stage: drop "
+                                "--num-layers-per-virtual-pipeline-stage")
+        return schedule_zb_h1(num_microbatches, stages, stage)
     if chunks > 1:
         return schedule_interleaved(num_microbatches, stages, stage, chunks)
     return schedule_1f1b(num_microbatches, stages, stage)

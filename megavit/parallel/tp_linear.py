@@ -41,8 +41,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 class _ColumnLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, group, rows, sp_mode, *biases):
-        ctx.group, ctx.rows, ctx.sp_mode = group, rows, sp_mode
+    def forward(ctx, x, weight, group, rows, sp_mode, store, *biases):
+        ctx.group, ctx.rows, ctx.sp_mode, ctx.store = group, rows, sp_mode, store
         full = group.all_gather(x) if sp_mode else x          # [s/t, b, h] -> [s, b, h]
         ctx.save_for_backward(x if sp_mode == "regather" else full, weight)
         x2, lead = _flat(full), full.shape[:-1]
@@ -86,26 +86,35 @@ class _ColumnLinear(torch.autograd.Function):
             gather.wait()
         dweight = None
         if ctx.needs_input_grad[1]:
-            x2 = _flat(full)
-            dweight = torch.empty_like(weight)
-            r = 0
-            for n, g in zip(ctx.rows, grads):
-                if g is None:
-                    dweight[r:r + n].zero_()
-                else:
-                    torch.mm(g.t(), x2, out=dweight[r:r + n])
-                r += n
-        dbiases = [g.sum(0) if (g is not None and ctx.needs_input_grad[5 + i]) else None
+            rows = ctx.rows
+
+            def weight_grad() -> torch.Tensor:
+                x2 = _flat(full)
+                out = torch.empty_like(weight)
+                r = 0
+                for n, g in zip(rows, grads):
+                    if g is None:
+                        out[r:r + n].zero_()
+                    else:
+                        torch.mm(g.t(), x2, out=out[r:r + n])
+                    r += n
+                return out
+
+            if ctx.store is not None and ctx.store.deferring:
+                ctx.store.put(weight, weight_grad)     # the W pass computes it
+            else:
+                dweight = weight_grad()
+        dbiases = [g.sum(0) if (g is not None and ctx.needs_input_grad[6 + i]) else None
                    for i, g in enumerate(grads)]
         if work is not None:
             work.wait()
-        return (dx, dweight, None, None, None, *dbiases)
+        return (dx, dweight, None, None, None, None, *dbiases)
 
 
 class _RowLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, bias, cols, *inputs):
-        ctx.cols = cols
+    def forward(ctx, weight, bias, cols, store, *inputs):
+        ctx.cols, ctx.store = cols, store
         ctx.has_bias = bias is not None
         ctx.save_for_backward(weight, *inputs)
         out = inputs[0].new_empty(*inputs[0].shape[:-1], weight.shape[0])
@@ -125,37 +134,53 @@ class _RowLinear(torch.autograd.Function):
     def backward(ctx, grad):
         weight, *inputs = ctx.saved_tensors
         g = _flat(grad)
-        dweight = torch.empty_like(weight) if ctx.needs_input_grad[0] else None
+        cols = ctx.cols
         dinputs, c = [], 0
-        for i, (n, x) in enumerate(zip(ctx.cols, inputs)):
+        for i, (n, x) in enumerate(zip(cols, inputs)):
             w = weight[:, c:c + n]
-            dinputs.append((g @ w).view(x.shape) if ctx.needs_input_grad[3 + i] else None)
-            if dweight is not None:
-                torch.mm(g.t(), _flat(x), out=dweight[:, c:c + n])
+            dinputs.append((g @ w).view(x.shape) if ctx.needs_input_grad[4 + i] else None)
             c += n
+
+        def weight_grad() -> torch.Tensor:
+            out, c = torch.empty_like(weight), 0
+            for n, x in zip(cols, inputs):
+                torch.mm(g.t(), _flat(x), out=out[:, c:c + n])
+                c += n
+            return out
+
+        dweight = None
+        if ctx.needs_input_grad[0]:
+            if ctx.store is not None and ctx.store.deferring:
+                ctx.store.put(weight, weight_grad)     # the W pass computes it
+            else:
+                dweight = weight_grad()
         dbias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return (dweight, dbias, None, *dinputs)
+        return (dweight, dbias, None, None, *dinputs)
 
 
 def column_linear(x: torch.Tensor, weight: torch.Tensor, group: Group, rows: Sequence[int],
                   biases: Sequence[torch.Tensor | None],
-                  sequence_parallel: SequenceParallelMode | None = None
-                  ) -> tuple[torch.Tensor, ...]:
+                  sequence_parallel: SequenceParallelMode | None = None,
+                  weight_grads=None) -> tuple[torch.Tensor, ...]:
     """Outputs [..., rows[g]] for each consecutive row block of `weight` [sum(rows), in].
 
     `sequence_parallel` None: x [s, b, in] replicated; backward all-reduces dx over `group`.
     "keep" or "regather": x [s/t, b, in] is this rank's sequence shard, all-gathered in
     forward; backward reduce-scatters dx. "keep" saves the gathered input for the weight
     gradient (one all-gather each way); "regather" saves only the shard and all-gathers it
-    again in backward, overlapped with the input gradient (activation memory / t)."""
+    again in backward, overlapped with the input gradient (activation memory / t).
+    `weight_grads`: a `weight_grad.WeightGradStore`; while it defers, backward leaves dW
+    to its W pass."""
     if sequence_parallel not in (None, "keep", "regather"):
         raise ValueError(f"unknown sequence-parallel mode {sequence_parallel!r}")
     if group.size == 1:
         sequence_parallel = None
-    return _ColumnLinear.apply(x, weight, group, tuple(rows), sequence_parallel, *biases)
+    return _ColumnLinear.apply(x, weight, group, tuple(rows), sequence_parallel, weight_grads,
+                               *biases)
 
 
 def row_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, cols: Sequence[int],
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_g inputs[g] @ weight[:, block g]^T (+ bias): [..., out]. No communication."""
-    return _RowLinear.apply(weight, bias, tuple(cols), *inputs)
+               bias: torch.Tensor | None = None, weight_grads=None) -> torch.Tensor:
+    """sum_g inputs[g] @ weight[:, block g]^T (+ bias): [..., out]. No communication.
+    `weight_grads`: as for `column_linear`."""
+    return _RowLinear.apply(weight, bias, tuple(cols), weight_grads, *inputs)

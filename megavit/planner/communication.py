@@ -73,7 +73,8 @@ def step_collective_bytes(cfg: Config, dp: int) -> list[dict[str, int]]:
         params = list(model.parameters())
         full = p.data_parallel_sharding_strategy == "full"
         if full and dp > 1:
-            actions = build_schedule(micro, pp, stage, layout.chunks)
+            actions = build_schedule(micro, pp, stage, layout.chunks,
+                                     zero_bubble=p.pipeline_schedule == "zb-h1")
             gathered, scattered = full_sharding_traffic(full_sharding_units(model, dp), actions,
                                                         pipelined=pp > 1)
             got["dp.all_gather"] += gathered * param_bytes

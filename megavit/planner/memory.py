@@ -173,7 +173,8 @@ def memory_per_stage(cfg: Config, dp: int, held_cache: dict | None = None
             else:
                 cache[key] = (held_parameters(cfg.model, layout, stage, tp), 0)
         held, gathered = cache[key]
-        flight = in_flight(build_schedule(micro_batches, layout.stages, stage, layout.chunks))
+        flight = in_flight(build_schedule(micro_batches, layout.stages, stage, layout.chunks,
+                                          zero_bubble=p.pipeline_schedule == "zb-h1"))
         per_chunk = max(chunk_activation_bytes(cfg.model, setup, layout.chunk_layers(stage, c))
                         for c in range(layout.chunks))
         out.append(StageMemory(stage, held, held * param_bytes, held * grad_bytes,

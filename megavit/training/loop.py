@@ -105,13 +105,20 @@ def layout_lines(run: Run) -> list[str]:
     if layout.stages > 1:
         split = ", ".join(f"{k}: {'+'.join(str(len(layout.chunk_layers(k, c))) for c in range(layout.chunks))}"
                           for k in range(layout.stages))
-        schedule = "interleaved" if layout.chunks > 1 else "1F1B"
-        lines.append(f"pipeline: {layout.stages} stages, {schedule}, blocks per stage {{{split}}}, "
-                     f"{m} micro-batches per step, bubble (P-1)/(v*m+P-1) = "
-                     f"{theoretical_bubble(m, layout.stages, layout.chunks):.3f}")
+        schedule = ("interleaved" if layout.chunks > 1 else
+                    "zero bubble H1" if run.executor.weight_grads is not None else "1F1B")
+        P = layout.stages
+        bubble = (f"bubble (P-1)/(P-1+3m) with F = B = W = {(P - 1) / (P - 1 + 3 * m):.3f} "
+                  f"(1F1B's {theoretical_bubble(m, P):.3f})"
+                  if run.executor.weight_grads is not None else
+                  f"bubble (P-1)/(v*m+P-1) = {theoretical_bubble(m, P, layout.chunks):.3f}")
+        lines.append(f"pipeline: {P} stages, {schedule}, blocks per stage {{{split}}}, "
+                     f"{m} micro-batches per step, {bubble}")
     if cfg.logging.print_schedule:
         lines.append("schedule:\n" + format_schedule(
-            [build_schedule(m, layout.stages, k, layout.chunks) for k in range(layout.stages)],
+            [build_schedule(m, layout.stages, k, layout.chunks,
+                            zero_bubble=run.executor.weight_grads is not None)
+             for k in range(layout.stages)],
             layout.chunks))
     if run.plans is not None:
         budget = cfg.parallel.activation_memory_budget_gb * GIB

@@ -40,9 +40,11 @@ class StagePlan:
 
 
 def plan_stage(cfg: ModelConfig, layout: PipelineLayout, stage: int, num_microbatches: int,
-               setup: ActivationSetup, budget_bytes: float) -> StagePlan:
+               setup: ActivationSetup, budget_bytes: float,
+               zero_bubble: bool = False) -> StagePlan:
     """The fewest recomputed blocks per chunk that keep `stage` under `budget_bytes`."""
-    flight = in_flight(build_schedule(num_microbatches, layout.stages, stage, layout.chunks))
+    flight = in_flight(build_schedule(num_microbatches, layout.stages, stage, layout.chunks,
+                                      zero_bubble=zero_bubble))
     chunks = [layout.chunk_layers(stage, c) for c in range(layout.chunks)]
     blocks = len(chunks[0])
     setup = dataclasses.replace(setup, recompute=None)
@@ -66,6 +68,7 @@ def _size(n: float) -> str:
 
 
 def plan_all_stages(cfg: ModelConfig, layout: PipelineLayout, num_microbatches: int,
-                    setup: ActivationSetup, budget_bytes: float) -> list[StagePlan]:
-    return [plan_stage(cfg, layout, k, num_microbatches, setup, budget_bytes)
+                    setup: ActivationSetup, budget_bytes: float,
+                    zero_bubble: bool = False) -> list[StagePlan]:
+    return [plan_stage(cfg, layout, k, num_microbatches, setup, budget_bytes, zero_bubble)
             for k in range(layout.stages)]

@@ -58,6 +58,7 @@ from megavit.parallel.pipeline_layout import PipelineLayout, PipelineLayoutError
 from megavit.parallel.random import RNGTracker
 from megavit.parallel.schedules import ScheduleError, build_schedule
 from megavit.parallel.state import ParallelState
+from megavit.parallel.weight_grad import WeightGradStore, defer_weight_gradients
 from megavit.training.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megavit.training.lr_schedule import LRSchedule
 from megavit.training.optimizer import MixedPrecisionOptimizer
@@ -192,6 +193,11 @@ def sequence_parallel_mode(cfg: Config) -> str | None:
     return None
 
 
+def zero_bubble(cfg: Config) -> bool:
+    """--pipeline-schedule zb-h1: backward split into B and W passes."""
+    return cfg.parallel.pipeline_schedule == "zb-h1"
+
+
 def recompute_plans(cfg: Config, layout: PipelineLayout, micro_batches: int,
                     sequence_parallel: str | None) -> list[StagePlan] | None:
     """Every stage's plan under --recompute-granularity auto (None otherwise); ConfigError
@@ -202,7 +208,7 @@ def recompute_plans(cfg: Config, layout: PipelineLayout, micro_batches: int,
     setup = ActivationSetup(tp=p.tensor_model_parallel_size, micro_batch=t.micro_batch_size,
                             sequence_parallel=sequence_parallel)
     return plan_all_stages(cfg.model, layout, micro_batches, setup,
-                           p.activation_memory_budget_gb * GIB)
+                           p.activation_memory_budget_gb * GIB, zero_bubble(cfg))
 
 
 def check_schedule(cfg: Config, layout: PipelineLayout, dp_size: int) -> int:
@@ -212,7 +218,7 @@ def check_schedule(cfg: Config, layout: PipelineLayout, dp_size: int) -> int:
     t = cfg.training
     m = t.global_batch_size // (t.micro_batch_size * dp_size)
     try:
-        build_schedule(m, layout.stages, 0, layout.chunks)
+        build_schedule(m, layout.stages, 0, layout.chunks, zero_bubble=zero_bubble(cfg))
     except ScheduleError as e:
         raise ConfigError(str(e)) from None
     p = cfg.parallel
@@ -278,6 +284,10 @@ class Run:
                                  torch.float32 if full else dtype)
         buffers = (fully_sharded_gradients(task, model, cfg, pstate, layout, dtype) if full
                    else gradient_buffers(task.trainable_parameters(model), cfg, pstate))
+        weight_grads = None
+        if zero_bubble(cfg):     # the linear layers defer dW to the schedule's W passes
+            weight_grads = WeightGradStore()
+            defer_weight_gradients(model, weight_grads)
         return cls(
             cfg=cfg, task=task, pstate=pstate, model=model, buffers=buffers,
             optimizer=MixedPrecisionOptimizer(buffers, training, pstate,
@@ -288,7 +298,8 @@ class Run:
             sampler=GlobalBatchSampler(task.train_size, training.global_batch_size,
                                        training.seed),
             layout=layout,
-            executor=PipelineExecutor(layout, stage, pstate.pp_channels, pstate.device, dtype),
+            executor=PipelineExecutor(layout, stage, pstate.pp_channels, pstate.device, dtype,
+                                      weight_grads),
             micro_batches=micro_batches, plans=plans)
 
     @property

@@ -70,7 +70,8 @@ def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
     `apply_head` False: the last chunk hands `on_logits` the pooled features instead."""
     device = pstate.device
     actions = build_schedule(len(micro_batches), executor.layout.stages, executor.stage,
-                             executor.layout.chunks, forward_only)
+                             executor.layout.chunks, forward_only,
+                             zero_bubble=executor.weight_grads is not None)
 
     dtype = executor.dtype
 
