@@ -12,8 +12,10 @@ FLOP count: step = FLOPs / (TFLOP/s x GPUs).
                           model FLOPs (no recomputation counted), DP 48 throughout
 
 What the tables do not say is assumed, the same for every row of a table (micro-batch 1, no
-virtual stages; for the H100 runs sequence parallelism and the distributed optimizer, as
-the README describes its setup); docs/planner.md lists these assumptions.
+virtual stages; for the H100 runs sequence parallelism and the distributed optimizer); the
+README states that the H100 runs overlap DP (--overlap-grad-reduce
+--overlap-param-gather), TP (--tp-comm-overlap) and PP communication with computation, so
+those rows model the overlaps. docs/planner.md lists these assumptions.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def _megatron_h100() -> list[PublishedRun]:
     for name, heads, h, layers, tp, pp, gpus, batch, tflops in rows:
         layout = PlanLayout(tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=1,
                             global_batch=batch, sequence_parallel=tp > 1,
-                            distributed_optimizer=True)
+                            distributed_optimizer=True, overlap_tp_comm=True,
+                            overlap_param_gather=True)
         out.append(PublishedRun("megatron-2024-h100", name, "h100-sxm",
                                 gpt_shape(layers, h, heads, 4096, 131072), layout, tflops,
                                 False))

@@ -22,7 +22,8 @@ The model, per pipeline stage and micro-batch, on one TP rank:
                    alpha-beta ring on NVLink when the TP group fits a node, else the
                    network: all-reduce 2(t-1)/t bytes x beta + 2(t-1) alpha, all-gather and
                    reduce-scatter half of that; not overlapped with compute (megavit does
-                   not overlap them)
+                   not overlap them), or with `overlap_tp_comm` (Megatron's
+                   --tp-comm-overlap) only what outlasts the block's GEMMs
     pipeline       the stages' forward / backward times (the slowest stage's, with one p2p
                    message per chunk boundary each way, on the network when a stage spans
                    whole nodes): (m + (P - 1) / v)(F + B), the makespan the schedule
@@ -31,8 +32,9 @@ The model, per pipeline stage and micro-batch, on one TP rank:
     DP             the gradient reduction (ring all-reduce of the stage's gradients, or
                    reduce-scatter + the parameters' all-gather with the distributed
                    optimizer): with overlap, only what outlasts the last micro-batch's
-                   backward is exposed; the all-gather after the optimizer is exposed
-    full sharding  (FSDP2 / ZeRO-3, on paper: megavit does not run it yet) one unit per
+                   backward is exposed; the all-gather after the optimizer is exposed, or
+                   with `overlap_param_gather` only what outlasts a stage's forward
+    full sharding  (FSDP2 / ZeRO-3, --data-parallel-sharding-strategy full) one unit per
                    block: its parameters all-gathered before its forward and again before
                    its backward in every micro-batch (resharded after forward), its
                    gradients reduce-scattered (fp32) after its backward in every
@@ -106,6 +108,11 @@ class PlanLayout:
     full_sharding: bool = False      # FSDP2 / ZeRO-3 over DP (--data-parallel-sharding-strategy full)
     overlap_grad_reduce: bool = True
     bytes_per_element: int = 2       # activations and parameters (bf16 / fp16: 2)
+    # Megatron's --tp-comm-overlap and --overlap-param-gather (megavit has neither; the
+    # published H100 runs used both): TP collectives hidden under the block's GEMMs, the
+    # ZeRO-1 parameter all-gather under the next step's first forward
+    overlap_tp_comm: bool = False
+    overlap_param_gather: bool = False
 
     @property
     def micro_batches(self) -> int:
@@ -172,6 +179,8 @@ def block_times(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
                             + _ring("reduce_scatter", message, t, alpha, beta))
     else:
         comm = per_block * _ring("all_reduce", message, t, alpha, beta)
+    if layout.overlap_tp_comm:
+        comm = max(0.0, comm - gemms)
     backward = 2 * forward
     if layout.recompute == "full":
         backward += forward + comm
@@ -245,6 +254,8 @@ def predict_step(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
         if layout.distributed_optimizer:
             reduce = _ring("reduce_scatter", grads, dp, alpha, beta)
             gather = _ring("all_gather", params_per_rank * p, dp, alpha, beta)
+            if layout.overlap_param_gather:
+                gather = max(0.0, gather - stage_fwd)
         else:
             reduce = _ring("all_reduce", grads, dp, alpha, beta)
         window = stage_bwd / v if layout.overlap_grad_reduce else 0.0
