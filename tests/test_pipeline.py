@@ -130,6 +130,12 @@ def test_no_schedule_can_deadlock_under_nccl_rules():
         plans = [executor_plan(build_schedule(m, P, k, v, forward_only), layout, k)
                  for k in range(P)]
         assert deadlocks(plans) is None, (P, v, m, forward_only)
+    for P in (2, 3, 4, 5):            # zero bubble H1: W passes send nothing
+        for m in (1, 2, 3, 4, 5, 8, 12):
+            layout = PipelineLayout(P * 2, P, 1)
+            plans = [executor_plan(build_schedule(m, P, k, zero_bubble=True), layout, k)
+                     for k in range(P)]
+            assert deadlocks(plans) is None, ("zb-h1", P, m)
 
 
 def test_the_model_catches_sends_grouped_on_one_communicator():

@@ -70,7 +70,10 @@ class Message(NamedTuple):
 
 def messages(action: Action, layout: PipelineLayout, stage: int) -> tuple[Message | None,
                                                                             Message | None]:
-    """(what `action` receives before it runs, what it sends after), or None for either."""
+    """(what `action` receives before it runs, what it sends after), or None for either (a
+    W pass neither receives nor sends)."""
+    if action.kind == "W":
+        return None, None
     g = layout.global_chunk(stage, action.chunk)
     first, last = layout.is_first(stage, action.chunk), layout.is_last(stage, action.chunk)
     mb = action.micro_batch

@@ -71,36 +71,48 @@ class StageMemory:
                 + self.gathered)
 
 
-def shard_rows(param: torch.Tensor, dp: int, dp_rank: int = 0) -> int:
-    """Elements of `param` that DP rank `dp_rank` holds when FSDP2 shards it along dim 0
-    (rows [r*c, min((r+1)*c, n)), c = ceil(n/dp))."""
-    n = param.shape[0] if param.dim() else 1
-    row = param[0].numel() if param.dim() else 1
+def _rows(shape) -> tuple[int, int]:
+    """(rows, elements per row) of a parameter shape, dim 0 being the rows."""
+    shape = tuple(shape)
+    return (shape[0], int(torch.Size(shape[1:]).numel())) if shape else (1, 1)
+
+
+def shard_rows(param, dp: int, dp_rank: int = 0) -> int:
+    """Elements of a parameter (or its shape) that DP rank `dp_rank` holds when FSDP2
+    shards it along dim 0 (rows [r*c, min((r+1)*c, n)), c = ceil(n/dp))."""
+    n, row = _rows(getattr(param, "shape", param))
     c = -(-n // dp)
     return max(0, min((dp_rank + 1) * c, n) - min(dp_rank * c, n)) * row
 
 
 def padded_elements(params, dp: int) -> int:
-    """What FSDP2 all-gathers (and reduce-scatters) for these parameters: each padded to
-    dp x ceil(rows / dp) rows."""
+    """What FSDP2 all-gathers (and reduce-scatters) for these parameters (or shapes): each
+    padded to dp x ceil(rows / dp) rows."""
     total = 0
     for p in params:
-        n = p.shape[0] if p.dim() else 1
-        total += dp * -(-n // dp) * (p[0].numel() if p.dim() else 1)
+        n, row = _rows(getattr(p, "shape", p))
+        total += dp * -(-n // dp) * row
     return total
 
 
-def full_sharding_units(stage: StageModel, dp: int) -> list[tuple[int, list[int]]]:
-    """Per chunk of `stage`: (the root unit's padded elements — embedding, head and
-    whatever is not in a block —, [each block unit's padded elements]): the units
+def unit_shapes(stage: StageModel) -> list[tuple[list, list[list]]]:
+    """Per chunk of `stage`: (the shapes of the root unit's parameters — embedding, head
+    and whatever is not in a block —, [each block unit's parameter shapes]): the units
     `parallel.full_sharding.apply_full_sharding` makes."""
     out = []
     for chunk in stage.chunks:
-        blocks = [padded_elements(list(b.parameters()), dp) for b in chunk.blocks.values()]
         inside = {id(p) for b in chunk.blocks.values() for p in b.parameters()}
-        out.append((padded_elements([p for p in chunk.parameters() if id(p) not in inside],
-                                    dp), blocks))
+        out.append(([p.shape for p in chunk.parameters() if id(p) not in inside],
+                    [[p.shape for p in b.parameters()] for b in chunk.blocks.values()]))
     return out
+
+
+def full_sharding_units(stage: StageModel | list, dp: int) -> list[tuple[int, list[int]]]:
+    """Per chunk: (the root unit's padded elements, [each block unit's padded elements])
+    at DP size `dp`, from a stage model or its `unit_shapes`."""
+    shapes = unit_shapes(stage) if isinstance(stage, StageModel) else stage
+    return [(padded_elements(root, dp), [padded_elements(b, dp) for b in blocks])
+            for root, blocks in shapes]
 
 
 def stage_on_meta(model: ModelConfig, layout: PipelineLayout, stage: int, tp: int,
@@ -160,19 +172,21 @@ def memory_per_stage(cfg: Config, dp: int, held_cache: dict | None = None
     cache = held_cache if held_cache is not None else {}
     out = []
     for stage in range(layout.stages):
-        key = (layout, stage, tp, dp if full else None)
-        if key not in cache:
-            if full:
-                model = stage_on_meta(cfg.model, layout, stage, tp)
-                units = full_sharding_units(model, dp)
-                # under pipelining every unit stays gathered from forward to backward;
-                # otherwise the root and one block at a time (plus the next, prefetched)
-                peak = (sum(r + sum(b) for r, b in units) if layout.stages > 1 else
+        key = (layout, stage, tp)
+        if key not in cache:      # the stage built once: its parameters' shapes by unit
+            shapes = unit_shapes(stage_on_meta(cfg.model, layout, stage, tp))
+            cache[key] = (sum(_rows(q)[0] * _rows(q)[1] for root, blocks in shapes
+                              for q in [*root, *(x for b in blocks for x in b)]), shapes)
+        held, shapes = cache[key]
+        gathered = 0
+        if full:
+            held = sum(shard_rows(q, dp) for root, blocks in shapes
+                       for q in [*root, *(x for b in blocks for x in b)])
+            units = full_sharding_units(shapes, dp)
+            # under pipelining every unit stays gathered from forward to backward;
+            # otherwise the root and one block at a time (plus the next, prefetched)
+            gathered = (sum(r + sum(b) for r, b in units) if layout.stages > 1 else
                         max(r + 2 * max(b, default=0) for r, b in units))
-                cache[key] = (sum(shard_rows(q, dp) for q in model.parameters()), peak)
-            else:
-                cache[key] = (held_parameters(cfg.model, layout, stage, tp), 0)
-        held, gathered = cache[key]
         flight = in_flight(build_schedule(micro_batches, layout.stages, stage, layout.chunks,
                                           zero_bubble=p.pipeline_schedule == "zb-h1"))
         per_chunk = max(chunk_activation_bytes(cfg.model, setup, layout.chunk_layers(stage, c))

@@ -35,8 +35,9 @@ The model, per pipeline stage and micro-batch, on one TP rank:
                    backward is exposed; the all-gather after the optimizer is exposed, or
                    with `overlap_param_gather` only what outlasts a stage's forward
     full sharding  (FSDP2 / ZeRO-3, --data-parallel-sharding-strategy full) one unit per
-                   block: its parameters all-gathered before its forward and again before
-                   its backward in every micro-batch (resharded after forward), its
+                   block: its parameters all-gathered before its forward and, without
+                   pipelining, again before its backward in every micro-batch (resharded
+                   after forward; under PP kept from forward to backward), its
                    gradients reduce-scattered (fp32) after its backward in every
                    micro-batch; each prefetched under the previous block's compute, so
                    only what outlasts it is exposed
@@ -239,8 +240,11 @@ def predict_step(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
         unit = fsdp_unit(shape, t)
         gather = _ring("all_gather", unit * p, dp, alpha, beta)
         scatter = _ring("reduce_scatter", unit * 4, dp, alpha, beta)
+        # under PP the units stay gathered from forward to backward (megavit's FSDP2
+        # units: no reshard after forward; communication.full_sharding_traffic counts it)
+        again = 0.0 if pp > 1 else gather
         wait_fwd = layers_per_stage * max(0.0, gather - fwd - comm)
-        wait_bwd = layers_per_stage * max(0.0, gather + scatter - bwd - comm)
+        wait_bwd = layers_per_stage * max(0.0, again + scatter - bwd - comm)
         stage_fwd += wait_fwd
         stage_bwd += wait_bwd
         fsdp = m * (wait_fwd + wait_bwd)
