@@ -141,6 +141,12 @@ def model_flops(shape: TransformerShape, samples: int, recompute: str = "none") 
     return 3 * forward + extra
 
 
+def element_bytes(layout: "PlanLayout", precision: str) -> int:
+    """Bytes per activation / parameter element: 4 in fp32 (whatever the layout says),
+    else the layout's (2 for bf16 / fp16)."""
+    return 4 if precision == "fp32" else layout.bytes_per_element
+
+
 def _gemm(m: float, n: float, k: float, peak: float, eff: Efficiency) -> float:
     smallest = min(m, n, k)
     return 2 * m * n * k / (peak * eff.gemm_max * smallest / (smallest + eff.gemm_half))
@@ -160,7 +166,7 @@ def block_times(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
     """(forward, backward, TP communication each way) seconds of one block on one
     micro-batch on one TP rank; the backward includes recomputation."""
     t, b, s, h, f = layout.tp, layout.micro_batch, shape.seq, shape.hidden, shape.ffn
-    peak, p = gpu.peak_flops(precision), layout.bytes_per_element
+    peak, p = gpu.peak_flops(precision), element_bytes(layout, precision)
     T = s * b
     if shape.block_type == "parallel":
         gemms = _gemm(T, (3 * h + f) / t, h, peak, eff) + _gemm(T, h, (h + f) / t, peak, eff)
@@ -218,7 +224,7 @@ def predict_step(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
                          f"batch {layout.micro_batch} x DP {dp}")
     fwd, bwd, comm = block_times(shape, layout, gpu, gpus_per_node, eff, precision)
     layers_per_stage = -(-shape.layers // pp)
-    peak, p = gpu.peak_flops(precision), layout.bytes_per_element
+    peak, p = gpu.peak_flops(precision), element_bytes(layout, precision)
     b = layout.micro_batch
     head = _gemm(shape.head_tokens * b, shape.head_out / t, shape.hidden, peak, eff) \
         if shape.head_out else 0.0
