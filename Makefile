@@ -58,9 +58,13 @@ quickstart-distill: $(VENV)/.installed-base
 # timm next to megavit, without touching .venv (installing timm there would replace its torch)
 venv-timm: $(TIMM_VENV)/.installed-timm
 
+# Two pytest workers (pytest-xdist), each taking whole test files (a file's process groups
+# and cached serial references stay in one worker); the longest files go first.
+HEAVY_TESTS = tests/test_tensor_parallel.py tests/test_launch.py tests/test_quickstart.py \
+	tests/test_distillation.py tests/test_fault_tolerance.py
 test: $(VENV)/.installed-test $(TIMM_VENV)/.installed-timm
 	PATH="$(abspath $(VENV))/bin:$$PATH" MEGAVIT_TIMM_PYTHON="$(abspath $(TIMM_VENV))/bin/python" \
-		$(PY) -m pytest -q tests
+		$(PY) -m pytest -q -n 2 --dist loadfile $(HEAVY_TESTS) tests
 
 # timm needs torchvision, which only loads beside torch 2.14.1 here (a 5.5 GB CUDA build
 # that also runs on CPU; ~70 s to install): a separate venv, so the main one stays small.

@@ -15,6 +15,7 @@ import torch
 from megavit.config import Config, DataConfig, TrainingConfig, preset_model_config
 from megavit.models.transformer import (ForwardContext, MAPHead, ParallelBlock, Runtime,
                                         SequentialBlock)
+from megavit.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megavit.parallel.full_sharding import CollectiveBytes, local_numel as local_tensor_numel
 from megavit.parallel.sharding import full_state, initialize_parameters
 from megavit.parallel.state import ParallelState, serial_state
@@ -80,6 +81,11 @@ def train_steps(pstate: ParallelState, cfg: Config, steps: int = 2,
     out["held_parameters"] = sum(local_tensor_numel(p) for p in run.model.parameters())
     out["bytes_per_parameter"] = run.optimizer.bytes_per_parameter()
     out["weights"] = uncounted(pstate, full_state, run.model, pstate.tp)
+    store = run.executor.weight_grads          # zero bubble: dW computed in W passes
+    out["deferred_weight_grads"] = store.computed if store is not None else 0
+    out["linear_weights"] = sum(1 for m in run.model.modules()
+                                if isinstance(m, (ColumnParallelLinear, RowParallelLinear)))
+    out["micro_batches"] = run.micro_batches
     return out
 
 

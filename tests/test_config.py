@@ -156,6 +156,9 @@ BAD = [
      "--pipeline-schedule zb-h1 runs one chunk per stage"),
     (dict(parallel={"pipeline_schedule": "zb-h1", "data_parallel_sharding_strategy": "full"}),
      2, "--pipeline-schedule zb-h1 with --data-parallel-sharding-strategy full"),
+    (dict(parallel={"data_parallel_sharding_strategy": "full"},
+          training={"freeze_backbone": True}, checkpoint={"pretrained_checkpoint": "/x"}), 2,
+     "--freeze-backbone with --data-parallel-sharding-strategy full"),
     (dict(parallel={"data_parallel_sharding_strategy": "full"}), 1,
      "--data-parallel-sharding-strategy full shards over the data-parallel ranks, but there "
      "is 1"),

@@ -192,12 +192,12 @@ def test_the_gpu_checks_megavit_run_trains_saves_and_resumes(tmp_path):
     assert got["nvml"] is False and got["peak_gib"] is None      # no GPU: no NVML fields
 
 
-def test_full_sharding_on_paper_shards_the_state_and_pays_gathers(tmp_path):
-    """With full sharding (FSDP, on paper) the parameters, gradients and optimizer state
-    are 1/DP shards plus two gathered blocks' parameters and one block's fp32 gradients
-    (the same unit the time model gathers, also under PP); the gathers cost time only
-    where the network is slower than a block's compute; the search lists such layouts only
-    when asked."""
+def test_full_sharding_plans_shard_the_state_and_pay_gathers(tmp_path):
+    """With full sharding (--data-parallel-sharding-strategy full) the parameters,
+    gradients and optimizer state are fp32 1/DP shards (memory.py, as FSDP2 cuts them),
+    plus the gathered bf16 units (every unit of the stage under PP, else the root and two
+    blocks); the gathers cost time only where the network is slower than a block's
+    compute; the search lists such layouts only when asked."""
     from megavit.config import parse_args
     from megavit.planner.search import PlannedModel, layouts, memory_of
     from megavit.planner.step_time import PlanLayout, fsdp_unit, predict_step

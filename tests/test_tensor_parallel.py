@@ -76,10 +76,10 @@ LAYOUTS = {
     "dp2_distopt_overlap": (2, 1, {**ZERO1, **OVERLAP}, 2),
     "tp2_dp2_sp_distopt_overlap": (4, 2, {**SP, **ZERO1, **OVERLAP}, 2),
     "pp2_dp2_distopt_overlap": (4, 1, {**PP2, **ZERO1, **OVERLAP}, 4),
-    "pp2_zb": (2, 1, {**PP2, **ZB}, 4),
     "pp4_zb": (4, 1, {**PP4, **ZB}, 4),
-    "pp2_tp2_sp_selective_zb": (4, 2, {**PP2, **SP, **ZB, "recompute_granularity": "selective"},
-                                4),
+    "pp2_tp2_sp_regather_selective_zb": (4, 2, {**PP2, **SP, **ZB,
+                                                "sequence_parallel_regather": True,
+                                                "recompute_granularity": "selective"}, 4),
     "pp2_dp2_zb_full_recompute_overlap": (4, 1, {**PP2, **ZB, **OVERLAP,
                                                  "recompute_granularity": "full",
                                                  "recompute_method": "uniform",
@@ -384,6 +384,18 @@ def test_pipeline_point_to_point_traffic(layout):
         for g in got:   # every message is one activation (or its gradient)
             assert g["comm_bytes"].get("pp.send", 0) == g["comm"].get("pp.send", 0) * message
             assert g["comm_bytes"].get("pp.recv", 0) == g["comm"].get("pp.recv", 0) * message
+
+
+@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n.endswith("zb") or "_zb_" in n],
+                         indirect=True)
+def test_zero_bubble_gives_every_weight_gradient_in_a_w_pass(layout):
+    """Under ZB-H1 each tensor-parallel linear weight of a stage gets its gradient from a W
+    pass once per micro-batch (and the results above equal the serial run's)."""
+    name, _, results = layout
+    for variant in VARIANTS:
+        for rank, got in enumerate(results[variant]):
+            assert got["deferred_weight_grads"] == \
+                2 * got["micro_batches"] * got["linear_weights"] > 0, (name, variant, rank)
 
 
 def test_the_planner_counts_what_each_rank_holds(layout):

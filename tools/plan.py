@@ -105,6 +105,9 @@ def plan(args: argparse.Namespace, rest: list[str]) -> int:
         if args.num_gpus % (tp * pp):
             raise ConfigError(f"--num-gpus {args.num_gpus} is not a multiple of TP {tp} x "
                               f"PP {pp}")
+        if par.pipeline_schedule == "zb-h1":
+            raise ConfigError("--pipeline-schedule zb-h1: the planner's step time models "
+                              "1F1B and interleaved schedules only; plan without it")
         if par.recompute_granularity == "auto":
             raise ConfigError("--recompute-granularity auto: plan none, selective or full")
         if par.recompute_granularity == "full" and (par.recompute_method == "block" or

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="model chunks per stage (interleaved schedule when > 1; default 1)")
     p.add_argument("--schedule", choices=("1f1b", "zb-h1"), default="1f1b",
                    help="'1f1b' (interleaved with --virtual-stages) or 'zb-h1': zero bubble "
-                        "H1, each backward split into B and W (printed and simulated only: "
-                        "training does not run it yet)")
+                        "H1, each backward split into B and W (training: --pipeline-schedule "
+                        "zb-h1)")
     args = p.parse_args(argv)
     P, m, v = args.pipeline_model_parallel_size, args.micro_batches, args.virtual_stages
     for flag, value in (("--pipeline-model-parallel-size", P), ("--micro-batches", m),

@@ -214,7 +214,9 @@ def resume_training_state(run: Checkpointable, latest: Path, info: Callable[[str
     description = run.describe()
     check_pieces(latest, serial_meta_model(description, 1), prefix="model/")
     saved_info = read_checkpoint_info(latest)
-    saved = saved_info["layout"]
+    # the dropout streams follow the rank layout; a checkpoint from before the sharding
+    # strategy was recorded used the default one
+    saved = {"sharding": "optimizer", **saved_info["layout"]}
     same = saved == description["layout"]
     iteration = load_training_state(run, latest, same_layout=same)
     for note in (preprocessing_change(saved_info, description),

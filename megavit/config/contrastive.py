@@ -341,6 +341,13 @@ def _check_two_tower_layout(base: Config, world_size: int) -> list[str]:
         problems.append("--layer-decay and --freeze-backbone fine-tune megavit.pretrain's "
                         "classifier; a two-tower run locks its image tower with "
                         "--lock-image-tower (LiT)")
+    if parallel.pipeline_schedule in ("zb-h1", "interleaved"):
+        problems.append(f"--pipeline-schedule {parallel.pipeline_schedule}: the two-tower "
+                        "pipeline runs one micro-batch per step, with nothing for another "
+                        "schedule to overlap; leave it at auto")
+    if parallel.data_parallel_sharding_strategy == "full":
+        problems.append("--data-parallel-sharding-strategy full: the two-tower model is not "
+                        "fully sharded yet; use --use-distributed-optimizer")
     if parallel.recompute_granularity == "auto":
         problems.append("--recompute-granularity auto plans megavit.pretrain's pipeline "
                         "stages; for two towers choose selective or full (with "

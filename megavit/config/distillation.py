@@ -165,6 +165,10 @@ def validate_distillation(cfg: DistillationRunConfig, world_size: int = 1) -> No
                         "directory (or --distill-cache, a cache of its logits)")
     elif d.teacher_checkpoint and not Path(d.teacher_checkpoint).is_dir():
         problems.append(f"--teacher-checkpoint {d.teacher_checkpoint}: no such directory")
+    if cfg.base.parallel.data_parallel_sharding_strategy == "full":
+        problems.append("--data-parallel-sharding-strategy full: distillation runs are not fully "
+                        "sharded yet (its extra modules sit outside the FSDP2 units); use "
+                        "--use-distributed-optimizer")
     if not 0.0 <= d.distill_alpha <= 1.0:
         problems.append(f"--distill-alpha {d.distill_alpha}: must be in [0, 1]")
     if not d.distill_temperature > 0.0:

@@ -107,6 +107,10 @@ def validate_segmentation(cfg: SegmentationRunConfig, world_size: int = 1) -> No
     if d.dataset not in SEGMENTATION_DATASETS:
         problems.append(f"--dataset {d.dataset} has one class per image; segmentation needs "
                         f"label maps: {', '.join(SEGMENTATION_DATASETS)}")
+    if cfg.base.parallel.data_parallel_sharding_strategy == "full":
+        problems.append("--data-parallel-sharding-strategy full: segmentation runs are not fully "
+                        "sharded yet (its extra modules sit outside the FSDP2 units); use "
+                        "--use-distributed-optimizer")
     if m.pooling == "map":
         problems.append("--pooling map pools the tokens into one vector; segmentation decodes "
                         "every patch token: use --pooling gap (no class token) or cls")

@@ -352,6 +352,13 @@ def _check_probe(cfg: Config) -> list[str]:
                                              or checkpoint.pretrained_checkpoint):
         return ["--freeze-backbone trains a classifier on a frozen model: give it weights "
                 "with --pretrained-checkpoint DIR (or --load DIR --finetune)"]
+    if cfg.training.freeze_backbone and \
+            cfg.parallel.data_parallel_sharding_strategy == "full":
+        # the probe runs the frozen chunks without autograd and the classifier outside
+        # them: FSDP2 would never reduce-scatter the classifier's gradient
+        return ["--freeze-backbone with --data-parallel-sharding-strategy full: a linear "
+                "probe holds little to shard; use the default strategy "
+                "(--use-distributed-optimizer shards its Adam state)"]
     return []
 
 

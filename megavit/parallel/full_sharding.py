@@ -28,14 +28,20 @@ checkpoint gather a parameter-shaped tensor from the shards (`gather_shards`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from megavit.parallel.comm import Group
+from megavit.parallel.comm import CommStats, Group
 from megavit.parallel.data_parallel import Segment
 from megavit.parallel.partial_grad import has_partial_grad
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 # The attributes megavit hangs on a parameter (TP layout, init, weight decay, partial
 # gradient); fully_shard builds new Parameter objects, so they are copied over.
@@ -55,22 +61,18 @@ class Unit:
     params: list[nn.Parameter]
 
 
-def apply_full_sharding(chunks: list[nn.Module], dp_mesh, param_dtype: torch.dtype,
-                        pipelined: bool) -> list[Unit]:
+def apply_full_sharding(chunks: list[nn.Module], dp_mesh: "DeviceMesh",
+                        param_dtype: torch.dtype, pipelined: bool) -> list[Unit]:
     """`fully_shard` every block of each chunk, then the chunk, on `dp_mesh` (the DP
     dimension of the run's mesh). Parameters must be fp32 (the masters); `param_dtype` is
     what forward and backward compute in. Returns the units, innermost first."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    saved = {id(p): {a: getattr(p, a) for a in _ATTRIBUTES if hasattr(p, a)}
-             for chunk in chunks for p in chunk.parameters()}
-    names = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            names[name] = saved[id(p)]
+    names = {(c, name): {a: getattr(p, a) for a in _ATTRIBUTES if hasattr(p, a)}
+             for c, chunk in enumerate(chunks) for name, p in chunk.named_parameters()}
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     units = []
-    for chunk in chunks:
+    for c, chunk in enumerate(chunks):
         for name, block in chunk.blocks.items():
             fully_shard(block, mesh=dp_mesh, mp_policy=policy,
                         reshard_after_forward=not pipelined)
@@ -85,7 +87,7 @@ def apply_full_sharding(chunks: list[nn.Module], dp_mesh, param_dtype: torch.dty
                     if b is not None and b.is_floating_point():
                         module._buffers[key] = b.to(param_dtype)
         for name, p in chunk.named_parameters():
-            p.__dict__.update(names[name])
+            p.__dict__.update(names[(c, name)])
     return units
 
 
@@ -99,7 +101,7 @@ def row_range(p: torch.Tensor) -> tuple[int, int]:
     n, d = p.shape[0], p.device_mesh.size()
     r = p.device_mesh.get_local_rank()
     chunk = -(-n // d)
-    row = p[0].numel() if p.dim() else 1
+    row = math.prod(p.shape[1:])      # from the shape: indexing a DTensor would gather it
     lo, hi = min(r * chunk, n), min((r + 1) * chunk, n)
     return lo * row, hi * row
 
@@ -118,7 +120,6 @@ class FullyShardedGradients:
                  dp: Group, tp: Group, check_finite: bool = False) -> None:
         self.dp, self.tp, self.check_finite = dp, tp, check_finite
         self.params = [(n, p) for n, p in named_params if p.requires_grad]
-        self.names = {id(p): n for n, p in self.params}
         self.units = units
         self.buckets = units    # what the start-up lines count
         self.offsets: dict[int, int] = {}
@@ -127,14 +128,11 @@ class FullyShardedGradients:
             self.offsets[id(p)] = offset
             offset += p.numel()
         self.numel = offset
-        self.grad_dtype = torch.float32
-        self.microbatches = 1
 
     # ---- the step ----------------------------------------------------------------------
 
     def start_step(self, num_microbatches: int) -> None:
         """Drop last step's gradients; FSDP2 accumulates each micro-batch's shard."""
-        self.microbatches = num_microbatches
         for _, p in self.params:
             p.grad = None
 
@@ -180,8 +178,7 @@ class FullyShardedGradients:
         for _, p in self.params:
             start = self.offsets[id(p)]
             a, b = row_range(p)
-            row = p[0].numel() if p.dim() else 1
-            chunk = -(-p.shape[0] // self.dp.size) * row
+            chunk = -(-p.shape[0] // self.dp.size) * math.prod(p.shape[1:])
             piece = torch.zeros(chunk, dtype=flat.dtype, device=flat.device)
             piece[:b - a].copy_(flat[start + a:start + b])
             whole = self.dp.all_gather(piece)
@@ -234,11 +231,12 @@ class CollectiveBytes:
     other groups are counted by the layer already and are left alone). A torch dispatch mode: enter it
     around the steps to count (tests and benchmarks; training does not)."""
 
-    _OPS = {"_allgather_base_": ("all_gather", 0), "_reduce_scatter_base_":
-            ("reduce_scatter", 1), "allgather_into_tensor_coalesced_": ("all_gather", 0),
-            "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1)}
+    _OPS = MappingProxyType({
+        "_allgather_base_": ("all_gather", 0), "_reduce_scatter_base_": ("reduce_scatter", 1),
+        "allgather_into_tensor_coalesced_": ("all_gather", 0),
+        "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1)})
 
-    def __init__(self, stats, group: Group) -> None:
+    def __init__(self, stats: CommStats, group: Group) -> None:
         """Count the collectives on `group`'s process group (the run's dp group: FSDP2's
         mesh dimension is the same group) under its name."""
         import torch.distributed as dist

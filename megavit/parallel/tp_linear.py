@@ -9,7 +9,8 @@ parameter in autograd would allocate and zero a full-size gradient per slice).
 
     column_linear   forward: y_g = x W_g^T + b_g for each row block W_g of W
                     backward: dx = sum_g dy_g W_g, all-reduced over the TP group while the
-                              weight gradients dW_g = dy_g^T x are computed (overlap);
+                              weight gradients dW_g = dy_g^T x are computed (overlap; under
+                              zero bubble dW waits for the W pass, `weight_grad.py`);
                               this is `copy_to_tp` fused with the matmuls. With sequence
                               parallelism: all-gather x first; backward reduce-scatters dx
     row_linear      forward: y = sum_g x_g W_g^T (+ b) for each column block W_g of W
@@ -22,7 +23,7 @@ Shapes: x [..., in]; activations keep their leading dims; weights are [out, in] 
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 
@@ -33,6 +34,15 @@ SequenceParallelMode = Literal["keep", "regather"]
 all-gathered input of a column-parallel layer for its weight gradient, "regather" saves
 only this rank's shard and all-gathers it again in backward. Row-parallel layers
 reduce-scatter their output in either mode."""
+
+
+class DeferredWeightGrads(Protocol):
+    """What the layers need of `weight_grad.WeightGradStore`: whether dW is deferred now,
+    and where to leave the closure that computes it."""
+
+    deferring: bool
+
+    def put(self, weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> None: ...
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -62,10 +72,13 @@ class _ColumnLinear(torch.autograd.Function):
     def backward(ctx, *grads):
         saved, weight = ctx.saved_tensors
         group, sp_mode = ctx.group, ctx.sp_mode
+        defer = ctx.needs_input_grad[1] and ctx.store is not None and ctx.store.deferring
+        full_shape = (saved.shape[0] * group.size, *saved.shape[1:]) if sp_mode == "regather" \
+            else saved.shape
         gather = None
-        if sp_mode == "regather":   # bring the full input back while dx is computed
+        if sp_mode == "regather" and not defer:   # the full input back while dx is computed
             full, gather = group.all_gather_async(saved)
-        else:
+        else:   # the full input ("keep", no SP), or the shard a deferred dW gathers later
             full = saved
         grads = [_flat(g) if g is not None else None for g in grads]
         dx = work = None
@@ -77,9 +90,9 @@ class _ColumnLinear(torch.autograd.Function):
                     dx = g @ w if dx is None else dx.addmm_(g, w)
                 r += n
             if dx is None:
-                dx = torch.zeros(full.shape[:-1].numel(), full.shape[-1], dtype=full.dtype,
-                                 device=full.device)
-            dx = dx.view(full.shape)
+                dx = torch.zeros(torch.Size(full_shape[:-1]).numel(), full_shape[-1],
+                                 dtype=saved.dtype, device=saved.device)
+            dx = dx.view(full_shape)
             # overlaps the weight gradients below
             dx, work = group.reduce_scatter_async(dx) if sp_mode else (dx, group.all_reduce_async(dx))
         if gather is not None:
@@ -87,9 +100,12 @@ class _ColumnLinear(torch.autograd.Function):
         dweight = None
         if ctx.needs_input_grad[1]:
             rows = ctx.rows
+            gather_in_w = defer and sp_mode == "regather"
 
             def weight_grad() -> torch.Tensor:
-                x2 = _flat(full)
+                # deferred under "regather": W keeps only the shard and gathers it now (every
+                # TP rank runs its W passes in the same order)
+                x2 = _flat(group.all_gather(full) if gather_in_w else full)
                 out = torch.empty_like(weight)
                 r = 0
                 for n, g in zip(rows, grads):
@@ -100,7 +116,7 @@ class _ColumnLinear(torch.autograd.Function):
                     r += n
                 return out
 
-            if ctx.store is not None and ctx.store.deferring:
+            if defer:
                 ctx.store.put(weight, weight_grad)     # the W pass computes it
             else:
                 dweight = weight_grad()
@@ -161,7 +177,8 @@ class _RowLinear(torch.autograd.Function):
 def column_linear(x: torch.Tensor, weight: torch.Tensor, group: Group, rows: Sequence[int],
                   biases: Sequence[torch.Tensor | None],
                   sequence_parallel: SequenceParallelMode | None = None,
-                  weight_grads=None) -> tuple[torch.Tensor, ...]:
+                  weight_grads: DeferredWeightGrads | None = None
+                  ) -> tuple[torch.Tensor, ...]:
     """Outputs [..., rows[g]] for each consecutive row block of `weight` [sum(rows), in].
 
     `sequence_parallel` None: x [s, b, in] replicated; backward all-reduces dx over `group`.
@@ -180,7 +197,8 @@ def column_linear(x: torch.Tensor, weight: torch.Tensor, group: Group, rows: Seq
 
 
 def row_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, cols: Sequence[int],
-               bias: torch.Tensor | None = None, weight_grads=None) -> torch.Tensor:
+               bias: torch.Tensor | None = None,
+               weight_grads: DeferredWeightGrads | None = None) -> torch.Tensor:
     """sum_g inputs[g] @ weight[:, block g]^T (+ bias): [..., out]. No communication.
     `weight_grads`: as for `column_linear`."""
     return _RowLinear.apply(weight, bias, tuple(cols), weight_grads, *inputs)

@@ -32,6 +32,7 @@ class WeightGradStore:
 
     def __init__(self) -> None:
         self.deferring = False
+        self.computed = 0        # weight gradients W passes have given (for tests, logs)
         self._collecting: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = []
         self._queues: dict[Hashable, list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]] = {}
 
@@ -66,6 +67,7 @@ class WeightGradStore:
         if summed:
             weights, grads = zip(*summed.values())
             torch.autograd.backward(list(weights), list(grads))
+        self.computed += len(summed)
         return len(summed)
 
     @property

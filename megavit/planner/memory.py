@@ -14,14 +14,14 @@ against a run (tests/test_tensor_parallel.py does, per layout):
                  without --accumulate-allreduce-grads-in-fp32, as training/run.py builds it)
     optimizer    fp32 Adam moments (8 bytes) and, with 16-bit parameters, fp32 masters
                  (4 bytes), divided by the DP size with --use-distributed-optimizer (ZeRO-1):
-                 (with --data-parallel-sharding-strategy full: this rank's dim-0 shard of
-                 every parameter, as FSDP2 cuts it, held in fp32 for parameters, gradients
-                 and moments: 16 bytes per held element; `gathered` adds the parameters
-                 all-gathered in the compute dtype while units run: under pipelining every
-                 unit of the stage, kept from forward to backward, otherwise the chunk's
-                 root and two blocks)
                  training/optimizer.py's `formula_bytes_per_parameter`, which the run's
                  "memory per trained parameter" line checks against what it allocated
+    full         with --data-parallel-sharding-strategy full the parameters a rank holds
+    sharding     are its dim-0 shards, as FSDP2 cuts them, in fp32 for parameters,
+                 gradients and moments (16 bytes per held element); `gathered` adds the
+                 parameters all-gathered in the compute dtype while units run: under
+                 pipelining every unit of the stage (kept from forward to backward),
+                 otherwise the chunk's root and two blocks
     activations  what the blocks keep for backward per micro-batch (the formula of
                  docs/activation_memory.md, proven against autograd) summed over the stage's
                  blocks, times the chunk-forwards the stage's schedule holds at its peak
@@ -77,7 +77,7 @@ def _rows(shape) -> tuple[int, int]:
     return (shape[0], int(torch.Size(shape[1:]).numel())) if shape else (1, 1)
 
 
-def shard_rows(param, dp: int, dp_rank: int = 0) -> int:
+def shard_rows(param: "torch.Tensor | torch.Size", dp: int, dp_rank: int = 0) -> int:
     """Elements of a parameter (or its shape) that DP rank `dp_rank` holds when FSDP2
     shards it along dim 0 (rows [r*c, min((r+1)*c, n)), c = ceil(n/dp))."""
     n, row = _rows(getattr(param, "shape", param))
@@ -85,7 +85,7 @@ def shard_rows(param, dp: int, dp_rank: int = 0) -> int:
     return max(0, min((dp_rank + 1) * c, n) - min(dp_rank * c, n)) * row
 
 
-def padded_elements(params, dp: int) -> int:
+def padded_elements(params: "list[torch.Tensor] | list[torch.Size]", dp: int) -> int:
     """What FSDP2 all-gathers (and reduce-scatters) for these parameters (or shapes): each
     padded to dp x ceil(rows / dp) rows."""
     total = 0

@@ -179,7 +179,8 @@ def vit_config(cfg: Config, layout: PlanLayout, precision: str = "bf16") -> Conf
         recompute_method="uniform" if layout.recompute == "full" else None,
         recompute_num_layers=1 if layout.recompute == "full" else None,
         use_distributed_optimizer=layout.distributed_optimizer,
-        data_parallel_sharding_strategy="full" if layout.full_sharding else "optimizer")
+        data_parallel_sharding_strategy="full" if layout.full_sharding else "optimizer",
+        pipeline_schedule="auto")           # the planner plans 1F1B / interleaved
     t = dataclasses.replace(cfg.training, micro_batch_size=layout.micro_batch,
                             global_batch_size=layout.global_batch)
     pr = dataclasses.replace(cfg.precision, bf16=precision == "bf16",

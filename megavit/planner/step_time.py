@@ -238,10 +238,10 @@ def predict_step(shape: TransformerShape, layout: PlanLayout, gpu: GpuSpec,
         p2p = v * (alpha + tokens * b * shape.hidden * p * beta)
     fsdp = 0.0
     if layout.full_sharding and dp > 1:
-        # one unit per block: its parameters gathered before its forward and its backward,
-        # its gradients reduce-scattered after its backward in every micro-batch (FSDP2's
-        # default; memory_of charges one unsharded unit of gradients, no more); each
-        # prefetched under the block before, so only what outlasts a block's compute shows
+        # one unit per block: its parameters gathered before its forward (and, without PP,
+        # before its backward), its gradients reduce-scattered after its backward in every
+        # micro-batch (FSDP2's default); each prefetched under the block before, so only
+        # what outlasts a block's compute shows
         alpha, beta = gpu.link(inter_node=t * dp > gpus_per_node)
         unit = fsdp_unit(shape, t)
         gather = _ring("all_gather", unit * p, dp, alpha, beta)

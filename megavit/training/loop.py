@@ -69,11 +69,13 @@ def memory_per_parameter_line(run: Run) -> str:
     mem = run.optimizer.bytes_per_parameter()
     d = run.pstate.dp.size
     if run.buffers.strategy == "full":
-        # fp32 parameter, gradient and two moments, all sharded
+        # fp32 parameter, gradient and two moments, all sharded; ZeRO-1 for comparison
+        sixteen = run.cfg.precision.bf16 or run.cfg.precision.fp16
+        zero1 = formula_bytes_per_parameter(2 if sixteen else 4, 4, sixteen, d)
         return ("memory per trained parameter on this rank: " + " + ".join(
             f"{k} {v:.2f}" for k, v in mem.items()) + f" = {sum(mem.values()):.2f} bytes | "
             f"formula {16 / d:.2f} (parameters, gradients and optimizer sharded over {d}, "
-            f"FSDP2) | ZeRO-1: {formula_bytes_per_parameter(4, 4, False, d):.2f}")
+            f"FSDP2) | ZeRO-1: {zero1:.2f}")
     p_bytes = next(run.model.parameters()).element_size()
     g_bytes = run.buffers.grad_buffer.element_size()
     master = run.optimizer.separate_masters

@@ -341,7 +341,8 @@ class Run:
         return {**self.task.describe(),
                 "layout": {"tp": p.tp.size, "pp": p.pp.size, "dp": p.dp.size,
                            "virtual_stages": self.layout.chunks,
-                           "distributed_optimizer": self.buffers.shard,
+                           "distributed_optimizer": self.buffers.shard
+                           and self.buffers.strategy == "optimizer",
                            "sharding": self.buffers.strategy},
                 "precision": dataclasses.asdict(self.cfg.precision),
                 "schedule": schedule_description(self.cfg.training)}

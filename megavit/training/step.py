@@ -27,6 +27,7 @@ from megavit.config import Config
 from megavit.data.sampler import MicroBatch
 from megavit.errors import RunFailure
 from megavit.parallel.data_parallel import DataParallelBuffers
+from megavit.parallel.full_sharding import FullyShardedGradients
 from megavit.parallel.pipeline_executor import PipelineExecutor, StepStats
 from megavit.parallel.schedules import build_schedule
 from megavit.parallel.state import ParallelState
@@ -91,7 +92,8 @@ def run_micro_batches(stage: nn.Module, executor: PipelineExecutor,
                         loss, forward_only, exclude)
 
 
-def check_finite(total_loss: torch.Tensor, buffers: DataParallelBuffers,
+def check_finite(total_loss: torch.Tensor,
+                 buffers: "DataParallelBuffers | FullyShardedGradients",
                  pstate: ParallelState, iteration: int, last_stage: bool) -> None:
     """Raise NonFiniteError on every rank if any rank saw a NaN/inf loss or gradient (one
     all-reduce over all ranks); the rank that saw it names the tensors."""
@@ -103,9 +105,11 @@ def check_finite(total_loss: torch.Tensor, buffers: DataParallelBuffers,
     if highest:
         where = (f"on rank {pstate.rank} in {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
                  if bad else f"on rank {highest - 1} (this is rank {pstate.rank})")
-        raise NonFiniteError(f"iteration {iteration}: NaN or inf {where}, detected before it "
-                             "was communicated; stopping (--no-check-for-nan-in-loss-and-grad "
-                             "turns this check off)")
+        when = ("detected before it was communicated" if buffers.strategy == "optimizer"
+                else "in the reduced gradient shards (full sharding: the rank named holds "
+                     "it, another may have produced it)")
+        raise NonFiniteError(f"iteration {iteration}: NaN or inf {where}, {when}; stopping "
+                             "(--no-check-for-nan-in-loss-and-grad turns this check off)")
 
 
 class Engine(Protocol):
@@ -132,7 +136,8 @@ def train_step(run: Engine, iteration: int, batch: Any,
     loss times the loss scale), then `finish_step`. `on_gradients`, if given, sees the
     model after the gradients are reduced and before the optimizer: `p.main_grad` holds
     the reduced gradient — with the distributed optimizer only inside this rank's shard of
-    each bucket (elsewhere the local gradient / d)."""
+    each bucket (elsewhere the local gradient / d); fully sharded there is no `main_grad`:
+    each parameter's `.grad` holds this rank's shard of the reduced gradient."""
     lr = run.lr_schedule.lr_at(iteration)
     run.buffers.start_step(run.task.micro_batch_count(batch))
     scale = run.scaler.scale if run.scaler is not None else None
