@@ -30,7 +30,7 @@ from megavit.checkpointing.errors import CheckpointLoadError
 from megavit.checkpointing.model_config import finetune_differences, read_checkpoint_info
 from megavit.checkpointing.model_state import (check_loadable, load_state, model_state_dict,
                                                write_back)
-from megavit.parallel.full_sharding import is_fully_sharded, scatter_into
+from megavit.parallel.full_sharding import assign
 from megavit.checkpointing.pieces import piece_blocks, serial_meta_model
 from megavit.checkpointing.safe_reader import check_checkpoint
 from megavit.models.vit import resize_axis_table, resize_pos_embed
@@ -129,12 +129,8 @@ def load_pretrained_weights(run: Checkpointable, checkpoint: Path,
         old, new = _grid(saved_info["model"]), _grid(current_info["model"])
         for name, table in tables.items():
             axis = next((a for suffix, a in AXIS_TABLES.items() if name.endswith(suffix)), None)
-            resized = (resize_pos_embed(table, old, new) if axis is None
-                       else resize_axis_table(table, new[axis]))
-            if is_fully_sharded(params[name]):
-                scatter_into(params[name], resized)
-            else:
-                params[name].copy_(resized)
+            assign(params[name], resize_pos_embed(table, old, new) if axis is None
+                   else resize_axis_table(table, new[axis]))
     run.optimizer.copy_params_to_masters()
     for note in notes:
         info(note)

@@ -41,7 +41,7 @@ def _keys(run: Checkpointable) -> tuple[str, ...]:
     the checkpoint reads the same as a ZeRO-1 one)."""
     precision = run.cfg.precision
     masters = run.optimizer.separate_masters or (
-        getattr(run.buffers, "strategy", "") == "full" and (precision.bf16 or precision.fp16))
+        run.buffers.strategy == "full" and (precision.bf16 or precision.fp16))
     return MOMENTS + (("master",) if masters else ())
 
 

@@ -48,9 +48,10 @@ if TYPE_CHECKING:
 _ATTRIBUTES = ("tp_shard", "init", "no_weight_decay", "tp_partial_grad")
 
 
-def _dtensor(t) -> bool:
+def is_fully_sharded(p: torch.Tensor) -> bool:
+    """Whether FSDP2 shards parameter `p` (a DTensor on the dp mesh)."""
     from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
+    return isinstance(p, DTensor)
 
 
 @dataclass
@@ -147,10 +148,12 @@ class FullyShardedGradients:
 
     def non_finite(self) -> list[str]:
         """The parameters whose (already reduced) gradient shard holds a NaN or inf."""
-        if not self.check_finite:
+        if not self.check_finite or not self.params:
             return []
-        return [n for n, p in self.params
-                if p.grad is not None and not bool(torch.isfinite(p.grad.to_local()).all())]
+        finite = [torch.isfinite(p.grad.to_local()).all() for _, p in self.params]
+        if bool(torch.stack(finite).all()):     # one host sync on the usual path
+            return []
+        return [n for (n, _), ok in zip(self.params, finite) if not bool(ok)]
 
     # ---- what the optimizer and checkpoints read -----------------------------------------
 
@@ -205,7 +208,7 @@ class FullyShardedGradients:
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
     """The TP-local tensor of parameter `p`: itself, or gathered over dp when FSDP2 shards
     it (a collective on dp)."""
-    return p.detach().full_tensor() if _dtensor(p) else p.detach()
+    return p.detach().full_tensor() if is_fully_sharded(p) else p.detach()
 
 
 @torch.no_grad()
@@ -215,21 +218,27 @@ def scatter_into(p: torch.Tensor, full: torch.Tensor) -> None:
     p.to_local().view(-1).copy_(full.reshape(-1)[a:b])
 
 
-def is_fully_sharded(p: torch.Tensor) -> bool:
-    return _dtensor(p)
+def assign(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Set parameter `p` to the TP-local tensor `full`: its rows when fully sharded, else
+    a copy."""
+    if is_fully_sharded(p):
+        scatter_into(p, full)
+    else:
+        with torch.no_grad():
+            p.copy_(full)
 
 
 def local_numel(p: torch.Tensor) -> int:
     """Elements this rank holds of parameter `p` (its shard when fully sharded)."""
-    return p.to_local().numel() if _dtensor(p) else p.numel()
+    return p.to_local().numel() if is_fully_sharded(p) else p.numel()
 
 
 class CollectiveBytes:
     """Counts FSDP2's own collectives (which bypass megavit's `Group` layer) into a
     `CommStats` under the counting layer's conventions: "dp.all_gather" the gathered output,
     "dp.reduce_scatter" the pre-scatter input, in bytes (megavit's own collectives on the
-    other groups are counted by the layer already and are left alone). A torch dispatch mode: enter it
-    around the steps to count (tests and benchmarks; training does not)."""
+    other groups are counted by the layer already and are left alone). A torch dispatch
+    mode: enter it around the steps to count (tests and benchmarks; training does not)."""
 
     _OPS = MappingProxyType({
         "_allgather_base_": ("all_gather", 0), "_reduce_scatter_base_": ("reduce_scatter", 1),

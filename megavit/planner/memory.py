@@ -175,7 +175,7 @@ def memory_per_stage(cfg: Config, dp: int, held_cache: dict | None = None
         key = (layout, stage, tp)
         if key not in cache:      # the stage built once: its parameters' shapes by unit
             shapes = unit_shapes(stage_on_meta(cfg.model, layout, stage, tp))
-            cache[key] = (sum(_rows(q)[0] * _rows(q)[1] for root, blocks in shapes
+            cache[key] = (sum(torch.Size(q).numel() for root, blocks in shapes
                               for q in [*root, *(x for b in blocks for x in b)]), shapes)
         held, shapes = cache[key]
         gathered = 0

@@ -104,22 +104,22 @@ def layout_lines(run: Run) -> list[str]:
         sp = "off (--sequence-parallel has no effect at TP=1)"
     lines = [f"layout: {pstate.describe()} | sequence parallel {sp} | recompute {recompute}"]
     layout, m = run.layout, run.micro_batches
+    split_backward = run.executor.weight_grads is not None     # zero bubble: B and W apart
     if layout.stages > 1:
         split = ", ".join(f"{k}: {'+'.join(str(len(layout.chunk_layers(k, c))) for c in range(layout.chunks))}"
                           for k in range(layout.stages))
         schedule = ("interleaved" if layout.chunks > 1 else
-                    "zero bubble H1" if run.executor.weight_grads is not None else "1F1B")
+                    "zero bubble H1" if split_backward else "1F1B")
         P = layout.stages
         bubble = (f"bubble (P-1)/(P-1+3m) with F = B = W = {(P - 1) / (P - 1 + 3 * m):.3f} "
                   f"(1F1B's {theoretical_bubble(m, P):.3f})"
-                  if run.executor.weight_grads is not None else
+                  if split_backward else
                   f"bubble (P-1)/(v*m+P-1) = {theoretical_bubble(m, P, layout.chunks):.3f}")
         lines.append(f"pipeline: {P} stages, {schedule}, blocks per stage {{{split}}}, "
                      f"{m} micro-batches per step, {bubble}")
     if cfg.logging.print_schedule:
         lines.append("schedule:\n" + format_schedule(
-            [build_schedule(m, layout.stages, k, layout.chunks,
-                            zero_bubble=run.executor.weight_grads is not None)
+            [build_schedule(m, layout.stages, k, layout.chunks, zero_bubble=split_backward)
              for k in range(layout.stages)],
             layout.chunks))
     if run.plans is not None:
